@@ -1,0 +1,233 @@
+"""The ``swarmnode`` command: run a node, talk to it, or start a local development swarm.
+
+    swarmnode run --listen /ip4/0.0.0.0/tcp/31337            # first node of a new swarm
+    swarmnode run --join /ip4/198.51.100.7/tcp/31337/p2p/12D3KooW...   # a volunteer joining it
+    swarmnode status | peers | leave  [--json]               # ask the running daemon (same --home)
+    swarmnode dev-swarm --nodes 4 [--demo]                   # N nodes on loopback
+
+Every expected failure prints one line ``swarmnode: error: ...`` and exits 1 (run time) or 2 (bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+import time
+
+from node.config import resolve
+from node.errors import EXIT_USAGE, NodeError
+
+log = logging.getLogger("swarmnode")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help="node directory: keys, control socket, state (default ~/.swarmnode; SWARMNODE_HOME)")
+    p.add_argument("--config", type=pathlib.Path, help="TOML config file (SWARMNODE_CONFIG)")
+    p.add_argument("--control", help="'unix' (default) or tcp://127.0.0.1:PORT (SWARMNODE_CONTROL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start a node daemon (foreground)")
+    _add_common(run)
+    run.add_argument("--listen", action="append", help="libp2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/0)")
+    run.add_argument("--announce", action="append", help="public multiaddr to announce, repeatable")
+    run.add_argument("--join", action="append", help="bootstrap peer multiaddr ending in /p2p/<peer id>, repeatable")
+    run.add_argument("--swarm", help="swarm name (default 'default')")
+    run.add_argument("--identity", help="Ed25519 key file (default <home>/identity.key)")
+    run.add_argument("--heartbeat", type=float, help="seconds between record refreshes (default 10)")
+    run.add_argument("--ttl", type=float, help="seconds a record lives without refresh (default 30)")
+    run.add_argument("--join-attempts", type=int, help="bootstrap attempts before exit code 2 (default 5)")
+    run.add_argument("--join-backoff", type=float, help="first retry delay in seconds, doubling (default 1)")
+    run.add_argument("--benchmark-seconds", type=float, help="matmul micro-benchmark budget (default 0.3)")
+    run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+    for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
+                       ("leave", "withdraw from the swarm and stop the daemon")]:
+        _add_common(sub.add_parser(name, help=text))
+
+    dev = sub.add_parser("dev-swarm", help="start N local nodes on loopback; Ctrl-C stops them all")
+    dev.add_argument("--nodes", type=int, default=4)
+    dev.add_argument("--dir", type=pathlib.Path, help="where the nodes' homes go (default: a temporary directory)")
+    dev.add_argument("--swarm", default="dev")
+    dev.add_argument("--demo", action="store_true", help="print the peers table, then stop every node and exit")
+    return parser
+
+
+def _config_from(args: argparse.Namespace):
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config")}
+    return resolve(flags, config_file=args.config)
+
+
+# ---- output --------------------------------------------------------------------------------------------
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _age(t: float) -> str:
+    return f"{max(0.0, time.time() - t):.0f}s ago"
+
+
+def capability_summary(cap) -> dict:
+    gpus = [{"name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": f"{g.cc_major}.{g.cc_minor}"} for g in cap.gpus]
+    return {
+        "gpus": gpus,
+        "cpu_cores": cap.cpu_cores,
+        "ram_bytes": cap.ram_bytes,
+        "disk_free_bytes": cap.disk_free_bytes,
+        "tflops_fp32": cap.tflops_fp32,
+        "tflops_bf16": cap.tflops_bf16 if cap.HasField("tflops_bf16") else None,
+        "platform": cap.platform,
+    }
+
+
+def peers_json(resp) -> list[dict]:
+    return [
+        {"peer_id": p.peer_id, "addrs": list(p.addrs), "version": p.version, "capability": capability_summary(p.capability),
+         "last_seen": p.last_seen, "expires_at": p.expires_at, "is_self": p.is_self}
+        for p in resp.peers
+    ]
+
+
+def format_peers_table(resp) -> str:
+    header = ["PEER ID", "ADDRESS", "GPU", "VRAM", "CORES", "RAM", "TFLOPS fp32/bf16", "VERSION", "LAST SEEN"]
+    rows = []
+    for p in resp.peers:
+        cap = p.capability
+        if cap.gpus:
+            names = sorted({g.name for g in cap.gpus})
+            gpu = f"{len(cap.gpus)}x {names[0]}" + ("" if len(names) == 1 else " (mixed)")
+            vram = _gib(sum(g.memory_bytes for g in cap.gpus))
+        else:
+            gpu, vram = "none (CPU only)", "-"
+        bf16 = f"{cap.tflops_bf16:.2f}" if cap.HasField("tflops_bf16") else "-"
+        addr = (p.addrs[0].split("/p2p/")[0] if p.addrs else "-") + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else "")
+        rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
+                     f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.append(f"{len(rows)} node(s); * = this node")
+    return "\n".join(lines)
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from node.daemon import run_daemon  # heavy imports (torch, hivemind) only for the daemon
+
+    config = _config_from(args)
+    level = getattr(logging, config.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_root_logger")
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if level == logging.DEBUG else logging.ERROR)
+
+    def on_ready(daemon) -> None:
+        if args.json:
+            print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm}), flush=True)
+            return
+        print(f"swarmnode: node {daemon.peer_id} is up in swarm '{config.swarm}'. Others can join with:")
+        for addr in daemon.addrs:
+            print(f"  swarmnode run --swarm {config.swarm} --join {addr}")
+        print(f"talk to it:  swarmnode status|peers|leave --home {config.home_dir}", flush=True)
+
+    asyncio.run(run_daemon(config, on_ready=on_ready))
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from node.client import ControlClient
+
+    with ControlClient(_config_from(args)) as client:
+        if args.command == "status":
+            s = client.status()
+            if args.json:
+                print(json.dumps({"peer_id": s.peer_id, "addrs": list(s.addrs), "swarm": s.swarm, "version": s.version,
+                                  "uptime_s": s.uptime_s, "peers_seen": s.peers_seen,
+                                  "last_heartbeat_age_s": s.last_heartbeat_age_s, "home": s.home, "pid": s.pid,
+                                  "capability": capability_summary(s.capability)}))
+            else:
+                cap = capability_summary(s.capability)
+                gpus = ", ".join(f"{g['name']} ({_gib(g['memory_bytes'])}, cc {g['compute_capability']})" for g in cap["gpus"])
+                print(f"peer id    {s.peer_id}\nswarm      {s.swarm}\nversion    {s.version}\nuptime     {s.uptime_s:.0f} s"
+                      f"\npeers      {s.peers_seen} at last read\nheartbeat  {s.last_heartbeat_age_s:.1f} s ago"
+                      f"\nhardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
+                      f"{cap['tflops_fp32']:.3f} TFLOPS fp32\naddresses")
+                for a in s.addrs:
+                    print(f"  {a}")
+        elif args.command == "peers":
+            resp = client.peers()
+            print(json.dumps(peers_json(resp)) if args.json else format_peers_table(resp))
+        else:
+            resp = client.leave()
+            print(json.dumps({"withdrawn": resp.withdrawn}) if args.json else
+                  ("left the swarm; the daemon is stopping" if resp.withdrawn else
+                   "the daemon is stopping; its record could not be withdrawn and will expire with its TTL"))
+    return 0
+
+
+def cmd_dev_swarm(args: argparse.Namespace) -> int:
+    from node.localswarm import LocalSwarm
+
+    if not 1 <= args.nodes <= 64:
+        raise NodeError(f"--nodes must be between 1 and 64, got {args.nodes}", EXIT_USAGE)
+    root = args.dir or pathlib.Path(tempfile.mkdtemp(prefix="swarmnode-dev-"))
+    swarm = LocalSwarm(root, args.nodes, swarm=args.swarm)
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        t0 = time.monotonic()
+        print(f"starting {args.nodes} nodes on loopback under {root} ...", flush=True)
+        swarm.start()
+        swarm.wait_converged()
+        print(f"all {args.nodes} nodes see each other after {time.monotonic() - t0:.1f} s\n", flush=True)
+        with swarm.nodes[0].client() as c:
+            print(format_peers_table(c.peers()), flush=True)
+        if not args.demo:
+            print(f"\njoin from another terminal:  swarmnode run --swarm {args.swarm} --listen /ip4/127.0.0.1/tcp/0 "
+                  f"--home /tmp/mynode --join {swarm.nodes[0].addr}")
+            print(f"ask a node:                   swarmnode peers --home {swarm.nodes[0].home}   (homes: {root}/node*)")
+            print("Ctrl-C stops every node.", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        swarm.stop()
+        print(f"stopped {len(swarm.nodes)} nodes", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "dev-swarm":
+            return cmd_dev_swarm(args)
+        return cmd_client(args)
+    except NodeError as e:
+        print(f"swarmnode: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""ControlClient: how the CLI reaches a running daemon (Unix socket, or loopback TCP with the token)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from node.config import NodeConfig
+from node.control import TOKEN_METADATA, read_token
+from node.errors import EXIT_FAILURE, NodeError
+from node.rpc import control_pb2 as pb
+from node.rpc import control_pb2_grpc as pb_grpc
+
+
+class ControlClient:
+    def __init__(self, config: NodeConfig, timeout: float = 30.0):
+        self.config, self.timeout = config, timeout
+        self._metadata: tuple = ()
+        if config.control == "unix":
+            if not config.socket_path.exists():
+                raise NodeError(
+                    f"no swarmnode daemon is running for home {config.home_dir} (no control socket at "
+                    f"{config.socket_path}); start one with `swarmnode run`",
+                    EXIT_FAILURE,
+                )
+            target = f"unix:{config.socket_path}"
+        else:
+            target = self._tcp_target()
+            try:
+                self._metadata = ((TOKEN_METADATA, read_token(config.token_path)),)
+            except OSError as e:
+                raise NodeError(f"cannot read the control token {config.token_path}: {e.strerror}", EXIT_FAILURE) from None
+        self.target = target
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.ControlStub(self._channel)
+
+    def _tcp_target(self) -> str:
+        """The TCP endpoint the daemon bound (port 0 resolves to a real port in node.json)."""
+        address = self.config.control[len("tcp://") :]
+        if address.endswith(":0"):
+            try:
+                address = json.loads(self.config.state_path.read_text())["control"][len("tcp://") :]
+            except (OSError, ValueError, KeyError):
+                raise NodeError(f"no swarmnode daemon is running for home {self.config.home_dir}", EXIT_FAILURE) from None
+        return address
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise NodeError(
+                    f"the swarmnode daemon for home {self.config.home_dir} is not answering at {self.target}", EXIT_FAILURE
+                ) from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise NodeError(f"the daemon refused the control token in {self.config.token_path}", EXIT_FAILURE) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise NodeError(f"the daemon did not answer {method} within {self.timeout:.0f} s", EXIT_FAILURE) from None
+            raise NodeError(f"{method} failed: {e.details()}", EXIT_FAILURE) from None
+
+    def status(self) -> pb.StatusResponse:
+        return self._call("Status", pb.StatusRequest())
+
+    def peers(self) -> pb.PeersResponse:
+        return self._call("Peers", pb.PeersRequest())
+
+    def leave(self) -> pb.LeaveResponse:
+        return self._call("Leave", pb.LeaveRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""The local control API: gRPC servicer (grpc.aio) on a 0600 Unix socket, or loopback TCP with a token.
+
+Proto <-> record conversion for the control API lives here; the node-to-node wire lives in protocol/wire.py.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import pathlib
+import secrets
+from typing import TYPE_CHECKING
+
+import grpc
+
+from node.files import atomic_write
+from node.rpc import control_pb2 as pb
+from node.rpc import control_pb2_grpc as pb_grpc
+from protocol.records import Capability
+
+if TYPE_CHECKING:
+    from node.daemon import Daemon
+
+logger = logging.getLogger(__name__)
+TOKEN_METADATA = "x-swarmnode-token"
+
+
+def capability_to_proto(cap: Capability) -> pb.Capability:
+    msg = pb.Capability(
+        gpus=[
+            pb.Gpu(name=g.name, memory_bytes=g.memory_bytes, cc_major=g.compute_capability[0], cc_minor=g.compute_capability[1])
+            for g in cap.gpus
+        ],
+        cpu_cores=cap.cpu_cores,
+        ram_bytes=cap.ram_bytes,
+        disk_free_bytes=cap.disk_free_bytes,
+        tflops_fp32=cap.tflops_fp32,
+        platform=cap.platform,
+    )
+    if cap.tflops_bf16 is not None:
+        msg.tflops_bf16 = cap.tflops_bf16
+    return msg
+
+
+class ControlServicer(pb_grpc.ControlServicer):
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        return self.daemon.status()
+
+    async def Peers(self, request: pb.PeersRequest, context: grpc.aio.ServicerContext) -> pb.PeersResponse:
+        views = await self.daemon.membership.peers()
+        own = self.daemon.peer_id
+        if not any(v.record.peer_id == own for v in views):
+            views.append(self.daemon.own_view())  # our record may not have propagated back to us yet
+        return pb.PeersResponse(
+            peers=[
+                pb.Peer(
+                    peer_id=v.record.peer_id,
+                    addrs=list(v.record.addrs),
+                    version=v.record.version,
+                    capability=capability_to_proto(v.record.capability),
+                    last_seen=v.record.updated_at,
+                    expires_at=v.expires_at,
+                    is_self=v.record.peer_id == own,
+                )
+                for v in sorted(views, key=lambda v: v.record.peer_id)
+            ]
+        )
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        withdrawn = await self.daemon.membership.withdraw()
+        self.daemon.request_stop(withdrawn=True)
+        return pb.LeaveResponse(withdrawn=withdrawn)
+
+
+class _TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects every call whose metadata lacks the token stored in <home>/control.token (TCP mode)."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong control token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA, "")
+        if hmac.compare_digest(given.encode(), self._token):
+            return await continuation(handler_call_details)
+        return self._deny
+
+
+async def start_control_server(daemon: "Daemon") -> tuple[grpc.aio.Server, str]:
+    """Bind the control API as configured; return the server and the endpoint clients connect to."""
+    config = daemon.config
+    if config.control == "unix":
+        sock = config.socket_path
+        sock.unlink(missing_ok=True)  # a stale socket from a killed daemon (we hold the home lock)
+        server = grpc.aio.server()
+        pb_grpc.add_ControlServicer_to_server(ControlServicer(daemon), server)
+        old_umask = os.umask(0o177)  # the socket is created 0600: no window where others may connect
+        try:
+            server.add_insecure_port(f"unix:{sock}")
+        finally:
+            os.umask(old_umask)
+        endpoint = f"unix:{sock}"
+    else:
+        token = secrets.token_urlsafe(32)
+        atomic_write(config.token_path, token.encode(), mode=0o600)
+        server = grpc.aio.server(interceptors=[_TokenInterceptor(token)])
+        pb_grpc.add_ControlServicer_to_server(ControlServicer(daemon), server)
+        address = config.control[len("tcp://") :]
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {config.control}: {e}") from None
+        endpoint = f"tcp://{address.rpartition(':')[0]}:{port}"
+    await server.start()
+    if config.control == "unix":
+        os.chmod(config.socket_path, 0o600)
+    return server, endpoint
+
+
+def read_token(path: pathlib.Path) -> str:
+    return pathlib.Path(path).read_text().strip()

@@ -1,0 +1,243 @@
+"""The node daemon: one asyncio loop running libp2p (p2pd), the DHT, membership and the control API.
+
+Start-up order: home lock -> identity -> [capability benchmark in a thread || p2pd + DHT bootstrap with
+retries] -> first record published -> control API -> "ready" (node.json written, addresses printed).
+SIGINT/SIGTERM or a Leave call withdraw the record and stop everything, p2pd included, within 5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
+
+import node
+from node import capability as capability_mod
+from node.backoff import retry
+from node.config import NodeConfig
+from node.control import capability_to_proto, start_control_server
+from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
+from node.files import atomic_write
+from node.identity import HomeLock, load_or_create_key, write_p2p_identity
+from node.membership import Membership, PeerView
+from node.p2pd import OwnedP2PDaemon, P2PDaemonStartError
+from node.rpc import control_pb2 as pb
+from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.records import Capability, PeerRecord
+from protocol.validation import SignedPeerRecordValidator
+
+logger = logging.getLogger(__name__)
+SHUTDOWN_BUDGET_S = 5.0
+
+
+class BootstrapError(Exception):
+    """None of the bootstrap peers answered."""
+
+
+def parse_join_addr(text: str) -> Multiaddr:
+    """A bootstrap multiaddr must parse and end in /p2p/<Ed25519 peer id>."""
+    try:
+        addr = Multiaddr(text)
+    except Exception as e:  # the multiaddr library raises several unrelated types
+        raise NodeError(f"invalid --join address {text!r}: {e}", EXIT_USAGE) from None
+    try:
+        peer = addr["p2p"]
+    except Exception:
+        raise NodeError(f"invalid --join address {text!r}: it must end in /p2p/<peer id>", EXIT_USAGE) from None
+    try:
+        public_key_from_peer_id(peer)
+    except PeerIdError as e:
+        raise NodeError(f"invalid --join address {text!r}: {e}", EXIT_USAGE) from None
+    return addr
+
+
+def check_listen_addrs(addrs: tuple[str, ...]) -> None:
+    """Fail fast, with a clear message, on a malformed listen address or a TCP port already in use."""
+    for text in addrs:
+        try:
+            addr = Multiaddr(text)
+        except Exception as e:
+            raise NodeError(f"invalid --listen address {text!r}: {e}", EXIT_USAGE) from None
+        protos = [p.name for p in addr.protocols()]
+        if "tcp" not in protos or not ({"ip4", "ip6"} & set(protos)):
+            raise NodeError(f"invalid --listen address {text!r}: expected /ip4/HOST/tcp/PORT", EXIT_USAGE)
+        port = int(addr["tcp"])
+        if port == 0:
+            continue
+        family = socket.AF_INET if "ip4" in protos else socket.AF_INET6
+        host = addr["ip4"] if "ip4" in protos else addr["ip6"]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's listener does
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == 98:  # EADDRINUSE
+                    raise NodeError(f"port {port} on {host} is already in use (--listen {text})", EXIT_USAGE) from None
+                raise NodeError(f"cannot listen on {text}: {e.strerror}", EXIT_USAGE) from None
+
+
+class Daemon:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.started_at = time.time()
+        self.peer_id = ""
+        self.addrs: tuple[str, ...] = ()
+        self.capability: Capability | None = None
+        self.p2p: P2P | None = None
+        self.p2pd: OwnedP2PDaemon | None = None
+        self.dht: DHTNode | None = None
+        self.membership: Membership | None = None
+        self._server = None
+        self._lock = HomeLock(config.home_dir)
+        self._stop = asyncio.Event()
+        self._withdrawn = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        joins = [parse_join_addr(a) for a in cfg.join]
+        check_listen_addrs(cfg.listen)
+        self._lock.acquire()
+        key, created = load_or_create_key(cfg.identity_path)
+        self.peer_id = peer_id_of(key.public_key())
+        logger.info("%s identity %s (%s)", "created" if created else "loaded", self.peer_id, cfg.identity_path)
+        p2p_identity = cfg.home_dir / "p2p.key"
+        write_p2p_identity(key, p2p_identity)
+        validator = SignedPeerRecordValidator(cfg.swarm, key)
+
+        bench = asyncio.create_task(
+            asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds), name="capability"
+        )
+        try:
+            self.p2p, self.dht = await self._join(joins, str(p2p_identity), validator)
+        except BaseException:
+            bench.cancel()
+            raise
+        self.capability = await bench
+        maddrs = await self.p2p.get_visible_maddrs()
+        self.addrs = tuple(str(a) for a in maddrs)
+
+        self.membership = Membership(self.dht, cfg.swarm, self._own_record, cfg.heartbeat, cfg.ttl)
+        if not await self.membership.publish() and joins:
+            logger.warning("first record store was not acknowledged; the heartbeat will retry")
+        self.membership.start()
+        self._server, endpoint = await start_control_server(self)
+        state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
+                 "swarm": cfg.swarm, "version": node.__version__}
+        atomic_write(cfg.state_path, json.dumps(state, indent=2).encode(), mode=0o600)
+        logger.info("node %s is up in swarm %r; control API at %s", self.peer_id, cfg.swarm, endpoint)
+
+    async def _join(self, joins: list[Multiaddr], identity: str, validator) -> tuple[P2P, DHTNode]:
+        cfg = self.config
+        initial = [str(a) for a in joins] or None
+
+        async def attempt(i: int) -> tuple[P2P, DHTNode]:
+            daemon = OwnedP2PDaemon()
+            try:
+                p2p = await daemon.start(identity_path=identity, host_maddrs=cfg.listen,
+                                         announce_maddrs=cfg.announce, bootstrap=initial or ())
+            except P2PDaemonStartError as e:
+                raise NodeError(f"the libp2p daemon did not start: {e}", EXIT_FAILURE) from None
+            try:
+                dht = await DHTNode.create(
+                    p2p=p2p, initial_peers=initial, record_validator=validator, ensure_bootstrap_success=bool(initial)
+                )
+            except RuntimeError as e:  # hivemind: "bootstrap failed: none of the initial_peers responded"
+                await daemon.stop()
+                raise BootstrapError(str(e)) from None
+            except BaseException:
+                await daemon.stop()
+                raise
+            self.p2pd = daemon
+            return p2p, dht
+
+        try:
+            return await retry(attempt, attempts=cfg.join_attempts, base_delay=cfg.join_backoff, retry_on=(BootstrapError,))
+        except BootstrapError:
+            raise NodeError(
+                f"could not reach any bootstrap peer after {cfg.join_attempts} attempts: {', '.join(cfg.join)}",
+                EXIT_USAGE,
+            ) from None
+
+    def request_stop(self, withdrawn: bool = False) -> None:
+        self._withdrawn = self._withdrawn or withdrawn
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Withdraw the record (unless done already), then stop the control API, DHT and p2pd."""
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S - 0.5
+        if self.membership is not None and not self._withdrawn:
+            await self.membership.withdraw(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+        if self._server is not None:
+            await self._server.stop(grace=0.2)
+        if self.dht is not None:
+            try:
+                await asyncio.wait_for(self.dht.shutdown(), max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                logger.warning("DHT shutdown timed out")
+        if self.p2pd is not None:
+            await self.p2pd.stop()
+        if self._lock.held:  # only the daemon holding the lock owns the socket and node.json
+            if self.config.control == "unix":
+                self.config.socket_path.unlink(missing_ok=True)
+            self.config.state_path.unlink(missing_ok=True)
+            self._lock.release()
+
+    # ---- views -------------------------------------------------------------------------------------------
+
+    def _own_record(self) -> PeerRecord:
+        return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time())
+
+    def own_view(self) -> PeerView:
+        return PeerView(self._own_record(), time.time() + self.config.ttl)
+
+    def status(self) -> pb.StatusResponse:
+        m = self.membership
+        return pb.StatusResponse(
+            peer_id=self.peer_id,
+            addrs=list(self.addrs),
+            swarm=self.config.swarm,
+            version=node.__version__,
+            uptime_s=time.time() - self.started_at,
+            peers_seen=m.last_seen_count if m else 0,
+            last_heartbeat_age_s=(time.time() - m.last_published) if m and m.last_published else -1.0,
+            capability=capability_to_proto(self.capability),
+            home=str(self.config.home_dir),
+            pid=os.getpid(),
+        )
+
+
+async def run_daemon(config: NodeConfig, on_ready=None) -> None:
+    """Run until SIGINT/SIGTERM or a Leave call; always stop p2pd on the way out."""
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        start = asyncio.create_task(daemon.start())
+        stop_wait = asyncio.create_task(daemon.wait_stopped())
+        done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()
+            if on_ready is not None:
+                on_ready(daemon)
+            await stop_wait
+        else:
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await asyncio.wait_for(daemon.stop(), SHUTDOWN_BUDGET_S)

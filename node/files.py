@@ -1,0 +1,28 @@
+"""Crash-safe file writes: temporary file in the same directory, fsync, rename, fsync the directory."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+
+def atomic_write(path: pathlib.Path, data: bytes, mode: int = 0o600) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

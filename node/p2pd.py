@@ -1,0 +1,119 @@
+"""The libp2p daemon (hivemind's bundled go-libp2p ``p2pd``) as a child this node fully owns.
+
+hivemind's ``P2P.create`` spawns p2pd in the caller's process group with no parent-death signal, so
+  - a Ctrl-C in the terminal reaches p2pd at the same instant as the node, killing the transport
+    before the node can withdraw its record, and
+  - a node killed with SIGKILL leaves an orphaned p2pd holding its port.
+So we launch p2pd ourselves, in its own session and with PR_SET_PDEATHSIG=SIGKILL, then attach
+hivemind's client to it with ``P2P.replicate`` (hivemind's supported way to use an external daemon).
+The flags are the ones ``P2P.create`` passes for a DHT server node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.resources
+import logging
+import os
+import secrets
+import signal
+from typing import Sequence
+
+from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class P2PDaemonStartError(Exception):
+    """p2pd exited or stayed silent at start-up; the message carries its last output line."""
+
+
+def _die_with_parent() -> None:  # runs in the forked child before exec: keep it to one syscall
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def p2pd_binary() -> str:
+    return str(importlib.resources.files("hivemind.hivemind_cli") / "p2pd")
+
+
+class OwnedP2PDaemon:
+    def __init__(self) -> None:
+        self.child: asyncio.subprocess.Process | None = None
+        self.p2p: P2P | None = None
+        self._reader: asyncio.Task | None = None
+        self._socket = f"/tmp/swarmnode-p2pd-{secrets.token_urlsafe(8)}.sock"
+
+    async def start(
+        self,
+        *,
+        identity_path: str,
+        host_maddrs: Sequence[str],
+        announce_maddrs: Sequence[str] = (),
+        bootstrap: Sequence[str] = (),
+        startup_timeout: float = 15.0,
+    ) -> P2P:
+        args = [
+            p2pd_binary(),
+            f"-listen=/unix{self._socket}",
+            f"-id={identity_path}",
+            f"-hostAddrs={','.join(host_maddrs)}",
+            "-dhtServer=1", "-autoRelay=0", "-autonat=1", "-connManager=1", "-natPortMap=1", "-relay=1",
+            "-relayHopLimit=0", "-tls=1", "-idleTimeout=30s", "-persistentConnMaxMsgSize=4194304",
+            f"-b={int(bool(bootstrap))}",
+        ]
+        if bootstrap:
+            args.append(f"-bootstrapPeers={','.join(bootstrap)}")
+        if announce_maddrs:
+            args.append(f"-announceAddrs={','.join(announce_maddrs)}")
+        env = dict(os.environ, GOLOG_LOG_FMT="json")
+        env.setdefault("GOLOG_LOG_LEVEL", "error")
+        self.child = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            env=env, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read_output(ready), name="p2pd-output")
+        try:
+            await asyncio.wait_for(ready, startup_timeout)
+            self.p2p = await P2P.replicate(Multiaddr(f"/unix{self._socket}"))
+        except BaseException as e:
+            await self.stop()
+            if isinstance(e, asyncio.TimeoutError):
+                raise P2PDaemonStartError(f"p2pd did not start within {startup_timeout:.0f} s") from None
+            raise
+        return self.p2p
+
+    async def _read_output(self, ready: asyncio.Future) -> None:
+        last = ""
+        while True:
+            line = await self.child.stdout.readline()
+            if not line:
+                break
+            last = line.decode(errors="replace").strip()
+            if last.startswith("Peer ID:") and not ready.done():
+                ready.set_result(None)
+            logger.debug("p2pd: %s", last)
+        if not ready.done():
+            ready.set_exception(P2PDaemonStartError(f"p2pd exited at start-up: {last or 'no output'}"))
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        if self.p2p is not None:
+            await self.p2p.shutdown()  # closes the client side (our child is not hivemind's to kill)
+        if self.child is not None and self.child.returncode is None:
+            self.child.terminate()
+            try:
+                await asyncio.wait_for(self.child.wait(), timeout)
+            except asyncio.TimeoutError:
+                self.child.kill()
+                await self.child.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        try:
+            os.unlink(self._socket)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,103 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("peer_id", "addrs", "swarm", "version", "uptime_s", "peers_seen", "last_heartbeat_age_s", "capability", "home", "pid")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    PEERS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    HOME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    addrs: _containers.RepeatedScalarFieldContainer[str]
+    swarm: str
+    version: str
+    uptime_s: float
+    peers_seen: int
+    last_heartbeat_age_s: float
+    capability: Capability
+    home: str
+    pid: int
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., peers_seen: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., home: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class Capability(_message.Message):
+    __slots__ = ("gpus", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops_fp32", "tflops_bf16", "platform")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
+    RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TFLOPS_FP32_FIELD_NUMBER: _ClassVar[int]
+    TFLOPS_BF16_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
+    cpu_cores: int
+    ram_bytes: int
+    disk_free_bytes: int
+    tflops_fp32: float
+    tflops_bf16: float
+    platform: str
+    def __init__(self, gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops_fp32: _Optional[float] = ..., tflops_bf16: _Optional[float] = ..., platform: _Optional[str] = ...) -> None: ...
+
+class Gpu(_message.Message):
+    __slots__ = ("name", "memory_bytes", "cc_major", "cc_minor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CC_MAJOR_FIELD_NUMBER: _ClassVar[int]
+    CC_MINOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    memory_bytes: int
+    cc_major: int
+    cc_minor: int
+    def __init__(self, name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cc_major: _Optional[int] = ..., cc_minor: _Optional[int] = ...) -> None: ...
+
+class PeersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeersResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("peer_id", "addrs", "version", "capability", "last_seen", "expires_at", "is_self")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    IS_SELF_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    addrs: _containers.RepeatedScalarFieldContainer[str]
+    version: str
+    capability: Capability
+    last_seen: float
+    expires_at: float
+    is_self: bool
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., last_seen: _Optional[float] = ..., expires_at: _Optional[float] = ..., is_self: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("withdrawn",)
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    withdrawn: bool
+    def __init__(self, withdrawn: _Optional[bool] = ...) -> None: ...
