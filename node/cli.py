@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")
+    logging.getLogger().setLevel(level)
     logging.getLogger("hivemind").setLevel(logging.DEBUG if level == logging.DEBUG else logging.ERROR)
 
     def on_ready(daemon) -> None:

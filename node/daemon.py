@@ -28,7 +28,7 @@ from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.files import atomic_write
 from node.identity import HomeLock, load_or_create_key, write_p2p_identity
 from node.membership import Membership, PeerView
-from node.p2pd import OwnedP2PDaemon, P2PDaemonStartError
+from node.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
 from node.rpc import control_pb2 as pb
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records import Capability, PeerRecord
@@ -145,6 +145,8 @@ class Daemon:
             try:
                 p2p = await daemon.start(identity_path=identity, host_maddrs=cfg.listen,
                                          announce_maddrs=cfg.announce, bootstrap=initial or ())
+            except P2PBootstrapError as e:
+                raise BootstrapError(str(e)) from None
             except P2PDaemonStartError as e:
                 raise NodeError(f"the libp2p daemon did not start: {e}", EXIT_FAILURE) from None
             try:

@@ -11,6 +11,7 @@ import os
 import pathlib
 import stat
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -41,7 +42,7 @@ def load_or_create_key(path: pathlib.Path) -> tuple[Ed25519PrivateKey, bool]:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except PermissionError:
         raise NodeError(f"identity key {path} cannot be read by this user", EXIT_USAGE) from None
-    except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise NodeError(
             f"identity key {path} is corrupt (not a PEM Ed25519 private key); restore it from a backup, "
             "or move it away to start as a new peer", EXIT_USAGE

@@ -32,6 +32,10 @@ class P2PDaemonStartError(Exception):
     """p2pd exited or stayed silent at start-up; the message carries its last output line."""
 
 
+class P2PBootstrapError(P2PDaemonStartError):
+    """p2pd refused to start because none of its bootstrap peers could be reached."""
+
+
 def _die_with_parent() -> None:  # runs in the forked child before exec: keep it to one syscall
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -50,7 +54,7 @@ class OwnedP2PDaemon:
     async def start(
         self,
         *,
-        identity_path: str,
+        identity_path: str | None,
         host_maddrs: Sequence[str],
         announce_maddrs: Sequence[str] = (),
         bootstrap: Sequence[str] = (),
@@ -59,12 +63,13 @@ class OwnedP2PDaemon:
         args = [
             p2pd_binary(),
             f"-listen=/unix{self._socket}",
-            f"-id={identity_path}",
             f"-hostAddrs={','.join(host_maddrs)}",
             "-dhtServer=1", "-autoRelay=0", "-autonat=1", "-connManager=1", "-natPortMap=1", "-relay=1",
             "-relayHopLimit=0", "-tls=1", "-idleTimeout=30s", "-persistentConnMaxMsgSize=4194304",
             f"-b={int(bool(bootstrap))}",
         ]
+        if identity_path is not None:  # else p2pd makes a throwaway key
+            args.append(f"-id={identity_path}")
         if bootstrap:
             args.append(f"-bootstrapPeers={','.join(bootstrap)}")
         if announce_maddrs:
@@ -98,7 +103,8 @@ class OwnedP2PDaemon:
                 ready.set_result(None)
             logger.debug("p2pd: %s", last)
         if not ready.done():
-            ready.set_exception(P2PDaemonStartError(f"p2pd exited at start-up: {last or 'no output'}"))
+            error = P2PBootstrapError if "failed to connect to bootstrap peers" in last else P2PDaemonStartError
+            ready.set_exception(error(f"p2pd exited at start-up: {last or 'no output'}"))
 
     async def stop(self, timeout: float = 2.0) -> None:
         if self.p2p is not None:

@@ -1,0 +1,76 @@
+"""Fixtures that start real node processes on loopback and always tear them down (no orphaned p2pd)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from node.localswarm import LocalSwarm, NodeProcess, wait_for
+
+# Short heartbeat/TTL so churn tests finish quickly; a tiny benchmark budget so nodes start fast.
+FAST_ARGS = ["--heartbeat", "1", "--ttl", "3", "--benchmark-seconds", "0.05", "--join-attempts", "3", "--join-backoff", "0.2"]
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def p2pd_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if p.info["name"] == "p2pd" or any("p2pd" in c for c in (p.info["cmdline"] or [])[:1]):
+                pids.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_p2pd():
+    """Every test must leave no p2pd behind that it started."""
+    before = p2pd_pids()
+    yield
+    wait_for(lambda: not (p2pd_pids() - before), 10, "p2pd processes started by this test to exit")
+
+
+@pytest.fixture
+def swarm_factory(tmp_path):
+    swarms: list[LocalSwarm] = []
+
+    def make(n: int, swarm: str = "test", extra_args=(), start: bool = True) -> LocalSwarm:
+        s = LocalSwarm(tmp_path / f"swarm{len(swarms)}", n, swarm=swarm, extra_args=[*FAST_ARGS, *extra_args])
+        swarms.append(s)
+        if start:
+            s.start()
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in swarms:
+            s.stop()
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    nodes: list[NodeProcess] = []
+
+    def make(name: str, args=(), env=None, fast: bool = True) -> NodeProcess:
+        n = NodeProcess(tmp_path / name, [*(FAST_ARGS if fast else []), *args], env=env)
+        nodes.append(n)
+        return n.start()
+
+    try:
+        yield make
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
+    """Run the real `swarmnode` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
