@@ -69,7 +69,7 @@ async def rogue_session(bootstrap: str, swarm: str) -> dict[str, bool]:
             mallory, peer_record_to_wire(record_for(mallory, schema_version=99)), mallory_id, exp, swarm))
         await store_raw("oversize", mallory_id, forged_value(mallory, big + b"\0" * 17000, mallory_id, exp, swarm))
         # a whole dictionary smuggling a forged entry (hivemind's IS_DICTIONARY store path)
-        from hivemind.utils.timed_storage import DictionaryDHTValue
+        from hivemind.dht.storage import DictionaryDHTValue
 
         smuggled = DictionaryDHTValue()
         smuggled.store(victim_id, forged_value(mallory, body, victim_id, exp, swarm), exp)
