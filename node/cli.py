@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import tempfile
@@ -212,6 +213,8 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
     finally:
         swarm.stop()
         print(f"stopped {len(swarm.nodes)} nodes", flush=True)
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
