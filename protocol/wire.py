@@ -27,6 +27,10 @@ class WireError(ValueError):
     """Bytes from a peer that do not decode to what the receiver expects."""
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack ext type {code} is not allowed on the wire")
+
+
 def unpack_bounded(data: bytes, max_bytes: int) -> Any:
     """msgpack-decode ``data`` with every container bounded by ``max_bytes``; WireError on anything odd."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -43,9 +47,12 @@ def unpack_bounded(data: bytes, max_bytes: int) -> Any:
             max_array_len=max_bytes,
             max_map_len=max_bytes,
             max_ext_len=0,
+            ext_hook=_refuse_ext,
         )
+    except WireError:
+        raise
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as e:
-        raise WireError(f"undecodable msgpack: {e}") from None
+        raise WireError(f"undecodable msgpack ({type(e).__name__}): {e}") from None
 
 
 def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -16,23 +16,29 @@ FAST_ARGS = ["--heartbeat", "1", "--ttl", "3", "--benchmark-seconds", "0.05", "-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def p2pd_pids() -> set[int]:
-    pids = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
+def p2pd_of_this_test(tmp_path: pathlib.Path) -> list[int]:
+    """Live p2pd processes this test started: descendants of the test process, or (once orphaned by a
+    killed node) any p2pd whose command line names a file under the test's tmp_path."""
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = []
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
         try:
-            if p.info["name"] == "p2pd" or any("p2pd" in c for c in (p.info["cmdline"] or [])[:1]):
-                pids.add(p.pid)
+            if p.info["name"] != "p2pd" or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if p.pid in mine or any(str(tmp_path) in arg for arg in p.info["cmdline"] or ()):
+                found.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return pids
+    return found
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_p2pd():
-    """Every test must leave no p2pd behind that it started."""
-    before = p2pd_pids()
+def no_leaked_p2pd(request):
+    """Every test must leave no p2pd behind that it started (checked only for tests with a tmp_path)."""
     yield
-    wait_for(lambda: not (p2pd_pids() - before), 10, "p2pd processes started by this test to exit")
+    if "tmp_path" in request.fixturenames:
+        tmp_path = request.getfixturevalue("tmp_path")
+        wait_for(lambda: not p2pd_of_this_test(tmp_path), 10, "p2pd processes started by this test to exit")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ MSGPackSerializer.dumps, key = DHTID of the key string, then value := validator.
 from __future__ import annotations
 
 import random
-import warnings
 from dataclasses import replace
 
 import msgpack
@@ -16,15 +15,10 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-with warnings.catch_warnings():
-    # hivemind/__init__ imports hivemind.moe, whose layers use @torch.jit.script, deprecated in torch 2.13
-    # (DeprecationWarning at import time; pyproject's filterwarnings=error would fail collection).
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
-    from hivemind.dht.validation import DHTRecord
-    from hivemind.p2p import PeerID
-    from hivemind.proto import crypto_pb2
-    from hivemind.utils import MSGPackSerializer
+from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils import MSGPackSerializer
 
 from protocol.peer_keys import (
     PEER_ID_PREFIX,
