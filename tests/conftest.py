@@ -35,9 +35,9 @@ def p2pd_of_this_test(tmp_path: pathlib.Path) -> list[int]:
 @pytest.fixture(autouse=True)
 def no_leaked_p2pd(request):
     """Every test must leave no p2pd behind that it started (checked only for tests with a tmp_path)."""
+    tmp_path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     yield
-    if "tmp_path" in request.fixturenames:
-        tmp_path = request.getfixturevalue("tmp_path")
+    if tmp_path is not None:
         wait_for(lambda: not p2pd_of_this_test(tmp_path), 10, "p2pd processes started by this test to exit")
 
 
