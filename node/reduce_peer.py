@@ -20,13 +20,16 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 from hivemind.dht.node import DHTNode
 
 from node.p2pd import OwnedP2PDaemon
+from node.localswarm import wait_for
 from protocol.allreduce import Averager, Phase, RoundConfig, RoundHooks
 from protocol.codecs import quantize_values
 from protocol.faults import Fault, mangle_part
@@ -65,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-at", choices=[ph.value for ph in Phase], default=None)
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
+    p.add_argument("--fault-schedule", default="", help="comma-separated fault per round (- for none), e.g. -,nan,garbage")
     p.add_argument("--save-averages", action="store_true", default=True)
     return p.parse_args(argv)
 
@@ -86,9 +90,13 @@ async def main(args: argparse.Namespace) -> None:
         if args.stop_at == phase.value and round_id == f"r{args.fault_round}":
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen mid-phase; the test SIGKILLs us here
 
+    schedule = {f"r{i}": name for i, name in enumerate(args.fault_schedule.split(",")) if name not in ("", "-")}
+    if args.fault:
+        schedule[f"r{args.fault_round}"] = args.fault
+
     def outgoing_part(frame, data: bytes) -> bytes:
-        if args.fault and frame.round_id == f"r{args.fault_round}":
-            return mangle_part(Fault(args.fault), frame, data, seed=args.seed)
+        if frame.round_id in schedule:
+            return mangle_part(Fault(schedule[frame.round_id]), frame, data, seed=args.seed)
         return data
 
     config = RoundConfig(
@@ -134,6 +142,64 @@ async def main(args: argparse.Namespace) -> None:
         await averager.stop()
         await dht.shutdown()
         await daemon.stop()
+
+
+class PeerProcess:
+    """Launch a reduce peer as a real process (own process group) and follow its JSON events."""
+
+    def __init__(self, out: pathlib.Path, args: list[str]):
+        self.out, self.args = pathlib.Path(out), list(args)
+        self.events: list[dict] = []
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> "PeerProcess":
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "stderr.log", "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.reduce_peer", "--out", str(self.out), *self.args],
+                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+            )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self.events.append(event)
+
+    def wait_event(self, timeout: float, what: str, **match) -> dict:
+        def find():
+            with self._lock:
+                return next((e for e in self.events if all(e.get(k) == v for k, v in match.items())), None)
+
+        return wait_for(find, timeout, f"{what} from {self.out.name}")
+
+    def rounds(self) -> dict[int, dict]:
+        with self._lock:
+            return {e["round"]: e for e in self.events if e["event"] == "round"}
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._reader.join(10)  # EOF once the process is gone
+        self.proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -40,13 +40,17 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.codecs import CodecError, extract_update, quantize_values, smallest_encoding
 from protocol.matchmaking import (
+    STARTED,
     MatchState,
+    Seen,
     choose_leader,
     declaration_from_wire,
     declaration_to_wire,
     discover,
     make_plan,
     round_key,
+    started_from_wire,
+    started_to_wire,
 )
 from protocol.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
 from protocol.sparsify import SparseUpdate
@@ -249,40 +253,57 @@ class Averager:
         key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
         expiry = time.time() + self._round_budget()
 
-        async def store(_: float) -> bool:
+        async def store() -> bool:
             return bool(await self.dht.store(key, declaration_to_wire(cfg.bandwidth), expiry, subkey=self.peer_id))
 
-        async def read() -> dict[str, float]:
+        async def read() -> Seen:
             found = await self.dht.get(key, latest=True)
-            seen = {}
+            declared, started = {}, None
             if found is not None and isinstance(found.value, dict):
                 for peer, item in found.value.items():
                     try:
-                        seen[peer] = declaration_from_wire(item.value)
+                        if peer == STARTED:
+                            started = started_from_wire(item.value)
+                        else:
+                            declared[peer] = declaration_from_wire(item.value)
                     except WireError as e:
-                        logger.debug("ignoring declaration from %s: %s", peer, e)
-            return seen
+                        logger.debug("ignoring entry %s of round %s: %s", peer, state.round_id, e)
+            return Seen(declared, started)
 
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time))
-        done, _ = await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
         if state.match.plan.done():  # a leader invited us while we were still looking
             discovery.cancel()
-            return self._checked_plan(await self._await_plan(state))
+            return self._checked_plan(await self._await_plan(state, read))
         seen = discovery.result()
-        leader = choose_leader(list(seen), self.peer_id)
-        if leader != self.peer_id:
-            return self._checked_plan(await self._await_plan(state))
-        if not state.match.accepting:  # accepted an invite between discovery and now
-            return self._checked_plan(await self._await_plan(state))
+        if seen.started is not None and self.peer_id not in seen.started and state.match.accepting:
+            state.match.accepting = False
+            raise RoundFailed("the round started without this peer (it declared too late); next round")
+        leader = choose_leader(list(seen.declared), self.peer_id)
+        if leader != self.peer_id or not state.match.accepting:
+            return self._checked_plan(await self._await_plan(state, read))
         state.match.accepting = False
-        return self._checked_plan(await self._lead(state, {p: bw for p, bw in seen.items() if p != self.peer_id}))
+        plan = await self._lead(state, {p: bw for p, bw in seen.declared.items() if p != self.peer_id})
+        if plan is not None:
+            await self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)
+        return self._checked_plan(plan)
 
-    async def _await_plan(self, state: _Round) -> GroupPlan:
+    async def _await_plan(self, state: _Round, read) -> GroupPlan:
+        """Wait for the leader's plan; give up early if the DHT shows the round started without us."""
         cfg = self.config
-        try:
-            return await asyncio.wait_for(asyncio.shield(state.match.plan), cfg.matchmaking_time + 2 * cfg.invite_timeout)
-        except asyncio.TimeoutError:
-            raise RoundFailed("no group: no leader sent a plan in time") from None
+        deadline = time.monotonic() + cfg.matchmaking_time + 2 * cfg.invite_timeout
+        while time.monotonic() < deadline:
+            try:
+                return await asyncio.wait_for(asyncio.shield(state.match.plan), min(cfg.invite_timeout, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                seen = await read()
+                if seen.started is not None and self.peer_id not in seen.started and not state.match.plan.done():
+                    if state.match.accepting:
+                        state.match.accepting = False
+                        raise RoundFailed("the round started without this peer; next round")
+        if state.match.plan.done():
+            return state.match.plan.result()
+        raise RoundFailed("no group: no leader sent a plan in time")
 
     def _checked_plan(self, plan: GroupPlan | None) -> GroupPlan:
         if plan is None or self.peer_id not in plan.members:

@@ -101,23 +101,50 @@ class MatchState:
         return True
 
 
+STARTED = "!started"  # subkey under which a leader records the members of a round it started
+
+
+def started_to_wire(members: Sequence[str]) -> bytes:
+    return msgpack.packb({"members": list(members)}, use_bin_type=True)
+
+
+def started_from_wire(data: object) -> tuple[str, ...]:
+    if not isinstance(data, bytes):
+        raise WireError("started marker is not bytes")
+    obj = unpack_bounded(data, 64 * 1024)
+    members = obj.get("members") if isinstance(obj, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) and len(m) <= 64 for m in members):
+        raise WireError("started marker has no member list")
+    return tuple(members)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One read of a round's DHT dictionary: who declared (with bandwidth), and whether a leader started it."""
+
+    declared: dict[str, float]
+    started: tuple[str, ...] | None = None  # members of the group a leader already started
+
+
 async def discover(
-    store: Callable[[float], Awaitable[bool]],
-    read: Callable[[], Awaitable[dict[str, float]]],
+    store: Callable[[], Awaitable[bool]],
+    read: Callable[[], Awaitable[Seen]],
     me: str,
     expected: int | None,
     matchmaking_time: float,
     poll: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> dict[str, float]:
-    """Declare, then read declarations until ``expected`` peers are seen or matchmaking_time passes."""
-    await store(matchmaking_time)
+) -> Seen:
+    """Declare, then read the round's dictionary until ``expected`` peers declared, a leader has already
+    started the round, or matchmaking_time passes."""
+    await store()
     deadline = clock() + matchmaking_time
-    seen: dict[str, float] = {}
     while True:
         seen = await read()
-        if expected is not None and len(seen | {me: 0.0}) >= expected:
+        if seen.started is not None:
+            return seen
+        if expected is not None and len(seen.declared.keys() | {me}) >= expected:
             return seen
         if clock() >= deadline:
             return seen
