@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
     p.add_argument("--fault-schedule", default="", help="comma-separated fault per round (- for none), e.g. -,nan,garbage")
-    p.add_argument("--save-averages", action="store_true", default=True)
+    p.add_argument("--save-averages", action="store_true", help="write each applied average as round_<r>.npy")
     return p.parse_args(argv)
 
 
@@ -125,16 +125,19 @@ async def main(args: argparse.Namespace) -> None:
             update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
             t_select = time.perf_counter() - t0
             outcome = await averager.step(f"r{r}", update, args.weight)
+            t_step = time.perf_counter() - t0 - t_select
             sparsifier.restore(outcome.returned)
             rep = outcome.report
             digest = None
             if outcome.average is not None:
-                digest = hashlib.sha256(outcome.average.tobytes()).hexdigest()
-                np.save(args.out / f"round_{r}.npy", outcome.average)
+                avg = outcome.average
+                digest = hashlib.sha256(avg.indices.tobytes() + avg.values.tobytes()).hexdigest()
+                if args.save_averages:
+                    np.save(args.out / f"round_{r}.npy", avg.to_dense())
             emit(event="round", round=r, ok=rep.ok, error=rep.error, leader=rep.leader, members=list(rep.members),
                  excluded=list(rep.excluded), spans=[list(s) for s in rep.spans], spans_applied=list(rep.spans_applied),
                  span_weights=list(rep.span_weights), hash=digest, sent=rep.total_sent, received=rep.total_received,
-                 select_s=t_select, round_s=time.perf_counter() - t0 - t_select, phases=rep.phase_seconds)
+                 select_s=t_select, round_s=t_step, phases=rep.phase_seconds)
     finally:
         np.save(args.out / "residual.npy", np.asarray(sparsifier.residual, np.float64))
         np.save(args.out / "produced.npy", produced)
@@ -147,8 +150,9 @@ async def main(args: argparse.Namespace) -> None:
 class PeerProcess:
     """Launch a reduce peer as a real process (own process group) and follow its JSON events."""
 
-    def __init__(self, out: pathlib.Path, args: list[str]):
+    def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None):
         self.out, self.args = pathlib.Path(out), list(args)
+        self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", "sn0"]: it execs, so the pid stays ours
         self.events: list[dict] = []
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -157,7 +161,7 @@ class PeerProcess:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "stderr.log", "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node.reduce_peer", "--out", str(self.out), *self.args],
+                [*self.prefix, sys.executable, "-m", "node.reduce_peer", "--out", str(self.out), *self.args],
                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
             )
         self._reader = threading.Thread(target=self._read, daemon=True)

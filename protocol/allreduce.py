@@ -130,7 +130,7 @@ class RoundReport:
 @dataclass(frozen=True, eq=False)
 class RoundOutcome:
     report: RoundReport
-    average: np.ndarray | None  # (size,) float32 to apply; zeros on spans not applied; None if nothing applied
+    average: SparseUpdate | None  # the aggregate to apply (absent entries are 0); None if nothing applied
     returned: SparseUpdate  # give back to the error-feedback buffer (sparsifier.restore)
 
     @property
@@ -177,6 +177,7 @@ class Averager:
         self.hooks = hooks or RoundHooks()
         self.peer_id = p2p.peer_id.to_base58()
         self._rounds: dict[str, _Round] = {}
+        self._background: set[asyncio.Future] = set()
         prefix = f"swarmnode/{config.swarm}/allreduce/{config.tensor.name}"
         self._names = {"invite": f"{prefix}/invite", "part": f"{prefix}/part", "commit": f"{prefix}/commit"}
 
@@ -270,7 +271,8 @@ class Averager:
                         logger.debug("ignoring entry %s of round %s: %s", peer, state.round_id, e)
             return Seen(declared, started)
 
-        discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time))
+        discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
+                                                     poll=0.02))
         await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
         if state.match.plan.done():  # a leader invited us while we were still looking
             discovery.cancel()
@@ -284,8 +286,10 @@ class Averager:
             return self._checked_plan(await self._await_plan(state, read))
         state.match.accepting = False
         plan = await self._lead(state, {p: bw for p, bw in seen.declared.items() if p != self.peer_id})
-        if plan is not None:
-            await self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)
+        if plan is not None:  # in the background: only late joiners read it, the round need not wait
+            self._background.add(task := asyncio.ensure_future(
+                self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)))
+            task.add_done_callback(self._background.discard)
         return self._checked_plan(plan)
 
     async def _await_plan(self, state: _Round, read) -> GroupPlan:
@@ -566,14 +570,15 @@ class Averager:
     def _apply(self, state: _Round, plan: GroupPlan, results, final: tuple[bool, ...]):
         """The average to apply, and everything the caller must put back into its error feedback."""
         size, cfg = self.config.tensor.size, self.config
-        average = np.zeros(size, np.float32)
+        avg_idx, avg_val = [], []
         back_idx, back_val = [], []
         for i, (span, ok) in enumerate(zip(plan.spans, final)):
             piece = self._slice(state.update, span)
             result = results[i]
             if ok:
                 frame, decoded = result
-                average[span[0] + decoded.indices] = decoded.values
+                avg_idx.append(decoded.indices + span[0])
+                avg_val.append(decoded.values)
             if ok and self.peer_id in result[0].included:  # applied: only the wire rounding comes back
                 back_val.append(piece.values - quantize_values(piece.values, cfg.value_codec))
             else:
@@ -592,6 +597,8 @@ class Averager:
         uniq, inverse = np.unique(idx, return_inverse=True)
         summed = np.bincount(inverse, weights=val, minlength=uniq.size).astype(np.float32)
         keep = summed != 0
+        average = SparseUpdate(np.concatenate(avg_idx) if avg_idx else np.zeros(0, np.int64),
+                               np.concatenate(avg_val) if avg_val else np.zeros(0, np.float32), size)
         return average, SparseUpdate(uniq[keep].astype(np.int64), summed[keep], size)
 
     def _report(self, state: _Round, ok: bool, error, final, times) -> RoundReport:

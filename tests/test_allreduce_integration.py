@@ -24,7 +24,7 @@ def peers(tmp_path):
     def launch(n: int, rounds: int, period: float, extra=None, lead: float = 5.0, density: float = 0.05):
         start_at = time.time() + lead
         common = ["--size", str(SIZE), "--density", str(density), "--rounds", str(rounds), "--period", str(period),
-                  "--start-at", str(start_at), *TIMEOUTS]
+                  "--start-at", str(start_at), "--save-averages", *TIMEOUTS]
         extra = extra or {}
         first = PeerProcess(tmp_path / "p0", [*common, "--seed", "0", *extra.get(0, [])]).start()
         started.append(first)
