@@ -212,7 +212,13 @@ class Averager:
         t = time.perf_counter()
         try:
             await self._phase(Phase.MATCHMAKING, round_id)
-            state.plan = plan = await self._matchmake(state)
+            try:
+                state.plan = plan = await self._matchmake(state)
+            except (RoundFailed, asyncio.TimeoutError):
+                raise
+            except Exception as e:  # nothing was exchanged yet: failing the round loses nothing
+                logger.exception("matchmaking for round %s failed", round_id)
+                raise RoundFailed(f"matchmaking failed: {type(e).__name__}: {e}") from None
             times["matchmaking"] = time.perf_counter() - t
             t = time.perf_counter()
             state.results = results = await self._butterfly(state)

@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Sequence
 
 import msgpack
 
-from protocol.messages import GroupPlan, TensorSpec
+from protocol.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
 from protocol.partition import plan_spans
 from protocol.wire import WireError, unpack_bounded
 
@@ -49,7 +49,7 @@ def declaration_from_wire(data: object) -> float:
         raise WireError("declaration is not bytes")
     obj = unpack_bounded(data, MAX_DECLARATION_BYTES)
     bw = obj.get("bw") if isinstance(obj, dict) else None
-    if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not 0 <= bw < 1e15:
+    if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not 0 <= bw < MAX_BANDWIDTH:
         raise WireError(f"declaration has no valid bandwidth: {obj!r:.60}")
     return float(bw)
 
@@ -74,6 +74,8 @@ def make_plan(
         raise ValueError(f"need 1 <= min_group <= max_group, got {min_group}, {max_group}")
     if leader not in bandwidths:
         raise ValueError("the leader must be a member of its own group")
+    if any(not bw >= 0 for bw in bandwidths.values()):
+        raise ValueError(f"bandwidths must be >= 0, got {sorted(bandwidths.values())[:3]}")
     others = sorted(p for p in bandwidths if p != leader)[: max_group - 1]
     members = tuple(sorted([leader, *others]))
     if len(members) < min_group:

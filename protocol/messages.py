@@ -14,6 +14,7 @@ ROUND_PROTOCOL_VERSION = 1
 MAX_GROUP_SIZE = 256
 MAX_ROUND_ID = 128  # characters
 MAX_TENSOR_ELEMENTS = 2**34  # a flat vector larger than this is refused outright
+MAX_BANDWIDTH = 1e15  # bytes/s: no real link is faster; bounds what a peer can claim
 
 
 @dataclass(frozen=True)

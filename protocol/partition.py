@@ -20,10 +20,12 @@ def span_sizes(total: int, bandwidths: Sequence[float]) -> list[int]:
         raise ValueError("at least one member is needed")
     if any(not (b >= 0) or b == float("inf") for b in bandwidths):
         raise ValueError(f"bandwidths must be finite and >= 0, got {list(bandwidths)}")
-    weight = sum(bandwidths)
-    if weight == 0:
+    scale = max(bandwidths)
+    if scale == 0:
         raise ValueError("at least one member must have a positive bandwidth")
-    exact = [total * b / weight for b in bandwidths]
+    shares = [b / scale for b in bandwidths]  # in [0, 1]: no overflow however large the bandwidths
+    weight = sum(shares)
+    exact = [total * (s / weight) for s in shares]
     sizes = [int(x) for x in exact]
     remainder = total - sum(sizes)
     # ties go to the earlier member, so every peer computes the same plan

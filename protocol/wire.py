@@ -13,6 +13,7 @@ import msgpack
 
 from protocol.codecs import EncodedUpdate
 from protocol.messages import (
+    MAX_BANDWIDTH,
     MAX_GROUP_SIZE,
     MAX_ROUND_ID,
     MAX_TENSOR_ELEMENTS,
@@ -261,15 +262,17 @@ def message_from_wire(data: bytes, max_bytes: int, expect: type):
     tag = obj.get("t")
     if tag != _MESSAGE_TAGS[expect]:
         raise WireError(f"expected a {_MESSAGE_TAGS[expect]!r} message, got {tag!r:.40}")
-    if obj.get("v") != ROUND_PROTOCOL_VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != ROUND_PROTOCOL_VERSION:
         raise WireError(f"unsupported round protocol version {obj.get('v')!r:.20}")
     where = tag
     round_id = _text(obj, "round", where, MAX_ROUND_ID)
     if expect is Invite:
         return Invite(round_id, _text(obj, "leader", where, 64), _tensor_from_wire(obj.get("tensor"), where))
     if expect is InviteReply:
-        return InviteReply(round_id, _text(obj, "sender", where, 64), _get(obj, "accept", bool, where),
-                           _rate(obj.get("bw"), f"{where}.bw"))
+        bandwidth = _rate(obj.get("bw"), f"{where}.bw")
+        if bandwidth >= MAX_BANDWIDTH:
+            raise WireError(f"{where}.bw: {bandwidth:g} bytes/s is not a real link")
+        return InviteReply(round_id, _text(obj, "sender", where, 64), _get(obj, "accept", bool, where), bandwidth)
     if expect is GroupPlan:
         members = _peer_list(obj.get("members"), f"{where}.members")
         spans_raw = _get(obj, "spans", list, where)
