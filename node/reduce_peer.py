@@ -116,16 +116,22 @@ async def main(args: argparse.Namespace) -> None:
         first = max(0, int(np.ceil((time.time() - args.start_at) / args.period)))
     try:
         for r in range(first, args.rounds):
+            grad = gradient(args.seed, r, args.size)  # made before the round starts, as a trainer's backward pass
+            produced += grad
             delay = args.start_at + r * args.period - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            grad = gradient(args.seed, r, args.size)
-            produced += grad
             t0 = time.perf_counter()
-            update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
-            t_select = time.perf_counter() - t0
-            outcome = await averager.step(f"r{r}", update, args.weight)
-            t_step = time.perf_counter() - t0 - t_select
+            timing = {}
+
+            def select(grad=grad) -> object:  # runs in a thread while matchmaking proceeds
+                t = time.perf_counter()
+                update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
+                timing["select"] = time.perf_counter() - t
+                return update
+
+            outcome = await averager.step(f"r{r}", select, args.weight)
+            t_round = time.perf_counter() - t0
             sparsifier.restore(outcome.returned)
             rep = outcome.report
             digest = None
@@ -137,7 +143,7 @@ async def main(args: argparse.Namespace) -> None:
             emit(event="round", round=r, ok=rep.ok, error=rep.error, leader=rep.leader, members=list(rep.members),
                  excluded=list(rep.excluded), spans=[list(s) for s in rep.spans], spans_applied=list(rep.spans_applied),
                  span_weights=list(rep.span_weights), hash=digest, sent=rep.total_sent, received=rep.total_received,
-                 select_s=t_select, round_s=t_step, phases=rep.phase_seconds)
+                 select_s=timing.get("select"), round_s=t_round, phases=rep.phase_seconds)
     finally:
         np.save(args.out / "residual.npy", np.asarray(sparsifier.residual, np.float64))
         np.save(args.out / "produced.npy", produced)

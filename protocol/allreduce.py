@@ -145,7 +145,7 @@ class RoundFailed(Exception):
 @dataclass
 class _Round:
     round_id: str
-    update: SparseUpdate
+    update: SparseUpdate | None  # None until a deferred selection finishes
     weight: float
     match: MatchState
     plan: GroupPlan | None = None
@@ -195,9 +195,14 @@ class Averager:
 
     # ---- the round, as seen by one member ---------------------------------------------------------------
 
-    async def step(self, round_id: str, update: SparseUpdate, weight: float = 1.0) -> RoundOutcome:
+    async def step(
+        self, round_id: str, update: SparseUpdate | Callable[[], SparseUpdate], weight: float = 1.0
+    ) -> RoundOutcome:
+        """Run one round. ``update`` may be a zero-argument function (e.g. the sparsifier's top-k selection):
+        it then runs in a worker thread while matchmaking goes on, and the round waits for it only before
+        sending parts."""
         cfg = self.config
-        if update.size != cfg.tensor.size:
+        if isinstance(update, SparseUpdate) and update.size != cfg.tensor.size:
             raise ValueError(f"update of size {update.size} for tensor {cfg.tensor.name} of size {cfg.tensor.size}")
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
@@ -205,7 +210,9 @@ class Averager:
             raise ValueError(f"round {round_id!r} already ran on this member")
         self._forget_old_rounds()
         loop = asyncio.get_running_loop()
-        state = _Round(round_id, update, float(weight), MatchState(round_id, cfg.tensor, plan=loop.create_future()))
+        pending = asyncio.ensure_future(asyncio.to_thread(update)) if callable(update) else None
+        state = _Round(round_id, update if pending is None else None, float(weight),
+                       MatchState(round_id, cfg.tensor, plan=loop.create_future()))
         state.expires = time.monotonic() + self._round_budget()
         self._rounds[round_id] = state
         times: dict[str, float] = {}
@@ -219,6 +226,11 @@ class Averager:
             except Exception as e:  # nothing was exchanged yet: failing the round loses nothing
                 logger.exception("matchmaking for round %s failed", round_id)
                 raise RoundFailed(f"matchmaking failed: {type(e).__name__}: {e}") from None
+            finally:
+                if pending is not None:
+                    state.update = await pending  # a failed selection raises here, before any part is sent
+                    if state.update.size != cfg.tensor.size:
+                        raise ValueError(f"update of size {state.update.size} for a tensor of size {cfg.tensor.size}")
             times["matchmaking"] = time.perf_counter() - t
             t = time.perf_counter()
             state.results = results = await self._butterfly(state)
@@ -234,7 +246,7 @@ class Averager:
                 state.have.set_result(None)
             report = self._report(state, False, str(e) or type(e).__name__, (), times)
             logger.warning("round %s failed: %s", round_id, report.error)
-            return RoundOutcome(report, None, update)
+            return RoundOutcome(report, None, state.update)
         average, returned = self._apply(state, plan, results, final)
         report = self._report(state, any(final), None if any(final) else "no span was held by every member",
                               final, times)
@@ -594,9 +606,13 @@ class Averager:
         if final[mine] and state.rounding is not None:
             exact, decoded, weight = state.rounding  # our span's aggregate rounding, in our own units
             span = plan.spans[mine]
-            residual = (exact.to_dense() - decoded.to_dense()) * np.float32(weight / state.weight)
+            if np.array_equal(exact.indices, decoded.indices):  # sent sparse: same support, rounded values
+                idx, residual = exact.indices, exact.values - decoded.values
+            else:  # sent dense
+                idx, residual = decoded.indices, exact.to_dense() - decoded.values
+            residual = residual * np.float32(weight / state.weight)
             nz = np.flatnonzero(residual)
-            back_idx.append(nz.astype(np.int64) + span[0])
+            back_idx.append(idx[nz] + span[0])
             back_val.append(residual[nz])
         idx = np.concatenate(back_idx) if back_idx else np.zeros(0, np.int64)
         val = np.concatenate(back_val).astype(np.float32) if back_val else np.zeros(0, np.float32)
