@@ -53,15 +53,21 @@ def hivemind_worker(args) -> None:
     tensor = torch.randn(args.size, generator=torch.Generator().manual_seed(args.seed))  # (size,) float32
     averager = hivemind.averaging.DecentralizedAverager(
         [tensor], dht, start=True, prefix="bench", target_group_size=args.peers, min_group_size=args.peers,
-        min_matchmaking_time=2.0, request_timeout=2.0, allreduce_timeout=120.0)
+        min_matchmaking_time=2.0, request_timeout=2.0, allreduce_timeout=120.0,
+        next_chunk_timeout=30.0, sender_timeout=30.0, reducer_timeout=60.0)  # shaped links are slow, not dead
     times = []
     for r in range(args.rounds):
         delay = args.start_at + r * args.period - time.time()
         if delay > 0:
             time.sleep(delay)
         t0 = time.perf_counter()
-        ok = averager.step(timeout=args.period * 2)
+        try:
+            ok = averager.step(timeout=args.period * 2)
+        except Exception as e:  # hivemind raises AllreduceException when no group formed
+            print(f"round {r} failed: {e}", file=sys.stderr, flush=True)
+            ok = False
         times.append(time.perf_counter() - t0 if ok else None)
+        print(f"round {r}: {times[-1]}", file=sys.stderr, flush=True)
     print(json.dumps({"event": "done", "times": times}), flush=True)
     averager.shutdown()
     dht.shutdown()
@@ -119,19 +125,24 @@ def run_swarmnode(args, hosts, out: pathlib.Path) -> dict:
     return {"times": per_round, "sent_max": sent, "ok_rounds": len(per_round)}
 
 
-def run_workers(role: str, args, hosts, extra) -> list[dict]:
+def run_workers(role: str, args, hosts, extra, logs: pathlib.Path) -> list[dict]:
     procs = []
     try:
         for i, host in enumerate(hosts):
             cmd = [*host.prefix(), sys.executable, __file__, "--role", role, "--size", str(args.size), "--rounds",
                    str(args.rounds), "--period", str(args.period), "--peers", str(args.peers), "--seed", str(i),
                    "--ip", host.ip, *extra(i, procs)]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+            with open(logs / f"{role}{i}.log", "w") as err:
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True))
         results = []
-        for p in procs:
+        for i, p in enumerate(procs):
             lines = [json.loads(line) for line in p.stdout if line.startswith("{")]
             p.wait(args.rounds * args.period * 3 + 300)
-            results.append(next(e for e in lines if e["event"] == "done"))
+            done = next((e for e in lines if e["event"] == "done"), None)
+            if done is None:
+                tail = (logs / f"{role}{i}.log").read_text()[-800:]
+                raise RuntimeError(f"{role} worker {i} exited with {p.returncode} before finishing: {tail}")
+            results.append(done)
         return results
     finally:
         for p in procs:
@@ -140,7 +151,7 @@ def run_workers(role: str, args, hosts, extra) -> list[dict]:
                 p.wait()
 
 
-def run_hivemind(args, hosts) -> dict:
+def run_hivemind(args, hosts, logs: pathlib.Path) -> dict:
     start_at = time.time() + 15.0
     first_addr: list[str] = []
 
@@ -151,7 +162,7 @@ def run_hivemind(args, hosts) -> dict:
             first_addr.append(json.loads(procs[0].stdout.readline())["addr"])
         return ["--start-at", str(start_at), "--join", first_addr[0]]
 
-    results = run_workers("hivemind", args, hosts, extra)
+    results = run_workers("hivemind", args, hosts, extra, logs)
     per_round = []
     for r in range(args.rounds):
         ts = [res["times"][r] for res in results]
@@ -160,9 +171,10 @@ def run_hivemind(args, hosts) -> dict:
     return {"times": per_round, "ok_rounds": len(per_round)}
 
 
-def run_gloo(args) -> dict:
+def run_gloo(args, logs: pathlib.Path) -> dict:
     port = free_port()
-    results = run_workers("gloo", args, [_Plain()] * args.peers, lambda i, procs: ["--rank", str(i), "--port", str(port)])
+    results = run_workers("gloo", args, [_Plain()] * args.peers, lambda i, procs: ["--rank", str(i), "--port", str(port)],
+                          logs)
     per_round = [max(res["times"][r] for res in results) for r in range(args.rounds)]
     return {"times": per_round}
 
@@ -220,9 +232,9 @@ def main() -> None:
             if "swarmnode" not in skip:
                 report["swarmnode"] = run_swarmnode(args, hosts, pathlib.Path(tmp))
             if "hivemind" not in skip:
-                report["hivemind"] = run_hivemind(args, hosts)
+                report["hivemind"] = run_hivemind(args, hosts, pathlib.Path(tmp))
         if "gloo" not in skip and not args.netns:
-            report["gloo"] = run_gloo(args)
+            report["gloo"] = run_gloo(args, pathlib.Path(tmp))
 
     dense_bytes = 2 * (args.peers - 1) / args.peers * 4 * args.size
     med = {k: statistics.median(v["times"]) for k, v in report.items() if isinstance(v, dict) and v.get("times")}

@@ -22,7 +22,7 @@ sparse parts for its span and divide by the total weight (here 4 peers of weight
 with fp16 values (sparse or dense, whichever is smaller: same values either way) and send the same bytes
 to everyone. Summed over spans that is mathematically sum(to_dense())/4 rounded to fp16; the owner's
 rounding residual, times weight/own weight = 4, returns to the owner's error-feedback buffer, as
-RoundRunner._apply does. The real multi-process round over libp2p is exercised by
+Averager._apply does. The real multi-process round over libp2p is exercised by
 tests/test_allreduce_integration.py; this script measures only what compression does to learning.
 (Floating-point summation order differs from the real round's per-span sum, at the 1e-7 level.)
 

@@ -2,9 +2,11 @@
 
     sudo .venv/bin/python scripts/netns_testbed.py --hosts 4 --rate-mbit 100   # create, print, tear down
 
-Topology: namespace sn<i> holds veth "eth0" with address 198.18.0.<i+1>/24; its peer end sits on the
-bridge "snbr0" in the root namespace. 198.18.0.0/15 is the range RFC 2544 reserves for benchmark
-networks, so these addresses can never be anybody else's. Egress of each host's eth0 is shaped with
+Topology: namespace sn<i> holds veth "eth0" with address 100.64.77.<i+1>/24; its peer end sits on the
+bridge "snbr0" in the root namespace, which has no address and no route anywhere: the hosts can reach
+only each other. Why 100.64/10 (RFC 6598 shared address space): libp2p resolves a peer's address through
+its LAN or WAN DHT, and go-multiaddr's filters drop RFC 2544's 198.18/15 from both ("unroutable"), so
+peers that were never directly connected cannot find each other there; 100.64/10 counts as LAN. Egress of each host's eth0 is shaped with
 a token bucket filter (netem is not available here): rate = --rate-mbit, burst 256 KiB (about 20 ms
 at 100 Mbit/s), latency 100 ms of queue. Needs root (ip netns, tc).
 """
@@ -16,7 +18,7 @@ import contextlib
 import subprocess
 from dataclasses import dataclass
 
-SUBNET = "198.18.0"  # RFC 2544 benchmarking range
+SUBNET = "100.64.77"  # RFC 6598 shared address space, only ever on this bridge (see docstring)
 BRIDGE = "snbr0"
 
 
