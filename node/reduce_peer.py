@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth", type=float, default=12.5e6)
     p.add_argument("--value-codec", default="fp16")
     p.add_argument("--result-value-codec", default="fp16")
+    p.add_argument("--result-density", type=float, default=None, help="global top-k of each span's average")
     p.add_argument("--stop-at", choices=[ph.value for ph in Phase], default=None)
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
@@ -103,7 +104,7 @@ async def main(args: argparse.Namespace) -> None:
         swarm=args.swarm, tensor=TensorSpec("grads", args.size), min_group=args.min_group,
         expected_group=args.expected_group, matchmaking_time=args.matchmaking_time, part_timeout=args.part_timeout,
         result_timeout=args.result_timeout, commit_timeout=args.commit_timeout, bandwidth=args.bandwidth,
-        value_codec=args.value_codec, result_value_codec=args.result_value_codec,
+        value_codec=args.value_codec, result_value_codec=args.result_value_codec, result_density=args.result_density,
     )
     averager = Averager(p2p, dht, config, RoundHooks(on_phase=on_phase, outgoing_part=outgoing_part))
     await averager.start()

@@ -1,0 +1,47 @@
+"""What crosses the wire between swarmnode nodes, with no daemon state (never imports node/).
+
+Public names, by module:
+  - records:      Capability, GpuInfo, PeerRecord, swarm_key          (what a node publishes in the DHT)
+  - peer_keys:    peer_id_of, public_key_from_peer_id, libp2p_private_key (Ed25519 key <-> libp2p peer id)
+  - validation:   SignedPeerRecordValidator                           (hivemind DHT record validator)
+  - wire:         peer_record_to_wire / _from_wire, message_to_wire / message_from_wire, WireError
+                  (the one place that (de)serialises; msgpack only)
+  - messages:     TensorSpec, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, CommitFrame
+  - sparsify:     SparseUpdate, ErrorFeedbackSparsifier, topk_exact, topk_approx
+  - codecs:       Codec, SparseCodec, DenseCodec, EncodedUpdate, smallest_encoding, CodecError
+  - partition:    plan_spans, span_sizes                              (pure span planning)
+  - matchmaking:  make_plan, choose_leader, discover                  (group formation; pure parts + DHT I/O)
+  - allreduce:    Averager                                            (one member's side of the round)
+  - rounds:       RoundConfig, RoundHooks, RoundOutcome, RoundReport, Phase (what a round takes and reports)
+  - streams:      read_frame, write_frame                             (length-prefixed frames on libp2p streams)
+  - faults:       Fault, mangle_part                                  (fault injection for tests)
+
+Names resolve lazily (PEP 562), so importing one light module (e.g. protocol.wire from the CLI) does not
+pull in torch or hivemind.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "records": ["Capability", "GpuInfo", "PeerRecord", "swarm_key"],
+    "peer_keys": ["peer_id_of", "public_key_from_peer_id", "libp2p_private_key"],
+    "validation": ["SignedPeerRecordValidator"],
+    "wire": ["WireError", "peer_record_to_wire", "peer_record_from_wire", "message_to_wire", "message_from_wire"],
+    "messages": ["TensorSpec", "GroupPlan", "Invite", "InviteReply", "PartFrame", "ResultFrame", "CommitFrame"],
+    "sparsify": ["SparseUpdate", "ErrorFeedbackSparsifier", "topk_exact", "topk_approx"],
+    "codecs": ["Codec", "SparseCodec", "DenseCodec", "EncodedUpdate", "smallest_encoding", "CodecError"],
+    "partition": ["plan_spans", "span_sizes"],
+    "matchmaking": ["make_plan", "choose_leader", "discover"],
+    "allreduce": ["Averager"],
+    "rounds": ["RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "Phase"],
+    "streams": ["read_frame", "write_frame"],
+    "faults": ["Fault", "mangle_part"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'protocol' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"protocol.{_WHERE[name]}"), name)

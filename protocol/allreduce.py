@@ -26,12 +26,11 @@ Matchmaking races are described in protocol/matchmaking.py.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 import numpy as np
 from hivemind.dht.node import DHTNode
@@ -52,90 +51,15 @@ from protocol.matchmaking import (
     started_from_wire,
     started_to_wire,
 )
-from protocol.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.sparsify import SparseUpdate
+from protocol.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame
+from protocol.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
+from protocol.sparsify import SparseUpdate, topk_exact
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
 
+__all__ = ["Averager", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
 logger = logging.getLogger(__name__)
 MAX_WEIGHT = 1e12
-
-
-class Phase(enum.Enum):
-    MATCHMAKING = "matchmaking"
-    REDUCE_SCATTER = "reduce_scatter"  # parts sent, waiting for owners' results
-    AGGREGATE = "aggregate"  # this member's span aggregated, about to be served
-    ALL_GATHER = "all_gather"  # the first result of this member's span has gone out
-    COMMIT = "commit"
-
-
-@dataclass(frozen=True)
-class RoundConfig:
-    swarm: str
-    tensor: TensorSpec
-    min_group: int = 2
-    max_group: int = 64
-    expected_group: int | None = None  # stop matchmaking as soon as this many peers declared
-    matchmaking_time: float = 2.0  # how long to collect declarations otherwise
-    invite_timeout: float = 2.0
-    part_timeout: float = 5.0  # owners wait this long after the plan for every member's part
-    result_timeout: float = 10.0  # members wait this long after the plan for every span's result
-    commit_timeout: float = 2.0
-    value_codec: str = "fp16"  # parts
-    result_value_codec: str = "fp16"  # aggregates (sparse or dense, whichever is smaller)
-    bandwidth: float = 12.5e6  # advertised bytes/s (100 Mbit/s); sizes this member's span
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_group <= self.max_group:
-            raise ValueError(f"need 1 <= min_group <= max_group, got {self.min_group}, {self.max_group}")
-        for name in ("matchmaking_time", "invite_timeout", "part_timeout", "result_timeout", "commit_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.bandwidth < 0:
-            raise ValueError("bandwidth must be >= 0")
-
-
-@dataclass
-class RoundHooks:
-    """Fault-injection points (see protocol/faults.py); all optional."""
-
-    on_phase: Callable[[Phase, str], Awaitable[None]] | None = None
-    outgoing_part: Callable[[PartFrame, bytes], bytes] | None = None  # may replace a part's wire bytes
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    round_id: str
-    ok: bool
-    error: str | None
-    leader: str | None
-    members: tuple[str, ...]
-    excluded: tuple[str, ...]  # senders whose part this member's span rejected or never got
-    spans: tuple[tuple[int, int], ...]  # [start, end) of each member's span
-    spans_applied: tuple[bool, ...]
-    span_weights: tuple[float, ...]  # total weight behind each applied span's average (0 if not applied)
-    bytes_sent: dict[str, int]  # per remote peer, frames incl. headers
-    bytes_received: dict[str, int]
-    phase_seconds: dict[str, float]
-
-    @property
-    def total_sent(self) -> int:
-        return sum(self.bytes_sent.values())
-
-    @property
-    def total_received(self) -> int:
-        return sum(self.bytes_received.values())
-
-
-@dataclass(frozen=True, eq=False)
-class RoundOutcome:
-    report: RoundReport
-    average: SparseUpdate | None  # the aggregate to apply (absent entries are 0); None if nothing applied
-    returned: SparseUpdate  # give back to the error-feedback buffer (sparsifier.restore)
-
-    @property
-    def ok(self) -> bool:
-        return self.report.ok
 
 
 class RoundFailed(Exception):
@@ -522,8 +446,14 @@ class Averager:
             weight += w
         average = total / np.float32(weight)
         support = np.flatnonzero(average)
-        exact = SparseUpdate(support.astype(np.int64), average[support], length)
-        payload = smallest_encoding(exact, cfg.result_value_codec)
+        exact = SparseUpdate(support.astype(np.int64), average[support], length)  # (nnz,) of this span's average
+        sent = exact
+        if cfg.result_density is not None:  # global top-k: send the largest entries of the average only
+            k = max(1, round(cfg.result_density * length))
+            if exact.nnz > k:
+                keep = np.sort(topk_exact(exact.values, k))
+                sent = SparseUpdate(exact.indices[keep], exact.values[keep], length)
+        payload = smallest_encoding(sent, cfg.result_value_codec)
         frame = ResultFrame(state.round_id, self.peer_id, cfg.tensor, span, included, weight, payload)
         state.result_bytes.set_result(message_to_wire(frame))
         await self._phase(Phase.AGGREGATE, state.round_id)
@@ -604,12 +534,9 @@ class Averager:
             back_idx.append(piece.indices + span[0])
         mine = plan.members.index(self.peer_id)
         if final[mine] and state.rounding is not None:
-            exact, decoded, weight = state.rounding  # our span's aggregate rounding, in our own units
+            exact, decoded, weight = state.rounding  # what our span's average lost on the wire, in our units
             span = plan.spans[mine]
-            if np.array_equal(exact.indices, decoded.indices):  # sent sparse: same support, rounded values
-                idx, residual = exact.indices, exact.values - decoded.values
-            else:  # sent dense
-                idx, residual = decoded.indices, exact.to_dense() - decoded.values
+            idx, residual = self._owner_residual(exact, decoded)
             residual = residual * np.float32(weight / state.weight)
             nz = np.flatnonzero(residual)
             back_idx.append(idx[nz] + span[0])
@@ -622,6 +549,15 @@ class Averager:
         average = SparseUpdate(np.concatenate(avg_idx) if avg_idx else np.zeros(0, np.int64),
                                np.concatenate(avg_val) if avg_val else np.zeros(0, np.float32), size)
         return average, SparseUpdate(uniq[keep].astype(np.int64), summed[keep], size)
+
+    @staticmethod
+    def _owner_residual(exact: SparseUpdate, decoded: SparseUpdate) -> tuple[np.ndarray, np.ndarray]:
+        """exact - decoded over the span: fp16 rounding, plus any entries global top-k left out."""
+        if decoded.nnz == decoded.size and exact.nnz < exact.size:  # sent dense
+            return decoded.indices, exact.to_dense() - decoded.values
+        values = exact.values.copy()  # decoded's support is a subset of exact's
+        values[np.searchsorted(exact.indices, decoded.indices)] -= decoded.values
+        return exact.indices, values
 
     def _report(self, state: _Round, ok: bool, error, final, times) -> RoundReport:
         plan = state.plan

@@ -100,7 +100,8 @@ def run_swarmnode(args, hosts, out: pathlib.Path) -> dict:
     common = ["--size", str(args.size), "--density", str(args.density), "--rounds", str(args.rounds),
               "--period", str(args.period), "--start-at", str(start_at), "--expected-group", str(args.peers),
               "--matchmaking-time", "3", "--part-timeout", "20", "--result-timeout", "40", "--commit-timeout", "5",
-              "--mode", args.mode, "--bandwidth", str(args.rate_mbit * 1e6 / 8 if args.netns else 1e9)]
+              "--mode", args.mode, *(["--result-density", str(args.result_density)] if args.result_density else []),
+              "--bandwidth", str(args.rate_mbit * 1e6 / 8 if args.netns else 1e9)]
     procs = []
     try:
         for i, host in enumerate(hosts):
@@ -194,6 +195,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=10_000_000)
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--mode", choices=["exact", "approx"], default="exact")
+    parser.add_argument("--result-density", type=float, default=None,
+                        help="owners send only this fraction of their span's average (global top-k)")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--period", type=float, default=None, help="seconds between round starts")
@@ -217,7 +220,8 @@ def main() -> None:
         return gloo_worker(args)
 
     skip = set(args.skip.split(",")) - {""}
-    report = {"size": args.size, "density": args.density, "peers": args.peers, "rounds": args.rounds,
+    report = {"size": args.size, "density": args.density, "mode": args.mode, "result_density": args.result_density,
+              "peers": args.peers, "rounds": args.rounds,
               "netns": args.netns, "rate_mbit": args.rate_mbit if args.netns else None}
     with tempfile.TemporaryDirectory(prefix="bench-ar-") as tmp:
         if args.netns:
@@ -241,12 +245,13 @@ def main() -> None:
     where = f"{args.peers} peers in network namespaces, egress {args.rate_mbit:g} Mbit/s" if args.netns else \
         f"{args.peers} peers on loopback"
     print(f"all-reduce of {args.size:,} float32, {where}, median of {args.rounds} rounds (cpu {os.cpu_count()} cores)")
-    print(f"{'system':<40} {'round s':>9} {'rounds ok':>10}")
-    for name, label in [("swarmnode", f"swarmnode top-k {args.density:.0%} + EF, fp16"),
+    print(f"{'system':<58} {'round s':>9} {'rounds ok':>10}")
+    gtopk = f", global top-k {args.result_density:.0%}" if args.result_density else ""
+    for name, label in [("swarmnode", f"swarmnode top-k {args.density:.0%} ({args.mode}) + EF, fp16{gtopk}"),
                         ("hivemind", "hivemind DecentralizedAverager (dense)"), ("gloo", "torch.distributed gloo")]:
         if name in med:
             ok = report[name].get("ok_rounds", len(report[name]["times"]))
-            print(f"{label:<40} {med[name]:9.3f} {ok:>7}/{args.rounds}")
+            print(f"{label:<58} {med[name]:9.3f} {ok:>7}/{args.rounds}")
     if "swarmnode" in med and "hivemind" in med:
         print(f"hivemind / swarmnode: {med['hivemind'] / med['swarmnode']:.1f}x")
     if "swarmnode" in med and "gloo" in med:

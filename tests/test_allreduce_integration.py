@@ -64,9 +64,11 @@ def conservation_gap(dirs, rounds, events, weights) -> float:
     return float(np.max(np.abs(produced - held - applied)) / np.max(np.abs(produced)))
 
 
-def test_rounds_complete_bit_identical_weighted_and_conserve_mass(peers):
+@pytest.mark.parametrize("result_density", [None, 0.05], ids=["whole-average", "global-topk"])
+def test_rounds_complete_bit_identical_weighted_and_conserve_mass(peers, result_density):
     weights = [1.0, 2.0, 3.0, 4.0]
-    procs, *_ = peers(4, rounds=3, period=2.5, extra={i: ["--weight", str(w)] for i, w in enumerate(weights)})
+    gtopk = ["--result-density", str(result_density)] if result_density else []
+    procs, *_ = peers(4, rounds=3, period=2.5, extra={i: ["--weight", str(w), *gtopk] for i, w in enumerate(weights)})
     wait_done(procs, 40)
     per_peer = [p.rounds() for p in procs]
     for r in range(3):
