@@ -68,7 +68,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from protocol.codecs import quantize_values  # noqa: E402
 from protocol.partition import span_sizes  # noqa: E402
-from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate  # noqa: E402
+from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_exact  # noqa: E402
 
 PEERS = 4  # issue 3, item 5: "trained data-parallel by 4 peers"
 DENSITY = 0.01  # issue 3: "1% top-k plus error feedback"
@@ -116,7 +116,8 @@ def accuracy(model: torch.nn.Module, test) -> float:
 class TopkRound:
     """What one completed round delivers to every member: the fp16-rounded average of 4 sparse updates."""
 
-    def __init__(self, size: int, momentum: float) -> None:
+    def __init__(self, size: int, momentum: float, result_density: float | None = None) -> None:
+        self.result_density = result_density  # global top-k of each span's average, as RoundConfig.result_density
         self.sparsifiers = [ErrorFeedbackSparsifier(size, density=DENSITY, mode="exact", momentum=momentum, seed=p)
                             for p in range(PEERS)]
         bounds = np.cumsum([0] + span_sizes(size, [1.0] * PEERS))  # equal bandwidth -> equal spans
@@ -128,6 +129,12 @@ class TopkRound:
         updates = [s.select(g, quantize=quantize) for s, g in zip(self.sparsifiers, grads)]  # 4 x (k,) pairs
         exact = sum(u.to_dense() for u in updates) / np.float32(PEERS)  # (size,) float32, <= 4k nonzeros
         applied = quantize_values(exact, VALUE_CODEC)  # (size,) what the result frames carry
+        if self.result_density is not None:  # each owner sends only the largest entries of its span's average
+            for lo, hi in self.spans:
+                k = max(1, round(self.result_density * (hi - lo)))
+                dropped = np.ones(hi - lo, bool)
+                dropped[topk_exact(exact[lo:hi], k)] = False
+                applied[lo:hi][dropped] = 0.0  # kept by the owner (residual below), sent in a later round
         for owner, (lo, hi) in enumerate(self.spans):  # server-side error feedback, in the owner's units
             residual = (exact[lo:hi] - applied[lo:hi]) * np.float32(PEERS)  # weight / own weight = 4 / 1
             nz = np.flatnonzero(residual)
@@ -144,7 +151,7 @@ def train(mode: str, args, shards, test) -> tuple[list[int], list[float], dict]:
     size = sum(p.numel() for p in params)  # 9,610
     dgc = mode == "topk" and args.dgc  # DGC: the momentum moves into the sparsifier, SGD after it is plain
     sgd_momentum = 0.0 if dgc else args.momentum
-    aggregate = TopkRound(size, args.momentum if dgc else 0.0) if mode == "topk" else None
+    aggregate = TopkRound(size, args.momentum if dgc else 0.0, args.result_density) if mode == "topk" else None
     rngs = [np.random.default_rng([args.seed, p]) for p in range(PEERS)]  # same minibatches in both runs
     velocity = np.zeros(size, np.float32)  # (size,) SGD momentum buffer
     steps, accs = [0], [accuracy(model, test)]
@@ -178,12 +185,15 @@ def main() -> None:
     ap.add_argument("--dgc", action="store_true",
                     help="top-k run: --momentum as DGC momentum correction in the sparsifier, plain SGD after it")
     ap.add_argument("--non-iid", action="store_true", help="sort the training set by label before sharding")
+    ap.add_argument("--result-density", type=float, default=None,
+                    help="top-k run: owners send only this fraction of each span's average (global top-k)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=pathlib.Path, default=None,
                     help="path stem for .png and .json (default docs/convergence_digits[_noniid])")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = args.out or ROOT / "docs" / ("convergence_digits_noniid" if args.non_iid else "convergence_digits")
+    stem = "convergence_digits" + ("_noniid" if args.non_iid else "") + ("_gtopk" if args.result_density else "")
+    out = args.out or ROOT / "docs" / stem
     out.parent.mkdir(parents=True, exist_ok=True)
 
     shards, test = load_shards(args.seed, args.non_iid)
@@ -198,7 +208,8 @@ def main() -> None:
     dense, topk = runs["dense"]["test_acc"], runs["topk"]["test_acc"]
     print(f"digits, {PEERS} peers ({'non-IID, sorted by label' if args.non_iid else 'IID'}), "
           f"{runs['dense']['params']:,} params, top-k density {DENSITY:.0%} (k={runs['topk']['k_per_peer']}/peer), "
-          f"batch {args.batch}/peer, lr {args.lr}, momentum {args.momentum}, DGC {args.dgc}")
+          f"batch {args.batch}/peer, lr {args.lr}, momentum {args.momentum}, DGC {args.dgc}, "
+          f"global top-k {args.result_density}")
     print(f"{'step':>6} {'dense acc':>10} {'topk acc':>10}")
     for s, a, b in zip(runs["dense"]["steps"], dense, topk):
         print(f"{s:>6} {a:>10.4f} {b:>10.4f}")
@@ -230,6 +241,7 @@ def main() -> None:
     record = {"command": " ".join(["scripts/bench_convergence.py", *sys.argv[1:]]), "peers": PEERS, "density": DENSITY,
               "non_iid": args.non_iid, "steps": args.steps, "eval_every": args.eval_every, "batch_per_peer": args.batch,
               "lr": args.lr, "momentum": args.momentum, "dgc": args.dgc, "seed": args.seed,
+              "result_density": args.result_density,
               "final_dense": dense[-1], "final_topk": topk[-1], "ratio": ratio, "target_ratio": TARGET_RATIO,
               "target_met": met,
               "last5_mean_dense": tail_dense, "last5_mean_topk": tail_topk, "wall_s": round(wall, 2), "runs": runs}
