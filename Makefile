@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench protos clean
+.PHONY: demo test test-all bench bench-netns protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Benchmarks print figures (recorded in README.md); they are never part of `make test`.
+bench: $(STAMP)
+	$(PY) scripts/bench_join.py --trials 5
+	$(PY) scripts/bench_sparsifier.py
+	$(PY) scripts/bench_allreduce.py --rounds 9
+	$(PY) scripts/bench_allreduce.py --rounds 9 --mode approx --result-density 0.01
+	$(PY) scripts/bench_convergence.py
+	$(PY) scripts/bench_convergence.py --result-density 0.01
+
+# Needs root (ip netns, tc): 4 peers in network namespaces, egress capped at 100 Mbit/s
+bench-netns: $(STAMP)
+	$(PY) scripts/bench_allreduce.py --netns --rate-mbit 100 --rounds 5
+	$(PY) scripts/bench_allreduce.py --netns --rate-mbit 100 --rounds 5 --mode approx --result-density 0.01
 
 protos: $(STAMP)
 	$(PY) scripts/regen_protos.py
