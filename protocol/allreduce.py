@@ -272,6 +272,9 @@ class Averager:
                     return None
                 streams[peer] = writer
                 return peer, reply.bandwidth
+            except asyncio.CancelledError:  # too slow to answer: dropped from the group
+                close_quietly(writer)
+                raise
             except Exception as e:  # any failure to reach or understand a candidate drops it
                 logger.debug("invite to %s failed: %s", peer, e)
                 close_quietly(writer)
