@@ -1,0 +1,119 @@
+"""One node's run of a federated job: its model replica, its private data, and the rounds it takes part in.
+
+A round here is node/trainer.py's math over protocol/allreduce.py's top-k all-reduce:
+local steps -> pseudo-gradient -> error-feedback top-k -> all-reduce (weight = samples seen) -> outer step.
+Every participant applies the same aggregate (bit-identical by the round's construction) to the same
+parameters, so the model hash after each round is the same on all of them; a node whose round failed
+keeps its pseudo-gradient in its error-feedback buffer and its parameters unchanged, and must re-sync
+before it contributes again (``in_sync`` turns False).
+
+The daemon (job discovery, the control API, state download for joiners) drives this class; tests drive
+it directly over real libp2p daemons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from node.datasets import NodeData, batches, eval_batches
+from node.models import build_model, flatten_params, load_flat_params
+from node.trainer import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
+from protocol.allreduce import Averager
+from protocol.codecs import quantize_values
+from protocol.jobs import JobSpec
+from protocol.messages import TensorSpec
+from protocol.rounds import RoundConfig
+from protocol.sparsify import ErrorFeedbackSparsifier
+
+EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
+VALUE_CODEC = "fp16"
+
+
+def params_hash(params: np.ndarray) -> str:
+    """sha256 of the flat float32 parameters (little-endian): the job record's model hash."""
+    return hashlib.sha256(np.ascontiguousarray(params, "<f4").tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    ok: bool  # the aggregate was applied
+    error: str | None
+    participants: tuple[str, ...]
+    train_loss: float  # this node's mean local loss (nan if it did not train)
+    samples: int
+    metrics: dict  # evaluation on the shared test split (empty when not evaluated this round)
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    local_seconds: float  # spent in local training: the rest is round overhead
+    model_hash: str
+
+
+class JobRunner:
+    def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
+                 expected_group: int | None = None, bandwidth: float = 12.5e6):
+        if data.dataset != spec.dataset:
+            raise ValueError(f"job {job_id} trains on {spec.dataset!r}, this node's data is {data.dataset!r}")
+        if data.task != spec.task:
+            raise ValueError(f"job {job_id} is {spec.task}, this node's data is for {data.task}")
+        self.job_id, self.spec, self.data = job_id, spec, data
+        self.bundle = build_model(spec.model.arch, spec.model.config(), spec.seed, num_classes=data.num_classes)
+        self.params = flatten_params(self.bundle.module)  # (N,) float32, the global model at round start
+        size = self.params.size
+        self.sparsifier = ErrorFeedbackSparsifier(size, spec.density, "exact", seed=spec.seed)
+        self.outer = OuterOptimizer(spec.outer.kind, size, spec.outer.lr, spec.outer.momentum, spec.outer.nesterov)
+        inner = make_inner_optimizer(self.bundle.module, spec.inner.kind, spec.inner.lr, spec.inner.momentum,
+                                     spec.inner.weight_decay)
+        # each node draws its own minibatch order from its own slice
+        self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index))
+        tensor = TensorSpec(f"job-{job_id}", size)
+        self.averager = Averager(p2p, dht, RoundConfig(
+            swarm=swarm, tensor=tensor, min_group=spec.min_participants, max_group=spec.max_participants,
+            expected_group=expected_group, matchmaking_time=min(5.0, spec.round_timeout_s / 6),
+            part_timeout=spec.round_timeout_s / 4, result_timeout=spec.round_timeout_s / 2,
+            commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth))
+        self.in_sync = True
+
+    @property
+    def model_hash(self) -> str:
+        return params_hash(self.params)
+
+    async def start(self) -> None:
+        await self.averager.start()
+
+    async def stop(self) -> None:
+        await self.averager.stop()
+
+    def evaluate(self) -> dict:
+        load_flat_params(self.bundle.module, self.params)
+        return self.bundle.evaluate(self.bundle.module, eval_batches(self.data, 256, EVAL_ITEMS))
+
+    async def run_round(self, r: int) -> RoundResult:
+        t0 = time.perf_counter()
+        start = self.params
+        local = self.trainer.run(start, self.spec.local_steps)
+        local_seconds = time.perf_counter() - t0
+        if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
+            self.in_sync = False
+            return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), local.mean_loss,
+                               local.samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
+        delta = pseudo_gradient(start, local.params)  # (N,) float32
+        select = lambda: self.sparsifier.select(delta, quantize=lambda v: quantize_values(v, VALUE_CODEC))  # noqa: E731
+        outcome = await self.averager.step(f"{self.job_id}/r{r}", select, weight=float(local.samples))
+        self.sparsifier.restore(outcome.returned)
+        report = outcome.report
+        if outcome.ok:
+            self.params = self.outer.step(start, outcome.average)
+        else:
+            self.in_sync = False  # the others may have moved on without us
+        metrics = self.evaluate() if outcome.ok and (r + 1) % self.spec.eval_every == 0 else {}
+        return RoundResult(r, outcome.ok, report.error, report.members, local.mean_loss, local.samples, metrics,
+                           report.total_sent, report.total_received, time.perf_counter() - t0, local_seconds,
+                           self.model_hash)
