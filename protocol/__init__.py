@@ -15,6 +15,8 @@ Public names, by module:
   - rounds:       RoundConfig, RoundHooks, RoundOutcome, RoundReport, Phase (what a round takes and reports)
   - streams:      read_frame, write_frame                             (length-prefixed frames on libp2p streams)
   - faults:       Fault, mangle_part                                  (fault injection for tests)
+  - jobs:         JobSpec, ModelSpec, InnerOpt, OuterOpt, JobRecord, JobProgress, job_id_for (+ wire pairs)
+  - job_validation: SignedJobRecordValidator                          (hivemind DHT validator for jobs)
 
 Names resolve lazily (PEP 562), so importing one light module (e.g. protocol.wire from the CLI) does not
 pull in torch or hivemind.
@@ -36,6 +38,8 @@ _EXPORTS = {
     "rounds": ["RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "Phase"],
     "streams": ["read_frame", "write_frame"],
     "faults": ["Fault", "mangle_part"],
+    "jobs": ["JobSpec", "ModelSpec", "InnerOpt", "OuterOpt", "JobRecord", "JobProgress", "job_id_for"],
+    "job_validation": ["SignedJobRecordValidator"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

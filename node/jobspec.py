@@ -1,0 +1,114 @@
+"""Job files: a TOML description of a federated training job, read into a protocol.jobs.JobSpec.
+
+    name = "digits-demo"          # required: 1-64 characters of [A-Za-z0-9._-]
+    dataset = "digits"            # required: each node resolves this name against its own local data
+    task = "classification"       # required: "classification" or "causal-lm" (gpt2 / llama only)
+    rounds = 30                   # required
+    local_steps = 10              # default 10: optimizer steps on local data per round
+    batch_size = 32               # default 32
+    density = 1.0                 # default 1.0 (dense); top-k fraction of the update exchanged, 0 < d <= 1
+    min_participants = 2          # default 2: fewer ready nodes and the job pauses
+    max_participants = 8          # default 8
+    round_timeout_s = 60          # default 60
+    seed = 0                      # default 0
+    eval_every = 1                # default 1 (rounds)
+
+    [model]                       # required
+    arch = "mlp"                  # required: gpt2, llama, bert, mlp or cnn
+    hidden = 128                  # every other key is a config override (n_layer, n_embd, vocab_size, ...)
+
+    [inner]                       # required: the local optimizer
+    kind = "sgd"                  # default "sgd"; or "adamw"
+    lr = 0.1                      # required
+    weight_decay = 0.0            # default 0
+    momentum = 0.9                # default 0 (sgd only)
+
+    [outer]                       # optional: the step after each round's average
+    kind = "fedavg"               # default "fedavg" (lr 1, no momentum); "diloco" defaults to lr 0.7,
+                                  # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105)
+
+Every problem is a NodeError (exit code 2) with one line naming the file and the dotted field, e.g.
+``job.toml: inner.lr: must be > 0, got -1``. Range and type rules live in protocol/jobs.py (the same rules
+apply to specs that arrive from peers); this module adds file reading, unknown keys and required fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tomllib
+from typing import Any, Callable
+
+from node.errors import EXIT_USAGE, NodeError
+from protocol.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+
+REQUIRED = ("name", "dataset", "task", "rounds", "model", "inner")
+DILOCO_DEFAULTS = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
+_TABLES = {"model": ModelSpec, "inner": InnerOpt, "outer": OuterOpt}
+
+
+def _names(kind: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(kind)]
+
+
+def load_job_file(path: str | os.PathLike, check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
+    """Read and check a job file. ``check_model`` (e.g. the node's model builder) may raise ValueError naming
+    a ``model.<key>`` it does not know; that too becomes a one-line NodeError."""
+    label = str(path)
+    try:
+        with open(pathlib.Path(path).expanduser(), "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise NodeError(f"{label}: no such job file", EXIT_USAGE) from None
+    except OSError as e:
+        raise NodeError(f"{label}: cannot read the job file ({e.strerror or e})", EXIT_USAGE) from None
+    except tomllib.TOMLDecodeError as e:
+        raise NodeError(f"{label}: not valid TOML: {e}", EXIT_USAGE) from None
+    except UnicodeDecodeError:
+        raise NodeError(f"{label}: not UTF-8 text", EXIT_USAGE) from None
+    return job_spec_from_toml(data, label, check_model)
+
+
+def job_spec_from_toml(data: dict[str, Any], label: str = "job file",
+                       check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
+    """Build a JobSpec from parsed TOML; NodeError "<label>: <dotted field>: <problem>" on the first problem."""
+    try:
+        return _build(data, check_model)
+    except ValueError as e:
+        raise NodeError(f"{label}: {e}", EXIT_USAGE) from None
+
+
+def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None) -> JobSpec:
+    _known(data, "", _names(JobSpec))
+    for name in REQUIRED:
+        if name not in data:
+            table = f" (a [{name}] table)" if name in _TABLES else ""
+            raise ValueError(f"{name}: missing{table}, required")
+    tables: dict[str, dict[str, Any]] = {}
+    for name in _TABLES:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{name}: must be a table ([{name}]), got {table!r:.40}")
+        tables[name] = table
+    model, inner, outer = tables["model"], tables["inner"], dict(tables["outer"])
+    if "arch" not in model:
+        raise ValueError("model.arch: missing, required")
+    _known(inner, "inner.", _names(InnerOpt))
+    if "lr" not in inner:
+        raise ValueError("inner.lr: missing, required")
+    _known(outer, "outer.", _names(OuterOpt))
+    if outer.get("kind") == "diloco":
+        outer = DILOCO_DEFAULTS | outer
+    model_spec = ModelSpec(model["arch"], {k: v for k, v in model.items() if k != "arch"})
+    if check_model is not None:
+        check_model(model_spec)
+    fields = {k: v for k, v in data.items() if k not in _TABLES}
+    return JobSpec(model=model_spec, inner=InnerOpt(**{"kind": "sgd"} | inner), outer=OuterOpt(**outer), **fields)
+
+
+def _known(table: dict[str, Any], prefix: str, names: list[str]) -> None:
+    for key in table:
+        if key not in names:
+            shown = key if key.isidentifier() else repr(key)  # a quoted TOML key may hold anything
+            raise ValueError(f"{prefix}{shown}: unknown key (known: {', '.join(names)})")

@@ -1,0 +1,469 @@
+"""Federated training jobs: the job spec, its DHT records, their wire form and the signed-record validator.
+
+DHT layout (swarm ``S``; keys are hashed by hivemind, so a validator only ever sees ``key_id(...)``):
+  - ``jobs_key(S)`` = "swarmnode/S/jobs", subkey ``job_id``: the JobRecord, signed by the job's submitter.
+    ``job_id = job_id_for(spec, submitter, nonce)`` and the record carries all three, so the subkey is bound to
+    one submitter and one immutable spec: nobody else can write, overwrite or cancel that entry.
+  - ``progress_key(S, job_id)`` = "swarmnode/S/job-progress/<first hex digit of job_id>", subkey
+    ``"<job_id>/<peer_id>"``: one JobProgress per participant (round, model hash, metrics), signed by that peer.
+
+Why 16 fixed progress buckets rather than one key per job: a validator cannot recognise a key from its hash,
+so a per-job key is protected only on nodes that were told the job id. The nodes that *store* a key are the
+ones nearest its hash, not the ones following the job; they would accept anything under an unknown job's key,
+and hivemind drops a whole dictionary from a response when one entry fails validation, so one forged entry
+would hide every honest participant's progress from the readers that do protect it. With fixed bucket keys
+every node protects every job from the start; the first hex digit of the (sha256-based) job id spreads jobs
+over 16 keys, and a reader filters its bucket by the subkey prefix.
+
+Signatures are Ed25519 over (key, subkey, value, expiration_time), as in protocol/validation.py: a replayed old
+record cannot be given a later expiry, and a record cannot move to another subkey, dictionary or swarm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import msgpack
+
+from protocol.messages import MAX_GROUP_SIZE
+from protocol.peer_keys import PeerIdError, public_key_from_peer_id
+from protocol.records import swarm_key
+from protocol.wire import WireError, _dict, _get, unpack_bounded
+
+
+JOB_SCHEMA_VERSION = 1
+ARCHS = ("gpt2", "llama", "bert", "mlp", "cnn")
+TASKS_BY_ARCH = {"gpt2": ("causal-lm", "classification"), "llama": ("causal-lm", "classification"),
+                 "bert": ("classification",), "mlp": ("classification",), "cnn": ("classification",)}
+INNER_KINDS = ("sgd", "adamw")
+OUTER_KINDS = ("fedavg", "diloco")
+JOB_STATES = ("running", "paused", "done", "cancelled")
+PROGRESS_STATES = ("running", "paused", "done")  # "cancelled" is the submitter's word alone
+MAX_NAME = 64  # job and dataset names, model config keys and string values
+MAX_NONCE = 64
+MAX_MODEL_OVERRIDES = 16
+MAX_ROUNDS = 1_000_000
+MAX_LOCAL_STEPS = 1_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_ROUND_TIMEOUT_S = 86_400.0
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_JOB_SPEC_BYTES = 8 * 1024
+# The largest record (longest names, MAX_MODEL_OVERRIDES long overrides, MAX_GROUP_SIZE participants) is about
+# 16.3 KiB (tests/test_job_records.py::test_largest_record_fits); the limit leaves room for a schema change.
+MAX_JOB_RECORD_BYTES = 32 * 1024
+MAX_JOB_PROGRESS_BYTES = 32 * 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_HEX_RE = re.compile(r"[0-9a-f]+")
+JOB_ID_HEX = 16
+PROGRESS_BUCKETS = "0123456789abcdef"
+
+
+def jobs_key(swarm: str) -> str:
+    return swarm_key(swarm, "jobs")
+
+
+def progress_key(swarm: str, job_id: str) -> str:
+    """The bucket dictionary holding every participant's JobProgress of ``job_id`` (see module docstring)."""
+    _check_job_id("job_id", job_id)
+    return swarm_key(swarm, f"job-progress/{job_id[0]}")
+
+
+def progress_subkey(job_id: str, peer_id: str) -> str:
+    return f"{job_id}/{peer_id}"
+
+
+def parse_progress_subkey(subkey: Any) -> tuple[str, str]:
+    """(job_id, peer_id) of a progress subkey; ValueError if it is not one."""
+    if not isinstance(subkey, str) or subkey.count("/") != 1:
+        raise ValueError(f"not a job progress subkey: {subkey!r:.80}")
+    job_id, peer_id = subkey.split("/")
+    _check_job_id("job_id", job_id)
+    _check_peer_id("peer_id", peer_id)
+    return job_id, peer_id
+
+
+# ---- field checks (ValueError naming the field, as the job file's dotted path) -------------------------
+
+
+def _show(value: Any) -> str:
+    return f"{value!r:.40}"
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: must be an integer, got {_show(value)}")
+    if value < lo:
+        raise ValueError(f"{field}: must be >= {lo}, got {value}")
+    if value > hi:
+        raise ValueError(f"{field}: must be <= {hi}, got {value}")
+    return value
+
+
+def _check_float(field: str, value: Any, *, gt: float | None = None, ge: float | None = None,
+                 lt: float | None = None, le: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field}: must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{field}: must be finite, got {value}")
+    for bound, ok, word in ((gt, lambda b: value > b, ">"), (ge, lambda b: value >= b, ">="),
+                            (lt, lambda b: value < b, "<"), (le, lambda b: value <= b, "<=")):
+        if bound is not None and not ok(bound):
+            raise ValueError(f"{field}: must be {word} {bound:g}, got {value}")
+    return float(value)
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise ValueError(f"{field}: must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
+    return value
+
+
+def _check_name(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: must be a string, got {_show(value)}")
+    if not 1 <= len(value) <= MAX_NAME or not _NAME_RE.fullmatch(value):
+        raise ValueError(f"{field}: must be 1-{MAX_NAME} characters of [A-Za-z0-9._-], got {_show(value)}")
+    return value
+
+
+def _check_bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: must be true or false, got {_show(value)}")
+    return value
+
+
+def _check_job_id(field: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) != JOB_ID_HEX or not _HEX_RE.fullmatch(value):
+        raise ValueError(f"{field}: must be {JOB_ID_HEX} lowercase hex digits, got {_show(value)}")
+    return value
+
+
+def _check_peer_id(field: str, value: Any) -> str:
+    try:
+        public_key_from_peer_id(value)
+    except PeerIdError as e:
+        raise ValueError(f"{field}: {e}") from None
+    return value
+
+
+def _check_model_hash(field: str, value: Any) -> str:
+    if not isinstance(value, str) or (value and (len(value) != 64 or not _HEX_RE.fullmatch(value))):
+        raise ValueError(f"{field}: must be '' or a 64-digit lowercase hex sha256, got {_show(value)}")
+    return value
+
+
+def _check_peers(field: str, value: Any, limit: int) -> tuple[str, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(f"{field}: must be a list of peer ids, got {_show(value)}")
+    if len(value) > limit:
+        raise ValueError(f"{field}: more than {limit} peers ({len(value)})")
+    for i, peer in enumerate(value):
+        _check_peer_id(f"{field}[{i}]", peer)
+    if len(set(value)) != len(value):
+        raise ValueError(f"{field}: a peer is listed twice")
+    return tuple(value)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # normalising a frozen dataclass field in __post_init__
+
+
+# ---- the job spec ----------------------------------------------------------------------------------------
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture plus config overrides (e.g. n_layer, n_embd, hidden); names are checked by the node's
+    model builder, which knows each architecture's config. ``overrides`` accepts a mapping and is stored as
+    sorted (name, value) pairs so that the spec stays hashable and its wire form canonical."""
+
+    arch: str
+    overrides: tuple[tuple[str, Scalar], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("model.arch", self.arch, ARCHS)
+        pairs = list(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+            raise ValueError(f"model: overrides must be a mapping of names to values, got {_show(self.overrides)}")
+        if len(pairs) > MAX_MODEL_OVERRIDES:
+            raise ValueError(f"model: at most {MAX_MODEL_OVERRIDES} config overrides, got {len(pairs)}")
+        for name, value in pairs:
+            if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME or name == "arch":
+                raise ValueError(f"model: {name!r:.40} is not a valid config name")
+            field = f"model.{name}"
+            if isinstance(value, float):
+                _check_float(field, value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                _check_int(field, value, -(2**63), 2**63 - 1)
+            elif isinstance(value, str):
+                if len(value) > MAX_NAME:
+                    raise ValueError(f"{field}: longer than {MAX_NAME} characters")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{field}: must be a number, string or boolean, got {_show(value)}")
+        if len({name for name, _ in pairs}) != len(pairs):
+            raise ValueError("model: a config override is given twice")
+        _set(self, "overrides", tuple(sorted(pairs)))
+
+    def config(self) -> dict[str, Scalar]:
+        return dict(self.overrides)
+
+
+@dataclass(frozen=True)
+class InnerOpt:
+    """The optimizer of each node's local steps. ``momentum`` is SGD's (AdamW keeps its default betas)."""
+
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("inner.kind", self.kind, INNER_KINDS)
+        _set(self, "lr", _check_float("inner.lr", self.lr, gt=0))
+        _set(self, "weight_decay", _check_float("inner.weight_decay", self.weight_decay, ge=0))
+        _set(self, "momentum", _check_float("inner.momentum", self.momentum, ge=0, lt=1))
+        if self.kind == "adamw" and self.momentum != 0:
+            raise ValueError(f"inner.momentum: applies to sgd only, got {self.momentum} with adamw")
+
+
+@dataclass(frozen=True)
+class OuterOpt:
+    """The step applied to the averaged update after each round.
+
+    fedavg: the new global model is the average of the participants' models (lr 1, no momentum).
+    diloco: outer SGD on the pseudo-gradient (global - average) with lr and (Nesterov) momentum; DiLoCo
+    (Douillard et al. 2023, arXiv:2311.08105) uses lr 0.7, momentum 0.9, Nesterov."""
+
+    kind: str = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("outer.kind", self.kind, OUTER_KINDS)
+        _set(self, "lr", _check_float("outer.lr", self.lr, gt=0, le=10))
+        _set(self, "momentum", _check_float("outer.momentum", self.momentum, ge=0, lt=1))
+        _check_bool("outer.nesterov", self.nesterov)
+        if self.kind == "fedavg":
+            if self.lr != 1.0:
+                raise ValueError(f"outer.lr: fedavg averages the models (lr 1.0); use kind 'diloco', got {self.lr}")
+            if self.momentum != 0.0 or self.nesterov:
+                raise ValueError("outer.momentum: fedavg has no momentum; use kind 'diloco'")
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("outer.nesterov: needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a submitter asks the swarm to train; immutable for the life of the job (its id hashes it)."""
+
+    name: str
+    model: ModelSpec
+    dataset: str  # a name every participant resolves against its own local data, e.g. "digits"
+    task: str  # "classification" or "causal-lm"
+    rounds: int
+    inner: InnerOpt
+    local_steps: int = 10  # optimizer steps on local data per round
+    batch_size: int = 32
+    outer: OuterOpt = OuterOpt()
+    density: float = 1.0  # fraction of update entries exchanged per round (top-k); 1.0 = dense
+    min_participants: int = 2  # a round starts with at least this many; below it the job pauses
+    max_participants: int = 8
+    round_timeout_s: float = 60.0
+    seed: int = 0  # initial parameters and data order
+    eval_every: int = 1  # rounds between evaluations
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name)
+        for field, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt)):
+            if not isinstance(getattr(self, field), kind):
+                raise ValueError(f"{field}: must be a {kind.__name__}, got {_show(getattr(self, field))}")
+        _check_name("dataset", self.dataset)
+        _check_choice("task", self.task, ("classification", "causal-lm"))
+        if self.task not in TASKS_BY_ARCH[self.model.arch]:
+            supported = " or ".join(map(repr, TASKS_BY_ARCH[self.model.arch]))
+            raise ValueError(f"task: arch {self.model.arch!r} trains for {supported}, got {self.task!r}")
+        _check_int("rounds", self.rounds, 1, MAX_ROUNDS)
+        _check_int("local_steps", self.local_steps, 1, MAX_LOCAL_STEPS)
+        _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _set(self, "density", _check_float("density", self.density, gt=0, le=1))
+        _check_int("min_participants", self.min_participants, 1, MAX_GROUP_SIZE)
+        _check_int("max_participants", self.max_participants, 1, MAX_GROUP_SIZE)
+        if self.max_participants < self.min_participants:
+            raise ValueError(f"max_participants: must be >= min_participants ({self.min_participants}), "
+                             f"got {self.max_participants}")
+        _set(self, "round_timeout_s", _check_float("round_timeout_s", self.round_timeout_s, gt=0,
+                                                    le=MAX_ROUND_TIMEOUT_S))
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
+
+    def replace(self, **changes) -> "JobSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def job_id_for(spec: JobSpec, submitter: str, nonce: str) -> str:
+    """16 hex digits of sha256 over the canonical wire form of (spec, submitter, nonce)."""
+    if not isinstance(spec, JobSpec):
+        raise ValueError(f"spec: must be a JobSpec, got {_show(spec)}")
+    if not isinstance(submitter, str) or not submitter:
+        raise ValueError(f"submitter: must be a peer id, got {_show(submitter)}")
+    if not isinstance(nonce, str) or not 1 <= len(nonce) <= MAX_NONCE:
+        raise ValueError(f"nonce: must be 1-{MAX_NONCE} characters, got {_show(nonce)}")
+    canonical = msgpack.packb(["swarmnode-job", _spec_to_map(spec), submitter, nonce], use_bin_type=True)
+    return hashlib.sha256(canonical).hexdigest()[:JOB_ID_HEX]
+
+
+# ---- records in the DHT ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """The submitter's entry in ``jobs_key(swarm)`` under subkey ``job_id``.
+
+    ``round`` counts completed rounds; ``model_hash`` is the sha256 of the global parameters after them
+    ("" while unknown). Participants publish their own view in JobProgress records; this one moves only when
+    the submitter writes it (and stays put if the submitter is gone)."""
+
+    job_id: str
+    submitter: str  # peer id; its key signs the record
+    nonce: str  # makes resubmitting the same spec a new job
+    spec: JobSpec
+    state: str = "running"
+    round: int = 0
+    model_hash: str = ""
+    participants: tuple[str, ...] = ()
+    updated_at: float = 0.0  # unix time the submitter signed this record
+
+    def __post_init__(self) -> None:
+        _check_job_id("job_id", self.job_id)
+        _check_peer_id("submitter", self.submitter)
+        if not isinstance(self.spec, JobSpec):
+            raise ValueError(f"spec: must be a JobSpec, got {_show(self.spec)}")
+        expected = job_id_for(self.spec, self.submitter, self.nonce)
+        if self.job_id != expected:
+            raise ValueError(f"job_id: {self.job_id} is not the id of this spec, submitter and nonce ({expected})")
+        _check_choice("state", self.state, JOB_STATES)
+        _check_int("round", self.round, 0, self.spec.rounds)
+        _check_model_hash("model_hash", self.model_hash)
+        _set(self, "participants", _check_peers("participants", self.participants, self.spec.max_participants))
+        _set(self, "updated_at", _check_float("updated_at", self.updated_at, ge=0))
+
+    @classmethod
+    def create(cls, spec: JobSpec, submitter: str, nonce: str, updated_at: float) -> "JobRecord":
+        return cls(job_id_for(spec, submitter, nonce), submitter, nonce, spec, updated_at=updated_at)
+
+    def replace(self, **changes) -> "JobRecord":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """One participant's view of a job, under ``progress_key(swarm, job_id)`` / ``progress_subkey(job_id, writer)``."""
+
+    job_id: str
+    writer: str  # peer id of the participant that signed this record
+    round: int  # completed rounds
+    model_hash: str  # sha256 of the global parameters after ``round`` rounds ("" while unknown)
+    state: str = "running"  # running | paused | done
+    participants: tuple[str, ...] = ()  # who took part in the last round
+    train_loss: float | None = None  # mean local training loss of the last round
+    eval_metric: float | None = None  # last evaluation (accuracy for classification, loss for causal-lm)
+    bytes_exchanged: int = 0  # sent + received by this writer in the last round
+    round_time_s: float = 0.0
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_job_id("job_id", self.job_id)
+        _check_peer_id("writer", self.writer)
+        _check_int("round", self.round, 0, MAX_ROUNDS)
+        _check_model_hash("model_hash", self.model_hash)
+        _check_choice("state", self.state, PROGRESS_STATES)
+        _set(self, "participants", _check_peers("participants", self.participants, MAX_GROUP_SIZE))
+        for field in ("train_loss", "eval_metric"):
+            if getattr(self, field) is not None:
+                _set(self, field, _check_float(field, getattr(self, field)))
+        _check_int("bytes_exchanged", self.bytes_exchanged, 0, 2**63 - 1)
+        _set(self, "round_time_s", _check_float("round_time_s", self.round_time_s, ge=0))
+        _set(self, "updated_at", _check_float("updated_at", self.updated_at, ge=0))
+
+    def replace(self, **changes) -> "JobProgress":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- wire form: msgpack maps keyed by the dataclass field names (plus "v" at the top) ---------------------
+# Decoding checks the map's exact key set, then lets the dataclass check every value (types, bounds, peer ids):
+# one set of rules for job files, local callers and peers.
+
+
+def _fields(obj: Any) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _from_map(kind: type, obj: Any, where: str, versioned: bool = False,
+              decode: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
+    """Build ``kind`` from a map holding exactly its fields; ``decode`` turns nested maps into their objects."""
+    obj = _dict(obj, where)
+    names = [f.name for f in dataclasses.fields(kind)] + (["v"] if versioned else [])
+    unknown = sorted(str(k) for k in obj if k not in names)
+    if unknown:
+        raise WireError(f"{where}: unknown field {unknown[0]!r:.40}")
+    missing = [k for k in names if k not in obj]
+    if missing:
+        raise WireError(f"{where}: missing field {missing[0]!r}")
+    if versioned:
+        version = _get(obj, "v", int, where)
+        if version != JOB_SCHEMA_VERSION:
+            raise WireError(f"{where}: unknown schema version {version} (this node reads {JOB_SCHEMA_VERSION})")
+    values = {name: obj[name] for name in names if name != "v"}
+    for name, decoder in (decode or {}).items():
+        values[name] = decoder(values[name])
+    try:
+        return kind(**values)
+    except ValueError as e:  # the message names the field ("inner.lr: must be > 0, got -1")
+        raise WireError(f"{where.partition('.')[0]}: {e}") from None
+
+
+def _spec_to_map(spec: JobSpec) -> dict:
+    model = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
+    return {"v": JOB_SCHEMA_VERSION, **_fields(spec), "model": model, "inner": _fields(spec.inner),
+            "outer": _fields(spec.outer)}
+
+
+def _spec_from_map(obj: Any) -> JobSpec:
+    nested = {name: functools.partial(_from_map, kind, where=f"job spec.{name}")
+              for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
+    return _from_map(JobSpec, obj, "job spec", versioned=True, decode=nested)
+
+
+def job_spec_to_wire(spec: JobSpec) -> bytes:
+    return msgpack.packb(_spec_to_map(spec), use_bin_type=True)
+
+
+def job_spec_from_wire(data: bytes) -> JobSpec:
+    return _spec_from_map(unpack_bounded(data, MAX_JOB_SPEC_BYTES))
+
+
+def job_record_to_wire(record: JobRecord) -> bytes:
+    return msgpack.packb({"v": JOB_SCHEMA_VERSION, **_fields(record), "spec": _spec_to_map(record.spec)},
+                         use_bin_type=True)
+
+
+def job_record_from_wire(data: bytes) -> JobRecord:
+    obj = unpack_bounded(data, MAX_JOB_RECORD_BYTES)
+    return _from_map(JobRecord, obj, "job record", versioned=True, decode={"spec": _spec_from_map})
+
+
+def job_progress_to_wire(progress: JobProgress) -> bytes:
+    return msgpack.packb({"v": JOB_SCHEMA_VERSION, **_fields(progress)}, use_bin_type=True)
+
+
+def job_progress_from_wire(data: bytes) -> JobProgress:
+    return _from_map(JobProgress, unpack_bounded(data, MAX_JOB_PROGRESS_BYTES), "job progress", versioned=True)
