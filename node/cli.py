@@ -52,21 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--join-backoff", type=float, help="first retry delay in seconds, doubling (default 1)")
     run.add_argument("--benchmark-seconds", type=float, help="matmul micro-benchmark budget (default 0.3)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    run.add_argument("--data", help="directory of this node's local datasets (<data>/<dataset>/); never shared")
 
     for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
                        ("leave", "withdraw from the swarm and stop the daemon")]:
         _add_common(sub.add_parser(name, help=text))
 
+    submit = sub.add_parser("submit", help="publish a federated training job from a TOML file")
+    _add_common(submit)
+    submit.add_argument("job_file", type=pathlib.Path)
+    submit.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    jobs = sub.add_parser("jobs", help="list the swarm's jobs")
+    _add_common(jobs)
+    job = sub.add_parser("job", help="show one job")
+    _add_common(job)
+    job.add_argument("job_id")
+    job.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    cancel = sub.add_parser("cancel", help="cancel a job you submitted")
+    _add_common(cancel)
+    cancel.add_argument("job_id")
+
     dev = sub.add_parser("dev-swarm", help="start N local nodes on loopback; Ctrl-C stops them all")
     dev.add_argument("--nodes", type=int, default=4)
     dev.add_argument("--dir", type=pathlib.Path, help="where the nodes' homes go (default: a temporary directory)")
     dev.add_argument("--swarm", default="dev")
-    dev.add_argument("--demo", action="store_true", help="print the peers table, then stop every node and exit")
+    dev.add_argument("--demo", action="store_true", help="print the peers table (and run --job), then stop every node")
+    dev.add_argument("--dataset", help="give each node its own non-IID slice of this bundled dataset (e.g. digits)")
+    dev.add_argument("--job", type=pathlib.Path, help="job file to submit from the first node and follow")
     return parser
 
 
 def _config_from(args: argparse.Namespace):
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow")}
     return resolve(flags, config_file=args.config)
 
 
@@ -151,6 +168,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_json(info) -> dict:
+    nan_to_none = lambda x: None if x != x else x  # noqa: E731
+    return {"job_id": info.job_id, "name": info.name, "submitter": info.submitter, "state": info.state,
+            "round": info.round, "rounds": info.rounds, "model_hash": info.model_hash,
+            "participants": list(info.participants), "train_loss": nan_to_none(info.train_loss),
+            "eval_metric": nan_to_none(info.eval_metric), "bytes_exchanged": info.bytes_exchanged,
+            "round_time_s": info.round_time_s, "summary": info.summary, "declined": info.declined}
+
+
+def format_job_line(info) -> str:
+    loss = f"{info.train_loss:.4f}" if info.train_loss == info.train_loss else "-"
+    metric = f"{info.eval_metric:.4f}" if info.eval_metric == info.eval_metric else "-"
+    bar = "#" * round(20 * info.round / max(1, info.rounds))
+    return (f"[{bar:<20}] round {info.round}/{info.rounds}  {info.state:<9} participants {len(info.participants)}  "
+            f"loss {loss}  eval {metric}  {info.bytes_exchanged / 1e3:.1f} kB  {info.round_time_s:.2f} s")
+
+
+def format_jobs_table(resp) -> str:
+    header = ["JOB ID", "NAME", "MODEL", "STATE", "ROUND", "PARTICIPANTS", "EVAL", "THIS NODE"]
+    rows = [[j.job_id, j.name, j.summary, j.state, f"{j.round}/{j.rounds}", str(len(j.participants)),
+             f"{j.eval_metric:.4f}" if j.eval_metric == j.eval_metric else "-",
+             f"declined: {j.declined}" if j.declined else "-"] for j in resp.jobs]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines + [f"{len(rows)} job(s)"])
+
+
+def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
+    info = None
+    for info in client.job(job_id, follow=follow):
+        print(json.dumps(job_json(info)) if as_json else format_job_line(info), flush=True)
+    return 0 if info is None or info.state != "cancelled" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from node.client import ControlClient
+
+    with ControlClient(_config_from(args)) as client:
+        if args.command == "submit":
+            try:
+                text = args.job_file.read_text()
+            except OSError as e:
+                raise NodeError(f"cannot read job file {args.job_file}: {e.strerror}", EXIT_USAGE) from None
+            job_id = client.submit(text, str(args.job_file)).job_id
+            print(json.dumps({"job_id": job_id}) if args.json else f"submitted job {job_id}", flush=True)
+            return follow_job(client, job_id, True, args.json) if args.follow else 0
+        if args.command == "jobs":
+            resp = client.jobs()
+            print(json.dumps([job_json(j) for j in resp.jobs]) if args.json else format_jobs_table(resp))
+            return 0
+        if args.command == "job":
+            return follow_job(client, args.job_id, args.follow, args.json)
+        cancelled = client.cancel(args.job_id).cancelled
+        print(json.dumps({"cancelled": cancelled}) if args.json else
+              (f"cancelled job {args.job_id}" if cancelled else "the cancellation could not be stored"))
+        return 0 if cancelled else 1
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from node.client import ControlClient
 
@@ -182,13 +257,31 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo_job(client, job_file: pathlib.Path, home: pathlib.Path) -> None:
+    try:
+        text = job_file.read_text()
+    except OSError as e:
+        raise NodeError(f"cannot read job file {job_file}: {e.strerror}", EXIT_USAGE) from None
+    job_id = client.submit(text, str(job_file)).job_id
+    print(f"\nsubmitted {job_file} as job {job_id}; each node trains on its own slice, only top-k updates move",
+          flush=True)
+    info = None
+    for info in client.job(job_id, follow=True):
+        print(format_job_line(info), flush=True)
+    out = home / "jobs" / job_id
+    print(f"\njob {job_id} {info.state}: final eval {info.eval_metric:.4f} after {info.round} rounds; "
+          f"model hash {info.model_hash[:16]}...", flush=True)
+    print(f"model, manifest and round report: {out}/{{model.safetensors,manifest.json,report.json}}", flush=True)
+
+
 def cmd_dev_swarm(args: argparse.Namespace) -> int:
     from node.localswarm import LocalSwarm
 
     if not 1 <= args.nodes <= 64:
         raise NodeError(f"--nodes must be between 1 and 64, got {args.nodes}", EXIT_USAGE)
     root = args.dir or pathlib.Path(tempfile.mkdtemp(prefix="swarmnode-dev-"))
-    swarm = LocalSwarm(root, args.nodes, swarm=args.swarm)
+    swarm = LocalSwarm(root, args.nodes, swarm=args.swarm, dataset=args.dataset)
+
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
@@ -201,6 +294,8 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
         print(f"all {args.nodes} nodes see each other after {time.monotonic() - t0:.1f} s\n", flush=True)
         with swarm.nodes[0].client() as c:
             print(format_peers_table(c.peers()), flush=True)
+            if args.job is not None:
+                run_demo_job(c, args.job, swarm.nodes[0].home)
         if not args.demo:
             print(f"\njoin from another terminal:  swarmnode run --swarm {args.swarm} --listen /ip4/127.0.0.1/tcp/0 "
                   f"--home /tmp/mynode --join {swarm.nodes[0].addr}")
@@ -225,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "dev-swarm":
             return cmd_dev_swarm(args)
+        if args.command in ("submit", "jobs", "job", "cancel"):
+            return cmd_jobs(args)
         return cmd_client(args)
     except NodeError as e:
         print(f"swarmnode: error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import grpc
 
 from node.config import NodeConfig
 from node.control import TOKEN_METADATA, read_token
-from node.errors import EXIT_FAILURE, NodeError
+from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.rpc import control_pb2 as pb
 from node.rpc import control_pb2_grpc as pb_grpc
 
@@ -56,6 +56,10 @@ class ControlClient:
                 ) from None
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 raise NodeError(f"the daemon refused the control token in {self.config.token_path}", EXIT_FAILURE) from None
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                raise NodeError(e.details(), EXIT_USAGE) from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise NodeError(e.details(), EXIT_FAILURE) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise NodeError(f"the daemon did not answer {method} within {self.timeout:.0f} s", EXIT_FAILURE) from None
             raise NodeError(f"{method} failed: {e.details()}", EXIT_FAILURE) from None
@@ -65,6 +69,25 @@ class ControlClient:
 
     def peers(self) -> pb.PeersResponse:
         return self._call("Peers", pb.PeersRequest())
+
+    def submit(self, job_toml: str, source: str) -> pb.SubmitResponse:
+        return self._call("Submit", pb.SubmitRequest(job_toml=job_toml, source=source))
+
+    def jobs(self) -> pb.JobsResponse:
+        return self._call("Jobs", pb.JobsRequest())
+
+    def cancel(self, job_id: str) -> pb.CancelResponse:
+        return self._call("Cancel", pb.CancelRequest(job_id=job_id))
+
+    def job(self, job_id: str, follow: bool = False):
+        """Job states as they change (one if not following); the stream ends with the job."""
+        try:
+            yield from self._stub.Job(pb.JobRequest(job_id=job_id, follow=follow), metadata=self._metadata,
+                                      timeout=None if follow else self.timeout)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise NodeError(e.details(), EXIT_USAGE) from None
+            raise NodeError(f"Job failed: {e.details()}", EXIT_FAILURE) from None
 
     def leave(self) -> pb.LeaveResponse:
         return self._call("Leave", pb.LeaveRequest())

@@ -41,6 +41,7 @@ class NodeConfig:
     join_backoff: float = 1.0  # first retry delay in seconds, doubled each time
     benchmark_seconds: float = 0.3  # budget of the matmul micro-benchmark
     log_level: str = "INFO"
+    data: pathlib.Path | None = None  # local datasets: <data>/<dataset>/ as written by node/datasets.write_node_data
 
     def __post_init__(self) -> None:
         if self.heartbeat <= 0:

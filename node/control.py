@@ -5,6 +5,7 @@ Proto <-> record conversion for the control API lives here; the node-to-node wir
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from node.errors import EXIT_USAGE, NodeError
 from node.files import atomic_write
 from node.rpc import control_pb2 as pb
 from node.rpc import control_pb2_grpc as pb_grpc
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 TOKEN_METADATA = "x-swarmnode-token"
+
+
+def _status(error: NodeError) -> grpc.StatusCode:
+    return grpc.StatusCode.INVALID_ARGUMENT if error.exit_code == EXIT_USAGE else grpc.StatusCode.FAILED_PRECONDITION
 
 
 def capability_to_proto(cap: Capability) -> pb.Capability:
@@ -70,10 +76,57 @@ class ControlServicer(pb_grpc.ControlServicer):
             ]
         )
 
+    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
+        try:
+            return pb.SubmitResponse(job_id=await self.daemon.jobs.submit(request.job_toml, request.source or "job file"))
+        except NodeError as e:
+            await context.abort(_status(e), str(e))
+
+    async def Jobs(self, request: pb.JobsRequest, context: grpc.aio.ServicerContext) -> pb.JobsResponse:
+        await self.daemon.jobs.refresh()
+        return pb.JobsResponse(jobs=[job_to_proto(v) for _, v in sorted(self.daemon.jobs.views.items())])
+
+    async def Job(self, request: pb.JobRequest, context: grpc.aio.ServicerContext):
+        last = None
+        while True:
+            await self.daemon.jobs.refresh()
+            view = self.daemon.jobs.views.get(request.job_id)
+            if view is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id} in this swarm")
+            info = job_to_proto(view)
+            if info != last:
+                yield info
+                last = info
+            if not request.follow or view.state in ("done", "cancelled"):
+                return
+            await asyncio.sleep(0.5)
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        try:
+            return pb.CancelResponse(cancelled=await self.daemon.jobs.cancel(request.job_id))
+        except NodeError as e:
+            await context.abort(_status(e), str(e))
+
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         withdrawn = await self.daemon.membership.withdraw()
         self.daemon.request_stop(withdrawn=True)
         return pb.LeaveResponse(withdrawn=withdrawn)
+
+
+def job_to_proto(view) -> pb.JobInfo:
+    record, progress = view.record, view.progress
+    nan = float("nan")
+    info = pb.JobInfo(
+        job_id=record.job_id, name=record.spec.name, submitter=record.submitter, state=view.state, round=view.round,
+        rounds=record.spec.rounds, model_hash=(progress.model_hash if progress else "") or record.model_hash,
+        participants=list(progress.participants if progress else record.participants),
+        train_loss=progress.train_loss if progress and progress.train_loss is not None else nan,
+        eval_metric=progress.eval_metric if progress and progress.eval_metric is not None else nan,
+        bytes_exchanged=progress.bytes_exchanged if progress else 0,
+        round_time_s=progress.round_time_s if progress else 0.0,
+        summary=f"{record.spec.model.arch} on {record.spec.dataset}", declined=view.declined,
+    )
+    return info
 
 
 class _TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -16,6 +16,7 @@ import socket
 import time
 
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -27,11 +28,13 @@ from node.control import capability_to_proto, start_control_server
 from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.files import atomic_write
 from node.identity import HomeLock, load_or_create_key, write_p2p_identity
+from node.jobmanager import JobManager
 from node.membership import Membership, PeerView
 from node.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
 from node.rpc import control_pb2 as pb
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records import Capability, PeerRecord
+from protocol.job_validation import SignedJobRecordValidator
 from protocol.validation import SignedPeerRecordValidator
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class Daemon:
         self.p2pd: OwnedP2PDaemon | None = None
         self.dht: DHTNode | None = None
         self.membership: Membership | None = None
+        self.jobs: JobManager | None = None
         self._server = None
         self._lock = HomeLock(config.home_dir)
         self._stop = asyncio.Event()
@@ -112,7 +116,7 @@ class Daemon:
         logger.info("%s identity %s (%s)", "created" if created else "loaded", self.peer_id, cfg.identity_path)
         p2p_identity = cfg.home_dir / "p2p.key"
         write_p2p_identity(key, p2p_identity)
-        validator = SignedPeerRecordValidator(cfg.swarm, key)
+        validator = CompositeValidator([SignedPeerRecordValidator(cfg.swarm, key), SignedJobRecordValidator(cfg.swarm, key)])
 
         bench = asyncio.create_task(
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds), name="capability"
@@ -130,6 +134,9 @@ class Daemon:
         if not await self.membership.publish() and joins:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
+        self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir,
+                               cfg.data.expanduser() if cfg.data else None)
+        await self.jobs.start()
         self._server, endpoint = await start_control_server(self)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
                  "swarm": cfg.swarm, "version": node.__version__}
@@ -184,6 +191,8 @@ class Daemon:
             await self.membership.withdraw(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
         if self._server is not None:
             await self._server.stop(grace=0.2)
+        if self.jobs is not None:
+            await self.jobs.stop()
         if self.dht is not None:
             try:
                 await asyncio.wait_for(self.dht.shutdown(), max(0.1, deadline - time.monotonic()))

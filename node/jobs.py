@@ -13,6 +13,8 @@ it directly over real libp2p daemons.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -81,6 +83,10 @@ class JobRunner:
             commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth))
         self.in_sync = True
 
+    def expect(self, group_size: int | None) -> None:
+        """End matchmaking as soon as this many peers declared (else it waits its full window)."""
+        self.averager.config = dataclasses.replace(self.averager.config, expected_group=group_size)
+
     @property
     def model_hash(self) -> str:
         return params_hash(self.params)
@@ -98,7 +104,7 @@ class JobRunner:
     async def run_round(self, r: int) -> RoundResult:
         t0 = time.perf_counter()
         start = self.params
-        local = self.trainer.run(start, self.spec.local_steps)
+        local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps)  # keeps the loop serving
         local_seconds = time.perf_counter() - t0
         if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
             self.in_sync = False
@@ -113,7 +119,7 @@ class JobRunner:
             self.params = self.outer.step(start, outcome.average)
         else:
             self.in_sync = False  # the others may have moved on without us
-        metrics = self.evaluate() if outcome.ok and (r + 1) % self.spec.eval_every == 0 else {}
+        metrics = await asyncio.to_thread(self.evaluate) if outcome.ok and (r + 1) % self.spec.eval_every == 0 else {}
         return RoundResult(r, outcome.ok, report.error, report.members, local.mean_loss, local.samples, metrics,
                            report.total_sent, report.total_received, time.perf_counter() - t0, local_seconds,
                            self.model_hash)

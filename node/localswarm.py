@@ -143,10 +143,12 @@ class NodeProcess:
 class LocalSwarm:
     """N nodes on loopback: the first starts the swarm, the others join it by its multiaddr."""
 
-    def __init__(self, root: pathlib.Path, n: int, swarm: str = "dev", extra_args: Sequence[str] = ()):
+    def __init__(self, root: pathlib.Path, n: int, swarm: str = "dev", extra_args: Sequence[str] = (),
+                 dataset: str | None = None, scheme: str = "label-skew"):
         if n < 1:
             raise ValueError(f"a swarm needs at least one node, got {n}")
         self.root, self.n, self.swarm, self.extra_args = pathlib.Path(root), n, swarm, list(extra_args)
+        self.dataset, self.scheme = dataset, scheme  # give node i slice i of n of this dataset (non-IID by default)
         self.nodes: list[NodeProcess] = []
 
     def node_args(self, join: Sequence[str] = ()) -> list[str]:
@@ -159,7 +161,16 @@ class LocalSwarm:
         if join is None:
             join = [self.nodes[0].addr] if self.nodes else []
         home = home or self.root / f"node{len(self.nodes)}"
-        node = NodeProcess(home, self.node_args(join)).start()
+        args = self.node_args(join)
+        if self.dataset is not None:
+            from node.datasets import write_node_data
+
+            index = len(self.nodes) % self.n
+            if not (home / "data" / self.dataset).exists():
+                write_node_data(self.dataset, home / "data" / self.dataset, n_nodes=self.n, node_index=index,
+                                scheme=self.scheme, seed=0)
+            args += ["--data", str(home / "data")]
+        node = NodeProcess(home, args).start()
         self.nodes.append(node)
         return node
 

@@ -101,3 +101,79 @@ class LeaveResponse(_message.Message):
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     withdrawn: bool
     def __init__(self, withdrawn: _Optional[bool] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("job_toml", "source")
+    JOB_TOML_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    job_toml: str
+    source: str
+    def __init__(self, job_toml: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class SubmitResponse(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class JobRequest(_message.Message):
+    __slots__ = ("job_id", "follow")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    follow: bool
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_METRIC_FIELD_NUMBER: _ClassVar[int]
+    BYTES_EXCHANGED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    submitter: str
+    state: str
+    round: int
+    rounds: int
+    model_hash: str
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    train_loss: float
+    eval_metric: float
+    bytes_exchanged: int
+    round_time_s: float
+    summary: str
+    declined: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...

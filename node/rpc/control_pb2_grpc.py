@@ -50,6 +50,26 @@ class ControlStub:
                 request_serializer=swarmnode_dot_v1_dot_control__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=swarmnode_dot_v1_dot_control__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/swarmnode.v1.Control/Submit',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.SubmitResponse.FromString,
+                _registered_method=True)
+        self.Jobs = channel.unary_unary(
+                '/swarmnode.v1.Control/Jobs',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.JobsRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.JobsResponse.FromString,
+                _registered_method=True)
+        self.Job = channel.unary_stream(
+                '/swarmnode.v1.Control/Job',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.JobRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/swarmnode.v1.Control/Cancel',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.CancelRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -77,6 +97,34 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Publish a federated training job (signed by this node, its submitter) to the swarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Jobs(self, request, context):
+        """Every job in the swarm's DHT with its latest progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Job(self, request, context):
+        """One job; with follow, a stream of its progress until it ends or the client hangs up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Cancel a job (only its submitter can).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +142,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=swarmnode_dot_v1_dot_control__pb2.LeaveRequest.FromString,
                     response_serializer=swarmnode_dot_v1_dot_control__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.SubmitRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Jobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.Jobs,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.JobsRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.JobsResponse.SerializeToString,
+            ),
+            'Job': grpc.unary_stream_rpc_method_handler(
+                    servicer.Job,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.JobRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.JobInfo.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.CancelRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +246,114 @@ class Control:
             '/swarmnode.v1.Control/Leave',
             swarmnode_dot_v1_dot_control__pb2.LeaveRequest.SerializeToString,
             swarmnode_dot_v1_dot_control__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmnode.v1.Control/Submit',
+            swarmnode_dot_v1_dot_control__pb2.SubmitRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Jobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmnode.v1.Control/Jobs',
+            swarmnode_dot_v1_dot_control__pb2.JobsRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.JobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Job(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarmnode.v1.Control/Job',
+            swarmnode_dot_v1_dot_control__pb2.JobRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmnode.v1.Control/Cancel',
+            swarmnode_dot_v1_dot_control__pb2.CancelRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

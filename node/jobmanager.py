@@ -1,0 +1,260 @@
+"""The daemon's jobs: publish them, find them in the DHT, decide to take part, run their rounds, report.
+
+Every node polls the swarm's ``jobs`` dictionary. For each running job it checks, locally and without
+telling anyone its data, whether it can serve it: a slice of the job's dataset under ``--data DIR/<dataset>``
+(written by node/datasets.write_node_data) and enough memory for the model. If so it runs the job's rounds
+with node/jobs.JobRunner and publishes a signed JobProgress after each; if not it declines, and says why in
+``swarmnode jobs``. When the last round completes, every participant writes the final model (safetensors),
+a manifest (sha256 of every tensor, the job spec, round count) and a JSON report of every round.
+
+Not yet: a node that finds a job already past round 0 declines it (joining mid-job needs the state
+download of issue #4's remaining work), and a participant whose round failed while the others' succeeded
+leaves the job instead of re-syncing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import secrets
+import time
+import tomllib
+from dataclasses import dataclass, field
+
+import psutil
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from safetensors.torch import save
+
+from node.datasets import load_node_data
+from node.errors import EXIT_USAGE, NodeError
+from node.files import atomic_write
+from node.jobs import JobRunner, RoundResult
+from node.jobspec import job_spec_from_toml
+from node.models import estimate_memory_bytes, resolve_overrides
+from protocol.jobs import (
+    JobProgress,
+    JobRecord,
+    job_progress_from_wire,
+    job_progress_to_wire,
+    job_record_from_wire,
+    job_record_to_wire,
+    jobs_key,
+    parse_progress_subkey,
+    progress_key,
+    progress_subkey,
+)
+from protocol.wire import WireError
+
+logger = logging.getLogger(__name__)
+JOB_TTL_S = 24 * 3600.0  # a job record outlives any node; the submitter and participants refresh it
+POLL_S = 1.0
+
+
+@dataclass
+class JobView:
+    record: JobRecord
+    progress: JobProgress | None = None  # the freshest participant view
+    declined: str = ""  # why this node does not take part ("" if it does or has not decided)
+    history: list[RoundResult] = field(default_factory=list)  # this node's own rounds
+
+    @property
+    def state(self) -> str:
+        if self.record.state == "cancelled" or self.progress is None:
+            return self.record.state
+        return self.progress.state
+
+    @property
+    def round(self) -> int:
+        return max(self.record.round, self.progress.round if self.progress else 0)
+
+
+class JobManager:
+    def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
+                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6):
+        self.p2p, self.dht, self.swarm, self.peer_id = p2p, dht, swarm, peer_id
+        self.home, self.data_dir, self.bandwidth = home, data_dir, bandwidth
+        self.views: dict[str, JobView] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._poller: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._poller = asyncio.create_task(self._poll_forever(), name="jobs-poll")
+
+    async def stop(self) -> None:
+        for task in [self._poller, *self._tasks.values()]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*[t for t in [self._poller, *self._tasks.values()] if t], return_exceptions=True)
+
+    # ---- what the control API calls ----------------------------------------------------------------------
+
+    async def submit(self, toml_text: str, source: str) -> str:
+        try:
+            data = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as e:
+            raise NodeError(f"{source}: not valid TOML: {e}", EXIT_USAGE) from None
+
+        def check_model(model) -> None:
+            resolve_overrides(model.arch, model.config())  # an unknown config name fails here, not on every node
+
+        spec = job_spec_from_toml(data, source, check_model=check_model)
+        record = JobRecord.create(spec, self.peer_id, secrets.token_hex(8), time.time())
+        if not await self._store_record(record):
+            raise NodeError("the job could not be stored in the DHT (no peer accepted it)")
+        self.views[record.job_id] = JobView(record)
+        logger.info("submitted job %s (%s)", record.job_id, spec.name)
+        return record.job_id
+
+    async def cancel(self, job_id: str) -> bool:
+        await self.refresh()
+        view = self.views.get(job_id)
+        if view is None:
+            raise NodeError(f"no job {job_id} in this swarm", EXIT_USAGE)
+        if view.record.submitter != self.peer_id:
+            raise NodeError(f"only the submitter ({view.record.submitter}) can cancel job {job_id}", EXIT_USAGE)
+        view.record = view.record.replace(state="cancelled", updated_at=time.time())
+        return await self._store_record(view.record)
+
+    async def refresh(self) -> None:
+        """Read every job record and its progress from the DHT into ``views``."""
+        found = await self.dht.get(jobs_key(self.swarm), latest=True)
+        records = found.value if found is not None and isinstance(found.value, dict) else {}
+        for job_id, item in records.items():
+            try:
+                record = job_record_from_wire(item.value)
+            except (WireError, ValueError) as e:
+                logger.debug("skipping job entry %s: %s", job_id, e)
+                continue
+            view = self.views.setdefault(record.job_id, JobView(record))
+            if record.updated_at >= view.record.updated_at:
+                view.record = record
+            view.progress = await self._freshest_progress(record.job_id) or view.progress
+
+    async def _freshest_progress(self, job_id: str) -> JobProgress | None:
+        found = await self.dht.get(progress_key(self.swarm, job_id), latest=True)
+        best = None
+        if found is not None and isinstance(found.value, dict):
+            for subkey, item in found.value.items():
+                try:
+                    if parse_progress_subkey(subkey)[0] != job_id:
+                        continue
+                    progress = job_progress_from_wire(item.value)
+                except (WireError, ValueError):
+                    continue
+                if best is None or (progress.round, progress.updated_at) > (best.round, best.updated_at):
+                    best = progress
+        return best
+
+    # ---- taking part ---------------------------------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+                for job_id, view in list(self.views.items()):
+                    if view.state == "running" and job_id not in self._tasks and not view.declined:
+                        self._consider(view)
+            except Exception as e:  # a failed poll must not end the node's job service
+                logger.warning("job poll failed: %s", e)
+            await asyncio.sleep(POLL_S)
+
+    def _consider(self, view: JobView) -> None:
+        reason = self._why_not(view)
+        if reason:
+            view.declined = reason
+            logger.info("declining job %s: %s", view.record.job_id, reason)
+            return
+        self._tasks[view.record.job_id] = asyncio.create_task(self._participate(view), name=f"job-{view.record.job_id}")
+
+    def _why_not(self, view: JobView) -> str:
+        spec = view.record.spec
+        if view.round > 0:
+            return f"the job is past round 0 ({view.round}); joining mid-job needs state download (not yet supported)"
+        if self.data_dir is None:
+            return "this node has no --data directory"
+        try:
+            load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        except (ValueError, OSError) as e:
+            return f"no usable local data for dataset {spec.dataset!r}: {e}"
+        try:
+            need = estimate_memory_bytes(spec.model.arch, spec.model.config(), batch_size=spec.batch_size)
+        except ValueError as e:
+            return f"cannot build model {spec.model.arch!r}: {e}"
+        available = psutil.virtual_memory().available
+        if need > available:
+            return f"the model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+        return ""
+
+    async def _participate(self, view: JobView) -> None:
+        record, spec = view.record, view.record.spec
+        data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        runner = JobRunner(self.p2p, self.dht, self.swarm, record.job_id, spec, data, bandwidth=self.bandwidth)
+        await runner.start()
+        done, attempt = 0, 0
+        try:
+            while done < spec.rounds:
+                if view.record.state == "cancelled":
+                    logger.info("job %s was cancelled", record.job_id)
+                    return
+                result = await runner.run_round(attempt)
+                attempt += 1
+                if result.ok:  # next round: start as soon as this round's members have all declared
+                    runner.expect(len(result.participants))
+                view.history.append(result)
+                if result.ok:
+                    done += 1
+                elif view.progress is not None and view.progress.round > done:
+                    logger.warning("job %s: behind the others (round %d < %d); leaving it", record.job_id, done,
+                                   view.progress.round)
+                    return
+                state = "done" if done == spec.rounds else "running"
+                await self._publish(JobProgress(
+                    record.job_id, self.peer_id, done, runner.model_hash, state, result.participants,
+                    result.train_loss if result.ok else None,
+                    (result.metrics or {}).get(runner.bundle.metric), result.bytes_sent + result.bytes_received,
+                    result.seconds, time.time()))
+            self._export(record, runner, view.history)
+            if record.submitter == self.peer_id:
+                view.record = record.replace(state="done", round=done, model_hash=runner.model_hash,
+                                             participants=tuple(view.history[-1].participants), updated_at=time.time())
+                await self._store_record(view.record)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("job %s failed on this node", record.job_id)
+        finally:
+            await runner.stop()
+
+    def _export(self, record: JobRecord, runner: JobRunner, history: list[RoundResult]) -> None:
+        """The final model as safetensors, its manifest, and a JSON report of every round (0600 files)."""
+        out = self.home / "jobs" / record.job_id
+        tensors = {name: t.detach().contiguous() for name, t in runner.bundle.module.state_dict().items()}
+        blob = save(tensors)
+        atomic_write(out / "model.safetensors", blob)
+        manifest = {
+            "job_id": record.job_id, "name": record.spec.name, "rounds": sum(r.ok for r in history),
+            "model_hash": runner.model_hash, "file_sha256": hashlib.sha256(blob).hexdigest(),
+            "tensors": {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in tensors.items()},
+            "spec": dataclasses.asdict(record.spec),
+        }
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+        report = [r.__dict__ for r in history]
+        atomic_write(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+
+    async def _publish(self, progress: JobProgress) -> None:
+        ok = await self.dht.store(progress_key(self.swarm, progress.job_id), job_progress_to_wire(progress),
+                                  time.time() + JOB_TTL_S, subkey=progress_subkey(progress.job_id, self.peer_id))
+        if not ok:
+            logger.warning("progress of job %s was not stored", progress.job_id)
+        view = self.views.get(progress.job_id)
+        if view is not None and (view.progress is None or progress.round >= view.progress.round):
+            view.progress = progress
+
+    async def _store_record(self, record: JobRecord) -> bool:
+        return bool(await self.dht.store(jobs_key(self.swarm), job_record_to_wire(record), time.time() + JOB_TTL_S,
+                                         subkey=record.job_id))

@@ -1,0 +1,83 @@
+"""Federated jobs through the real CLI and daemons: submit --follow, bit-identical final models, a node
+without the dataset declining while the job goes on, and bad job files / cancels refused with one line."""
+
+from __future__ import annotations
+
+import json
+
+from node.datasets import write_node_data
+from tests.conftest import run_cli
+from tests.test_bad_input import assert_one_line_error
+
+JOB = """
+name = "digits-test"
+dataset = "digits"
+task = "classification"
+rounds = 5
+local_steps = 10
+batch_size = 32
+density = 0.05
+min_participants = 2
+round_timeout_s = 30
+[model]
+arch = "mlp"
+hidden = 64
+[inner]
+kind = "sgd"
+lr = 0.1
+momentum = 0.9
+"""
+
+
+def start_nodes(node_factory, tmp_path, datasets: list[str]):
+    """One node per entry, each holding a slice of that dataset in its own --data directory."""
+    nodes = []
+    for i, dataset in enumerate(datasets):
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs"]
+        write_node_data(dataset, tmp_path / f"data{i}" / dataset, n_nodes=len(datasets), node_index=i,
+                        scheme="label-skew", seed=0)
+        args += ["--data", str(tmp_path / f"data{i}")]
+        if nodes:
+            args += ["--join", nodes[0].addr]
+        nodes.append(node_factory(f"n{i}", args).wait_ready() if not nodes else node_factory(f"n{i}", args))
+    for node in nodes[1:]:
+        node.wait_ready()
+    return nodes
+
+
+def test_submit_follow_and_every_participant_ends_with_the_same_model(node_factory, tmp_path):
+    nodes = start_nodes(node_factory, tmp_path, ["digits", "digits", "wine"])
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB)
+    result = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    job_id = events[0]["job_id"]
+    assert events[-1]["state"] == "done" and events[-1]["round"] == 5
+    assert events[-1]["eval_metric"] > 0.5 and len(events[-1]["participants"]) == 2
+    manifests = [json.loads((n.home / "jobs" / job_id / "manifest.json").read_text()) for n in nodes[:2]]
+    assert manifests[0]["model_hash"] == manifests[1]["model_hash"] == events[-1]["model_hash"]
+    assert manifests[0]["rounds"] == 5 and (nodes[0].home / "jobs" / job_id / "model.safetensors").exists()
+    # the node without the job's dataset declined, and says why
+    listed = json.loads(run_cli("jobs", "--json", "--home", str(nodes[2].home)).stdout)
+    assert listed[0]["job_id"] == job_id and "no usable local data" in listed[0]["declined"]
+    assert not (nodes[2].home / "jobs").exists()
+    # only the submitter may cancel
+    assert_one_line_error(run_cli("cancel", job_id, "--home", str(nodes[1].home)), 2, "only the submitter")
+
+
+def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path):
+    node = node_factory("n0", ["--listen", "/ip4/127.0.0.1/tcp/0"]).wait_ready()
+    cases = {
+        "bad.toml": (JOB.replace("lr = 0.1", "lr = -1"), "inner.lr"),
+        "unknown.toml": (JOB + "colour = 'blue'\n", "colour"),
+        "arch.toml": (JOB.replace('arch = "mlp"', 'arch = "resnet"'), "model.arch"),
+        "override.toml": (JOB.replace("hidden = 64", "hiden = 64"), "hiden"),
+        "syntax.toml": ("name = ", "TOML"),
+    }
+    for name, (text, needle) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert_one_line_error(run_cli("submit", str(path), "--home", str(node.home)), 2, name, needle)
+    assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2, "missing.toml")
+    assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
