@@ -7,9 +7,10 @@ with node/jobs.JobRunner and publishes a signed JobProgress after each; if not i
 ``swarmnode jobs``. When the last round completes, every participant writes the final model (safetensors),
 a manifest (sha256 of every tensor, the job spec, round count) and a JSON report of every round.
 
-Not yet: a node that finds a job already past round 0 declines it (joining mid-job needs the state
-download of issue #4's remaining work), and a participant whose round failed while the others' succeeded
-leaves the job instead of re-syncing.
+A node that finds a job already past round 0, or that fell behind (its round failed while the others'
+succeeded), downloads the current global model and outer momentum from a participant over a libp2p stream,
+served between rounds, and checks it against the announced sha256 before adopting it: it never
+contributes an update computed from stale parameters.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
+import numpy as np
 import psutil
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from safetensors.torch import save
 
 from node.datasets import load_node_data
 from node.errors import EXIT_USAGE, NodeError
 from node.files import atomic_write
-from node.jobs import JobRunner, RoundResult
+from node.jobs import JobRunner, RoundResult, params_hash
 from node.jobspec import job_spec_from_toml
 from node.models import estimate_memory_bytes, resolve_overrides
 from protocol.jobs import (
+    MAX_STATE_HEADER_BYTES,
     JobProgress,
     JobRecord,
+    StateHeader,
     job_progress_from_wire,
     job_progress_to_wire,
     job_record_from_wire,
@@ -47,7 +52,10 @@ from protocol.jobs import (
     parse_progress_subkey,
     progress_key,
     progress_subkey,
+    state_header_from_wire,
+    state_header_to_wire,
 )
+from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -80,10 +88,16 @@ class JobManager:
         self.home, self.data_dir, self.bandwidth = home, data_dir, bandwidth
         self.views: dict[str, JobView] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._runners: dict[str, JobRunner] = {}
         self._poller: asyncio.Task | None = None
 
     async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(self._state_protocol, self._serve_state)
         self._poller = asyncio.create_task(self._poll_forever(), name="jobs-poll")
+
+    @property
+    def _state_protocol(self) -> str:
+        return f"swarmnode/{self.swarm}/job-state"
 
     async def stop(self) -> None:
         for task in [self._poller, *self._tasks.values()]:
@@ -173,8 +187,6 @@ class JobManager:
 
     def _why_not(self, view: JobView) -> str:
         spec = view.record.spec
-        if view.round > 0:
-            return f"the job is past round 0 ({view.round}); joining mid-job needs state download (not yet supported)"
         if self.data_dir is None:
             return "this node has no --data directory"
         try:
@@ -194,33 +206,34 @@ class JobManager:
         record, spec = view.record, view.record.spec
         data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
         runner = JobRunner(self.p2p, self.dht, self.swarm, record.job_id, spec, data, bandwidth=self.bandwidth)
+        self._runners[record.job_id] = runner
         await runner.start()
-        done, attempt = 0, 0
         try:
-            while done < spec.rounds:
+            if view.round > 0:  # joining mid-job: start from the swarm's current model, verified by its hash
+                await self._sync(view, runner)
+            while runner.completed < spec.rounds:
                 if view.record.state == "cancelled":
                     logger.info("job %s was cancelled", record.job_id)
                     return
-                result = await runner.run_round(attempt)
-                attempt += 1
+                if view.state == "done" or (view.progress and view.progress.round > runner.completed):
+                    await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
+                    if runner.completed >= spec.rounds:
+                        break
+                result = await runner.run_round()
+                view.history.append(result)
                 if result.ok:  # next round: start as soon as this round's members have all declared
                     runner.expect(len(result.participants))
-                view.history.append(result)
-                if result.ok:
-                    done += 1
-                elif view.progress is not None and view.progress.round > done:
-                    logger.warning("job %s: behind the others (round %d < %d); leaving it", record.job_id, done,
-                                   view.progress.round)
-                    return
-                state = "done" if done == spec.rounds else "running"
+                else:
+                    runner.expect(None)  # someone left or joined: wait the full matchmaking window
+                state = "done" if runner.completed == spec.rounds else "running"
                 await self._publish(JobProgress(
-                    record.job_id, self.peer_id, done, runner.model_hash, state, result.participants,
+                    record.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
                     result.train_loss if result.ok else None,
                     (result.metrics or {}).get(runner.bundle.metric), result.bytes_sent + result.bytes_received,
                     result.seconds, time.time()))
             self._export(record, runner, view.history)
             if record.submitter == self.peer_id:
-                view.record = record.replace(state="done", round=done, model_hash=runner.model_hash,
+                view.record = record.replace(state="done", round=runner.completed, model_hash=runner.model_hash,
                                              participants=tuple(view.history[-1].participants), updated_at=time.time())
                 await self._store_record(view.record)
         except asyncio.CancelledError:
@@ -228,7 +241,59 @@ class JobManager:
         except Exception:
             logger.exception("job %s failed on this node", record.job_id)
         finally:
+            self._runners.pop(record.job_id, None)
             await runner.stop()
+
+    # ---- state transfer --------------------------------------------------------------------------------------
+
+    async def _serve_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Send a job's current global state to a peer (between rounds, so it can join the next one)."""
+        try:
+            job_id = (await asyncio.wait_for(read_frame(reader, 64), 10)).decode(errors="replace")
+            runner = self._runners.get(job_id)
+            if runner is None:
+                return
+            await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)
+            params, momentum = runner.snapshot()
+            header = StateHeader(job_id, runner.completed, runner.next_round, params_hash(params), params.size,
+                                 momentum is not None)
+            await write_frame(writer, state_header_to_wire(header))
+            await write_frame(writer, params.astype("<f4").tobytes())
+            if momentum is not None:
+                await write_frame(writer, momentum.astype("<f4").tobytes())
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError) as e:
+            logger.debug("state request from %s ended: %s", info.peer_id, e)
+        finally:
+            close_quietly(writer)
+
+    async def _sync(self, view: JobView, runner: JobRunner) -> None:
+        """Download the current state from a participant; raise if none can provide a verified one."""
+        peers = [p for p in (view.progress.participants if view.progress else ()) if p != self.peer_id]
+        size, errors = runner.params.size, []
+        for peer in peers:
+            writer = None
+            try:
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                              self._state_protocol)
+                await write_frame(writer, view.record.job_id.encode())
+                timeout = runner.spec.round_timeout_s * 2
+                header = state_header_from_wire(await asyncio.wait_for(read_frame(reader, MAX_STATE_HEADER_BYTES), timeout))
+                if header.job_id != view.record.job_id or header.size != size:
+                    raise WireError(f"state for {header.job_id} of {header.size} parameters, expected {size}")
+                params = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4").copy()
+                momentum = None
+                if header.has_momentum:
+                    momentum = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4").copy()
+                runner.load_state(params.astype(np.float32), momentum if momentum is None else momentum.astype(np.float32),
+                                  header.completed, header.next_round, header.model_hash)
+                logger.info("job %s: synced to round %d (hash %s...) from %s", view.record.job_id, header.completed,
+                            header.model_hash[:12], peer[-8:])
+                return
+            except Exception as e:  # try the next participant
+                errors.append(f"{peer[-8:]}: {type(e).__name__}: {e}")
+            finally:
+                close_quietly(writer)
+        raise RuntimeError(f"could not download the state of job {view.record.job_id}: {'; '.join(errors) or 'no peers'}")
 
     def _export(self, record: JobRecord, runner: JobRunner, history: list[RoundResult]) -> None:
         """The final model as safetensors, its manifest, and a JSON report of every round (0600 files)."""

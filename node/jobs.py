@@ -82,6 +82,10 @@ class JobRunner:
             part_timeout=spec.round_timeout_s / 4, result_timeout=spec.round_timeout_s / 2,
             commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth))
         self.in_sync = True
+        self.completed = 0  # rounds applied
+        self.next_round = 0  # the round id to run next (a failed round consumes its id)
+        self.idle = asyncio.Event()  # set between rounds: the state may be copied out
+        self.idle.set()
 
     def expect(self, group_size: int | None) -> None:
         """End matchmaking as soon as this many peers declared (else it waits its full window)."""
@@ -97,11 +101,39 @@ class JobRunner:
     async def stop(self) -> None:
         await self.averager.stop()
 
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The global model and outer momentum as of the last completed round (copies)."""
+        return self.params.copy(), self.outer.state()
+
+    def load_state(self, params: np.ndarray, momentum: np.ndarray | None, completed: int, next_round: int,
+                   model_hash: str) -> None:
+        """Adopt a participant's state (joining mid-job, or catching up after a round we missed)."""
+        if params.dtype != np.float32 or params.shape != self.params.shape:
+            raise ValueError(f"state has {params.size} parameters, this model {self.params.size}")
+        if params_hash(params) != model_hash:
+            raise ValueError("downloaded parameters do not match the announced model hash")
+        self.outer.load_state(momentum)
+        self.params = params.copy()
+        self.completed, self.next_round, self.in_sync = completed, next_round, True
+
     def evaluate(self) -> dict:
         load_flat_params(self.bundle.module, self.params)
         return self.bundle.evaluate(self.bundle.module, eval_batches(self.data, 256, EVAL_ITEMS))
 
-    async def run_round(self, r: int) -> RoundResult:
+    async def run_round(self) -> RoundResult:
+        """Run round ``next_round``; on success the global model advances and ``completed`` counts it."""
+        r = self.next_round
+        self.next_round += 1
+        self.idle.clear()
+        try:
+            result = await self._run_round(r)
+        finally:
+            self.idle.set()
+        if result.ok:
+            self.completed += 1
+        return result
+
+    async def _run_round(self, r: int) -> RoundResult:
         t0 = time.perf_counter()
         start = self.params
         local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps)  # keeps the loop serving

@@ -467,3 +467,38 @@ def job_progress_to_wire(progress: JobProgress) -> bytes:
 
 def job_progress_from_wire(data: bytes) -> JobProgress:
     return _from_map(JobProgress, unpack_bounded(data, MAX_JOB_PROGRESS_BYTES), "job progress", versioned=True)
+
+
+# ---- model state transfer (a joiner or a node that fell behind downloads the current global state) --------
+
+MAX_STATE_HEADER_BYTES = 4 * 1024
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    """Sent before the raw state: float32 parameters (size * 4 bytes), then the outer momentum if any."""
+
+    job_id: str
+    completed: int  # rounds completed: the parameters are the global model after them
+    next_round: int  # the round id the participants will run next (failed attempts consume ids too)
+    model_hash: str  # sha256 of the parameters' little-endian float32 bytes
+    size: int  # number of parameters
+    has_momentum: bool  # an outer momentum buffer of the same size follows the parameters
+
+    def __post_init__(self) -> None:
+        _check_job_id("job_id", self.job_id)
+        _check_int("completed", self.completed, 0, MAX_ROUNDS)
+        _check_int("next_round", self.next_round, 0, 2**31)
+        _check_model_hash("model_hash", self.model_hash)
+        if not self.model_hash:
+            raise ValueError("model_hash: required")
+        _check_int("size", self.size, 1, 2**34)
+        _check_bool("has_momentum", self.has_momentum)
+
+
+def state_header_to_wire(header: StateHeader) -> bytes:
+    return msgpack.packb({"v": JOB_SCHEMA_VERSION, **_fields(header)}, use_bin_type=True)
+
+
+def state_header_from_wire(data: bytes) -> StateHeader:
+    return _from_map(StateHeader, unpack_bounded(data, MAX_STATE_HEADER_BYTES), "state header", versioned=True)

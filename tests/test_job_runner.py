@@ -46,7 +46,7 @@ async def run_job(tmp_path, job: JobSpec) -> list[list]:
         before = runners[0].evaluate()["accuracy"]
         rounds = []
         for r in range(job.rounds):
-            rounds.append(await asyncio.gather(*(runner.run_round(r) for runner in runners)))
+            rounds.append(await asyncio.gather(*(runner.run_round() for runner in runners)))
         return [before, rounds]
     finally:
         for runner in runners:

@@ -81,3 +81,36 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
         assert_one_line_error(run_cli("submit", str(path), "--home", str(node.home)), 2, name, needle)
     assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2, "missing.toml")
     assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
+
+
+def job_round(node, job_id: str) -> int:
+    listed = json.loads(run_cli("jobs", "--json", "--home", str(node.home)).stdout or "[]")
+    return next((j["round"] for j in listed if j["job_id"] == job_id), 0)
+
+
+def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_factory, tmp_path):
+    from node.localswarm import wait_for
+
+    for i in range(4):
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=4, node_index=i, scheme="label-skew", seed=0)
+    nodes = []
+    for i in range(3):
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
+        nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else [])).wait_ready())
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 40"))
+    submitted = run_cli("submit", str(job_file), "--json", "--home", str(nodes[0].home))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    wait_for(lambda: job_round(nodes[0], job_id) >= 3, 60, "round 3", interval=0.3)
+    nodes[2].kill_hard()  # a participant dies mid-job
+    joiner = node_factory("n3", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs",
+                                 "--data", str(tmp_path / "data3"), "--join", nodes[0].addr]).wait_ready()
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
+    assert done.returncode == 0, done.stderr[-1500:]
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "done" and final["round"] == 40
+    manifests = {n.home.name: json.loads((n.home / "jobs" / job_id / "manifest.json").read_text())
+                 for n in (nodes[0], nodes[1], joiner)}
+    assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}, manifests
+    assert 0 < manifests["n3"]["rounds"] < 40  # it joined mid-job from a downloaded, hash-checked state
