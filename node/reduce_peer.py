@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["exact", "approx"], default="exact")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--first-round", type=int, default=None, help="default: the next round to start")
-    p.add_argument("--start-at", type=float, required=True, help="unix time of round 0")
+    p.add_argument("--start-at", required=True,
+                   help="unix time of round 0, or file:PATH holding it (written once every peer is ready)")
     p.add_argument("--period", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight", type=float, default=1.0)
@@ -77,6 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def gradient(seed: int, round_no: int, size: int) -> np.ndarray:
     """(size,) float32: this peer's gradient in this round, reproducible from (seed, round)."""
     return np.random.default_rng([seed, round_no]).standard_normal(size, dtype=np.float32)
+
+
+async def resolve_start(spec: str, timeout: float = 120.0) -> float:
+    """--start-at: a unix time, or file:PATH that a launcher writes once all peers are up (no start-up race)."""
+    if not spec.startswith("file:"):
+        return float(spec)
+    path = pathlib.Path(spec[len("file:"):])
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no start time in {path} after {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+    return float(path.read_text())
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -110,6 +124,7 @@ async def main(args: argparse.Namespace) -> None:
     await averager.start()
     addr = str((await p2p.get_visible_maddrs())[0])
     emit(event="ready", peer_id=me, addr=addr, pid=os.getpid())
+    args.start_at = await resolve_start(args.start_at)
     sparsifier = ErrorFeedbackSparsifier(args.size, args.density, args.mode, seed=args.seed)
     produced = np.zeros(args.size, np.float64)
     first = args.first_round

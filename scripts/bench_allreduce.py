@@ -96,9 +96,9 @@ def gloo_worker(args) -> None:
 def run_swarmnode(args, hosts, out: pathlib.Path) -> dict:
     from node.reduce_peer import PeerProcess
 
-    start_at = time.time() + 8.0
+    go = out / "start_at"  # written once every peer is ready: round 0 never races start-up
     common = ["--size", str(args.size), "--density", str(args.density), "--rounds", str(args.rounds),
-              "--period", str(args.period), "--start-at", str(start_at), "--expected-group", str(args.peers),
+              "--period", str(args.period), "--start-at", f"file:{go}", "--expected-group", str(args.peers),
               "--matchmaking-time", "3", "--part-timeout", "20", "--result-timeout", "40", "--commit-timeout", "5",
               "--mode", args.mode, *(["--result-density", str(args.result_density)] if args.result_density else []),
               "--bandwidth", str(args.rate_mbit * 1e6 / 8 if args.netns else 1e9)]
@@ -109,6 +109,9 @@ def run_swarmnode(args, hosts, out: pathlib.Path) -> dict:
             join = ["--join", procs[0].wait_event(60, "ready", event="ready")["addr"]] if procs else []
             procs.append(PeerProcess(out / f"sn{i}", [*common, "--seed", str(i), "--listen", listen, *join],
                                      prefix=host.prefix()).start())
+        for p in procs:
+            p.wait_event(120, "ready", event="ready")
+        go.write_text(str(time.time() + 2.0))
         for p in procs:
             p.wait_event(args.rounds * args.period + 120, "done", event="done")
         rounds = [p.rounds() for p in procs]

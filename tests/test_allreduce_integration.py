@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from node.localswarm import wait_for
+from node.files import atomic_write
 from node.reduce_peer import PeerProcess
 
 SIZE = 20_000
@@ -21,21 +22,24 @@ TIMEOUTS = ["--matchmaking-time", "1.0", "--part-timeout", "2", "--result-timeou
 def peers(tmp_path):
     started: list[PeerProcess] = []
 
-    def launch(n: int, rounds: int, period: float, extra=None, lead: float = 5.0, density: float = 0.05):
-        start_at = time.time() + lead
+    def launch(n: int, rounds: int, period: float, extra=None, density: float = 0.05):
+        """Start n peers; round 0 begins a second after the last of them is ready (however slow start-up is)."""
+        go = tmp_path / "start_at"
         common = ["--size", str(SIZE), "--density", str(density), "--rounds", str(rounds), "--period", str(period),
-                  "--start-at", str(start_at), "--save-averages", *TIMEOUTS]
+                  "--start-at", f"file:{go}", "--save-averages", *TIMEOUTS]
         extra = extra or {}
         first = PeerProcess(tmp_path / "p0", [*common, "--seed", "0", *extra.get(0, [])]).start()
         started.append(first)
-        addr = first.wait_event(30, "ready", event="ready")["addr"]
+        addr = first.wait_event(60, "ready", event="ready")["addr"]
         for i in range(1, n):
             started.append(PeerProcess(tmp_path / f"p{i}", [*common, "--seed", str(i), "--join", addr,
                                                             *extra.get(i, [])]).start())
         for p in started:
-            p.wait_event(30, "ready", event="ready")
-        assert time.time() < start_at, "peers took longer to start than the lead time"
-        return started, start_at, common, addr
+            p.wait_event(60, "ready", event="ready")
+        start_at = time.time() + 1.0
+        atomic_write(go, str(start_at).encode())
+        later = [a if a != f"file:{go}" else str(start_at) for a in common]  # for peers started after this
+        return started, start_at, later, addr
 
     try:
         yield launch
