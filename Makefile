@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # 4 local nodes, each with its own non-IID slice of scikit-learn's digits; a federated job with 1% top-k
-# updates; prints the peers table, the job's progress and where the final model and report are.
+# updates; a node is SIGKILLed mid-job and a fresh one joins; prints progress and where the final model is.
 demo: $(STAMP)
-	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/digits.toml --demo --dir demo-out
+	rm -rf demo-out
+	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/digits.toml --churn --demo --dir demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not chaos" -q

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--demo", action="store_true", help="print the peers table (and run --job), then stop every node")
     dev.add_argument("--dataset", help="give each node its own non-IID slice of this bundled dataset (e.g. digits)")
     dev.add_argument("--job", type=pathlib.Path, help="job file to submit from the first node and follow")
+    dev.add_argument("--churn", action="store_true", help="with --job: SIGKILL a node mid-job, start a fresh one")
     return parser
 
 
@@ -257,7 +258,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo_job(client, job_file: pathlib.Path, home: pathlib.Path) -> None:
+def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
+    """Submit ``job_file`` from the first node and follow it; with ``churn``, SIGKILL the last node a third of
+    the way through and start a fresh node (with the dead one's data slice) that joins the running job."""
     try:
         text = job_file.read_text()
     except OSError as e:
@@ -265,10 +268,19 @@ def run_demo_job(client, job_file: pathlib.Path, home: pathlib.Path) -> None:
     job_id = client.submit(text, str(job_file)).job_id
     print(f"\nsubmitted {job_file} as job {job_id}; each node trains on its own slice, only top-k updates move",
           flush=True)
-    info = None
+    info, churned = None, not churn
     for info in client.job(job_id, follow=True):
         print(format_job_line(info), flush=True)
-    out = home / "jobs" / job_id
+        if not churned and info.round >= max(1, info.rounds // 3):
+            victim = swarm.nodes[-1]
+            victim.kill_hard()
+            print(f"-- SIGKILLed {victim.home.name} ({victim.peer_id[-8:]}) mid-job", flush=True)
+            fresh = swarm.add_node(home=swarm.root / f"node{len(swarm.nodes)}", data_index=swarm.n - 1)
+            fresh.wait_ready(60)
+            print(f"-- started {fresh.home.name} ({fresh.peer_id[-8:]}): it downloads the current model and joins",
+                  flush=True)
+            churned = True
+    out = swarm.nodes[0].home / "jobs" / job_id
     print(f"\njob {job_id} {info.state}: final eval {info.eval_metric:.4f} after {info.round} rounds; "
           f"model hash {info.model_hash[:16]}...", flush=True)
     print(f"model, manifest and round report: {out}/{{model.safetensors,manifest.json,report.json}}", flush=True)
@@ -295,7 +307,7 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
         with swarm.nodes[0].client() as c:
             print(format_peers_table(c.peers()), flush=True)
             if args.job is not None:
-                run_demo_job(c, args.job, swarm.nodes[0].home)
+                run_demo_job(c, args.job, swarm, args.churn)
         if not args.demo:
             print(f"\njoin from another terminal:  swarmnode run --swarm {args.swarm} --listen /ip4/127.0.0.1/tcp/0 "
                   f"--home /tmp/mynode --join {swarm.nodes[0].addr}")

@@ -157,7 +157,8 @@ class LocalSwarm:
             args += ["--join", addr]
         return args
 
-    def add_node(self, join: Sequence[str] | None = None, home: pathlib.Path | None = None) -> NodeProcess:
+    def add_node(self, join: Sequence[str] | None = None, home: pathlib.Path | None = None,
+                 data_index: int | None = None) -> NodeProcess:
         if join is None:
             join = [self.nodes[0].addr] if self.nodes else []
         home = home or self.root / f"node{len(self.nodes)}"
@@ -165,7 +166,7 @@ class LocalSwarm:
         if self.dataset is not None:
             from node.datasets import write_node_data
 
-            index = len(self.nodes) % self.n
+            index = len(self.nodes) % self.n if data_index is None else data_index
             if not (home / "data" / self.dataset).exists():
                 write_node_data(self.dataset, home / "data" / self.dataset, n_nodes=self.n, node_index=index,
                                 scheme=self.scheme, seed=0)
