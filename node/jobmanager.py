@@ -5,7 +5,8 @@ telling anyone its data, whether it can serve it: a slice of the job's dataset u
 (written by node/datasets.write_node_data) and enough memory for the model. If so it runs the job's rounds
 with node/jobs.JobRunner and publishes a signed JobProgress after each; if not it declines, and says why in
 ``swarmnode jobs``. When the last round completes, every participant writes the final model (safetensors),
-a manifest (sha256 of every tensor, the job spec, round count) and a JSON report of every round.
+a manifest (sha256 of every tensor, the job spec, round count), a JSON report of every round and a PNG of
+the loss and metric curves.
 
 A node that finds a job already past round 0, or that fell behind (its round failed while the others'
 succeeded), downloads the current global model and outer momentum from a participant over a libp2p stream,
@@ -79,6 +80,32 @@ class JobView:
     @property
     def round(self) -> int:
         return max(self.record.round, self.progress.round if self.progress else 0)
+
+
+def curve_png(history: list[RoundResult], metric: str, title: str) -> bytes:
+    """Train loss and the eval metric per round, as PNG bytes (matplotlib's Agg backend, no display)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in history if r.ok]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot([r.round for r in ok], [r.train_loss for r in ok], color="tab:blue")
+    left.set(xlabel="round id", ylabel="mean local train loss (this node)")
+    evaluated = [r for r in ok if metric in r.metrics]
+    right.plot([r.round for r in evaluated], [r.metrics[metric] for r in evaluated], color="tab:orange")
+    right.set(xlabel="round id", ylabel=f"test {metric}")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 class JobManager:
@@ -310,6 +337,7 @@ class JobManager:
         atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
         report = [r.__dict__ for r in history]
         atomic_write(out / "report.json", json.dumps(report, indent=1, default=str).encode())
+        atomic_write(out / "curve.png", curve_png(history, runner.bundle.metric, record.spec.name))
 
     async def _publish(self, progress: JobProgress) -> None:
         ok = await self.dht.store(progress_key(self.swarm, progress.job_id), job_progress_to_wire(progress),

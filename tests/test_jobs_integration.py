@@ -55,9 +55,10 @@ def test_submit_follow_and_every_participant_ends_with_the_same_model(node_facto
     job_id = events[0]["job_id"]
     assert events[-1]["state"] == "done" and events[-1]["round"] == 5
     assert events[-1]["eval_metric"] > 0.5 and len(events[-1]["participants"]) == 2
-    manifests = [json.loads((n.home / "jobs" / job_id / "manifest.json").read_text()) for n in nodes[:2]]
+    manifests = [manifest(n, job_id) for n in nodes[:2]]
     assert manifests[0]["model_hash"] == manifests[1]["model_hash"] == events[-1]["model_hash"]
     assert manifests[0]["rounds"] == 5 and (nodes[0].home / "jobs" / job_id / "model.safetensors").exists()
+    assert (nodes[0].home / "jobs" / job_id / "curve.png").read_bytes().startswith(b"\x89PNG")
     # the node without the job's dataset declined, and says why
     listed = json.loads(run_cli("jobs", "--json", "--home", str(nodes[2].home)).stdout)
     assert listed[0]["job_id"] == job_id and "no usable local data" in listed[0]["declined"]
@@ -81,6 +82,15 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
         assert_one_line_error(run_cli("submit", str(path), "--home", str(node.home)), 2, name, needle)
     assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2, "missing.toml")
     assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
+
+
+def manifest(node, job_id: str) -> dict:
+    """A participant's exported manifest; it may land a moment after the first participant reports done."""
+    from node.localswarm import wait_for
+
+    path = node.home / "jobs" / job_id / "manifest.json"
+    wait_for(path.exists, 30, f"{node.home.name} to export job {job_id}", interval=0.1)
+    return json.loads(path.read_text())
 
 
 def job_round(node, job_id: str) -> int:
@@ -110,7 +120,25 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
     assert done.returncode == 0, done.stderr[-1500:]
     final = json.loads(done.stdout.splitlines()[-1])
     assert final["state"] == "done" and final["round"] == 40
-    manifests = {n.home.name: json.loads((n.home / "jobs" / job_id / "manifest.json").read_text())
-                 for n in (nodes[0], nodes[1], joiner)}
+    manifests = {n.home.name: manifest(n, job_id) for n in (nodes[0], nodes[1], joiner)}
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}, manifests
     assert 0 < manifests["n3"]["rounds"] < 40  # it joined mid-job from a downloaded, hash-checked state
+
+
+def test_job_outlives_its_submitter_and_can_be_followed_from_another_node(node_factory, tmp_path):
+    from node.localswarm import wait_for
+
+    nodes = start_nodes(node_factory, tmp_path, ["digits", "digits", "digits"])
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 30"))
+    submitted = run_cli("submit", str(job_file), "--json", "--home", str(nodes[0].home))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    wait_for(lambda: job_round(nodes[1], job_id) >= 3, 60, "round 3", interval=0.3)
+    nodes[0].kill_hard()  # the submitter dies; the job record and the model live on in the swarm
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(nodes[2].home), timeout=150)
+    assert done.returncode == 0, done.stderr[-1500:]
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "done" and final["round"] == 30
+    hashes = {manifest(n, job_id)["model_hash"] for n in nodes[1:]}
+    assert hashes == {final["model_hash"]}
