@@ -1,18 +1,17 @@
 """DHT validation of job records and job progress (the record types and their wire form: protocol/jobs.py).
 
-Kept apart from protocol/jobs.py because it subclasses hivemind's RecordValidatorBase: the CLI parses and
+Kept apart from protocol/jobs.py because it builds on hivemind's RecordValidatorBase: the CLI parses and
 checks job files without importing hivemind (and torch) at all.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import DHTRecord
 
 from protocol.jobs import (
     MAX_JOB_PROGRESS_BYTES,
@@ -26,24 +25,25 @@ from protocol.jobs import (
     parse_progress_subkey,
     progress_key,
 )
-from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.peer_keys import peer_id_of, public_key_from_peer_id
 from protocol.records import swarm_key
-from protocol.validation import SIGNATURE_BYTES, _signed_payload, key_id
+from protocol.validation import SIGNATURE_BYTES, SignedDictionaryValidator, _signed_payload, key_id
 from protocol.wire import WireError, unpack_bounded
 
-logger = logging.getLogger(__name__)
 _SIGNED_OVERHEAD = 16 + SIGNATURE_BYTES  # the DHT's msgpack bin header around our bytes, plus the signature
 
 
 # ---- signed-record validator -----------------------------------------------------------------------------
 
 
-class SignedJobRecordValidator(RecordValidatorBase):
+class SignedJobRecordValidator(SignedDictionaryValidator):
     """Signs this node's job and progress records and checks everyone else's (see the module docstring).
 
     Accepted under ``jobs_key``: subkey = job_id, a JobRecord with that job_id, signed by its submitter.
     Accepted under a ``progress_key`` bucket: subkey = "<job_id>/<peer_id>" in that bucket, a JobProgress for
     that job written by that peer, signed by that peer. Other keys pass untouched."""
+
+    what = "job record"
 
     def __init__(self, swarm: str, private_key: Ed25519PrivateKey | None = None):
         self._jobs_key_id = key_id(jobs_key(swarm))
@@ -67,19 +67,6 @@ class SignedJobRecordValidator(RecordValidatorBase):
         elif parse_progress_subkey(subkey)[1] != self._own_id:
             raise ValueError("a node can only write its own job progress entry")
         return record.value + self._private_key.sign(_signed_payload(record))
-
-    def strip_value(self, record: DHTRecord) -> bytes:
-        return record.value[:-SIGNATURE_BYTES] if self._protected(record) else record.value
-
-    def validate(self, record: DHTRecord) -> bool:
-        if not self._protected(record):
-            return True
-        try:
-            self.check(record)
-        except (ValueError, InvalidSignature) as e:  # WireError and PeerIdError are ValueErrors
-            logger.warning("rejected job record: %s", e)
-            return False
-        return True
 
     def check(self, record: DHTRecord) -> None:
         """Raise WireError / ValueError / InvalidSignature naming why ``record`` is unacceptable."""
@@ -113,12 +100,6 @@ class SignedJobRecordValidator(RecordValidatorBase):
             if (progress.job_id, progress.writer) != (job_id, signer):
                 raise WireError(f"job progress of {progress.job_id}/{progress.writer} stored under {subkey}")
 
-    @property
-    def priority(self) -> int:
-        return 10  # as SignedPeerRecordValidator; the two protect disjoint keys
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return False
 
 
 def _subkey(record: DHTRecord) -> Any:

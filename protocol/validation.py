@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
-from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.peer_keys import peer_id_of, public_key_from_peer_id
 from protocol.records import MAX_RECORD_BYTES, swarm_key
 from protocol.wire import WireError, peer_record_from_wire, unpack_bounded
 
@@ -36,8 +36,44 @@ def _signed_payload(record: DHTRecord) -> bytes:
     return msgpack.packb([record.key, record.subkey, record.value, record.expiration_time], use_bin_type=True)
 
 
-class SignedPeerRecordValidator(RecordValidatorBase):
+class SignedDictionaryValidator(RecordValidatorBase):
+    """What every signed-dictionary validator shares: values under protected keys end in a 64-byte Ed25519
+    signature (added by sign_value, removed by strip_value); a subclass names its keys (``_protected``) and
+    raises from ``check`` (ValueError, which WireError and PeerIdError are, or InvalidSignature) to reject."""
+
+    what = "record"  # for the log line
+
+    def _protected(self, record: DHTRecord) -> bool:
+        raise NotImplementedError
+
+    def check(self, record: DHTRecord) -> None:
+        raise NotImplementedError
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return record.value[:-SIGNATURE_BYTES] if self._protected(record) else record.value
+
+    def validate(self, record: DHTRecord) -> bool:
+        if not self._protected(record):
+            return True
+        try:
+            self.check(record)
+        except (ValueError, InvalidSignature) as e:
+            logger.warning("rejected %s: %s", self.what, e)
+            return False
+        return True
+
+    @property
+    def priority(self) -> int:
+        return 10  # sign last, validate first: the signature covers what other validators produced
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+class SignedPeerRecordValidator(SignedDictionaryValidator):
     """Signs this node's own peer record and checks everyone else's (see module docstring)."""
+
+    what = "peer record"
 
     def __init__(self, swarm: str, private_key: Ed25519PrivateKey | None = None):
         self._peers_key_id = key_id(swarm_key(swarm, "peers"))
@@ -55,19 +91,6 @@ class SignedPeerRecordValidator(RecordValidatorBase):
         if record.subkey != self._own_subkey or self._private_key is None:
             raise ValueError("a node can only write its own entry in the swarm's peers dictionary")
         return record.value + self._private_key.sign(_signed_payload(record))
-
-    def strip_value(self, record: DHTRecord) -> bytes:
-        return record.value[:-SIGNATURE_BYTES] if self._protected(record) else record.value
-
-    def validate(self, record: DHTRecord) -> bool:
-        if not self._protected(record):
-            return True
-        try:
-            self.check(record)
-        except (WireError, PeerIdError, InvalidSignature) as e:
-            logger.warning("rejected peer record: %s", e)
-            return False
-        return True
 
     def check(self, record: DHTRecord) -> None:
         """Raise WireError / PeerIdError / InvalidSignature naming why ``record`` is unacceptable."""
@@ -92,10 +115,3 @@ class SignedPeerRecordValidator(RecordValidatorBase):
         parsed = peer_record_from_wire(payload)
         if parsed.peer_id != subkey:
             raise WireError(f"peer record for {parsed.peer_id} stored under subkey {subkey}")
-
-    @property
-    def priority(self) -> int:
-        return 10  # sign last, validate first: the signature covers what other validators produced
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return False
