@@ -268,7 +268,8 @@ class JobManager:
         except Exception:
             logger.exception("job %s failed on this node", record.job_id)
         finally:
-            self._runners.pop(record.job_id, None)
+            if runner.completed < spec.rounds:  # a finished job's final state stays servable for late nodes
+                self._runners.pop(record.job_id, None)
             await runner.stop()
 
     # ---- state transfer --------------------------------------------------------------------------------------

