@@ -34,10 +34,32 @@ from node.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
 from node.rpc import control_pb2 as pb
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records import Capability, PeerRecord
+from protocol.rounds import Phase, RoundHooks
 from protocol.job_validation import SignedJobRecordValidator
 from protocol.validation import SignedPeerRecordValidator
 
 logger = logging.getLogger(__name__)
+STOP_AT_ENV = "SWARMNODE_FAULT_STOP_AT"  # fault injection for tests: "PHASE:ROUND", e.g. "reduce_scatter:3"
+
+
+def stop_at_phase_hooks(spec: str) -> RoundHooks | None:
+    """Round hooks that freeze this process (SIGSTOP) when a job round ``/rROUND`` reaches PHASE, so that a
+    test can SIGKILL it strictly mid-round; None (no hooks) for an empty spec."""
+    if not spec:
+        return None
+    phase_name, _, round_text = spec.partition(":")
+    try:
+        phase, round_suffix = Phase(phase_name), f"/r{int(round_text)}"
+    except ValueError:
+        raise NodeError(f"{STOP_AT_ENV}={spec!r}: expected PHASE:ROUND with PHASE one of "
+                        f"{', '.join(p.value for p in Phase)}", EXIT_USAGE) from None
+
+    async def on_phase(reached: Phase, round_id: str) -> None:
+        if reached == phase and round_id.endswith(round_suffix):
+            logger.warning("fault injection: stopping at %s of round %s", phase.value, round_id)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    return RoundHooks(on_phase=on_phase)
 SHUTDOWN_BUDGET_S = 5.0
 
 
@@ -135,7 +157,8 @@ class Daemon:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir,
-                               cfg.data.expanduser() if cfg.data else None)
+                               cfg.data.expanduser() if cfg.data else None,
+                               hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,

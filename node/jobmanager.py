@@ -56,18 +56,25 @@ from protocol.jobs import (
     state_header_from_wire,
     state_header_to_wire,
 )
+from protocol.rounds import RoundHooks
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
 JOB_TTL_S = 24 * 3600.0  # a job record outlives any node; the submitter and participants refresh it
 POLL_S = 1.0
+DIAL_TIMEOUT_S = 10.0  # opening a stream to a participant that may have died since its last progress
 
 
 @dataclass
 class JobView:
     record: JobRecord
     progress: JobProgress | None = None  # the freshest participant view
+    at_best: tuple[JobProgress, ...] = ()  # every writer's progress at that round, freshest first
+
+    @property
+    def holders(self) -> tuple[str, ...]:  # who can serve the state of the latest round
+        return tuple(p.writer for p in self.at_best)
     declined: str = ""  # why this node does not take part ("" if it does or has not decided)
     history: list[RoundResult] = field(default_factory=list)  # this node's own rounds
 
@@ -110,9 +117,9 @@ def curve_png(history: list[RoundResult], metric: str, title: str) -> bytes:
 
 class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
-                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6):
+                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None):
         self.p2p, self.dht, self.swarm, self.peer_id = p2p, dht, swarm, peer_id
-        self.home, self.data_dir, self.bandwidth = home, data_dir, bandwidth
+        self.home, self.data_dir, self.bandwidth, self.hooks = home, data_dir, bandwidth, hooks
         self.views: dict[str, JobView] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._runners: dict[str, JobRunner] = {}
@@ -174,22 +181,24 @@ class JobManager:
             view = self.views.setdefault(record.job_id, JobView(record))
             if record.updated_at >= view.record.updated_at:
                 view.record = record
-            view.progress = await self._freshest_progress(record.job_id) or view.progress
+            progress = await self._progress_entries(record.job_id)
+            if progress:
+                view.progress = max(progress, key=lambda p: (p.round, p.updated_at))
+                at_best = [p for p in progress if p.round == view.progress.round]
+                view.at_best = tuple(sorted(at_best, key=lambda p: -p.updated_at))
 
-    async def _freshest_progress(self, job_id: str) -> JobProgress | None:
+    async def _progress_entries(self, job_id: str) -> list[JobProgress]:
         found = await self.dht.get(progress_key(self.swarm, job_id), latest=True)
-        best = None
+        entries = []
         if found is not None and isinstance(found.value, dict):
             for subkey, item in found.value.items():
                 try:
                     if parse_progress_subkey(subkey)[0] != job_id:
                         continue
-                    progress = job_progress_from_wire(item.value)
+                    entries.append(job_progress_from_wire(item.value))
                 except (WireError, ValueError):
                     continue
-                if best is None or (progress.round, progress.updated_at) > (best.round, best.updated_at):
-                    best = progress
-        return best
+        return entries
 
     # ---- taking part ---------------------------------------------------------------------------------------
 
@@ -198,7 +207,7 @@ class JobManager:
             try:
                 await self.refresh()
                 for job_id, view in list(self.views.items()):
-                    if view.state == "running" and job_id not in self._tasks and not view.declined:
+                    if view.state in ("running", "paused") and job_id not in self._tasks and not view.declined:
                         self._consider(view)
             except Exception as e:  # a failed poll must not end the node's job service
                 logger.warning("job poll failed: %s", e)
@@ -232,9 +241,12 @@ class JobManager:
     async def _participate(self, view: JobView) -> None:
         record, spec = view.record, view.record.spec
         data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
-        runner = JobRunner(self.p2p, self.dht, self.swarm, record.job_id, spec, data, bandwidth=self.bandwidth)
+        runner = JobRunner(self.p2p, self.dht, self.swarm, record.job_id, spec, data, bandwidth=self.bandwidth,
+                           hooks=self.hooks)
         self._runners[record.job_id] = runner
         await runner.start()
+        logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
+        paused = False
         try:
             if view.round > 0:  # joining mid-job: start from the swarm's current model, verified by its hash
                 await self._sync(view, runner)
@@ -246,18 +258,29 @@ class JobManager:
                     await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
                     if runner.completed >= spec.rounds:
                         break
+                elif not runner.in_sync:
+                    await self._catch_up_if_behind(view, runner)
                 result = await runner.run_round()
+                await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
                 view.history.append(result)
                 if result.ok:  # next round: start as soon as this round's members have all declared
                     runner.expect(len(result.participants))
                 else:
                     runner.expect(None)  # someone left or joined: wait the full matchmaking window
-                state = "done" if runner.completed == spec.rounds else "running"
-                await self._publish(JobProgress(
-                    record.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
-                    result.train_loss if result.ok else None,
-                    (result.metrics or {}).get(runner.bundle.metric), result.bytes_sent + result.bytes_received,
-                    result.seconds, time.time()))
+                if result.paused:
+                    if not paused:  # published once per pause, not on every retry
+                        logger.info("job %s paused: fewer than %d participants ready; retrying round %d",
+                                    record.job_id, spec.min_participants, runner.next_round)
+                        await self._publish(self._progress(runner, result, "paused"))
+                    paused = True
+                    same = [p.next_round for p in view.at_best
+                            if p.round == runner.completed and p.model_hash == runner.model_hash]
+                    runner.align_round(max(same, default=0))  # paused peers drifted apart: meet on the latest id
+                    continue
+                if paused:
+                    logger.info("job %s resumed", record.job_id)
+                paused = False
+                await self._publish(self._progress(runner, result, "done" if runner.completed == spec.rounds else "running"))
             self._export(record, runner, view.history)
             if record.submitter == self.peer_id:
                 view.record = record.replace(state="done", round=runner.completed, model_hash=runner.model_hash,
@@ -272,6 +295,23 @@ class JobManager:
                 self._runners.pop(record.job_id, None)
             await runner.stop()
 
+    def _progress(self, runner: JobRunner, result: RoundResult, state: str) -> JobProgress:
+        return JobProgress(
+            runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
+            result.train_loss if result.ok else None, (result.metrics or {}).get(runner.bundle.metric),
+            result.bytes_sent + result.bytes_received, result.seconds, time.time(), runner.next_round)
+
+    async def _catch_up_if_behind(self, view: JobView, runner: JobRunner) -> None:
+        """After a round this node missed (left out, or its loss was not finite): if another participant
+        reports a later round within a round's time, download its state; if none does, nobody moved on."""
+        deadline = time.monotonic() + runner.spec.round_timeout_s
+        while time.monotonic() < deadline:
+            if view.state == "done" or (view.progress and view.progress.round > runner.completed):
+                await self._sync(view, runner)
+                return
+            await asyncio.sleep(POLL_S / 2)  # the poller refreshes view.progress
+        runner.in_sync = True
+
     # ---- state transfer --------------------------------------------------------------------------------------
 
     async def _serve_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -281,10 +321,9 @@ class JobManager:
             runner = self._runners.get(job_id)
             if runner is None:
                 return
-            await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)
-            params, momentum = runner.snapshot()
-            header = StateHeader(job_id, runner.completed, runner.next_round, params_hash(params), params.size,
-                                 momentum is not None)
+            await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)  # best effort: fresh state
+            params, momentum, completed, next_round = runner.snapshot()
+            header = StateHeader(job_id, completed, next_round, params_hash(params), params.size, momentum is not None)
             await write_frame(writer, state_header_to_wire(header))
             await write_frame(writer, params.astype("<f4").tobytes())
             if momentum is not None:
@@ -296,13 +335,14 @@ class JobManager:
 
     async def _sync(self, view: JobView, runner: JobRunner) -> None:
         """Download the current state from a participant; raise if none can provide a verified one."""
-        peers = [p for p in (view.progress.participants if view.progress else ()) if p != self.peer_id]
+        candidates = [*view.holders, *(view.progress.participants if view.progress else ())]
+        peers = [p for p in dict.fromkeys(candidates) if p != self.peer_id]
         size, errors = runner.params.size, []
         for peer in peers:
             writer = None
             try:
-                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer),
-                                                                              self._state_protocol)
+                _, reader, writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(
+                    PeerID.from_base58(peer), self._state_protocol), DIAL_TIMEOUT_S)
                 await write_frame(writer, view.record.job_id.encode())
                 timeout = runner.spec.round_timeout_s * 2
                 header = state_header_from_wire(await asyncio.wait_for(read_frame(reader, MAX_STATE_HEADER_BYTES), timeout))

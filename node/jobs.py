@@ -3,9 +3,17 @@
 A round here is node/trainer.py's math over protocol/allreduce.py's top-k all-reduce:
 local steps -> pseudo-gradient -> error-feedback top-k -> all-reduce (weight = samples seen) -> outer step.
 Every participant applies the same aggregate (bit-identical by the round's construction) to the same
-parameters, so the model hash after each round is the same on all of them; a node whose round failed
-keeps its pseudo-gradient in its error-feedback buffer and its parameters unchanged, and must re-sync
-before it contributes again (``in_sync`` turns False).
+parameters, so the model hash after each round is the same on all of them.
+
+A failed round changes no parameters and loses no update: the pseudo-gradient goes back into the
+error-feedback buffer, and the next attempt from the same parameters sends it again instead of training
+a second update from the same starting point (which would count that local work twice). How it failed
+decides what comes next:
+  * fewer than min_participants ready (``paused``): nobody ran the round, its id is tried again;
+  * the group formed and failed (a member died mid-round): the survivors agree on it (the commit
+    exchange), so all of them move to the next round id and stay in sync;
+  * this node was left out of a round the others ran, or its loss was not finite: ``in_sync`` turns
+    False and the daemon re-syncs it from a participant before it contributes again.
 
 The daemon (job discovery, the control API, state download for joiners) drives this class; tests drive
 it directly over real libp2p daemons.
@@ -30,7 +38,7 @@ from protocol.allreduce import Averager
 from protocol.codecs import quantize_values
 from protocol.jobs import JobSpec
 from protocol.messages import TensorSpec
-from protocol.rounds import RoundConfig
+from protocol.rounds import RoundConfig, RoundHooks
 from protocol.sparsify import ErrorFeedbackSparsifier
 
 EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
@@ -56,11 +64,12 @@ class RoundResult:
     seconds: float
     local_seconds: float  # spent in local training: the rest is round overhead
     model_hash: str
+    paused: bool = False  # fewer than min_participants were ready: the same round is tried again
 
 
 class JobRunner:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
-                 expected_group: int | None = None, bandwidth: float = 12.5e6):
+                 expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None):
         if data.dataset != spec.dataset:
             raise ValueError(f"job {job_id} trains on {spec.dataset!r}, this node's data is {data.dataset!r}")
         if data.task != spec.task:
@@ -80,10 +89,14 @@ class JobRunner:
             swarm=swarm, tensor=tensor, min_group=spec.min_participants, max_group=spec.max_participants,
             expected_group=expected_group, matchmaking_time=min(5.0, spec.round_timeout_s / 6),
             part_timeout=spec.round_timeout_s / 4, result_timeout=spec.round_timeout_s / 2,
-            commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth))
+            commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth), hooks)
         self.in_sync = True
+        self._version = 0  # bumped whenever self.params changes
+        self._unsent: tuple[int, float, int] | None = None  # (samples, loss, params version) of an update
+        #                                                     still in error feedback after a failed round
         self.completed = 0  # rounds applied
         self.next_round = 0  # the round id to run next (a failed round consumes its id)
+        self._boundary_next = 0  # next_round as of the last round boundary (what snapshot() serves)
         self.idle = asyncio.Event()  # set between rounds: the state may be copied out
         self.idle.set()
 
@@ -101,9 +114,18 @@ class JobRunner:
     async def stop(self) -> None:
         await self.averager.stop()
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The global model and outer momentum as of the last completed round (copies)."""
-        return self.params.copy(), self.outer.state()
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+        """The state as of the last round boundary, consistent at any moment (even mid-round, when
+        ``next_round`` already names the running round): global model and outer momentum (copies), rounds
+        completed, and the round id to run next."""
+        return self.params.copy(), self.outer.state(), self.completed, self._boundary_next
+
+    def align_round(self, next_round: int) -> None:
+        """Between attempts of a paused round: move to a later id a paused peer with the same model tries."""
+        if not self.idle.is_set():
+            raise RuntimeError("align_round is for between rounds")
+        if next_round > self.next_round:
+            self.next_round = self._boundary_next = next_round
 
     def load_state(self, params: np.ndarray, momentum: np.ndarray | None, completed: int, next_round: int,
                    model_hash: str) -> None:
@@ -114,7 +136,9 @@ class JobRunner:
             raise ValueError("downloaded parameters do not match the announced model hash")
         self.outer.load_state(momentum)
         self.params = params.copy()
+        self._version += 1
         self.completed, self.next_round, self.in_sync = completed, next_round, True
+        self._boundary_next = next_round
 
     def evaluate(self) -> dict:
         load_flat_params(self.bundle.module, self.params)
@@ -131,27 +155,40 @@ class JobRunner:
             self.idle.set()
         if result.ok:
             self.completed += 1
+        elif result.paused:
+            self.next_round = r  # nobody ran it: the same id again, so that paused members meet
+        self._boundary_next = self.next_round
         return result
 
     async def _run_round(self, r: int) -> RoundResult:
         t0 = time.perf_counter()
         start = self.params
-        local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps)  # keeps the loop serving
-        local_seconds = time.perf_counter() - t0
-        if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
-            self.in_sync = False
-            return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), local.mean_loss,
-                               local.samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
-        delta = pseudo_gradient(start, local.params)  # (N,) float32
+        if self._unsent is not None and self._unsent[2] == self._version:
+            samples, loss, _ = self._unsent  # resend the update already in error feedback; do not train again
+            delta, local_seconds = np.zeros_like(start), 0.0
+        else:
+            local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps)  # keeps the loop serving
+            local_seconds = time.perf_counter() - t0
+            samples, loss = local.samples, local.mean_loss
+            if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
+                self.in_sync = False
+                return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), loss,
+                                   samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
+            delta = pseudo_gradient(start, local.params)  # (N,) float32
         select = lambda: self.sparsifier.select(delta, quantize=lambda v: quantize_values(v, VALUE_CODEC))  # noqa: E731
-        outcome = await self.averager.step(f"{self.job_id}/r{r}", select, weight=float(local.samples))
+        outcome = await self.averager.step(f"{self.job_id}/r{r}", select, weight=float(samples))
         self.sparsifier.restore(outcome.returned)
         report = outcome.report
         if outcome.ok:
             self.params = self.outer.step(start, outcome.average)
+            self._version += 1
+            self._unsent = None
         else:
-            self.in_sync = False  # the others may have moved on without us
+            self._unsent = (samples, loss, self._version)
+            # in a group that failed, the survivors agree (commit exchange); left out of a round, the others
+            # may have applied it without us
+            self.in_sync = bool(report.members) or report.no_group
         metrics = await asyncio.to_thread(self.evaluate) if outcome.ok and (r + 1) % self.spec.eval_every == 0 else {}
-        return RoundResult(r, outcome.ok, report.error, report.members, local.mean_loss, local.samples, metrics,
+        return RoundResult(r, outcome.ok, report.error, report.members, loss, samples, metrics,
                            report.total_sent, report.total_received, time.perf_counter() - t0, local_seconds,
-                           self.model_hash)
+                           self.model_hash, paused=report.no_group)

@@ -20,6 +20,9 @@ Why it is built this way -- the races it handles:
     another sender is rejected.
   * Nothing is lost to rounding: a part's fp16 rounding error goes back to its sender, and an owner's
     rounding of the aggregate goes back into the owner's own buffer (server-side error feedback).
+  * Too few peers ready: matchmaking fails with NoGroup before any plan exists, so nobody ran that round
+    id; the caller may step() the same id again. Members of a paused job retry one id together instead
+    of each consuming ids on its own and never meeting again.
 Matchmaking races are described in protocol/matchmaking.py.
 """
 
@@ -57,13 +60,17 @@ from protocol.sparsify import SparseUpdate, topk_exact
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
 
-__all__ = ["Averager", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
+__all__ = ["Averager", "NoGroup", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
 logger = logging.getLogger(__name__)
 MAX_WEIGHT = 1e12
 
 
 class RoundFailed(Exception):
     pass
+
+
+class NoGroup(RoundFailed):
+    """Matchmaking found fewer than min_group ready peers and formed no group: the round id is still unused."""
 
 
 @dataclass
@@ -86,6 +93,7 @@ class _Round:
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     expires: float = 0.0
+    no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
 
 
 def part_frame_bound(span_len: int) -> int:
@@ -130,7 +138,7 @@ class Averager:
             raise ValueError(f"update of size {update.size} for tensor {cfg.tensor.name} of size {cfg.tensor.size}")
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
-        if round_id in self._rounds:
+        if round_id in self._rounds and not self._rounds[round_id].no_group:
             raise ValueError(f"round {round_id!r} already ran on this member")
         self._forget_old_rounds()
         loop = asyncio.get_running_loop()
@@ -168,6 +176,8 @@ class Averager:
         except (RoundFailed, asyncio.TimeoutError) as e:
             if not state.have.done():
                 state.have.set_result(None)
+            state.match.accepting = False  # a late invite to this attempt is refused, not left hanging
+            state.no_group = isinstance(e, NoGroup) and state.plan is None
             report = self._report(state, False, str(e) or type(e).__name__, (), times)
             logger.warning("round %s failed: %s", round_id, report.error)
             return RoundOutcome(report, None, state.update)
@@ -249,11 +259,13 @@ class Averager:
                         raise RoundFailed("the round started without this peer; next round")
         if state.match.plan.done():
             return state.match.plan.result()
-        raise RoundFailed("no group: no leader sent a plan in time")
+        raise NoGroup("no group: no leader sent a plan in time")
 
     def _checked_plan(self, plan: GroupPlan | None) -> GroupPlan:
-        if plan is None or self.peer_id not in plan.members:
-            raise RoundFailed("no group: fewer than min_group members")
+        if plan is None or not plan.members:
+            raise NoGroup("no group: fewer than min_group members")
+        if self.peer_id not in plan.members:
+            raise RoundFailed("the round started without this peer (the leader's group is full); next round")
         return plan
 
     async def _lead(self, state: _Round, candidates: dict[str, float]) -> GroupPlan | None:
@@ -570,7 +582,7 @@ class Averager:
                         for ok_span, r in zip(final, state.results or [None] * len(final)))
         return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,
                            plan.spans if plan else (), tuple(final), weights, dict(state.sent), dict(state.received),
-                           times)
+                           times, state.no_group)
 
     def _guard(self, handler):
         """Wrap a stream handler: authenticated remote id in, every failure logged, the stream closed."""

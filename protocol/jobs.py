@@ -379,10 +379,12 @@ class JobProgress:
     bytes_exchanged: int = 0  # sent + received by this writer in the last round
     round_time_s: float = 0.0
     updated_at: float = 0.0
+    next_round: int = 0  # the round id this writer will try next (paused writers align on the largest)
 
     def __post_init__(self) -> None:
         _check_job_id("job_id", self.job_id)
         _check_peer_id("writer", self.writer)
+        _check_int("next_round", self.next_round, 0, 2**31)
         _check_int("round", self.round, 0, MAX_ROUNDS)
         _check_model_hash("model_hash", self.model_hash)
         _check_choice("state", self.state, PROGRESS_STATES)

@@ -72,6 +72,9 @@ class RoundReport:
     bytes_sent: dict[str, int]  # per remote peer, frames incl. headers
     bytes_received: dict[str, int]
     phase_seconds: dict[str, float]
+    # True when matchmaking ended with fewer than min_group peers and no group was formed: nobody ran this
+    # round id, so the caller may step() the same id again (a paused job retries without drifting apart)
+    no_group: bool = False
 
     @property
     def total_sent(self) -> int:

@@ -4,6 +4,7 @@ every round applies, every node ends each round with the same model hash, and th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from hivemind.dht.node import DHTNode
@@ -68,3 +69,45 @@ def test_federated_rounds_keep_every_node_bit_identical_and_learn(tmp_path, oute
         assert all(res.bytes_sent > 0 for res in results)
     final = rounds[-1][0].metrics["accuracy"]
     assert final > before + 0.3, (before, final)  # label-skewed slices, yet the shared model learns
+
+
+async def start_node(tmp_path, i: int, job: JobSpec, daemons: list, dhts: list) -> JobRunner:
+    write_node_data("digits", tmp_path / f"data{i}", n_nodes=2, node_index=i, scheme="label-skew", seed=0)
+    join = [str((await daemons[0].p2p.get_visible_maddrs())[0])] if daemons else []
+    daemon = OwnedP2PDaemon()
+    daemons.append(daemon)
+    p2p = await daemon.start(identity_path=None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=join)
+    dhts.append(await DHTNode.create(p2p=p2p, initial_peers=join or None, ensure_bootstrap_success=bool(join)))
+    runner = JobRunner(p2p, dhts[-1], "jobtest", "job1", job, load_node_data(tmp_path / f"data{i}", dataset="digits"))
+    await runner.start()
+    return runner
+
+
+def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_update(tmp_path):
+    """Below min_participants a round is tried again under the same id (so paused nodes meet), and the
+    update computed for it is resent from error feedback, not trained a second time."""
+    job = dataclasses.replace(spec(OuterOpt("fedavg")), round_timeout_s=12.0)  # 2 s matchmaking windows
+
+    async def scenario():
+        daemons, dhts, runners = [], [], []
+        try:
+            runners.append(await start_node(tmp_path, 0, job, daemons, dhts))
+            alone = [await runners[0].run_round() for _ in range(2)]
+            runners.append(await start_node(tmp_path, 1, job, daemons, dhts))
+            together = await asyncio.gather(*(r.run_round() for r in runners))
+            return alone, together, runners[0].next_round
+        finally:
+            for runner in runners:
+                await runner.stop()
+            for dht in dhts:
+                await dht.shutdown()
+            for daemon in daemons:
+                await daemon.stop()
+
+    alone, together, next_round = asyncio.run(scenario())
+    assert [(r.round, r.ok, r.paused) for r in alone] == [(0, False, True), (0, False, True)], [r.error for r in alone]
+    assert alone[0].local_seconds > 0 and alone[1].local_seconds == 0  # trained once, then resent
+    assert all(r.ok and r.round == 0 for r in together), [r.error for r in together]
+    assert together[0].model_hash == together[1].model_hash and next_round == 1
+    assert together[0].local_seconds == 0 and together[0].samples == alone[0].samples  # the kept update, weighed as trained
+    assert together[1].local_seconds > 0

@@ -149,3 +149,121 @@ def test_job_outlives_its_submitter_and_can_be_followed_from_another_node(node_f
     assert final["state"] == "done" and final["round"] == 30
     hashes = {manifest(n, job_id)["model_hash"] for n in nodes[1:]}
     assert hashes == {final["model_hash"]}
+
+
+def test_a_model_too_large_for_this_node_is_declined_with_the_reason(node_factory, tmp_path):
+    (node,) = start_nodes(node_factory, tmp_path, ["digits"])
+    job_file = tmp_path / "huge.toml"  # 3 hidden layers of 100k units: ~2e10 parameters, ~300 GiB to train
+    job_file.write_text(JOB.replace("hidden = 64", "hidden = 100000\nlayers = 3"))
+    submitted = run_cli("submit", str(job_file), "--json", "--home", str(node.home))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+
+    def declined() -> str:
+        listed = json.loads(run_cli("jobs", "--json", "--home", str(node.home)).stdout or "[]")
+        return next((j["declined"] for j in listed if j["job_id"] == job_id), "")
+
+    from node.localswarm import wait_for
+
+    reason = wait_for(declined, 30, "the node to decline the job", interval=0.3)
+    assert "the model needs about" in reason and "GiB available" in reason, reason
+    assert node.proc.poll() is None and not (node.home / "jobs").exists()
+
+
+def poison(data_dir, dataset: str = "digits") -> None:
+    """Rewrite a node's slice with NaN features (manifest and sha256 kept consistent): its loss is NaN."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    manifest_path = data_dir / dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    with np.load(data_dir / dataset / manifest["data_file"]) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["x"] = np.full_like(arrays["x"], np.nan)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (data_dir / dataset / manifest["data_file"]).write_bytes(buf.getvalue())
+    manifest["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.timeout(180)
+def test_a_node_with_nan_loss_is_kept_out_and_resyncs(node_factory, tmp_path):
+    for i in range(3):
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+    poison(tmp_path / "data2")
+    nodes = []
+    for i in range(3):
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
+        nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else [])).wait_ready())
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 6").replace("round_timeout_s = 30", "round_timeout_s = 12"))
+    done = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
+    assert done.returncode == 0, done.stderr[-1500:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    job_id, final = events[0]["job_id"], events[-1]
+    assert final["state"] == "done" and final["round"] == 6 and final["eval_metric"] > 0.5
+    # every round the healthy pair applied was theirs alone; the poisoned node never sent an update
+    reports = {n.home.name: json.loads((wait_report(n, job_id)).read_text()) for n in nodes}
+    healthy = {nodes[0].peer_id, nodes[1].peer_id}
+    assert all(set(r["participants"]) == healthy for r in reports["n0"] if r["ok"])
+    poisoned = reports["n2"]
+    assert poisoned and all(not r["ok"] and "non-finite loss" in r["error"] for r in poisoned)
+    # ...and after each refusal it re-synced: it ends holding the swarm's final model, bit for bit
+    hashes = {manifest(n, job_id)["model_hash"] for n in nodes}
+    assert hashes == {final["model_hash"]}
+    assert "synced to round" in nodes[2].log_path.read_text()
+
+
+def wait_report(node, job_id: str):
+    manifest(node, job_id)
+    return node.home / "jobs" / job_id / "report.json"
+
+
+@pytest.mark.timeout(240)
+def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it(node_factory, tmp_path):
+    """n1 freezes itself inside round 2's exchange (fault injection) and is SIGKILLed there: n0 finishes or
+    fails that round without it, then pauses (min 2 participants) instead of failing; a fresh node joins
+    from a downloaded, hash-checked state and the job runs to the end."""
+    import os
+
+    import psutil
+
+    from node.daemon import STOP_AT_ENV
+    from node.localswarm import wait_for
+
+    for i in range(3):
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+
+    def args(i: int, join: list) -> list:
+        return ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}"), *join]
+
+    n0 = node_factory("n0", args(0, [])).wait_ready()
+    n1 = node_factory("n1", args(1, ["--join", n0.addr]), env={**os.environ, STOP_AT_ENV: "reduce_scatter:2"}).wait_ready()
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 7").replace("round_timeout_s = 30", "round_timeout_s = 12"))
+    submitted = run_cli("submit", str(job_file), "--json", "--home", str(n0.home))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    wait_for(lambda: psutil.Process(n1.proc.pid).status() == psutil.STATUS_STOPPED, 90, "n1 to freeze mid-round 2",
+             interval=0.1)
+    n1.kill_hard()
+
+    def state() -> str:
+        listed = json.loads(run_cli("jobs", "--json", "--home", str(n0.home)).stdout or "[]")
+        return next((j["state"] for j in listed if j["job_id"] == job_id), "")
+
+    wait_for(lambda: state() == "paused", 60, "the job to pause below min_participants", interval=0.3)
+    paused_at = job_round(n0, job_id)
+    assert paused_at in (2, 3)  # round 2 applied n0's own span, or failed for both
+    n2 = node_factory("n2", args(2, ["--join", n0.addr])).wait_ready()
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(n0.home), timeout=150)
+    assert done.returncode == 0, done.stderr[-1500:]
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "done" and final["round"] == 7
+    manifests = {n.home.name: manifest(n, job_id) for n in (n0, n2)}
+    assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}
+    assert manifests["n2"]["rounds"] == 7 - paused_at  # it joined at the paused round, from n0's state
+    assert "fault injection: stopping at reduce_scatter" in n1.log_path.read_text()
