@@ -1,4 +1,4 @@
-"""protocol/stage_plan.py: cuts are optimal (vs brute force), fit memory; nodes go where they lift the bottleneck."""
+"""protocol/stage_plan.py + stage_assign.py: cuts are optimal (vs brute force), fit memory; nodes go where they lift the bottleneck."""
 
 from __future__ import annotations
 
@@ -8,20 +8,8 @@ import random
 
 import pytest
 
-from protocol.stage_plan import (
-    Assignment,
-    Host,
-    Move,
-    NodeSpec,
-    StagePlan,
-    assign_nodes,
-    plan_balanced,
-    plan_layer_wise,
-    plan_memory_aware,
-    plan_stages,
-    rebalance_join,
-    rebalance_leave,
-)
+from protocol.stage_assign import Assignment, Move, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
+from protocol.stage_plan import Host, StagePlan, plan_balanced, plan_layer_wise, plan_memory_aware, plan_stages
 
 # ------------------------------------------------------------------------------------------- brute force
 
@@ -354,7 +342,7 @@ def test_alike_nodes_and_alike_stages_vs_brute_force():
 def test_the_exact_search_climbs_from_the_worst_start():
     # white-box: the greedy start is often optimal already and would hide a search that prunes or skips
     # too much, so start the branch and bound from the worst covering assignment instead
-    from protocol.stage_plan import _branch_and_bound
+    from protocol.stage_assign import _branch_and_bound
 
     rng = random.Random(2024)
     for _ in range(250):
