@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(job)
     job.add_argument("job_id")
     job.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    job.add_argument("--export", metavar="DIR", type=pathlib.Path,
+                     help="write the job's model, manifest, report and curve into DIR (after --follow, if given)")
     cancel = sub.add_parser("cancel", help="cancel a job you submitted")
     _add_common(cancel)
     cancel.add_argument("job_id")
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace):
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow",
+                                                          "export")}
     return resolve(flags, config_file=args.config)
 
 
@@ -220,7 +223,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(json.dumps([job_json(j) for j in resp.jobs]) if args.json else format_jobs_table(resp))
             return 0
         if args.command == "job":
-            return follow_job(client, args.job_id, args.follow, args.json)
+            code = follow_job(client, args.job_id, args.follow, args.json)
+            if args.export is None or code != 0:
+                return code
+            written = client.export(args.job_id, str(args.export.expanduser().resolve()))
+            print(json.dumps({"files": list(written.files), "round": written.round, "model_hash": written.model_hash})
+                  if args.json else f"wrote job {args.job_id} after {written.round} rounds (model {written.model_hash[:16]}...): "
+                  + ", ".join(written.files), flush=True)
+            return 0
         cancelled = client.cancel(args.job_id).cancelled
         print(json.dumps({"cancelled": cancelled}) if args.json else
               (f"cancelled job {args.job_id}" if cancelled else "the cancellation could not be stored"))

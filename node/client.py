@@ -45,9 +45,10 @@ class ControlClient:
                 raise NodeError(f"no swarmnode daemon is running for home {self.config.home_dir}", EXIT_FAILURE) from None
         return address
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, timeout: float | None = None):
+        timeout = timeout or self.timeout
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+            return getattr(self._stub, method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -61,7 +62,7 @@ class ControlClient:
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise NodeError(e.details(), EXIT_FAILURE) from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise NodeError(f"the daemon did not answer {method} within {self.timeout:.0f} s", EXIT_FAILURE) from None
+                raise NodeError(f"the daemon did not answer {method} within {timeout:.0f} s", EXIT_FAILURE) from None
             raise NodeError(f"{method} failed: {e.details()}", EXIT_FAILURE) from None
 
     def status(self) -> pb.StatusResponse:
@@ -78,6 +79,10 @@ class ControlClient:
 
     def cancel(self, job_id: str) -> pb.CancelResponse:
         return self._call("Cancel", pb.CancelRequest(job_id=job_id))
+
+    def export(self, job_id: str, out_dir: str, timeout: float = 300.0) -> pb.ExportResponse:
+        """The daemon may first download the model from a participant: allow it minutes, not seconds."""
+        return self._call("Export", pb.ExportRequest(job_id=job_id, out_dir=out_dir), timeout)
 
     def job(self, job_id: str, follow: bool = False):
         """Job states as they change (one if not following); the stream ends with the job."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import pathlib
@@ -106,6 +107,19 @@ class ControlServicer(pb_grpc.ControlServicer):
             return pb.CancelResponse(cancelled=await self.daemon.jobs.cancel(request.job_id))
         except NodeError as e:
             await context.abort(_status(e), str(e))
+
+    async def Export(self, request: pb.ExportRequest, context: grpc.aio.ServicerContext) -> pb.ExportResponse:
+        out = pathlib.Path(request.out_dir)
+        if not out.is_absolute():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export directory must be absolute, got {str(out)!r:.200}")
+        try:
+            files = await self.daemon.jobs.export(request.job_id, out)
+        except NodeError as e:
+            await context.abort(_status(e), str(e))
+        except OSError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot write to {out}: {e.strerror}")
+        manifest = json.loads(files[1].read_text())
+        return pb.ExportResponse(files=[str(f) for f in files], round=manifest["rounds"], model_hash=manifest["model_hash"])
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         withdrawn = await self.daemon.membership.withdraw()

@@ -4,22 +4,21 @@ Every node polls the swarm's ``jobs`` dictionary. For each running job it checks
 telling anyone its data, whether it can serve it: a slice of the job's dataset under ``--data DIR/<dataset>``
 (written by node/datasets.write_node_data) and enough memory for the model. If so it runs the job's rounds
 with node/jobs.JobRunner and publishes a signed JobProgress after each; if not it declines, and says why in
-``swarmnode jobs``. When the last round completes, every participant writes the final model (safetensors),
-a manifest (sha256 of every tensor, the job spec, round count), a JSON report of every round and a PNG of
-the loss and metric curves.
+``swarmnode jobs``. While fewer than min_participants are ready the participants publish "paused" and keep
+retrying the same round. When the last round completes, every participant writes the final model
+(safetensors), a manifest, a JSON report of every round and a PNG of the curves (node/jobexport.py); any
+other node can write the same files with ``swarmnode job ID --export DIR``.
 
 A node that finds a job already past round 0, or that fell behind (its round failed while the others'
-succeeded), downloads the current global model and outer momentum from a participant over a libp2p stream,
-served between rounds, and checks it against the announced sha256 before adopting it: it never
-contributes an update computed from stale parameters.
+succeeded), downloads the current global model, outer momentum and round history from a participant over a
+libp2p stream, served between rounds, and checks the parameters against their sha256 and that sha256
+against the swarm's signed progress before adopting them: it never contributes an update computed from
+stale parameters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
-import json
 import logging
 import pathlib
 import secrets
@@ -32,14 +31,13 @@ import psutil
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
-from safetensors.torch import save
 
-from node.datasets import load_node_data
+from node.datasets import DATASETS, load_node_data
 from node.errors import EXIT_USAGE, NodeError
-from node.files import atomic_write
+from node.jobexport import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs import JobRunner, RoundResult, params_hash
 from node.jobspec import job_spec_from_toml
-from node.models import estimate_memory_bytes, resolve_overrides
+from node.models import build_model, estimate_memory_bytes, flatten_params, load_flat_params, resolve_overrides
 from protocol.jobs import (
     MAX_STATE_HEADER_BYTES,
     JobProgress,
@@ -72,47 +70,29 @@ class JobView:
     progress: JobProgress | None = None  # the freshest participant view
     at_best: tuple[JobProgress, ...] = ()  # every writer's progress at that round, freshest first
 
+    declined: str = ""  # why this node does not take part ("" if it does or has not decided)
+    history: list[RoundResult] = field(default_factory=list)  # this node's own rounds
+    inherited: list[dict] = field(default_factory=list)  # earlier rounds, from the peer whose state we adopted
+    announced: set[tuple[int, str]] = field(default_factory=set)  # (round, model hash) in signed progress
+
+    def report(self, reporter: str) -> list[dict]:
+        return merge_history([round_entry(r, reporter) for r in reversed(self.history)], self.inherited)
+
     @property
     def holders(self) -> tuple[str, ...]:  # who can serve the state of the latest round
         return tuple(p.writer for p in self.at_best)
-    declined: str = ""  # why this node does not take part ("" if it does or has not decided)
-    history: list[RoundResult] = field(default_factory=list)  # this node's own rounds
 
     @property
     def state(self) -> str:
-        if self.record.state == "cancelled" or self.progress is None:
+        if self.record.state in ("cancelled", "done") or self.progress is None:
             return self.record.state
+        if any(p.state == "done" for p in self.at_best):
+            return "done"
         return self.progress.state
 
     @property
     def round(self) -> int:
         return max(self.record.round, self.progress.round if self.progress else 0)
-
-
-def curve_png(history: list[RoundResult], metric: str, title: str) -> bytes:
-    """Train loss and the eval metric per round, as PNG bytes (matplotlib's Agg backend, no display)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in history if r.ok]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    left.plot([r.round for r in ok], [r.train_loss for r in ok], color="tab:blue")
-    left.set(xlabel="round id", ylabel="mean local train loss (this node)")
-    evaluated = [r for r in ok if metric in r.metrics]
-    right.plot([r.round for r in evaluated], [r.metrics[metric] for r in evaluated], color="tab:orange")
-    right.set(xlabel="round id", ylabel=f"test {metric}")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 class JobManager:
@@ -183,6 +163,7 @@ class JobManager:
                 view.record = record
             progress = await self._progress_entries(record.job_id)
             if progress:
+                view.announced |= {(p.round, p.model_hash) for p in progress}
                 view.progress = max(progress, key=lambda p: (p.round, p.updated_at))
                 at_best = [p for p in progress if p.round == view.progress.round]
                 view.at_best = tuple(sorted(at_best, key=lambda p: -p.updated_at))
@@ -256,10 +237,10 @@ class JobManager:
                     return
                 if view.state == "done" or (view.progress and view.progress.round > runner.completed):
                     await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
-                    if runner.completed >= spec.rounds:
-                        break
                 elif not runner.in_sync:
                     await self._catch_up_if_behind(view, runner)
+                if runner.completed >= spec.rounds:
+                    break
                 result = await runner.run_round()
                 await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
                 view.history.append(result)
@@ -277,14 +258,18 @@ class JobManager:
                             if p.round == runner.completed and p.model_hash == runner.model_hash]
                     runner.align_round(max(same, default=0))  # paused peers drifted apart: meet on the latest id
                     continue
+                if not result.ok:  # nothing changed here; a failed round is in the report, not in progress
+                    continue
                 if paused:
                     logger.info("job %s resumed", record.job_id)
                 paused = False
                 await self._publish(self._progress(runner, result, "done" if runner.completed == spec.rounds else "running"))
-            self._export(record, runner, view.history)
+            params, _, completed, _ = runner.snapshot()
+            self._write_export(self.home / "jobs" / record.job_id, view, params, completed)
             if record.submitter == self.peer_id:
                 view.record = record.replace(state="done", round=runner.completed, model_hash=runner.model_hash,
-                                             participants=tuple(view.history[-1].participants), updated_at=time.time())
+                                             participants=view.progress.participants if view.progress else (),
+                                             updated_at=time.time())
                 await self._store_record(view.record)
         except asyncio.CancelledError:
             raise
@@ -315,70 +300,104 @@ class JobManager:
     # ---- state transfer --------------------------------------------------------------------------------------
 
     async def _serve_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Send a job's current global state to a peer (between rounds, so it can join the next one)."""
+        """Send a job's current global state to a peer (between rounds, so it can join the next one), then
+        this node's report of the rounds so far."""
         try:
             job_id = (await asyncio.wait_for(read_frame(reader, 64), 10)).decode(errors="replace")
-            runner = self._runners.get(job_id)
-            if runner is None:
+            runner, view = self._runners.get(job_id), self.views.get(job_id)
+            if runner is None or view is None:
                 return
             await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)  # best effort: fresh state
             params, momentum, completed, next_round = runner.snapshot()
-            header = StateHeader(job_id, completed, next_round, params_hash(params), params.size, momentum is not None)
+            history = history_to_json(view.report(self.peer_id))
+            header = StateHeader(job_id, completed, next_round, params_hash(params), params.size, momentum is not None,
+                                 len(history))
             await write_frame(writer, state_header_to_wire(header))
             await write_frame(writer, params.astype("<f4").tobytes())
             if momentum is not None:
                 await write_frame(writer, momentum.astype("<f4").tobytes())
+            await write_frame(writer, history)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError) as e:
             logger.debug("state request from %s ended: %s", info.peer_id, e)
         finally:
             close_quietly(writer)
 
-    async def _sync(self, view: JobView, runner: JobRunner) -> None:
-        """Download the current state from a participant; raise if none can provide a verified one."""
+    async def _download(self, view: JobView, size: int, timeout: float):
+        """(header, params, momentum, history) from the first participant that serves a state whose hash
+        checks out, both against the bytes and against the signed progress the swarm published for that
+        round; RuntimeError naming every peer's failure if none does."""
         candidates = [*view.holders, *(view.progress.participants if view.progress else ())]
         peers = [p for p in dict.fromkeys(candidates) if p != self.peer_id]
-        size, errors = runner.params.size, []
+        errors = []
         for peer in peers:
             writer = None
             try:
                 _, reader, writer = await asyncio.wait_for(self.p2p.call_binary_stream_handler(
                     PeerID.from_base58(peer), self._state_protocol), DIAL_TIMEOUT_S)
                 await write_frame(writer, view.record.job_id.encode())
-                timeout = runner.spec.round_timeout_s * 2
                 header = state_header_from_wire(await asyncio.wait_for(read_frame(reader, MAX_STATE_HEADER_BYTES), timeout))
                 if header.job_id != view.record.job_id or header.size != size:
                     raise WireError(f"state for {header.job_id} of {header.size} parameters, expected {size}")
-                params = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4").copy()
+                announced = {h for r, h in view.announced if r == header.completed}
+                if announced and header.model_hash not in announced:
+                    raise WireError(f"model hash for round {header.completed} differs from the swarm's signed progress")
+                params = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4")
+                if params_hash(params) != header.model_hash:
+                    raise WireError("downloaded parameters do not match the announced model hash")
                 momentum = None
                 if header.has_momentum:
-                    momentum = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4").copy()
-                runner.load_state(params.astype(np.float32), momentum if momentum is None else momentum.astype(np.float32),
-                                  header.completed, header.next_round, header.model_hash)
-                logger.info("job %s: synced to round %d (hash %s...) from %s", view.record.job_id, header.completed,
-                            header.model_hash[:12], peer[-8:])
-                return
+                    momentum = np.frombuffer(await asyncio.wait_for(read_frame(reader, 4 * size), timeout), "<f4")
+                history = []
+                if header.history_size:
+                    history = history_from_json(await asyncio.wait_for(read_frame(reader, header.history_size), timeout))
+                return header, params.astype(np.float32), None if momentum is None else momentum.astype(np.float32), history
             except Exception as e:  # try the next participant
                 errors.append(f"{peer[-8:]}: {type(e).__name__}: {e}")
             finally:
                 close_quietly(writer)
         raise RuntimeError(f"could not download the state of job {view.record.job_id}: {'; '.join(errors) or 'no peers'}")
 
-    def _export(self, record: JobRecord, runner: JobRunner, history: list[RoundResult]) -> None:
-        """The final model as safetensors, its manifest, and a JSON report of every round (0600 files)."""
-        out = self.home / "jobs" / record.job_id
-        tensors = {name: t.detach().contiguous() for name, t in runner.bundle.module.state_dict().items()}
-        blob = save(tensors)
-        atomic_write(out / "model.safetensors", blob)
-        manifest = {
-            "job_id": record.job_id, "name": record.spec.name, "rounds": sum(r.ok for r in history),
-            "model_hash": runner.model_hash, "file_sha256": hashlib.sha256(blob).hexdigest(),
-            "tensors": {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in tensors.items()},
-            "spec": dataclasses.asdict(record.spec),
-        }
-        atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
-        report = [r.__dict__ for r in history]
-        atomic_write(out / "report.json", json.dumps(report, indent=1, default=str).encode())
-        atomic_write(out / "curve.png", curve_png(history, runner.bundle.metric, record.spec.name))
+    async def _sync(self, view: JobView, runner: JobRunner) -> None:
+        """Adopt the current state of a participant; raise if none can provide a verified one."""
+        header, params, momentum, history = await self._download(view, runner.params.size, runner.spec.round_timeout_s * 2)
+        runner.load_state(params, momentum, header.completed, header.next_round, header.model_hash)
+        view.inherited = merge_history(view.inherited, history)
+        logger.info("job %s: synced to round %d (hash %s...)", view.record.job_id, header.completed,
+                    header.model_hash[:12])
+
+    # ---- export ----------------------------------------------------------------------------------------------
+
+    async def export(self, job_id: str, out: pathlib.Path) -> list[pathlib.Path]:
+        """Write the job's current model, manifest, report and curve under ``out``: from this node's own copy
+        if it takes part, else downloaded from a participant and checked like a joiner's."""
+        await self.refresh()
+        view = self.views.get(job_id)
+        if view is None:
+            raise NodeError(f"no job {job_id} in this swarm", EXIT_USAGE)
+        runner = self._runners.get(job_id)
+        if runner is not None:
+            params, _, completed, _ = runner.snapshot()
+        else:
+            if view.progress is None:
+                raise NodeError(f"job {job_id} has no participant yet: nothing to export")
+            size = flatten_params(self._fresh_model(view).module).size
+            try:
+                header, params, _, history = await self._download(view, size, view.record.spec.round_timeout_s * 2)
+            except RuntimeError as e:
+                raise NodeError(str(e)) from None
+            completed, view.inherited = header.completed, merge_history(view.inherited, history)
+        return await asyncio.to_thread(self._write_export, out, view, params, completed)
+
+    def _fresh_model(self, view: JobView):
+        spec = view.record.spec
+        info = DATASETS.get(spec.dataset)
+        return build_model(spec.model.arch, spec.model.config(), spec.seed, num_classes=info.num_classes if info else None)
+
+    def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int) -> list[pathlib.Path]:
+        bundle = self._fresh_model(view)
+        load_flat_params(bundle.module, params)
+        return export_job(out, view.record, bundle.module, params_hash(params), completed, sum(r.ok for r in view.history),
+                          view.report(self.peer_id), bundle.metric)
 
     async def _publish(self, progress: JobProgress) -> None:
         ok = await self.dht.store(progress_key(self.swarm, progress.job_id), job_progress_to_wire(progress),

@@ -474,6 +474,7 @@ def job_progress_from_wire(data: bytes) -> JobProgress:
 # ---- model state transfer (a joiner or a node that fell behind downloads the current global state) --------
 
 MAX_STATE_HEADER_BYTES = 4 * 1024
+MAX_HISTORY_BYTES = 32 * 1024 * 1024  # ~60k rounds at ~0.5 KB each; a sender drops the oldest beyond that
 
 
 @dataclass(frozen=True)
@@ -486,6 +487,7 @@ class StateHeader:
     model_hash: str  # sha256 of the parameters' little-endian float32 bytes
     size: int  # number of parameters
     has_momentum: bool  # an outer momentum buffer of the same size follows the parameters
+    history_size: int = 0  # bytes of the sender's round history (a JSON list) sent last; 0: none
 
     def __post_init__(self) -> None:
         _check_job_id("job_id", self.job_id)
@@ -496,6 +498,7 @@ class StateHeader:
             raise ValueError("model_hash: required")
         _check_int("size", self.size, 1, 2**34)
         _check_bool("has_momentum", self.has_momentum)
+        _check_int("history_size", self.history_size, 0, MAX_HISTORY_BYTES)
 
 
 def state_header_to_wire(header: StateHeader) -> bytes:

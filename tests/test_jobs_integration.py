@@ -65,6 +65,16 @@ def test_submit_follow_and_every_participant_ends_with_the_same_model(node_facto
     listed = json.loads(run_cli("jobs", "--json", "--home", str(nodes[2].home)).stdout)
     assert listed[0]["job_id"] == job_id and "no usable local data" in listed[0]["declined"]
     assert not (nodes[2].home / "jobs").exists()
+    # ...yet it can export the finished job: downloaded from a participant, hash-checked, whole report
+    out = tmp_path / "exported"
+    exported = run_cli("job", job_id, "--export", str(out), "--json", "--home", str(nodes[2].home))
+    assert exported.returncode == 0, exported.stderr[-1500:]
+    written = json.loads(exported.stdout.splitlines()[-1])
+    assert written["round"] == 5 and written["model_hash"] == events[-1]["model_hash"]
+    assert sorted(p.name for p in out.iterdir()) == ["curve.png", "manifest.json", "model.safetensors", "report.json"]
+    assert json.loads((out / "manifest.json").read_text())["tensors"] == manifests[0]["tensors"]
+    assert [r["round"] for r in json.loads((out / "report.json").read_text()) if r["ok"]] == [0, 1, 2, 3, 4]
+    assert_one_line_error(run_cli("job", job_id, "--export", "/proc/no/such", "--home", str(nodes[2].home)), 2, "cannot write")
     # only the submitter may cancel
     assert_one_line_error(run_cli("cancel", job_id, "--home", str(nodes[1].home)), 2, "only the submitter")
 
@@ -100,11 +110,10 @@ def job_round(node, job_id: str) -> int:
     return next((j["round"] for j in listed if j["job_id"] == job_id), 0)
 
 
-# In `make test-all`, not `make test`: about 1 run in 5 here the joiner never takes part (it finds no running
-# job before the others finish; cause under investigation, see the issue #4 note). The joiner path itself is
-# also exercised by `make demo`.
-@pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_factory, tmp_path):
+    """Three participants (min 2); a fresh node joins mid-job, then a participant is SIGKILLed: the job goes
+    on with the survivors and the joiner, and all of them end bit-identical."""
     from node.localswarm import wait_for
 
     for i in range(4):
@@ -114,22 +123,26 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
         nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else [])).wait_ready())
     job_file = tmp_path / "job.toml"
-    # long enough (60 rounds of 60 local steps) that the joiner finds the job still running
-    job_file.write_text(JOB.replace("rounds = 5", "rounds = 60").replace("local_steps = 10", "local_steps = 60"))
+    # rounds take ~0.2 s here: 150 of them leave the joiner (ready in ~2 s) most of the job
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 150"))
     submitted = run_cli("submit", str(job_file), "--json", "--home", str(nodes[0].home))
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job_id"]
     wait_for(lambda: job_round(nodes[0], job_id) >= 3, 60, "round 3", interval=0.3)
-    nodes[2].kill_hard()  # a participant dies mid-job
     joiner = node_factory("n3", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs",
                                  "--data", str(tmp_path / "data3"), "--join", nodes[0].addr]).wait_ready()
-    done = run_cli("job", job_id, "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
+    wait_for(lambda: "synced to round" in joiner.log_path.read_text(), 60, "the joiner to download the state")
+    killed_at = job_round(nodes[0], job_id)
+    nodes[2].kill_hard()  # a participant dies mid-job
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(nodes[0].home), timeout=200)
     assert done.returncode == 0, done.stderr[-1500:]
     final = json.loads(done.stdout.splitlines()[-1])
-    assert final["state"] == "done" and final["round"] == 60
+    assert final["state"] == "done" and final["round"] == 150 and killed_at < 150
     manifests = {n.home.name: manifest(n, job_id) for n in (nodes[0], nodes[1], joiner)}
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}, manifests
-    assert 0 < manifests["n3"]["rounds"] < 60  # it joined mid-job from a downloaded, hash-checked state
+    assert 0 < manifests["n3"]["rounds_this_node"] < 150  # it joined mid-job from a downloaded, hash-checked state
+    report = json.loads((joiner.home / "jobs" / job_id / "report.json").read_text())
+    assert [r["round"] for r in report if r["ok"]][:3] == [0, 1, 2]  # earlier rounds came with the state
 
 
 def test_job_outlives_its_submitter_and_can_be_followed_from_another_node(node_factory, tmp_path):
@@ -209,8 +222,11 @@ def test_a_node_with_nan_loss_is_kept_out_and_resyncs(node_factory, tmp_path):
     reports = {n.home.name: json.loads((wait_report(n, job_id)).read_text()) for n in nodes}
     healthy = {nodes[0].peer_id, nodes[1].peer_id}
     assert all(set(r["participants"]) == healthy for r in reports["n0"] if r["ok"])
-    poisoned = reports["n2"]
-    assert poisoned and all(not r["ok"] and "non-finite loss" in r["error"] for r in poisoned)
+    own_errors = [r.get("this_node_error") or r["error"] for r in reports["n2"]
+                  if r["reported_by"] == nodes[2].peer_id or "this_node_error" in r]
+    assert own_errors and all("non-finite loss" in e for e in own_errors), reports["n2"]
+    assert [r["round"] for r in reports["n2"] if r["ok"]] == [r["round"] for r in reports["n0"] if r["ok"]]
+    assert manifest(nodes[2], job_id)["rounds_this_node"] == 0
     # ...and after each refusal it re-synced: it ends holding the swarm's final model, bit for bit
     hashes = {manifest(n, job_id)["model_hash"] for n in nodes}
     assert hashes == {final["model_hash"]}
@@ -265,5 +281,5 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     assert final["state"] == "done" and final["round"] == 7
     manifests = {n.home.name: manifest(n, job_id) for n in (n0, n2)}
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}
-    assert manifests["n2"]["rounds"] == 7 - paused_at  # it joined at the paused round, from n0's state
+    assert manifests["n2"]["rounds"] == 7 and manifests["n2"]["rounds_this_node"] == 7 - paused_at  # joined when paused
     assert "fault injection: stopping at reduce_scatter" in n1.log_path.read_text()

@@ -177,3 +177,21 @@ class CancelResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("job_id", "out_dir")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    out_dir: str
+    def __init__(self, job_id: _Optional[str] = ..., out_dir: _Optional[str] = ...) -> None: ...
+
+class ExportResponse(_message.Message):
+    __slots__ = ("files", "round", "model_hash")
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedScalarFieldContainer[str]
+    round: int
+    model_hash: str
+    def __init__(self, files: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...

@@ -70,6 +70,11 @@ class ControlStub:
                 request_serializer=swarmnode_dot_v1_dot_control__pb2.CancelRequest.SerializeToString,
                 response_deserializer=swarmnode_dot_v1_dot_control__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/swarmnode.v1.Control/Export',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.ExportRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.ExportResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -125,6 +130,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Write a job's current model (safetensors), manifest, report and curve into a directory on this machine;
+        a node that does not take part downloads the state from a participant and checks its hash first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=swarmnode_dot_v1_dot_control__pb2.CancelRequest.FromString,
                     response_serializer=swarmnode_dot_v1_dot_control__pb2.CancelResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.ExportRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.ExportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class Control:
             '/swarmnode.v1.Control/Cancel',
             swarmnode_dot_v1_dot_control__pb2.CancelRequest.SerializeToString,
             swarmnode_dot_v1_dot_control__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmnode.v1.Control/Export',
+            swarmnode_dot_v1_dot_control__pb2.ExportRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.ExportResponse.FromString,
             options,
             channel_credentials,
             insecure,
