@@ -4,6 +4,8 @@
     swarmnode run --join /ip4/198.51.100.7/tcp/31337/p2p/12D3KooW...   # a volunteer joining it
     swarmnode status | peers | leave  [--json]               # ask the running daemon (same --home)
     swarmnode dev-swarm --nodes 4 [--demo]                   # N nodes on loopback
+    swarmnode submit job.toml --follow | jobs | job ID [--follow] [--export DIR] | cancel ID
+    swarmnode split MODEL_DIR --stages 3 --strategy balanced --out DIR   # plan stages, write signed shards
 
 Every expected failure prints one line ``swarmnode: error: ...`` and exits 1 (run time) or 2 (bad input).
 """
@@ -74,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(cancel)
     cancel.add_argument("job_id")
 
+    split = sub.add_parser("split", help="plan pipeline stages of a local model and write signed shards")
+    _add_common(split)
+    split.add_argument("model", help="a local model folder (config.json + weights: GPT-2, LLaMA or BERT) or "
+                                     "'minilm' for the bundled all-MiniLM-L6-v2")
+    split.add_argument("--stages", type=int, help="number of stages (layer_wise, balanced)")
+    split.add_argument("--strategy", choices=("layer_wise", "balanced", "memory_aware"),
+                       help="how to cut: equal layers, balanced parameters (default), or sized to --host machines")
+    split.add_argument("--host", action="append", metavar="MEM_GIB:TFLOPS",
+                       help="memory_aware: one per stage, in stage order, e.g. --host 8:20 --host 24:80")
+    split.add_argument("--out", type=pathlib.Path, required=True, help="directory for the shards and manifest")
+
     dev = sub.add_parser("dev-swarm", help="start N local nodes on loopback; Ctrl-C stops them all")
     dev.add_argument("--nodes", type=int, default=4)
     dev.add_argument("--dir", type=pathlib.Path, help="where the nodes' homes go (default: a temporary directory)")
@@ -87,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow",
-                                                          "export")}
+                                                          "export", "model", "stages", "strategy", "host", "out")}
     return resolve(flags, config_file=args.config)
 
 
@@ -335,6 +348,54 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hosts(specs: list[str]):
+    from protocol.stage_plan import Host
+
+    hosts = []
+    for spec in specs:
+        mem, sep, tflops = spec.partition(":")
+        try:
+            hosts.append(Host(float(mem) * 2**30, float(tflops)))
+        except ValueError:
+            raise NodeError(f"--host {spec!r}: expected MEM_GIB:TFLOPS with positive numbers, e.g. 8:20", EXIT_USAGE) from None
+        if not sep:
+            raise NodeError(f"--host {spec!r}: expected MEM_GIB:TFLOPS, e.g. 8:20", EXIT_USAGE)
+    return hosts
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from node.identity import load_or_create_key
+    from node.models import minilm_path
+    from node.splitter import load_model_dir, plan_for_model, split_model
+
+    if (args.strategy == "memory_aware") != bool(args.host):
+        raise NodeError("--host goes with --strategy memory_aware (one per stage), and memory_aware needs them", EXIT_USAGE)
+    if args.host and args.stages is not None and args.stages != len(args.host):
+        raise NodeError(f"--stages {args.stages} but {len(args.host)} --host given: one host per stage", EXIT_USAGE)
+    if not args.host and args.stages is None:
+        raise NodeError("--stages N is required (or --strategy memory_aware with one --host per stage)", EXIT_USAGE)
+    path = minilm_path() if args.model == "minilm" else pathlib.Path(args.model).expanduser()
+    try:
+        model = load_model_dir(path)
+        plan = plan_for_model(model, _hosts(args.host) if args.host else args.stages, args.strategy)
+    except ValueError as e:
+        raise NodeError(str(e), EXIT_USAGE) from None
+    key, _ = load_or_create_key(_config_from(args).identity_path)
+    manifest = split_model(model, plan.spans, args.out, key)
+    if args.json:
+        print(json.dumps({"strategy": plan.strategy, "stages": plan.rows(), "model_hash": manifest.model_hash,
+                          "splitter": manifest.splitter, "out": str(args.out),
+                          "shards": [{"start": s.start, "end": s.end, "file": s.file, "size": s.size, "sha256": s.sha256}
+                                     for s in manifest.shards]}, default=str))
+        return 0
+    print(f"{manifest.arch}, {manifest.num_layers} layers, {plan.strategy} into {len(plan.spans)} stages "
+          f"(cost = parameters):")
+    print(plan.table())
+    print(f"wrote {len(manifest.shards)} shards + manifest to {args.out}, signed by {manifest.splitter} "
+          f"(model {manifest.model_hash[:16]}...)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -342,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "dev-swarm":
             return cmd_dev_swarm(args)
+        if args.command == "split":
+            return cmd_split(args)
         if args.command in ("submit", "jobs", "job", "cancel"):
             return cmd_jobs(args)
         return cmd_client(args)

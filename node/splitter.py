@@ -38,10 +38,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from node.files import atomic_write
-from node.models import _quiet_transformers, params_sha256
+from node.models import STATE_COPIES, _quiet_transformers, params_sha256
 from node.stages import (SUPPORTED, Span, Stage, arch_of, check_spans, cut_stage, dtype_name, empty_stage, find_ties,
                          load_stage_tensors, num_layers_of, stage_tensors)
 from protocol.peer_keys import peer_id_of
+from protocol.stage_plan import Host, StagePlan, plan_stages
 from protocol.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest,
                              canonical_config_json, check_shard_bytes, manifest_from_wire, manifest_to_wire,
                              sign_manifest, verify_manifest)
@@ -71,6 +72,21 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
 
     with _quiet_transformers():
         return getattr(transformers, archs[0]).from_pretrained(str(path), local_files_only=True, dtype=dtype)
+
+
+def plan_for_model(model: nn.Module, stages: int | Sequence[Host], strategy: str | None = None) -> StagePlan:
+    """Cut ``model`` by parameter count: ``stages`` is a count (layer_wise / balanced) or the hosts, in stage
+    order, for memory_aware, which also needs each stage's training memory (STATE_COPIES fp32 copies of its
+    parameters: weights, grads, optimizer state, round-start snapshot; node/models.py)."""
+    from node.stages import layer_costs
+
+    costs = layer_costs(model)
+    per_param = costs.bytes_per_param * STATE_COPIES
+    options: dict = {"first_extra": float(costs.embed_params), "last_extra": float(costs.head_params)}
+    if not isinstance(stages, int):
+        options |= {"layer_bytes": [c * per_param for c in costs.layer_params],
+                    "first_extra_bytes": costs.embed_params * per_param, "last_extra_bytes": costs.head_params * per_param}
+    return plan_stages([float(c) for c in costs.layer_params], stages, strategy=strategy, **options)
 
 
 def split_model(model_or_dir: nn.Module | str | os.PathLike, spans: Sequence[Span], out_dir: str | os.PathLike,

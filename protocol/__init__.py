@@ -17,6 +17,11 @@ Public names, by module:
   - faults:       Fault, mangle_part                                  (fault injection for tests)
   - jobs:         JobSpec, ModelSpec, InnerOpt, OuterOpt, JobRecord, JobProgress, job_id_for (+ wire pairs)
   - job_validation: SignedJobRecordValidator                          (hivemind DHT validator for jobs)
+  - stage_plan:   StagePlan, Host, plan_layer_wise, plan_balanced, plan_memory_aware, plan_stages (pure layer cuts)
+  - stage_assign: NodeSpec, Assignment, Move, Rebalance, assign_nodes, rebalance_join, rebalance_leave
+                  (pure node -> stage assignment maximising the slowest stage)
+  - shards:       ShardManifest, ShardInfo, TiedWeight, ShardError, sign_manifest, verify_manifest,
+                  check_shard_bytes, manifest_to_wire / manifest_from_wire (signed stage-shard manifests)
 
 Names resolve lazily (PEP 562), so importing one light module (e.g. protocol.wire from the CLI) does not
 pull in torch or hivemind.
@@ -40,6 +45,10 @@ _EXPORTS = {
     "faults": ["Fault", "mangle_part"],
     "jobs": ["JobSpec", "ModelSpec", "InnerOpt", "OuterOpt", "JobRecord", "JobProgress", "job_id_for"],
     "job_validation": ["SignedJobRecordValidator"],
+    "stage_plan": ["StagePlan", "Host", "plan_layer_wise", "plan_balanced", "plan_memory_aware", "plan_stages"],
+    "stage_assign": ["NodeSpec", "Assignment", "Move", "Rebalance", "assign_nodes", "rebalance_join", "rebalance_leave"],
+    "shards": ["ShardManifest", "ShardInfo", "TiedWeight", "ShardError", "sign_manifest", "verify_manifest",
+               "check_shard_bytes", "manifest_to_wire", "manifest_from_wire"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
