@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # updates; a node is SIGKILLed mid-job and a fresh one joins; prints progress and where the final model is.
 demo: $(STAMP)
 	rm -rf demo-out
-	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/digits.toml --churn --demo --dir demo-out
+	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/demo.toml --churn --demo --dir demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not chaos" -q

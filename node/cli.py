@@ -284,6 +284,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     """Submit ``job_file`` from the first node and follow it; with ``churn``, SIGKILL the last node a third of
     the way through and start a fresh node (with the dead one's data slice) that joins the running job."""
+    from node.localswarm import wait_for
+
     try:
         text = job_file.read_text()
     except OSError as e:
@@ -291,7 +293,7 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     job_id = client.submit(text, str(job_file)).job_id
     print(f"\nsubmitted {job_file} as job {job_id}; each node trains on its own slice, only top-k updates move",
           flush=True)
-    info, churned = None, not churn
+    info, churned, fresh = None, not churn, None
     for info in client.job(job_id, follow=True):
         print(format_job_line(info), flush=True)
         if not churned and info.round >= max(1, info.rounds // 3):
@@ -303,10 +305,28 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
             print(f"-- started {fresh.home.name} ({fresh.peer_id[-8:]}): it downloads the current model and joins",
                   flush=True)
             churned = True
-    out = swarm.nodes[0].home / "jobs" / job_id
     print(f"\njob {job_id} {info.state}: final eval {info.eval_metric:.4f} after {info.round} rounds; "
           f"model hash {info.model_hash[:16]}...", flush=True)
-    print(f"model, manifest and round report: {out}/{{model.safetensors,manifest.json,report.json}}", flush=True)
+    if info.state != "done":
+        return
+    manifests = {}
+    for node in swarm.nodes:
+        path = node.home / "jobs" / job_id / "manifest.json"
+        if node.proc is not None and node.proc.poll() is None:
+            try:
+                wait_for(path.exists, 30, f"{node.home.name}'s export", interval=0.2)
+                manifests[node.home.name] = json.loads(path.read_text())
+            except TimeoutError:
+                pass
+    hashes = {m["model_hash"] for m in manifests.values()}
+    print(f"participants that exported the model: {', '.join(manifests)}; same model hash on all: "
+          f"{'yes' if hashes == {info.model_hash} else 'NO: ' + str(sorted(hashes))}", flush=True)
+    if fresh is not None and fresh.home.name in manifests:
+        print(f"{fresh.home.name} joined mid-job and took part in {manifests[fresh.home.name]['rounds_this_node']} "
+              f"of the {info.round} rounds", flush=True)
+    out = swarm.nodes[0].home / "jobs" / job_id
+    print(f"model, manifest, round report and curve: {out}/{{model.safetensors,manifest.json,report.json,curve.png}}",
+          flush=True)
 
 
 def cmd_dev_swarm(args: argparse.Namespace) -> int:
