@@ -20,6 +20,11 @@ Public names, by module:
   - stage_plan:   StagePlan, Host, plan_layer_wise, plan_balanced, plan_memory_aware, plan_stages (pure layer cuts)
   - stage_assign: NodeSpec, Assignment, Move, Rebalance, assign_nodes, rebalance_join, rebalance_leave
                   (pure node -> stage assignment maximising the slowest stage)
+  - activations:  ForwardRequest, ForwardReply, BackwardRequest, BackwardReply, ErrorReply, ExpectedTensor,
+                  activation_to_wire / activation_from_wire, encode_tensor / decode_tensor, max_frame_bytes
+                  (pipeline frames between stages; fp16/bf16 on the wire optional)
+  - shard_transfer: ShardServer, fetch_shard, ShardTransferError, shard_protocol, ServeFault
+                  (chunked, resumable, sha256-verified shard download over libp2p streams)
   - shards:       ShardManifest, ShardInfo, TiedWeight, ShardError, sign_manifest, verify_manifest,
                   check_shard_bytes, manifest_to_wire / manifest_from_wire (signed stage-shard manifests)
 
@@ -47,6 +52,10 @@ _EXPORTS = {
     "job_validation": ["SignedJobRecordValidator"],
     "stage_plan": ["StagePlan", "Host", "plan_layer_wise", "plan_balanced", "plan_memory_aware", "plan_stages"],
     "stage_assign": ["NodeSpec", "Assignment", "Move", "Rebalance", "assign_nodes", "rebalance_join", "rebalance_leave"],
+    "activations": ["ForwardRequest", "ForwardReply", "BackwardRequest", "BackwardReply", "ErrorReply",
+                    "ExpectedTensor", "activation_to_wire", "activation_from_wire", "encode_tensor", "decode_tensor",
+                    "max_frame_bytes"],
+    "shard_transfer": ["ShardServer", "fetch_shard", "ShardTransferError", "shard_protocol", "ServeFault"],
     "shards": ["ShardManifest", "ShardInfo", "TiedWeight", "ShardError", "sign_manifest", "verify_manifest",
                "check_shard_bytes", "manifest_to_wire", "manifest_from_wire"],
 }
