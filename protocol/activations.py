@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from protocol.streams import MAX_FRAME
-from protocol.wire import WireError, unpack_bounded
+from protocol.wire import WireError, exact_map, unpack_bounded
 
 ACTIVATION_PROTOCOL_VERSION = 1
 MAX_DIMS = 8
@@ -215,22 +215,12 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str | torch.dtype | None = None) 
     return {"dtype": wire, "shape": list(t.shape), "raw": arr.reshape(-1).view(np.uint8).data}
 
 
-def _exact_keys(obj: Any, names: tuple[str, ...], where: str) -> dict:
-    if not isinstance(obj, dict):
-        raise WireError(f"{where}: expected a map, got {type(obj).__name__}")
-    unknown = [k for k in obj if k not in names]
-    if unknown:
-        raise WireError(f"{where}: unknown field {unknown[0]!r:.40}")
-    for name in names:
-        if name not in obj:
-            raise WireError(f"{where}: missing field {name!r}")
-    return obj
 
 
 def decode_tensor(obj: Any, expected: ExpectedTensor, where: str = "tensor") -> torch.Tensor:
     """The tensor of a wire map, in ``expected.compute_dtype``: dtype, shape and byte size are checked against
     ``expected`` before any tensor exists, values (finite floats, int range) right after; WireError if not."""
-    obj = _exact_keys(obj, ("dtype", "shape", "raw"), where)
+    obj = exact_map(obj, ("dtype", "shape", "raw"), where)
     wire = obj["dtype"]
     if not isinstance(wire, str) or wire not in expected.dtypes:
         raise WireError(f"{where}.dtype: {wire!r:.40} is not one of {', '.join(expected.dtypes)}")
@@ -418,7 +408,7 @@ def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | Non
     if got != tag and not (got == "error" and expect in replies):
         raise WireError(f"expected a {tag!r} frame, got {got!r:.40}")
     where = got
-    obj = _exact_keys(obj, ("t", "v", *_FIELDS[got]), where)
+    obj = exact_map(obj, ("t", "v", *_FIELDS[got]), where)
     if type(obj["v"]) is not int or obj["v"] != ACTIVATION_PROTOCOL_VERSION:
         raise WireError(f"{where}: unsupported activation protocol version {obj['v']!r:.20}")
     mb = _wire_int(obj, "mb", MAX_MICRO_BATCH, where)

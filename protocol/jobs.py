@@ -34,7 +34,7 @@ import msgpack
 from protocol.messages import MAX_GROUP_SIZE
 from protocol.peer_keys import PeerIdError, public_key_from_peer_id
 from protocol.records import swarm_key
-from protocol.wire import WireError, _dict, _get, unpack_bounded
+from protocol.wire import WireError, _get, exact_map, unpack_bounded
 
 
 JOB_SCHEMA_VERSION = 1
@@ -412,14 +412,8 @@ def _fields(obj: Any) -> dict:
 def _from_map(kind: type, obj: Any, where: str, versioned: bool = False,
               decode: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
     """Build ``kind`` from a map holding exactly its fields; ``decode`` turns nested maps into their objects."""
-    obj = _dict(obj, where)
     names = [f.name for f in dataclasses.fields(kind)] + (["v"] if versioned else [])
-    unknown = sorted(str(k) for k in obj if k not in names)
-    if unknown:
-        raise WireError(f"{where}: unknown field {unknown[0]!r:.40}")
-    missing = [k for k in names if k not in obj]
-    if missing:
-        raise WireError(f"{where}: missing field {missing[0]!r}")
+    obj = exact_map(obj, names, where)
     if versioned:
         version = _get(obj, "v", int, where)
         if version != JOB_SCHEMA_VERSION:

@@ -58,7 +58,7 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.shards import MAX_SHARD_BYTES, ShardError, ShardInfo
 from protocol.streams import close_quietly, read_frame, write_frame
-from protocol.wire import WireError, unpack_bounded
+from protocol.wire import WireError, exact_map, unpack_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +119,7 @@ def _exact(obj: Any, tag: str, names: tuple[str, ...]) -> dict:
         raise WireError(f"shard transfer: expected a map, got {type(obj).__name__}")
     if obj.get("t") != tag:
         raise WireError(f"shard transfer: expected a {tag!r} frame, got {obj.get('t')!r:.40}")
-    unknown = [k for k in obj if k not in ("t", "v", *names)]
-    if unknown:
-        raise WireError(f"{tag}: unknown field {unknown[0]!r:.40}")
-    for name in ("v", *names):
-        if name not in obj:
-            raise WireError(f"{tag}: missing field {name!r}")
+    exact_map(obj, ("t", "v", *names), tag)
     if type(obj["v"]) is not int or obj["v"] != TRANSFER_PROTOCOL_VERSION:
         raise WireError(f"{tag}: unsupported shard transfer version {obj['v']!r:.20}")
     return obj

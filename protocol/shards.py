@@ -41,7 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.wire import WireError, unpack_bounded
+from protocol.wire import WireError, exact_map, unpack_bounded
 
 SHARD_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.msgpack"
@@ -268,16 +268,6 @@ def manifest_to_wire(manifest: ShardManifest) -> bytes:
     return msgpack.packb({**_body(manifest), "signature": manifest.signature}, use_bin_type=True)
 
 
-def _exact(obj: Any, names: tuple[str, ...], where: str) -> dict:
-    if not isinstance(obj, dict):
-        raise ShardError(f"{where}: expected a map, got {type(obj).__name__}")
-    unknown = sorted(str(k) for k in obj if k not in names)
-    if unknown:
-        raise ShardError(f"{where}: unknown field {unknown[0]!r:.40}")
-    missing = [k for k in names if k not in obj]
-    if missing:
-        raise ShardError(f"{where}: missing field {missing[0]!r}")
-    return obj
 
 
 def _list(obj: dict, key: str, limit: int, where: str) -> list:
@@ -294,17 +284,17 @@ def manifest_from_wire(data: bytes) -> ShardManifest:
     except WireError as e:
         raise ShardError(f"shard manifest: {e}") from None
     fields = tuple(f.name for f in dataclasses.fields(ShardManifest))
-    obj = _exact(obj, ("v", *fields), "shard manifest")
+    obj = exact_map(obj, ("v", *fields), "shard manifest", ShardError)
     if obj["v"] != SHARD_SCHEMA_VERSION or isinstance(obj["v"], bool):
         raise ShardError(f"shard manifest: unknown schema version {_show(obj['v'])} (this node reads "
                          f"{SHARD_SCHEMA_VERSION})")
     shards = []
     for i, s in enumerate(_list(obj, "shards", MAX_SHARDS, "shard manifest")):
-        s = _exact(s, tuple(f.name for f in dataclasses.fields(ShardInfo)), f"shard manifest.shards[{i}]")
+        s = exact_map(s, tuple(f.name for f in dataclasses.fields(ShardInfo)), f"shard manifest.shards[{i}]", ShardError)
         shards.append(ShardInfo(**s))
     tied = []
     for i, t in enumerate(_list(obj, "tied", MAX_TIES, "shard manifest")):
-        tied.append(TiedWeight(**_exact(t, ("target", "source"), f"shard manifest.tied[{i}]")))
+        tied.append(TiedWeight(**exact_map(t, ("target", "source"), f"shard manifest.tied[{i}]", ShardError)))
     values = {name: obj[name] for name in fields}
     values.update(shards=tuple(shards), tied=tuple(tied))
     if not isinstance(values["signature"], bytes) or len(values["signature"]) != SIGNATURE_BYTES:

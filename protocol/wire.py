@@ -7,7 +7,7 @@ Every ``x_from_wire`` checks types, sizes and bounds before building anything, a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import msgpack
 
@@ -40,6 +40,20 @@ from protocol.records import (
 
 class WireError(ValueError):
     """Bytes from a peer that do not decode to what the receiver expects."""
+
+
+def exact_map(obj: Any, names: Sequence[str], where: str, error: type[ValueError] = WireError) -> dict:
+    """``obj`` if it is a map holding exactly the keys ``names``; else ``error`` naming the first stray or
+    missing field (every decoder of a peer's map checks its shape this way before reading a value)."""
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a map, got {type(obj).__name__}")
+    unknown = sorted(str(k) for k in obj if k not in names)
+    if unknown:
+        raise error(f"{where}: unknown field {unknown[0]!r:.40}")
+    missing = [k for k in names if k not in obj]
+    if missing:
+        raise error(f"{where}: missing field {missing[0]!r}")
+    return obj
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

@@ -30,19 +30,26 @@ def spec(outer: OuterOpt) -> JobSpec:
                    round_timeout_s=30.0)
 
 
+async def start_node(tmp_path, i: int, job: JobSpec, daemons: list, dhts: list, n_nodes: int = 2,
+                     expected_group: int | None = None) -> JobRunner:
+    """Node i: its p2pd (joining the first one's), DHT node, label-skewed digits slice, and a started runner."""
+    write_node_data("digits", tmp_path / f"data{i}", n_nodes=n_nodes, node_index=i, scheme="label-skew", seed=0)
+    join = [str((await daemons[0].p2p.get_visible_maddrs())[0])] if daemons else []
+    daemon = OwnedP2PDaemon()
+    daemons.append(daemon)
+    p2p = await daemon.start(identity_path=None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=join)
+    dhts.append(await DHTNode.create(p2p=p2p, initial_peers=join or None, ensure_bootstrap_success=bool(join)))
+    runner = JobRunner(p2p, dhts[-1], "jobtest", "job1", job, load_node_data(tmp_path / f"data{i}", dataset="digits"),
+                       expected_group=expected_group)
+    await runner.start()
+    return runner
+
+
 async def run_job(tmp_path, job: JobSpec) -> list[list]:
     daemons, dhts, runners = [], [], []
     try:
         for i in range(NODES):
-            write_node_data("digits", tmp_path / f"data{i}", n_nodes=NODES, node_index=i, scheme="label-skew", seed=0)
-            join = [str((await daemons[0].p2p.get_visible_maddrs())[0])] if daemons else []
-            daemon = OwnedP2PDaemon()
-            daemons.append(daemon)
-            p2p = await daemon.start(identity_path=None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=join)
-            dhts.append(await DHTNode.create(p2p=p2p, initial_peers=join or None, ensure_bootstrap_success=bool(join)))
-            data = load_node_data(tmp_path / f"data{i}", dataset="digits")
-            runners.append(JobRunner(p2p, dhts[-1], "jobtest", "job1", job, data, expected_group=NODES))
-            await runners[-1].start()
+            runners.append(await start_node(tmp_path, i, job, daemons, dhts, n_nodes=NODES, expected_group=NODES))
         assert len({r.model_hash for r in runners}) == 1, "every node must start from the same seeded model"
         before = runners[0].evaluate()["accuracy"]
         rounds = []
@@ -69,18 +76,6 @@ def test_federated_rounds_keep_every_node_bit_identical_and_learn(tmp_path, oute
         assert all(res.bytes_sent > 0 for res in results)
     final = rounds[-1][0].metrics["accuracy"]
     assert final > before + 0.3, (before, final)  # label-skewed slices, yet the shared model learns
-
-
-async def start_node(tmp_path, i: int, job: JobSpec, daemons: list, dhts: list) -> JobRunner:
-    write_node_data("digits", tmp_path / f"data{i}", n_nodes=2, node_index=i, scheme="label-skew", seed=0)
-    join = [str((await daemons[0].p2p.get_visible_maddrs())[0])] if daemons else []
-    daemon = OwnedP2PDaemon()
-    daemons.append(daemon)
-    p2p = await daemon.start(identity_path=None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=join)
-    dhts.append(await DHTNode.create(p2p=p2p, initial_peers=join or None, ensure_bootstrap_success=bool(join)))
-    runner = JobRunner(p2p, dhts[-1], "jobtest", "job1", job, load_node_data(tmp_path / f"data{i}", dataset="digits"))
-    await runner.start()
-    return runner
 
 
 def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_update(tmp_path):
