@@ -42,20 +42,41 @@ logger = logging.getLogger(__name__)
 STOP_AT_ENV = "SWARMNODE_FAULT_STOP_AT"  # fault injection for tests: "PHASE:ROUND", e.g. "reduce_scatter:3"
 
 
+PERTURB_ENV = "SWARMNODE_FAULT_PERTURB_AFTER"  # fault injection for tests: "ROUND" (this node's model diverges)
+
+
+def perturb_after(spec: str):
+    """A JobRunner after_round hook that adds 1.0 to the first parameter after round ROUND (a bit flip, a bug,
+    a tampered node: its model no longer matches the swarm's); None for an empty spec."""
+    if not spec:
+        return None
+    try:
+        at = int(spec)
+    except ValueError:
+        raise NodeError(f"{PERTURB_ENV}={spec!r}: expected a round number", EXIT_USAGE) from None
+
+    def hook(round_id: int, params) -> None:
+        if round_id == at:
+            logger.warning("fault injection: perturbing this node's model after round %d", round_id)
+            params[0] += 1.0
+
+    return hook
+
+
 def stop_at_phase_hooks(spec: str) -> RoundHooks | None:
-    """Round hooks that freeze this process (SIGSTOP) when a job round ``/rROUND`` reaches PHASE, so that a
+    """Round hooks that freeze this process (SIGSTOP) when a job round ``/rROUND/`` reaches PHASE, so that a
     test can SIGKILL it strictly mid-round; None (no hooks) for an empty spec."""
     if not spec:
         return None
     phase_name, _, round_text = spec.partition(":")
     try:
-        phase, round_suffix = Phase(phase_name), f"/r{int(round_text)}"
+        phase, round_part = Phase(phase_name), f"/r{int(round_text)}/"
     except ValueError:
         raise NodeError(f"{STOP_AT_ENV}={spec!r}: expected PHASE:ROUND with PHASE one of "
                         f"{', '.join(p.value for p in Phase)}", EXIT_USAGE) from None
 
     async def on_phase(reached: Phase, round_id: str) -> None:
-        if reached == phase and round_id.endswith(round_suffix):
+        if reached == phase and round_part in round_id:
             logger.warning("fault injection: stopping at %s of round %s", phase.value, round_id)
             os.kill(os.getpid(), signal.SIGSTOP)
 
@@ -158,7 +179,8 @@ class Daemon:
         self.membership.start()
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir,
                                cfg.data.expanduser() if cfg.data else None,
-                               hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")))
+                               hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
+                               after_round=perturb_after(os.environ.get(PERTURB_ENV, "")))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,

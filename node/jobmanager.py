@@ -24,6 +24,7 @@ import pathlib
 import secrets
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,9 +98,11 @@ class JobView:
 
 class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
-                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None):
+                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
+                 after_round=None):
         self.p2p, self.dht, self.swarm, self.peer_id = p2p, dht, swarm, peer_id
         self.home, self.data_dir, self.bandwidth, self.hooks = home, data_dir, bandwidth, hooks
+        self.after_round = after_round  # fault injection for tests (JobRunner's after_round)
         self.views: dict[str, JobView] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._runners: dict[str, JobRunner] = {}
@@ -223,22 +226,22 @@ class JobManager:
         record, spec = view.record, view.record.spec
         data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
         runner = JobRunner(self.p2p, self.dht, self.swarm, record.job_id, spec, data, bandwidth=self.bandwidth,
-                           hooks=self.hooks)
+                           hooks=self.hooks, after_round=self.after_round)
         self._runners[record.job_id] = runner
         await runner.start()
         logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
         paused = False
         try:
-            if view.round > 0:  # joining mid-job: start from the swarm's current model, verified by its hash
-                await self._sync(view, runner)
             while runner.completed < spec.rounds:
                 if view.record.state == "cancelled":
                     logger.info("job %s was cancelled", record.job_id)
                     return
-                if view.state == "done" or (view.progress and view.progress.round > runner.completed):
-                    await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
-                elif not runner.in_sync:
-                    await self._catch_up_if_behind(view, runner)
+                try:
+                    await self._resync_if_needed(view, runner)
+                except RuntimeError as e:  # no participant could serve a verified state right now: try again
+                    logger.warning("job %s: %s; retrying", record.job_id, e)
+                    await asyncio.sleep(POLL_S)
+                    continue
                 if runner.completed >= spec.rounds:
                     break
                 result = await runner.run_round()
@@ -286,6 +289,35 @@ class JobManager:
             result.train_loss if result.ok else None, (result.metrics or {}).get(runner.bundle.metric),
             result.bytes_sent + result.bytes_received, result.seconds, time.time(), runner.next_round)
 
+    async def _resync_if_needed(self, view: JobView, runner: JobRunner) -> None:
+        """Before a round: never contribute an update computed from parameters the swarm does not hold
+        (joining mid-job or behind: download; left out of a round: wait for who moved on; outvoted: re-sync)."""
+        if view.state == "done" or (view.progress and view.progress.round > runner.completed):
+            await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
+        elif not runner.in_sync:
+            await self._catch_up_if_behind(view, runner)
+        elif (majority := self._outvoted(view, runner)) is not None:
+            logger.warning("job %s: this node's model after round %d differs from the other participants'; "
+                           "re-syncing to %s...", view.record.job_id, runner.completed, majority[:12])
+            await self._sync(view, runner, avoid_hash=runner.model_hash)
+
+    def _outvoted(self, view: JobView, runner: JobRunner) -> str | None:
+        """The model hash that more participants published for this node's round than this node's own, if any.
+        A tie counts only once every member of the last round has reported (then the larger hash wins, so two
+        nodes that disagree never both switch): a half-known vote must not move a node off the right model."""
+        reports = {p.writer: p.model_hash for p in view.at_best if p.round == runner.completed and p.writer != self.peer_id}
+        if not reports:
+            return None
+        votes = Counter(reports.values())
+        votes[runner.model_hash] += 1
+        mine = votes[runner.model_hash]
+        last = next((r.participants for r in reversed(view.history) if r.ok), ())
+        complete = set(last) <= set(reports) | {self.peer_id}
+        best = max(votes, key=lambda h: (votes[h], h))
+        if best == runner.model_hash or (votes[best] == mine and not complete):
+            return None
+        return best
+
     async def _catch_up_if_behind(self, view: JobView, runner: JobRunner) -> None:
         """After a round this node missed (left out, or its loss was not finite): if another participant
         reports a later round within a round's time, download its state; if none does, nobody moved on."""
@@ -322,7 +354,7 @@ class JobManager:
         finally:
             close_quietly(writer)
 
-    async def _download(self, view: JobView, size: int, timeout: float):
+    async def _download(self, view: JobView, size: int, timeout: float, avoid_hash: str | None = None):
         """(header, params, momentum, history) from the first participant that serves a state whose hash
         checks out, both against the bytes and against the signed progress the swarm published for that
         round; RuntimeError naming every peer's failure if none does."""
@@ -338,6 +370,8 @@ class JobManager:
                 header = state_header_from_wire(await asyncio.wait_for(read_frame(reader, MAX_STATE_HEADER_BYTES), timeout))
                 if header.job_id != view.record.job_id or header.size != size:
                     raise WireError(f"state for {header.job_id} of {header.size} parameters, expected {size}")
+                if header.model_hash == avoid_hash:
+                    raise WireError(f"serves the model {avoid_hash[:12]}... this node is moving away from")
                 announced = {h for r, h in view.announced if r == header.completed}
                 if announced and header.model_hash not in announced:
                     raise WireError(f"model hash for round {header.completed} differs from the swarm's signed progress")
@@ -357,9 +391,10 @@ class JobManager:
                 close_quietly(writer)
         raise RuntimeError(f"could not download the state of job {view.record.job_id}: {'; '.join(errors) or 'no peers'}")
 
-    async def _sync(self, view: JobView, runner: JobRunner) -> None:
+    async def _sync(self, view: JobView, runner: JobRunner, avoid_hash: str | None = None) -> None:
         """Adopt the current state of a participant; raise if none can provide a verified one."""
-        header, params, momentum, history = await self._download(view, runner.params.size, runner.spec.round_timeout_s * 2)
+        header, params, momentum, history = await self._download(view, runner.params.size, runner.spec.round_timeout_s * 2,
+                                                                 avoid_hash)
         runner.load_state(params, momentum, header.completed, header.next_round, header.model_hash)
         view.inherited = merge_history(view.inherited, history)
         logger.info("job %s: synced to round %d (hash %s...)", view.record.job_id, header.completed,

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from hivemind.dht.node import DHTNode
@@ -69,7 +70,8 @@ class RoundResult:
 
 class JobRunner:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
-                 expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None):
+                 expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
+                 after_round: Callable[[int, np.ndarray], None] | None = None):
         if data.dataset != spec.dataset:
             raise ValueError(f"job {job_id} trains on {spec.dataset!r}, this node's data is {data.dataset!r}")
         if data.task != spec.task:
@@ -91,7 +93,9 @@ class JobRunner:
             part_timeout=spec.round_timeout_s / 4, result_timeout=spec.round_timeout_s / 2,
             commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth), hooks)
         self.in_sync = True
+        self.after_round = after_round  # fault injection for tests: may modify the new parameters in place
         self._version = 0  # bumped whenever self.params changes
+        self._hashed: tuple[int, str] = (-1, "")  # (version, sha256) of the last hashed parameters
         self._unsent: tuple[int, float, int] | None = None  # (samples, loss, params version) of an update
         #                                                     still in error feedback after a failed round
         self.completed = 0  # rounds applied
@@ -106,7 +110,9 @@ class JobRunner:
 
     @property
     def model_hash(self) -> str:
-        return params_hash(self.params)
+        if self._hashed[0] != self._version:
+            self._hashed = (self._version, params_hash(self.params))
+        return self._hashed[1]
 
     async def start(self) -> None:
         await self.averager.start()
@@ -176,11 +182,14 @@ class JobRunner:
                                    samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
             delta = pseudo_gradient(start, local.params)  # (N,) float32
         select = lambda: self.sparsifier.select(delta, quantize=lambda v: quantize_values(v, VALUE_CODEC))  # noqa: E731
-        outcome = await self.averager.step(f"{self.job_id}/r{r}", select, weight=float(samples))
+        # the model hash in the round id: members holding different parameters never average together
+        outcome = await self.averager.step(f"{self.job_id}/r{r}/{self.model_hash[:16]}", select, weight=float(samples))
         self.sparsifier.restore(outcome.returned)
         report = outcome.report
         if outcome.ok:
             self.params = self.outer.step(start, outcome.average)
+            if self.after_round is not None:
+                self.after_round(r, self.params)
             self._version += 1
             self._unsent = None
         else:

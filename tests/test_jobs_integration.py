@@ -283,3 +283,33 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}
     assert manifests["n2"]["rounds"] == 7 and manifests["n2"]["rounds_this_node"] == 7 - paused_at  # joined when paused
     assert "fault injection: stopping at reduce_scatter" in n1.log_path.read_text()
+
+
+@pytest.mark.timeout(180)
+def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_path):
+    """n2's parameters are perturbed after round 2 (fault injection): the model hash in every round id keeps it
+    out of the others' rounds, and it re-syncs to the majority's model instead of polluting the average."""
+    import os
+
+    from node.daemon import PERTURB_ENV
+
+    for i in range(3):
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+    nodes = []
+    for i in range(3):
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
+        env = {**os.environ, PERTURB_ENV: "2"} if i == 2 else None
+        nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else []), env=env).wait_ready())
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 12").replace("round_timeout_s = 30", "round_timeout_s = 12"))
+    done = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
+    assert done.returncode == 0, done.stderr[-1500:]
+    final = json.loads(done.stdout.splitlines()[-1])
+    assert final["state"] == "done" and final["round"] == 12
+    job_id = final["job_id"]
+    assert {manifest(n, job_id)["model_hash"] for n in nodes} == {final["model_hash"]}
+    log = nodes[2].log_path.read_text()
+    assert "perturbing this node's model after round 2" in log and "differs from the other participants'" in log
+    report = json.loads((nodes[0].home / "jobs" / job_id / "report.json").read_text())
+    assert report[-1]["ok"] and nodes[2].peer_id in report[-1]["participants"]  # it came back, in sync
+    assert all(set(r["participants"]) == {nodes[0].peer_id, nodes[1].peer_id} for r in report if r["round"] == 3 and r["ok"])

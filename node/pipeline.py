@@ -1,0 +1,760 @@
+"""Pipeline training: a trainer routes micro-batches through one replica per stage and ends each step.
+
+    trainer = PipelineTrainer(p2p, dht, "job1", shard_dir, TrainerConfig(swarm="s", micro_batch_size=4))
+    report = await trainer.step(x, y)      # x, y: int64 (B, T) token ids and next tokens
+    logits = await trainer.forward(x)      # (B, T, V), forward only
+    # report.loss, report.micro_batches, report.retries, report.seconds, report.stages[i].committed
+
+One step (SWARM parallelism, Ryabinin et al. 2023, with top-k averaging inside each stage):
+  1. the batch is cut into micro-batches along B; each goes forward through one replica per stage, chosen at
+     random weighted by the replicas' announced throughput; the trainer computes the causal-LM loss (mean
+     cross-entropy of logits[:, t] against y[:, t]) on the last stage's logits and sends d loss / d logits
+     back through the same replicas in reverse;
+  2. the trainer commits the micro-batch on each replica of its path (node/stagehost.py: the gradient moves
+     from the micro-batch's pending slot into the step's accumulator);
+  3. once every micro-batch is counted at every stage, it asks every replica for its status and sends each
+     replica of each stage end_step naming the micro-batches counted there; the replicas of a stage average
+     their gradients (protocol/allreduce.py) and take the same optimizer step.
+
+Why it is built this way -- the races it handles (the host's side is in node/stagehost.py):
+  * A replica fails at a hop (timeout, hang-up, ErrorReply): the micro-batch is retried from the start with a
+    NEW micro-batch id on other replicas (the failed one is excluded for the step), so a late reply of the
+    failed attempt cannot be mistaken for the retry's (replies carry the id and are checked).
+  * A replica dies after some micro-batches were committed on it: its accumulator dies with it. Every
+    micro-batch counted there has that stage put back on its to-count list and runs again; the rerun is
+    committed only at the stages that still need it (its other pending slots are never committed and are
+    dropped at the step end), so each micro-batch counts exactly once per stage.
+  * A commit whose reply is lost (the replica may or may not have added it): the replica is treated as failed
+    for the step and its commits uncounted; end_step then names the micro-batches the trainer counts there, so
+    a replica holding anything else discards its accumulator and joins the average with zero weight --
+    every live replica still applies the same average.
+  * A replica frozen or killed just before the step end: the status round before end_step finds it; its
+    micro-batches are rerun elsewhere before any replica averages.
+  * A replica dying during the averaging round: the round's own commit protocol keeps the survivors
+    bit-identical; the step counts fewer micro-batches at that stage (reported in ``StageStep.weight``).
+  * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to
+    appear in the DHT (a takeover, node/stage_peer.py), then the step fails.
+  * Replicas of a stage disagreeing after a step (a partitioned averaging round): the trainer compares their
+    parameter hashes and tells the minority to resync from the majority.
+
+The messages between trainer, hosts and backup holders are defined here too, as frozen dataclasses with one
+x_to_wire / x_from_wire pair (msgpack maps with a tag and a version; every field checked, unknown fields
+refused); node/stagehost.py imports them. (Their proper home is protocol/, see the issue-5 report.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+from torch import nn
+
+from node.splitter import read_manifest
+from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
+                                  ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
+                                  max_frame_bytes, new_micro_batch_id)
+from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.wire import WireError, unpack_bounded
+
+logger = logging.getLogger(__name__)
+CAUSAL_LMS = ("GPT2LMHeadModel", "LlamaForCausalLM")
+
+# ---- names -------------------------------------------------------------------------------------------------
+
+PIPE_PROTOCOL_VERSION = 1
+STAGE_KINDS = ("forward", "backward", "control")
+MAX_STEP = 2**63 - 1
+MAX_MB_ID = 2**64 - 1
+MAX_MICRO_BATCHES = 65_536  # per step and replica: far above any batch / micro-batch ratio in use
+MAX_GROUP = 256  # replicas of one stage (protocol/messages.py MAX_GROUP_SIZE)
+MAX_REASON = 256
+# A control frame: MAX_MICRO_BATCHES 9-byte ids, or MAX_GROUP 128-character ids, plus fields: < 1 MiB.
+CONTROL_BOUND = 1 << 20
+MAX_RECORD_BYTES = 256
+_PEER_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58 libp2p peer id
+_HEX_RE = re.compile(r"([0-9a-f]{64})?")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def stage_protocol(swarm: str, pipeline_id: str, stage: int, kind: str) -> str:
+    """The libp2p protocol a replica of ``stage`` serves ``kind`` (forward, backward, control) under."""
+    if kind not in STAGE_KINDS:
+        raise ValueError(f"kind must be one of {STAGE_KINDS}, got {kind!r}")
+    return f"swarmnode/{swarm}/pipe/{pipeline_id}/s{stage}/{kind}"
+
+
+def pipe_protocol(swarm: str, pipeline_id: str, kind: str) -> str:
+    """Per-node protocols of a pipeline: "state" (serve a stage's state) and "backup" (receive one)."""
+    if kind not in ("state", "backup"):
+        raise ValueError(f"kind must be state or backup, got {kind!r}")
+    return f"swarmnode/{swarm}/pipe/{pipeline_id}/{kind}"
+
+
+def stage_key(swarm: str, pipeline_id: str, stage: int) -> str:
+    """DHT key under which the replicas (and state backups) of ``stage`` announce themselves, one subkey each."""
+    return f"swarmnode/{swarm}/pipe/{pipeline_id}/s{stage}/members"
+
+
+# ---- field checks (ValueError; from_wire turns it into a WireError) ----------------------------------------
+
+def _uint(v: Any, hi: int, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise ValueError(f"{what}: expected an integer in [0, {hi}], got {v!r:.40}")
+    return v
+
+
+def _ids(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, tuple) or len(v) > MAX_MICRO_BATCHES:
+        raise ValueError(f"{what}: expected at most {MAX_MICRO_BATCHES} micro-batch ids")
+    for i in v:
+        _uint(i, MAX_MB_ID, what)
+    return v
+
+
+def _peer(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not _PEER_RE.fullmatch(v):
+        raise ValueError(f"{what}: expected a base58 peer id, got {v!r:.40}")
+    return v
+
+
+def _hex(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not _HEX_RE.fullmatch(v):
+        raise ValueError(f"{what}: expected 64 lowercase hex digits or nothing")
+    return v
+
+
+def _reason(v: Any, what: str) -> str:
+    if not isinstance(v, str) or len(v) > MAX_REASON or _CONTROL_CHARS.search(v):
+        raise ValueError(f"{what}: expected one line of at most {MAX_REASON} characters")
+    return v
+
+
+def _number(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{what}: expected a finite number >= 0, got {v!r:.40}")
+    return float(v)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())[:MAX_REASON]
+
+
+# ---- messages ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Status:
+    """Trainer -> replica: where are you? (``step``: the trainer's, for logs)."""
+    step: int
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "status.step")
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    step: int  # the step the replica is accumulating (= steps completed)
+    committed: int  # micro-batches committed this step
+    params_hash: str  # params_sha256 of the stage now
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "status.step")
+        _uint(self.committed, MAX_MICRO_BATCHES, "status.committed")
+        _hex(self.params_hash, "status.params_hash")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Trainer -> replica: count these micro-batches (their pending gradients) in step ``step``."""
+    step: int
+    micro_batches: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "commit.step")
+        _ids(self.micro_batches, "commit.micro_batches")
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    step: int
+    committed: tuple[int, ...]  # now counted (also those counted by an earlier copy of this commit)
+    missing: tuple[int, ...]  # no pending gradient of this id from this trainer
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "commit_reply.step")
+        _ids(self.committed, "commit_reply.committed")
+        _ids(self.missing, "commit_reply.missing")
+
+
+@dataclass(frozen=True)
+class EndStep:
+    """Trainer -> every live replica of a stage: average with ``group`` and step. ``micro_batches``: the ids the
+    trainer counts on this replica; ``backup``: push the new state to this peer (or None)."""
+    step: int
+    micro_batches: tuple[int, ...]
+    group: tuple[str, ...]
+    backup: str | None
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "end_step.step")
+        _ids(self.micro_batches, "end_step.micro_batches")
+        if not isinstance(self.group, tuple) or not 1 <= len(self.group) <= MAX_GROUP:
+            raise ValueError(f"end_step.group: expected 1 to {MAX_GROUP} peer ids")
+        for p in self.group:
+            _peer(p, "end_step.group")
+        if self.backup is not None:
+            _peer(self.backup, "end_step.backup")
+
+
+@dataclass(frozen=True)
+class EndStepReply:
+    step: int  # the step that ended
+    applied: bool  # an optimizer step was taken (False: the average failed; the gradient stays in error feedback)
+    weight: float  # micro-batches behind the applied average (all replicas' that were included)
+    committed: int  # micro-batches this replica contributed
+    discarded: int  # commits dropped because they were not the ones the trainer counts here
+    members: int  # replicas in the averaging round (1: stepped alone)
+    params_hash: str
+    backup_ok: bool | None  # None: no backup asked
+    error: str
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "end_step_reply.step")
+        if not isinstance(self.applied, bool) or not (self.backup_ok is None or isinstance(self.backup_ok, bool)):
+            raise ValueError("end_step_reply: applied/backup_ok must be booleans")
+        _number(self.weight, "end_step_reply.weight")
+        _uint(self.committed, MAX_MICRO_BATCHES, "end_step_reply.committed")
+        _uint(self.discarded, MAX_MICRO_BATCHES, "end_step_reply.discarded")
+        _uint(self.members, MAX_GROUP, "end_step_reply.members")
+        _hex(self.params_hash, "end_step_reply.params_hash")
+        _reason(self.error, "end_step_reply.error")
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Trainer -> a diverged replica: load the state of step ``step`` from ``source`` (a replica of the stage)."""
+    step: int
+    source: str
+
+    def __post_init__(self) -> None:
+        _uint(self.step, MAX_STEP, "resync.step")
+        _peer(self.source, "resync.source")
+
+
+@dataclass(frozen=True)
+class ControlError:
+    reason: str
+
+    def __post_init__(self) -> None:
+        _reason(self.reason, "error.reason")
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    """Ask a node for the state of ``stage`` (its own, or a backup it holds) at ``min_step`` or later."""
+    stage: int
+    min_step: int
+
+    def __post_init__(self) -> None:
+        _uint(self.stage, 4095, "state_request.stage")
+        _uint(self.min_step, MAX_STEP, "state_request.min_step")
+
+
+@dataclass(frozen=True)
+class StateHead:
+    """Precedes ``size`` bytes of state (node/stagehost.py state_to_bytes), sent in frames of at most 1 MiB."""
+    stage: int
+    step: int  # steps completed by these parameters
+    size: int
+    sha256: str  # of the bytes
+    params_hash: str  # params_sha256 of the parameters inside
+
+    def __post_init__(self) -> None:
+        _uint(self.stage, 4095, "state.stage")
+        _uint(self.step, MAX_STEP, "state.step")
+        _uint(self.size, 2**40, "state.size")
+        _hex(self.sha256, "state.sha256")
+        _hex(self.params_hash, "state.params_hash")
+
+
+@dataclass(frozen=True)
+class BackupAck:
+    ok: bool
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ok, bool):
+            raise ValueError("backup_ack.ok must be a boolean")
+        _reason(self.reason, "backup_ack.reason")
+
+
+_TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
+                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync",
+                          ControlError: "error", StateRequest: "state_request", StateHead: "state",
+                          BackupAck: "backup_ack"}
+_BY_TAG = {tag: cls for cls, tag in _TAGS.items()}
+
+
+def control_to_wire(msg: Any) -> bytes:
+    tag = _TAGS.get(type(msg))
+    if tag is None:
+        raise TypeError(f"not a pipeline control message: {type(msg).__name__}")
+    body = {"t": tag, "v": PIPE_PROTOCOL_VERSION}
+    for name in msg.__dataclass_fields__:
+        value = getattr(msg, name)
+        body[name] = list(value) if isinstance(value, tuple) else value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int = CONTROL_BOUND):
+    """The message in ``data``, one of the ``expect`` types; WireError (a ValueError) on anything else."""
+    expect = expect if isinstance(expect, tuple) else (expect,)
+    obj = unpack_bounded(data, bound)
+    if not isinstance(obj, dict):
+        raise WireError(f"control frame: expected a map, got {type(obj).__name__}")
+    cls = _BY_TAG.get(obj.get("t")) if isinstance(obj.get("t"), str) else None
+    if cls not in expect:
+        raise WireError(f"expected {' or '.join(_TAGS[c] for c in expect)}, got {obj.get('t')!r:.40}")
+    names = tuple(cls.__dataclass_fields__)
+    unknown = [k for k in obj if k not in ("t", "v", *names)]
+    if unknown:
+        raise WireError(f"{_TAGS[cls]}: unknown field {unknown[0]!r:.40}")
+    missing = [k for k in ("v", *names) if k not in obj]
+    if missing:
+        raise WireError(f"{_TAGS[cls]}: missing field {missing[0]!r}")
+    if type(obj["v"]) is not int or obj["v"] != PIPE_PROTOCOL_VERSION:
+        raise WireError(f"{_TAGS[cls]}: unsupported version {obj['v']!r:.20}")
+    try:
+        return cls(**{k: tuple(obj[k]) if isinstance(obj[k], list) else obj[k] for k in names})
+    except (ValueError, TypeError) as e:
+        raise WireError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A DHT record under stage_key: a replica of the stage, or a node holding a backup of its state."""
+    role: str  # "replica" | "backup" | "gone" (a replica that stopped cleanly)
+    throughput: float  # micro-batches per second it offers (routing weight)
+    step: int  # the step it is at (replica) or the backup's step
+    beat: float  # unix time of this heartbeat
+
+    def __post_init__(self) -> None:
+        if self.role not in ("replica", "backup", "gone"):
+            raise ValueError(f"record.role: {self.role!r:.20}")
+        _number(self.throughput, "record.throughput")
+        _uint(self.step, MAX_STEP, "record.step")
+        _number(self.beat, "record.beat")
+
+
+def member_record_to_wire(rec: MemberRecord) -> bytes:
+    return msgpack.packb([rec.role, rec.throughput, rec.step, rec.beat], use_bin_type=True)
+
+
+def member_record_from_wire(data: Any) -> MemberRecord:
+    if not isinstance(data, bytes):
+        raise WireError("record is not bytes")
+    obj = unpack_bounded(data, MAX_RECORD_BYTES)
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise WireError("record: expected [role, throughput, step, beat]")
+    try:
+        return MemberRecord(*obj)
+    except (ValueError, TypeError) as e:
+        raise WireError(str(e)) from None
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+
+class PipelineError(RuntimeError):
+    """A step could not complete (a micro-batch ran out of attempts, or a stage has no replica)."""
+
+
+class HopError(Exception):
+    """One request to one replica failed; the replica is excluded for the rest of the step."""
+
+    def __init__(self, peer: str, reason: str):
+        super().__init__(f"{peer[-8:]}: {reason}")
+        self.peer, self.reason = peer, reason
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    swarm: str = "swarmnode"
+    micro_batch_size: int = 4
+    hop_timeout: float = 30.0  # one request and its reply (a forward or backward of one micro-batch)
+    end_step_timeout: float = 120.0  # a stage's averaging round and optimizer step
+    max_attempts: int = 4  # per micro-batch per step, the first try included
+    max_inflight: int = 8  # micro-batches in the pipeline at once
+    wire_dtype: str | None = None  # "float16" / "bfloat16": activations and gradients on the wire
+    replica_wait: float = 60.0  # how long a hop waits for a replica of a stage to appear
+    backup_every: int = 1  # push each stage's state to a replica of the next stage every N steps (0: never)
+    seed: int = 0  # replica choice
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.max_attempts < 1 or self.max_inflight < 1 or self.backup_every < 0:
+            raise ValueError("micro_batch_size, max_attempts and max_inflight must be >= 1, backup_every >= 0")
+        if min(self.hop_timeout, self.end_step_timeout, self.replica_wait) <= 0:
+            raise ValueError("timeouts must be > 0")
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """One stage's end of a step: each live replica's reply (None: it did not answer)."""
+
+    stage: int
+    replies: dict[str, EndStepReply | None]
+    committed: int  # micro-batches counted by the replicas (the trainer's count when all went well)
+    applied: bool  # every replica that answered took the optimizer step
+    in_sync: bool  # every replica that answered holds the same parameters
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return {p: r.params_hash for p, r in self.replies.items() if r is not None}
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    loss: float  # mean over the step's micro-batches
+    micro_batches: int
+    retries: int  # failed attempts + reruns after a replica's commits were lost
+    seconds: float
+    stages: tuple[StageStep, ...]
+
+
+@dataclass
+class _Micro:
+    """One logical micro-batch of the step and the stages at which it is not counted yet."""
+
+    index: int
+    x: torch.Tensor  # (b, T) int64
+    y: torch.Tensor  # (b, T) int64
+    needs: set[int]
+    loss: float | None = None
+    attempts: int = 0
+
+
+@dataclass
+class _Step:
+    micros: list[_Micro]
+    failed: set[str] = field(default_factory=set)  # replicas excluded for the rest of the step
+    commits: dict[str, dict[int, int]] = field(default_factory=dict)  # replica -> {attempt id: micro index}
+    stage_of: dict[str, int] = field(default_factory=dict)
+    alive: dict[int, list[str]] = field(default_factory=dict)  # per stage, after the status round
+    retries: int = 0
+
+
+def causal_lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (b, T, V) against next tokens y (b, T), as node/models.py's bundle loss."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class PipelineTrainer:
+    """Drives the stage replicas of one pipeline (see the module docstring). ``replicas`` (stage -> peer ids)
+    replaces the DHT lookup, for tests; otherwise replicas are read from the records their hosts keep."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, stages_directory,
+                 config: TrainerConfig = TrainerConfig(), replicas: dict[int, list[str]] | None = None,
+                 trusted_signers=None):
+        self.p2p, self.dht, self.pipeline_id, self.config = p2p, dht, pipeline_id, config
+        self.manifest = read_manifest(stages_directory, trusted_signers=trusted_signers)
+        if self.manifest.arch not in CAUSAL_LMS:
+            raise ValueError(f"pipeline training takes a causal LM ({', '.join(CAUSAL_LMS)}), not {self.manifest.arch}")
+        if self.manifest.tied and len(self.manifest.shards) > 1:  # copies in two stages would need their grads summed
+            tie = self.manifest.tied[0]
+            raise ValueError(f"tied weights across stages ({tie.target} = {tie.source}); split a model built with "
+                             "tie_word_embeddings=False for pipeline training")
+        if dht is None and replicas is None:
+            raise ValueError("pass a DHT node or an explicit replicas map")
+        cfg = self.manifest.config
+        self.num_stages = len(self.manifest.shards)
+        self.hidden = int(cfg.get("n_embd") or cfg["hidden_size"])
+        self.vocab = int(cfg["vocab_size"])
+        self._explicit = None if replicas is None else {int(k): list(v) for k, v in replicas.items()}
+        self._records: dict[int, dict[str, MemberRecord]] = {}
+        self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
+        self._rng = random.Random(config.seed)
+        self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
+
+    # ---- replicas ------------------------------------------------------------------------------------------
+
+    async def _refresh(self, stage: int) -> None:
+        if self._explicit is not None:
+            self._records[stage] = {p: MemberRecord("replica", 1.0, 0, 0.0) for p in self._explicit.get(stage, [])}
+            return
+        found = await self.dht.get(stage_key(self.config.swarm, self.pipeline_id, stage), latest=True)
+        records = {}
+        if found is not None and isinstance(found.value, dict):
+            for peer, item in found.value.items():
+                try:
+                    rec = member_record_from_wire(item.value)
+                    if rec.role == "replica":
+                        records[_peer(peer, "subkey")] = rec
+                except ValueError as e:
+                    logger.debug("ignoring the record of %r: %s", peer, e)
+        self._records[stage] = records
+
+    def _usable(self, peer: str, rec: MemberRecord) -> bool:
+        """Not known to have failed, or heartbeating since (explicit lists have no heartbeats: tried each step)."""
+        return peer not in self._dead or self._explicit is not None or rec.beat > self._dead[peer]
+
+    async def _choose(self, stage: int, st: _Step) -> str:
+        deadline = time.monotonic() + self.config.replica_wait
+        while True:
+            cands = {p: r for p, r in self._records.get(stage, {}).items() if p not in st.failed and self._usable(p, r)}
+            if cands:
+                peers = sorted(cands)
+                peer = self._rng.choices(peers, weights=[max(cands[p].throughput, 1e-6) for p in peers])[0]
+                st.stage_of[peer] = stage
+                return peer
+            if time.monotonic() > deadline:
+                raise PipelineError(f"no live replica of stage {stage} within {self.config.replica_wait:g} s")
+            await asyncio.sleep(0.25)
+            await self._refresh(stage)
+
+    async def replicas(self, stage: int) -> list[str]:
+        """The peers currently listed as replicas of ``stage`` (DHT records or the explicit map)."""
+        await self._refresh(stage)
+        return sorted(self._records.get(stage, {}))
+
+    # ---- one request ---------------------------------------------------------------------------------------
+
+    async def _exchange(self, peer: str, protocol: str, data: bytes, bound: int, timeout: float) -> bytes:
+        writer = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
+                await write_frame(writer, data)
+                return await read_frame(reader, bound)
+        except TimeoutError:
+            raise HopError(peer, f"no reply within {timeout:g} s") from None
+        except Exception as e:  # hang-ups, p2pd "peer unreachable", oversized replies
+            raise HopError(peer, f"{type(e).__name__}: {one_line(e)}") from None
+        finally:
+            close_quietly(writer)
+
+    async def _hop(self, peer: str, stage: int, kind: str, msg, expect_type, expect: ExpectedTensor | None, mb: int):
+        raw = await self._exchange(peer, stage_protocol(self.config.swarm, self.pipeline_id, stage, kind),
+                                   activation_to_wire(msg, self.config.wire_dtype), max_frame_bytes(expect),
+                                   self.config.hop_timeout)
+        try:
+            reply = activation_from_wire(raw, expect_type, expect, micro_batch=mb)
+        except ValueError as e:
+            raise HopError(peer, f"bad {kind} reply: {e}") from None
+        if isinstance(reply, ErrorReply):
+            raise HopError(peer, reply.reason)
+        return reply
+
+    async def _control(self, peer: str, stage: int, msg, expect: type, timeout: float | None = None):
+        raw = await self._exchange(peer, stage_protocol(self.config.swarm, self.pipeline_id, stage, "control"),
+                                   control_to_wire(msg), CONTROL_BOUND, timeout or self.config.hop_timeout)
+        try:
+            reply = control_from_wire(raw, (expect, ControlError))
+        except ValueError as e:
+            raise HopError(peer, f"bad control reply: {e}") from None
+        if isinstance(reply, ControlError):
+            raise HopError(peer, reply.reason)
+        return reply
+
+    # ---- one attempt of one micro-batch ----------------------------------------------------------------------
+
+    async def _forward_path(self, path: list[str], mb: int, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape
+        h = x
+        for stage, peer in enumerate(path):
+            width = self.vocab if stage == self.num_stages - 1 else self.hidden
+            reply = await self._hop(peer, stage, "forward", ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h),
+                                    ForwardReply, ExpectedTensor(FLOAT_DTYPES, (b, t, width), "float32"), mb)
+            h = reply.tensor
+        return h  # (b, T, V) logits
+
+    async def _backward_path(self, path: list[str], mb: int, grad: torch.Tensor) -> None:
+        b, t = grad.shape[:2]
+        for stage in reversed(range(len(path))):
+            expect = None if stage == 0 else ExpectedTensor(FLOAT_DTYPES, (b, t, self.hidden), "float32")
+            grad = (await self._hop(path[stage], stage, "backward", BackwardRequest(mb, grad), BackwardReply, expect,
+                                    mb)).grad
+
+    async def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for token ids x (B, T): one pass through one replica per stage (no retries)."""
+        await self._ensure_step()
+        st = _Step([])
+        for s in range(self.num_stages):
+            await self._refresh(s)
+        path = [await self._choose(s, st) for s in range(self.num_stages)]
+        return await self._forward_path(path, new_micro_batch_id(), x)
+
+    # ---- a step --------------------------------------------------------------------------------------------
+
+    async def _ensure_step(self) -> None:
+        """Learn the step the replicas are at (a restarted trainer resumes where they are)."""
+        if self.step_no is not None:
+            return
+        steps = []
+        for stage in range(self.num_stages):
+            for peer in await self.replicas(stage):
+                try:
+                    steps.append((await self._control(peer, stage, Status(0), StatusReply)).step)
+                except HopError as e:
+                    logger.info("status of %s: %s", peer[-8:], e.reason)
+        self.step_no = max(steps, default=0)
+
+    def _fail(self, st: _Step, peer: str, reason: str) -> None:
+        """Exclude ``peer`` for the step and uncount its commits: those micro-batches run again for its stage."""
+        if peer not in st.failed:
+            logger.info("step %s: replica %s failed: %s", self.step_no, peer[-8:], reason)
+        st.failed.add(peer)
+        self._dead[peer] = time.time()
+        lost = st.commits.pop(peer, {})
+        for index in lost.values():
+            st.micros[index].needs.add(st.stage_of[peer])
+        st.retries += len(lost)
+
+    async def _run_micro(self, st: _Step, m: _Micro, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            while m.needs:
+                if m.attempts >= self.config.max_attempts:
+                    raise PipelineError(f"step {self.step_no}: micro-batch {m.index} failed {m.attempts} attempts")
+                m.attempts += 1
+                path = [await self._choose(s, st) for s in range(self.num_stages)]
+                mb = new_micro_batch_id()  # a fresh id per attempt: a late reply of an old one cannot pass
+                try:
+                    logits = (await self._forward_path(path, mb, m.x)).requires_grad_(True)
+                    loss = causal_lm_loss(logits, m.y)
+                    loss.backward()
+                    await self._backward_path(path, mb, logits.grad)
+                except HopError as e:
+                    self._fail(st, e.peer, e.reason)
+                    st.retries += 1
+                    continue
+                if m.loss is None:
+                    m.loss = float(loss)
+                stages = sorted(m.needs)  # commit only where this micro-batch is not counted yet
+                results = await asyncio.gather(*(self._control(path[s], s, Commit(self.step_no, (mb,)), CommitReply)
+                                                 for s in stages), return_exceptions=True)
+                for s, res in zip(stages, results):
+                    peer = path[s]
+                    if peer in st.failed:  # failed meanwhile: what it holds is not counted
+                        continue
+                    if isinstance(res, CommitReply) and mb in res.committed:
+                        st.commits.setdefault(peer, {})[mb] = m.index
+                        m.needs.discard(s)
+                    else:
+                        self._fail(st, peer, getattr(res, "reason", None) or f"commit not acknowledged: {res!r:.80}")
+
+    async def _status_round(self, st: _Step) -> None:
+        """Ask every replica for its status: the live ones form each stage's group; one that does not answer, is at
+        another step, or holds another number of commits than the trainer counts is failed (and rerun)."""
+        for stage in range(self.num_stages):
+            await self._refresh(stage)
+            records = self._records.get(stage, {})
+            peers = sorted(p for p, rec in records.items() if p in st.failed or self._usable(p, rec))
+            results = await asyncio.gather(*(self._control(p, stage, Status(self.step_no), StatusReply) for p in peers),
+                                           return_exceptions=True)
+            st.alive[stage] = []
+            for peer, res in zip(peers, results):
+                st.stage_of[peer] = stage
+                if not isinstance(res, StatusReply):
+                    self._fail(st, peer, getattr(res, "reason", repr(res)))
+                elif res.step != self.step_no:
+                    self._fail(st, peer, f"at step {res.step}, the trainer at {self.step_no}")
+                else:
+                    if peer not in st.failed and res.committed != len(st.commits.get(peer, {})):
+                        self._fail(st, peer, f"holds {res.committed} commits, the trainer counts "
+                                             f"{len(st.commits.get(peer, {}))}")
+                    st.alive[stage].append(peer)  # alive: it must average (with nothing, if failed) and step
+                    self._dead.pop(peer, None)
+
+    async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
+        """Forward, backward and commit every micro-batch of (x, y) until each is counted once at every stage."""
+        if x.dtype != torch.long or x.dim() != 2 or x.shape != y.shape or y.dtype != torch.long:
+            raise ValueError(f"x and y must be int64 (B, T) of one shape, got {x.dtype} {tuple(x.shape)} and "
+                             f"{y.dtype} {tuple(y.shape)}")
+        await self._ensure_step()
+        for s in range(self.num_stages):
+            await self._refresh(s)
+        n = self.config.micro_batch_size
+        st = _Step([_Micro(i, x[j:j + n], y[j:j + n], set(range(self.num_stages)))
+                    for i, j in enumerate(range(0, x.shape[0], n))])
+        limit = asyncio.Semaphore(self.config.max_inflight)
+        while True:
+            todo = [m for m in st.micros if m.needs]
+            if todo:
+                await asyncio.gather(*(self._run_micro(st, m, limit) for m in todo))
+                continue
+            await self._status_round(st)
+            if not any(m.needs for m in st.micros):
+                return st
+
+    async def end_step(self, st: _Step) -> tuple[StageStep, ...]:
+        """end_step on every live replica of every stage, at once; the step number moves on."""
+        step, groups = self.step_no, {s: tuple(st.alive[s]) for s in range(self.num_stages)}
+        backup = bool(self.config.backup_every) and self.num_stages > 1 and step % self.config.backup_every == 0
+        calls, keys = [], []
+        for s, group in groups.items():
+            if not group:
+                raise PipelineError(f"step {step}: no live replica of stage {s} at the step end")
+            target = groups[(s + 1) % self.num_stages]
+            for peer in group:
+                counted = () if peer in st.failed else tuple(sorted(st.commits.get(peer, {})))
+                to = target[0] if backup and target and peer == group[0] else None
+                calls.append(self._control(peer, s, EndStep(step, counted, group, to), EndStepReply,
+                                           self.config.end_step_timeout))
+                keys.append((s, peer))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        self.step_no = step + 1
+        out = []
+        for s in range(self.num_stages):
+            replies = {}
+            for (stage, peer), res in zip(keys, results):
+                if stage == s:
+                    if not isinstance(res, EndStepReply):
+                        logger.warning("step %d: end_step on %s (stage %d) failed: %s", step, peer[-8:], s, res)
+                        self._dead[peer] = time.time()
+                    replies[peer] = res if isinstance(res, EndStepReply) else None
+            got = {p: r for p, r in replies.items() if r is not None}
+            counts = collections.Counter(r.params_hash for r in got.values())
+            if len(counts) > 1:
+                await self._resync_minority(s, got, counts)
+            out.append(StageStep(s, replies, sum(r.committed for r in got.values()),
+                                 bool(got) and all(r.applied for r in got.values()), len(counts) <= 1))
+        return tuple(out)
+
+    async def _resync_minority(self, stage: int, got: dict[str, EndStepReply], counts: collections.Counter) -> None:
+        """Replicas whose parameters differ from the majority's (ties: the smallest hash) reload from one of it."""
+        majority = min(counts, key=lambda h: (-counts[h], h))
+        source = min(p for p, r in got.items() if r.params_hash == majority)
+        for peer, r in got.items():
+            if r.params_hash != majority:
+                logger.warning("stage %d: replica %s diverged; resyncing it from %s", stage, peer[-8:], source[-8:])
+                try:
+                    await self._control(peer, stage, Resync(self.step_no, source), StatusReply,
+                                        self.config.end_step_timeout)
+                except HopError as e:
+                    logger.warning("resync of %s failed: %s", peer[-8:], e.reason)
+
+    async def step(self, x: torch.Tensor, y: torch.Tensor) -> StepReport:
+        """One optimizer step on the batch (x, y): see the module docstring."""
+        t0 = time.perf_counter()
+        st = await self.accumulate(x, y)
+        step = self.step_no
+        stages = await self.end_step(st)
+        losses = [m.loss for m in st.micros]
+        return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages)
+
+
+__all__ = ["CAUSAL_LMS", "BackupAck", "Commit", "CommitReply", "ControlError", "EndStep", "EndStepReply", "HopError",
+           "MemberRecord", "PipelineError", "PipelineTrainer", "Resync", "StageStep", "StateHead", "StateRequest",
+           "Status", "StatusReply", "StepReport", "TrainerConfig", "causal_lm_loss", "control_from_wire",
+           "control_to_wire", "member_record_from_wire", "member_record_to_wire", "pipe_protocol", "stage_key",
+           "stage_protocol"]
