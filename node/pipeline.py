@@ -638,7 +638,7 @@ class PipelineTrainer:
                     st.retries += 1
                     continue
                 if m.loss is None:
-                    m.loss = float(loss)
+                    m.loss = loss.detach().item()
                 stages = sorted(m.needs)  # commit only where this micro-batch is not counted yet
                 results = await asyncio.gather(*(self._control(path[s], s, Commit(self.step_no, (mb,)), CommitReply)
                                                  for s in stages), return_exceptions=True)

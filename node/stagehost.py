@@ -267,6 +267,8 @@ class StageHost:
                 await handler(info.peer_id.to_base58(), reader, writer)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
                 logger.debug("stream from %s ended: %s", info.peer_id, e or type(e).__name__)
+            except asyncio.CancelledError:  # the host or p2pd shutting down mid-request: end quietly
+                pass
             except Exception:
                 logger.exception("stage %d: stream handler failed", self.index)
             finally:
