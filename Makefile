@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench bench-netns protos clean
+.PHONY: demo test chaos test-all bench bench-netns protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not chaos" -q
+
+# 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, and conservation under freezes (~4 min)
+chaos: $(STAMP)
+	$(PY) -m pytest -m chaos -q -s
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -191,7 +191,9 @@ def job_json(info) -> dict:
             "round": info.round, "rounds": info.rounds, "model_hash": info.model_hash,
             "participants": list(info.participants), "train_loss": nan_to_none(info.train_loss),
             "eval_metric": nan_to_none(info.eval_metric), "bytes_exchanged": info.bytes_exchanged,
-            "round_time_s": info.round_time_s, "summary": info.summary, "declined": info.declined}
+            "round_time_s": info.round_time_s, "summary": info.summary, "declined": info.declined,
+            "local_round": info.local_round if info.local_model_hash else None,
+            "local_model_hash": info.local_model_hash or None}
 
 
 def format_job_line(info) -> str:

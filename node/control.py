@@ -85,7 +85,7 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     async def Jobs(self, request: pb.JobsRequest, context: grpc.aio.ServicerContext) -> pb.JobsResponse:
         await self.daemon.jobs.refresh()
-        return pb.JobsResponse(jobs=[job_to_proto(v) for _, v in sorted(self.daemon.jobs.views.items())])
+        return pb.JobsResponse(jobs=[job_to_proto(v, self.daemon.jobs.local_state(j)) for j, v in sorted(self.daemon.jobs.views.items())])
 
     async def Job(self, request: pb.JobRequest, context: grpc.aio.ServicerContext):
         last = None
@@ -94,7 +94,7 @@ class ControlServicer(pb_grpc.ControlServicer):
             view = self.daemon.jobs.views.get(request.job_id)
             if view is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id} in this swarm")
-            info = job_to_proto(view)
+            info = job_to_proto(view, self.daemon.jobs.local_state(request.job_id))
             if info != last:
                 yield info
                 last = info
@@ -127,7 +127,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         return pb.LeaveResponse(withdrawn=withdrawn)
 
 
-def job_to_proto(view) -> pb.JobInfo:
+def job_to_proto(view, local: tuple[int, str] | None = None) -> pb.JobInfo:
     record, progress = view.record, view.progress
     nan = float("nan")
     info = pb.JobInfo(
@@ -140,6 +140,8 @@ def job_to_proto(view) -> pb.JobInfo:
         round_time_s=progress.round_time_s if progress else 0.0,
         summary=f"{record.spec.model.arch} on {record.spec.dataset}", declined=view.declined,
     )
+    if local is not None:
+        info.local_round, info.local_model_hash = local
     return info
 
 

@@ -329,6 +329,11 @@ class JobManager:
             await asyncio.sleep(POLL_S / 2)  # the poller refreshes view.progress
         runner.in_sync = True
 
+    def local_state(self, job_id: str) -> tuple[int, str] | None:
+        """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
+        runner = self._runners.get(job_id)
+        return None if runner is None else (runner.completed, runner.model_hash)
+
     # ---- state transfer --------------------------------------------------------------------------------------
 
     async def _serve_state(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
