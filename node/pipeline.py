@@ -484,6 +484,7 @@ class PipelineTrainer:
         self._records: dict[int, dict[str, MemberRecord]] = {}
         self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
         self._rng = random.Random(config.seed)
+        self._background: set[asyncio.Future] = set()  # resyncs of replicas that fell behind
         self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
 
     # ---- replicas ------------------------------------------------------------------------------------------
@@ -658,22 +659,32 @@ class PipelineTrainer:
         for stage in range(self.num_stages):
             await self._refresh(stage)
             records = self._records.get(stage, {})
-            peers = sorted(p for p, rec in records.items() if p in st.failed or self._usable(p, rec))
+            peers = sorted({p for p, rec in records.items() if p in st.failed or self._usable(p, rec)}
+                           | {p for p in st.commits if st.stage_of[p] == stage})  # (even if its record lapsed)
             results = await asyncio.gather(*(self._control(p, stage, Status(self.step_no), StatusReply) for p in peers),
                                            return_exceptions=True)
-            st.alive[stage] = []
+            st.alive[stage], behind = [], []
             for peer, res in zip(peers, results):
                 st.stage_of[peer] = stage
                 if not isinstance(res, StatusReply):
                     self._fail(st, peer, getattr(res, "reason", repr(res)))
                 elif res.step != self.step_no:
                     self._fail(st, peer, f"at step {res.step}, the trainer at {self.step_no}")
+                    if res.step < self.step_no:
+                        behind.append(peer)
                 else:
                     if peer not in st.failed and res.committed != len(st.commits.get(peer, {})):
                         self._fail(st, peer, f"holds {res.committed} commits, the trainer counts "
                                              f"{len(st.commits.get(peer, {}))}")
                     st.alive[stage].append(peer)  # alive: it must average (with nothing, if failed) and step
                     self._dead.pop(peer, None)
+            if behind and st.alive[stage]:  # missed a step end (slow, partitioned): reload from a live replica
+                source = min(st.alive[stage])
+                for peer in behind:
+                    task = asyncio.ensure_future(self._control(peer, stage, Resync(self.step_no, source), StatusReply,
+                                                               self.config.end_step_timeout))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
         """Forward, backward and commit every micro-batch of (x, y) until each is counted once at every stage."""
@@ -690,7 +701,9 @@ class PipelineTrainer:
         while True:
             todo = [m for m in st.micros if m.needs]
             if todo:
-                await asyncio.gather(*(self._run_micro(st, m, limit) for m in todo))
+                async with asyncio.TaskGroup() as tg:  # one micro-batch out of attempts cancels the others
+                    for m in todo:
+                        tg.create_task(self._run_micro(st, m, limit))
                 continue
             await self._status_round(st)
             if not any(m.needs for m in st.micros):

@@ -387,7 +387,9 @@ class StageHost:
             await self._hook("end_step", msg.step)
             mean, committed, discarded = await self._exec(self._take, msg, peer)
             error, members = "", len(msg.group)
-            if members == 1 or self._averager is None:
+            if members > 1 and self._averager is None:
+                raise Refused("this replica has no DHT node to average with its group")
+            if members == 1:
                 avg, weight, members = mean, float(committed), 1
             else:
                 avg, weight, error = await self._average(msg, mean, committed)
@@ -412,7 +414,11 @@ class StageHost:
             return None, 0, len(committed)
         if not committed:
             return None, 0, 0
-        return (acc / len(committed)).numpy(), len(committed), 0
+        mean = (acc / len(committed)).numpy()  # (N,) float32
+        if not np.isfinite(mean).all():  # a diverged loss: withheld, as node/jobs.py withholds a NaN update
+            logger.warning("step %d: non-finite gradient withheld", msg.step)
+            return None, 0, len(committed)
+        return mean, len(committed), 0
 
     async def _average(self, msg: EndStep, mean: np.ndarray | None, committed: int):
         """The group's weighted average (N,) float32, or None when the round applied nothing."""
@@ -496,14 +502,17 @@ class StageHost:
         incomplete = [i for i, s in state.items() if set(s) != set(slots)]
         if incomplete:
             raise Refused(f"state: optimizer slots of parameter {incomplete[0]} incomplete")
+        digest = hashlib.sha256()  # node/models.py params_sha256, over the incoming tensors: checked before loading
+        for n, _ in self._named:
+            digest.update(tensors[f"param/{n}"].to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
+        if digest.hexdigest() != head.params_hash:
+            raise Refused("state: parameters do not match the sender's hash")
         with torch.no_grad():
             for n, p in self._named:
                 p.copy_(tensors[f"param/{n}"])
         self._optimizer.load_state_dict({"state": dict(state),
                                          "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
-        if self.params_hash != head.params_hash:
-            raise Refused("state: parameters do not match the sender's hash")  # (now loaded: the caller must stop)
         self.step, self._last_end = head.step, None
         self._acts.clear()
         self._pending.clear()

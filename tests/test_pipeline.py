@@ -145,17 +145,21 @@ def test_pipeline_forward_and_backward_equal_the_unsplit_model(tmp_path):
                 trainer = PipelineTrainer(p2ps[4], None, "eq", shards, TrainerConfig(swarm=SWARM, micro_batch_size=4),
                                           replicas={i: [p2ps[i].peer_id.to_base58()] for i in range(4)})
                 logits = await trainer.forward(x)
+                half = PipelineTrainer(p2ps[4], None, "eq", shards, TrainerConfig(swarm=SWARM, wire_dtype="bfloat16"),
+                                       replicas={i: [p2ps[i].peer_id.to_base58()] for i in range(4)})
+                bf16_logits = await half.forward(x)
                 st = await trainer.accumulate(x, y)
                 grads = {}
                 for h in hosts:
                     assert len(h._committed) == 2  # two micro-batches of 4, each committed once
                     grads.update(unflatten(h, h._acc / len(h._committed)))
-                return logits, grads, st
+                return logits, bf16_logits, grads, st
 
-    logits, grads, st = asyncio.run(scenario())
+    logits, bf16_logits, grads, st = asyncio.run(scenario())
     ref_model = copy.deepcopy(model)
     ref_logits = ref_model(input_ids=x, use_cache=False).logits
     assert (logits - ref_logits.detach()).abs().max().item() <= 1e-5
+    assert (bf16_logits - ref_logits.detach()).abs().max().item() <= 0.05  # bfloat16 on the wire: ~3 digits
     causal_lm_loss(ref_logits, y).backward()
     ref = dict(ref_model.named_parameters())
     assert set(grads) == set(ref)
@@ -189,12 +193,17 @@ def test_two_replicas_per_stage_stay_bit_identical_and_match_single_process_trai
                     while len(await trainer.replicas(s)) < 2:
                         await asyncio.sleep(0.1)
                 reports = [await trainer.step(*batch(step)) for step in range(STEPS)]
+                # a replica whose parameters drifted (a bit flipped, a partitioned round) is found by its hash at the
+                # next step end and reloaded from its twin
+                await hosts[1]._exec(lambda: hosts[1].stage.get_parameter("transformer.wte.weight").data.mul_(1.01))
+                drift = await trainer.step(*batch(STEPS))
+                resynced = hosts[0].params_hash == hosts[1].params_hash and hosts[0].step == hosts[1].step == STEPS + 1
                 state = await fetch_state(p2ps[4], [p2ps[0].peer_id.to_base58()], pipe_protocol(SWARM, "rep", "state"),
                                           0, hosts[0].state_bound())
                 backups = [(h.index, set(h.backups)) for h in hosts]
-                return reports, state, hosts[0].params_hash, backups
+                return reports, state, hosts[0].params_hash, backups, drift, resynced
 
-    reports, (head, _), hash0, backups = asyncio.run(scenario())
+    reports, (head, _), hash0, backups, drift, resynced = asyncio.run(scenario())
     ref = copy.deepcopy(model)
     opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, foreach=False)
     ref_losses = []
@@ -213,7 +222,8 @@ def test_two_replicas_per_stage_stay_bit_identical_and_match_single_process_trai
             assert all(rep.members == 2 for rep in stage.replies.values())
         assert abs(r.loss - ref_loss) <= 0.02 * ref_loss, (r.loss, ref_loss)
     assert reports[-1].loss < reports[0].loss
-    assert head.step == STEPS and head.params_hash == hash0
+    assert not drift.stages[0].in_sync and drift.stages[1].in_sync and resynced
+    assert head.step == STEPS + 1 and head.params_hash == hash0
     held = [(index, stage) for index, stages in backups for stage in stages]  # (holder's stage, backup's stage)
     assert sorted(set(held)) == [(0, 1), (1, 0)]  # a replica of each stage keeps the other stage's latest state
 
@@ -239,7 +249,7 @@ def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path
     H = 64
 
     async def scenario():
-        async with swarm(2, with_dht=False) as (p2ps, _):
+        async with swarm(3, with_dht=False) as (p2ps, _):
             host = StageHost(p2ps[0], None, "bad", 1, load_stage(shards, 1), StageConfig(swarm=SWARM, max_batch=4))
             async with hosts_running([host]):
                 peer, client = p2ps[0].peer_id.to_base58(), p2ps[1]
@@ -270,6 +280,9 @@ def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path
                     BackwardReply, _like(good, H))
                 ok = activation_from_wire(await raw_call(client, peer, fwd, req(good)), ForwardReply,
                                           _like(torch.zeros(2, T, 256), 256), micro_batch=7)
+                stranger = activation_from_wire(  # a backward must come from the peer that sent the forward
+                    await raw_call(p2ps[2], peer, bwd, activation_to_wire(BackwardRequest(7, torch.randn(2, T, 256)))),
+                    BackwardReply, _like(good, H))
                 wrong_shape = activation_from_wire(
                     await raw_call(client, peer, bwd, activation_to_wire(BackwardRequest(7, torch.randn(2, T - 1, 256)))),
                     BackwardReply, _like(good, H))
@@ -278,15 +291,16 @@ def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path
                     BackwardReply, _like(good, H), micro_batch=7)
                 commit = control_from_wire(await raw_call(client, peer, stage_protocol(SWARM, "bad", 1, "control"),
                                                           control_to_wire(Commit(0, (7, 7, 8)))), CommitReply)
-                return replies, ok, wrong_shape, back, commit, host
+                return replies, ok, stranger, wrong_shape, back, commit, host
 
-    replies, ok, wrong_shape, back, commit, host = asyncio.run(scenario())
+    replies, ok, stranger, wrong_shape, back, commit, host = asyncio.run(scenario())
     for what, reply in replies.items():
         assert isinstance(reply, ErrorReply) and reply.reason, what
         assert "\n" not in reply.reason
     assert "step 0, not 5" in replies["another step"].reason
     assert "NaN" in replies["NaN"].reason
     assert isinstance(ok, ForwardReply) and ok.tensor.shape == (2, T, 256)  # logits: the host still serves
+    assert isinstance(stranger, ErrorReply) and "from this peer" in stranger.reason
     assert isinstance(wrong_shape, ErrorReply) and "shape" in wrong_shape.reason
     assert isinstance(back, BackwardReply) and back.grad.shape == (2, T, H)  # the forward survived the bad backward
     assert commit.committed == (7, 7) and commit.missing == (8,)  # a repeated id is counted once
