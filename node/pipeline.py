@@ -31,7 +31,9 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
   * A replica frozen or killed just before the step end: the status round before end_step finds it; its
     micro-batches are rerun elsewhere before any replica averages.
   * A replica dying during the averaging round: the round's own commit protocol keeps the survivors
-    bit-identical; the step counts fewer micro-batches at that stage (reported in ``StageStep.weight``).
+    bit-identical; that stage's step counts fewer micro-batches (EndStepReply.weight says how many).
+  * A replica that failed once but lives (slow, partitioned): skipped until it heartbeats again; a replica
+    that missed a step end (behind) is told to reload the state from a live replica of its stage.
   * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to
     appear in the DHT (a takeover, node/stage_peer.py), then the step fails.
   * Replicas of a stage disagreeing after a step (a partitioned averaging round): the trainer compares their
@@ -52,7 +54,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import torch
@@ -109,18 +111,21 @@ def stage_key(swarm: str, pipeline_id: str, stage: int) -> str:
 
 # ---- field checks (ValueError; from_wire turns it into a WireError) ----------------------------------------
 
-def _uint(v: Any, hi: int, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-        raise ValueError(f"{what}: expected an integer in [0, {hi}], got {v!r:.40}")
-    return v
+def _uint(hi: int) -> Callable[[Any, str], None]:
+    def check(v: Any, what: str) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            raise ValueError(f"{what}: expected an integer in [0, {hi}], got {v!r:.40}")
+    return check
 
 
-def _ids(v: Any, what: str) -> tuple[int, ...]:
+_step, _count, _stage = _uint(MAX_STEP), _uint(MAX_MICRO_BATCHES), _uint(4095)
+
+
+def _ids(v: Any, what: str) -> None:
     if not isinstance(v, tuple) or len(v) > MAX_MICRO_BATCHES:
         raise ValueError(f"{what}: expected at most {MAX_MICRO_BATCHES} micro-batch ids")
     for i in v:
-        _uint(i, MAX_MB_ID, what)
-    return v
+        _uint(MAX_MB_ID)(i, what)
 
 
 def _peer(v: Any, what: str) -> str:
@@ -129,181 +134,170 @@ def _peer(v: Any, what: str) -> str:
     return v
 
 
-def _hex(v: Any, what: str) -> str:
+def _group(v: Any, what: str) -> None:
+    if not isinstance(v, tuple) or not 1 <= len(v) <= MAX_GROUP:
+        raise ValueError(f"{what}: expected 1 to {MAX_GROUP} peer ids")
+    for p in v:
+        _peer(p, what)
+
+
+def _hex(v: Any, what: str) -> None:
     if not isinstance(v, str) or not _HEX_RE.fullmatch(v):
         raise ValueError(f"{what}: expected 64 lowercase hex digits or nothing")
-    return v
 
 
-def _reason(v: Any, what: str) -> str:
+def _reason(v: Any, what: str) -> None:
     if not isinstance(v, str) or len(v) > MAX_REASON or _CONTROL_CHARS.search(v):
         raise ValueError(f"{what}: expected one line of at most {MAX_REASON} characters")
-    return v
 
 
-def _number(v: Any, what: str) -> float:
+def _number(v: Any, what: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{what}: expected a finite number >= 0, got {v!r:.40}")
-    return float(v)
 
 
-def one_line(text: str) -> str:
+def _bool(v: Any, what: str) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{what}: expected true or false, got {v!r:.20}")
+
+
+def _optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], None]:
+    return lambda v, what: None if v is None else check(v, what)
+
+
+def one_line(text: Any) -> str:
     return " ".join(str(text).split())[:MAX_REASON]
 
 
 # ---- messages ----------------------------------------------------------------------------------------------
 
+class _Message:
+    """Base of the frozen message dataclasses: construction runs ``_checks`` (field -> check) on every field."""
+
+    _checks: dict[str, Callable[[Any, str], Any]] = {}
+
+    def __post_init__(self) -> None:
+        for name, check in self._checks.items():
+            check(getattr(self, name), f"{_TAGS[type(self)]}.{name}")
+
+
 @dataclass(frozen=True)
-class Status:
+class Status(_Message):
     """Trainer -> replica: where are you? (``step``: the trainer's, for logs)."""
     step: int
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "status.step")
+    _checks = {"step": _step}
 
 
 @dataclass(frozen=True)
-class StatusReply:
-    step: int  # the step the replica is accumulating (= steps completed)
+class StatusReply(_Message):
+    step: int  # the step the replica is accumulating (= optimizer steps completed)
     committed: int  # micro-batches committed this step
-    params_hash: str  # params_sha256 of the stage now
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "status.step")
-        _uint(self.committed, MAX_MICRO_BATCHES, "status.committed")
-        _hex(self.params_hash, "status.params_hash")
+    params_hash: str  # node/models.py params_sha256 of the stage now
+    _checks = {"step": _step, "committed": _count, "params_hash": _hex}
 
 
 @dataclass(frozen=True)
-class Commit:
+class Commit(_Message):
     """Trainer -> replica: count these micro-batches (their pending gradients) in step ``step``."""
     step: int
     micro_batches: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "commit.step")
-        _ids(self.micro_batches, "commit.micro_batches")
+    _checks = {"step": _step, "micro_batches": _ids}
 
 
 @dataclass(frozen=True)
-class CommitReply:
+class CommitReply(_Message):
     step: int
-    committed: tuple[int, ...]  # now counted (also those counted by an earlier copy of this commit)
+    committed: tuple[int, ...]  # now counted (also those an earlier copy of this commit counted)
     missing: tuple[int, ...]  # no pending gradient of this id from this trainer
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "commit_reply.step")
-        _ids(self.committed, "commit_reply.committed")
-        _ids(self.missing, "commit_reply.missing")
+    _checks = {"step": _step, "committed": _ids, "missing": _ids}
 
 
 @dataclass(frozen=True)
-class EndStep:
+class EndStep(_Message):
     """Trainer -> every live replica of a stage: average with ``group`` and step. ``micro_batches``: the ids the
     trainer counts on this replica; ``backup``: push the new state to this peer (or None)."""
     step: int
     micro_batches: tuple[int, ...]
     group: tuple[str, ...]
     backup: str | None
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "end_step.step")
-        _ids(self.micro_batches, "end_step.micro_batches")
-        if not isinstance(self.group, tuple) or not 1 <= len(self.group) <= MAX_GROUP:
-            raise ValueError(f"end_step.group: expected 1 to {MAX_GROUP} peer ids")
-        for p in self.group:
-            _peer(p, "end_step.group")
-        if self.backup is not None:
-            _peer(self.backup, "end_step.backup")
+    _checks = {"step": _step, "micro_batches": _ids, "group": _group, "backup": _optional(_peer)}
 
 
 @dataclass(frozen=True)
-class EndStepReply:
+class EndStepReply(_Message):
     step: int  # the step that ended
-    applied: bool  # an optimizer step was taken (False: the average failed; the gradient stays in error feedback)
-    weight: float  # micro-batches behind the applied average (all replicas' that were included)
+    applied: bool  # an optimizer step was taken (False: nothing averaged; the gradient stays in error feedback)
+    weight: float  # micro-batches behind the applied average (of every replica included)
     committed: int  # micro-batches this replica contributed
-    discarded: int  # commits dropped because they were not the ones the trainer counts here
+    discarded: int  # commits dropped: not the ones the trainer counts here (or a non-finite gradient)
     members: int  # replicas in the averaging round (1: stepped alone)
     params_hash: str
     backup_ok: bool | None  # None: no backup asked
     error: str
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "end_step_reply.step")
-        if not isinstance(self.applied, bool) or not (self.backup_ok is None or isinstance(self.backup_ok, bool)):
-            raise ValueError("end_step_reply: applied/backup_ok must be booleans")
-        _number(self.weight, "end_step_reply.weight")
-        _uint(self.committed, MAX_MICRO_BATCHES, "end_step_reply.committed")
-        _uint(self.discarded, MAX_MICRO_BATCHES, "end_step_reply.discarded")
-        _uint(self.members, MAX_GROUP, "end_step_reply.members")
-        _hex(self.params_hash, "end_step_reply.params_hash")
-        _reason(self.error, "end_step_reply.error")
+    _checks = {"step": _step, "applied": _bool, "weight": _number, "committed": _count, "discarded": _count,
+               "members": _uint(MAX_GROUP), "params_hash": _hex, "backup_ok": _optional(_bool), "error": _reason}
 
 
 @dataclass(frozen=True)
-class Resync:
-    """Trainer -> a diverged replica: load the state of step ``step`` from ``source`` (a replica of the stage)."""
+class Resync(_Message):
+    """Trainer -> a replica behind or diverged: load the state of ``step`` (or later) from ``source``."""
     step: int
     source: str
-
-    def __post_init__(self) -> None:
-        _uint(self.step, MAX_STEP, "resync.step")
-        _peer(self.source, "resync.source")
+    _checks = {"step": _step, "source": _peer}
 
 
 @dataclass(frozen=True)
-class ControlError:
+class ControlError(_Message):
     reason: str
-
-    def __post_init__(self) -> None:
-        _reason(self.reason, "error.reason")
+    _checks = {"reason": _reason}
 
 
 @dataclass(frozen=True)
-class StateRequest:
+class StateRequest(_Message):
     """Ask a node for the state of ``stage`` (its own, or a backup it holds) at ``min_step`` or later."""
     stage: int
     min_step: int
-
-    def __post_init__(self) -> None:
-        _uint(self.stage, 4095, "state_request.stage")
-        _uint(self.min_step, MAX_STEP, "state_request.min_step")
+    _checks = {"stage": _stage, "min_step": _step}
 
 
 @dataclass(frozen=True)
-class StateHead:
-    """Precedes ``size`` bytes of state (node/stagehost.py state_to_bytes), sent in frames of at most 1 MiB."""
+class StateHead(_Message):
+    """Precedes ``size`` bytes of state (StageHost.snapshot), sent in frames of at most 1 MiB."""
     stage: int
-    step: int  # steps completed by these parameters
+    step: int  # optimizer steps these parameters have taken
     size: int
     sha256: str  # of the bytes
     params_hash: str  # params_sha256 of the parameters inside
-
-    def __post_init__(self) -> None:
-        _uint(self.stage, 4095, "state.stage")
-        _uint(self.step, MAX_STEP, "state.step")
-        _uint(self.size, 2**40, "state.size")
-        _hex(self.sha256, "state.sha256")
-        _hex(self.params_hash, "state.params_hash")
+    _checks = {"stage": _stage, "step": _step, "size": _uint(2**40), "sha256": _hex, "params_hash": _hex}
 
 
 @dataclass(frozen=True)
-class BackupAck:
+class BackupAck(_Message):
     ok: bool
     reason: str
+    _checks = {"ok": _bool, "reason": _reason}
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.ok, bool):
-            raise ValueError("backup_ack.ok must be a boolean")
-        _reason(self.reason, "backup_ack.reason")
+
+def _role(v: Any, what: str) -> None:
+    if v not in ("replica", "backup", "gone"):
+        raise ValueError(f"{what}: expected replica, backup or gone, got {v!r:.20}")
+
+
+@dataclass(frozen=True)
+class MemberRecord(_Message):
+    """A DHT record under stage_key: a replica of the stage, or a node holding a backup of its state."""
+    role: str  # "replica" | "backup" | "gone" (a replica that stopped cleanly)
+    throughput: float  # micro-batches per second it offers (routing weight)
+    step: int  # the step it is at (replica) or the backup's step
+    beat: float  # unix time of this heartbeat
+    _checks = {"role": _role, "throughput": _number, "step": _step, "beat": _number}
 
 
 _TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
                           EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync",
                           ControlError: "error", StateRequest: "state_request", StateHead: "state",
-                          BackupAck: "backup_ack"}
-_BY_TAG = {tag: cls for cls, tag in _TAGS.items()}
+                          BackupAck: "backup_ack", MemberRecord: "record"}
+_BY_TAG = {tag: cls for cls, tag in _TAGS.items() if cls is not MemberRecord}  # a record is never a frame
 
 
 def control_to_wire(msg: Any) -> bytes:
@@ -339,22 +333,6 @@ def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int =
         return cls(**{k: tuple(obj[k]) if isinstance(obj[k], list) else obj[k] for k in names})
     except (ValueError, TypeError) as e:
         raise WireError(str(e)) from None
-
-
-@dataclass(frozen=True)
-class MemberRecord:
-    """A DHT record under stage_key: a replica of the stage, or a node holding a backup of its state."""
-    role: str  # "replica" | "backup" | "gone" (a replica that stopped cleanly)
-    throughput: float  # micro-batches per second it offers (routing weight)
-    step: int  # the step it is at (replica) or the backup's step
-    beat: float  # unix time of this heartbeat
-
-    def __post_init__(self) -> None:
-        if self.role not in ("replica", "backup", "gone"):
-            raise ValueError(f"record.role: {self.role!r:.20}")
-        _number(self.throughput, "record.throughput")
-        _uint(self.step, MAX_STEP, "record.step")
-        _number(self.beat, "record.beat")
 
 
 def member_record_to_wire(rec: MemberRecord) -> bytes:
@@ -574,9 +552,9 @@ class PipelineTrainer:
         h = x
         for stage, peer in enumerate(path):
             width = self.vocab if stage == self.num_stages - 1 else self.hidden
-            reply = await self._hop(peer, stage, "forward", ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h),
-                                    ForwardReply, ExpectedTensor(FLOAT_DTYPES, (b, t, width), "float32"), mb)
-            h = reply.tensor
+            expect = ExpectedTensor(FLOAT_DTYPES, (b, t, width), "float32")
+            request = ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h)
+            h = (await self._hop(peer, stage, "forward", request, ForwardReply, expect, mb)).tensor
         return h  # (b, T, V) logits
 
     async def _backward_path(self, path: list[str], mb: int, grad: torch.Tensor) -> None:
@@ -691,10 +669,12 @@ class PipelineTrainer:
         if x.dtype != torch.long or x.dim() != 2 or x.shape != y.shape or y.dtype != torch.long:
             raise ValueError(f"x and y must be int64 (B, T) of one shape, got {x.dtype} {tuple(x.shape)} and "
                              f"{y.dtype} {tuple(y.shape)}")
+        n = self.config.micro_batch_size
+        if x.shape[0] % n:  # equal micro-batches: the mean of their mean losses is the batch's mean loss
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into micro-batches of {n}")
         await self._ensure_step()
         for s in range(self.num_stages):
             await self._refresh(s)
-        n = self.config.micro_batch_size
         st = _Step([_Micro(i, x[j:j + n], y[j:j + n], set(range(self.num_stages)))
                     for i, j in enumerate(range(0, x.shape[0], n))])
         limit = asyncio.Semaphore(self.config.max_inflight)

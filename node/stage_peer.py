@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:
-    """(step, peer) of every replica or backup holder announced for ``stages``, newest step first."""
+    """(step, peer) of every replica or backup holder announced for ``stages``: the newest step first, and among
+    equal steps the latest heartbeat first (a replica just killed still has a record, but an old beat)."""
     found = []
     for stage in stages:
         got = await dht.get(stage_key(swarm, pipeline, stage), latest=True)
@@ -101,8 +102,8 @@ async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple
             except ValueError:
                 continue
             if rec.role in ("replica", "backup") and isinstance(peer, str):
-                found.append((rec.step, peer))
-    return sorted(set(found), key=lambda sp: (-sp[0], sp[1]))
+                found.append((-rec.step, -rec.beat, peer))
+    return [(-step, peer) for step, _, peer in sorted(found)]
 
 
 async def wait_holders(dht, args, stages, me: str, what: str) -> list[tuple[int, str]]:
@@ -156,8 +157,9 @@ async def main(args: argparse.Namespace) -> int:
         if args.take_over:
             try:
                 peers = await wait_holders(dht, args, [args.stage], me, f"the state of stage {args.stage}")
-                head, data = await fetch_state(p2p, [p for _, p in peers], pipe_protocol(args.swarm, args.pipeline, "state"),
-                                               args.stage, host.state_bound())
+                head, data = await fetch_state(p2p, [p for _, p in peers],
+                                               pipe_protocol(args.swarm, args.pipeline, "state"), args.stage,
+                                               host.state_bound(), timeout=10.0)
                 host.load_state(head, data)
                 state_from = [p for _, p in peers]
             except Refused as e:

@@ -77,7 +77,6 @@ from protocol.messages import TensorSpec
 from protocol.rounds import RoundConfig
 from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 from protocol.streams import close_quietly, read_frame, write_frame
-from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
 ZERO_WEIGHT = 1e-9  # a replica with nothing committed joins the average with this weight and an empty update

@@ -98,6 +98,18 @@ async def hosts_running(hosts: list[StageHost]):
             await h.stop()
 
 
+async def wait_replicas(trainer: PipelineTrainer, counts: dict[int, int], timeout: float = 60) -> None:
+    """Until the trainer sees ``counts[stage]`` replicas of each stage announced in the DHT."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        have = {s: len(await trainer.replicas(s)) for s in counts}
+        if all(have[s] >= n for s, n in counts.items()):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"replicas announced: {have}, expected {counts}")
+        await asyncio.sleep(0.1)
+
+
 def unflatten(host: StageHost, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     out, offset = {}, 0
     for name, p in host.stage.named_parameters():
@@ -189,9 +201,7 @@ def test_two_replicas_per_stage_stay_bit_identical_and_match_single_process_trai
             async with hosts_running(hosts):
                 trainer = PipelineTrainer(p2ps[4], dhts[4], "rep", shards,
                                           TrainerConfig(swarm=SWARM, micro_batch_size=2, hop_timeout=20, seed=1))
-                for s in range(2):  # the replicas' records are in the DHT
-                    while len(await trainer.replicas(s)) < 2:
-                        await asyncio.sleep(0.1)
+                await wait_replicas(trainer, {0: 2, 1: 2})  # the replicas' records are in the DHT
                 reports = [await trainer.step(*batch(step)) for step in range(STEPS)]
                 # a replica whose parameters drifted (a bit flipped, a partitioned round) is found by its hash at the
                 # next step end and reloaded from its twin
@@ -274,7 +284,8 @@ def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path
                     replies[what] = activation_from_wire(await raw_call(client, peer, fwd, data), ForwardReply,
                                                          None or _like(good, H))
                 replies["oversize prefix"] = activation_from_wire(
-                    await raw_call(client, peer, fwd, b"", header=(1 << 30).to_bytes(4, "big")), ForwardReply, _like(good, H))
+                    await raw_call(client, peer, fwd, b"", header=(1 << 30).to_bytes(4, "big")), ForwardReply,
+                    _like(good, H))
                 replies["backward without forward"] = activation_from_wire(
                     await raw_call(client, peer, bwd, activation_to_wire(BackwardRequest(99, torch.randn(2, T, 256)))),
                     BackwardReply, _like(good, H))
@@ -283,9 +294,9 @@ def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path
                 stranger = activation_from_wire(  # a backward must come from the peer that sent the forward
                     await raw_call(p2ps[2], peer, bwd, activation_to_wire(BackwardRequest(7, torch.randn(2, T, 256)))),
                     BackwardReply, _like(good, H))
-                wrong_shape = activation_from_wire(
-                    await raw_call(client, peer, bwd, activation_to_wire(BackwardRequest(7, torch.randn(2, T - 1, 256)))),
-                    BackwardReply, _like(good, H))
+                short = activation_to_wire(BackwardRequest(7, torch.randn(2, T - 1, 256)))
+                wrong_shape = activation_from_wire(await raw_call(client, peer, bwd, short), BackwardReply,
+                                                   _like(good, H))
                 back = activation_from_wire(
                     await raw_call(client, peer, bwd, activation_to_wire(BackwardRequest(7, torch.randn(2, T, 256)))),
                     BackwardReply, _like(good, H), micro_batch=7)

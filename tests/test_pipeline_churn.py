@@ -25,7 +25,7 @@ from node.p2pd import OwnedP2PDaemon
 from node.pipeline import PipelineTrainer, TrainerConfig
 from node.stage_peer import StagePeerProcess
 from protocol.shards import MANIFEST_FILE
-from tests.test_pipeline import batch, split, untied_gpt2
+from tests.test_pipeline import batch, split, untied_gpt2, wait_replicas
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 SWARM, PIPE = "churn", "job"
@@ -76,17 +76,6 @@ def freeze_then_kill(victim: StagePeerProcess, timeout: float = 90) -> float:
     victim.proc.send_signal(signal.SIGKILL)  # a real SIGKILL, mid-step
     victim.proc.wait(10)
     return time.monotonic()
-
-
-async def wait_replicas(trainer: PipelineTrainer, counts: dict[int, int], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        have = {s: len(await trainer.replicas(s)) for s in counts}
-        if all(have[s] >= n for s, n in counts.items()):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"replicas announced: {have}, expected {counts}")
-        await asyncio.sleep(0.2)
 
 
 def show(reports) -> None:
