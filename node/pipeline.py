@@ -31,7 +31,8 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
   * A replica frozen or killed just before the step end: the status round before end_step finds it; its
     micro-batches are rerun elsewhere before any replica averages.
   * A replica dying during the averaging round: the round's own commit protocol keeps the survivors
-    bit-identical; that stage's step counts fewer micro-batches (EndStepReply.weight says how many).
+    bit-identical; that stage's step counts fewer micro-batches (EndStepReply.weight says how many), or, if the
+    round found no group, applies nothing and keeps the survivors' gradients in their error feedback.
   * A replica that failed once but lives (slow, partitioned): skipped until it heartbeats again; a replica
     that missed a step end (behind) is told to reload the state from a live replica of its stage.
   * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to

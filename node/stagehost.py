@@ -388,8 +388,8 @@ class StageHost:
             error, members = "", len(msg.group)
             if members > 1 and self._averager is None:
                 raise Refused("this replica has no DHT node to average with its group")
-            if members == 1:
-                avg, weight, members = mean, float(committed), 1
+            if members == 1:  # alone: the mean, plus whatever error feedback still holds from earlier rounds
+                avg, weight, members = self._with_residual(mean), float(committed), 1
             else:
                 avg, weight, error = await self._average(msg, mean, committed)
             await self._exec(self._apply, avg)
@@ -418,6 +418,18 @@ class StageHost:
             logger.warning("step %d: non-finite gradient withheld", msg.step)
             return None, 0, len(committed)
         return mean, len(committed), 0
+
+    def _with_residual(self, mean: np.ndarray | None) -> np.ndarray | None:
+        """``mean`` plus the error-feedback residual, which is emptied (a replica stepping alone sends nothing)."""
+        residual = np.asarray(self._sparsifier.residual)
+        held = np.flatnonzero(residual)
+        if held.size == 0:
+            return mean
+        values = residual[held].copy()
+        self._sparsifier.restore(SparseUpdate(held.astype(np.int64), -values, self.size))  # v[held] = 0
+        out = np.zeros(self.size, np.float32) if mean is None else mean.copy()
+        out[held] += values
+        return out
 
     async def _average(self, msg: EndStep, mean: np.ndarray | None, committed: int):
         """The group's weighted average (N,) float32, or None when the round applied nothing."""

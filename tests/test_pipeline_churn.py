@@ -2,8 +2,8 @@
 trainer in this test process: a replica SIGKILLed mid-step (frozen by its fault hook exactly at a backward)
 loses nothing and counts nothing twice; the last replica of a stage SIGKILLed mid-step is replaced by a new
 process that fetches the shard and the stage's latest state, and training resumes (recovery time printed); a
-corrupted shard is refused and the process exits non-zero. The model is the untied tiny GPT-2 of
-tests/test_pipeline.py."""
+corrupted shard is refused and the process exits non-zero; a replica killed inside the averaging round leaves its
+twin consistent. The model is the untied tiny GPT-2 of tests/test_pipeline.py."""
 
 from __future__ import annotations
 
@@ -173,6 +173,40 @@ def test_last_replica_of_a_stage_killed_is_taken_over_with_its_state(shards, pee
             assert stage.committed == MICRO and stage.applied, (r.step, stage)
     assert reports[2].retries >= 1 and reports[-1].loss < reports[0].loss
     assert [e["step"] for e in newcomer[0].steps().values()] == [2, 3]
+
+
+@pytest.mark.timeout(300)
+def test_replica_killed_in_the_averaging_round_leaves_its_twin_consistent(shards, peers):
+    """Killed inside end_step (after the status round): its micro-batches of that step die with it, and its twin's
+    round finds no group, so the twin applies nothing then; the twin's gradient stays in error feedback and goes
+    into its next step, when it steps alone."""
+    s0 = peers("s0", ["--shards", str(shards), "--stage", "0"])
+    addr = s0.wait_event(90, "ready", event="ready")["addr"]
+    twin = peers("s1a", ["--shards", str(shards), "--stage", "1", "--join", addr])
+    victim = peers("s1b", ["--shards", str(shards), "--stage", "1", "--join", addr, "--stop-at", "end_step:1"])
+    for p in (twin, victim):
+        p.wait_event(90, "ready", event="ready")
+
+    async def scenario():
+        async with trainer_node(addr) as (p2p, dht):
+            trainer = PipelineTrainer(p2p, dht, PIPE, shards, TrainerConfig(
+                swarm=SWARM, micro_batch_size=2, hop_timeout=8, end_step_timeout=60, seed=0))
+            await wait_replicas(trainer, {0: 1, 1: 2})
+            killer = asyncio.ensure_future(asyncio.to_thread(freeze_then_kill, victim))
+            reports = [await trainer.step(*batch(step)) for step in range(STEPS)]
+            await killer
+            return reports
+
+    reports = asyncio.run(scenario())
+    show(reports)
+    one = reports[1].stages[1]
+    assert one.replies[victim.wait_event(1, "ready", event="ready")["peer_id"]] is None  # died in the round
+    assert not one.applied and one.in_sync  # the twin applied nothing, alone: still one state
+    assert twin.steps()[1]["applied"] is False and "no group" in twin.steps()[1]["error"]
+    assert all(twin.steps()[s]["applied"] and twin.steps()[s]["members"] == 1 for s in (2, 3))
+    for r in reports:
+        assert r.micro_batches == MICRO and math.isfinite(r.loss) and r.stages[0].committed == MICRO
+    assert reports[-1].loss < reports[0].loss
 
 
 @pytest.mark.timeout(60)
