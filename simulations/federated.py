@@ -1,0 +1,395 @@
+"""Federated rounds of many groups in parallel: local steps, then one top-k all-reduce round per group.
+
+A federated job (node/jobs.py, node/jobmanager.py) runs rounds of local training followed by an all-reduce
+round (protocol/allreduce.py) of at most max_group members. A swarm of 10,000 runs many such groups at once
+(one job each, or one job sharded by group key); nodes joining go to the smallest group of their kind
+(``grouping``: "gpu" groups nodes with the same GPU, so every member finishes its local steps at the same
+moment; "random" mixes GPUs, and then members slower than the leader by more than the matchmaking window are
+left out of every round, as node/jobs.py's fixed local_steps and the 5 s window make them). A new group opens
+only when all groups of a kind are full and groups are never merged, so under churn their number creeps up
+and their mean size down (625 -> 648 groups in the default 10,000-node day). Each group round, at the round's start every member trains (unless its last
+round failed: node/jobs.py then resends the update kept in error feedback), then:
+
+  matchmaking  every member declares when its local steps end. The leader (choose_leader over the members
+               declared within the first matchmaking window) closes its window when the expected group
+               (the last round's participants) has declared, else after matchmaking_time. Members that declare
+               later are left out: they keep their update and must re-sync the model (node/jobs.py: in_sync
+               False) before their next round. A member that dies before declaring costs the full window;
+               one that dies after declaring costs the leader an invite_timeout; a leader that dies before
+               sending the plan fails the round for all (NoGroup after matchmaking_time + 2 invite_timeouts).
+  plan         protocol.matchmaking.make_plan (real) over the declared survivors: members and spans.
+  butterfly    simulations.roundtime: link-limited reduce-scatter and all-gather, selection overlapping
+               matchmaking. A transfer longer than result_timeout fails the round (the slowest members hold no
+               result, so no span is held by every member).
+  deaths       a member that dies after the plan and before serving its span's result: that span is applied
+               by nobody (the commit exchange), its share of every survivor's update goes back to error
+               feedback, and survivors wait result_timeout for the silent owner, then commit_timeout for its
+               vote; a death during the commit costs commit_timeout only.
+Mass accounting, in units of one member's update of one round: each member's error-feedback buffer holds
+``delayed`` units that churn kept from being applied (the top-k remainder that error feedback keeps by design
+is not counted); a round contributes delayed + 1 (+ 0 when resending) and applies the fraction of spans that
+survived. A node that leaves takes its buffer with it (``lost``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from protocol.matchmaking import choose_leader, make_plan
+from protocol.messages import TensorSpec
+from protocol.rounds import RoundConfig
+from simulations.engine import Engine
+from simulations.roundtime import Butterfly, Phases, butterfly, dht_hops, phases
+
+GPT2_SMALL_PARAMS = 124_439_808  # GPT-2 small (Radford et al. 2019), as counted by transformers' GPT2LMHeadModel
+GROUPINGS = ("gpu", "random")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    params: int = GPT2_SMALL_PARAMS
+    density: float = 0.01  # top-k fraction per round (README: the issue #3 benchmarks run at 1%)
+    result_density: float | None = None  # None: owners send their whole span average (node/jobs.py's default)
+    select: str = "exact"  # node/jobs.py's ErrorFeedbackSparsifier(..., "exact")
+    min_group: int = 2  # JobSpec.min_participants default
+    max_group: int = 16  # a choice between JobSpec.max_participants' default (8) and RoundConfig.max_group's (64)
+    local_steps: int = 20  # a choice: 10-30 s of local work per round on the common cards (RTX 3060: 14 s)
+    batch_size: int = 8  # sequences per step (a choice that fits GPT-2 small on an 8 GB card)
+    seq_len: int = 1024  # GPT-2's context
+    # JobSpec.round_timeout_s; node/jobs.py derives the round's timeouts from it. JobSpec's default (60 s) gives a
+    # 30 s result_timeout, shorter than a 10 Mbit/s member's all-gather in a group of 16 (~43 s): 120 s fits it
+    round_timeout_s: float = 120.0
+    grouping: str = "gpu"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.params < 1 or self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 1:
+            raise ValueError("params, local_steps, batch_size and seq_len must be >= 1")
+        if not 1 <= self.min_group <= self.max_group:
+            raise ValueError(f"need 1 <= min_group <= max_group, got {self.min_group}, {self.max_group}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        self.round_config()  # validates the timeouts
+
+    @property
+    def flops_per_round(self) -> float:
+        """Training FLOPs of one member's local steps: 6 per parameter per token (Kaplan et al. 2020, 2.1)."""
+        return 6.0 * self.params * self.seq_len * self.batch_size * self.local_steps
+
+    @property
+    def state_bytes(self) -> float:
+        """What a joiner or a re-syncing member downloads: fp32 parameters + outer momentum (JobRunner.snapshot)."""
+        return 8.0 * self.params
+
+    def round_config(self) -> RoundConfig:
+        """The RoundConfig node/jobs.py's JobRunner builds from the job's round_timeout_s."""
+        t = self.round_timeout_s
+        return RoundConfig(swarm="sim", tensor=TensorSpec("sim", self.params), min_group=self.min_group,
+                           max_group=self.max_group, matchmaking_time=min(5.0, t / 6), part_timeout=t / 4,
+                           result_timeout=t / 2, commit_timeout=min(3.0, t / 10), result_density=self.result_density)
+
+
+class Member:
+    """A node as the federated simulation sees it (created by simulations/swarm.py)."""
+
+    __slots__ = ("nid", "bw", "lat", "tflops", "gpu", "depart", "group", "sync_until", "resend", "delayed")
+
+    def __init__(self, nid: str, bw: float, lat: float, tflops: float, gpu: int, depart: float, sync_until: float):
+        self.nid, self.bw, self.lat, self.tflops, self.gpu, self.depart = nid, bw, lat, tflops, gpu, depart
+        self.group: Group | None = None
+        self.sync_until = sync_until  # the model is downloaded by then: it can take part in a round
+        self.resend = False  # the last round failed: the next one resends the update instead of training
+        self.delayed = 0.0  # units of update mass churn left in this member's error-feedback buffer
+
+
+class Group:
+    __slots__ = ("gid", "key", "members", "running", "round_no", "expected", "idle_since", "cache", "version",
+                 "steady", "batch")
+
+    def __init__(self, gid: int, key: int) -> None:
+        self.gid, self.key, self.members = gid, key, {}
+        self.running = False
+        self.round_no = 0
+        self.expected: int | None = None  # the last ok round's participants (jobmanager's runner.expect)
+        self.idle_since: float | None = None  # when the group last fell below min_group (None: running)
+        self.cache: tuple | None = None  # (members tuple, Butterfly, Phases) of the last plan
+        self.version = 0  # bumped whenever a member joins or leaves
+        self.steady: tuple | None = None  # (version, duration, bytes, members) of an undisturbed round
+        self.batch: tuple | None = None  # (t0, duration, rounds, bytes, members, Event) of repeated rounds
+
+
+@dataclass
+class RoundRecord:
+    """What one group round did, as the metrics see it."""
+
+    end: float
+    outcome: str  # "ok", "partial" (spans lost), "aborted" (no group / leader died), "timeout"
+    members: int  # in the plan (0 when no group formed)
+    late: int  # declared after the window closed
+    bytes: float  # written by all members
+    recovery_s: float  # node-seconds lost to failures in this round (waits, failed attempts, re-syncs)
+    duration_s: float
+    mass_applied: float  # units of update mass the round applied
+    mass_delayed: float  # units it handed back to error-feedback buffers (offered, not applied)
+    sync_bytes: float = 0.0  # model downloads of members left out (re-sync)
+    count: int = 1  # identical undisturbed rounds this record stands for (bytes, duration, mass are totals)
+
+
+class FederatedSim:
+    """Groups of Members running rounds on an Engine; ``on_round`` receives every RoundRecord."""
+
+    def __init__(self, config: FederatedConfig, engine: Engine, swarm_size: Callable[[], int],
+                 on_round: Callable[[RoundRecord], None], on_idle: Callable[[float, float], None],
+                 sample_s: float = math.inf) -> None:
+        self.config, self.engine, self.swarm_size, self.sample_s = config, engine, swarm_size, sample_s
+        self.on_round, self.on_idle = on_round, on_idle
+        self.rc = config.round_config()
+        self.tensor = self.rc.tensor
+        self.groups: list[Group] = []
+        self._by_size: dict[int, list[set[int]]] = {}  # key -> [gids of groups with s members for s in 0..max]
+        self.delayed_total = 0.0  # sum of members' delayed mass
+        self.lost_total = 0.0  # mass that left with departing members
+        self.late_total = 0
+
+    # ---- membership ---------------------------------------------------------------------------------------
+
+    def _key(self, m: Member) -> int:
+        return m.gpu if self.config.grouping == "gpu" else 0
+
+    def _resize(self, g: Group, old: int) -> None:
+        buckets = self._by_size[g.key]
+        buckets[old].discard(g.gid)
+        buckets[len(g.members)].add(g.gid)
+
+    def add(self, m: Member) -> None:
+        """Place a member in the smallest group of its kind that has room (a new group if none)."""
+        key, cap = self._key(m), self.config.max_group
+        buckets = self._by_size.setdefault(key, [set() for _ in range(cap + 1)])
+        size = next((s for s in range(1, cap) if buckets[s]), None)
+        if size is None:
+            size = 0 if buckets[0] else None
+        if size is None:
+            g = Group(len(self.groups), key)
+            g.idle_since = self.engine.now()
+            self.groups.append(g)
+            buckets[0].add(g.gid)
+            size = 0
+        g = self.groups[min(buckets[size])]
+        self._flush_idle(g)
+        g.members[m.nid] = m
+        m.group = g
+        self._resize(g, size)
+        self._changed(g)
+        self._wake(g, m.sync_until)
+
+    def remove(self, m: Member) -> None:
+        """A member left the swarm: its buffer leaves with it."""
+        g = m.group
+        if g is not None:
+            self._flush_idle(g)
+        if g is not None and g.members.pop(m.nid, None) is not None:
+            self._resize(g, len(g.members) + 1)
+            m.group = None
+            self._changed(g)
+        self.delayed_total -= m.delayed
+        self.lost_total += m.delayed
+        m.delayed = 0.0
+
+    def _changed(self, g: Group) -> None:
+        """Membership changed: repeated rounds stop at the end of the round under way."""
+        g.version += 1
+        if g.batch is not None:
+            t0, duration, rounds, nbytes, n, event = g.batch
+            done = max(1, math.ceil((self.engine.now() - t0) / duration))
+            if done < rounds:
+                event.cancel()
+                self._repeat(g, t0, duration, done, nbytes, n)
+
+    def _wake(self, g: Group, when: float) -> None:
+        if not g.running:
+            self.engine.at(max(when, self.engine.now()), self._maybe_start, g)
+
+    def _maybe_start(self, g: Group) -> None:
+        if not g.running:
+            self._start_round(g)
+
+    def _flush_idle(self, g: Group) -> None:
+        """Report the node-time a group below min_group has been idle so far (before its members change)."""
+        if not g.running and g.idle_since is not None:
+            now = self.engine.now()
+            self.on_idle(now - g.idle_since, sum(1 for m in g.members.values() if m.sync_until <= g.idle_since))
+            g.idle_since = now
+
+    def flush_idle(self) -> None:
+        """At the end of the run: the idle time of groups still below min_group."""
+        for g in self.groups:
+            self._flush_idle(g)
+
+    # ---- repeated undisturbed rounds ---------------------------------------------------------------------
+
+    def _steady_rounds(self, g: Group, t0: float) -> int:
+        """How many copies of the group's last undisturbed round can run from t0 with nothing changing: none
+        if the group changed since, and only rounds that end before any member's departure (sessions are
+        drawn when nodes join, so departures are known) and, where possible, before the next sample."""
+        if g.steady is None or g.steady[0] != g.version:
+            return 0
+        duration = g.steady[1]
+        first_leave = min(m.depart for m in g.members.values())
+        cap = 1 << 30
+        by_leave = math.ceil((first_leave - t0) / duration) - 1 if first_leave < math.inf else cap  # end before it
+        if math.isfinite(self.sample_s):
+            boundary = (math.floor(t0 / self.sample_s) + 1) * self.sample_s
+            by_leave = min(by_leave, max(1, math.ceil((boundary - t0) / duration) - 1))
+        return max(0, min(by_leave, cap))
+
+    def _repeat(self, g: Group, t0: float, duration: float, rounds: int, nbytes: float, n: int) -> None:
+        event = self.engine.at(t0 + rounds * duration, self._repeated, g)
+        g.batch = (t0, duration, rounds, nbytes, n, event)
+
+    def _repeated(self, g: Group) -> None:
+        t0, duration, rounds, nbytes, n, _ = g.batch
+        g.batch = None
+        g.round_no += rounds
+        self.on_round(RoundRecord(self.engine.now(), "ok", n, 0, nbytes * rounds, 0.0, duration * rounds,
+                                  float(n * rounds), 0.0, 0.0, rounds))
+        self._start_round(g)
+
+    # ---- one round ----------------------------------------------------------------------------------------
+
+    def _start_round(self, g: Group) -> None:
+        cfg, rc, t0 = self.config, self.rc, self.engine.now()
+        rounds = self._steady_rounds(g, t0)
+        if rounds:
+            _, duration, nbytes, n = g.steady
+            return self._repeat(g, t0, duration, rounds, nbytes, n)
+        parts = [m for m in g.members.values() if m.sync_until <= t0]
+        self._flush_idle(g)
+        if len(parts) < cfg.min_group:
+            g.running = False
+            g.idle_since = t0
+            return
+        g.running, g.idle_since = True, None
+        g.round_no += 1
+        train_s = cfg.flops_per_round / 1e12
+        ready = {m.nid: t0 + (0.0 if m.resend else train_s / m.tflops) for m in parts}
+        declared = [m for m in parts if m.depart > ready[m.nid]]
+        if not declared:
+            return self._finish(g, parts, [], t0, t0 + rc.matchmaking_time, "aborted", 0.0, None, t0)
+        first = min(ready[m.nid] for m in declared)
+        visible = [m.nid for m in declared if ready[m.nid] <= first + rc.matchmaking_time]
+        leader = choose_leader(visible[1:], visible[0])
+        r_lead = ready[leader]
+        last = max(ready[m.nid] for m in declared)
+        expected_met = g.expected is not None and len(declared) >= g.expected
+        close = last if expected_met and last <= r_lead + rc.matchmaking_time else r_lead + rc.matchmaking_time
+        on_time = [m for m in declared if ready[m.nid] <= close]
+        late = [m for m in declared if ready[m.nid] > close]
+        hops = dht_hops(self.swarm_size())
+        lat2 = sorted(m.lat for m in on_time)[-2:]
+        rtt = 2 * sum(lat2) if len(lat2) == 2 else 0.0
+        t_plan = close + 2 * hops * rtt + 2.5 * rtt
+        if g.members[leader].depart <= t_plan:  # the leader died before sending the plan: NoGroup for everyone
+            end = close + rc.matchmaking_time + 2 * rc.invite_timeout
+            return self._finish(g, parts, late, t0, end, "aborted", 0.0, None, close)
+        if any(ready[m.nid] < m.depart <= t_plan for m in on_time):
+            t_plan += rc.invite_timeout  # the leader waited for a reply that never came
+        group = [m for m in on_time if m.depart > t_plan]
+        if len(group) < cfg.min_group:
+            end = close + rc.matchmaking_time + 2 * rc.invite_timeout
+            return self._finish(g, parts, late, t0, end, "aborted", 0.0, None, close)
+        plan = make_plan(f"g{g.gid}/r{g.round_no}", leader, {m.nid: m.bw for m in group}, self.tensor,
+                         t_plan + rc.result_timeout, cfg.min_group, cfg.max_group)
+        b, ph = self._model(g, plan, group, hops)
+        t_bs = max(t_plan, max(ready[m.nid] for m in group) + ph.select_s)
+        exchange = ph.reduce_scatter_s + ph.all_gather_s + ph.cpu_s
+        t_ag = t_bs + exchange
+        nominal_end = t_ag + ph.commit_s + ph.overhead_s
+        by_id = {m.nid: m for m in group}
+        members = [by_id[p] for p in plan.members]
+        if exchange > rc.result_timeout:
+            end = t_bs + rc.result_timeout + rc.commit_timeout + ph.overhead_s
+            return self._finish(g, parts, late, t0, end, "timeout", b.total_bytes, plan, close, members=members)
+        lost = [i for i, m in enumerate(members) if m.depart <= t_ag]
+        if lost:
+            wait = max(exchange, rc.part_timeout + ph.all_gather_s + ph.cpu_s, rc.result_timeout)
+            end = t_bs + wait + ph.commit_s + rc.commit_timeout + ph.overhead_s
+            kept = 1.0 - sum(b.spans[i] for i in lost) / cfg.params
+            outcome = "partial" if kept > 0 else "aborted"
+        elif any(m.depart <= nominal_end for m in members):
+            end, kept, outcome = nominal_end + rc.commit_timeout, 1.0, "ok"
+        else:
+            end, kept, outcome = nominal_end, 1.0, "ok"
+        # nothing disturbed it and nothing carried over: the same round repeats until the group changes
+        clean = (outcome == "ok" and end == nominal_end and close == last and not late
+                 and len(members) == len(g.members) and all(not m.resend and m.delayed == 0 for m in members))
+        self._finish(g, parts, late, t0, end, outcome, b.total_bytes, plan, close, members=members, kept=kept,
+                     nominal_end=nominal_end, clean=g.version if clean else None)
+
+    def _model(self, g: Group, plan, group: list, hops: int) -> tuple[Butterfly, Phases]:
+        """The butterfly of this plan, cached while the group's plan stays the same."""
+        key = (plan.members, hops)
+        if g.cache is not None and g.cache[0] == key:
+            return g.cache[1], g.cache[2]
+        cfg = self.config
+        by_id = {m.nid: m for m in group}
+        ms = [by_id[p] for p in plan.members]
+        b = butterfly([m.bw for m in ms], [m.lat for m in ms], cfg.params, cfg.density,
+                      result_density=cfg.result_density, spans=[e - s for s, e in plan.spans])
+        ph = phases(b, cfg.params, select=cfg.select, swarm_size=self.swarm_size())
+        g.cache = (key, b, ph)
+        return b, ph
+
+    def _finish(self, g: Group, parts: list, late: list, t0: float, end: float, outcome: str, nbytes: float,
+                plan, close: float, members: list | None = None, kept: float = 0.0,
+                nominal_end: float | None = None, clean: int | None = None) -> None:
+        """Settle the round's effects at its end time; the next round starts there."""
+        self.engine.at(end, self._settle, g, parts, late, t0, outcome, nbytes, members or [], kept, close,
+                       nominal_end, clean)
+
+    def _settle(self, g: Group, parts, late, t0, outcome, nbytes, members, kept, close, nominal_end,
+                clean) -> None:
+        now, cfg = self.engine.now(), self.config
+        if clean is not None and clean == g.version:  # the group did not change while the round ran
+            g.steady = (clean, now - t0, nbytes, len(members))
+        recovery = applied = delayed = 0.0
+        alive = [m for m in members if m.group is g]  # those still in the swarm
+        ok = outcome in ("ok", "partial")
+        for m in alive:
+            contrib = self._offered(m)
+            keep = contrib * (1.0 - kept) if ok else contrib
+            applied += contrib - keep
+            delayed += self._keep(m, keep, resend=not ok)
+        if ok and nominal_end is not None and now > nominal_end:
+            recovery += (now - nominal_end) * len(alive)
+        if not ok:  # everyone who declared waited for nothing (their update is kept, not lost)
+            waiting = [m for m in parts if m.group is g and m not in late]
+            if not members:  # no plan was formed: nobody ran this round id, so it is retried
+                for m in waiting:
+                    delayed += self._keep(m, self._offered(m), resend=True)
+            recovery += (now - close) * len(waiting)
+        sync = cfg.state_bytes
+        late = [m for m in late if m.group is g]
+        for m in late:  # left out: keep the update, download the model again, then train afresh
+            delayed += self._keep(m, self._offered(m), resend=False)
+            m.sync_until = now + sync / m.bw
+            recovery += m.sync_until - close
+            self.late_total += 1
+            self._wake(g, m.sync_until)
+        g.expected = len(members) if ok else None  # jobmanager: runner.expect(participants) after an ok round
+        self.on_round(RoundRecord(now, outcome, len(members), len(late), nbytes, recovery, now - t0, applied,
+                                  delayed, sync * len(late)))
+        self._start_round(g)
+
+    @staticmethod
+    def _offered(m: Member) -> float:
+        """What the member's round carries: its buffer's delayed mass plus a fresh update unless it resends."""
+        return m.delayed + (0.0 if m.resend else 1.0)
+
+    def _keep(self, m: Member, keep: float, resend: bool) -> float:
+        """The member's buffer now holds ``keep`` units the round did not apply; returns keep."""
+        self.delayed_total += keep - m.delayed
+        m.delayed, m.resend = keep, resend
+        return keep
