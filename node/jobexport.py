@@ -96,7 +96,9 @@ def curve_png(history: list[dict], metric: str, title: str) -> bytes:
 def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, model_hash: str, rounds: int,
                own_rounds: int, history: list[dict], metric: str) -> list[pathlib.Path]:
     """Write FILES under ``out`` (each atomically: temporary file, fsync, rename); return their paths."""
-    tensors = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    # clone: tied weights (GPT-2's lm_head / wte) share storage, which safetensors refuses; each name gets
+    # its own copy, and load_state_dict puts them back into the one shared parameter
+    tensors = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}
     blob = save(tensors)
     manifest = {
         "job_id": record.job_id, "name": record.spec.name, "model_hash": model_hash,

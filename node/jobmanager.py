@@ -230,7 +230,7 @@ class JobManager:
         self._runners[record.job_id] = runner
         await runner.start()
         logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
-        paused = False
+        paused, last_size = False, 0  # last_size: the group of the last applied round
         try:
             while runner.completed < spec.rounds:
                 if view.record.state == "cancelled":
@@ -247,10 +247,11 @@ class JobManager:
                 result = await runner.run_round()
                 await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
                 view.history.append(result)
-                if result.ok:  # next round: start as soon as this round's members have all declared
-                    runner.expect(len(result.participants))
-                else:
-                    runner.expect(None)  # someone left or joined: wait the full matchmaking window
+                # next round: start as soon as this round's members have all declared, unless the round failed
+                # or its group just shrank (those left out are often alive, merely late: one full window for them)
+                shrank = result.ok and len(result.participants) < last_size
+                runner.expect(len(result.participants) if result.ok and not shrank else None)
+                last_size = len(result.participants) if result.ok else last_size
                 if result.paused:
                     if not paused:  # published once per pause, not on every retry
                         logger.info("job %s paused: fewer than %d participants ready; retrying round %d",
@@ -267,13 +268,13 @@ class JobManager:
                     logger.info("job %s resumed", record.job_id)
                 paused = False
                 await self._publish(self._progress(runner, result, "done" if runner.completed == spec.rounds else "running"))
-            params, _, completed, _ = runner.snapshot()
-            self._write_export(self.home / "jobs" / record.job_id, view, params, completed)
             if record.submitter == self.peer_id:
                 view.record = record.replace(state="done", round=runner.completed, model_hash=runner.model_hash,
                                              participants=view.progress.participants if view.progress else (),
                                              updated_at=time.time())
                 await self._store_record(view.record)
+            params, _, completed, _ = runner.snapshot()
+            await asyncio.to_thread(self._write_export, self.home / "jobs" / record.job_id, view, params, completed)
         except asyncio.CancelledError:
             raise
         except Exception:

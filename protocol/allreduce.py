@@ -22,7 +22,9 @@ Why it is built this way -- the races it handles:
     rounding of the aggregate goes back into the owner's own buffer (server-side error feedback).
   * Too few peers ready: matchmaking fails with NoGroup before any plan exists, so nobody ran that round
     id; the caller may step() the same id again. Members of a paused job retry one id together instead
-    of each consuming ids on its own and never meeting again.
+    of each consuming ids on its own and never meeting again. A leader that sent no plan (dead: its
+    declaration outlives it in the DHT) is skipped on the retries of that id, by each peer that waited
+    for it; a peer that has not noticed yet still accepts the next leader's invite.
 Matchmaking races are described in protocol/matchmaking.py.
 """
 
@@ -94,6 +96,7 @@ class _Round:
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     expires: float = 0.0
     no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
+    suspects: set[str] = field(default_factory=set)  # leaders this id waited for in vain (dead, or cut off)
 
 
 def part_frame_bound(span_len: int) -> int:
@@ -146,6 +149,8 @@ class Averager:
         state = _Round(round_id, update if pending is None else None, float(weight),
                        MatchState(round_id, cfg.tensor, plan=loop.create_future()))
         state.expires = time.monotonic() + self._round_budget()
+        if round_id in self._rounds:  # a retry: a dead leader's declaration outlives it in the DHT, skip it
+            state.suspects = self._rounds[round_id].suspects
         self._rounds[round_id] = state
         times: dict[str, float] = {}
         t = time.perf_counter()
@@ -233,11 +238,17 @@ class Averager:
         if seen.started is not None and self.peer_id not in seen.started and state.match.accepting:
             state.match.accepting = False
             raise RoundFailed("the round started without this peer (it declared too late); next round")
-        leader = choose_leader(list(seen.declared), self.peer_id)
+        candidates = {p: bw for p, bw in seen.declared.items() if p not in state.suspects}
+        leader = choose_leader(list(candidates), self.peer_id)
         if leader != self.peer_id or not state.match.accepting:
-            return self._checked_plan(await self._await_plan(state, read))
+            try:
+                return self._checked_plan(await self._await_plan(state, read))
+            except NoGroup:
+                if leader != self.peer_id:
+                    state.suspects.add(leader)
+                raise
         state.match.accepting = False
-        plan = await self._lead(state, {p: bw for p, bw in seen.declared.items() if p != self.peer_id})
+        plan = await self._lead(state, {p: bw for p, bw in candidates.items() if p != self.peer_id})
         if plan is not None:  # in the background: only late joiners read it, the round need not wait
             self._background.add(task := asyncio.ensure_future(
                 self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)))

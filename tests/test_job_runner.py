@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 from hivemind.dht.node import DHTNode
+from hivemind.utils.timed_storage import get_dht_time
 
 from node.datasets import load_node_data, write_node_data
 from node.jobs import JobRunner
@@ -106,3 +107,36 @@ def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_upda
     assert together[0].model_hash == together[1].model_hash and next_round == 1
     assert together[0].local_seconds == 0 and together[0].samples == alone[0].samples  # the kept update, weighed as trained
     assert together[1].local_seconds > 0
+
+
+def test_a_dead_leaders_declaration_is_skipped_when_the_round_is_retried(tmp_path):
+    """A declaration outlives its peer in the DHT. Here one that sorts before every real peer id (so it would
+    lead) sits under round 0's key: the live nodes wait for its plan in vain once, then skip it."""
+    from protocol.matchmaking import declaration_to_wire, round_key
+
+    job = dataclasses.replace(spec(OuterOpt("fedavg")), round_timeout_s=12.0)
+
+    async def scenario():
+        daemons, dhts, runners = [], [], []
+        try:
+            for i in range(2):
+                runners.append(await start_node(tmp_path, i, job, daemons, dhts))
+            ghost = "0ghost-of-a-dead-leader"  # smaller than any "12D3KooW..." id
+            round_id = f"job1/r0/{runners[0].model_hash[:16]}"
+            key = round_key("jobtest", runners[0].averager.config.tensor.name, round_id)
+            assert await dhts[0].store(key, declaration_to_wire(1e6), get_dht_time() + 60, subkey=ghost)
+            first = await asyncio.gather(*(r.run_round() for r in runners))
+            second = await asyncio.gather(*(r.run_round() for r in runners))
+            return first, second
+        finally:
+            for runner in runners:
+                await runner.stop()
+            for dht in dhts:
+                await dht.shutdown()
+            for daemon in daemons:
+                await daemon.stop()
+
+    first, second = asyncio.run(scenario())
+    assert all(r.paused and "no leader sent a plan" in r.error for r in first), [r.error for r in first]
+    assert all(r.ok and r.round == 0 for r in second), [r.error for r in second]
+    assert second[0].model_hash == second[1].model_hash

@@ -65,3 +65,20 @@ def test_export_writes_model_manifest_report_and_curve(tmp_path):
     loaded = build_model("mlp", {"hidden": 16}, 1, num_classes=10).module
     loaded.load_state_dict(load_file(files[0]))
     assert params_sha256(loaded) == params_sha256(bundle.module) and flatten_params(loaded).size > 0
+
+
+def test_export_of_a_model_with_tied_weights(tmp_path):
+    """GPT-2 ties lm_head to the token embedding (shared storage, which safetensors refuses as is)."""
+    spec = JobSpec(name="lm", model=ModelSpec("gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2}),
+                   dataset="pystdlib-bytes", task="causal-lm", rounds=1, inner=InnerOpt("adamw", 1e-3), local_steps=1,
+                   batch_size=2, outer=OuterOpt("fedavg"), density=0.1, min_participants=2, max_participants=4,
+                   round_timeout_s=10.0)
+    record = JobRecord.create(spec, "12D3KooWPsxMNwGhcey1qdysmSqkSM4NGUgLjJfbuMzktEgNqPxC", "00", 1.0)
+    bundle = build_model("gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2}, 0)
+    files = export_job(tmp_path, record, bundle.module, "ab" * 32, 1, 1, [], "loss")
+    from safetensors.torch import load_file
+
+    loaded = build_model("gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2}, 1).module
+    loaded.load_state_dict(load_file(files[0]))
+    assert params_sha256(loaded) == params_sha256(bundle.module)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
