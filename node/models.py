@@ -73,15 +73,17 @@ ARCHS: dict[str, ArchSpec] = {
                     "(sklearn load_digits), so two poolings leave 2x2"),
     "gpt2": ArchSpec("gpt2", CAUSAL_LM,
                      {"vocab_size": BYTE_VOCAB, "n_positions": 128, "n_embd": 128, "n_layer": 4, "n_head": 4,
-                      "dropout": 0.0},
+                      "dropout": 0.0, "tie_word_embeddings": True},
                      "small byte-level GPT-2 sized by the swarmnode issue-4 brief (~0.8 M params); dropout 0.0 "
-                     "as nanoGPT's train.py ('for pretraining 0 is good')"),
+                     "as nanoGPT's train.py ('for pretraining 0 is good'); tie_word_embeddings True is "
+                     "transformers' GPT2Config default (False: an LM head of its own, as pipeline training needs)"),
     "llama": ArchSpec("llama", CAUSAL_LM,
                       {"vocab_size": BYTE_VOCAB, "max_position_embeddings": 128, "hidden_size": 128,
                        "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
-                       "num_key_value_heads": 4, "dropout": 0.0},
+                       "num_key_value_heads": 4, "dropout": 0.0, "tie_word_embeddings": False},
                       "same size as the gpt2 defaults; intermediate = 2/3 * 4 * hidden rounded up to a multiple "
-                      "of 8 (Touvron et al. 2023, LLaMA, section 2 'SwiGLU')"),
+                      "of 8 (Touvron et al. 2023, LLaMA, section 2 'SwiGLU'); tie_word_embeddings False is "
+                      "transformers' LlamaConfig default"),
     "bert": ArchSpec("bert", CLASSIFICATION,
                      {"vocab_size": BYTE_VOCAB, "max_position_embeddings": 128, "hidden_size": 128,
                       "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512, "classes": 2,
@@ -232,7 +234,8 @@ def _hf_config(arch: str, cfg: Mapping[str, Scalar]):
         p = cfg["dropout"]
         return GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"], n_embd=cfg["n_embd"],
                           n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-                          bos_token_id=None, eos_token_id=None, use_cache=False)
+                          tie_word_embeddings=cfg["tie_word_embeddings"], bos_token_id=None, eos_token_id=None,
+                          use_cache=False)
     if arch == "llama":
         from transformers import LlamaConfig
         return LlamaConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["max_position_embeddings"],
@@ -240,7 +243,8 @@ def _hf_config(arch: str, cfg: Mapping[str, Scalar]):
                            num_hidden_layers=cfg["num_hidden_layers"],
                            num_attention_heads=cfg["num_attention_heads"],
                            num_key_value_heads=cfg["num_key_value_heads"], attention_dropout=cfg["dropout"],
-                           bos_token_id=None, eos_token_id=None, use_cache=False)
+                           tie_word_embeddings=cfg["tie_word_embeddings"], bos_token_id=None, eos_token_id=None,
+                           use_cache=False)
     if arch == "bert":
         from transformers import BertConfig
         return BertConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["max_position_embeddings"],

@@ -40,9 +40,8 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
   * Replicas of a stage disagreeing after a step (a partitioned averaging round): the trainer compares their
     parameter hashes and tells the minority to resync from the majority.
 
-The messages between trainer, hosts and backup holders are defined here too, as frozen dataclasses with one
-x_to_wire / x_from_wire pair (msgpack maps with a tag and a version; every field checked, unknown fields
-refused); node/stagehost.py imports them. (Their proper home is protocol/, see the issue-5 report.)
+The messages between trainer, hosts and backup holders (Status, Commit, EndStep, Resync, state transfer, the
+DHT member records) and the protocol names are in protocol/pipeline_messages.py.
 """
 
 from __future__ import annotations
@@ -50,14 +49,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
-import msgpack
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -68,288 +63,15 @@ from node.splitter import read_manifest
 from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
                                   ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
                                   max_frame_bytes, new_micro_batch_id)
+from protocol.pipeline_messages import (CONTROL_BOUND, Commit, CommitReply, ControlError, EndStep, EndStepReply,
+                                        MemberRecord, Resync, Status, StatusReply, check_peer_id, control_from_wire,
+                                        control_to_wire, member_record_from_wire, one_line, stage_key, stage_protocol)
+# Not used here; still importable from node.pipeline, as tests/test_fuzz.py does.
+from protocol.pipeline_messages import BackupAck, StateHead, StateRequest, member_record_to_wire  # noqa: F401
 from protocol.streams import close_quietly, read_frame, write_frame
-from protocol.wire import WireError, unpack_bounded
 
 logger = logging.getLogger(__name__)
 CAUSAL_LMS = ("GPT2LMHeadModel", "LlamaForCausalLM")
-
-# ---- names -------------------------------------------------------------------------------------------------
-
-PIPE_PROTOCOL_VERSION = 1
-STAGE_KINDS = ("forward", "backward", "control")
-MAX_STEP = 2**63 - 1
-MAX_MB_ID = 2**64 - 1
-MAX_MICRO_BATCHES = 65_536  # per step and replica: far above any batch / micro-batch ratio in use
-MAX_GROUP = 256  # replicas of one stage (protocol/messages.py MAX_GROUP_SIZE)
-MAX_REASON = 256
-# A control frame: MAX_MICRO_BATCHES 9-byte ids, or MAX_GROUP 128-character ids, plus fields: < 1 MiB.
-CONTROL_BOUND = 1 << 20
-MAX_RECORD_BYTES = 256
-_PEER_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58 libp2p peer id
-_HEX_RE = re.compile(r"([0-9a-f]{64})?")
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def stage_protocol(swarm: str, pipeline_id: str, stage: int, kind: str) -> str:
-    """The libp2p protocol a replica of ``stage`` serves ``kind`` (forward, backward, control) under."""
-    if kind not in STAGE_KINDS:
-        raise ValueError(f"kind must be one of {STAGE_KINDS}, got {kind!r}")
-    return f"swarmnode/{swarm}/pipe/{pipeline_id}/s{stage}/{kind}"
-
-
-def pipe_protocol(swarm: str, pipeline_id: str, kind: str) -> str:
-    """Per-node protocols of a pipeline: "state" (serve a stage's state) and "backup" (receive one)."""
-    if kind not in ("state", "backup"):
-        raise ValueError(f"kind must be state or backup, got {kind!r}")
-    return f"swarmnode/{swarm}/pipe/{pipeline_id}/{kind}"
-
-
-def stage_key(swarm: str, pipeline_id: str, stage: int) -> str:
-    """DHT key under which the replicas (and state backups) of ``stage`` announce themselves, one subkey each."""
-    return f"swarmnode/{swarm}/pipe/{pipeline_id}/s{stage}/members"
-
-
-# ---- field checks (ValueError; from_wire turns it into a WireError) ----------------------------------------
-
-def _uint(hi: int) -> Callable[[Any, str], None]:
-    def check(v: Any, what: str) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-            raise ValueError(f"{what}: expected an integer in [0, {hi}], got {v!r:.40}")
-    return check
-
-
-_step, _count, _stage = _uint(MAX_STEP), _uint(MAX_MICRO_BATCHES), _uint(4095)
-
-
-def _ids(v: Any, what: str) -> None:
-    if not isinstance(v, tuple) or len(v) > MAX_MICRO_BATCHES:
-        raise ValueError(f"{what}: expected at most {MAX_MICRO_BATCHES} micro-batch ids")
-    for i in v:
-        _uint(MAX_MB_ID)(i, what)
-
-
-def _peer(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not _PEER_RE.fullmatch(v):
-        raise ValueError(f"{what}: expected a base58 peer id, got {v!r:.40}")
-    return v
-
-
-def _group(v: Any, what: str) -> None:
-    if not isinstance(v, tuple) or not 1 <= len(v) <= MAX_GROUP:
-        raise ValueError(f"{what}: expected 1 to {MAX_GROUP} peer ids")
-    for p in v:
-        _peer(p, what)
-
-
-def _hex(v: Any, what: str) -> None:
-    if not isinstance(v, str) or not _HEX_RE.fullmatch(v):
-        raise ValueError(f"{what}: expected 64 lowercase hex digits or nothing")
-
-
-def _reason(v: Any, what: str) -> None:
-    if not isinstance(v, str) or len(v) > MAX_REASON or _CONTROL_CHARS.search(v):
-        raise ValueError(f"{what}: expected one line of at most {MAX_REASON} characters")
-
-
-def _number(v: Any, what: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{what}: expected a finite number >= 0, got {v!r:.40}")
-
-
-def _bool(v: Any, what: str) -> None:
-    if not isinstance(v, bool):
-        raise ValueError(f"{what}: expected true or false, got {v!r:.20}")
-
-
-def _optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], None]:
-    return lambda v, what: None if v is None else check(v, what)
-
-
-def one_line(text: Any) -> str:
-    return " ".join(str(text).split())[:MAX_REASON]
-
-
-# ---- messages ----------------------------------------------------------------------------------------------
-
-class _Message:
-    """Base of the frozen message dataclasses: construction runs ``_checks`` (field -> check) on every field."""
-
-    _checks: dict[str, Callable[[Any, str], Any]] = {}
-
-    def __post_init__(self) -> None:
-        for name, check in self._checks.items():
-            check(getattr(self, name), f"{_TAGS[type(self)]}.{name}")
-
-
-@dataclass(frozen=True)
-class Status(_Message):
-    """Trainer -> replica: where are you? (``step``: the trainer's, for logs)."""
-    step: int
-    _checks = {"step": _step}
-
-
-@dataclass(frozen=True)
-class StatusReply(_Message):
-    step: int  # the step the replica is accumulating (= optimizer steps completed)
-    committed: int  # micro-batches committed this step
-    params_hash: str  # node/models.py params_sha256 of the stage now
-    _checks = {"step": _step, "committed": _count, "params_hash": _hex}
-
-
-@dataclass(frozen=True)
-class Commit(_Message):
-    """Trainer -> replica: count these micro-batches (their pending gradients) in step ``step``."""
-    step: int
-    micro_batches: tuple[int, ...]
-    _checks = {"step": _step, "micro_batches": _ids}
-
-
-@dataclass(frozen=True)
-class CommitReply(_Message):
-    step: int
-    committed: tuple[int, ...]  # now counted (also those an earlier copy of this commit counted)
-    missing: tuple[int, ...]  # no pending gradient of this id from this trainer
-    _checks = {"step": _step, "committed": _ids, "missing": _ids}
-
-
-@dataclass(frozen=True)
-class EndStep(_Message):
-    """Trainer -> every live replica of a stage: average with ``group`` and step. ``micro_batches``: the ids the
-    trainer counts on this replica; ``backup``: push the new state to this peer (or None)."""
-    step: int
-    micro_batches: tuple[int, ...]
-    group: tuple[str, ...]
-    backup: str | None
-    _checks = {"step": _step, "micro_batches": _ids, "group": _group, "backup": _optional(_peer)}
-
-
-@dataclass(frozen=True)
-class EndStepReply(_Message):
-    step: int  # the step that ended
-    applied: bool  # an optimizer step was taken (False: nothing averaged; the gradient stays in error feedback)
-    weight: float  # micro-batches behind the applied average (of every replica included)
-    committed: int  # micro-batches this replica contributed
-    discarded: int  # commits dropped: not the ones the trainer counts here (or a non-finite gradient)
-    members: int  # replicas in the averaging round (1: stepped alone)
-    params_hash: str
-    backup_ok: bool | None  # None: no backup asked
-    error: str
-    _checks = {"step": _step, "applied": _bool, "weight": _number, "committed": _count, "discarded": _count,
-               "members": _uint(MAX_GROUP), "params_hash": _hex, "backup_ok": _optional(_bool), "error": _reason}
-
-
-@dataclass(frozen=True)
-class Resync(_Message):
-    """Trainer -> a replica behind or diverged: load the state of ``step`` (or later) from ``source``."""
-    step: int
-    source: str
-    _checks = {"step": _step, "source": _peer}
-
-
-@dataclass(frozen=True)
-class ControlError(_Message):
-    reason: str
-    _checks = {"reason": _reason}
-
-
-@dataclass(frozen=True)
-class StateRequest(_Message):
-    """Ask a node for the state of ``stage`` (its own, or a backup it holds) at ``min_step`` or later."""
-    stage: int
-    min_step: int
-    _checks = {"stage": _stage, "min_step": _step}
-
-
-@dataclass(frozen=True)
-class StateHead(_Message):
-    """Precedes ``size`` bytes of state (StageHost.snapshot), sent in frames of at most 1 MiB."""
-    stage: int
-    step: int  # optimizer steps these parameters have taken
-    size: int
-    sha256: str  # of the bytes
-    params_hash: str  # params_sha256 of the parameters inside
-    _checks = {"stage": _stage, "step": _step, "size": _uint(2**40), "sha256": _hex, "params_hash": _hex}
-
-
-@dataclass(frozen=True)
-class BackupAck(_Message):
-    ok: bool
-    reason: str
-    _checks = {"ok": _bool, "reason": _reason}
-
-
-def _role(v: Any, what: str) -> None:
-    if v not in ("replica", "backup", "gone"):
-        raise ValueError(f"{what}: expected replica, backup or gone, got {v!r:.20}")
-
-
-@dataclass(frozen=True)
-class MemberRecord(_Message):
-    """A DHT record under stage_key: a replica of the stage, or a node holding a backup of its state."""
-    role: str  # "replica" | "backup" | "gone" (a replica that stopped cleanly)
-    throughput: float  # micro-batches per second it offers (routing weight)
-    step: int  # the step it is at (replica) or the backup's step
-    beat: float  # unix time of this heartbeat
-    _checks = {"role": _role, "throughput": _number, "step": _step, "beat": _number}
-
-
-_TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
-                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync",
-                          ControlError: "error", StateRequest: "state_request", StateHead: "state",
-                          BackupAck: "backup_ack", MemberRecord: "record"}
-_BY_TAG = {tag: cls for cls, tag in _TAGS.items() if cls is not MemberRecord}  # a record is never a frame
-
-
-def control_to_wire(msg: Any) -> bytes:
-    tag = _TAGS.get(type(msg))
-    if tag is None:
-        raise TypeError(f"not a pipeline control message: {type(msg).__name__}")
-    body = {"t": tag, "v": PIPE_PROTOCOL_VERSION}
-    for name in msg.__dataclass_fields__:
-        value = getattr(msg, name)
-        body[name] = list(value) if isinstance(value, tuple) else value
-    return msgpack.packb(body, use_bin_type=True)
-
-
-def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int = CONTROL_BOUND):
-    """The message in ``data``, one of the ``expect`` types; WireError (a ValueError) on anything else."""
-    expect = expect if isinstance(expect, tuple) else (expect,)
-    obj = unpack_bounded(data, bound)
-    if not isinstance(obj, dict):
-        raise WireError(f"control frame: expected a map, got {type(obj).__name__}")
-    cls = _BY_TAG.get(obj.get("t")) if isinstance(obj.get("t"), str) else None
-    if cls not in expect:
-        raise WireError(f"expected {' or '.join(_TAGS[c] for c in expect)}, got {obj.get('t')!r:.40}")
-    names = tuple(cls.__dataclass_fields__)
-    unknown = [k for k in obj if k not in ("t", "v", *names)]
-    if unknown:
-        raise WireError(f"{_TAGS[cls]}: unknown field {unknown[0]!r:.40}")
-    missing = [k for k in ("v", *names) if k not in obj]
-    if missing:
-        raise WireError(f"{_TAGS[cls]}: missing field {missing[0]!r}")
-    if type(obj["v"]) is not int or obj["v"] != PIPE_PROTOCOL_VERSION:
-        raise WireError(f"{_TAGS[cls]}: unsupported version {obj['v']!r:.20}")
-    try:
-        return cls(**{k: tuple(obj[k]) if isinstance(obj[k], list) else obj[k] for k in names})
-    except (ValueError, TypeError) as e:
-        raise WireError(str(e)) from None
-
-
-def member_record_to_wire(rec: MemberRecord) -> bytes:
-    return msgpack.packb([rec.role, rec.throughput, rec.step, rec.beat], use_bin_type=True)
-
-
-def member_record_from_wire(data: Any) -> MemberRecord:
-    if not isinstance(data, bytes):
-        raise WireError("record is not bytes")
-    obj = unpack_bounded(data, MAX_RECORD_BYTES)
-    if not isinstance(obj, list) or len(obj) != 4:
-        raise WireError("record: expected [role, throughput, step, beat]")
-    try:
-        return MemberRecord(*obj)
-    except (ValueError, TypeError) as e:
-        raise WireError(str(e)) from None
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
@@ -479,7 +201,7 @@ class PipelineTrainer:
                 try:
                     rec = member_record_from_wire(item.value)
                     if rec.role == "replica":
-                        records[_peer(peer, "subkey")] = rec
+                        records[check_peer_id(peer, "subkey")] = rec
                 except ValueError as e:
                     logger.debug("ignoring the record of %r: %s", peer, e)
         self._records[stage] = records
@@ -747,8 +469,5 @@ class PipelineTrainer:
         return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages)
 
 
-__all__ = ["CAUSAL_LMS", "BackupAck", "Commit", "CommitReply", "ControlError", "EndStep", "EndStepReply", "HopError",
-           "MemberRecord", "PipelineError", "PipelineTrainer", "Resync", "StageStep", "StateHead", "StateRequest",
-           "Status", "StatusReply", "StepReport", "TrainerConfig", "causal_lm_loss", "control_from_wire",
-           "control_to_wire", "member_record_from_wire", "member_record_to_wire", "pipe_protocol", "stage_key",
-           "stage_protocol"]
+__all__ = ["CAUSAL_LMS", "HopError", "PipelineError", "PipelineTrainer", "StageStep", "StepReport", "TrainerConfig",
+           "causal_lm_loss"]

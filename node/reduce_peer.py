@@ -170,11 +170,15 @@ async def main(args: argparse.Namespace) -> None:
 
 
 class PeerProcess:
-    """Launch a reduce peer as a real process (own process group) and follow its JSON events."""
+    """Launch a reduce peer (or another ``module`` that prints JSON event lines and takes ``--out``, such as
+    node/stage_peer.py) as a real process (own process group) and follow its JSON events. ``cwd``: the
+    process's working directory (default: this one's)."""
 
-    def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None):
+    def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None,
+                 module: str = "node.reduce_peer", cwd: pathlib.Path | None = None):
         self.out, self.args = pathlib.Path(out), list(args)
         self.prefix = list(prefix or [])  # e.g. ["ip", "netns", "exec", "sn0"]: it execs, so the pid stays ours
+        self.module, self.cwd = module, cwd
         self.events: list[dict] = []
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -183,8 +187,9 @@ class PeerProcess:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "stderr.log", "wb") as stderr:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "node.reduce_peer", "--out", str(self.out), *self.args],
+                [*self.prefix, sys.executable, "-m", self.module, "--out", str(self.out), *self.args],
                 stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+                cwd=self.cwd,
             )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -30,17 +30,17 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
 from hivemind.dht.node import DHTNode
 
 from node.p2pd import OwnedP2PDaemon
-from node.pipeline import EndStepReply, member_record_from_wire, pipe_protocol, stage_key
 from node.reduce_peer import PeerProcess
 from node.splitter import load_stage, read_manifest, stage_from_bytes
-from node.stagehost import Refused, StageConfig, StageHooks, StageHost, fetch_state
+from node.stage_state import Refused, fetch_state
+from node.stagehost import StageConfig, StageHooks, StageHost
+from protocol.pipeline_messages import EndStepReply, member_record_from_wire, pipe_protocol, stage_key
 from protocol.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.shards import ShardError
 
@@ -192,24 +192,11 @@ async def main(args: argparse.Namespace) -> int:
 
 
 class StagePeerProcess(PeerProcess):
-    """Launch ``python -m node.stage_peer`` in its own process group and follow its JSON events (PeerProcess's
-    event reader, wait_event and stop)."""
+    """Launch ``python -m node.stage_peer`` (from the repository root) in its own process group and follow its
+    JSON events (PeerProcess's start, event reader, wait_event and stop)."""
 
-    def start(self) -> "StagePeerProcess":
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "stderr.log", "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "node.stage_peer", "--out", str(self.out), *self.args],
-                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-                cwd=pathlib.Path(__file__).resolve().parents[1])
-        self._start_reader()
-        return self
-
-    def _start_reader(self) -> None:
-        import threading
-
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+    def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None):
+        super().__init__(out, args, prefix, module="node.stage_peer", cwd=pathlib.Path(__file__).resolve().parents[1])
 
     def steps(self) -> dict[int, dict]:
         with self._lock:

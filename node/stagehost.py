@@ -5,7 +5,7 @@
     ...                     # a PipelineTrainer (node/pipeline.py) drives it
     await host.stop()
 
-Protocols (node/pipeline.py names them; one stream per request and reply):
+Protocols (protocol/pipeline_messages.py names them and holds the messages; one stream per request and reply):
     .../pipe/{pipeline}/s{i}/forward    ForwardRequest -> ForwardReply | ErrorReply   (protocol/activations.py)
     .../pipe/{pipeline}/s{i}/backward   BackwardRequest -> BackwardReply | ErrorReply
     .../pipe/{pipeline}/s{i}/control    Status | Commit | EndStep | Resync -> reply | ControlError
@@ -53,11 +53,9 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -65,27 +63,24 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.utils import get_dht_time
 
 from node.models import params_sha256
-from node.pipeline import (CONTROL_BOUND, BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply,
-                           MemberRecord, Resync, StateHead, StateRequest, Status, StatusReply, control_from_wire,
-                           control_to_wire, member_record_to_wire, one_line, pipe_protocol, stage_key, stage_protocol)
+from node.stage_state import (OPTIMIZERS, Refused, fetch_state, receive_body, send_state, state_bound,
+                              state_from_bytes, state_to_bytes)
 from node.stages import Stage
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
                                   ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes)
 from protocol.allreduce import Averager
 from protocol.codecs import quantize_values
 from protocol.messages import TensorSpec
+from protocol.pipeline_messages import (CONTROL_BOUND, BackupAck, Commit, CommitReply, ControlError, EndStep,
+                                        EndStepReply, MemberRecord, Resync, StateHead, StateRequest, Status,
+                                        StatusReply, control_from_wire, control_to_wire, member_record_to_wire,
+                                        one_line, pipe_protocol, stage_key, stage_protocol)
 from protocol.rounds import RoundConfig
 from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 from protocol.streams import close_quietly, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 ZERO_WEIGHT = 1e-9  # a replica with nothing committed joins the average with this weight and an empty update
-STATE_CHUNK = 1 << 20
-OPTIMIZERS = {"sgd": ("momentum_buffer",), "adamw": ("step", "exp_avg", "exp_avg_sq")}
-
-
-class Refused(ValueError):
-    """A request this host will not serve; the message is the one-line reason sent back."""
 
 
 @dataclass(frozen=True)
@@ -471,57 +466,20 @@ class StageHost:
 
     def snapshot(self) -> tuple[StateHead, bytes]:
         """This replica's parameters and optimizer state as safetensors bytes (call on the worker thread)."""
-        tensors = {f"param/{n}": p.detach().clone() for n, p in self._named}
-        for i, st in self._optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"opt/{i}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone()
-        data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+        data = state_to_bytes(self._named, self._optimizer)
         return StateHead(self.index, self.step, len(data), hashlib.sha256(data).hexdigest(), self.params_hash), data
 
     def state_bound(self) -> int:
-        """The most state bytes this stage can need: params + two optimizer slots, fp32, + headers."""
-        return self.size * 4 * (1 + len(OPTIMIZERS[self.config.optimizer])) + 256 * len(self._params) * 4 + (1 << 16)
+        """The most state bytes this stage can need (node/stage_state.py state_bound)."""
+        return state_bound(self.size, len(self._params), self.config.optimizer)
 
     def load_state(self, head: StateHead, data: bytes) -> None:
         """Adopt a state fetched from a peer (call on the worker thread, or before start); Refused if unfit."""
-        if head.stage != self.index or len(data) != head.size or hashlib.sha256(data).hexdigest() != head.sha256:
-            raise Refused("state does not match its header (stage, size or sha256)")
-        try:
-            tensors = safetensors.torch.load(bytes(data))
-        except (safetensors.SafetensorError, ValueError, RuntimeError) as e:
-            raise Refused(f"state is not a safetensors file ({one_line(e)[:80]})") from None
-        slots = OPTIMIZERS[self.config.optimizer]
-        state: dict[int, dict] = collections.defaultdict(dict)
-        for name, t in tensors.items():
-            kind, _, rest = name.partition("/")
-            if kind == "opt":
-                i, _, slot = rest.partition("/")
-                if not i.isdigit() or int(i) >= len(self._params) or slot not in slots:
-                    raise Refused(f"state: unexpected tensor {name[:80]!r}")
-                want = () if slot == "step" else tuple(self._params[int(i)].shape)
-                if tuple(t.shape) != want or t.dtype != torch.float32:
-                    raise Refused(f"state: {name[:80]!r} is {t.dtype} {tuple(t.shape)}, expected float32 {want}")
-                state[int(i)][slot] = t
-            elif kind != "param":
-                raise Refused(f"state: unexpected tensor {name[:80]!r}")
-        for n, p in self._named:
-            t = tensors.get(f"param/{n}")
-            if t is None or t.shape != p.shape or t.dtype != p.dtype:
-                raise Refused(f"state: parameter {n!r} missing or of the wrong shape/dtype")
-        if len(tensors) != len(self._named) + sum(len(s) for s in state.values()):
-            raise Refused("state: unexpected tensors")
-        incomplete = [i for i, s in state.items() if set(s) != set(slots)]
-        if incomplete:
-            raise Refused(f"state: optimizer slots of parameter {incomplete[0]} incomplete")
-        digest = hashlib.sha256()  # node/models.py params_sha256, over the incoming tensors: checked before loading
-        for n, _ in self._named:
-            digest.update(tensors[f"param/{n}"].to(torch.float32).contiguous().numpy().astype("<f4").tobytes())
-        if digest.hexdigest() != head.params_hash:
-            raise Refused("state: parameters do not match the sender's hash")
+        params, state = state_from_bytes(head, data, self.index, self._named, OPTIMIZERS[self.config.optimizer])
         with torch.no_grad():
             for n, p in self._named:
-                p.copy_(tensors[f"param/{n}"])
-        self._optimizer.load_state_dict({"state": dict(state),
+                p.copy_(params[n])
+        self._optimizer.load_state_dict({"state": state,
                                          "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
         self.step, self._last_end = head.step, None
@@ -592,47 +550,4 @@ class StageHost:
             close_quietly(writer)
 
 
-async def send_state(writer: asyncio.StreamWriter, head: StateHead, data: bytes) -> None:
-    await write_frame(writer, control_to_wire(head))
-    for offset in range(0, len(data), STATE_CHUNK):
-        await write_frame(writer, data[offset:offset + STATE_CHUNK])
-
-
-async def receive_body(reader: asyncio.StreamReader, head: StateHead, bound: int, timeout: float) -> bytes:
-    """The ``head.size`` bytes after a StateHead, refused before reading if larger than ``bound``; sha256-checked."""
-    if head.size > bound:
-        raise Refused(f"state of {head.size} bytes; at most {bound} expected for stage {head.stage}")
-    body = bytearray()
-    while len(body) < head.size:
-        body += await asyncio.wait_for(read_frame(reader, min(STATE_CHUNK, head.size - len(body))), timeout)
-    if hashlib.sha256(body).hexdigest() != head.sha256:
-        raise Refused("state bytes do not match their sha256")
-    return bytes(body)
-
-
-async def fetch_state(p2p: P2P, peers: Iterable[str], protocol: str, stage: int, bound: int, min_step: int = 0,
-                      timeout: float = 30.0) -> tuple[StateHead, bytes]:
-    """The state of ``stage`` at ``min_step`` or later from the first of ``peers`` that serves it (its own or a
-    backup), sha256-checked; Refused naming every peer's failure if none does."""
-    errors = []
-    for peer in peers:
-        writer = None
-        try:
-            async with asyncio.timeout(timeout):
-                _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-                await write_frame(writer, control_to_wire(StateRequest(stage, min_step)))
-                head = control_from_wire(await read_frame(reader, CONTROL_BOUND), (StateHead, ControlError))
-                if isinstance(head, ControlError):
-                    raise Refused(head.reason)
-                if head.stage != stage or head.step < min_step:
-                    raise Refused(f"sent stage {head.stage} step {head.step}")
-                return head, await receive_body(reader, head, bound, timeout)
-        except (Exception, TimeoutError) as e:  # noqa: B014 (p2pd errors, timeouts, WireError, Refused)
-            errors.append(f"{peer[-8:]}: {type(e).__name__}: {one_line(e)[:100]}")
-        finally:
-            close_quietly(writer)
-    raise Refused(f"no peer served the state of stage {stage}: {'; '.join(errors) or 'no peers'}")
-
-
-__all__ = ["OPTIMIZERS", "Refused", "StageConfig", "StageHooks", "StageHost", "fetch_state", "receive_body",
-           "send_state"]
+__all__ = ["StageConfig", "StageHooks", "StageHost"]

@@ -23,6 +23,10 @@ Public names, by module:
   - activations:  ForwardRequest, ForwardReply, BackwardRequest, BackwardReply, ErrorReply, ExpectedTensor,
                   activation_to_wire / activation_from_wire, encode_tensor / decode_tensor, max_frame_bytes
                   (pipeline frames between stages; fp16/bf16 on the wire optional)
+  - pipeline_messages: Status, StatusReply, Commit, CommitReply, EndStep, EndStepReply, Resync, ControlError,
+                  StateRequest, StateHead, BackupAck, MemberRecord, control_to_wire / control_from_wire,
+                  member_record_to_wire / member_record_from_wire, stage_protocol, pipe_protocol, stage_key
+                  (pipeline control between trainer and stage replicas, state transfer, DHT member records)
   - shard_transfer: ShardServer, fetch_shard, ShardTransferError, shard_protocol, ServeFault
                   (chunked, resumable, sha256-verified shard download over libp2p streams)
   - shards:       ShardManifest, ShardInfo, TiedWeight, ShardError, sign_manifest, verify_manifest,
@@ -55,6 +59,10 @@ _EXPORTS = {
     "activations": ["ForwardRequest", "ForwardReply", "BackwardRequest", "BackwardReply", "ErrorReply",
                     "ExpectedTensor", "activation_to_wire", "activation_from_wire", "encode_tensor", "decode_tensor",
                     "max_frame_bytes"],
+    "pipeline_messages": ["Status", "StatusReply", "Commit", "CommitReply", "EndStep", "EndStepReply", "Resync",
+                          "ControlError", "StateRequest", "StateHead", "BackupAck", "MemberRecord", "control_to_wire",
+                          "control_from_wire", "member_record_to_wire", "member_record_from_wire", "stage_protocol",
+                          "pipe_protocol", "stage_key"],
     "shard_transfer": ["ShardServer", "fetch_shard", "ShardTransferError", "shard_protocol", "ServeFault"],
     "shards": ["ShardManifest", "ShardInfo", "TiedWeight", "ShardError", "sign_manifest", "verify_manifest",
                "check_shard_bytes", "manifest_to_wire", "manifest_from_wire"],

@@ -157,6 +157,23 @@ def test_bad_overrides_raise_value_error_naming_the_problem(arch, overrides, num
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("arch, default", [("gpt2", True), ("llama", False)])
+def test_tie_word_embeddings_override_keeps_transformers_default(arch, default):
+    """Defaults as GPT2Config / LlamaConfig (so default builds hash as before); the override unties or ties the LM
+    head (pipeline training needs an untied one), and it must be a boolean."""
+    def tied(bundle):
+        return bundle.module.get_output_embeddings().weight is bundle.module.get_input_embeddings().weight
+
+    assert resolve_overrides(arch, TINY[arch])["tie_word_embeddings"] is default
+    same = build_model(arch, {**TINY[arch], "tie_word_embeddings": default}, 0)
+    other = build_model(arch, {**TINY[arch], "tie_word_embeddings": not default}, 0)
+    assert params_sha256(same.module) == params_sha256(build_model(arch, TINY[arch], 0).module)
+    assert tied(same) is default and tied(other) is not default
+    assert param_count(other.module) != param_count(same.module)
+    with pytest.raises(ValueError, match="tie_word_embeddings must be true or false"):
+        build_model(arch, {"tie_word_embeddings": 0}, 0)
+
+
 def test_num_classes_sets_the_head_and_bad_seed_is_rejected():
     assert resolve_overrides("mlp", None, num_classes=3)["classes"] == 3
     assert build_model("mlp", {"inputs": 13}, 0, num_classes=3).module(torch.zeros(2, 13)).shape == (2, 3)

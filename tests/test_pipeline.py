@@ -22,15 +22,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.models import _hf_config, _quiet_transformers, resolve_overrides
+from node.models import build_model
 from node.p2pd import OwnedP2PDaemon
-from node.pipeline import (Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, PipelineTrainer,
-                           StateHead, TrainerConfig, causal_lm_loss, control_from_wire, control_to_wire,
-                           member_record_from_wire, member_record_to_wire, pipe_protocol, stage_protocol)
+from node.pipeline import PipelineTrainer, TrainerConfig, causal_lm_loss
 from node.splitter import load_stage, read_manifest, split_model
-from node.stagehost import StageConfig, StageHost, fetch_state
+from node.stage_state import fetch_state
+from node.stagehost import StageConfig, StageHost
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
                                   activation_from_wire, activation_to_wire)
+from protocol.pipeline_messages import (Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord,
+                                        StateHead, control_from_wire, control_to_wire, member_record_from_wire,
+                                        member_record_to_wire, pipe_protocol, stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 
@@ -40,18 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 SWARM = "pipetest"
 TEXT = pathlib.Path(json.__file__).read_bytes() + pathlib.Path(contextlib.__file__).read_bytes()  # byte corpus
 T = 16
-
-
-def untied_gpt2(seed: int = 0) -> torch.nn.Module:
-    """node/models.py's gpt2 (4 layers, 64 wide, byte vocab) with its own LM head (tie_word_embeddings=False)."""
-    from transformers import GPT2LMHeadModel
-
-    config = _hf_config("gpt2", resolve_overrides("gpt2", {"n_layer": 4, "n_embd": 64, "n_positions": 32}))
-    config.tie_word_embeddings = False
-    with torch.random.fork_rng(devices=[]), _quiet_transformers():
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    return model.float().train()
+# node/models.py's gpt2 (4 layers, 64 wide, byte vocab) with its own LM head
+UNTIED_GPT2 = {"n_layer": 4, "n_embd": 64, "n_positions": 32, "tie_word_embeddings": False}
 
 
 def split(model: torch.nn.Module, spans, out: pathlib.Path) -> pathlib.Path:
@@ -145,7 +137,7 @@ def test_control_messages_round_trip_and_refuse_malformed_frames():
 
 @pytest.mark.timeout(120)
 def test_pipeline_forward_and_backward_equal_the_unsplit_model(tmp_path):
-    model = untied_gpt2()
+    model = build_model("gpt2", UNTIED_GPT2, 0).module
     shards = split(model, [(0, 1), (1, 2), (2, 3), (3, 4)], tmp_path / "shards")
     x, y = batch(0)
 
@@ -188,7 +180,7 @@ STEPS = 4
 
 @pytest.mark.timeout(180)
 def test_two_replicas_per_stage_stay_bit_identical_and_match_single_process_training(tmp_path):
-    model = untied_gpt2()
+    model = build_model("gpt2", UNTIED_GPT2, 0).module
     shards = split(model, [(0, 2), (2, 4)], tmp_path / "shards")
     manifest = read_manifest(shards)
     stage_cfg = StageConfig(swarm=SWARM, optimizer="adamw", lr=3e-3, density=1.0, value_codec="fp32", heartbeat=0.5,
@@ -255,7 +247,7 @@ async def raw_call(p2p, peer: str, protocol: str, data: bytes, header: bytes | N
 
 @pytest.mark.timeout(90)
 def test_malformed_frames_get_an_error_reply_and_the_host_keeps_serving(tmp_path):
-    shards = split(untied_gpt2(), [(0, 2), (2, 4)], tmp_path / "shards")
+    shards = split(build_model("gpt2", UNTIED_GPT2, 0).module, [(0, 2), (2, 4)], tmp_path / "shards")
     H = 64
 
     async def scenario():

@@ -21,11 +21,12 @@ import pytest
 from hivemind.dht.node import DHTNode
 
 from node.localswarm import wait_for
+from node.models import build_model
 from node.p2pd import OwnedP2PDaemon
 from node.pipeline import PipelineTrainer, TrainerConfig
 from node.stage_peer import StagePeerProcess
 from protocol.shards import MANIFEST_FILE
-from tests.test_pipeline import batch, split, untied_gpt2, wait_replicas
+from tests.test_pipeline import UNTIED_GPT2, batch, split, wait_replicas
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 SWARM, PIPE = "churn", "job"
@@ -37,7 +38,7 @@ MICRO = 4  # micro-batches per step: batch 8, micro-batch size 2
 
 @pytest.fixture
 def shards(tmp_path):
-    return split(untied_gpt2(), [(0, 2), (2, 4)], tmp_path / "shards")
+    return split(build_model("gpt2", UNTIED_GPT2, 0).module, [(0, 2), (2, 4)], tmp_path / "shards")
 
 
 @pytest.fixture
