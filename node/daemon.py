@@ -180,7 +180,8 @@ class Daemon:
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir,
                                cfg.data.expanduser() if cfg.data else None,
                                hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
-                               after_round=perturb_after(os.environ.get(PERTURB_ENV, "")))
+                               after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
+                               key=key, peers=self.membership.peers)
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,

@@ -38,6 +38,7 @@ from node.errors import EXIT_USAGE, NodeError
 from node.jobexport import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs import JobRunner, RoundResult, params_hash
 from node.jobspec import job_spec_from_toml
+from node.pipelinejobs import PipelineJobs
 from node.models import build_model, estimate_memory_bytes, flatten_params, load_flat_params, resolve_overrides
 from protocol.jobs import (
     MAX_STATE_HEADER_BYTES,
@@ -99,7 +100,7 @@ class JobView:
 class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
                  data_dir: pathlib.Path | None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
-                 after_round=None):
+                 after_round=None, key=None, peers=None):
         self.p2p, self.dht, self.swarm, self.peer_id = p2p, dht, swarm, peer_id
         self.home, self.data_dir, self.bandwidth, self.hooks = home, data_dir, bandwidth, hooks
         self.after_round = after_round  # fault injection for tests (JobRunner's after_round)
@@ -107,6 +108,7 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task] = {}
         self._runners: dict[str, JobRunner] = {}
         self._poller: asyncio.Task | None = None
+        self.pipeline = PipelineJobs(self, key, peers)  # kind = "pipeline" jobs (node/pipelinejobs.py)
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(self._state_protocol, self._serve_state)
@@ -121,6 +123,7 @@ class JobManager:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*[t for t in [self._poller, *self._tasks.values()] if t], return_exceptions=True)
+        await self.pipeline.stop()
 
     # ---- what the control API calls ----------------------------------------------------------------------
 
@@ -134,7 +137,9 @@ class JobManager:
             resolve_overrides(model.arch, model.config())  # an unknown config name fails here, not on every node
 
         spec = job_spec_from_toml(data, source, check_model=check_model)
-        record = JobRecord.create(spec, self.peer_id, secrets.token_hex(8), time.time())
+        nonce = secrets.token_hex(8)
+        assignment = await self.pipeline.prepare(spec, nonce, source) if spec.kind == "pipeline" else None
+        record = JobRecord.create(spec, self.peer_id, nonce, time.time(), assignment)
         if not await self._store_record(record):
             raise NodeError("the job could not be stored in the DHT (no peer accepted it)")
         self.views[record.job_id] = JobView(record)
@@ -198,12 +203,14 @@ class JobManager:
             await asyncio.sleep(POLL_S)
 
     def _consider(self, view: JobView) -> None:
-        reason = self._why_not(view)
+        pipeline = view.record.spec.kind == "pipeline"
+        reason = self.pipeline.why_not(view.record) if pipeline else self._why_not(view)
         if reason:
             view.declined = reason
             logger.info("declining job %s: %s", view.record.job_id, reason)
             return
-        self._tasks[view.record.job_id] = asyncio.create_task(self._participate(view), name=f"job-{view.record.job_id}")
+        run = self.pipeline.run(view) if pipeline else self._participate(view)
+        self._tasks[view.record.job_id] = asyncio.create_task(run, name=f"job-{view.record.job_id}")
 
     def _why_not(self, view: JobView) -> str:
         spec = view.record.spec
@@ -333,7 +340,9 @@ class JobManager:
     def local_state(self, job_id: str) -> tuple[int, str] | None:
         """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
         runner = self._runners.get(job_id)
-        return None if runner is None else (runner.completed, runner.model_hash)
+        if runner is None:
+            return self.pipeline.local.get(job_id)  # a pipeline job: (steps, this node's stage parameter hash)
+        return (runner.completed, runner.model_hash)
 
     # ---- state transfer --------------------------------------------------------------------------------------
 
@@ -415,6 +424,9 @@ class JobManager:
         view = self.views.get(job_id)
         if view is None:
             raise NodeError(f"no job {job_id} in this swarm", EXIT_USAGE)
+        if view.record.spec.kind == "pipeline":
+            raise NodeError(f"job {job_id} is a pipeline job: its trained shards are under <home>/jobs/{job_id}/trained "
+                            "on the submitting node", EXIT_USAGE)
         runner = self._runners.get(job_id)
         if runner is not None:
             params, _, completed, _ = runner.snapshot()

@@ -27,6 +27,20 @@
     kind = "fedavg"               # default "fedavg" (lr 1, no momentum); "diloco" defaults to lr 0.7,
                                   # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105)
 
+A pipeline job (one model too large for a node, cut into stages hosted by different nodes; node/pipelinejobs.py):
+
+    kind = "pipeline"             # default "federated"
+    name = "tiny-gpt2-pipe"
+    dataset = "pystdlib-bytes"    # read by the submitting node only (it runs the trainer)
+    [pipeline]                    # required for kind "pipeline"
+    stages = 2                    # required: stages (<= the model's layers)
+    strategy = "balanced"         # default "balanced" (equal cost), or "layer_wise" (equal layer counts)
+    replicas = 2                  # default 1: hosts per stage (replicas average their gradients every step)
+    micro_batch = 4               # default 4: sequences per micro-batch
+    micro_batches = 4             # default 4: micro-batches per step (batch_size = micro_batch * micro_batches)
+    steps = 20                    # required: optimizer steps (the job's rounds)
+    [model]                       # gpt2 or llama with tie_word_embeddings = false; [inner] as above (per stage)
+
 Every problem is a NodeError (exit code 2) with one line naming the file and the dotted field, e.g.
 ``job.toml: inner.lr: must be > 0, got -1``. Range and type rules live in protocol/jobs.py (the same rules
 apply to specs that arrive from peers); this module adds file reading, unknown keys and required fields.
@@ -41,9 +55,10 @@ import tomllib
 from typing import Any, Callable
 
 from node.errors import EXIT_USAGE, NodeError
-from protocol.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from protocol.jobs import JOB_KINDS, InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec
 
 REQUIRED = ("name", "dataset", "task", "rounds", "model", "inner")
+PIPELINE_REQUIRED = ("name", "dataset", "model", "inner", "pipeline")
 DILOCO_DEFAULTS = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
 _TABLES = {"model": ModelSpec, "inner": InnerOpt, "outer": OuterOpt}
 
@@ -79,8 +94,43 @@ def job_spec_from_toml(data: dict[str, Any], label: str = "job file",
         raise NodeError(f"{label}: {e}", EXIT_USAGE) from None
 
 
+def _pipeline_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The top-level fields of a pipeline job: [pipeline] read into a PipelineSpec, steps into rounds, the task
+    and batch size implied."""
+    table = data["pipeline"]
+    if not isinstance(table, dict):
+        raise ValueError(f"pipeline: must be a table ([pipeline]), got {table!r:.40}")
+    _known(table, "pipeline.", [*_names(PipelineSpec), "steps"])
+    for name in ("stages", "steps"):
+        if name not in table:
+            raise ValueError(f"pipeline.{name}: missing, required")
+    for name in ("rounds", "batch_size", "local_steps", "min_participants", "max_participants", "outer"):
+        if name in data:
+            raise ValueError(f"{name}: not used by a pipeline job (see [pipeline])")
+    pipeline = PipelineSpec(**{k: v for k, v in table.items() if k != "steps"})
+    task = data.get("task", "causal-lm")
+    return {"pipeline": pipeline, "rounds": table["steps"], "task": task,
+            "batch_size": pipeline.micro_batch * pipeline.micro_batches, "min_participants": 1}
+
+
 def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None) -> JobSpec:
     _known(data, "", _names(JobSpec))
+    if "kind" in data and data["kind"] not in JOB_KINDS:
+        raise ValueError(f"kind: must be one of {', '.join(map(repr, JOB_KINDS))}, got {data['kind']!r:.40}")
+    if data.get("kind") == "pipeline":
+        for name in PIPELINE_REQUIRED:
+            if name not in data:
+                table = f" (a [{name}] table)" if name in (*_TABLES, "pipeline") else ""
+                raise ValueError(f"{name}: missing{table}, required")
+        try:
+            rounds = data["pipeline"].get("steps") if isinstance(data["pipeline"], dict) else None
+            data = {**data, **_pipeline_fields(data)}
+        except TypeError as e:  # PipelineSpec(**table) with a wrong key cannot happen (checked); keep one line
+            raise ValueError(f"pipeline: {e}") from None
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+            raise ValueError(f"pipeline.steps: must be an integer >= 1, got {rounds!r:.40}")
+    elif "pipeline" in data:
+        raise ValueError("pipeline: only for kind = \"pipeline\"")
     for name in REQUIRED:
         if name not in data:
             table = f" (a [{name}] table)" if name in _TABLES else ""

@@ -44,6 +44,12 @@ TASKS_BY_ARCH = {"gpt2": ("causal-lm", "classification"), "llama": ("causal-lm",
 INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
 JOB_STATES = ("running", "paused", "done", "cancelled")
+JOB_KINDS = ("federated", "pipeline")
+PIPELINE_STRATEGIES = ("balanced", "layer_wise")  # memory_aware needs per-host plans: not offered for jobs yet
+MAX_STAGES = 16
+MAX_STAGE_REPLICAS = 4  # so an assignment (<= 64 peer ids, ~3.5 KiB) keeps the record far below its bound
+MAX_MICRO_BATCHES = 1024
+MAX_MANIFEST_WIRE_BYTES = 1 << 20  # protocol/shards.py MAX_MANIFEST_BYTES
 PROGRESS_STATES = ("running", "paused", "done")  # "cancelled" is the submitter's word alone
 MAX_NAME = 64  # job and dataset names, model config keys and string values
 MAX_NONCE = 64
@@ -180,6 +186,69 @@ Scalar = bool | int | float | str
 
 
 @dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline job's cut: ``stages`` stages planned by ``strategy`` (protocol/stage_plan.py), each hosted by
+    ``replicas`` nodes; each step runs ``micro_batches`` micro-batches of ``micro_batch`` sequences. The number
+    of steps is JobSpec.rounds (one round = one optimizer step of every stage)."""
+
+    stages: int
+    strategy: str = "balanced"
+    replicas: int = 1
+    micro_batch: int = 4
+    micro_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _check_int("pipeline.stages", self.stages, 1, MAX_STAGES)
+        _check_choice("pipeline.strategy", self.strategy, PIPELINE_STRATEGIES)
+        _check_int("pipeline.replicas", self.replicas, 1, MAX_STAGE_REPLICAS)
+        _check_int("pipeline.micro_batch", self.micro_batch, 1, MAX_BATCH_SIZE)
+        _check_int("pipeline.micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
+
+
+@dataclass(frozen=True)
+class PipelineAssignment:
+    """Where a pipeline job's stages live, chosen and signed (inside the JobRecord) by the submitter: stage i
+    holds layers ``spans[i]`` and is hosted by the peers ``hosts[i]``; the signed shard manifest (protocol/
+    shards.py, signed by the submitter's key) has sha256 ``manifest_sha256`` and ``manifest_size`` bytes and is
+    served, like the shards, by the submitter's ShardServer."""
+
+    spans: tuple[tuple[int, int], ...]
+    hosts: tuple[tuple[str, ...], ...]
+    manifest_sha256: str
+    manifest_size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spans, (tuple, list)) or not 1 <= len(self.spans) <= MAX_STAGES:
+            raise ValueError(f"assignment.spans: must be a list of 1-{MAX_STAGES} [start, end] pairs, "
+                             f"got {_show(self.spans)}")
+        spans, start = [], 0
+        for i, span in enumerate(self.spans):
+            if not isinstance(span, (tuple, list)) or len(span) != 2:
+                raise ValueError(f"assignment.spans[{i}]: must be [start, end], got {_show(span)}")
+            a = _check_int(f"assignment.spans[{i}]", span[0], start, start)
+            b = _check_int(f"assignment.spans[{i}]", span[1], a + 1, 1_000_000)
+            spans.append((a, b))
+            start = b
+        _set(self, "spans", tuple(spans))
+        if not isinstance(self.hosts, (tuple, list)) or len(self.hosts) != len(spans):
+            raise ValueError(f"assignment.hosts: must list the hosts of each of the {len(spans)} stages")
+        hosts = tuple(_check_peers(f"assignment.hosts[{i}]", g, MAX_STAGE_REPLICAS) for i, g in enumerate(self.hosts))
+        if any(not g for g in hosts):
+            raise ValueError("assignment.hosts: every stage needs at least one host")
+        every = [p for g in hosts for p in g]
+        if len(set(every)) != len(every):
+            raise ValueError("assignment.hosts: a peer hosts two stages")
+        _set(self, "hosts", hosts)
+        _check_model_hash("assignment.manifest_sha256", self.manifest_sha256)
+        if not self.manifest_sha256:
+            raise ValueError("assignment.manifest_sha256: required")
+        _check_int("assignment.manifest_size", self.manifest_size, 1, MAX_MANIFEST_WIRE_BYTES)
+
+    def stage_of(self, peer_id: str) -> int | None:
+        return next((i for i, g in enumerate(self.hosts) if peer_id in g), None)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """An architecture plus config overrides (e.g. n_layer, n_embd, hidden); names are checked by the node's
     model builder, which knows each architecture's config. ``overrides`` accepts a mapping and is stored as
@@ -280,9 +349,22 @@ class JobSpec:
     round_timeout_s: float = 60.0
     seed: int = 0  # initial parameters and data order
     eval_every: int = 1  # rounds between evaluations
+    kind: str = "federated"  # or "pipeline": one model cut into stages hosted by different nodes
+    pipeline: PipelineSpec | None = None  # required for (and only for) kind "pipeline"
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
+        _check_choice("kind", self.kind, JOB_KINDS)
+        if self.kind == "pipeline":
+            if not isinstance(self.pipeline, PipelineSpec):
+                raise ValueError(f"pipeline: kind 'pipeline' needs a [pipeline] table, got {_show(self.pipeline)}")
+            if self.task != "causal-lm":
+                raise ValueError(f"task: a pipeline job trains a causal LM ('causal-lm'), got {self.task!r}")
+            if self.batch_size != self.pipeline.micro_batch * self.pipeline.micro_batches:
+                raise ValueError(f"batch_size: must be pipeline.micro_batch * pipeline.micro_batches "
+                                 f"({self.pipeline.micro_batch * self.pipeline.micro_batches}), got {self.batch_size}")
+        elif self.pipeline is not None:
+            raise ValueError("pipeline: only for kind 'pipeline'")
         for field, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt)):
             if not isinstance(getattr(self, field), kind):
                 raise ValueError(f"{field}: must be a {kind.__name__}, got {_show(getattr(self, field))}")
@@ -341,6 +423,7 @@ class JobRecord:
     model_hash: str = ""
     participants: tuple[str, ...] = ()
     updated_at: float = 0.0  # unix time the submitter signed this record
+    assignment: PipelineAssignment | None = None  # a pipeline job's stages and hosts (set at submission)
 
     def __post_init__(self) -> None:
         _check_job_id("job_id", self.job_id)
@@ -355,10 +438,21 @@ class JobRecord:
         _check_model_hash("model_hash", self.model_hash)
         _set(self, "participants", _check_peers("participants", self.participants, self.spec.max_participants))
         _set(self, "updated_at", _check_float("updated_at", self.updated_at, ge=0))
+        if self.assignment is not None:
+            if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind != "pipeline":
+                raise ValueError("assignment: only a pipeline job's record holds one")
+            if len(self.assignment.spans) != self.spec.pipeline.stages or any(len(g) != self.spec.pipeline.replicas
+                                                          for g in self.assignment.hosts):
+                raise ValueError(f"assignment: must give {self.spec.pipeline.stages} stages "
+                                 f"{self.spec.pipeline.replicas} hosts each")
+            if self.submitter in {p for g in self.assignment.hosts for p in g}:
+                raise ValueError("assignment: the submitter trains; it hosts no stage")
 
     @classmethod
-    def create(cls, spec: JobSpec, submitter: str, nonce: str, updated_at: float) -> "JobRecord":
-        return cls(job_id_for(spec, submitter, nonce), submitter, nonce, spec, updated_at=updated_at)
+    def create(cls, spec: JobSpec, submitter: str, nonce: str, updated_at: float,
+               assignment: PipelineAssignment | None = None) -> "JobRecord":
+        return cls(job_id_for(spec, submitter, nonce), submitter, nonce, spec, updated_at=updated_at,
+                   assignment=assignment)
 
     def replace(self, **changes) -> "JobRecord":
         return dataclasses.replace(self, **changes)
@@ -427,16 +521,36 @@ def _from_map(kind: type, obj: Any, where: str, versioned: bool = False,
         raise WireError(f"{where.partition('.')[0]}: {e}") from None
 
 
+def _optional(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda obj: None if obj is None else decode(obj)
+
+
 def _spec_to_map(spec: JobSpec) -> dict:
+    """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
+    unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
+    not know them refuses its record as having unknown fields, i.e. does not take part."""
     model = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
-    return {"v": JOB_SCHEMA_VERSION, **_fields(spec), "model": model, "inner": _fields(spec.inner),
-            "outer": _fields(spec.outer)}
+    out = {"v": JOB_SCHEMA_VERSION, **_fields(spec), "model": model, "inner": _fields(spec.inner),
+           "outer": _fields(spec.outer), "pipeline": None if spec.pipeline is None else _fields(spec.pipeline)}
+    if spec.kind == "federated":
+        del out["kind"], out["pipeline"]
+    return out
 
 
 def _spec_from_map(obj: Any) -> JobSpec:
     nested = {name: functools.partial(_from_map, kind, where=f"job spec.{name}")
               for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
+    nested["pipeline"] = _optional(functools.partial(_from_map, PipelineSpec, where="job spec.pipeline"))
+    if isinstance(obj, dict) and "kind" not in obj and "pipeline" not in obj:
+        obj = {**obj, "kind": "federated", "pipeline": None}  # the schema-1 federated form (see _spec_to_map)
     return _from_map(JobSpec, obj, "job spec", versioned=True, decode=nested)
+
+
+def _assignment_to_map(assignment: PipelineAssignment | None) -> dict | None:
+    if assignment is None:
+        return None
+    return {**_fields(assignment), "spans": [list(s) for s in assignment.spans],
+            "hosts": [list(g) for g in assignment.hosts]}
 
 
 def job_spec_to_wire(spec: JobSpec) -> bytes:
@@ -448,13 +562,20 @@ def job_spec_from_wire(data: bytes) -> JobSpec:
 
 
 def job_record_to_wire(record: JobRecord) -> bytes:
-    return msgpack.packb({"v": JOB_SCHEMA_VERSION, **_fields(record), "spec": _spec_to_map(record.spec)},
-                         use_bin_type=True)
+    out = {"v": JOB_SCHEMA_VERSION, **_fields(record), "spec": _spec_to_map(record.spec),
+           "assignment": _assignment_to_map(record.assignment)}
+    if record.spec.kind == "federated":
+        del out["assignment"]  # the schema-1 form, as in _spec_to_map
+    return msgpack.packb(out, use_bin_type=True)
 
 
 def job_record_from_wire(data: bytes) -> JobRecord:
     obj = unpack_bounded(data, MAX_JOB_RECORD_BYTES)
-    return _from_map(JobRecord, obj, "job record", versioned=True, decode={"spec": _spec_from_map})
+    if isinstance(obj, dict) and "assignment" not in obj:
+        obj = {**obj, "assignment": None}
+    assignment = _optional(functools.partial(_from_map, PipelineAssignment, where="job record.assignment"))
+    return _from_map(JobRecord, obj, "job record", versioned=True,
+                     decode={"spec": _spec_from_map, "assignment": assignment})
 
 
 def job_progress_to_wire(progress: JobProgress) -> bytes:

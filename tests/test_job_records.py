@@ -4,6 +4,7 @@ SignedJobRecordValidator with real Ed25519 keys (records built as hivemind's DHT
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 
 import msgpack
@@ -14,6 +15,10 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 from protocol.jobs import (
+    MAX_STAGE_REPLICAS,
+    MAX_STAGES,
+    PipelineAssignment,
+    PipelineSpec,
     MAX_JOB_PROGRESS_BYTES,
     MAX_JOB_RECORD_BYTES,
     MAX_JOB_SPEC_BYTES,
@@ -485,3 +490,57 @@ def test_validator_never_merges_and_sorts_with_peer_validator():
     validator = SignedJobRecordValidator(SWARM)
     assert validator.merge_with(SignedJobRecordValidator(SWARM)) is False
     assert validator.priority == SignedPeerRecordValidator(SWARM).priority
+
+
+# ---- pipeline jobs ------------------------------------------------------------------------------------------
+
+PIPE_SPEC = GPT_SPEC.replace(kind="pipeline", pipeline=PipelineSpec(stages=2, replicas=2, micro_batch=4,
+                                                                    micro_batches=2), batch_size=8)
+
+
+def pipe_record(**changes) -> JobRecord:
+    hosts = tuple(peer_id_of(make_key(100 + i).public_key()) for i in range(4))
+    assignment = PipelineAssignment(((0, 2), (2, 4)), (hosts[:2], hosts[2:]), HASH, 1234)
+    return JobRecord.create(PIPE_SPEC, ID_A, "n1", 1.0, assignment).replace(**changes)
+
+
+def test_federated_wire_form_has_no_pipeline_fields():
+    obj = msgpack.unpackb(job_record_to_wire(job_record()), raw=False)
+    assert "assignment" not in obj and "kind" not in obj["spec"] and "pipeline" not in obj["spec"]
+
+
+def test_pipeline_record_round_trip_and_signature():
+    record = pipe_record()
+    assert job_record_from_wire(job_record_to_wire(record)) == record
+    assert record.assignment.stage_of(record.assignment.hosts[1][0]) == 1 and record.assignment.stage_of(ID_B) is None
+    assert SignedJobRecordValidator(SWARM).validate(signed(dht_job(record), KEY_A)) is True
+
+
+def test_largest_pipeline_record_fits():
+    peers = [peer_id_of(make_key(2000 + i).public_key()) for i in range(MAX_STAGES * MAX_STAGE_REPLICAS)]
+    spec = PIPE_SPEC.replace(name="n" * 64, model=ModelSpec("gpt2", {f"k{i:02d}_{'x' * 59}": "v" * 64
+                                                                       for i in range(MAX_MODEL_OVERRIDES)}),
+                             pipeline=PipelineSpec(MAX_STAGES, replicas=MAX_STAGE_REPLICAS, micro_batch=4,
+                                                   micro_batches=2))
+    spans = tuple((i, i + 1) for i in range(MAX_STAGES))
+    hosts = tuple(tuple(peers[i * MAX_STAGE_REPLICAS:(i + 1) * MAX_STAGE_REPLICAS]) for i in range(MAX_STAGES))
+    record = JobRecord.create(spec, ID_A, "z" * 64, 1.0, PipelineAssignment(spans, hosts, HASH, 1 << 20))
+    assert len(job_record_to_wire(record)) <= MAX_JOB_RECORD_BYTES
+    assert job_record_from_wire(job_record_to_wire(record)) == record
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: GPT_SPEC.replace(kind="pipeline"), "pipeline: kind 'pipeline' needs"),
+    (lambda: GPT_SPEC.replace(pipeline=PipelineSpec(2)), "pipeline: only for kind"),
+    (lambda: PIPE_SPEC.replace(batch_size=9), "batch_size: must be pipeline.micro_batch"),
+    (lambda: PipelineSpec(2, strategy="zigzag"), "pipeline.strategy"),
+    (lambda: PipelineSpec(MAX_STAGES + 1), "pipeline.stages"),
+    (lambda: pipe_record(assignment=replace(pipe_record().assignment, hosts=((ID_B,), (ID_C,)))), "assignment"),
+    (lambda: pipe_record(assignment=replace(pipe_record().assignment, hosts=((ID_A, ID_B), (ID_C, ID_C)))),
+     "listed twice"),
+    (lambda: PipelineAssignment(((0, 2), (3, 4)), ((ID_B,), (ID_C,)), HASH, 10), "assignment.spans[1]"),
+    (lambda: job_record(assignment=pipe_record().assignment), "only a pipeline job"),
+])
+def test_pipeline_rules(build, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build()

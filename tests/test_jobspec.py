@@ -230,3 +230,45 @@ def test_check_model_hook_names_the_field(tmp_path):
         load_job_file(path, check_model=check)
     assert str(info.value) == f"{path}: model.hiden: not a config key of 'mlp' (known: hidden, layers)"
     assert load_job_file(write(tmp_path, render(job()), "ok.toml"), check_model=check).model.config() == {"hidden": 16}
+
+
+PIPELINE_JOB = """
+kind = "pipeline"
+name = "pipe"
+dataset = "pystdlib-bytes"
+[pipeline]
+stages = 2
+replicas = 2
+micro_batch = 4
+micro_batches = 2
+steps = 5
+[model]
+arch = "gpt2"
+tie_word_embeddings = false
+[inner]
+kind = "adamw"
+lr = 0.003
+"""
+
+
+def test_pipeline_job(tmp_path):
+    spec = load_job_file(write(tmp_path, PIPELINE_JOB))
+    assert spec.kind == "pipeline" and spec.rounds == 5 and spec.batch_size == 8 and spec.task == "causal-lm"
+    assert (spec.pipeline.stages, spec.pipeline.replicas, spec.pipeline.strategy) == (2, 2, "balanced")
+    assert load_job_file(write(tmp_path, PIPELINE_JOB.replace('kind = "pipeline"\n', "").split("[pipeline]")[0]
+                               + "rounds = 3\ntask = \"causal-lm\"\n[model]\narch = \"gpt2\"\n[inner]\nlr = 0.1\n")).kind \
+        == "federated"
+
+
+@pytest.mark.parametrize("change, field", [
+    (("steps = 5\n", ""), "pipeline.steps: missing"),
+    (("stages = 2\n", ""), "pipeline.stages: missing"),
+    (("replicas = 2", "replicas = 0"), "pipeline.replicas: must be >= 1"),
+    (("stages = 2", "stages = 2\nlayers = 3"), "pipeline.layers: unknown key"),
+    (('dataset = "pystdlib-bytes"', 'dataset = "pystdlib-bytes"\nrounds = 5'), "rounds: not used by a pipeline job"),
+    (('kind = "pipeline"', 'kind = "relay"'), "kind: must be one of"),
+    (("[pipeline]\n", "[pipe]\n"), "pipe: unknown key"),
+    (('steps = 5', 'steps = "five"'), "pipeline.steps: must be an integer"),
+])
+def test_pipeline_job_errors(tmp_path, change, field):
+    assert field in load_error(write(tmp_path, PIPELINE_JOB.replace(*change)))
