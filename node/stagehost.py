@@ -77,7 +77,7 @@ from protocol.pipeline_messages import (CONTROL_BOUND, BackupAck, Commit, Commit
                                         one_line, pipe_protocol, stage_key, stage_protocol)
 from protocol.rounds import RoundConfig
 from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate
-from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.streams import close_after_peer, close_quietly, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 ZERO_WEIGHT = 1e-9  # a replica with nothing committed joins the average with this weight and an empty update
@@ -266,7 +266,7 @@ class StageHost:
             except Exception:
                 logger.exception("stage %d: stream handler failed", self.index)
             finally:
-                close_quietly(writer)
+                await close_after_peer(reader, writer)  # closing at once can cut the reply's tail (p2pd relay)
         return run
 
     # ---- forward / backward --------------------------------------------------------------------------------

@@ -38,3 +38,21 @@ def close_quietly(writer: asyncio.StreamWriter | None) -> None:
             writer.close()
         except (OSError, RuntimeError):
             pass
+
+
+async def close_after_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 2.0,
+                           max_bytes: int = 65536) -> None:
+    """Close a served stream once the caller has hung up (or after ``timeout``, or ``max_bytes`` of anything
+    more from it). Closing our end right after writing a reply lets p2pd's stream relay reset the stream with
+    the reply's tail still unsent: under load the caller then reads a truncated frame."""
+    try:
+        left, deadline = max_bytes, asyncio.get_running_loop().time() + timeout
+        while left > 0:
+            chunk = await asyncio.wait_for(reader.read(min(left, 4096)), max(0.0, deadline - asyncio.get_running_loop().time()))
+            if not chunk:  # EOF: the caller has everything and closed
+                break
+            left -= len(chunk)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        close_quietly(writer)

@@ -170,3 +170,35 @@ def test_close_quietly():
             raise OSError("already gone")
 
     close_quietly(Failing())
+
+
+def test_close_after_peer_waits_for_the_callers_hang_up_and_is_bounded():
+    from protocol.streams import close_after_peer
+
+    async def scenario():
+        served = asyncio.Event()
+
+        async def handler(reader, writer):
+            await write_frame(writer, b"x" * 100_000)
+            await close_after_peer(reader, writer, timeout=5.0)
+            served.set()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert len(await read_frame(reader, 200_000)) == 100_000
+            assert not served.is_set()  # the server still holds the stream open for us
+            writer.close()
+            await asyncio.wait_for(served.wait(), 5)  # ...and lets go as soon as we hang up
+            # a caller that never hangs up costs the server at most the timeout
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            served.clear()
+            await read_frame(reader, 200_000)
+            await asyncio.wait_for(served.wait(), 10)
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
