@@ -23,8 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not chaos and not netns" -q
 
-# 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, conservation under freezes, and the
-# simulator's round time against real nodes in network namespaces (needs root) (~5 min)
+# 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, conservation under freezes, pipeline
+# replicas killed mid-step, and the simulator's round time against real nodes in network namespaces (root) (~7 min)
 chaos: $(STAMP)
 	$(PY) -m pytest -m "chaos or netns" -q -s
 

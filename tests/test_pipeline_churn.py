@@ -87,6 +87,7 @@ def show(reports) -> None:
               f"{r.seconds:.1f} s; commits {stages}")
 
 
+@pytest.mark.chaos  # ~30 s of real processes and kills each: in `make chaos` (CI's own step), not `make test`
 @pytest.mark.timeout(300)
 def test_replica_killed_mid_backward_loses_and_double_counts_nothing(shards, peers):
     # The victim announces 100x the throughput of its twin, so (nearly) every micro-batch goes through it until it
@@ -130,6 +131,7 @@ def test_replica_killed_mid_backward_loses_and_double_counts_nothing(shards, pee
     assert victim.steps()[0]["committed"] >= 1 and 1 not in victim.steps()
 
 
+@pytest.mark.chaos  # ~30 s of real processes and kills each: in `make chaos` (CI's own step), not `make test`
 @pytest.mark.timeout(300)
 def test_last_replica_of_a_stage_killed_is_taken_over_with_its_state(shards, peers, tmp_path):
     s0 = peers("s0", ["--shards", str(shards), "--stage", "0"])
@@ -176,6 +178,7 @@ def test_last_replica_of_a_stage_killed_is_taken_over_with_its_state(shards, pee
     assert [e["step"] for e in newcomer[0].steps().values()] == [2, 3]
 
 
+@pytest.mark.chaos  # ~30 s of real processes and kills each: in `make chaos` (CI's own step), not `make test`
 @pytest.mark.timeout(300)
 def test_replica_killed_in_the_averaging_round_leaves_its_twin_consistent(shards, peers):
     """Killed inside end_step (after the status round): its micro-batches of that step die with it, and its twin's
