@@ -31,6 +31,15 @@ def spec(outer: OuterOpt) -> JobSpec:
                    round_timeout_s=30.0)
 
 
+async def stop_all(runners: list, dhts: list, daemons: list) -> None:
+    for runner in runners:
+        await runner.stop()
+    for dht in dhts:
+        await dht.shutdown()
+    for daemon in daemons:
+        await daemon.stop()
+
+
 async def start_node(tmp_path, i: int, job: JobSpec, daemons: list, dhts: list, n_nodes: int = 2,
                      expected_group: int | None = None) -> JobRunner:
     """Node i: its p2pd (joining the first one's), DHT node, label-skewed digits slice, and a started runner."""
@@ -58,12 +67,7 @@ async def run_job(tmp_path, job: JobSpec) -> list[list]:
             rounds.append(await asyncio.gather(*(runner.run_round() for runner in runners)))
         return [before, rounds]
     finally:
-        for runner in runners:
-            await runner.stop()
-        for dht in dhts:
-            await dht.shutdown()
-        for daemon in daemons:
-            await daemon.stop()
+        await stop_all(runners, dhts, daemons)
 
 
 @pytest.mark.parametrize("outer", [OuterOpt("fedavg"), OuterOpt("diloco", lr=0.7, momentum=0.9, nesterov=True)],
@@ -93,12 +97,7 @@ def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_upda
             together = await asyncio.gather(*(r.run_round() for r in runners))
             return alone, together, runners[0].next_round
         finally:
-            for runner in runners:
-                await runner.stop()
-            for dht in dhts:
-                await dht.shutdown()
-            for daemon in daemons:
-                await daemon.stop()
+            await stop_all(runners, dhts, daemons)
 
     alone, together, next_round = asyncio.run(scenario())
     assert [(r.round, r.ok, r.paused) for r in alone] == [(0, False, True), (0, False, True)], [r.error for r in alone]
@@ -129,12 +128,7 @@ def test_a_dead_leaders_declaration_is_skipped_when_the_round_is_retried(tmp_pat
             second = await asyncio.gather(*(r.run_round() for r in runners))
             return first, second
         finally:
-            for runner in runners:
-                await runner.stop()
-            for dht in dhts:
-                await dht.shutdown()
-            for daemon in daemons:
-                await daemon.stop()
+            await stop_all(runners, dhts, daemons)
 
     first, second = asyncio.run(scenario())
     assert all(r.paused and "no leader sent a plan" in r.error for r in first), [r.error for r in first]
