@@ -23,8 +23,8 @@ from simulations.churn import FAMILIES, ChurnConfig
 from simulations.federated import GROUPINGS, GPT2_SMALL_PARAMS, FederatedConfig
 from simulations.model import PopulationConfig
 from simulations.pipeline import PipelineConfig
-from simulations.roundtime import NETNS_ROUND_S, BENCH_CPU_SHARE, BENCH_DENSITY, BENCH_PARAMS, BENCH_PEERS, \
-    predict_round_time
+from simulations.roundtime import NETNS_ROUND_S, BENCH_BURST_BYTES, BENCH_CPU_SHARE, BENCH_DENSITY, BENCH_PARAMS, \
+    BENCH_PEERS, predict_round_time
 from simulations.swarm import MAX_NODES, Swarm, SwarmConfig
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out"
@@ -116,7 +116,7 @@ def testbed_check() -> dict:
     out = {}
     for select, measured in NETNS_ROUND_S.items():
         predicted = predict_round_time([(100 * 1e6 / 8, 0.0)] * BENCH_PEERS, BENCH_PARAMS, BENCH_DENSITY,
-                                       select=select, cpu_share=BENCH_CPU_SHARE)
+                                       select=select, cpu_share=BENCH_CPU_SHARE, burst_bytes=BENCH_BURST_BYTES)
         out[select] = {"predicted_s": predicted, "measured_s": measured, "error": predicted / measured - 1}
     return out
 

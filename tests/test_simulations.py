@@ -22,7 +22,8 @@ from simulations.engine import Clock, Engine
 from simulations.federated import FederatedConfig
 from simulations.model import GPUS, MBIT, PopulationConfig, draw_nodes
 from simulations.pipeline import PipelineConfig, PipelineSim
-from simulations.roundtime import NETNS_ROUND_S, butterfly, payload_bytes, predict_round_time
+from simulations.roundtime import BENCH_BURST_BYTES, COSTS, NETNS_ROUND_S, butterfly, fair_cpu_share, payload_bytes, \
+    phases, predict_round_time
 from simulations.swarm import Swarm, SwarmConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -128,17 +129,60 @@ def test_payload_bytes_match_the_real_codec():
 
 def test_benchmark_bytes_and_round_time_match_the_testbed():
     """README: 4 peers, 10M params, 1%: 1.90% of the dense butterfly's bytes; 0.353 s (exact) and 0.291 s
-    (approx) per round on 100 Mbit/s netns links with 4 peers on 2 cores. Generous tolerance: a model."""
+    (approx) per round on 100 Mbit/s netns links (tbf, 256 KiB bucket) with 4 peers on 2 cores. Neither run is
+    in the calibration (scripts/calibrate_roundtime.py), and the machine's other load then is unknown: a generous
+    tolerance. tests/test_simulation_validation.py holds the model to 25% against real nodes."""
     b = butterfly([12.5e6] * 4, [0.0] * 4, 10_000_000, 0.01)
     dense = 2 * 3 / 4 * 4 * 10_000_000
     assert b.sent.mean() / dense == pytest.approx(0.0190, rel=0.03)
     for select, measured in NETNS_ROUND_S.items():
-        predicted = predict_round_time([(12.5e6, 0.0)] * 4, 10_000_000, 0.01, select=select, cpu_share=0.5)
+        predicted = predict_round_time([(12.5e6, 0.0)] * 4, 10_000_000, 0.01, select=select, cpu_share=0.5,
+                                       burst_bytes=BENCH_BURST_BYTES)
         assert predicted == pytest.approx(measured, rel=0.35), select
     slow = predict_round_time([(1.25e6, 0.05)] * 4, 10_000_000, 0.01)
     fast = predict_round_time([(125e6, 0.005)] * 4, 10_000_000, 0.01)
     bigger = predict_round_time([(1.25e6, 0.05)] * 16, 10_000_000, 0.01)
     assert fast < slow < bigger
+
+
+def test_cpu_terms_scale_with_the_share_and_the_group():
+    """Uncapped links: the round is CPU work / cpu_share; more members cost more per member (streams, DHT)."""
+    wide = [(1e12, 0.0)]
+    t4 = predict_round_time(wide * 4, 4_000_000, 0.01, cpu_share=0.5)
+    assert predict_round_time(wide * 4, 4_000_000, 0.01, cpu_share=0.25) == pytest.approx(2 * t4, rel=0.05)
+    t8, t16 = (predict_round_time(wide * n, 4_000_000, 0.01, cpu_share=0.5) for n in (8, 16))
+    assert t4 < t8 < t16 and t16 - t8 > t8 - t4  # the (n - 1)^2 term
+    assert predict_round_time(wide * 4, 4_000_000, 0.01, select="approx", cpu_share=0.5) < t4
+    zero = COSTS.__class__(param_s={"exact": 0.0, "approx": 0.0}, peer_s=0.0, pair_s=0.0, round_s=0.0,
+                           codec_rate=math.inf)
+    assert predict_round_time(wide * 4, 4_000_000, 0.01, cpu_share=0.5, costs=zero) == pytest.approx(0.01, abs=1e-3)
+
+
+def test_token_bucket_passes_its_burst_at_line_rate():
+    """tc tbf: the first burst_bytes of each phase's transfer cost no link time; the rest goes at the rate."""
+    nodes = [(6.25e6, 0.0)] * 4  # 50 Mbit/s
+    b = butterfly([6.25e6] * 4, [0.0] * 4, 1_000_000, 0.01)
+    assert b.sent.max() * 1.05 < BENCH_BURST_BYTES  # a 1M round fits in the bucket
+    plain, shaped = (predict_round_time(nodes, 1_000_000, 0.01, cpu_share=0.5, burst_bytes=x)
+                     for x in (0.0, BENCH_BURST_BYTES))
+    wide = predict_round_time([(1e12, 0.0)] * 4, 1_000_000, 0.01, cpu_share=0.5)
+    assert shaped == pytest.approx(wide, rel=1e-4) and plain > shaped
+    big = butterfly([6.25e6] * 4, [0.0] * 4, 10_000_000, 0.01, burst_bytes=BENCH_BURST_BYTES)
+    ph = phases(big, 10_000_000, cpu_share=1.0)
+    assert ph.reduce_scatter_s == pytest.approx(max(0.0, big.rs_wire.max() - BENCH_BURST_BYTES) / 6.25e6)
+    assert 0 < ph.all_gather_s <= big.ag_wire.max() / 6.25e6
+
+
+def test_fair_cpu_share_is_max_min_fair():
+    assert fair_cpu_share(2, 4) == 0.5 and fair_cpu_share(2, 1) == 1.0  # at most one core per member
+    assert fair_cpu_share(2, 4, [1.0]) == pytest.approx(0.4)  # a busy session counts as one more member
+    assert fair_cpu_share(2, 4, [0.1, 0.2]) == pytest.approx((2 - 0.3) / 4)  # light ones keep what they use
+    assert fair_cpu_share(2, 8, [0.6, 0.6, 0.6]) == pytest.approx(2 / 11)
+    for bad in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError):
+            fair_cpu_share(*bad)
+    with pytest.raises(ValueError):
+        fair_cpu_share(2, 4, [-1.0])
 
 
 def test_predict_round_time_rejects_bad_input():
@@ -229,7 +273,10 @@ def test_more_churn_fails_more_rounds_and_delays_more_mass():
     recovery = [r["summary"]["recovery_fraction"] for r in reports]
     assert failed[0] == 0 < failed[1] < failed[2]
     assert returned[0] == 0 < returned[1] < returned[2]
-    assert delayed[0] == 0 < delayed[1] < delayed[2]
+    # churn delays mass, but its mean at 300 nodes x 3 h does not order 0.2 vs 0.6 reliably: with the earlier
+    # round-time model seeds 1, 3 and 4 already gave 0.2 >= 0.6 (seed 7 passed by luck); with the recalibrated one
+    # seed 7 gives 0.00089 vs 0.00079
+    assert delayed[0] == 0 < min(delayed[1:])
     assert recovery[0] == 0 < recovery[1] < recovery[2]
     measured = [r["summary"]["churn_per_hour_measured"] for r in reports]
     assert measured[0] == 0 and measured[1] < measured[2]
