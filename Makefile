@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/demo.toml --churn --demo --dir demo-out
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not chaos and not netns" -q
+	$(PY) -m pytest -m "not slow and not chaos and not netns" -q --durations=15
 
 # 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, conservation under freezes, pipeline
-# replicas killed mid-step, and the simulator's round time against real nodes in network namespaces (root) (~7 min)
+# replicas killed mid-step, and the simulator's round time against real nodes in network namespaces (root) (~15 min)
 chaos: $(STAMP)
 	$(PY) -m pytest -m "chaos or netns" -q -s
 

@@ -98,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_utf8(args: argparse.Namespace) -> None:
+    """NodeError naming the first argument that is not valid UTF-8: os.fsdecode turns such bytes into lone
+    surrogates, which the control API (protobuf strings), gRPC targets and libp2p cannot carry."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            text = str(v) if isinstance(v, (str, pathlib.PurePath)) else ""
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise NodeError(f"{name.replace('_', '-')}: {text!r:.80} is not valid UTF-8", EXIT_USAGE) from None
+
+
+def _read_job_file(path: pathlib.Path) -> str:
+    """A job file's text for the daemon; NodeError if it cannot be read or is not UTF-8 (the daemon parses it)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise NodeError(f"cannot read job file {path}: {e.strerror or e}", EXIT_USAGE) from None
+    except UnicodeDecodeError as e:
+        raise NodeError(f"job file {path} is not UTF-8 text (byte {e.start})", EXIT_USAGE) from None
+
+
 def _config_from(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow",
                                                           "export", "model", "stages", "strategy", "host", "out")}
@@ -193,13 +215,14 @@ def job_json(info) -> dict:
             "eval_metric": nan_to_none(info.eval_metric), "bytes_exchanged": info.bytes_exchanged,
             "round_time_s": info.round_time_s, "summary": info.summary, "declined": info.declined,
             "local_round": info.local_round if info.local_model_hash else None,
-            "local_model_hash": info.local_model_hash or None}
+            "local_model_hash": info.local_model_hash or None,
+            "stage_hosts": [group.split(",") for group in info.stage_hosts] or None}
 
 
 def format_job_line(info) -> str:
     loss = f"{info.train_loss:.4f}" if info.train_loss == info.train_loss else "-"
     metric = f"{info.eval_metric:.4f}" if info.eval_metric == info.eval_metric else "-"
-    bar = "#" * round(20 * info.round / max(1, info.rounds))
+    bar = "#" * min(20, max(0, round(20 * info.round / max(1, info.rounds))))  # a peer may claim round > rounds
     return (f"[{bar:<20}] round {info.round}/{info.rounds}  {info.state:<9} participants {len(info.participants)}  "
             f"loss {loss}  eval {metric}  {info.bytes_exchanged / 1e3:.1f} kB  {info.round_time_s:.2f} s")
 
@@ -226,10 +249,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     with ControlClient(_config_from(args)) as client:
         if args.command == "submit":
-            try:
-                text = args.job_file.read_text()
-            except OSError as e:
-                raise NodeError(f"cannot read job file {args.job_file}: {e.strerror}", EXIT_USAGE) from None
+            text = _read_job_file(args.job_file)
             job_id = client.submit(text, str(args.job_file)).job_id
             print(json.dumps({"job_id": job_id}) if args.json else f"submitted job {job_id}", flush=True)
             return follow_job(client, job_id, True, args.json) if args.follow else 0
@@ -288,10 +308,7 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     the way through and start a fresh node (with the dead one's data slice) that joins the running job."""
     from node.localswarm import wait_for
 
-    try:
-        text = job_file.read_text()
-    except OSError as e:
-        raise NodeError(f"cannot read job file {job_file}: {e.strerror}", EXIT_USAGE) from None
+    text = _read_job_file(job_file)
     job_id = client.submit(text, str(job_file)).job_id
     print(f"\nsubmitted {job_file} as job {job_id}; each node trains on its own slice, only top-k updates move",
           flush=True)
@@ -421,6 +438,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_utf8(args)
         if args.command == "run":
             return cmd_run(args)
         if args.command == "dev-swarm":

@@ -14,6 +14,7 @@ List fields take a comma-separated string in the environment (SWARMNODE_JOIN=add
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import tomllib
@@ -44,6 +45,9 @@ class NodeConfig:
     data: pathlib.Path | None = None  # local datasets: <data>/<dataset>/ as written by node/datasets.write_node_data
 
     def __post_init__(self) -> None:
+        for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number of seconds, got {getattr(self, name)}")
         if self.heartbeat <= 0:
             raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat}")
         if self.ttl <= self.heartbeat:
@@ -112,18 +116,60 @@ def _convert(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise TypeError("expected a string")
         return value
-    except (TypeError, ValueError) as e:
-        raise NodeError(f"{source}: invalid value {value!r} ({e})", EXIT_USAGE) from None
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of an int beyond float range
+        raise NodeError(f"{source}: invalid value {value!r:.80} ({e})", EXIT_USAGE) from None
+
+
+TOML_INT_RANGE = (-(2**63), 2**63 - 1)  # TOML integers are 64-bit (toml.io v1.0.0); tomllib reads any size
+
+
+def check_toml_ints(data: Any, label: str) -> None:
+    """NodeError naming the dotted key of the first integer in parsed TOML ``data`` outside TOML's 64-bit range
+    (tomllib accepts any size; a float field given 1e400 as an integer would raise OverflowError later)."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # iterative: the nesting is tomllib's to bound, not ours to recurse into again
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not TOML_INT_RANGE[0] <= value <= TOML_INT_RANGE[1]:
+            digits = len(str(abs(value))) if value.bit_length() < 10_000 else "thousands of"
+            raise NodeError(f"{label}: {where[:80]}: integer of {digits} digits is outside TOML's 64-bit range",
+                            EXIT_USAGE)
+
+
+def parse_toml(data: str | bytes, label: str) -> dict[str, Any]:
+    """TOML text (bytes must be UTF-8) parsed and its integers checked (check_toml_ints); NodeError
+    "<label>: ..." if it is not UTF-8, not valid TOML (nesting too deep for tomllib included) or out of range."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NodeError(f"{label}: not UTF-8 text (byte {e.start})", EXIT_USAGE) from None
+    try:
+        parsed = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as e:
+        raise NodeError(f"{label}: not valid TOML: {e}", EXIT_USAGE) from None
+    except ValueError as e:  # int() of a literal beyond Python's 4300-digit limit escapes tomllib as is
+        raise NodeError(f"{label}: not valid TOML: {str(e).partition(':')[0]}", EXIT_USAGE) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays / inline tables
+        raise NodeError(f"{label}: not valid TOML: nested too deeply", EXIT_USAGE) from None
+    check_toml_ints(parsed, label)
+    return parsed
 
 
 def read_toml(path: pathlib.Path) -> dict[str, Any]:
     try:
         with open(path.expanduser(), "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise NodeError(f"config file {path} does not exist", EXIT_USAGE) from None
-    except tomllib.TOMLDecodeError as e:
-        raise NodeError(f"config file {path} is not valid TOML: {e}", EXIT_USAGE) from None
+    except OSError as e:  # a directory, a name too long, no permission, ...
+        raise NodeError(f"config file {path}: cannot read it ({e.strerror or e})", EXIT_USAGE) from None
+    except ValueError as e:  # a NUL in the path
+        raise NodeError(f"config file {str(path)!r:.200}: not a usable path ({e})", EXIT_USAGE) from None
+    data = parse_toml(raw, f"config file {path}")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise NodeError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(FIELDS)})", EXIT_USAGE)

@@ -118,7 +118,7 @@ class ControlServicer(pb_grpc.ControlServicer):
             await context.abort(_status(e), str(e))
         except OSError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot write to {out}: {e.strerror}")
-        manifest = json.loads(files[1].read_text())
+        manifest = json.loads(next(f for f in files if f.name == "manifest.json").read_text())
         return pb.ExportResponse(files=[str(f) for f in files], round=manifest["rounds"], model_hash=manifest["model_hash"])
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
@@ -140,6 +140,8 @@ def job_to_proto(view, local: tuple[int, str] | None = None) -> pb.JobInfo:
         round_time_s=progress.round_time_s if progress else 0.0,
         summary=f"{record.spec.model.arch} on {record.spec.dataset}", declined=view.declined,
     )
+    if record.assignment is not None:
+        info.stage_hosts.extend(",".join(group) for group in record.assignment.hosts)
     if local is not None:
         info.local_round, info.local_model_hash = local
     return info

@@ -23,7 +23,7 @@ from node.files import atomic_write
 from node.jobs import RoundResult
 from protocol.jobs import MAX_HISTORY_BYTES, JobRecord
 
-FILES = ("model.safetensors", "manifest.json", "report.json", "curve.png")
+FILES = ("model.safetensors", "report.json", "curve.png", "manifest.json")  # manifest last: then all are there
 
 
 def round_entry(result: RoundResult, reporter: str) -> dict:
@@ -60,8 +60,10 @@ def history_from_json(blob: bytes) -> list[dict]:
     """A peer's history; ValueError if it is not a JSON list of round entries."""
     try:
         items = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"round history is not JSON: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int beyond 4300 digits
+        raise ValueError(f"round history is not JSON: {str(e).partition(': value has')[0]}") from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+        raise ValueError("round history is not JSON: nested too deeply") from None
     if not isinstance(items, list) or not all(isinstance(e, dict) and isinstance(e.get("round"), int) for e in items):
         raise ValueError("round history is not a list of round entries")
     return items
@@ -95,7 +97,8 @@ def curve_png(history: list[dict], metric: str, title: str) -> bytes:
 
 def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, model_hash: str, rounds: int,
                own_rounds: int, history: list[dict], metric: str) -> list[pathlib.Path]:
-    """Write FILES under ``out`` (each atomically: temporary file, fsync, rename); return their paths."""
+    """Write FILES under ``out`` (each atomically: temporary file, fsync, rename; manifest.json last, so a
+    reader that sees it finds the others); return their paths."""
     # clone: tied weights (GPT-2's lm_head / wte) share storage, which safetensors refuses; each name gets
     # its own copy, and load_state_dict puts them back into the one shared parameter
     tensors = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}

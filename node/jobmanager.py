@@ -23,7 +23,6 @@ import logging
 import pathlib
 import secrets
 import time
-import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from node.datasets import DATASETS, load_node_data
 from node.errors import EXIT_USAGE, NodeError
 from node.jobexport import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs import JobRunner, RoundResult, params_hash
-from node.jobspec import job_spec_from_toml
+from node.jobspec import job_spec_from_text
 from node.pipelinejobs import PipelineJobs
 from node.models import build_model, estimate_memory_bytes, flatten_params, load_flat_params, resolve_overrides
 from protocol.jobs import (
@@ -128,15 +127,10 @@ class JobManager:
     # ---- what the control API calls ----------------------------------------------------------------------
 
     async def submit(self, toml_text: str, source: str) -> str:
-        try:
-            data = tomllib.loads(toml_text)
-        except tomllib.TOMLDecodeError as e:
-            raise NodeError(f"{source}: not valid TOML: {e}", EXIT_USAGE) from None
-
         def check_model(model) -> None:
             resolve_overrides(model.arch, model.config())  # an unknown config name fails here, not on every node
 
-        spec = job_spec_from_toml(data, source, check_model=check_model)
+        spec = job_spec_from_text(toml_text, source, check_model)  # bad TOML, nesting, 64-bit ints: NodeError
         nonce = secrets.token_hex(8)
         assignment = await self.pipeline.prepare(spec, nonce, source) if spec.kind == "pipeline" else None
         record = JobRecord.create(spec, self.peer_id, nonce, time.time(), assignment)

@@ -34,8 +34,11 @@ A pipeline job (one model too large for a node, cut into stages hosted by differ
     dataset = "pystdlib-bytes"    # read by the submitting node only (it runs the trainer)
     [pipeline]                    # required for kind "pipeline"
     stages = 2                    # required: stages (<= the model's layers)
-    strategy = "balanced"         # default "balanced" (equal cost), or "layer_wise" (equal layer counts)
+    strategy = "balanced"         # default "balanced" (equal cost), "layer_wise" (equal layer counts) or
+                                  # "memory_aware" (sized for the chosen hosts' memory and TFLOPS)
     replicas = 2                  # default 1: hosts per stage (replicas average their gradients every step)
+    max_replicas = 4              # default = replicas: nodes joining while it trains go to the bottleneck
+                                  # stage up to this many hosts per stage (dead hosts are always replaced)
     micro_batch = 4               # default 4: sequences per micro-batch
     micro_batches = 4             # default 4: micro-batches per step (batch_size = micro_batch * micro_batches)
     steps = 20                    # required: optimizer steps (the job's rounds)
@@ -51,9 +54,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tomllib
 from typing import Any, Callable
 
+from node.config import check_toml_ints, parse_toml
 from node.errors import EXIT_USAGE, NodeError
 from protocol.jobs import JOB_KINDS, InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec
 
@@ -73,21 +76,27 @@ def load_job_file(path: str | os.PathLike, check_model: Callable[[ModelSpec], No
     label = str(path)
     try:
         with open(pathlib.Path(path).expanduser(), "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise NodeError(f"{label}: no such job file", EXIT_USAGE) from None
     except OSError as e:
         raise NodeError(f"{label}: cannot read the job file ({e.strerror or e})", EXIT_USAGE) from None
-    except tomllib.TOMLDecodeError as e:
-        raise NodeError(f"{label}: not valid TOML: {e}", EXIT_USAGE) from None
-    except UnicodeDecodeError:
-        raise NodeError(f"{label}: not UTF-8 text", EXIT_USAGE) from None
-    return job_spec_from_toml(data, label, check_model)
+    except ValueError as e:  # a NUL in the path
+        raise NodeError(f"{label!r:.200}: not a usable path ({e})", EXIT_USAGE) from None
+    return job_spec_from_text(raw, label, check_model)
+
+
+def job_spec_from_text(text: str | bytes, label: str = "job file",
+                       check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
+    """A job file's text (bytes: UTF-8) parsed (node/config.py parse_toml: not UTF-8, not TOML, nested too
+    deeply for tomllib, integers beyond 64 bits) and built into a JobSpec; NodeError "<label>: ..." if not."""
+    return job_spec_from_toml(parse_toml(text, label), label, check_model)
 
 
 def job_spec_from_toml(data: dict[str, Any], label: str = "job file",
                        check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
     """Build a JobSpec from parsed TOML; NodeError "<label>: <dotted field>: <problem>" on the first problem."""
+    check_toml_ints(data, label)  # tomllib reads integers of any size; float fields cannot hold them all
     try:
         return _build(data, check_model)
     except ValueError as e:

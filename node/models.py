@@ -126,17 +126,26 @@ def _spec(arch: str) -> ArchSpec:
     return ARCHS[arch]
 
 
+# The largest integer override (a size, count or vocabulary): above every model in use -- the widest
+# vocabulary ~256k (Gemma), the longest context 131,072 (Llama 3.1), the widest hidden layer 53,248 (Llama 3.1
+# 405B's MLP) -- and small enough that the arithmetic on it (shapes, parameter and memory estimates) stays
+# instant: a peer's job record may name any 64-bit integer, and every node checks it (_why_not).
+MAX_INT_OVERRIDE = 1 << 24
+
+
 def _check_scalar(arch: str, key: str, value: Any, default: Scalar) -> Scalar:
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"model {arch!r}: {key} must be true or false, got {value!r}")
+            raise ValueError(f"model {arch!r}: {key} must be true or false, got {value!r:.40}")
         return value
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"model {arch!r}: {key} must be an integer, got {value!r}")
+            raise ValueError(f"model {arch!r}: {key} must be an integer, got {value!r:.40}")
         minimum = 0 if key in ("layers",) else 1
         if value < minimum:
             raise ValueError(f"model {arch!r}: {key} must be >= {minimum}, got {value}")
+        if value > MAX_INT_OVERRIDE:
+            raise ValueError(f"model {arch!r}: {key} must be <= {MAX_INT_OVERRIDE}, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"model {arch!r}: {key} must be a finite number, got {value!r}")
@@ -156,6 +165,9 @@ def _check_consistency(arch: str, cfg: Mapping[str, Scalar]) -> None:
         divisible("num_attention_heads", "num_key_value_heads")
     elif arch == "bert":
         divisible("hidden_size", "num_attention_heads")
+    elif arch == "cnn" and cfg["blocks"] >= cfg["side"].bit_length():  # before 2 ** blocks is computed
+        raise ValueError(f"model 'cnn': blocks={cfg['blocks']} halves side={cfg['side']} below 1 (at most "
+                         f"{cfg['side'].bit_length() - 1} blocks)")
     elif arch == "cnn" and cfg["side"] % (2 ** cfg["blocks"]):
         raise ValueError(f"model 'cnn': side={cfg['side']} must be divisible by 2**blocks={2 ** cfg['blocks']} "
                          "(each block halves it)")

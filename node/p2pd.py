@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import glob
 import importlib.resources
 import logging
 import os
 import secrets
 import signal
+import socket
+import stat
+import time
 from typing import Sequence
 
 from hivemind.p2p import P2P
@@ -44,6 +48,45 @@ def p2pd_binary() -> str:
     return str(importlib.resources.files("hivemind.hivemind_cli") / "p2pd")
 
 
+SOCKET_PATTERNS = ("/tmp/swarmnode-p2pd-*.sock", "/tmp/hivemind-p2pclient-*.sock")  # p2pd's, hivemind client's
+STALE_AFTER_S = 60.0
+
+
+def _bound_unix_paths() -> set[str]:
+    """Paths of the unix sockets bound in this network namespace (/proc/net/unix)."""
+    try:
+        with open("/proc/net/unix") as f:
+            return {parts[7] for parts in (line.split() for line in f) if len(parts) >= 8}
+    except OSError:
+        return set()
+
+
+def sweep_stale_sockets(patterns=SOCKET_PATTERNS, older_than: float = STALE_AFTER_S) -> int:
+    """Remove the unix socket files a SIGKILLed node left behind (p2pd's and hivemind's client socket; nothing
+    unlinks them when the process dies): this user's sockets matching ``patterns``, older than ``older_than``
+    seconds, bound by nobody here and refusing a connection (a process in another network namespace still
+    accepts one). Returns how many were removed; every error is skipped."""
+    bound, now, removed = _bound_unix_paths(), time.time(), 0
+    for path in (p for pattern in patterns for p in glob.glob(pattern)):
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or now - st.st_mtime < older_than or \
+                    path in bound:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                try:
+                    probe.connect(path)
+                    continue  # alive
+                except ConnectionRefusedError:
+                    pass
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 class OwnedP2PDaemon:
     def __init__(self) -> None:
         self.child: asyncio.subprocess.Process | None = None
@@ -60,6 +103,9 @@ class OwnedP2PDaemon:
         bootstrap: Sequence[str] = (),
         startup_timeout: float = 15.0,
     ) -> P2P:
+        removed = await asyncio.to_thread(sweep_stale_sockets)
+        if removed:
+            logger.info("removed %d stale p2pd/client sockets left in /tmp by killed nodes", removed)
         args = [
             p2pd_binary(),
             f"-listen=/unix{self._socket}",

@@ -36,11 +36,26 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
   * A replica that failed once but lives (slow, partitioned): skipped until it heartbeats again; a replica
     that missed a step end (behind) is told to reload the state from a live replica of its stage.
   * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to
-    appear in the DHT (a takeover, node/stage_peer.py), then the step fails.
+    appear in the DHT (a takeover: node/stage_peer.py, or the daemon's reassignment in node/pipelinejobs.py),
+    then the step fails. A stage whose only live replicas failed earlier in the step (a transient error, or a
+    host that moved there from another stage) fails the step at once instead.
+  * A failed step is retried by the caller with new micro-batch ids; before the retry every replica is told to
+    Discard what the abandoned attempt committed there, so a single replica holding those commits is not
+    failed by every later status round (it would wedge the pipeline).
+  * The direct data path (protocol/direct.py; p2pd's relay costs ~8 ms per 1 MiB hop): a hop goes over a
+    persistent TCP connection to the replica, in a session the replica handed out over the authenticated libp2p
+    control stream (DirectOpen -> DirectOffer), at an address the libp2p connection to that peer uses. A direct
+    failure before a reply (no session, connect refused or timed out, hang-up, a frame refused either way) sends
+    the same request over libp2p within the hop's time, and that replica is reached over libp2p only for
+    ``direct_retry`` seconds. The request keeps its micro-batch id: a replica that did serve the direct copy
+    refuses the second one ("already forwarded"), which fails the hop as any ErrorReply does, so the attempt
+    is retried with a new id as above -- nothing is counted twice. A direct hop that times out fails the hop.
+    A connection serves one request at a time; the trainer keeps a pool per replica (at most ``max_inflight``
+    busy at once), and returns a connection to it only after a complete reply.
   * Replicas of a stage disagreeing after a step (a partitioned averaging round): the trainer compares their
     parameter hashes and tells the minority to resync from the majority.
 
-The messages between trainer, hosts and backup holders (Status, Commit, EndStep, Resync, state transfer, the
+The messages between trainer, hosts and backup holders (Status, Commit, EndStep, Resync, Discard, state transfer, the
 DHT member records) and the protocol names are in protocol/pipeline_messages.py.
 """
 
@@ -60,12 +75,15 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from torch import nn
 
 from node.splitter import read_manifest
+from protocol.direct import BACKWARD, FORWARD, REPLY, DirectChannel, maddr_ips, read_sealed, send_sealed
 from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
                                   ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
                                   max_frame_bytes, new_micro_batch_id)
-from protocol.pipeline_messages import (CONTROL_BOUND, Commit, CommitReply, ControlError, EndStep, EndStepReply,
-                                        MemberRecord, Resync, Status, StatusReply, check_peer_id, control_from_wire,
-                                        control_to_wire, member_record_from_wire, one_line, stage_key, stage_protocol)
+from protocol.pipeline_messages import (CONTROL_BOUND, Commit, CommitReply, ControlError, DirectOffer, DirectOpen,
+                                        Discard, EndStep,
+                                        EndStepReply, MemberRecord, Resync, Status, StatusReply, check_peer_id,
+                                        control_from_wire, control_to_wire, member_record_from_wire, one_line,
+                                        stage_key, stage_protocol)
 # Not used here; still importable from node.pipeline, as tests/test_fuzz.py does.
 from protocol.pipeline_messages import BackupAck, StateHead, StateRequest, member_record_to_wire  # noqa: F401
 from protocol.streams import close_quietly, read_frame, write_frame
@@ -100,6 +118,9 @@ class TrainerConfig:
     replica_wait: float = 60.0  # how long a hop waits for a replica of a stage to appear
     backup_every: int = 1  # push each stage's state to a replica of the next stage every N steps (0: never)
     seed: int = 0  # replica choice
+    direct: bool = True  # hops over the replicas' direct TCP paths when offered (node/stagehost.py; encrypted)
+    direct_retry: float = 60.0  # after a direct failure, a replica is reached over libp2p only for this long
+    direct_connect_timeout: float = 5.0  # opening a direct connection (a firewalled one falls back to libp2p)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.max_attempts < 1 or self.max_inflight < 1 or self.backup_every < 0:
@@ -133,6 +154,19 @@ class StepReport:
     stages: tuple[StageStep, ...]
 
 
+class _DirectFailure(Exception):
+    """The direct path to a replica failed before a reply; the request goes over libp2p instead."""
+
+
+@dataclass
+class _Direct:
+    """One direct connection to one replica, idle in the trainer's pool or carrying one request."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    channel: DirectChannel
+
+
 @dataclass
 class _Micro:
     """One logical micro-batch of the step and the stages at which it is not counted yet."""
@@ -153,6 +187,13 @@ class _Step:
     stage_of: dict[str, int] = field(default_factory=dict)
     alive: dict[int, list[str]] = field(default_factory=dict)  # per stage, after the status round
     retries: int = 0
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The first leaf exception of a (possibly nested) exception group."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def causal_lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,7 +227,11 @@ class PipelineTrainer:
         self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
         self._rng = random.Random(config.seed)
         self._background: set[asyncio.Future] = set()  # resyncs of replicas that fell behind
+        self._abandoned: int | None = None  # a step whose attempt failed: its commits are discarded before a retry
         self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
+        self._pool: dict[tuple[str, int], list[_Direct]] = {}  # idle direct connections per (replica, stage)
+        self._direct_off: dict[str, float] = {}  # replica -> monotonic time until which hops use libp2p only
+        self.hops = collections.Counter()  # "direct" / "libp2p": hops that got a reply over each path
 
     # ---- replicas ------------------------------------------------------------------------------------------
 
@@ -219,6 +264,10 @@ class PipelineTrainer:
                 peer = self._rng.choices(peers, weights=[max(cands[p].throughput, 1e-6) for p in peers])[0]
                 st.stage_of[peer] = stage
                 return peer
+            excluded = [p for p, r in self._records.get(stage, {}).items() if p in st.failed and self._usable(p, r)]
+            if excluded:  # alive (beating since it failed) but out of this step: the retried step may use it
+                raise PipelineError(f"stage {stage}: its live replicas {[p[-8:] for p in excluded]} failed earlier "
+                                    f"in step {self.step_no}")
             if time.monotonic() > deadline:
                 raise PipelineError(f"no live replica of stage {stage} within {self.config.replica_wait:g} s")
             await asyncio.sleep(0.25)
@@ -245,10 +294,85 @@ class PipelineTrainer:
         finally:
             close_quietly(writer)
 
+    async def _request(self, peer: str, stage: int, kind: str, data: bytes, bound: int) -> bytes:
+        """The reply frame to one forward/backward request frame: over the direct path when the replica offers
+        one (and it has not failed lately), else -- or after a direct failure, in the time left -- over libp2p."""
+        timeout = self.config.hop_timeout
+        if self.config.direct and self._direct_off.get(peer, 0.0) <= time.monotonic():
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(timeout):
+                    raw = await self._direct_exchange(peer, stage, kind, data, bound)
+                self.hops["direct"] += 1
+                return raw
+            except TimeoutError:
+                self._direct_failed(peer, f"no reply within {timeout:g} s")
+                raise HopError(peer, f"no reply within {timeout:g} s (direct path)") from None
+            except _DirectFailure as e:
+                self._direct_failed(peer, str(e))
+                timeout = max(timeout - (time.monotonic() - t0), 0.001)
+        raw = await self._exchange(peer, stage_protocol(self.config.swarm, self.pipeline_id, stage, kind), data,
+                                   bound, timeout)
+        self.hops["libp2p"] += 1
+        return raw
+
+    def _direct_failed(self, peer: str, reason: str) -> None:
+        if self._direct_off.get(peer, 0.0) <= time.monotonic():
+            logger.info("direct path to %s failed (%s); libp2p for %g s", peer[-8:], reason, self.config.direct_retry)
+        self._direct_off[peer] = time.monotonic() + self.config.direct_retry
+        for key in [k for k in self._pool if k[0] == peer]:
+            for conn in self._pool.pop(key):
+                close_quietly(conn.writer)
+
+    async def _direct_exchange(self, peer: str, stage: int, kind: str, data: bytes, bound: int) -> bytes:
+        idle = self._pool.get((peer, stage), [])
+        conn = None
+        while idle and conn is None:
+            conn = idle.pop()
+            if conn.reader.at_eof() or conn.writer.is_closing():  # the replica closed it (idle, restarted)
+                close_quietly(conn.writer)
+                conn = None
+        if conn is None:
+            conn = await self._direct_connect(peer, stage)
+        try:
+            await send_sealed(conn.writer, conn.channel, FORWARD if kind == "forward" else BACKWARD, data)
+            _, raw = await read_sealed(conn.reader, conn.channel, (REPLY,), bound)
+        except BaseException as e:  # never reused: a late reply would be read as the next request's
+            close_quietly(conn.writer)
+            if isinstance(e, (ValueError, OSError, EOFError)):  # WireError, ConnectionError, IncompleteReadError
+                raise _DirectFailure(f"{type(e).__name__}: {one_line(e)}") from None
+            raise
+        self._pool.setdefault((peer, stage), []).append(conn)
+        return raw
+
+    async def _direct_connect(self, peer: str, stage: int) -> _Direct:
+        """A new connection in a new session, asked for over libp2p; only to an address of the replica's libp2p
+        connection (so an offer cannot point the trainer at a third party)."""
+        try:
+            offer = await self._control(peer, stage, DirectOpen(), DirectOffer)
+        except HopError as e:
+            raise _DirectFailure(f"no direct session: {e.reason}") from None
+        known = {ip for info in await self.p2p.list_peers() if info.peer_id.to_base58() == peer
+                 for ip in maddr_ips(info.addrs)}
+        if offer.host not in known:
+            raise _DirectFailure(f"offered {offer.host}, not an address of its libp2p connection {sorted(known)}")
+        try:
+            async with asyncio.timeout(self.config.direct_connect_timeout):
+                reader, writer = await asyncio.open_connection(offer.host, offer.port)
+        except (OSError, TimeoutError) as e:
+            raise _DirectFailure(f"connect to {offer.host}:{offer.port}: {type(e).__name__}: {one_line(e)}") from None
+        return _Direct(reader, writer, DirectChannel(offer.key, offer.session, "trainer"))
+
+    async def close(self) -> None:
+        """Close the direct connections (idle ones; a hop in flight closes its own when it ends)."""
+        for conns in self._pool.values():
+            for conn in conns:
+                close_quietly(conn.writer)
+        self._pool.clear()
+
     async def _hop(self, peer: str, stage: int, kind: str, msg, expect_type, expect: ExpectedTensor | None, mb: int):
-        raw = await self._exchange(peer, stage_protocol(self.config.swarm, self.pipeline_id, stage, kind),
-                                   activation_to_wire(msg, self.config.wire_dtype), max_frame_bytes(expect),
-                                   self.config.hop_timeout)
+        raw = await self._request(peer, stage, kind, activation_to_wire(msg, self.config.wire_dtype),
+                                  max_frame_bytes(expect))
         try:
             reply = activation_from_wire(raw, expect_type, expect, micro_batch=mb)
         except ValueError as e:
@@ -270,13 +394,13 @@ class PipelineTrainer:
 
     # ---- one attempt of one micro-batch ----------------------------------------------------------------------
 
-    async def _forward_path(self, path: list[str], mb: int, x: torch.Tensor) -> torch.Tensor:
+    async def _forward_path(self, path: list[str], mb: int, x: torch.Tensor, train: bool = True) -> torch.Tensor:
         b, t = x.shape
         h = x
         for stage, peer in enumerate(path):
             width = self.vocab if stage == self.num_stages - 1 else self.hidden
             expect = ExpectedTensor(FLOAT_DTYPES, (b, t, width), "float32")
-            request = ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h)
+            request = ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h, train)
             h = (await self._hop(peer, stage, "forward", request, ForwardReply, expect, mb)).tensor
         return h  # (b, T, V) logits
 
@@ -288,13 +412,14 @@ class PipelineTrainer:
                                     mb)).grad
 
     async def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for token ids x (B, T): one pass through one replica per stage (no retries)."""
+        """Logits (B, T, V) for token ids x (B, T): one evaluation pass (the hosts keep nothing for a backward)
+        through one replica per stage, no retries."""
         await self._ensure_step()
         st = _Step([])
         for s in range(self.num_stages):
             await self._refresh(s)
         path = [await self._choose(s, st) for s in range(self.num_stages)]
-        return await self._forward_path(path, new_micro_batch_id(), x)
+        return await self._forward_path(path, new_micro_batch_id(), x, train=False)
 
     # ---- a step --------------------------------------------------------------------------------------------
 
@@ -398,19 +523,36 @@ class PipelineTrainer:
         await self._ensure_step()
         for s in range(self.num_stages):
             await self._refresh(s)
+        if self._abandoned is not None and self._abandoned == self.step_no:
+            await self._discard_abandoned()
         st = _Step([_Micro(i, x[j:j + n], y[j:j + n], set(range(self.num_stages)))
                     for i, j in enumerate(range(0, x.shape[0], n))])
         limit = asyncio.Semaphore(self.config.max_inflight)
         while True:
             todo = [m for m in st.micros if m.needs]
             if todo:
-                async with asyncio.TaskGroup() as tg:  # one micro-batch out of attempts cancels the others
-                    for m in todo:
-                        tg.create_task(self._run_micro(st, m, limit))
+                try:
+                    async with asyncio.TaskGroup() as tg:  # one micro-batch out of attempts cancels the others
+                        for m in todo:
+                            tg.create_task(self._run_micro(st, m, limit))
+                except* PipelineError as group:
+                    raise _first(group) from None
                 continue
             await self._status_round(st)
             if not any(m.needs for m in st.micros):
                 return st
+
+    async def _discard_abandoned(self) -> None:
+        """Every replica drops the commits of the attempt at this step that failed (their ids are not the
+        retry's; a single replica holding them would otherwise be failed by every status round)."""
+        peers = [(s, p) for s in range(self.num_stages) for p in self._records.get(s, {})]
+        results = await asyncio.gather(*(self._control(p, s, Discard(self.step_no), StatusReply) for s, p in peers),
+                                       return_exceptions=True)
+        for (s, p), res in zip(peers, results):
+            if not isinstance(res, StatusReply):
+                logger.info("step %d: discarding the abandoned attempt on %s (stage %d) failed: %s", self.step_no,
+                            p[-8:], s, getattr(res, "reason", res))
+        self._abandoned = None
 
     async def end_step(self, st: _Step) -> tuple[StageStep, ...]:
         """end_step on every live replica of every stage, at once; the step number moves on."""
@@ -419,6 +561,7 @@ class PipelineTrainer:
         calls, keys = [], []
         for s, group in groups.items():
             if not group:
+                self._abandoned = step
                 raise PipelineError(f"step {step}: no live replica of stage {s} at the step end")
             target = groups[(s + 1) % self.num_stages]
             for peer in group:
@@ -462,7 +605,11 @@ class PipelineTrainer:
     async def step(self, x: torch.Tensor, y: torch.Tensor) -> StepReport:
         """One optimizer step on the batch (x, y): see the module docstring."""
         t0 = time.perf_counter()
-        st = await self.accumulate(x, y)
+        try:
+            st = await self.accumulate(x, y)
+        except PipelineError:
+            self._abandoned = self.step_no
+            raise
         step = self.step_no
         stages = await self.end_step(st)
         losses = [m.loss for m in st.micros]

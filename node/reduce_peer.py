@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
     p.add_argument("--fault-schedule", default="", help="comma-separated fault per round (- for none), e.g. -,nan,garbage")
-    p.add_argument("--save-averages", action="store_true", help="write each applied average as round_<r>.npy")
+    p.add_argument("--save-averages", action="store_true",
+                   help="write each applied average as round_<r>.npy, and what each round took out of the "
+                        "error-feedback buffer as removed_<r>.npy")
     return p.parse_args(argv)
 
 
@@ -139,11 +141,13 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(delay)
             t0 = time.perf_counter()
             timing = {}
+            selected = {}  # the update select() took out of the error-feedback buffer
 
             def select(grad=grad) -> object:  # runs in a thread while matchmaking proceeds
                 t = time.perf_counter()
                 update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
                 timing["select"] = time.perf_counter() - t
+                selected["update"] = update
                 return update
 
             outcome = await averager.step(f"r{r}", select, args.weight)
@@ -156,9 +160,14 @@ async def main(args: argparse.Namespace) -> None:
                 digest = hashlib.sha256(avg.indices.tobytes() + avg.values.tobytes()).hexdigest()
                 if args.save_averages:
                     np.save(args.out / f"round_{r}.npy", avg.to_dense())
+            if args.save_averages and "update" in selected:  # what this round took out of the error-feedback buffer
+                removed = (selected["update"].to_dense().astype(np.float64)
+                           - outcome.returned.to_dense().astype(np.float64))
+                np.save(args.out / f"removed_{r}.npy", removed)
             emit(event="round", round=r, ok=rep.ok, error=rep.error, leader=rep.leader, members=list(rep.members),
                  excluded=list(rep.excluded), spans=[list(s) for s in rep.spans], spans_applied=list(rep.spans_applied),
-                 span_weights=list(rep.span_weights), hash=digest, sent=rep.total_sent, received=rep.total_received,
+                 span_weights=list(rep.span_weights), votes_missing=list(rep.votes_missing), hash=digest,
+                 sent=rep.total_sent, received=rep.total_received,
                  select_s=timing.get("select"), round_s=t_round, phases=rep.phase_seconds)
     finally:
         np.save(args.out / "residual.npy", np.asarray(sparsifier.residual, np.float64))

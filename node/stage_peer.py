@@ -39,8 +39,8 @@ from node.p2pd import OwnedP2PDaemon
 from node.reduce_peer import PeerProcess
 from node.splitter import load_stage, read_manifest, stage_from_bytes
 from node.stage_state import Refused, fetch_state
-from node.stagehost import StageConfig, StageHooks, StageHost
-from protocol.pipeline_messages import EndStepReply, member_record_from_wire, pipe_protocol, stage_key
+from node.stagehost import StageConfig, StageHooks, StageHost, holders
+from protocol.pipeline_messages import EndStepReply, pipe_protocol
 from protocol.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.shards import ShardError
 
@@ -88,22 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--state-wait", type=float, default=60.0, help="seconds to wait for a shard or state holder")
     p.add_argument("--stop-at", type=parse_stop_at, default=None)
     return p.parse_args(argv)
-
-
-async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:
-    """(step, peer) of every replica or backup holder announced for ``stages``: the newest step first, and among
-    equal steps the latest heartbeat first (a replica just killed still has a record, but an old beat)."""
-    found = []
-    for stage in stages:
-        got = await dht.get(stage_key(swarm, pipeline, stage), latest=True)
-        for peer, item in (got.value.items() if got is not None and isinstance(got.value, dict) else ()):
-            try:
-                rec = member_record_from_wire(item.value)
-            except ValueError:
-                continue
-            if rec.role in ("replica", "backup") and isinstance(peer, str):
-                found.append((-rec.step, -rec.beat, peer))
-    return [(-step, peer) for step, _, peer in sorted(found)]
 
 
 async def wait_holders(dht, args, stages, me: str, what: str) -> list[tuple[int, str]]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import re
 from typing import Iterable, Sequence
 
 import safetensors
@@ -40,6 +41,7 @@ from protocol.streams import close_quietly, read_frame, write_frame
 
 STATE_CHUNK = 1 << 20
 OPTIMIZERS = {"sgd": ("momentum_buffer",), "adamw": ("step", "exp_avg", "exp_avg_sq")}  # torch state slot names
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")  # a parameter index as state_to_bytes writes it: ASCII, canonical
 
 
 class Refused(ValueError):
@@ -78,7 +80,7 @@ def state_from_bytes(head: StateHead, data: bytes, stage: int, named: Sequence[t
         kind, _, rest = name.partition("/")
         if kind == "opt":
             i, _, slot = rest.partition("/")
-            if not i.isdigit() or int(i) >= len(params) or slot not in slots:
+            if not _INDEX.fullmatch(i) or int(i) >= len(params) or slot not in slots:  # not str.isdigit: '²'
                 raise Refused(f"state: unexpected tensor {name[:80]!r}")
             want = () if slot == "step" else tuple(params[int(i)].shape)
             if tuple(t.shape) != want or t.dtype != torch.float32:

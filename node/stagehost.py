@@ -11,6 +11,9 @@ Protocols (protocol/pipeline_messages.py names them and holds the messages; one 
     .../pipe/{pipeline}/s{i}/control    Status | Commit | EndStep | Resync -> reply | ControlError
     .../pipe/{pipeline}/state           StateRequest -> StateHead + chunks (this stage, or a backup held here)
     .../pipe/{pipeline}/backup          StateHead + chunks -> BackupAck (another stage's state, kept in memory)
+    direct TCP (StageConfig.direct)     sealed frames (protocol/direct.py): forward / backward request -> reply,
+                                        many per persistent connection; a session (DirectOpen -> DirectOffer on
+                                        the control stream) is handed out only over authenticated libp2p
 
 A step, as one replica sees it:
     forward(mb)    keeps (input, output) under (mb, requesting peer); the input requires grad unless token ids
@@ -38,6 +41,13 @@ Why it is built this way -- the races it handles:
     snapshot never sees half a step and no forward reads parameters while the optimizer writes them.
   * A malformed frame (bad msgpack, wrong dtype/shape, NaN, oversize length prefix): ErrorReply with a one-line
     reason before anything is allocated from it (protocol/activations.py); the host keeps serving.
+  * The direct path (a plain TCP listener beside p2pd, which relays every libp2p byte through a unix socket):
+    the listener accepts anyone, but a connection serves nothing until its first frame names a session this
+    host offered over libp2p (to the peer that asked: its frames act as that peer's) and opens under that
+    session's key; any refused frame (unknown or reused session, wrong session id, replayed or reordered
+    sequence number, bad tag, a declared length over the bound) closes the connection with a log line, and a
+    session is bound to the first connection that uses it. Frames are encrypted and authenticated
+    (AES-256-GCM); offers not yet used are bounded (``direct_sessions``, oldest dropped) and expire.
   * State from a peer (takeover, resync, backups): size bounded by this stage's own parameter count before a
     byte is read, sha256-checked, then every tensor name, shape and dtype checked against this stage and
     optimizer, and the parameters' hash against the sender's claim.
@@ -69,15 +79,19 @@ from node.stages import Stage
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
                                   ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes)
 from protocol.allreduce import Averager
+from protocol.direct import (FORWARD, REPLY, REQUESTS, TAG_SIZE, DirectChannel, maddr_ips, new_session, read_header,
+                             send_sealed)
 from protocol.codecs import quantize_values
 from protocol.messages import TensorSpec
-from protocol.pipeline_messages import (CONTROL_BOUND, BackupAck, Commit, CommitReply, ControlError, EndStep,
+from protocol.pipeline_messages import (CONTROL_BOUND, BackupAck, Commit, CommitReply, ControlError, DirectOffer,
+                                        DirectOpen, Discard, EndStep,
                                         EndStepReply, MemberRecord, Resync, StateHead, StateRequest, Status,
-                                        StatusReply, control_from_wire, control_to_wire, member_record_to_wire,
-                                        one_line, pipe_protocol, stage_key, stage_protocol)
+                                        StatusReply, control_from_wire, control_to_wire, member_record_from_wire,
+                                        member_record_to_wire, one_line, pipe_protocol, stage_key, stage_protocol)
 from protocol.rounds import RoundConfig
 from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 from protocol.streams import close_after_peer, close_quietly, read_frame, write_frame
+from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
 ZERO_WEIGHT = 1e-9  # a replica with nothing committed joins the average with this weight and an empty update
@@ -107,6 +121,14 @@ class StageConfig:
     part_timeout: float = 10.0
     result_timeout: float = 20.0
     commit_timeout: float = 3.0
+    # The direct data path (protocol/direct.py): forward/backward frames over a plain TCP listener, encrypted and
+    # authenticated with a key handed out over libp2p. False: every hop goes through libp2p streams only.
+    direct: bool = True
+    direct_host: str | None = None  # the address to listen on; default: the IP of the libp2p listen address
+    direct_sessions: int = 256  # offered sessions not yet used by a connection, at most (the oldest dropped)
+    direct_session_ttl: float = 60.0  # an offered session must be used within this many seconds
+    direct_idle: float = 600.0  # a direct connection with no request for this long is closed
+    direct_connections: int = 1024  # open direct connections at most (a new one beyond is closed at once)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -168,6 +190,10 @@ class StageHost:
         self.backups: dict[int, tuple[StateHead, bytes]] = {}  # other stages' states held here
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
         self._heartbeat: asyncio.Task | None = None
+        self._direct_server: asyncio.Server | None = None
+        self.direct_endpoint: tuple[str, int] | None = None  # (IP, port) of the direct listener, once started
+        self._sessions: collections.OrderedDict[bytes, tuple[bytes, str, float]] = collections.OrderedDict()
+        self._direct_conns: set[asyncio.StreamWriter] = set()
         max_seq = config.max_seq or int(getattr(stage.config, "n_positions", 0)
                                          or stage.config.max_position_embeddings)
         h = stage.hidden_size
@@ -206,6 +232,8 @@ class StageHost:
     async def start(self) -> None:
         for name, handler in self._names().items():
             await self.p2p.add_binary_stream_handler(name, self._guard(handler))
+        if self.config.direct:
+            await self._start_direct()
         if self._averager is not None:
             await self._averager.start()
         if self.dht is not None:
@@ -220,6 +248,7 @@ class StageHost:
                 await asyncio.wait_for(self._announce("gone"), 2.0)
             except Exception as e:
                 logger.debug("could not withdraw the replica record: %s", e)
+        self.stop_direct()
         for name in self._names():
             try:
                 await self.p2p.remove_binary_stream_handler(name)
@@ -272,32 +301,127 @@ class StageHost:
     # ---- forward / backward --------------------------------------------------------------------------------
 
     async def _on_forward(self, peer: str, reader, writer) -> None:
-        mb, reply = 0, None
-        try:
-            data = await asyncio.wait_for(read_frame(reader, max_frame_bytes(self._in)), self.config.io_timeout)
-            req = activation_from_wire(data, ForwardRequest, self._in)
-            mb = req.micro_batch
-            if req.pipeline != self.pipeline_id or req.stage != self.index:
-                raise Refused(f"this is stage {self.index} of {self.pipeline_id}, not {req.stage} of {req.pipeline}")
-            await self._hook("forward", req.step)
-            reply = ForwardReply(mb, await self._exec(self._forward, req, peer))
-            data = activation_to_wire(reply, self.config.wire_dtype)
-        except (ValueError, RuntimeError) as e:  # WireError, Refused, a torch error from odd input
-            data = activation_to_wire(ErrorReply(mb, f"forward refused: {one_line(e)}"))
-        await write_frame(writer, data)
+        await self._on_hop("forward", peer, reader, writer)
 
     async def _on_backward(self, peer: str, reader, writer) -> None:
+        await self._on_hop("backward", peer, reader, writer)
+
+    async def _on_hop(self, kind: str, peer: str, reader, writer) -> None:
+        try:
+            data = await asyncio.wait_for(read_frame(reader, self._bound(kind)), self.config.io_timeout)
+        except WireError as e:  # an oversize length prefix
+            reply = activation_to_wire(ErrorReply(0, f"{kind} refused: {one_line(e)}"))
+        else:
+            reply = await self._serve(kind, peer, data)
+        await write_frame(writer, reply)
+
+    def _bound(self, kind: str) -> int:
+        return max_frame_bytes(self._in if kind == "forward" else self._out)
+
+    async def _serve(self, kind: str, peer: str, data: bytes) -> bytes:
+        """The reply frame to one forward or backward request frame of ``peer`` (libp2p or direct path)."""
         mb = 0
         try:
-            data = await asyncio.wait_for(read_frame(reader, max_frame_bytes(self._out)), self.config.io_timeout)
+            if kind == "forward":
+                req = activation_from_wire(data, ForwardRequest, self._in)
+                mb = req.micro_batch
+                if req.pipeline != self.pipeline_id or req.stage != self.index:
+                    raise Refused(f"this is stage {self.index} of {self.pipeline_id}, not {req.stage} of "
+                                  f"{req.pipeline}")
+                await self._hook("forward", req.step)
+                return activation_to_wire(ForwardReply(mb, await self._exec(self._forward, req, peer)),
+                                          self.config.wire_dtype)
             req = activation_from_wire(data, BackwardRequest, self._out)
             mb = req.micro_batch
             await self._hook("backward", self.step)
-            data = activation_to_wire(BackwardReply(mb, await self._exec(self._backward, req, peer)),
+            return activation_to_wire(BackwardReply(mb, await self._exec(self._backward, req, peer)),
                                       self.config.wire_dtype)
-        except (ValueError, RuntimeError) as e:
-            data = activation_to_wire(ErrorReply(mb, f"backward refused: {one_line(e)}"))
-        await write_frame(writer, data)
+        except (ValueError, RuntimeError) as e:  # WireError, Refused, a torch error from odd input
+            return activation_to_wire(ErrorReply(mb, f"{kind} refused: {one_line(e)}"))
+
+    # ---- the direct data path ------------------------------------------------------------------------------
+
+    async def _start_direct(self) -> None:
+        host = self.config.direct_host
+        if host is None:
+            try:
+                ips = maddr_ips(await self.p2p.get_visible_maddrs())
+            except ValueError:
+                ips = []
+            host = ips[0] if ips else "127.0.0.1"
+        try:
+            self._direct_server = await asyncio.start_server(self._on_direct, host, 0)
+        except OSError as e:
+            logger.warning("stage %d: no direct path (cannot listen on %s: %s); hops use libp2p", self.index, host, e)
+            return
+        self.direct_endpoint = (host, self._direct_server.sockets[0].getsockname()[1])
+
+    def stop_direct(self) -> None:
+        """Close the direct listener and every direct connection (hops go on over libp2p)."""
+        if self._direct_server is not None:
+            self._direct_server.close()
+            self._direct_server, self.direct_endpoint = None, None
+        for writer in list(self._direct_conns):
+            close_quietly(writer)
+        self._direct_conns.clear()
+        self._sessions.clear()
+
+    def _offer(self, peer: str) -> DirectOffer:
+        """A fresh session for ``peer`` (authenticated by libp2p) on this host's direct listener."""
+        if self.direct_endpoint is None:
+            raise Refused("no direct path on this replica")
+        now = time.monotonic()
+        for sid in [s for s, (_, _, expires) in self._sessions.items() if expires < now]:
+            del self._sessions[sid]
+        while len(self._sessions) >= self.config.direct_sessions:
+            self._sessions.popitem(last=False)
+        key, sid = new_session()
+        self._sessions[sid] = (key, peer, now + self.config.direct_session_ttl)
+        return DirectOffer(self.direct_endpoint[0], self.direct_endpoint[1], sid, key)
+
+    async def _on_direct(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One direct connection: sealed requests in, sealed replies out, one at a time, until the peer hangs up
+        or sends a frame that is refused (then the connection is closed: the trainer falls back to libp2p)."""
+        addr = "%s:%s" % tuple(writer.get_extra_info("peername") or ("?", "?"))[:2]
+        if len(self._direct_conns) >= self.config.direct_connections:
+            logger.warning("stage %d: refused a direct connection from %s: %d open", self.index, addr,
+                           len(self._direct_conns))
+            close_quietly(writer)
+            return
+        self._direct_conns.add(writer)
+        channel, peer = None, None
+        try:
+            while True:
+                try:
+                    header, head = await asyncio.wait_for(
+                        read_header(reader, REQUESTS, max(self._bound("forward"), self._bound("backward"))),
+                        self.config.direct_idle if channel is not None else self.config.io_timeout)
+                    kind = "forward" if head.kind == FORWARD else "backward"
+                    if head.length > self._bound(kind) + TAG_SIZE:
+                        raise WireError(f"direct header: peer announced a {head.length}-byte {kind} body; at most "
+                                        f"{self._bound(kind) + TAG_SIZE} expected here")
+                    if channel is None:  # the first frame binds the connection to an offered session, once
+                        key, peer, expires = self._sessions.pop(head.session, (None, None, 0.0))
+                        if key is None or expires < time.monotonic():
+                            raise WireError("direct frame: unknown, used or expired session id")
+                        channel = DirectChannel(key, head.session, "host")
+                    channel.check(head)
+                    body = await asyncio.wait_for(reader.readexactly(head.length), self.config.io_timeout)
+                    data = channel.open(header, head, body)
+                except WireError as e:
+                    logger.warning("stage %d: refused a direct frame from %s (%s); connection closed", self.index,
+                                   addr if peer is None else f"{addr}, peer {peer[-8:]}", e)
+                    return
+                await send_sealed(writer, channel, REPLY, await self._serve(kind, peer, data))
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            logger.debug("direct connection from %s ended: %s", addr, e or type(e).__name__)
+        except asyncio.CancelledError:  # the host shutting down
+            pass
+        except Exception:
+            logger.exception("stage %d: direct connection handler failed", self.index)
+        finally:
+            self._direct_conns.discard(writer)
+            close_quietly(writer)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -308,6 +432,9 @@ class StageHost:
     def _forward(self, req: ForwardRequest, peer: str) -> torch.Tensor:
         if req.step != self.step:
             raise Refused(f"stage is at step {self.step}, not {req.step}")
+        if not req.train:  # evaluation: nothing kept for a backward
+            with torch.no_grad():
+                return self.stage(req.tensor)
         key = (req.micro_batch, peer)
         if key in self._acts or key in self._pending or key in self._committed:
             raise Refused(f"micro-batch {req.micro_batch:016x} was already forwarded")
@@ -340,8 +467,13 @@ class StageHost:
     async def _on_control(self, peer: str, reader, writer) -> None:
         try:
             data = await asyncio.wait_for(read_frame(reader, CONTROL_BOUND), self.config.io_timeout)
-            msg = control_from_wire(data, (Status, Commit, EndStep, Resync))
-            if isinstance(msg, Status):
+            msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Discard, DirectOpen))
+            if isinstance(msg, DirectOpen):
+                reply = self._offer(peer)
+            elif isinstance(msg, Status):
+                reply = StatusReply(self.step, len(self._committed), self.params_hash)
+            elif isinstance(msg, Discard):
+                await self._exec(self._discard, msg, peer)
                 reply = StatusReply(self.step, len(self._committed), self.params_hash)
             elif isinstance(msg, Commit):
                 reply = await self._exec(self._commit, msg, peer)
@@ -369,6 +501,17 @@ class StageHost:
                 self._committed.add(key)
             committed.append(mb)
         return CommitReply(self.step, tuple(committed), tuple(missing))
+
+    def _discard(self, msg: Discard, peer: str) -> None:
+        """Drop ``peer``'s commits (and pending slots) of an attempt it abandoned; the accumulator is a sum, so
+        only when every commit held is that trainer's."""
+        if msg.step != self.step:
+            return  # another step: nothing of that attempt is held here
+        if any(trainer != peer for _, trainer in self._committed):
+            raise Refused("holds commits of another trainer; they cannot be taken out of the sum")
+        self._acc, self._committed = None, set()
+        for key in [k for k in self._pending if k[1] == peer]:
+            del self._pending[key]
 
     async def end_step(self, msg: EndStep, peer: str) -> EndStepReply:
         async with self._end_lock:
@@ -473,6 +616,14 @@ class StageHost:
         """The most state bytes this stage can need (node/stage_state.py state_bound)."""
         return state_bound(self.size, len(self._params), self.config.optimizer)
 
+    def skip_to(self, step: int) -> None:
+        """Label the state held as step ``step`` (call before start): the newest state anyone had of this stage
+        is older than the trainer's step, its updates in between died with the stage's last replica, and the
+        pipeline goes on from the trainer's step rather than stop."""
+        if step < self.step:
+            raise ValueError(f"cannot go back from step {self.step} to {step}")
+        self.step, self._last_end = step, None
+
     def load_state(self, head: StateHead, data: bytes) -> None:
         """Adopt a state fetched from a peer (call on the worker thread, or before start); Refused if unfit."""
         params, state = state_from_bytes(head, data, self.index, self._named, OPTIMIZERS[self.config.optimizer])
@@ -550,4 +701,21 @@ class StageHost:
             close_quietly(writer)
 
 
-__all__ = ["StageConfig", "StageHooks", "StageHost"]
+
+async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:
+    """(step, peer) of every replica or backup holder announced for ``stages``: the newest step first, and among
+    equal steps the latest heartbeat first (a replica just killed still has a record, but an old beat)."""
+    found = []
+    for stage in stages:
+        got = await dht.get(stage_key(swarm, pipeline, stage), latest=True)
+        for peer, item in (got.value.items() if got is not None and isinstance(got.value, dict) else ()):
+            try:
+                rec = member_record_from_wire(item.value)
+            except ValueError:
+                continue
+            if rec.role in ("replica", "backup") and isinstance(peer, str):
+                found.append((-rec.step, -rec.beat, peer))
+    return [(-step, peer) for step, _, peer in sorted(found)]
+
+
+__all__ = ["StageConfig", "StageHooks", "StageHost", "holders"]

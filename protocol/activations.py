@@ -49,7 +49,7 @@ import torch
 from protocol.streams import MAX_FRAME
 from protocol.wire import WireError, exact_map, unpack_bounded
 
-ACTIVATION_PROTOCOL_VERSION = 1
+ACTIVATION_PROTOCOL_VERSION = 2  # 2: ForwardRequest.train
 MAX_DIMS = 8
 MAX_PIPELINE_ID = 128  # characters; a job id (protocol/jobs.py) or job id + pipeline index
 MAX_STAGE = 4096  # protocol/shards.py MAX_SHARDS: one stage per shard at most
@@ -59,6 +59,10 @@ MAX_REASON = 256  # characters of an ErrorReply reason
 # Everything in a frame but the raw tensor bytes: tag, version, a 128-character id (<= 4 bytes per char),
 # 64-bit ids, a shape of MAX_DIMS 9-byte ints, map keys, a bin header; or an ErrorReply's reason. ~1.2 KiB max.
 FRAME_OVERHEAD = 2048
+# msgpack values in a frame: a map of at most 7 fields (14 values), a tensor map (6), a shape of MAX_DIMS ints,
+# the two maps themselves: 30. Twice that, so that a frame with a stray field still reaches its field checks;
+# a frame of 2 GiB of empty maps is refused before one of them is built (protocol/wire.py unpack_bounded).
+MAX_FRAME_OBJECTS = 64
 
 # name -> (torch dtype, little-endian numpy dtype of the raw words, itemsize). bfloat16 travels as int16 words.
 _DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
@@ -280,13 +284,15 @@ def _tensor_arg(value: Any, what: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class ForwardRequest:
     """Run stage ``stage`` of pipeline ``pipeline`` forward on ``tensor`` (token ids for stage 0, else the
-    previous stage's hidden states) for micro-batch ``micro_batch`` of optimizer step ``step``."""
+    previous stage's hidden states) for micro-batch ``micro_batch`` of optimizer step ``step``. ``train``
+    False: an evaluation pass (no graph kept, no backward to follow)."""
 
     pipeline: str
     stage: int
     micro_batch: int  # 64-bit, new_micro_batch_id()
     step: int
     tensor: torch.Tensor
+    train: bool = True
 
     def __post_init__(self) -> None:
         _pipeline(self.pipeline)
@@ -294,6 +300,8 @@ class ForwardRequest:
         _check_int(self.micro_batch, 0, MAX_MICRO_BATCH, "micro_batch")
         _check_int(self.step, 0, MAX_STEP, "step")
         _tensor_arg(self.tensor, "tensor")
+        if not isinstance(self.train, bool):
+            raise ValueError(f"train must be a bool, got {self.train!r:.40}")
 
 
 @dataclass(frozen=True)
@@ -352,7 +360,7 @@ ActivationFrame = Union[ForwardRequest, ForwardReply, BackwardRequest, BackwardR
 _TAGS = {ForwardRequest: "fwd", ForwardReply: "fwd_reply", BackwardRequest: "bwd", BackwardReply: "bwd_reply",
          ErrorReply: "error"}
 _FIELDS = {
-    "fwd": ("pipeline", "stage", "mb", "step", "tensor"),
+    "fwd": ("pipeline", "stage", "mb", "step", "train", "tensor"),
     "fwd_reply": ("mb", "tensor"),
     "bwd": ("mb", "grad"),
     "bwd_reply": ("mb", "grad"),
@@ -371,7 +379,7 @@ def activation_to_wire(msg: ActivationFrame, wire_dtype: str | torch.dtype | Non
 
     body: dict = {"t": tag, "v": ACTIVATION_PROTOCOL_VERSION, "mb": msg.micro_batch}
     if isinstance(msg, ForwardRequest):
-        body.update(pipeline=msg.pipeline, stage=msg.stage, step=msg.step, tensor=tensor(msg.tensor))
+        body.update(pipeline=msg.pipeline, stage=msg.stage, step=msg.step, train=msg.train, tensor=tensor(msg.tensor))
     elif isinstance(msg, ForwardReply):
         body.update(tensor=tensor(msg.tensor))
     elif isinstance(msg, (BackwardRequest, BackwardReply)):
@@ -400,7 +408,7 @@ def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | Non
         raise TypeError(f"expect must be a request or reply type, got {expect!r:.60}")
     if tensor is None and expect is not BackwardReply:
         raise TypeError(f"a {expect.__name__} always carries a tensor: pass its ExpectedTensor")
-    obj = unpack_bounded(data, max_frame_bytes(tensor))
+    obj = unpack_bounded(data, max_frame_bytes(tensor), MAX_FRAME_OBJECTS)
     if not isinstance(obj, dict):
         raise WireError(f"activation frame: expected a map, got {type(obj).__name__}")
     got = obj.get("t")
@@ -425,7 +433,10 @@ def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | Non
             raise WireError(f"{where}.pipeline: expected 1 to {MAX_PIPELINE_ID} characters")
         stage = _wire_int(obj, "stage", MAX_STAGE - 1, where)
         step = _wire_int(obj, "step", MAX_STEP, where)
-        return ForwardRequest(pipeline, stage, mb, step, decode_tensor(obj["tensor"], tensor, f"{where}.tensor"))
+        if not isinstance(obj["train"], bool):
+            raise WireError(f"{where}.train: expected true or false, got {obj['train']!r:.20}")
+        return ForwardRequest(pipeline, stage, mb, step, decode_tensor(obj["tensor"], tensor, f"{where}.tensor"),
+                              obj["train"])
     if expect is ForwardReply:
         return ForwardReply(mb, decode_tensor(obj["tensor"], tensor, f"{where}.tensor"))
     if expect is BackwardRequest:

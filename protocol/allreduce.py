@@ -11,7 +11,8 @@ Why it is built this way -- the races it handles:
     exchange follows: each member tells every other which spans it holds, and a span is applied only if
     every member that answered holds it. Spans not applied are handed back to the caller's
     error-feedback buffer, so no gradient mass is lost. (A member alive but silent through the commit
-    timeout is treated as dead; that timing failure is the one case where survivors can disagree.)
+    timeout is treated as dead; that timing failure is the one case where survivors can disagree, and the
+    report's votes_missing names the members a decision was made without.)
   * A bad frame (wrong round, shape, span, codec, NaN/Inf, out-of-range indices, oversize, garbage):
     the owner rejects that sender's part and excludes it from the span; the sender still receives the
     result, sees it was not included, and keeps its part. The receiver never allocates more than the
@@ -97,6 +98,7 @@ class _Round:
     expires: float = 0.0
     no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
     suspects: set[str] = field(default_factory=set)  # leaders this id waited for in vain (dead, or cut off)
+    votes_missing: tuple[str, ...] = ()  # members whose commit vote this member decided without
 
 
 def part_frame_bound(span_len: int) -> int:
@@ -512,6 +514,7 @@ class Averager:
             pass
         for t in tasks:
             t.cancel()
+        state.votes_missing = tuple(m for m in others if m not in state.commits)
         final = list(have)
         for votes in state.commits.values():
             final = [a and b for a, b in zip(final, votes)]
@@ -593,7 +596,7 @@ class Averager:
                         for ok_span, r in zip(final, state.results or [None] * len(final)))
         return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,
                            plan.spans if plan else (), tuple(final), weights, dict(state.sent), dict(state.received),
-                           times, state.no_group)
+                           times, state.no_group, state.votes_missing)
 
     def _guard(self, handler):
         """Wrap a stream handler: authenticated remote id in, every failure logged, the stream closed."""

@@ -251,8 +251,9 @@ def decode_values(codec: object, payload: object, nnz: object) -> np.ndarray:
     """(nnz,) float32, writable, finite, or CodecError (unknown codec, wrong byte length, NaN/Inf)."""
     if not isinstance(codec, str) or codec not in VALUE_CODECS:
         raise CodecError(f"unknown value codec {str(codec)[:32]!r}")
-    if not _is_int(nnz) or nnz < 0:
-        raise CodecError(f"nnz must be a non-negative int, got {nnz!r}")
+    if not _is_int(nnz) or not 0 <= int(nnz) <= MAX_SIZE:  # int(): numpy's nnz * itemsize would wrap around
+        raise CodecError(f"nnz must be an int in [0, {MAX_SIZE}], got {nnz!r:.40}")
+    nnz = int(nnz)
     buf = _as_buffer(payload, "value")
     dtype = VALUE_CODECS[codec]
     if buf.size != nnz * dtype.itemsize:

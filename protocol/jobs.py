@@ -45,7 +45,7 @@ INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
 JOB_STATES = ("running", "paused", "done", "cancelled")
 JOB_KINDS = ("federated", "pipeline")
-PIPELINE_STRATEGIES = ("balanced", "layer_wise")  # memory_aware needs per-host plans: not offered for jobs yet
+PIPELINE_STRATEGIES = ("balanced", "layer_wise", "memory_aware")  # memory_aware: sized for the chosen hosts
 MAX_STAGES = 16
 MAX_STAGE_REPLICAS = 4  # so an assignment (<= 64 peer ids, ~3.5 KiB) keeps the record far below its bound
 MAX_MICRO_BATCHES = 1024
@@ -188,14 +188,17 @@ Scalar = bool | int | float | str
 @dataclass(frozen=True)
 class PipelineSpec:
     """A pipeline job's cut: ``stages`` stages planned by ``strategy`` (protocol/stage_plan.py), each hosted by
-    ``replicas`` nodes; each step runs ``micro_batches`` micro-batches of ``micro_batch`` sequences. The number
-    of steps is JobSpec.rounds (one round = one optimizer step of every stage)."""
+    ``replicas`` nodes at submission; while it trains, nodes that join the swarm are placed on the bottleneck
+    stage up to ``max_replicas`` hosts per stage (0: ``replicas``, so newcomers only replace the dead); each
+    step runs ``micro_batches`` micro-batches of ``micro_batch`` sequences. The number of steps is
+    JobSpec.rounds (one round = one optimizer step of every stage)."""
 
     stages: int
     strategy: str = "balanced"
     replicas: int = 1
     micro_batch: int = 4
     micro_batches: int = 4
+    max_replicas: int = 0
 
     def __post_init__(self) -> None:
         _check_int("pipeline.stages", self.stages, 1, MAX_STAGES)
@@ -203,6 +206,13 @@ class PipelineSpec:
         _check_int("pipeline.replicas", self.replicas, 1, MAX_STAGE_REPLICAS)
         _check_int("pipeline.micro_batch", self.micro_batch, 1, MAX_BATCH_SIZE)
         _check_int("pipeline.micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
+        if self.max_replicas != 0:
+            _check_int("pipeline.max_replicas", self.max_replicas, self.replicas, MAX_STAGE_REPLICAS)
+
+    @property
+    def replica_cap(self) -> int:
+        """The most hosts a stage gets while the job trains."""
+        return self.max_replicas or self.replicas
 
 
 @dataclass(frozen=True)
@@ -441,10 +451,9 @@ class JobRecord:
         if self.assignment is not None:
             if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind != "pipeline":
                 raise ValueError("assignment: only a pipeline job's record holds one")
-            if len(self.assignment.spans) != self.spec.pipeline.stages or any(len(g) != self.spec.pipeline.replicas
-                                                          for g in self.assignment.hosts):
-                raise ValueError(f"assignment: must give {self.spec.pipeline.stages} stages "
-                                 f"{self.spec.pipeline.replicas} hosts each")
+            p = self.spec.pipeline
+            if len(self.assignment.spans) != p.stages or any(len(g) > p.replica_cap for g in self.assignment.hosts):
+                raise ValueError(f"assignment: must give {p.stages} stages 1-{p.replica_cap} hosts each")
             if self.submitter in {p for g in self.assignment.hosts for p in g}:
                 raise ValueError("assignment: the submitter trains; it hosts no stage")
 

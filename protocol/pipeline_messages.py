@@ -12,11 +12,12 @@ PIPE_PROTOCOL_VERSION, ...fields}, decoded with protocol/wire.py unpack_bounded 
 CONTROL_BOUND); unknown or missing fields, another version, or a tag the reader does not expect are refused.
 A DHT member record is a 4-item msgpack array of at most MAX_RECORD_BYTES. The activation and gradient frames
 between stages are in protocol/activations.py; what the messages mean is in node/pipeline.py (the trainer) and
-node/stagehost.py (a replica). Pure: msgpack only, no I/O, no node/ imports.
+node/stagehost.py (a replica); DirectOpen / DirectOffer set up a direct data path (protocol/direct.py). Pure: msgpack only, no I/O, no node/ imports.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ MAX_GROUP = 256  # replicas of one stage (protocol/messages.py MAX_GROUP_SIZE)
 MAX_REASON = 256
 # A control frame: MAX_MICRO_BATCHES 9-byte ids, or MAX_GROUP 128-character ids, plus fields: < 1 MiB.
 CONTROL_BOUND = 1 << 20
+CONTROL_OBJECTS = 2 * MAX_MICRO_BATCHES + 64  # a CommitReply with both id lists full, plus its fields
 MAX_RECORD_BYTES = 256
 _PEER_RE = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58 libp2p peer id
 _HEX_RE = re.compile(r"([0-9a-f]{64})?")
@@ -205,6 +207,15 @@ class Resync(_Message):
 
 
 @dataclass(frozen=True)
+class Discard(_Message):
+    """Trainer -> replica: drop what this trainer committed in ``step``, an attempt it abandoned (a failed
+    step is retried with new micro-batch ids; commits of the old attempt would not match its count). The reply
+    is a StatusReply; a ControlError when the replica also holds commits of another trainer."""
+    step: int
+    _checks = {"step": _step}
+
+
+@dataclass(frozen=True)
 class ControlError(_Message):
     reason: str
     _checks = {"reason": _reason}
@@ -236,6 +247,46 @@ class BackupAck(_Message):
     _checks = {"ok": _bool, "reason": _reason}
 
 
+def _ip(v: Any, what: str) -> None:
+    if not isinstance(v, str) or len(v) > 45:
+        raise ValueError(f"{what}: expected an IP address, got {v!r:.40}")
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"{what}: expected an IP address (no host names), got {v!r:.40}") from None
+
+
+def _port(v: Any, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(f"{what}: expected a TCP port in [1, 65535], got {v!r:.40}")
+
+
+def _raw(size: int) -> Callable[[Any, str], None]:
+    def check(v: Any, what: str) -> None:
+        if not isinstance(v, bytes) or len(v) != size:
+            raise ValueError(f"{what}: expected {size} bytes")
+    return check
+
+
+@dataclass(frozen=True)
+class DirectOpen(_Message):
+    """Trainer -> replica, over the authenticated libp2p control stream: offer me a direct TCP session for
+    forward/backward hops (protocol/direct.py). The reply is a DirectOffer, or a ControlError when the replica
+    serves no direct path."""
+    _checks = {}
+
+
+@dataclass(frozen=True)
+class DirectOffer(_Message):
+    """The replica's direct endpoint and a fresh session: ``key`` opens and seals the frames of the one TCP
+    connection that first uses ``session`` (it travels only inside libp2p's encrypted stream)."""
+    host: str  # an IP literal (never a name: a peer's offer causes no DNS lookup)
+    port: int
+    session: bytes  # protocol/direct.py SESSION_SIZE random bytes
+    key: bytes  # KEY_SIZE random bytes (AES-256-GCM)
+    _checks = {"host": _ip, "port": _port, "session": _raw(16), "key": _raw(32)}
+
+
 def _role(v: Any, what: str) -> None:
     if v not in ("replica", "backup", "gone"):
         raise ValueError(f"{what}: expected replica, backup or gone, got {v!r:.20}")
@@ -252,9 +303,10 @@ class MemberRecord(_Message):
 
 
 _TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
-                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync",
+                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync", Discard: "discard",
                           ControlError: "error", StateRequest: "state_request", StateHead: "state",
-                          BackupAck: "backup_ack", MemberRecord: "record"}
+                          BackupAck: "backup_ack", MemberRecord: "record", DirectOpen: "direct_open",
+                          DirectOffer: "direct_offer"}
 _BY_TAG = {tag: cls for cls, tag in _TAGS.items() if cls is not MemberRecord}  # a record is never a frame
 
 
@@ -272,7 +324,7 @@ def control_to_wire(msg: Any) -> bytes:
 def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int = CONTROL_BOUND):
     """The message in ``data``, one of the ``expect`` types; WireError (a ValueError) on anything else."""
     expect = expect if isinstance(expect, tuple) else (expect,)
-    obj = unpack_bounded(data, bound)
+    obj = unpack_bounded(data, bound, max_objects=CONTROL_OBJECTS)
     if not isinstance(obj, dict):
         raise WireError(f"control frame: expected a map, got {type(obj).__name__}")
     cls = _BY_TAG.get(obj.get("t")) if isinstance(obj.get("t"), str) else None
@@ -310,7 +362,8 @@ def member_record_from_wire(data: Any) -> MemberRecord:
 
 
 __all__ = ["CONTROL_BOUND", "MAX_GROUP", "MAX_MB_ID", "MAX_MICRO_BATCHES", "MAX_REASON", "MAX_RECORD_BYTES", "MAX_STEP",
-           "PIPE_PROTOCOL_VERSION", "STAGE_KINDS", "BackupAck", "Commit", "CommitReply", "ControlError", "EndStep",
-           "EndStepReply", "MemberRecord", "Resync", "StateHead", "StateRequest", "Status", "StatusReply",
+           "PIPE_PROTOCOL_VERSION", "STAGE_KINDS", "BackupAck", "Commit", "CommitReply", "ControlError", "DirectOffer",
+           "DirectOpen", "Discard",
+           "EndStep", "EndStepReply", "MemberRecord", "Resync", "StateHead", "StateRequest", "Status", "StatusReply",
            "check_peer_id", "control_from_wire", "control_to_wire", "member_record_from_wire",
            "member_record_to_wire", "one_line", "pipe_protocol", "stage_key", "stage_protocol"]

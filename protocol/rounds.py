@@ -75,6 +75,9 @@ class RoundReport:
     # True when matchmaking ended with fewer than min_group peers and no group was formed: nobody ran this
     # round id, so the caller may step() the same id again (a paused job retries without drifting apart)
     no_group: bool = False
+    # members whose commit vote did not arrive within the commit timeout: this member decided without them, so
+    # its spans_applied may differ from theirs (the one timing case where survivors can disagree; empty otherwise)
+    votes_missing: tuple[str, ...] = ()
 
     @property
     def total_sent(self) -> int:

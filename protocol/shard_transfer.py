@@ -170,7 +170,7 @@ def reply_bound(length: int) -> int:
 def chunk_reply_from_wire(data: bytes, req: ChunkRequest) -> ChunkReply | TransferRefusal:
     """The reply to ``req``: a chunk of exactly the shard, offset and length asked for, or a refusal;
     WireError on anything else."""
-    obj = unpack_bounded(data, reply_bound(req.length))
+    obj = unpack_bounded(data, reply_bound(req.length), max_objects=32)  # a map of a few fields and one bin
     if isinstance(obj, dict) and obj.get("t") == "refused":
         obj = _exact(obj, "refused", ("code", "reason"))
         code, reason = obj["code"], obj["reason"]

@@ -56,6 +56,9 @@ MAX_TENSOR_NAME = 256
 # The largest manifest: MAX_SHARDS entries of ~200 bytes (a 128-char file name, 64-char sha, ints) plus the
 # config: about 1.1 MiB.
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024
+# msgpack values in the largest manifest: MAX_SHARDS maps of 5 fields (11 values each), MAX_TIES maps of 2 (5
+# each), 11 top-level fields (22) and the lists; the config travels as one JSON string.
+MAX_MANIFEST_OBJECTS = 64 + 11 * MAX_SHARDS + 5 * MAX_TIES
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _ARCH_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # no path separators, no leading dot
@@ -144,6 +147,8 @@ class ShardManifest:
             config = json.loads(self.config_json)
         except ValueError:
             raise ShardError("config_json: not valid JSON") from None
+        except RecursionError:  # json.loads recurses once per level of nesting
+            raise ShardError("config_json: JSON nested too deeply") from None
         if not isinstance(config, dict):
             raise ShardError("config_json: must encode a JSON object")
         _int("num_layers", self.num_layers, 1, MAX_LAYERS)
@@ -280,7 +285,7 @@ def _list(obj: dict, key: str, limit: int, where: str) -> list:
 def manifest_from_wire(data: bytes) -> ShardManifest:
     """Parse and structurally check a manifest (ShardError on anything odd); call verify_manifest before use."""
     try:
-        obj = unpack_bounded(data, MAX_MANIFEST_BYTES)
+        obj = unpack_bounded(data, MAX_MANIFEST_BYTES, MAX_MANIFEST_OBJECTS)
     except WireError as e:
         raise ShardError(f"shard manifest: {e}") from None
     fields = tuple(f.name for f in dataclasses.fields(ShardManifest))

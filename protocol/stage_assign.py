@@ -17,6 +17,11 @@ Surprisingly Communication-Efficient", ICML 2023, arXiv:2301.11913, "adaptive sw
 * ``rebalance_leave``: if the leaver's stage keeps a replica nothing moves; otherwise one node comes from a
   stage with >= 2 replicas, chosen so the sorted stage throughputs end largest (the stage with the most slack
   gives), or, when memory allows no single move, the shortest chain of moves (breadth-first search).
+* ``replica_groups``: nodes grouped for a memory_aware plan (protocol/stage_plan.py plan_memory_aware sizes
+  stage i for the i-th group's smallest memory and summed throughput).
+* ``follow_live``: an assignment (node ids per stage) brought up to date with the live nodes, as a daemon
+  sees them: the dead leave, newcomers join by rebalance_join's rule, empty stages refill by
+  rebalance_leave's (node/pipelinejobs.py runs it for a pipeline job while it trains).
 Ties go to the lower stage index, then the lower node id.
 """
 
@@ -28,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from protocol.stage_plan import StagePlan, _SAFE, _number, _segment_sums
+from protocol.stage_plan import Host, StagePlan, _SAFE, _number, _segment_sums
 
 _SEARCH_NODES = 256  # the exact search recurses once per node; larger swarms keep the greedy assignment
 
@@ -276,6 +281,20 @@ def _branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], 
     return state["choice"], completed
 
 
+def replica_groups(nodes: Sequence[NodeSpec], stages: int, replicas: int) -> list[tuple[Host, tuple[NodeSpec, ...]]]:
+    """For memory_aware planning of a job with ``replicas`` hosts per stage: the ``stages * replicas`` nodes
+    cut into groups of ``replicas`` by memory (largest first, then throughput, then id), each described as the
+    Host a stage planned for it sees: the smallest memory of the group (every replica holds the whole stage)
+    and the group's summed throughput (the replicas share the stage's micro-batches)."""
+    nodes = _check_nodes(nodes)
+    if stages < 1 or replicas < 1 or len(nodes) != stages * replicas:
+        raise ValueError(f"{stages} stages x {replicas} replicas need {stages * replicas} nodes, got {len(nodes)}")
+    ranked = sorted(nodes, key=lambda x: (-x.memory_bytes, -x.throughput, x.node_id))
+    groups = [tuple(ranked[i * replicas:(i + 1) * replicas]) for i in range(stages)]
+    return [(Host(min(x.memory_bytes for x in g), max(math.fsum(x.throughput for x in g), 1e-12)), g)
+            for g in groups]
+
+
 def _same_plan(plan: StagePlan, assignment: Assignment) -> list[list[NodeSpec]]:
     if not isinstance(assignment, Assignment) or len(assignment.stages) != plan.num_stages:
         raise ValueError(f"the assignment does not match the plan's {plan.num_stages} stages")
@@ -291,14 +310,19 @@ def rebalance_join(plan: StagePlan, assignment: Assignment, node: NodeSpec) -> R
         raise ValueError(f"node {node.node_id!r} fits no stage: it has {node.memory_bytes:.4g} bytes, "
                          f"the smallest stage needs {min(plan.memory):.4g}")
 
-    def outcome(s: int) -> tuple:
-        rates = list(assignment.rates)
-        rates[s] = _rate(plan.costs[s], [x.throughput for x in groups[s]] + [node.throughput])
-        return tuple(sorted(rates))
-
-    target = max(options, key=outcome)  # the first of equals: the lowest stage
+    target = _join_target(plan, assignment, node, options)
     groups[target].append(node)
     return Rebalance(_assignment(plan, groups, False), (Move(node.node_id, None, target),))
+
+
+def _join_target(plan: StagePlan, assignment: Assignment, node: NodeSpec, options: Sequence[int]) -> int:
+    """The stage among ``options`` where ``node`` raises the sorted stage throughputs most (lowest on ties)."""
+    def outcome(s: int) -> tuple:
+        rates = list(assignment.rates)
+        rates[s] = _rate(plan.costs[s], [x.throughput for x in assignment.stages[s]] + [node.throughput])
+        return tuple(sorted(rates))
+
+    return max(options, key=outcome)  # the first of equals: the lowest stage
 
 
 def rebalance_leave(plan: StagePlan, assignment: Assignment, node_id: str) -> Rebalance:
@@ -311,13 +335,58 @@ def rebalance_leave(plan: StagePlan, assignment: Assignment, node_id: str) -> Re
         raise ValueError(f"{sum(len(g) for g in groups)} nodes cannot serve {k} stages once {node_id!r} leaves")
     if groups[gone]:
         return Rebalance(_assignment(plan, groups, False), tuple(moves))
+    chain = _refill(plan, groups, assignment.rates, gone)
+    if chain is None:
+        raise ValueError(f"no node can take over stage {gone} after {node_id!r} leaves: "
+                         f"none with the {plan.memory[gone]:.4g} bytes it needs can be spared")
+    return Rebalance(_assignment(plan, groups, False), tuple(moves + chain))
+
+
+def follow_live(plan: StagePlan, hosts: Sequence[Sequence[str]], live: Sequence[NodeSpec], *,
+                max_per_stage: int) -> Rebalance:
+    """The assignment ``hosts`` (node ids per stage) brought up to date with the ``live`` nodes: the hosts not
+    among them leave, the live nodes not yet placed join (fastest first, each by rebalance_join's rule while
+    a stage has room for it under ``max_per_stage``), and a stage left without a replica is refilled by
+    rebalance_leave's rule. Moves list the leavers, then the joiners, then the relocations (donor first).
+    ValueError when some stage cannot get a replica."""
+    live = _check_nodes(live)
+    if len(hosts) != plan.num_stages:
+        raise ValueError(f"the assignment has {len(hosts)} stages, the plan {plan.num_stages}")
+    by_id = {x.node_id: x for x in live}
+    placed = {p for g in hosts for p in g}
+    groups = [[by_id[p] for p in g if p in by_id] for g in hosts]
+    moves = [Move(p, s, None) for s, g in enumerate(hosts) for p in g if p not in by_id]
+    assignment = _assignment(plan, groups, False)
+    for node in sorted((x for x in live if x.node_id not in placed), key=lambda x: (-x.throughput, x.node_id)):
+        room = [s for s, g in enumerate(assignment.stages) if len(g) < max_per_stage and _fits(plan, node, s)]
+        if not room:
+            continue
+        target = _join_target(plan, assignment, node, room)
+        groups = [list(g) for g in assignment.stages]
+        groups[target].append(node)
+        assignment = _assignment(plan, groups, False)
+        moves.append(Move(node.node_id, None, target))
+    groups = [list(g) for g in assignment.stages]
+    for empty in [s for s, g in enumerate(groups) if not g]:
+        chain = _refill(plan, groups, _assignment(plan, groups, False).rates, empty)
+        if chain is None:
+            raise ValueError(f"stage {empty} has no live host and no live node can take it over")
+        moves.extend(chain)
+    return Rebalance(_assignment(plan, groups, False), tuple(moves))
+
+
+def _refill(plan: StagePlan, groups: list[list[NodeSpec]], rates: Sequence[float], gone: int) -> Optional[list[Move]]:
+    """Refill the empty stage ``gone`` in place (``groups`` is changed): the single move from a stage with
+    >= 2 replicas after which the sorted stage throughputs are largest (``rates``: before the move), else the
+    shortest chain of moves; None when memory allows neither."""
+    k = plan.num_stages
     donors = [(d, x) for d in range(k) if len(groups[d]) >= 2 for x in groups[d] if _fits(plan, x, gone)]
 
     def outcome(d: int, x: NodeSpec) -> tuple:
-        rates = list(assignment.rates)
-        rates[d] = _rate(plan.costs[d], [y.throughput for y in groups[d] if y is not x])
-        rates[gone] = _rate(plan.costs[gone], [x.throughput])
-        return tuple(sorted(rates))
+        after = list(rates)
+        after[d] = _rate(plan.costs[d], [y.throughput for y in groups[d] if y is not x])
+        after[gone] = _rate(plan.costs[gone], [x.throughput])
+        return tuple(sorted(after))
 
     if donors:  # max() keeps the first of equals: the lowest stage, then the lowest node id
         d, x = max(donors, key=lambda donor: outcome(*donor))
@@ -325,13 +394,12 @@ def rebalance_leave(plan: StagePlan, assignment: Assignment, node_id: str) -> Re
     else:
         chain = _refill_chain(plan, groups, gone)
     if chain is None:
-        raise ValueError(f"no node can take over stage {gone} after {node_id!r} leaves: "
-                         f"none with the {plan.memory[gone]:.4g} bytes it needs can be spared")
+        return None
     by_id = {x.node_id: x for g in groups for x in g}
     for m in chain:
         groups[m.from_stage] = [x for x in groups[m.from_stage] if x.node_id != m.node_id]
         groups[m.to_stage].append(by_id[m.node_id])
-    return Rebalance(_assignment(plan, groups, False), tuple(moves + chain))
+    return chain
 
 
 def _refill_chain(plan: StagePlan, groups: list[list[NodeSpec]], empty: int) -> Optional[list[Move]]:

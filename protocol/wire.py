@@ -1,7 +1,8 @@
 """The one place that converts between wire bytes and protocol objects (as flower's common/serde.py).
 
 Every ``x_from_wire`` checks types, sizes and bounds before building anything, and raises WireError
-(a ValueError) with a one-line reason. msgpack only: no pickle, no ext types, bounded lengths.
+(a ValueError) with a one-line reason. msgpack only: no pickle, no ext types, bounded lengths, nesting and
+object counts (unpack_bounded checks the structure before msgpack builds any object).
 """
 
 from __future__ import annotations
@@ -60,21 +61,134 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise WireError(f"msgpack ext type {code} is not allowed on the wire")
 
 
-def unpack_bounded(data: bytes, max_bytes: int) -> Any:
-    """msgpack-decode ``data`` with every container bounded by ``max_bytes``; WireError on anything odd."""
+# Nesting of arrays/maps any of our messages needs: the deepest, a job record (record -> assignment -> hosts ->
+# one stage's hosts, or record -> spec -> model -> overrides), has 4 levels; error messages that show a value
+# (``{value!r:.40}``) recurse per level, and Python's recursion limit is ~1000 (msgpack's own is 1024).
+MAX_DEPTH = 32
+# Objects (every value, map keys and containers included) in a message when its decoder names no tighter
+# limit: each costs up to ~72 bytes of Python objects however few bytes encode it (an empty map is one byte)
+# and ~0.1-0.3 us of _scan, so this caps what one frame can cost the receiver (~9 MB, ~40 ms) before any
+# field is checked. Above the largest legitimate message: a pipeline Commit or CommitReply naming
+# MAX_MICRO_BATCHES = 65,536 micro-batch ids (protocol/pipeline_messages.py). Decoders of known small
+# structures pass their own limit (activation frames, round messages, manifests).
+MAX_OBJECTS = 1 << 17
+
+# How each msgpack type byte is walked by _scan: (kind, argument).
+#   _SCALAR: skip ``argument`` bytes after the type byte (ints, floats, nil, bools, fixstr's payload)
+#   _RAW: str/bin whose length is in the ``argument`` bytes after the type byte (payload skipped in O(1))
+#   _ARRAY / _MAP: a container whose count is in the type byte (argument 0) or in ``argument`` bytes after it
+#   _REFUSED: ext types and the never-used byte 0xc1
+_SCALAR, _RAW, _ARRAY, _MAP, _REFUSED = range(5)
+
+
+def _type_table() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    kind, arg = [_REFUSED] * 256, [0] * 256
+    for b in range(0x00, 0x80):  # positive fixint
+        kind[b] = _SCALAR
+    for b in range(0xE0, 0x100):  # negative fixint
+        kind[b] = _SCALAR
+    for b in range(0x80, 0x90):  # fixmap
+        kind[b] = _MAP
+    for b in range(0x90, 0xA0):  # fixarray
+        kind[b] = _ARRAY
+    for b in range(0xA0, 0xC0):  # fixstr: its length is in the type byte
+        kind[b], arg[b] = _SCALAR, b & 0x1F
+    for b, extra in {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1,
+                     0xD1: 2, 0xD2: 4, 0xD3: 8}.items():
+        kind[b], arg[b] = _SCALAR, extra
+    for b, width in {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}.items():  # bin8/16/32, str8/16/32
+        kind[b], arg[b] = _RAW, width
+    kind[0xDC], arg[0xDC], kind[0xDD], arg[0xDD] = _ARRAY, 2, _ARRAY, 4
+    kind[0xDE], arg[0xDE], kind[0xDF], arg[0xDF] = _MAP, 2, _MAP, 4
+    return tuple(kind), tuple(arg)
+
+
+_KIND, _ARG = _type_table()
+_EXT_CODE_AT = {0xC7: 2, 0xC8: 3, 0xC9: 5, 0xD4: 1, 0xD5: 1, 0xD6: 1, 0xD7: 1, 0xD8: 1}  # type byte -> code offset
+
+
+def _scan(data: bytes | bytearray | memoryview, max_objects: int) -> None:
+    """Walk the msgpack structure of ``data`` without building anything; WireError at the first header that
+    breaks a limit: nesting beyond MAX_DEPTH, more than ``max_objects`` values, a container declaring more
+    values than bytes remain (each value takes at least one), a str/bin running past the end, an ext type,
+    trailing bytes. Cost: a few hundred ns per value; str/bin payloads are skipped in O(1)."""
+    end = len(data)
+    pos = objects = 0
+    todo = 1  # values still to read in the innermost open container (the top level holds one)
+    stack: list[int] = []  # ``todo`` of each enclosing container
+    while True:
+        if not todo:
+            if not stack:
+                break
+            todo = stack.pop()
+            continue
+        if pos >= end:
+            raise WireError(f"undecodable msgpack: truncated ({end} bytes end inside a value)")
+        todo -= 1
+        objects += 1
+        if objects > max_objects:
+            raise WireError(f"msgpack value of more than {max_objects} objects (the limit for this message)")
+        b = data[pos]
+        kind = _KIND[b]
+        if kind == _SCALAR:
+            pos += 1 + _ARG[b]
+            continue
+        width = _ARG[b]
+        if kind == _REFUSED:
+            if b == 0xC1:
+                raise WireError("undecodable msgpack: byte 0xc1 is never used")
+            at = pos + _EXT_CODE_AT[b]
+            code = int.from_bytes(data[at:at + 1], "big", signed=True) if at < end else "?"
+            raise WireError(f"msgpack ext type {code} is not allowed on the wire")
+        if width:
+            count = int.from_bytes(data[pos + 1:pos + 1 + width], "big")
+        else:
+            count = b & 0x0F
+        pos += 1 + width
+        if kind == _RAW:
+            pos += count
+            if pos > end:
+                raise WireError(f"undecodable msgpack: truncated (a {count}-byte str/bin runs past the end)")
+            continue
+        if len(stack) >= MAX_DEPTH:
+            raise WireError(f"msgpack nested deeper than {MAX_DEPTH} levels")
+        if kind == _MAP:
+            count *= 2
+        if count > end - pos:
+            raise WireError(f"undecodable msgpack: {'a map' if kind == _MAP else 'an array'} declares {count} values in "
+                            f"the {max(0, end - pos)} bytes left")
+        if count:
+            stack.append(todo)
+            todo = count
+    if pos != end:
+        raise WireError(f"undecodable msgpack: truncated ({end} bytes end inside a value)" if pos > end else
+                        f"undecodable msgpack: {end - pos} trailing bytes after the value")
+
+
+def unpack_bounded(data: bytes, max_bytes: int, max_objects: int = MAX_OBJECTS) -> Any:
+    """msgpack-decode ``data`` of at most ``max_bytes``, nested at most MAX_DEPTH deep, of at most
+    ``max_objects`` values; WireError on anything odd. The structure is checked (_scan) before anything is
+    built, so a refused frame costs no allocation, and an accepted one at most ~72 B per object plus a copy
+    of its str/bin payloads."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"expected bytes, got {type(data).__name__}")
+    if isinstance(data, memoryview) and (data.ndim != 1 or data.format != "B"):
+        try:
+            data = data.cast("B")  # bytes, as msgpack reads any buffer
+        except TypeError:
+            raise WireError("expected a contiguous byte buffer") from None
     if len(data) > max_bytes:
         raise WireError(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    _scan(data, max_objects)
     try:
         return msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            max_str_len=max_bytes,
-            max_bin_len=max_bytes,
-            max_array_len=max_bytes,
-            max_map_len=max_bytes,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data) // 2,
             max_ext_len=0,
             ext_hook=_refuse_ext,
         )
@@ -199,6 +313,10 @@ def peer_record_from_wire(data: bytes) -> PeerRecord:
 _MESSAGE_TAGS = {Invite: "invite", InviteReply: "invite_reply", GroupPlan: "plan", PartFrame: "part",
                  ResultFrame: "result", CommitFrame: "commit"}
 MAX_CONTROL_FRAME = 64 * 1024  # invites, plans, commits
+# msgpack values in a round message: a plan's members and [start, end] spans (4 per member) are the most, plus
+# ~30 for the fields and a payload map; twice that, so an oversized group reaches its field check. A part or
+# result frame is bounded by its own length only: this keeps its Python objects to ~150 KB.
+MAX_ROUND_OBJECTS = 8 * MAX_GROUP_SIZE + 64
 
 
 def _tensor_to_wire(t: TensorSpec) -> list:
@@ -272,7 +390,7 @@ def message_to_wire(msg) -> bytes:
 
 def message_from_wire(data: bytes, max_bytes: int, expect: type):
     """Decode one round message of type ``expect``; WireError on anything else (checked before payloads)."""
-    obj = _dict(unpack_bounded(data, max_bytes), "round message")
+    obj = _dict(unpack_bounded(data, max_bytes, MAX_ROUND_OBJECTS), "round message")
     tag = obj.get("t")
     if tag != _MESSAGE_TAGS[expect]:
         raise WireError(f"expected a {_MESSAGE_TAGS[expect]!r} message, got {tag!r:.40}")

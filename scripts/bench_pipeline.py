@@ -19,7 +19,12 @@ time to recover when the last replica of a stage dies. Every figure comes from r
             alone (the four activation_to_wire / activation_from_wire calls of one hop, no transport).
             overhead = median(hop) - median(in-process compute); serialisation = median(codec); the rest of the
             overhead is transport (client p2pd -> TCP loopback -> host p2pd, over each daemon's unix socket,
-            stream open included) and the hand-off to the host's worker thread. Stages:
+            stream open included) and the hand-off to the host's worker thread. Interleaved with those, the
+            same hops over the direct path (protocol/direct.py, as node/pipeline.py _direct_exchange: one
+            persistent TCP connection per host in a session asked for over libp2p, activation_to_wire,
+            send_sealed, read_sealed, activation_from_wire), keys "direct_*"; and "mac_ms": each candidate
+            integrity check on the 1 MiB float32 request frame (keyed BLAKE2b-256, HMAC-SHA256, AES-256-GCM seal
+            and open, the one the direct path uses). Stages:
               identity  out = x * scale with one parameter scale = 1.0: a middle stage that duck-types
                         node/stages.py Stage (so the host's whole gradient path runs) and computes ~nothing
               block     a real middle stage: layer 1 of a 3-layer GPT-2 (n_embd 256, 4 heads, n_positions 256)
@@ -270,8 +275,53 @@ def codec_only(x: torch.Tensor, dtype: str, mb: int) -> float:
     return time.perf_counter() - t0
 
 
+def mac_costs(data: bytes) -> dict[str, float]:
+    """Seconds of each integrity check candidate over ``data`` (one frame, the key fixed per session)."""
+    import hashlib
+    import hmac
+
+    from protocol.direct import FORWARD, DirectChannel
+
+    key, sid = bytes(range(32)), bytes(16)
+    out = {}
+    t0 = time.perf_counter()
+    hashlib.blake2b(data, key=key, digest_size=32).digest()
+    t1 = time.perf_counter()
+    hmac.new(key, data, "sha256").digest()
+    t2 = time.perf_counter()
+    header, body = DirectChannel(key, sid, "trainer").seal(FORWARD, data)
+    t3 = time.perf_counter()
+    DirectChannel(key, sid, "host").open_frame(header + body, (FORWARD,), len(data))
+    t4 = time.perf_counter()
+    # (open_frame copies the frame once more than read_sealed does; counted: an upper bound)
+    out.update(blake2b=t1 - t0, hmac_sha256=t2 - t1, aes_gcm_seal=t3 - t2, aes_gcm_open=t4 - t3)
+    return out
+
+
+async def direct_session(client, host) -> tuple:
+    """(reader, writer, channel): a direct connection to ``host`` in a session asked for over libp2p."""
+    from protocol.direct import DirectChannel
+    from protocol.pipeline_messages import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire,
+                                            control_to_wire, stage_protocol)
+
+    raw = await call(client, host.me, stage_protocol(SWARM, host.pipeline_id, host.index, "control"),
+                     control_to_wire(DirectOpen()), CONTROL_BOUND)
+    offer = control_from_wire(raw, DirectOffer)
+    reader, writer = await asyncio.open_connection(offer.host, offer.port)
+    return reader, writer, DirectChannel(offer.key, offer.session, "trainer")
+
+
+async def direct_call(conn: tuple, kind: int, frame: bytes, bound: int) -> bytes:
+    from protocol.direct import REPLY, read_sealed, send_sealed
+
+    reader, writer, channel = conn
+    await send_sealed(writer, channel, kind, frame)
+    return (await read_sealed(reader, channel, (REPLY,), bound))[1]
+
+
 async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
     from node.pipeline import stage_protocol
+    from protocol.direct import BACKWARD, FORWARD
     from node.stagehost import StageConfig, StageHost
     from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ExpectedTensor, ForwardReply,
                                       ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes,
@@ -292,6 +342,7 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
         echoes: dict[int, list[float]] = {}  # over the trials of every stage kind
         failures: list[str] = []  # calls that broke off (none expected; reported if any)
         tcp_echoes: dict[int, list[float]] = {}
+        macs: dict[str, list[float]] = {}
         tcp = await asyncio.start_server(echo_tcp, "127.0.0.1", 0)  # the same frames on a plain TCP socket
         tcp_port = tcp.sockets[0].getsockname()[1]
         for kind in kinds:
@@ -303,8 +354,10 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                      for d in HOP_DTYPES}
             for host in hosts.values():
                 await host.start()
+            conns = {d: await direct_session(client, host) for d, host in hosts.items()}
             try:
-                rows = {d: {"fwd": [], "bwd": [], "cfwd": [], "cbwd": [], "codec": []} for d in HOP_DTYPES}
+                rows = {d: {"fwd": [], "bwd": [], "cfwd": [], "cbwd": [], "codec": [], "dfwd": [], "dbwd": []}
+                        for d in HOP_DTYPES}
                 wire = {}
                 n = trials[kind]
                 for i in range(HOP_WARMUP + n):
@@ -347,6 +400,20 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                             continue
                         if not isinstance(fwd, ForwardReply) or not isinstance(bwd, BackwardReply):
                             raise RuntimeError(f"hop {kind} {d}: {fwd!r:.200} / {bwd!r:.200}")
+                        mb = new_micro_batch_id()  # the direct path, the same requests (a failure ends the run)
+                        t3 = time.perf_counter()
+                        frame = activation_to_wire(ForwardRequest(pid, 1, mb, 0, x), d)
+                        dfwd = activation_from_wire(await direct_call(conns[d], FORWARD, frame, bound), ForwardReply,
+                                                    expect, micro_batch=mb)
+                        t4 = time.perf_counter()
+                        frame = activation_to_wire(BackwardRequest(mb, g), d)
+                        dbwd = activation_from_wire(await direct_call(conns[d], BACKWARD, frame, bound),
+                                                    BackwardReply, expect, micro_batch=mb)
+                        t5 = time.perf_counter()
+                        if not isinstance(dfwd, ForwardReply) or not isinstance(dbwd, BackwardReply):
+                            raise RuntimeError(f"direct hop {kind} {d}: {dfwd!r:.200} / {dbwd!r:.200}")
+                        if not torch.equal(dfwd.tensor, fwd.tensor):
+                            raise RuntimeError(f"direct hop {kind} {d}: another output than over libp2p")
                         cf, cb = inprocess(local, x, g)
                         codec = codec_only(x, d, mb)
                         if i >= HOP_WARMUP:
@@ -356,7 +423,15 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                             r["cfwd"].append(cf)
                             r["cbwd"].append(cb)
                             r["codec"].append(codec)
+                            r["dfwd"].append(t4 - t3)
+                            r["dbwd"].append(t5 - t4)
+                            if kind == kinds[0] and d == "float32":
+                                for name, v in mac_costs(activation_to_wire(ForwardRequest(pid, 1, mb, 0, x),
+                                                                            d)).items():
+                                    macs.setdefault(name, []).append(v)
             finally:
+                for reader, writer, _ in conns.values():
+                    close_quietly(writer)
                 for host in hosts.values():
                     await host.stop()
             res = {"params": params, "trials": n, "by_dtype": {}}
@@ -371,12 +446,21 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                     "forward_overhead_ms": round(f - cf, 3), "backward_overhead_ms": round(bk - cb, 3),
                     "forward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["fwd"], r["cfwd"])]),
                     "backward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["bwd"], r["cbwd"])]),
-                    "codec_ms": codec, "rest_ms": round(f - cf - codec, 3)}
+                    "codec_ms": codec, "rest_ms": round(f - cf - codec, 3),
+                    # the same hops over the direct path (protocol/direct.py), interleaved with the above
+                    "direct_forward_hop_ms": quantiles_ms(r["dfwd"]), "direct_backward_hop_ms": quantiles_ms(r["dbwd"]),
+                    "direct_forward_overhead_ms": round(med_ms(r["dfwd"]) - cf, 3),
+                    "direct_backward_overhead_ms": round(med_ms(r["dbwd"]) - cb, 3),
+                    "direct_forward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["dfwd"], r["cfwd"])]),
+                    "direct_backward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["dbwd"], r["cbwd"])]),
+                    "libp2p_over_direct_forward": round(f / med_ms(r["dfwd"]), 2)}
             out[kind] = res
             print(f"[hop] {kind}: {params:,} params, {n} trials per dtype", flush=True)
         tcp.close()
     return {"stages": out, "echo_ms": {str(size): quantiles_ms(v) for size, v in echoes.items()},
-            "tcp_echo_ms": {str(size): quantiles_ms(v) for size, v in tcp_echoes.items()}, "failures": failures}
+            "tcp_echo_ms": {str(size): quantiles_ms(v) for size, v in tcp_echoes.items()}, "failures": failures,
+            # seconds -> ms, median, on the 1 MiB float32 ForwardRequest frame (identity trials)
+            "mac_ms": {name: med_ms(v) for name, v in macs.items()}}
 
 
 def part_hop(args) -> dict:
@@ -674,13 +758,15 @@ def report(record: dict) -> None:
         print(f"\nhop: a {hop['activation_bytes'] / 2**20:g} MiB activation {tuple(hop['shape'])} to a stage and "
               f"back on loopback (median; target overhead <= {hop['target_ms']:g} ms)")
         print(f"{'stage':<9} {'wire':<9} {'bytes/way':>10} {'fwd hop':>8} {'compute':>8} {'overhead':>9} "
-              f"{'codec':>6} {'bwd hop':>8} {'compute':>8} {'overhead':>9}")
+              f"{'codec':>6} {'bwd hop':>8} {'compute':>8} {'overhead':>9} {'direct fwd/bwd overhead':>24}")
         for kind, res in hop["stages"].items():
             for d, r in res["by_dtype"].items():
                 print(f"{kind:<9} {d:<9} {r['wire_bytes_request']:>10,} {r['forward_hop_ms']['median']:>8.2f} "
                       f"{r['forward_compute_ms']:>8.2f} {r['forward_overhead_ms']:>9.2f} {r['codec_ms']:>6.2f} "
                       f"{r['backward_hop_ms']['median']:>8.2f} {r['backward_compute_ms']:>8.2f} "
-                      f"{r['backward_overhead_ms']:>9.2f}")
+                      f"{r['backward_overhead_ms']:>9.2f} "
+                      f"{r['direct_forward_overhead_ms']:>11.2f} / {r['direct_backward_overhead_ms']:>6.2f}")
+        print("integrity check on the 1 MiB frame: " + ", ".join(f"{k} {v:.3f} ms" for k, v in hop["mac_ms"].items()))
         echo = ", ".join(f"{int(size):,} B {v['median']:.2f} ms" for size, v in hop["echo_ms"].items())
         print(f"transport alone (a raw echo handler through p2pd, frame there and back): {echo}")
         echo = ", ".join(f"{int(size):,} B {v['median']:.2f} ms" for size, v in hop["tcp_echo_ms"].items())
@@ -731,15 +817,19 @@ def plot(record: dict, path: pathlib.Path) -> None:
         ax.legend()
     if "hop" in record:
         ax = axes.pop(0)
-        labels, fwd, bwd = [], [], []
+        labels, fwd, bwd, dfwd, dbwd = [], [], [], [], []
         for kind, res in record["hop"]["stages"].items():
             for d, r in res["by_dtype"].items():
                 labels.append(f"{kind}\n{d}")
                 fwd.append(r["forward_overhead_ms"])
                 bwd.append(r["backward_overhead_ms"])
+                dfwd.append(r.get("direct_forward_overhead_ms", 0.0))
+                dbwd.append(r.get("direct_backward_overhead_ms", 0.0))
         pos = np.arange(len(labels))
-        ax.bar(pos - 0.2, fwd, 0.4, label="forward hop")
-        ax.bar(pos + 0.2, bwd, 0.4, label="backward hop")
+        ax.bar(pos - 0.3, fwd, 0.2, label="forward, libp2p")
+        ax.bar(pos - 0.1, bwd, 0.2, label="backward, libp2p")
+        ax.bar(pos + 0.1, dfwd, 0.2, label="forward, direct")
+        ax.bar(pos + 0.3, dbwd, 0.2, label="backward, direct")
         ax.axhline(record["hop"]["target_ms"], color="k", lw=0.8, ls=":", label="target")
         ax.set_xticks(pos, labels, fontsize=7)
         ax.set(ylabel="ms (hop - in-process compute)", title="per-hop overhead, 1 MiB activation")

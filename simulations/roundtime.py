@@ -30,18 +30,22 @@ A round's time is latency + link + CPU, phase by phase:
               (n - 1) * peer_s           per other member: its part and commit streams, each a libp2p stream
                                          through p2pd with its own unix-socket connection and handler task on
                                          both ends, and its share of the DHT store/get and the invites
+              (n - 1)^2 * pair_s         what grows with the square of the group (measured, not itemised): a
+                                         member's DHT traffic grows with n (hivemind's DHTProtocol, wrapped and
+                                         counted: ~20 finds served per member and round with 8 peers, ~45 with
+                                         16) and every reply carries the round's dictionary of n declarations
               round_s                    per round, whatever the group and vector
               codec entries / codec_rate encode parts, decode and sum them, encode the result, decode results
             Encoding and decoding parts and results streams with their transfers and hides behind a slower
             link (up to the link time); summing the parts and encoding the result sits between the two phases.
             The members of the testbed (4-16 processes with their p2pd on 2 cores) are CPU-bound: round time x
             cpu_share is the per-member CPU work, whatever the group size.
-Calibration (scripts/calibrate_roundtime.py; its docstring has the commands, the table below its output):
-param_s, peer_s and round_s are fitted to real rounds on the netns testbed without link caps (4, 6 and 8 peers x
-1M, 4M and 10M parameters, exact top-k; 4 and 8 peers x 10M approximate) with cpu_share from fair_cpu_share and the
-other sessions' CPU measured before each round; the link part has no fitted constant and is checked on one capped
-configuration (8 peers, 10M, 25 Mbit/s) that the fit also reports. Held out: every other capped configuration,
-among them the two of tests/test_simulation_validation.py.
+Calibration (scripts/calibrate_roundtime.py; its docstring has the commands): param_s, peer_s, pair_s and round_s
+are fitted to real rounds on the netns testbed without link caps (4, 6 and 8 peers x 1M, 4M and 10M parameters,
+12 peers x 1M and 4M, exact top-k; 4 and 8 peers x 10M approximate), with cpu_share from fair_cpu_share and the
+CPU the machine's other sessions used in the second before each round; the link part has no fitted constant and
+is checked on one capped configuration (8 peers, 10M, 25 Mbit/s). Held out: every other capped configuration of
+4-8 peers (the two of tests/test_simulation_validation.py among them), 12 peers capped and 16 peers.
 """
 
 from __future__ import annotations
@@ -87,14 +91,17 @@ class CpuCosts:
 
 # --- measured on this project ------------------------------------------------------------------------------------
 # codec_rate: README, sparsifier table: delta-varint encode + decode of 100k indices took 2.2 ms on one core.
-# param_s, peer_s, round_s: fitted by `.venv/bin/python scripts/calibrate_roundtime.py fit runs/*.jsonl` to the
-# training runs `scripts/calibrate_roundtime.py measure --set train` (the netns testbed without caps, 2 cores;
-# see the module docstring): round time x fair_cpu_share - codec work = params * param_s + (n - 1) * peer_s +
-# round_s, least squares on relative error over configuration medians. For scale, ErrorFeedbackSparsifier.select
-# alone takes 5.6 ms per million parameters on an idle core (README: 56.3 ms for 10M); with 4-8 processes
-# sharing 2 cores and their caches, the whole per-parameter work of a round costs about twice that.
-COSTS = CpuCosts(param_s={"exact": 1.276e-08, "approx": 1.0e-08}, peer_s=2.815e-04, pair_s=7.317e-04,
-                 round_s=2.281e-02, codec_rate=100_000 / 2.2e-3)
+# param_s, peer_s, pair_s, round_s: fitted by `sudo .venv/bin/python scripts/calibrate_roundtime.py --reps 2
+# --heldout` (the training runs of the module docstring); the 100 runs it measured are in
+# docs/calibration_roundtime.jsonl and `.venv/bin/python scripts/calibrate_roundtime.py --load
+# docs/calibration_roundtime.jsonl` refits them and prints the table of the README (peer_s came out 3e-12: the
+# per-other-member cost is not separable from the pair term on 4-16 peers, so it is 0 here): round time x
+# fair_cpu_share - codec work = params * param_s + (n - 1) * peer_s + (n - 1)^2 * pair_s + round_s, least squares
+# on the relative error of configuration medians. For scale, ErrorFeedbackSparsifier.select alone takes 5.6 ms
+# per million parameters on an idle core (README: 56.3 ms for 10M); with 4-12 processes sharing 2 cores and their
+# caches, the whole per-parameter work of a round costs about twice that.
+COSTS = CpuCosts(param_s={"exact": 1.127e-08, "approx": 7.600e-09}, peer_s=0.0, pair_s=9.274e-04,
+                 round_s=2.372e-02, codec_rate=100_000 / 2.2e-3)
 # --- the README's benchmark (scripts/bench_allreduce.py), checked by simulations.run's report -----------------------
 NETNS_ROUND_S = {"exact": 0.353, "approx": 0.291}  # --netns --rate-mbit 100 --rounds 5: 4 peers, 10M params, 1%
 BENCH_PEERS, BENCH_PARAMS, BENCH_DENSITY = 4, 10_000_000, 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pathlib
 import subprocess
 import sys
@@ -39,6 +40,18 @@ def no_leaked_p2pd(request):
     yield
     if tmp_path is not None:
         wait_for(lambda: not p2pd_of_this_test(tmp_path), 10, "p2pd processes started by this test to exit")
+
+
+@pytest.fixture(autouse=True)
+def collect_known_leaks(request):
+    """Tests that run hivemind's P2P client in this process mark its unclosed-transport warnings as known
+    (filterwarnings ignore PytestUnraisableExceptionWarning): the transports of streams cancelled mid-flight are
+    only closed by the garbage collector. Collect them at that test's own teardown, under its own filter, so
+    they are never reported against a later test or the end of the session."""
+    yield
+    if any("PytestUnraisableExceptionWarning" in str(arg) for mark in request.node.iter_markers("filterwarnings")
+           for arg in mark.args):
+        gc.collect()
 
 
 @pytest.fixture

@@ -161,12 +161,19 @@ def test_federated_job_survives_a_seeded_chaos_schedule(node_factory, tmp_path):
                         interval=0.5)
     assert sum(1 for _ in snapshot) >= 1, (snapshot, log)
     check_homes_whole(tmp_path)
+    counts = {kind: sum(1 for line in log if f" {kind} " in f"{line} ") for kind in ("SIGKILL", "restart", "freeze",
+                                                                                   "cut")}
+    print(f"chaos report: {NODES} nodes, {CHAOS_SECONDS:.0f} s of schedule (seed {SEED}): {counts['SIGKILL']} "
+          f"SIGKILL, {counts['restart']} restarts, {counts['freeze']} freezes, {counts['cut']} network cuts; job "
+          f"round {at_end} at the end of the storm, {job_round(nodes[0])} now; {len(live)} live nodes, one hash "
+          f"per round: {', '.join(f'{r}: {next(iter(h))[:12]}' for r, h in sorted(snapshot.items()))}; "
+          f"no p2pd outlived its node; every file in every home whole")
 
 
 def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
     """6 standalone all-reduce peers; a seeded schedule freezes peers and stalls their p2pd mid-run. Every
-    round ends, members of each round that completed apply bit-identical averages, and
-    sum(weight * produced) = sum(weight * still held) + sum(applied), to 1e-5."""
+    round ends; the members of a group that heard every commit vote apply bit-identical averages and take out of
+    their buffers exactly the mass of that average; every peer's produced = still held + taken out, to 1e-5."""
     from node.reduce_peer import PeerProcess
     from tests.test_allreduce_integration import wait_done
 
@@ -204,25 +211,48 @@ def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
         wait_done(procs, 120)
         per_peer = [p.rounds() for p in procs]
         print("rounds applied per peer:", [sum(rs[r]["ok"] for r in range(rounds)) for rs in per_peer], "of", rounds)
+        # Checked per round and per group (a freeze can split a round's peers into two groups that each complete):
+        #  * no peer is in two groups;
+        #  * a group whose members all heard every vote of the commit applies one bit-identical average, and the
+        #    mass its members took out of their error-feedback buffers is the mass of that average (per-round
+        #    conservation);
+        #  * a group may disagree only where a member decided without a vote (a peer frozen through the commit
+        #    timeout: the documented timing case, protocol/allreduce.py); those rounds are printed;
+        #  * per peer, everything produced is either still held or was taken out by some round (no mass lost).
+        groups: dict[int, dict[tuple[str, ...], list[tuple[PeerProcess, dict]]]] = {}
         for r in range(rounds):
-            applied = [rs[r] for rs in per_peer if rs[r]["ok"]]
-            assert len({e["hash"] for e in applied}) <= 1, f"round {r}: members applied different averages"
-        weights = [1.0] * n
-        # conservation over every applied round (tests/test_allreduce_integration.conservation_gap's formula,
-        # with each round's spans and weights read from a member that applied it)
-        produced = sum(w * np.load(p.out / "produced.npy") for p, w in zip(procs, weights))
-        held = sum(w * np.load(p.out / "residual.npy") for p, w in zip(procs, weights))
-        applied = np.zeros(SIZE)
-        for r in range(rounds):
-            member = next((p for p, rs in zip(procs, per_peer) if rs[r]["ok"]), None)
-            if member is None:
-                continue
-            e = member.rounds()[r]
-            avg = np.load(member.out / f"round_{r}.npy").astype(np.float64)
-            for (lo, hi), w in zip(e["spans"], e["span_weights"]):
-                applied[lo:hi] += w * avg[lo:hi]
-        gap = float(np.max(np.abs(produced - held - applied)) / np.max(np.abs(produced)))
-        assert gap < 1e-5, f"gradient mass not conserved: relative gap {gap}\n" + "\n".join(log)
+            for p, rs in zip(procs, per_peer):
+                if rs[r]["members"]:  # a plan was formed: this peer was a member of that group
+                    groups.setdefault(r, {}).setdefault(tuple(sorted(rs[r]["members"])), []).append((p, rs[r]))
+        disagreements = []
+        for r, by_members in sorted(groups.items()):
+            seen = [p.out.name for entries in by_members.values() for p, _ in entries]
+            assert len(seen) == len(set(seen)), f"round {r}: a peer in two groups: {sorted(by_members)}"
+            for members, entries in by_members.items():
+                hashes = {e["hash"] for _, e in entries}
+                missing = {p.out.name: e["votes_missing"] for p, e in entries if e["votes_missing"]}
+                if len(hashes) > 1:
+                    assert missing, f"round {r}: group {members} applied different averages with every vote heard"
+                    disagreements.append(f"round {r}: {len(hashes)} averages, votes missing at {missing}")
+                    continue
+                if None in hashes:
+                    continue  # nobody in the group applied anything
+                member, e = entries[0]
+                avg = np.load(member.out / f"round_{r}.npy").astype(np.float64)
+                applied = np.zeros(SIZE)
+                for (lo, hi), w in zip(e["spans"], e["span_weights"]):
+                    applied[lo:hi] += w * avg[lo:hi]
+                removed = sum(np.load(p.out / f"removed_{r}.npy") for p, _ in entries)
+                gap = float(np.max(np.abs(removed - applied)) / max(np.max(np.abs(applied)), 1e-30))
+                assert gap < 1e-5, f"round {r}: mass taken out {removed.sum()} != applied {applied.sum()} ({gap})"
+        print("groups per round:", {r: len(g) for r, g in sorted(groups.items())},
+              "; timing disagreements:", disagreements or "none")
+        for p, rs in zip(procs, per_peer):
+            produced, held = np.load(p.out / "produced.npy"), np.load(p.out / "residual.npy")
+            taken = sum((np.load(f) for f in (p.out / f"removed_{r}.npy" for r in range(rounds)) if f.exists()),
+                        np.zeros(SIZE))
+            gap = float(np.max(np.abs(produced - held - taken)) / np.max(np.abs(produced)))
+            assert gap < 1e-5, f"{p.out.name}: gradient mass lost: relative gap {gap}\n" + "\n".join(log)
     finally:
         for p in procs:
             p.stop()

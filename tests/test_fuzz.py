@@ -11,10 +11,11 @@ for anything that materialises msgpack/JSON/TOML, see tests/fuzzing.py).
 Cases per target: SWARMNODE_FUZZ_INPUTS (default 1000; the CLI and file-based targets run a fraction);
 corpus: SWARMNODE_FUZZ_SEED (default 0). Longer runs need pytest's per-test timeout off:
     SWARMNODE_FUZZ_INPUTS=20000 SWARMNODE_FUZZ_SEED=1 .venv/bin/python -m pytest tests/test_fuzz.py --timeout 0
-The bugs this fuzzing found are pinned, each with its exact input, by strict xfail tests at the end of this file;
-the generators skip exactly those inputs (tests/fuzzing.py known_msgpack_bug and DEPTH_SAFE, known_toml_bug,
-known_cli_bug, JSON_DEPTH_SAFE, no non-UTF-8 config files, the JobInfo bar) so that every other case keeps being
-checked. Remove a skip together with its xfail once the decoder is fixed.
+The bugs this fuzzing found (RecursionError on deep msgpack, JSON and TOML; msgpack preallocation and
+amplification; huge TOML integers and cnn blocks; NaN durations; non-UTF-8 argv and files; an unclamped
+progress bar; numpy counts; non-ASCII digits) are fixed; tests/test_fuzz_regressions.py keeps each one's exact
+input as a regression test, and no generator here skips any input: the targets produce those kinds of input
+again (tests/fuzzing.py DEPTHS, over-declared containers, JSON_DEPTHS, TOML nesting, non-UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from node.config import FIELDS, resolve
 from node.daemon import parse_join_addr
 from node.errors import NodeError
 from node.jobexport import history_from_json, history_to_json
-from node.jobspec import job_spec_from_toml, load_job_file
+from node.jobspec import job_spec_from_text, job_spec_from_toml, load_job_file
 from node.models import resolve_overrides
 from node.pipeline import (BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync,
                            StateHead, StateRequest, Status, StatusReply, control_from_wire, control_to_wire,
@@ -60,6 +61,8 @@ from node.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_byt
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
                                   ForwardRequest, activation_from_wire, activation_to_wire, decode_tensor,
                                   encode_tensor, max_frame_bytes)
+from protocol.direct import FORWARD, DirectChannel
+from protocol.direct import REQUESTS as DIRECT_KINDS
 from protocol.codecs import (CodecError, DenseCodec, EncodedUpdate, SparseCodec, decode_indices, decode_values,
                              decode_varints, encode_indices, extract_update)
 from protocol.job_validation import SignedJobRecordValidator
@@ -71,6 +74,7 @@ from protocol.jobs import (MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, MAX_JOB
                            state_header_from_wire, state_header_to_wire)
 from protocol.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
 from protocol.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
+from protocol.pipeline_messages import DirectOffer, DirectOpen, Discard
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
 from protocol.shard_transfer import (MAX_CONTROL_BYTES, ChunkReply, ChunkRequest, TransferRefusal,
@@ -83,8 +87,8 @@ from protocol.sparsify import SparseUpdate
 from protocol.validation import SignedPeerRecordValidator, key_id
 from protocol.wire import (MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire, peer_record_from_wire,
                            peer_record_to_wire, unpack_bounded)
-from tests.fuzzing import (OBJECT_BYTES_PER_INPUT_BYTE, SLACK, Mutator, byte_cases, count, fuzz, known_msgpack_bug,
-                           msgpack_bound, rng_for, text_cases, toml_cases, walk)
+from tests.fuzzing import (OBJECT_BYTES_PER_INPUT_BYTE, SLACK, Mutator, byte_cases, count, fuzz, msgpack_bound,
+                           rng_for, text_cases, toml_cases)
 
 KEYS = [Ed25519PrivateKey.from_private_bytes(random.Random(i).randbytes(32)) for i in range(6)]
 PEERS = [peer_id_of(k.public_key()) for k in KEYS]
@@ -204,7 +208,8 @@ def _mutate_encoded(m: Mutator, enc: EncodedUpdate, size: int) -> tuple[EncodedU
             fields[name] = m.bytes_(getattr(enc, name)) if rng.random() < 0.8 else m.interesting()
         elif name == "nnz":
             fields[name] = rng.choice((enc.nnz + 1, enc.nnz - 1, 0, -1, size, 2**63, True, 1.0, np.int64(enc.nnz),
-                                       np.uint64(3), "3", None))  # big numpy nnz: a known bug
+                                       np.uint64(3), np.uint64(2**62), np.uint64(2**64 - 1), np.int64(-1), "3",
+                                       None))
         else:
             fields[name] = rng.choice(("dense", "bitmap", "delta-varint", "fp16", "fp32", "auto", "", None, 3,
                                        b"fp16"))
@@ -402,7 +407,6 @@ def _validator_cases(name: str, seeds: list[tuple[DHTRecord, bytes, object]]) ->
         r = rng.random()
         if r < 0.5:
             new = m.msgpack(payload) if rng.random() < 0.6 else m.bytes_(payload)
-            new = payload if known_msgpack_bug(new) else new
             wrapped = MSGPackSerializer.dumps(new) if rng.random() < 0.9 else m.bytes_(MSGPackSerializer.dumps(new))
             out.append(_signed(replace(record, value=wrapped), rng.choice((key, key, key, KEYS[3]))))
         elif r < 0.7:
@@ -471,8 +475,7 @@ MANIFEST = sign_manifest(ShardManifest(
     (TiedWeight("lm_head.weight", "transformer.wte.weight"),), PEERS[0]), KEYS[0])
 MANIFEST_2 = sign_manifest(replace(MANIFEST, shards=(ShardInfo(0, 4, "s", SHA, 1),), tied=(), splitter=PEERS[1],
                                    signature=b""), KEYS[1])
-# json.loads raises RecursionError on deep nesting (a known bug, pinned below): config_json depth stays below it.
-JSON_DEPTH_SAFE = 200
+JSON_DEPTHS = (1, 10, 200, 3000)  # nested JSON arrays/objects: 3000 is beyond json.loads' recursion limit
 
 
 def test_manifest_from_wire():
@@ -485,7 +488,7 @@ def test_manifest_from_wire():
         yield from byte_cases(m, seeds, count(0.8))
         for _ in range(count(0.2)):  # the config_json string: JSON-aware mutations, re-signed or not
             config = m.mutate_tree(json.loads(MANIFEST.config_json))
-            depth = m.rng.choice((1, 10, JSON_DEPTH_SAFE))
+            depth = m.rng.choice(JSON_DEPTHS)
             dumped = json.dumps(config, default=repr, skipkeys=True)
             text = m.rng.choice((dumped, "[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth,
                                  dumped[:-1], "NaN", '{"x": 1e999}'))
@@ -551,11 +554,14 @@ CONTROL_SEEDS = [Status(3), StatusReply(3, 17, SHA), StatusReply(0, 0, ""), Comm
                  EndStepReply(3, False, 0, 0, 1, 1, "", None, "average failed: timeout"), Resync(4, PEERS[2]),
                  ControlError("no state of stage 2 here"), StateRequest(2, 0), StateHead(2, 9, 2**40, SHA, SHA),
                  BackupAck(True, ""), BackupAck(False, "state of 9 bytes; at most 8 expected")]
+CONTROL_SEEDS += [DirectOpen(), DirectOffer("127.0.0.1", 40123, bytes(range(16)), bytes(range(32))),
+                  DirectOffer("2001:db8::1", 65535, b"\xff" * 16, b"k" * 32)]
 
 
 @pytest.mark.parametrize("expect", [(Status, Commit, EndStep, Resync), StateRequest, StateHead,
                                     (StateHead, ControlError), BackupAck, (StatusReply, ControlError),
-                                    (CommitReply, ControlError), (EndStepReply, ControlError)],
+                                    (CommitReply, ControlError), (EndStepReply, ControlError),
+                                    (Status, Commit, EndStep, Resync, Discard, DirectOpen), (DirectOffer, ControlError)],
                          ids=lambda e: "+".join(t.__name__ for t in (e if isinstance(e, tuple) else (e,))))
 def test_control_from_wire(expect):
     """Every control message as each reader expects it (all types as seeds). Bound: 80 B per byte of 1 MiB."""
@@ -568,6 +574,29 @@ def test_control_from_wire(expect):
     fuzz(lambda d: control_from_wire(d, expect),
          byte_cases(Mutator(rng_for(name)), [control_to_wire(s) for s in CONTROL_SEEDS], count(0.5)),
          errors=(WireError,), bound=msgpack_bound(1 << 20), accept=accept)
+
+
+DIRECT_KEY, DIRECT_SESSION = bytes(range(32)), bytes(range(100, 116))
+
+
+def test_direct_frame():
+    """A sealed direct-path frame (protocol/direct.py) as a host's fresh channel opens it: header checks, session,
+    sequence number, declared length against a 4 KiB bound, AES-GCM tag. Bound: the frame's copies, 4x + slack."""
+    def sealed(kind: int, payload: bytes) -> bytes:
+        return b"".join(DirectChannel(DIRECT_KEY, DIRECT_SESSION, "trainer").seal(kind, payload))
+
+    rng = rng_for("direct_frame")
+    seeds = [sealed(FORWARD, b""), sealed(FORWARD, b"x" * 100), sealed(2, rng.randbytes(4096)),
+             sealed(FORWARD, _activation_seeds()[0])]
+
+    def accept(case, result):
+        kind, payload = result
+        assert kind in DIRECT_KINDS and len(payload) <= 4096 and payload in [b"", b"x" * 100] + [
+            DirectChannel(DIRECT_KEY, DIRECT_SESSION, "host").open_frame(s, DIRECT_KINDS, 4096)[1] for s in seeds[2:]]
+
+    fuzz(lambda d: DirectChannel(DIRECT_KEY, DIRECT_SESSION, "host").open_frame(d, DIRECT_KINDS, 4096),
+         byte_cases(Mutator(rng), seeds, count(), structured=False, value_share=0.02), errors=(WireError,),
+         bound=lambda d: 4 * len(d) + SLACK if isinstance(d, (bytes, bytearray)) else SLACK, accept=accept)
 
 
 def test_member_record_from_wire():
@@ -588,7 +617,7 @@ HISTORY = [{"round": r, "ok": r % 3 != 1, "error": None if r % 3 != 1 else "time
 
 
 def test_history_from_json():
-    """Bound: JSON materialised like msgpack, 80 B per byte (no depth beyond JSON_DEPTH_SAFE: known bug)."""
+    """Bound: JSON materialised like msgpack, 80 B per byte (nesting of JSON_DEPTHS spliced in as well)."""
     m = Mutator(rng_for("history"))
     seeds = [history_to_json(HISTORY), history_to_json(HISTORY[:1]), history_to_json([])]
 
@@ -596,8 +625,12 @@ def test_history_from_json():
         yield from seeds
         for _ in range(count()):
             seed = m.rng.choice(seeds)
-            if m.rng.random() < 0.5:
+            r = m.rng.random()
+            if r < 0.45:
                 yield json.dumps(m.mutate_tree(json.loads(seed)), default=repr, skipkeys=True).encode()
+            elif r < 0.55:
+                depth = m.rng.choice(JSON_DEPTHS)
+                yield seed[:-1] + b"," + b"[" * depth + b"]" * depth + b"]" if len(seed) > 2 else b"[" * depth
             else:
                 yield m.bytes_(seed, seeds)
 
@@ -619,36 +652,17 @@ JOB_TOML = ['name = "digits-demo"\ndataset = "digits"\ntask = "classification"\n
             PIPELINE_TOML]
 
 
-def known_toml_bug(text: str) -> bool:
-    """Inputs that trip the bugs pinned below: nesting deep enough for tomllib's RecursionError (a few hundred
-    levels), an integer too large for a float (OverflowError escapes job_spec_from_toml and node/config.py),
-    and a cnn ``blocks`` override whose 2**blocks never finishes."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
-        return False
-    except RecursionError:
-        return True
-    if any(isinstance(v, int) and abs(v) >= 2**1000 for v in walk(data)):
-        return True
-    model = data.get("model")
-    return isinstance(model, dict) and isinstance(model.get("blocks"), int) and model["blocks"] > 2**16
-
-
 def _submit_parse(text: str):
-    """What the daemon's Submit does with a job file's text before storing the record (node/jobmanager.py)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise NodeError(f"not valid TOML: {e}") from None
-    return job_spec_from_toml(data, "job file", lambda model: resolve_overrides(model.arch, model.config()))
+    """What the daemon's Submit does with a job file's text before storing the record (node/jobmanager.py):
+    parse it (node/jobspec.py job_spec_from_text) and check the model's overrides."""
+    return job_spec_from_text(text, "job file", lambda model: resolve_overrides(model.arch, model.config()))
 
 
 def test_job_spec_from_toml():
-    """The daemon's Submit parse (tomllib + job_spec_from_toml + the model check): a JobSpec or NodeError.
+    """The daemon's Submit parse (job_spec_from_text + the model check): a JobSpec or NodeError.
     Bound: TOML materialised like msgpack, 80 B per character."""
     m = Mutator(rng_for("job_toml"))
-    cases = [t for t in toml_cases(m, JOB_TOML, count()) if not known_toml_bug(t)]
+    cases = list(toml_cases(m, JOB_TOML, count()))
     fuzz(_submit_parse, cases, errors=(NodeError,), bound=lambda t: OBJECT_BYTES_PER_INPUT_BYTE * len(t) + SLACK,
          accept=lambda c, spec: job_spec_from_wire(job_spec_to_wire(spec)) == spec or pytest.fail())
 
@@ -658,8 +672,7 @@ def test_load_job_file(tmp_path):
     m = Mutator(rng_for("job_file"))
     path = tmp_path / "job.toml"
     seeds = [t.encode() for t in JOB_TOML]
-    cases = [b for b in byte_cases(m, seeds, count(0.3), structured=False)
-             if not known_toml_bug(b.decode("utf-8", "replace"))]
+    cases = list(byte_cases(m, seeds, count(0.3), structured=False))
 
     def decode(data):
         path.write_bytes(data)
@@ -675,25 +688,23 @@ CONFIG_TOML = ['swarm = "demo"\nlisten = ["/ip4/0.0.0.0/tcp/31337"]\njoin = ["/i
 
 
 def test_config_file(tmp_path):
-    """node/config.py resolve() with a --config file: a NodeConfig or NodeError. Known bugs skipped (pinned
-    below): non-UTF-8 files, integers too large for a float. Bound: TOML materialised, 80 B per byte."""
+    """node/config.py resolve() with a --config file (any bytes): a NodeConfig with finite durations, or
+    NodeError. Bound: TOML materialised, 80 B per byte."""
     m = Mutator(rng_for("config"))
     path = tmp_path / "node.toml"
     cases = [t.encode() for t in toml_cases(m, CONFIG_TOML[:2], count(0.5))]
     cases += list(byte_cases(m, [t.encode() for t in CONFIG_TOML], count(0.2), structured=False))
 
-    def skip(data):
-        try:
-            return known_toml_bug(data.decode())
-        except UnicodeDecodeError:
-            return True
-
     def decode(data):
         path.write_bytes(data)
         return resolve({}, env={}, config_file=path)
 
-    fuzz(decode, [c for c in cases if not skip(c)], errors=(NodeError,),
+    fuzz(decode, cases, errors=(NodeError,), accept=_finite_durations,
          bound=lambda b: OBJECT_BYTES_PER_INPUT_BYTE * len(b) + SLACK)
+
+
+def _finite_durations(case, config) -> None:
+    assert all(math.isfinite(getattr(config, f)) for f in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"))
 
 
 def test_config_env():
@@ -707,7 +718,7 @@ def test_config_env():
         name, value = c
         return resolve({}, env={f"SWARMNODE_{name.upper()}": value.replace("\x00", "")})
 
-    fuzz(decode, cases, errors=(NodeError,), bound=lambda c: SLACK)
+    fuzz(decode, cases, errors=(NodeError,), bound=lambda c: SLACK, accept=_finite_durations)
 
 
 # ---- user input on the command line: --join, --stop-at, and the control CLI ------------------------------------
@@ -759,8 +770,7 @@ def test_protobuf_messages(name):
     seeds = [cls().SerializeToString(), _fill(cls(), rng).SerializeToString()]
     show = {"PeersResponse": lambda r: (cli.format_peers_table(r), json.dumps(cli.peers_json(r))),
             "JobsResponse": lambda r: (cli.format_jobs_table(r), [json.dumps(cli.job_json(j)) for j in r.jobs]),
-            "JobInfo": lambda r: (r.round > 64 * max(1, r.rounds) or cli.format_job_line(r),  # known bug, pinned
-                                  json.dumps(cli.job_json(r))),
+            "JobInfo": lambda r: (cli.format_job_line(r), json.dumps(cli.job_json(r))),
             "StatusResponse": lambda r: json.dumps(cli.capability_summary(r.capability)),
             "Capability": lambda r: json.dumps(cli.capability_summary(r))}.get(name, lambda r: None)
 
@@ -778,7 +788,7 @@ CLI_ARGV = [["status"], ["peers", "--json"], ["leave"], ["jobs"], ["job", "01234
             ["job", "0123456789abcdef", "--follow", "--json"], ["job", "x", "--export", "out"], ["cancel", "abc"],
             ["submit", "JOB"], ["submit", "JOB", "--follow"], ["status", "--config", "CFG"]]
 CLI_TOKENS = ["--json", "--follow", "--export", "--config", "--", "-", "", "--unknown", "-h", "=", "é", "😀", "\x00",
-              "x" * 300, "status", "job", "--home", "--ho", "--cont", "-1", "0123456789abcdef"]
+              "x" * 300, "status", "job", "--home", "--ho", "--cont", "-1", "0123456789abcdef", "\udcff", "DIR"]
 
 
 @pytest.fixture
@@ -820,46 +830,27 @@ def test_cli_client_commands(tmp_path, cli_env):
     rng = rng_for("cli")
     m = Mutator(rng)
 
+    def fill(arg: str) -> str:
+        return (arg.replace("JOB", str(tmp_path / "job.toml")).replace("CFG", str(tmp_path / "cfg.toml"))
+                .replace("DIR", str(tmp_path)))
+
     def cases():
         for _ in range(count(0.1)):
-            argv = [a.replace("JOB", str(tmp_path / "job.toml")).replace("CFG", str(tmp_path / "cfg.toml"))
-                    for a in rng.choice(CLI_ARGV)]
+            argv = [fill(a) for a in rng.choice(CLI_ARGV)]
             for _ in range(rng.choice((0, 1, 1, 2, 3))):
                 i, op = rng.randrange(len(argv) + 1), rng.randrange(4)
                 if op == 0 and argv:
                     del argv[min(i, len(argv) - 1)]
                 elif op == 1:
-                    argv.insert(i, rng.choice(CLI_TOKENS))
+                    argv.insert(i, fill(rng.choice(CLI_TOKENS)))
                 elif op == 2 and argv:
                     j = min(i, len(argv) - 1)
-                    argv[j] = m.bytes_(argv[j].encode()).decode("utf-8", "replace")  # no lone surrogate: known bug
+                    argv[j] = os.fsdecode(m.bytes_(os.fsencode(argv[j])))  # non-UTF-8 bytes: lone surrogates
                 else:
                     argv = argv + argv[:1]
-            argv = [a.replace("\x00", "") for a in argv] + cli_env  # our --home/--control win (they come last)
-            if not known_cli_bug(argv):
-                yield argv
+            yield [a.replace("\x00", "") for a in argv] + cli_env  # our --home/--control win (they come last)
 
     fuzz(run_cli, cases(), errors=(), bound=lambda c: 4 << 20)
-
-
-def known_cli_bug(argv: list[str]) -> bool:
-    """Inputs that trip the CLI bugs pinned below: a lone surrogate in argv, a --config path that cannot be
-    opened for a reason other than its absence (too long, a directory: read_toml catches FileNotFoundError only)."""
-    if any("\ud800" <= c <= "\udfff" for a in argv for c in a):
-        return True
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            config = getattr(cli.build_parser().parse_args(argv), "config", None)
-        except SystemExit:
-            return False
-    try:
-        if config is not None:
-            config.open("rb").close()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return False
 
 
 # ---- safetensors bytes from a peer (node/stagehost.py load_state, node/splitter.py stage_from_bytes) ----------
@@ -924,176 +915,3 @@ def test_state_from_bytes():
         return state_from_bytes(head, data, 1, states[kind][0], OPTIMIZERS[kind])
 
     fuzz(decode, cases, errors=(Refused,), bound=lambda c: OBJECT_BYTES_PER_INPUT_BYTE * len(c[1]) + SLACK)
-
-
-# ---- bugs this fuzzing found, each pinned by its exact input (strict: a fix turns these into failures; then
-# ---- drop the mark, and the matching skip in the generators above) -------------------------------------------
-
-DEEP = b"\x91" * 1000 + b"\xc0"  # a 1000-deep array: msgpack accepts up to 1024 levels, Python's repr only ~1000
-
-
-def _deep(seed: bytes, *path: str) -> bytes:
-    """``seed`` (a msgpack map) with the value at ``path`` replaced by DEEP."""
-    obj = msgpack.unpackb(seed, raw=False)
-    node = obj
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = "\x00deep\x00"
-    return msgpack.packb(obj, use_bin_type=True).replace(msgpack.packb("\x00deep\x00"), DEEP)
-
-
-def _dht(record: DHTRecord, payload: bytes, key) -> DHTRecord:
-    return _signed(replace(record, value=MSGPackSerializer.dumps(payload)), key)
-
-
-_PEER_PAYLOAD = peer_record_to_wire(PeerRecord(PEERS[0], (), "0.1", CAP_GPU, 1.0))
-_JOB_PAYLOAD = job_record_to_wire(RECORDS[0])
-DEEP_CASES = [
-    ("message_from_wire", lambda d: message_from_wire(d, MAX_CONTROL_FRAME, Invite),
-     _deep(message_to_wire(_round_messages()[0]), "t"), (WireError,)),
-    ("peer_record_from_wire", peer_record_from_wire, _deep(_PEER_PAYLOAD, "capability", "tflops_bf16"), (WireError,)),
-    ("activation_from_wire", lambda d: activation_from_wire(d, ForwardRequest, HIDDEN),
-     _deep(_activation_seeds()[0], "mb"), (WireError,)),
-    ("job_spec_from_wire", job_spec_from_wire, _deep(job_spec_to_wire(SPECS[0]), "name"), (WireError,)),
-    ("job_record_from_wire", job_record_from_wire, _deep(_JOB_PAYLOAD, "state"), (WireError,)),
-    ("job_progress_from_wire", job_progress_from_wire, _deep(job_progress_to_wire(PROGRESS[0]), "round"),
-     (WireError,)),
-    ("state_header_from_wire", state_header_from_wire,
-     _deep(state_header_to_wire(HEADERS[0]), "size"), (WireError,)),
-    ("manifest_from_wire", manifest_from_wire, _deep(manifest_to_wire(MANIFEST), "dtype"), (ShardError,)),
-    ("control_from_wire", lambda d: control_from_wire(d, StatusReply), _deep(control_to_wire(StatusReply(3, 1, SHA)),
-                                                                           "step"), (WireError,)),
-    ("SignedPeerRecordValidator.validate", SignedPeerRecordValidator(SWARM).validate,
-     _dht(DHTRecord(key_id(swarm_key(SWARM, "peers")), MSGPackSerializer.dumps(PEERS[0]), b"", 1.7e9),
-          _deep(_PEER_PAYLOAD, "capability", "tflops_bf16"), KEYS[0]), ()),
-    ("SignedJobRecordValidator.validate", SignedJobRecordValidator(SWARM).validate,
-     _dht(DHTRecord(key_id(jobs_key(SWARM)), MSGPackSerializer.dumps(RECORDS[0].job_id), b"", 1.7e9),
-          _deep(_JOB_PAYLOAD, "state"), KEYS[0]), ()),
-]
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "RecursionError: a ~1000-deep msgpack value (msgpack unpacks up to 1024 levels) makes the decoder's error "
-    "message ({value!r:.40}) exceed Python's recursion limit; unpack_bounded should refuse deep nesting"))
-@pytest.mark.parametrize("decode, data, errors", [c[1:] for c in DEEP_CASES], ids=[c[0] for c in DEEP_CASES])
-def test_known_bug_deep_nesting(decode, data, errors, caplog):
-    caplog.set_level(logging.ERROR, logger="protocol.validation")
-    fuzz(decode, [data], errors=errors, bound=lambda c: 1 << 30, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="RecursionError escapes json.loads on deeply nested JSON (only ValueError is caught)")
-@pytest.mark.parametrize("decode, data, errors", [
-    (history_from_json, b"[" * 3000, (ValueError,)),
-    (manifest_from_wire, manifest_to_wire(MANIFEST).replace(
-        msgpack.packb(MANIFEST.config_json), msgpack.packb("[" * 3000)), (ShardError,)),
-], ids=["history_from_json", "manifest_from_wire-config_json"])
-def test_known_bug_deep_json(decode, data, errors):
-    fuzz(decode, [data], errors=errors, bound=lambda c: 1 << 30, min_accepted=0)
-
-
-HUGE_LR = ('name = "x"\ndataset = "digits"\ntask = "classification"\nrounds = 3\n[model]\narch = "mlp"\n[inner]\n'
-           'lr = 1' + "0" * 400 + "\n")
-CNN_BLOCKS = ('name = "x"\ndataset = "digits"\ntask = "classification"\nrounds = 3\n[model]\narch = "cnn"\n'
-              'blocks = 16777216\n[inner]\nlr = 0.1\n')
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "OverflowError: a TOML integer beyond float range in a float field (math.isfinite(int)); RecursionError: "
-    "tomllib recurses per nesting level (the daemon's Submit catches TOMLDecodeError only)"))
-@pytest.mark.parametrize("text", [HUGE_LR, JOB_TOML[0] + "x = " + "[" * 1000 + "]" * 1000 + "\n"],
-                         ids=["huge-int", "deep-nesting"])
-def test_known_bug_job_toml(text):
-    fuzz(_submit_parse, [text], errors=(NodeError,), bound=lambda c: 1 << 30, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/models.py _check_consistency computes 2 ** blocks for a cnn: blocks = 2**24 allocates ~8 MB from a "
-    "200-byte job file; 2**40 (any int64 passes ModelSpec) never finishes, in Submit and in _why_not for "
-    "every peer's job"))
-def test_known_bug_cnn_blocks():
-    fuzz(_submit_parse, [CNN_BLOCKS], errors=(NodeError,), min_accepted=0,
-         bound=lambda t: OBJECT_BYTES_PER_INPUT_BYTE * len(t) + SLACK)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/config.py: OverflowError for an int beyond float range (only TypeError/ValueError are caught), "
-    "UnicodeDecodeError for a non-UTF-8 file and tomllib's RecursionError (read_toml), NaN accepted for heartbeat"))
-@pytest.mark.parametrize("text", [b"heartbeat = 1" + b"0" * 400 + b"\n", b'swarm = "\xff"\n', b"heartbeat = nan\n",
-                                  b"listen = " + b"[" * 1000 + b"]" * 1000 + b"\n"],
-                         ids=["huge-int", "not-utf8", "nan-heartbeat", "deep-nesting"])
-def test_known_bug_config_file(tmp_path, text):
-    path = tmp_path / "node.toml"
-    path.write_bytes(text)
-
-    def decode(path):
-        config = resolve({}, env={}, config_file=path)
-        assert all(math.isfinite(getattr(config, f)) for f in ("heartbeat", "ttl", "join_backoff",
-                                                                "benchmark_seconds")), config
-        return config
-
-    fuzz(decode, [path], errors=(NodeError,), bound=lambda c: 1 << 30, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/cli.py: a lone surrogate in argv (a non-UTF-8 byte, as os.fsdecode gives it) raises UnicodeEncodeError "
-    "building the request; a non-UTF-8 job file raises UnicodeDecodeError in read_text (only OSError is caught); "
-    "node/config.py read_toml lets OSError other than FileNotFoundError escape (--config naming a directory, "
-    "a name longer than 255 bytes)"))
-@pytest.mark.parametrize("argv", [["cancel", "\udcff"], ["job", "ab\udcff"], ["submit", "BINARY"],
-                                  ["status", "--config", "DIR"], ["status", "--config", "x" * 300]],
-                         ids=["cancel-surrogate", "job-surrogate", "submit-non-utf8-file", "config-directory",
-                              "config-name-too-long"])
-def test_known_bug_cli(tmp_path, cli_env, argv):
-    (tmp_path / "binary.toml").write_bytes(b'name = "\xff"\n')
-    argv = [a.replace("BINARY", str(tmp_path / "binary.toml")).replace("DIR", str(tmp_path)) for a in argv]
-    fuzz(run_cli, [argv + cli_env], errors=(), bound=lambda c: 1 << 30, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/cli.py format_job_line: the progress bar is 20 * round / rounds characters, unclamped; a JobInfo with "
-    "round 2**21 of 1 (a peer's progress record may claim up to MAX_ROUNDS) builds a 42-MB line, 2**32-1 ~86 GB"))
-def test_known_bug_job_line_bar():
-    fuzz(cli.format_job_line, [pb.JobInfo(round=2**21, rounds=1)], errors=(), bound=lambda c: 4 << 20)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "protocol/codecs.py decode_values: a numpy uint64 nnz overflows nnz * itemsize (RuntimeWarning; wraps "
-    "to 0 and accepts an empty payload for nnz 2**62); extract_update converts nnz to int first and is safe"))
-def test_known_bug_decode_values_numpy_nnz():
-    fuzz(lambda c: decode_values(*c), [("fp32", b"", np.uint64(2**62))], errors=(CodecError,),
-         bound=lambda c: SLACK, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "node/stage_state.py state_from_bytes: an optimizer tensor named opt/<i>/<slot> with a non-ASCII digit "
-    "('\u00b2'.isdigit() is True, int('\u00b2') raises) escapes as a bare ValueError, not Refused"))
-def test_known_bug_state_unicode_digit():
-    named, _, params_hash = _stage_state("sgd")
-    data = safetensors.torch.save({"param/h.0.w": named[0][1].detach(), "param/h.0.b": named[1][1].detach(),
-                                   "opt/\u00b2/momentum_buffer": torch.zeros(4, 3)})
-    head = StateHead(1, 3, len(data), hashlib.sha256(data).hexdigest(), params_hash)
-    fuzz(lambda c: state_from_bytes(c, data, 1, named, OPTIMIZERS["sgd"]), [head], errors=(Refused,),
-         bound=lambda c: SLACK, min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "msgpack.unpackb preallocates up to 10,000 slots (80 KB) for each declared array before reading it, and "
-    "unpack_bounded allows nesting to 1024 levels: 3 bytes (0xdc 0x27 0x10) per level make a 3-KB peer record "
-    "(the limit is 16 KiB) allocate 80 MB"))
-def test_known_bug_msgpack_preallocation():
-    data = b"\xdc\x27\x10" * 1000 + b"\xc0"
-    assert known_msgpack_bug(data)
-    fuzz(peer_record_from_wire, [data], errors=(WireError,), bound=msgpack_bound(MAX_RECORD_BYTES), min_accepted=0)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "unpack_bounded materialises every object before any field is checked: 1 byte of 0x80 (an empty map) "
-    "costs ~72 bytes, so a frame within its bound (an activation frame for hidden (8, 64, 64): 133 KiB; for "
-    "(64, 1024, 768): 192 MiB) allocates ~72x its length (10 MiB; ~14 GiB)"))
-def test_known_bug_msgpack_amplification():
-    tensor = ExpectedTensor.hidden(8, 64, 64)
-    n = max_frame_bytes(tensor) - 5
-    frame = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
-    fuzz(lambda d: activation_from_wire(d, ForwardRequest, tensor), [frame], errors=(WireError,), min_accepted=0,
-         bound=lambda d: 8 * len(d) + SLACK)

@@ -516,6 +516,17 @@ def test_pipeline_record_round_trip_and_signature():
     assert SignedJobRecordValidator(SWARM).validate(signed(dht_job(record), KEY_A)) is True
 
 
+def test_a_pipeline_record_follows_its_hosts_within_the_replica_cap():
+    """The trainer rewrites the assignment as hosts die and join: 1 to replica_cap hosts per stage."""
+    record = pipe_record()
+    thinned = replace(record.assignment, hosts=(record.assignment.hosts[0][:1], record.assignment.hosts[1]))
+    assert job_record_from_wire(job_record_to_wire(record.replace(assignment=thinned))).assignment == thinned
+    grown = PIPE_SPEC.replace(pipeline=replace(PIPE_SPEC.pipeline, max_replicas=3))
+    assert grown.pipeline.replica_cap == 3 and PIPE_SPEC.pipeline.replica_cap == 2
+    three = replace(record.assignment, hosts=(record.assignment.hosts[0] + (ID_B,), record.assignment.hosts[1]))
+    assert JobRecord.create(grown, ID_A, "n1", 1.0, three).assignment == three
+
+
 def test_largest_pipeline_record_fits():
     peers = [peer_id_of(make_key(2000 + i).public_key()) for i in range(MAX_STAGES * MAX_STAGE_REPLICAS)]
     spec = PIPE_SPEC.replace(name="n" * 64, model=ModelSpec("gpt2", {f"k{i:02d}_{'x' * 59}": "v" * 64
@@ -535,7 +546,10 @@ def test_largest_pipeline_record_fits():
     (lambda: PIPE_SPEC.replace(batch_size=9), "batch_size: must be pipeline.micro_batch"),
     (lambda: PipelineSpec(2, strategy="zigzag"), "pipeline.strategy"),
     (lambda: PipelineSpec(MAX_STAGES + 1), "pipeline.stages"),
-    (lambda: pipe_record(assignment=replace(pipe_record().assignment, hosts=((ID_B,), (ID_C,)))), "assignment"),
+    (lambda: pipe_record(assignment=replace(pipe_record().assignment, hosts=((ID_B, ID_C, peer_id_of(
+        make_key(200).public_key())), (peer_id_of(make_key(201).public_key()),)))), "2 stages 1-2 hosts each"),
+    (lambda: PipelineSpec(2, replicas=2, max_replicas=1), "pipeline.max_replicas: must be >= 2"),
+    (lambda: PipelineSpec(2, max_replicas=MAX_STAGE_REPLICAS + 1), "pipeline.max_replicas: must be <="),
     (lambda: pipe_record(assignment=replace(pipe_record().assignment, hosts=((ID_A, ID_B), (ID_C, ID_C)))),
      "listed twice"),
     (lambda: PipelineAssignment(((0, 2), (3, 4)), ((ID_B,), (ID_C,)), HASH, 10), "assignment.spans[1]"),

@@ -53,12 +53,13 @@ def test_export_writes_model_manifest_report_and_curve(tmp_path):
     bundle = build_model("mlp", {"hidden": 16}, 0, num_classes=10)
     history = [round_entry(result(r, True), "me") for r in range(5)]
     files = export_job(tmp_path / "out", record, bundle.module, "ab" * 32, 5, 2, history, "accuracy")
-    assert [f.name for f in files] == list(FILES)
-    manifest = json.loads(files[1].read_text())
+    assert [f.name for f in files] == list(FILES) and FILES[-1] == "manifest.json"  # written last
+    by_name = {f.name: f for f in files}
+    manifest = json.loads(by_name["manifest.json"].read_text())
     assert manifest["rounds"] == 5 and manifest["rounds_this_node"] == 2 and manifest["spec"]["name"] == "t"
     assert set(manifest["tensors"]) == set(bundle.module.state_dict())
-    assert json.loads(files[2].read_text()) == json.loads(json.dumps(history))
-    assert files[3].read_bytes().startswith(b"\x89PNG")
+    assert json.loads(by_name["report.json"].read_text()) == json.loads(json.dumps(history))
+    assert by_name["curve.png"].read_bytes().startswith(b"\x89PNG")
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     from safetensors.torch import load_file
 

@@ -20,8 +20,8 @@ def test_first_node_prints_joinable_multiaddr_and_status(node_factory):
     node = node_factory("first", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "alpha"]).wait_ready()
     assert node.addr.startswith("/ip4/127.0.0.1/tcp/") and node.addr.endswith(f"/p2p/{node.peer_id}")
     assert node.peer_id.startswith("12D3KooW")
-    out = node.log_path.read_text()
-    assert f"--join {node.addr}" in out  # the line a newcomer copies
+    # the line a newcomer copies: printed just after node.json is written (which wait_ready sees)
+    wait_for(lambda: f"--join {node.addr}" in node.log_path.read_text(), 10, "the join line in the log")
     status = run_cli("status", "--home", str(node.home), "--json")
     assert status.returncode == 0, status.stderr
     s = json.loads(status.stdout)

@@ -24,13 +24,13 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from node.models import build_model
 from node.p2pd import OwnedP2PDaemon
-from node.pipeline import PipelineTrainer, TrainerConfig, causal_lm_loss
+from node.pipeline import PipelineError, PipelineTrainer, TrainerConfig, causal_lm_loss
 from node.splitter import load_stage, read_manifest, split_model
-from node.stage_state import fetch_state
-from node.stagehost import StageConfig, StageHost
+from node.stage_state import Refused, fetch_state
+from node.stagehost import StageConfig, StageHooks, StageHost
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
                                   activation_from_wire, activation_to_wire)
-from protocol.pipeline_messages import (Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord,
+from protocol.pipeline_messages import (Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply, MemberRecord,
                                         StateHead, control_from_wire, control_to_wire, member_record_from_wire,
                                         member_record_to_wire, pipe_protocol, stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
@@ -117,7 +117,7 @@ def test_control_messages_round_trip_and_refuse_malformed_frames():
     for msg in (Commit(3, (1, 2**64 - 1)), CommitReply(3, (1,), (2,)), EndStep(7, (5, 6), (peer,), None),
                 EndStep(7, (), (peer, peer), peer), ControlError("no"),
                 EndStepReply(2, True, 4.0, 2, 0, 2, "ab" * 32, None, ""),
-                StateHead(1, 5, 100, "cd" * 32, "ef" * 32)):
+                StateHead(1, 5, 100, "cd" * 32, "ef" * 32), Discard(9)):
         assert control_from_wire(control_to_wire(msg), type(msg)) == msg
     rec = MemberRecord("replica", 2.5, 4, 1e9)
     assert member_record_from_wire(member_record_to_wire(rec)) == rec
@@ -152,6 +152,7 @@ def test_pipeline_forward_and_backward_equal_the_unsplit_model(tmp_path):
                 half = PipelineTrainer(p2ps[4], None, "eq", shards, TrainerConfig(swarm=SWARM, wire_dtype="bfloat16"),
                                        replicas={i: [p2ps[i].peer_id.to_base58()] for i in range(4)})
                 bf16_logits = await half.forward(x)
+                assert not any(h._acts for h in hosts)  # evaluation passes leave nothing waiting for a backward
                 st = await trainer.accumulate(x, y)
                 grads = {}
                 for h in hosts:
@@ -228,6 +229,44 @@ def test_two_replicas_per_stage_stay_bit_identical_and_match_single_process_trai
     assert head.step == STEPS + 1 and head.params_hash == hash0
     held = [(index, stage) for index, stages in backups for stage in stages]  # (holder's stage, backup's stage)
     assert sorted(set(held)) == [(0, 1), (1, 0)]  # a replica of each stage keeps the other stage's latest state
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_hop_on_a_single_replica_stage_is_retried_without_wedging(tmp_path):
+    """One replica per stage; stage 1 refuses the 2nd backward of step 1, after the 1st micro-batch was committed
+    there. The step fails at once (the stage's only replica is out for the rest of the step) as a PipelineError;
+    before the retry the trainer has the replicas Discard the abandoned attempt's commits, so the retried step
+    counts each micro-batch once at each stage, and later steps go on (the replica's stale commit used to fail
+    it in every status round)."""
+    shards = split(build_model("gpt2", UNTIED_GPT2, 0).module, [(0, 2), (2, 4)], tmp_path / "shards")
+    manifest = read_manifest(shards)
+    cfg = StageConfig(swarm=SWARM, optimizer="adamw", lr=3e-3, heartbeat=0.5, ttl=5.0)
+
+    async def refuse_once(kind: str, step: int, n: int) -> None:
+        if (kind, step, n) == ("backward", 1, 2):
+            raise Refused("injected failure")
+
+    async def scenario():
+        async with swarm(3, with_dht=True) as (p2ps, dhts):
+            hosts = [StageHost(p2ps[i], dhts[i], "wedge", i, load_stage(shards, i), cfg,
+                               StageHooks(before=refuse_once if i == 1 else None), manifest) for i in range(2)]
+            async with hosts_running(hosts):
+                trainer = PipelineTrainer(p2ps[2], dhts[2], "wedge", shards, TrainerConfig(
+                    swarm=SWARM, micro_batch_size=2, hop_timeout=20, replica_wait=10, max_inflight=1, seed=1))
+                await wait_replicas(trainer, {0: 1, 1: 1})
+                reports = [await trainer.step(*batch(0))]
+                with pytest.raises(PipelineError, match="failed earlier in step 1"):
+                    await trainer.step(*batch(1))
+                stale = len(hosts[1]._committed)
+                reports += [await trainer.step(*batch(1)), await trainer.step(*batch(2))]
+                return reports, stale, [(h.step, h.params_hash) for h in hosts]
+
+    reports, stale, ends = asyncio.run(scenario())
+    assert stale == 1  # the abandoned attempt's commit, held by the stage's only replica
+    assert [r.step for r in reports] == [0, 1, 2]
+    for r in reports:
+        assert r.micro_batches == 4 and all(s.committed == 4 and s.applied for s in r.stages), r
+    assert [step for step, _ in ends] == [3, 3]
 
 
 # ---- bad frames ----------------------------------------------------------------------------------------------

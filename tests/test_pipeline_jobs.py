@@ -7,13 +7,21 @@ field."""
 from __future__ import annotations
 
 import json
+import math
 import time
+from types import SimpleNamespace
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.datasets import write_node_data
 from node.localswarm import wait_for
-from node.splitter import read_manifest
+from node.models import build_model
+from node.pipelinejobs import PipelineJobs, memory_aware_plan, plan_from_json, plan_to_json
+from node.splitter import load_stage, plan_for_model, read_manifest, split_model
+from node.stagehost import StageConfig, StageHost
+from protocol.stage_assign import NodeSpec
+from protocol.stage_plan import Host
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 
@@ -77,7 +85,8 @@ def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
                         (JOB.replace('"balanced"', '"zigzag"'), "pipeline.strategy"),
                         (JOB.replace("tie_word_embeddings = false", "tie_word_embeddings = true"),
                          "model.tie_word_embeddings"),
-                        (JOB.replace("replicas = 2", "replicas = 3"), "pipeline.replicas")):
+                        (JOB.replace("replicas = 2", "replicas = 3"), "pipeline.replicas"),
+                        (JOB + "x = " + "[" * 1000 + "]" * 1000 + "\n", "not valid TOML: nested too deeply")):
         bad.write_text(text)
         assert_one_line_error(run_cli("submit", str(bad), "--home", str(nodes[0].home)), 2, field)
 
@@ -93,6 +102,9 @@ def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
     losses = {e["round"]: e["train_loss"] for e in events[1:] if e.get("train_loss") is not None}
     print("losses:", losses)
     assert losses[STEPS] < losses[min(losses)], losses
+    evals = {e["round"]: e["eval_metric"] for e in events[1:] if e.get("eval_metric") is not None}
+    print("bits per byte on the test split:", evals)
+    assert STEPS in evals and evals[STEPS] < evals[min(evals)], evals  # eval_every = 1 (the default)
     assert events[-1]["bytes_exchanged"] > 0 and len(events[-1]["participants"]) == 4
 
     out = nodes[0].home / "jobs" / job_id
@@ -116,3 +128,151 @@ def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
     listed = json.loads(run_cli("jobs", "--json", "--home", str(next(
         n for n, v in zip(nodes[1:], views) if not v["local_model_hash"]).home)).stdout)
     assert listed[0]["job_id"] == job_id and listed[0]["declined"] == "not assigned"
+
+
+CHURN_STEPS = 250  # ~0.1 s each on an idle machine: the job outlasts the joiner and the kill
+CHURN_JOB = JOB.replace("replicas = 2", "replicas = 1\nmax_replicas = 2").replace(f"steps = {STEPS}", (
+    f"steps = {CHURN_STEPS}")).replace('"balanced"', '"memory_aware"').replace(
+    "round_timeout_s = 20", "round_timeout_s = 20\neval_every = 10")
+
+
+def stage_hosts(node, job_id: str) -> list[list[str]]:
+    """The record's hosts per stage, as `swarmnode job` reports them (the submitter rewrites them)."""
+    with node.client() as c:
+        info = next(iter(c.job(job_id, follow=False)))
+    return [group.split(",") for group in info.stage_hosts]
+
+
+@pytest.mark.timeout(420)
+def test_pipeline_job_places_a_joiner_and_reassigns_a_stage_whose_last_host_died(node_factory, tmp_path):
+    """2 stages x 1 host (max_replicas 2, memory_aware). A daemon joining mid-job is placed on the bottleneck stage and serves
+    it from the swarm's latest state; then the other stage's only host is SIGKILLed: once its peer record
+    expires the trainer moves one host of the 2-replica stage over, which loads the dead stage's state from
+    the backup its neighbour held; the job finishes with every stage at the last step and its replicas equal."""
+    nodes = start_pipeline_swarm(node_factory, tmp_path, 3)
+    trainer = nodes[0]
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(CHURN_JOB)
+    out = run_cli("submit", str(job_file), "--json", "--home", str(trainer.home), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = json.loads(out.stdout)["job_id"]
+    first = stage_hosts(trainer, job_id)
+    assert sorted(p for g in first for p in g) == sorted(n.peer_id for n in nodes[1:])
+    assert all(len(g) == 1 for g in first)
+    wait_for(lambda: job_on(trainer, job_id)["round"] >= 2, 120, "two steps before the joiner", interval=0.5)
+
+    joiner = node_factory("joiner", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "pipe", "--join", trainer.addr])
+    joiner.wait_ready()
+    t_join = time.monotonic()
+
+    def joiner_serving():
+        view = job_on(joiner, job_id)
+        return view if view["local_model_hash"] and view["local_round"] >= 2 else None
+
+    served = wait_for(joiner_serving, 120, "the joiner to load its stage's state and serve it", interval=0.5)
+    hosts = stage_hosts(trainer, job_id)
+    placed = next(s for s, g in enumerate(hosts) if joiner.peer_id in g)
+    assert len(hosts[placed]) == 2 and len(hosts[1 - placed]) == 1, hosts
+    print(f"joiner: placed on stage {placed}, serving at step {served['local_round']} after "
+          f"{time.monotonic() - t_join:.1f} s")
+
+    victim = next(n for n in nodes[1:] if n.peer_id == hosts[1 - placed][0])
+    at_kill = job_on(trainer, job_id)["round"]
+    wait_for(lambda: job_on(trainer, job_id)["round"] > at_kill, 60, "a step with the joiner", interval=0.5)
+    victim.kill_hard()
+    t_kill, at_kill = time.monotonic(), job_on(trainer, job_id)["round"]
+
+    def reassigned():
+        h = stage_hosts(trainer, job_id)
+        return h if victim.peer_id not in h[1 - placed] and h[1 - placed] else None
+
+    moved = wait_for(reassigned, 60, "the dead stage to be reassigned", interval=0.5)
+    assert len(moved[placed]) == 1 and {*moved[placed], *moved[1 - placed]} <= {n.peer_id for n in [*nodes, joiner]}
+    wait_for(lambda: job_on(trainer, job_id)["round"] > at_kill + 1, 180, "training to resume", interval=0.5)
+    print(f"stage {1 - placed}: its last host SIGKILLed at step {at_kill}; reassigned and two steps done "
+          f"{time.monotonic() - t_kill:.1f} s later")
+
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(trainer.home), timeout=300)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[-1]["state"] == "done" and events[-1]["round"] == CHURN_STEPS, events[-1]
+    summary = json.loads((trainer.home / "jobs" / job_id / "pipeline.json").read_text())
+    assert [s["step"] for s in summary["stages"]] == [CHURN_STEPS, CHURN_STEPS]
+    for stage in summary["stages"]:
+        assert set(stage["replicas"].values()) == {stage["params_hash"]}, stage
+        assert victim.peer_id not in stage["replicas"]
+
+
+def test_memory_aware_plan_sizes_stages_for_the_chosen_hosts():
+    """node/pipelinejobs.py memory_aware_plan: the group with more memory gets the larger stage, whichever
+    order along the pipeline that needs; a model that fits no order is refused naming why."""
+    model = build_model("gpt2", {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 32,
+                                 "tie_word_embeddings": False}, 0).module
+    need = plan_for_model(model, [Host(math.inf, 1.0)], "memory_aware").memory[0]  # the whole model, one stage
+    big, small = NodeSpec("big", 1.0, 0.9 * need), NodeSpec("small", 1.0, 0.45 * need)
+    plan, groups = memory_aware_plan(model, [small, big], 2, 1)
+    by_stage = [g[0].node_id for g in groups]
+    for memory, node in zip(plan.memory, by_stage):
+        assert memory <= {"big": big, "small": small}[node].memory_bytes
+    assert plan.memory[by_stage.index("big")] > plan.memory[by_stage.index("small")]
+    with pytest.raises(ValueError, match="the model does not fit"):
+        memory_aware_plan(model, [NodeSpec("a", 1.0, 0.3 * need), NodeSpec("b", 1.0, 0.3 * need)], 2, 1)
+    assert plan_from_json(plan_to_json(plan)) == plan  # kept in <home>/jobs/J/plan.json for a restarted trainer
+
+
+RESTART_STEPS = 120
+
+
+# ~30 s: in `make chaos` (CI's own step), so that `make test` stays under 10 minutes on 2 cores
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+def test_a_killed_trainer_restarts_and_resumes_where_the_replicas_are(node_factory, tmp_path):
+    """The submitter trains; SIGKILL it mid-job and start it again on the same home (same identity, shards,
+    plan): it learns the step from the replicas, resumes after its last published step (the replicas drop the
+    dead attempt's commits) and finishes with every stage at the last step."""
+    nodes = start_pipeline_swarm(node_factory, tmp_path, 3)
+    trainer = nodes[0]
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(JOB.replace("replicas = 2", "replicas = 1").replace(f"steps = {STEPS}", (
+        f"steps = {RESTART_STEPS}")).replace("round_timeout_s = 20", "round_timeout_s = 20\neval_every = 10"))
+    out = run_cli("submit", str(job_file), "--json", "--home", str(trainer.home), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job_id = json.loads(out.stdout)["job_id"]
+    wait_for(lambda: job_on(nodes[1], job_id)["round"] >= 10, 120, "ten steps", interval=0.2)
+    trainer.kill_hard()
+    at_kill = job_on(nodes[1], job_id)["round"]
+    assert at_kill < RESTART_STEPS
+    trainer.args += ["--join", nodes[1].addr]  # it was the swarm's first node; now it rejoins through a host
+    trainer.start().wait_ready()
+    t0 = time.monotonic()
+    wait_for(lambda: job_on(trainer, job_id)["round"] > at_kill + 1, 120, "the trainer to resume", interval=0.5)
+    print(f"trainer SIGKILLed after step {at_kill}; restarted, two more steps {time.monotonic() - t0:.1f} s later")
+    done = run_cli("job", job_id, "--follow", "--json", "--home", str(trainer.home), timeout=240)
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[-1]["state"] == "done" and events[-1]["round"] == RESTART_STEPS, events[-1]
+    summary = json.loads((trainer.home / "jobs" / job_id / "pipeline.json").read_text())
+    assert [s["step"] for s in summary["stages"]] == [RESTART_STEPS] * 2, summary
+
+
+def test_a_stage_state_older_than_the_trainer_is_taken_at_the_trainers_step(tmp_path):
+    """_catch_up: when the newest state anyone holds of a stage is older than the trainer's step (its last
+    replica died before that state was backed up), the new host takes it at the trainer's step (those updates
+    of the stage are lost; the job goes on) -- but never while some peer announces the trainer's step."""
+    model = build_model("gpt2", {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 16,
+                                 "tie_word_embeddings": False}, 0).module
+    split_model(model, [(0, 1), (1, 2)], tmp_path / "shards", Ed25519PrivateKey.generate())
+    view = SimpleNamespace(round=86, record=SimpleNamespace(job_id="j"))
+
+    def host_at(step: int) -> StageHost:
+        me = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "me"))  # never started: no transport used
+        host = StageHost(me, None, "j", 0, load_stage(tmp_path / "shards", 0), StageConfig(swarm="s"))
+        host.skip_to(step)
+        return host
+
+    lagging = host_at(85)
+    assert "1 step(s) of this stage lost" in PipelineJobs._catch_up(view, lagging, [(85, "p")], "a backup")
+    assert lagging.step == 86
+    twin = host_at(85)
+    assert PipelineJobs._catch_up(view, twin, [(86, "live twin"), (85, "p")], "a backup") == "a backup"
+    assert twin.step == 85  # the trainer tells it to resync from its twin instead
+    with pytest.raises(ValueError, match="cannot go back"):
+        host_at(86).skip_to(85)

@@ -7,14 +7,24 @@ rate and token bucket (read back from tc). None of these configurations is in th
 (scripts/calibrate_roundtime.py fits its CPU constants to uncapped runs and checks its link part on 8 peers x 10M
 x 25 Mbit/s): two group sizes at 4M parameters, a link-bound 6 x 10M at 25 Mbit/s, and a 16-peer swarm.
 
+The virtual machines these tests run on differ from day to day in how fast 2n processes exchanging libp2p
+streams on 2 cores go, and within a day from one minute to the next (16 x 1M x 50 Mbit/s measured 1.86-2.76 s
+in four runs of one afternoon; the top-k selection alone runs at the same speed). So the test measures every
+configuration 3 times, interleaved (pass 1: each configuration once, then pass 2, pass 3) and compares the median
+over all their steady rounds; and each pass starts with two reference runs, uncapped training configurations of
+the calibration (4 peers x 4M: mostly per-parameter work; 12 peers x 1M: mostly the group-squared term), on which
+param_s and pair_s are refitted (scripts/calibrate_roundtime.refit_machine) -- the calibration's own design
+(CPU constants from uncapped runs, capped runs held out) on the machine at hand; peer_s, round_s and the codec
+rate are the calibration's. The printout also shows each prediction with the calibration day's constants.
+
 The machine is shared: before each round, with the peers idle, measure() reads the CPU that every other session
 used (/proc), and the model gets that round's fair share of the cores (simulations.roundtime.fair_cpu_share);
 the printout also shows the error with the plain cores / peers share. Round 0 (first streams between every pair,
 cold caches) is left out, the model predicts steady rounds; so is a round some member failed (a matchmaking
-timeout on a loaded machine, once in 100 calibration runs), which the printout names; at least 4 of the 5 must
-complete.
+timeout on a loaded machine, once in 100 calibration runs), which the printout names; at least 6 of the 12
+steady rounds (3 runs of 5 rounds, round 0 left out) must complete.
 
-Needs root (ip netns, tc); marked `netns`, run by `make chaos` (its own CI step), not by `make test`. ~3 min.
+Needs root (ip netns, tc); marked `netns`, run by `make chaos` (its own CI step), not by `make test`. ~9 min.
 """
 
 from __future__ import annotations
@@ -25,7 +35,10 @@ import statistics
 
 import pytest
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
+# earlier in-process async tests of the chaos step (tests/test_pipeline_churn.py) can leave sockets whose
+# "loop is closed" ResourceWarning is collected here; they mark the same warning as known
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(1200),
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 def netns_available() -> str:
@@ -36,25 +49,64 @@ def netns_available() -> str:
     return ""
 
 
-@pytest.mark.parametrize("peers, size, rate_mbit", [(4, 4_000_000, 50.0), (8, 4_000_000, 100.0),
-                                                    (6, 10_000_000, 25.0), (16, 1_000_000, 50.0)],
-                         ids=["4-peers-4M-50mbit", "8-peers-4M-100mbit", "6-peers-10M-25mbit", "16-peers-1M-50mbit"])
-def test_predicted_round_time_is_within_25_percent_of_real_nodes(tmp_path, peers, size, rate_mbit):
+# the reference runs: two uncapped training configurations of the calibration (scripts/calibrate_roundtime.py), one
+# mostly per-parameter work, one mostly the group-squared term; every validated configuration is capped
+REFERENCES = [(4, 4_000_000, 0.0), (12, 1_000_000, 0.0)]
+CONFIGS = [(4, 4_000_000, 50.0), (8, 4_000_000, 100.0), (6, 10_000_000, 25.0), (16, 1_000_000, 50.0)]
+REPS = 3  # interleaved repetitions of the reference and every configuration
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """{config: [run per repetition]} for REFERENCES and CONFIGS, measured in REPS interleaved passes (the
+    references, then each configuration), so that every configuration samples the machine at several moments."""
     reason = netns_available()
     if reason:
         pytest.skip(reason)
-    from scripts.calibrate_roundtime import measure, period_for, predictions, steady
+    from scripts.calibrate_roundtime import measure, period_for
 
-    run = measure(tmp_path, peers, size, rate_mbit, rounds=6, period=period_for(peers, size, rate_mbit))
-    rounds = steady(run)
-    failed = [r["errors"] for r in run["rounds"] if not r["ok"]]
-    assert len(rounds) >= 4, f"too few rounds completed to compare: {failed}"
-    measured = statistics.median(r["round_s"] for r in rounds)
-    predicted = statistics.median(predictions(run))
-    naive = statistics.median(predictions(run, fair=False))
+    runs: dict[tuple, list[dict]] = {}
+    for rep in range(REPS):
+        for config in [*REFERENCES, *CONFIGS]:
+            peers, size, rate = config
+            where = tmp_path_factory.mktemp(f"{peers}x{size}x{rate:g}-rep{rep}")
+            runs.setdefault(config, []).append(measure(where, peers, size, rate, rounds=5,
+                                                       period=period_for(peers, size, rate)))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def this_machine(measured):
+    """simulations.roundtime.COSTS with param_s and pair_s refitted on the reference runs."""
+    from scripts.calibrate_roundtime import COSTS, refit_machine, steady
+
+    for config in REFERENCES:
+        assert sum(len(steady(run)) for run in measured[config]) >= 2 * REPS, f"too few rounds of {config} completed"
+    costs = refit_machine([run for config in REFERENCES for run in measured[config]])
+    print(f"\nreferences {', '.join(f'{p} x {s}' for p, s, _ in REFERENCES)} uncapped, {REPS} runs each: param_s "
+          f"{costs.param_s['exact']:.3e} (x{costs.param_s['exact'] / COSTS.param_s['exact']:.2f} the "
+          f"calibration's), pair_s {costs.pair_s:.3e} (x{costs.pair_s / COSTS.pair_s:.2f})")
+    return costs
+
+
+@pytest.mark.parametrize("peers, size, rate_mbit", CONFIGS,
+                         ids=["4-peers-4M-50mbit", "8-peers-4M-100mbit", "6-peers-10M-25mbit", "16-peers-1M-50mbit"])
+def test_predicted_round_time_is_within_25_percent_of_real_nodes(measured, this_machine, peers, size, rate_mbit):
+    from scripts.calibrate_roundtime import predictions, steady
+
+    runs = measured[(peers, size, rate_mbit)]
+    rounds = [r for run in runs for r in steady(run)]
+    failed = [r["errors"] for run in runs for r in run["rounds"] if not r["ok"]]
+    assert len(rounds) >= 2 * REPS, f"too few rounds completed to compare: {failed}"
+    median = statistics.median(r["round_s"] for r in rounds)
+    predicted = statistics.median(p for run in runs for p in predictions(run, this_machine))
+    calibrated = statistics.median(p for run in runs for p in predictions(run))
+    naive = statistics.median(p for run in runs for p in predictions(run, this_machine, fair=False))
     others = statistics.median(sum(r["others"]) for r in rounds)
-    each = ", ".join(f"{r['round_s']:.3f}" for r in rounds) + (f"; failed: {failed}" if failed else "")
-    print(f"{peers} peers, {size} params, {rate_mbit} Mbit/s: measured {measured:.3f} s ({each}), "
-          f"predicted {predicted:.3f} s ({predicted / measured - 1:+.1%}); other sessions used {others:.2f} cores "
-          f"before the rounds; with cores / peers as the share: {naive:.3f} s ({naive / measured - 1:+.1%})")
-    assert abs(predicted - measured) <= 0.25 * measured, (measured, predicted)
+    each = ", ".join(f"{statistics.median(r['round_s'] for r in steady(run)):.3f}" for run in runs if steady(run))
+    print(f"{peers} peers, {size} params, {rate_mbit} Mbit/s: measured {median:.3f} s (run medians {each}"
+          f"{f'; failed: {failed}' if failed else ''}), predicted {predicted:.3f} s ({predicted / median - 1:+.1%}); "
+          f"with the calibration day's constants: {calibrated:.3f} s ({calibrated / median - 1:+.1%}); other "
+          f"sessions used {others:.2f} cores before the rounds; with cores / peers as the share: {naive:.3f} s "
+          f"({naive / median - 1:+.1%})")
+    assert abs(predicted - median) <= 0.25 * median, (median, predicted)

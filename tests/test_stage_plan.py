@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from protocol.stage_assign import Assignment, Move, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
+from protocol.stage_assign import (Assignment, Move, NodeSpec, assign_nodes, follow_live, rebalance_join,
+                                   rebalance_leave, replica_groups)
 from protocol.stage_plan import Host, StagePlan, plan_balanced, plan_layer_wise, plan_memory_aware, plan_stages
 
 # ------------------------------------------------------------------------------------------- brute force
@@ -276,14 +277,26 @@ def test_table_and_rows():
 # ------------------------------------------------------------------------------------------- assignment
 
 
-def random_nodes(rng: random.Random, count: int, plan: StagePlan) -> list[NodeSpec]:
+def random_nodes(rng: random.Random, count: int, plan: StagePlan, prefix: str = "n") -> list[NodeSpec]:
     mems = sorted(set(plan.memory)) if plan.memory is not None else [math.inf]
     out = []
     for i in range(count):
         t = float(rng.randint(0, 4)) if rng.random() < 0.6 else rng.random() * 5
         m = rng.choice(mems + [math.inf, mems[0] / 2 if mems[0] > 0 else 0.0])
-        out.append(NodeSpec(f"n{i}", t, m))
+        out.append(NodeSpec(f"{prefix}{i}", t, m))
     return out
+
+
+def random_assignments(rng: random.Random, trials: int, extra: int):
+    """(plan, nodes, assign_nodes(plan, nodes)) for random plans with up to ``extra`` nodes beyond one per
+    stage; trials where the nodes cannot serve the plan are skipped."""
+    for _ in range(trials):
+        plan = random_plan(rng)
+        nodes = random_nodes(rng, plan.num_stages + rng.randint(0, extra), plan)
+        try:
+            yield plan, nodes, assign_nodes(plan, nodes)
+        except ValueError:
+            continue
 
 
 def random_plan(rng: random.Random) -> StagePlan:
@@ -489,13 +502,7 @@ def test_leave_of_a_last_replica_takes_from_the_stage_with_most_slack():
 def test_leave_property_best_single_move():
     rng = random.Random(8)
     checked = 0
-    for _ in range(300):
-        plan = random_plan(rng)
-        nodes = random_nodes(rng, plan.num_stages + rng.randint(0, 3), plan)
-        try:
-            a = assign_nodes(plan, nodes)
-        except ValueError:
-            continue
+    for plan, nodes, a in random_assignments(rng, 300, 3):
         lone = [g[0] for g in a.stages if len(g) == 1]
         if not lone or len(nodes) == plan.num_stages:
             continue
@@ -550,6 +557,84 @@ def test_leave_with_no_node_able_to_take_over():
     a = Assignment(((NodeSpec("x", 1.0, 5),), (NodeSpec("s1", 1.0, 1), NodeSpec("s2", 1.0, 1))), (1.0, 2.0))
     with pytest.raises(ValueError, match="^no node can take over stage 0"):
         rebalance_leave(plan, a, "x")
+
+
+# ------------------------------------------------------------------------------------------- follow the live nodes
+
+def test_follow_live_changes_nothing_when_every_host_lives():
+    plan = plan_layer_wise([1.0] * 4, 2)
+    nodes = node_list([1, 2, 3])
+    r = follow_live(plan, [["n0", "n2"], ["n1"]], nodes, max_per_stage=4)
+    assert r.moves == () and [[x.node_id for x in g] for g in r.assignment.stages] == [["n0", "n2"], ["n1"]]
+
+
+def test_follow_live_puts_a_newcomer_on_the_stage_that_lost_its_last_host():
+    plan = plan_layer_wise([1.0] * 4, 2)
+    r = follow_live(plan, [["a", "b"], ["c"]], [NodeSpec("a", 1.0), NodeSpec("b", 1.0), NodeSpec("new", 0.5)],
+                    max_per_stage=4)
+    assert r.moves == (Move("c", 1, None), Move("new", None, 1))
+    assert r.assignment.stage_of("new") == 1 and r.relocated == ()
+
+
+def test_follow_live_refills_from_the_stage_with_slack_when_nobody_is_new():
+    plan = StagePlan("balanced", ((0, 2), (2, 4)), (1.0, 3.0))
+    r = follow_live(plan, [["a", "b"], ["c"]], [NodeSpec("a", 1.0), NodeSpec("b", 2.0)], max_per_stage=4)
+    assert r.moves == (Move("c", 1, None), Move("b", 0, 1))  # rates (1, 2/3) beat (2, 1/3) with a moved
+    assert [[x.node_id for x in g] for g in r.assignment.stages] == [["a"], ["b"]]
+
+
+def test_follow_live_joins_the_bottleneck_up_to_the_replica_cap():
+    plan = StagePlan("balanced", ((0, 2), (2, 4)), (1.0, 3.0))
+    live = node_list([1, 1, 1, 1, 1])  # n0 on stage 0, n1 on stage 1; n2..n4 new
+    r = follow_live(plan, [["n0"], ["n1"]], live, max_per_stage=2)
+    assert r.moves == (Move("n2", None, 1), Move("n3", None, 0))  # the bottleneck first; n4 finds no room
+    assert r.assignment.rates == (2.0, 2 / 3)
+
+
+def test_follow_live_raises_when_a_stage_cannot_be_refilled():
+    plan = plan_layer_wise([1.0] * 4, 2)
+    with pytest.raises(ValueError, match="^stage 1 has no live host"):
+        follow_live(plan, [["a"], ["b"]], [NodeSpec("a", 1.0)], max_per_stage=4)
+    with pytest.raises(ValueError, match="2 stages, the plan 3"):
+        follow_live(plan_layer_wise([1.0] * 3, 3), [["a"], ["b"]], [NodeSpec("a", 1.0)], max_per_stage=4)
+
+
+def test_follow_live_property_every_stage_served_by_live_nodes_within_the_cap():
+    rng = random.Random(12)
+    checked = 0
+    for plan, nodes, a in random_assignments(rng, 300, 4):
+        hosts = [[x.node_id for x in g] for g in a.stages]
+        live = [x for x in nodes if rng.random() > 0.3] + random_nodes(rng, rng.randint(0, 3), plan, prefix="j")
+        cap = rng.randint(1, 4)
+        try:
+            r = follow_live(plan, hosts, live, max_per_stage=max(cap, max(map(len, hosts))))
+        except ValueError as e:
+            assert "no live host" in str(e)
+            continue
+        checked += 1
+        ids = {x.node_id for x in live}
+        placed = [x.node_id for g in r.assignment.stages for x in g]
+        assert all(g for g in r.assignment.stages) and set(placed) <= ids and len(set(placed)) == len(placed)
+        check_assignment(plan, [x for x in live if x.node_id in placed], r.assignment)
+        before = {p for g in hosts for p in g}
+        for m in r.moves:  # joins are newcomers, leaves are dead hosts
+            assert (m.from_stage is not None or m.node_id not in before) and (m.to_stage is not None or (
+                m.node_id in before and m.node_id not in ids))
+        kept = {p: s for s, g in enumerate(hosts) for p in g if p in ids}
+        moved = {m.node_id for m in r.relocated}
+        assert all(r.assignment.stage_of(p) == s for p, s in kept.items() if p not in moved)
+    assert checked > 100
+
+
+def test_replica_groups_pair_nodes_by_memory_for_a_memory_aware_plan():
+    nodes = [NodeSpec("a", 1.0, 8.0), NodeSpec("b", 2.0, 2.0), NodeSpec("c", 3.0, 8.0), NodeSpec("d", 4.0, 3.0)]
+    groups = replica_groups(nodes, 2, 2)
+    assert [[x.node_id for x in g] for _, g in groups] == [["c", "a"], ["d", "b"]]
+    assert [h for h, _ in groups] == [Host(8.0, 4.0), Host(2.0, 6.0)]  # the smallest memory, summed speed
+    plan = plan_memory_aware([1.0] * 6, [h for h, _ in groups], layer_bytes=1.0)
+    assert plan.memory[1] <= 2.0 and plan.memory[0] <= 8.0  # each stage fits every replica of its group
+    with pytest.raises(ValueError, match="need 4 nodes, got 3"):
+        replica_groups(nodes[:3], 2, 2)
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -135,7 +135,7 @@ class JobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash")
+    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash", "stage_hosts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class JobInfo(_message.Message):
     DECLINED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    STAGE_HOSTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     submitter: str
@@ -168,7 +169,8 @@ class JobInfo(_message.Message):
     declined: str
     local_round: int
     local_model_hash: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ...) -> None: ...
+    stage_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ..., stage_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("job_id",)
