@@ -34,7 +34,8 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
     bit-identical; that stage's step counts fewer micro-batches (EndStepReply.weight says how many), or, if the
     round found no group, applies nothing and keeps the survivors' gradients in their error feedback.
   * A replica that failed once but lives (slow, partitioned): skipped until it heartbeats again; a replica
-    that missed a step end (behind) is told to reload the state from a live replica of its stage.
+    that missed a step end (behind; or one that was ready only after the first step began) reloads the step's
+    state from a live replica of its stage during the status round and takes part in that step's end.
   * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to
     appear in the DHT (a takeover: node/stage_peer.py, or the daemon's reassignment in node/pipelinejobs.py),
     then the step fails. A stage whose only live replicas failed earlier in the step (a transient error, or a
@@ -226,7 +227,6 @@ class PipelineTrainer:
         self._records: dict[int, dict[str, MemberRecord]] = {}
         self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
         self._rng = random.Random(config.seed)
-        self._background: set[asyncio.Future] = set()  # resyncs of replicas that fell behind
         self._abandoned: int | None = None  # a step whose attempt failed: its commits are discarded before a retry
         self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
         self._pool: dict[tuple[str, int], list[_Direct]] = {}  # idle direct connections per (replica, stage)
@@ -504,13 +504,28 @@ class PipelineTrainer:
                                              f"{len(st.commits.get(peer, {}))}")
                     st.alive[stage].append(peer)  # alive: it must average (with nothing, if failed) and step
                     self._dead.pop(peer, None)
-            if behind and st.alive[stage]:  # missed a step end (slow, partitioned): reload from a live replica
-                source = min(st.alive[stage])
-                for peer in behind:
-                    task = asyncio.ensure_future(self._control(peer, stage, Resync(self.step_no, source), StatusReply,
-                                                               self.config.end_step_timeout))
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+            if behind and st.alive[stage]:
+                await self._catch_up(st, stage, behind)
+
+    async def _catch_up(self, st: _Step, stage: int, behind: list[str]) -> None:
+        """Replicas that missed a step end (slow, partitioned, or ready only after the job's first step began)
+        reload this step's state from a live replica of their stage now, before the step end, and then take part
+        in it with nothing committed. (Reloading in the background instead, a replica whose load takes longer
+        than a step stays behind for good: by the time it is loaded the trainer has moved on.)"""
+        source = min(st.alive[stage])
+        results = await asyncio.gather(*(self._control(p, stage, Resync(self.step_no, source), StatusReply,
+                                                       self.config.end_step_timeout) for p in behind),
+                                       return_exceptions=True)
+        for peer, res in zip(behind, results):
+            if isinstance(res, StatusReply) and res.step == self.step_no and res.committed == 0:
+                logger.info("step %d: replica %s (stage %d) caught up from %s", self.step_no, peer[-8:], stage,
+                            source[-8:])
+                st.alive[stage].append(peer)
+                self._dead.pop(peer, None)
+            else:
+                logger.info("step %d: replica %s (stage %d) could not catch up: %s", self.step_no, peer[-8:], stage,
+                            getattr(res, "reason", None) or repr(res)[:120])
+        st.alive[stage].sort()
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
         """Forward, backward and commit every micro-batch of (x, y) until each is counted once at every stage."""

@@ -54,8 +54,35 @@ def collect_known_leaks(request):
         gc.collect()
 
 
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+DAEMON_LOG_LINES = 40  # the last lines of each daemon's log, printed when a test that started it fails
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+def print_daemon_logs(request, nodes) -> None:
+    """On failure, the last lines (DEBUG left out) of each daemon's log: CI keeps only pytest's output."""
+    report = request.node.stash.get(CALL_REPORT, None)
+    if report is None or not report.failed:
+        return
+    for n in nodes:
+        try:
+            lines = n.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        shown = [line for line in lines if " [DEBUG] " not in line][-DAEMON_LOG_LINES:]
+        print(f"---- {n.home.name} ({n.log_path}): last {len(shown)} lines ----")
+        print("\n".join(line[:400] for line in shown))
+
+
 @pytest.fixture
-def swarm_factory(tmp_path):
+def swarm_factory(tmp_path, request):
     swarms: list[LocalSwarm] = []
 
     def make(n: int, swarm: str = "test", extra_args=(), start: bool = True) -> LocalSwarm:
@@ -68,12 +95,13 @@ def swarm_factory(tmp_path):
     try:
         yield make
     finally:
+        print_daemon_logs(request, [n for s in swarms for n in s.nodes])
         for s in swarms:
             s.stop()
 
 
 @pytest.fixture
-def node_factory(tmp_path):
+def node_factory(tmp_path, request):
     nodes: list[NodeProcess] = []
 
     def make(name: str, args=(), env=None, fast: bool = True) -> NodeProcess:
@@ -84,6 +112,7 @@ def node_factory(tmp_path):
     try:
         yield make
     finally:
+        print_daemon_logs(request, nodes)
         for n in nodes:
             n.stop()
 
