@@ -42,7 +42,10 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
     host that moved there from another stage) fails the step at once instead.
   * A failed step is retried by the caller with new micro-batch ids; before the retry every replica is told to
     Discard what the abandoned attempt committed there, so a single replica holding those commits is not
-    failed by every later status round (it would wedge the pipeline).
+    failed by every later status round (it would wedge the pipeline). Their replies also give each replica's
+    step: a stage none of whose replicas is at the trainer's step (its last replica at that step died after the
+    other stages ended it but before its state was backed up; the new host loaded an older backup) has its
+    most advanced replicas Advance to the trainer's step -- that stage loses those updates, the job goes on.
   * The direct data path (protocol/direct.py; p2pd's relay costs ~8 ms per 1 MiB hop): a hop goes over a
     persistent TCP connection to the replica, in a session the replica handed out over the authenticated libp2p
     control stream (DirectOpen -> DirectOffer), at an address the libp2p connection to that peer uses. A direct
@@ -80,11 +83,10 @@ from protocol.direct import BACKWARD, FORWARD, REPLY, DirectChannel, maddr_ips, 
 from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
                                   ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
                                   max_frame_bytes, new_micro_batch_id)
-from protocol.pipeline_messages import (CONTROL_BOUND, Commit, CommitReply, ControlError, DirectOffer, DirectOpen,
-                                        Discard, EndStep,
-                                        EndStepReply, MemberRecord, Resync, Status, StatusReply, check_peer_id,
-                                        control_from_wire, control_to_wire, member_record_from_wire, one_line,
-                                        stage_key, stage_protocol)
+from protocol.pipeline_messages import (CONTROL_BOUND, Advance, Commit, CommitReply, ControlError, DirectOffer,
+                                        DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync, Status,
+                                        StatusReply, check_peer_id, control_from_wire, control_to_wire,
+                                        member_record_from_wire, one_line, stage_key, stage_protocol)
 # Not used here; still importable from node.pipeline, as tests/test_fuzz.py does.
 from protocol.pipeline_messages import BackupAck, StateHead, StateRequest, member_record_to_wire  # noqa: F401
 from protocol.streams import close_quietly, read_frame, write_frame
@@ -497,7 +499,7 @@ class PipelineTrainer:
                 elif res.step != self.step_no:
                     self._fail(st, peer, f"at step {res.step}, the trainer at {self.step_no}")
                     if res.step < self.step_no:
-                        behind.append(peer)
+                        behind.append((peer, res.step))
                 else:
                     if peer not in st.failed and res.committed != len(st.commits.get(peer, {})):
                         self._fail(st, peer, f"holds {res.committed} commits, the trainer counts "
@@ -505,27 +507,49 @@ class PipelineTrainer:
                     st.alive[stage].append(peer)  # alive: it must average (with nothing, if failed) and step
                     self._dead.pop(peer, None)
             if behind and st.alive[stage]:
-                await self._catch_up(st, stage, behind)
+                steps = {p: self.step_no for p in st.alive[stage]} | {p: step for p, step in behind}
+                for peer in await self._realign(stage, steps):  # reloaded: nothing held, may serve reruns
+                    st.alive[stage].append(peer)
+                    st.failed.discard(peer)
+                    self._dead.pop(peer, None)
+                st.alive[stage].sort()
 
-    async def _catch_up(self, st: _Step, stage: int, behind: list[str]) -> None:
-        """Replicas that missed a step end (slow, partitioned, or ready only after the job's first step began)
-        reload this step's state from a live replica of their stage now, before the step end, and then take part
-        in it with nothing committed. (Reloading in the background instead, a replica whose load takes longer
-        than a step stays behind for good: by the time it is loaded the trainer has moved on.)"""
-        source = min(st.alive[stage])
-        results = await asyncio.gather(*(self._control(p, stage, Resync(self.step_no, source), StatusReply,
+    async def _realign(self, stage: int, steps: dict[str, int]) -> list[str]:
+        """Bring the replicas of ``stage`` whose reported ``steps`` are behind the trainer's to its step; return
+        those that now are. With a replica at the trainer's step, they reload its state (Resync): a replica that
+        missed a step end (slow, partitioned, or ready only after the job's first step began) -- reloading in the
+        background instead, one whose load takes longer than a step would stay behind for good. With none (the
+        stage's last replica at that step died before its state was backed up) the most advanced ones skip to
+        it (Advance: the stage loses the updates in between) and the others reload from them."""
+        behind = sorted(p for p, step in steps.items() if step < self.step_no)
+        at = sorted(p for p, step in steps.items() if step == self.step_no)
+        if not behind:
+            return []
+        done = []
+        if not at:
+            newest = max(steps[p] for p in behind)
+            leaders = [p for p in behind if steps[p] == newest]
+            replies = await asyncio.gather(*(self._control(p, stage, Advance(self.step_no), StatusReply)
+                                             for p in leaders), return_exceptions=True)
+            at = [p for p, res in zip(leaders, replies) if isinstance(res, StatusReply) and res.step == self.step_no]
+            logger.warning("step %d: no replica of stage %d was at the trainer's step; %s advanced from step %d",
+                           self.step_no, stage, [p[-8:] for p in at] or "none could be", newest)
+            done, behind = list(at), [p for p in behind if p not in leaders]
+            if not at:
+                return []
+        source = at[0]
+        replies = await asyncio.gather(*(self._control(p, stage, Resync(self.step_no, source), StatusReply,
                                                        self.config.end_step_timeout) for p in behind),
                                        return_exceptions=True)
-        for peer, res in zip(behind, results):
+        for peer, res in zip(behind, replies):
             if isinstance(res, StatusReply) and res.step == self.step_no and res.committed == 0:
                 logger.info("step %d: replica %s (stage %d) caught up from %s", self.step_no, peer[-8:], stage,
                             source[-8:])
-                st.alive[stage].append(peer)
-                self._dead.pop(peer, None)
+                done.append(peer)
             else:
                 logger.info("step %d: replica %s (stage %d) could not catch up: %s", self.step_no, peer[-8:], stage,
                             getattr(res, "reason", None) or repr(res)[:120])
-        st.alive[stage].sort()
+        return done
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
         """Forward, backward and commit every micro-batch of (x, y) until each is counted once at every stage."""
@@ -559,14 +583,22 @@ class PipelineTrainer:
 
     async def _discard_abandoned(self) -> None:
         """Every replica drops the commits of the attempt at this step that failed (their ids are not the
-        retry's; a single replica holding them would otherwise be failed by every status round)."""
+        retry's; a single replica holding them would otherwise be failed by every status round); replicas its
+        replies show behind the trainer's step are brought to it (_realign) -- a failed attempt is how the
+        trainer learns that a stage's only replicas missed a step end."""
         peers = [(s, p) for s in range(self.num_stages) for p in self._records.get(s, {})]
         results = await asyncio.gather(*(self._control(p, s, Discard(self.step_no), StatusReply) for s, p in peers),
                                        return_exceptions=True)
+        steps: dict[int, dict[str, int]] = collections.defaultdict(dict)
         for (s, p), res in zip(peers, results):
-            if not isinstance(res, StatusReply):
+            if isinstance(res, StatusReply):
+                steps[s][p] = res.step
+            else:
                 logger.info("step %d: discarding the abandoned attempt on %s (stage %d) failed: %s", self.step_no,
                             p[-8:], s, getattr(res, "reason", res))
+        for s, at in steps.items():
+            for peer in await self._realign(s, at):
+                self._dead.pop(peer, None)
         self._abandoned = None
 
     async def end_step(self, st: _Step) -> tuple[StageStep, ...]:

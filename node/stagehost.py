@@ -8,7 +8,8 @@
 Protocols (protocol/pipeline_messages.py names them and holds the messages; one stream per request and reply):
     .../pipe/{pipeline}/s{i}/forward    ForwardRequest -> ForwardReply | ErrorReply   (protocol/activations.py)
     .../pipe/{pipeline}/s{i}/backward   BackwardRequest -> BackwardReply | ErrorReply
-    .../pipe/{pipeline}/s{i}/control    Status | Commit | EndStep | Resync -> reply | ControlError
+    .../pipe/{pipeline}/s{i}/control    Status | Commit | EndStep | Resync | Advance | Discard | DirectOpen
+                                        -> reply | ControlError
     .../pipe/{pipeline}/state           StateRequest -> StateHead + chunks (this stage, or a backup held here)
     .../pipe/{pipeline}/backup          StateHead + chunks -> BackupAck (another stage's state, kept in memory)
     direct TCP (StageConfig.direct)     sealed frames (protocol/direct.py): forward / backward request -> reply,
@@ -83,11 +84,11 @@ from protocol.direct import (FORWARD, REPLY, REQUESTS, TAG_SIZE, DirectChannel, 
                              send_sealed)
 from protocol.codecs import quantize_values
 from protocol.messages import TensorSpec
-from protocol.pipeline_messages import (CONTROL_BOUND, BackupAck, Commit, CommitReply, ControlError, DirectOffer,
-                                        DirectOpen, Discard, EndStep,
-                                        EndStepReply, MemberRecord, Resync, StateHead, StateRequest, Status,
-                                        StatusReply, control_from_wire, control_to_wire, member_record_from_wire,
-                                        member_record_to_wire, one_line, pipe_protocol, stage_key, stage_protocol)
+from protocol.pipeline_messages import (CONTROL_BOUND, Advance, BackupAck, Commit, CommitReply, ControlError,
+                                        DirectOffer, DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync,
+                                        StateHead, StateRequest, Status, StatusReply, control_from_wire,
+                                        control_to_wire, member_record_from_wire, member_record_to_wire, one_line,
+                                        pipe_protocol, stage_key, stage_protocol)
 from protocol.rounds import RoundConfig
 from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 from protocol.streams import close_after_peer, close_quietly, read_frame, write_frame
@@ -467,7 +468,7 @@ class StageHost:
     async def _on_control(self, peer: str, reader, writer) -> None:
         try:
             data = await asyncio.wait_for(read_frame(reader, CONTROL_BOUND), self.config.io_timeout)
-            msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Discard, DirectOpen))
+            msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Advance, Discard, DirectOpen))
             if isinstance(msg, DirectOpen):
                 reply = self._offer(peer)
             elif isinstance(msg, Status):
@@ -479,6 +480,9 @@ class StageHost:
                 reply = await self._exec(self._commit, msg, peer)
             elif isinstance(msg, EndStep):
                 reply = await self.end_step(msg, peer)
+            elif isinstance(msg, Advance):
+                await self.advance(msg.step)
+                reply = StatusReply(self.step, len(self._committed), self.params_hash)
             else:
                 await self.resync(msg.source, msg.step)
                 reply = StatusReply(self.step, len(self._committed), self.params_hash)
@@ -634,6 +638,22 @@ class StageHost:
                                          "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
         self.step, self._last_end = head.step, None
+        self._acts.clear()
+        self._pending.clear()
+        self._acc, self._committed = None, set()
+
+    async def advance(self, step: int) -> None:
+        """Skip to ``step`` while serving (the trainer's Advance): nothing held of the current step is kept."""
+        async with self._end_lock:
+            await self._exec(self._advance, step)
+
+    def _advance(self, step: int) -> None:
+        if step < self.step:
+            raise Refused(f"stage is at step {self.step}, past {step}")
+        if step > self.step:
+            logger.warning("stage %d: advanced from step %d to the trainer's step %d (the updates in between died "
+                           "with the stage's last replica at them)", self.index, self.step, step)
+        self.skip_to(step)
         self._acts.clear()
         self._pending.clear()
         self._acc, self._committed = None, set()

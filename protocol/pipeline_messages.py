@@ -207,6 +207,16 @@ class Resync(_Message):
 
 
 @dataclass(frozen=True)
+class Advance(_Message):
+    """Trainer -> the most advanced replicas of a stage none of whose replicas is at the trainer's ``step`` (its
+    last replica at that step died before its state was backed up): label the state held as ``step``; the
+    stage loses the updates in between, the pipeline goes on. The reply is a StatusReply (a ControlError if the
+    replica is past ``step``)."""
+    step: int
+    _checks = {"step": _step}
+
+
+@dataclass(frozen=True)
 class Discard(_Message):
     """Trainer -> replica: drop what this trainer committed in ``step``, an attempt it abandoned (a failed
     step is retried with new micro-batch ids; commits of the old attempt would not match its count). The reply
@@ -303,7 +313,8 @@ class MemberRecord(_Message):
 
 
 _TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
-                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync", Discard: "discard",
+                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync", Advance: "advance",
+                          Discard: "discard",
                           ControlError: "error", StateRequest: "state_request", StateHead: "state",
                           BackupAck: "backup_ack", MemberRecord: "record", DirectOpen: "direct_open",
                           DirectOffer: "direct_offer"}
@@ -362,8 +373,8 @@ def member_record_from_wire(data: Any) -> MemberRecord:
 
 
 __all__ = ["CONTROL_BOUND", "MAX_GROUP", "MAX_MB_ID", "MAX_MICRO_BATCHES", "MAX_REASON", "MAX_RECORD_BYTES", "MAX_STEP",
-           "PIPE_PROTOCOL_VERSION", "STAGE_KINDS", "BackupAck", "Commit", "CommitReply", "ControlError", "DirectOffer",
-           "DirectOpen", "Discard",
-           "EndStep", "EndStepReply", "MemberRecord", "Resync", "StateHead", "StateRequest", "Status", "StatusReply",
-           "check_peer_id", "control_from_wire", "control_to_wire", "member_record_from_wire",
-           "member_record_to_wire", "one_line", "pipe_protocol", "stage_key", "stage_protocol"]
+           "PIPE_PROTOCOL_VERSION", "STAGE_KINDS", "Advance", "BackupAck", "Commit", "CommitReply", "ControlError",
+           "DirectOffer", "DirectOpen", "Discard", "EndStep", "EndStepReply", "MemberRecord", "Resync", "StateHead",
+           "StateRequest", "Status", "StatusReply", "check_peer_id", "control_from_wire", "control_to_wire",
+           "member_record_from_wire", "member_record_to_wire", "one_line", "pipe_protocol", "stage_key",
+           "stage_protocol"]

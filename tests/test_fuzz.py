@@ -74,7 +74,7 @@ from protocol.jobs import (MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, MAX_JOB
                            state_header_from_wire, state_header_to_wire)
 from protocol.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
 from protocol.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.pipeline_messages import DirectOffer, DirectOpen, Discard
+from protocol.pipeline_messages import Advance, DirectOffer, DirectOpen, Discard
 from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
 from protocol.shard_transfer import (MAX_CONTROL_BYTES, ChunkReply, ChunkRequest, TransferRefusal,
@@ -555,13 +555,14 @@ CONTROL_SEEDS = [Status(3), StatusReply(3, 17, SHA), StatusReply(0, 0, ""), Comm
                  ControlError("no state of stage 2 here"), StateRequest(2, 0), StateHead(2, 9, 2**40, SHA, SHA),
                  BackupAck(True, ""), BackupAck(False, "state of 9 bytes; at most 8 expected")]
 CONTROL_SEEDS += [DirectOpen(), DirectOffer("127.0.0.1", 40123, bytes(range(16)), bytes(range(32))),
-                  DirectOffer("2001:db8::1", 65535, b"\xff" * 16, b"k" * 32)]
+                  DirectOffer("2001:db8::1", 65535, b"\xff" * 16, b"k" * 32), Discard(7), Advance(2**40)]
 
 
 @pytest.mark.parametrize("expect", [(Status, Commit, EndStep, Resync), StateRequest, StateHead,
                                     (StateHead, ControlError), BackupAck, (StatusReply, ControlError),
                                     (CommitReply, ControlError), (EndStepReply, ControlError),
-                                    (Status, Commit, EndStep, Resync, Discard, DirectOpen), (DirectOffer, ControlError)],
+                                    (Status, Commit, EndStep, Resync, Advance, Discard, DirectOpen),
+                                    (DirectOffer, ControlError)],
                          ids=lambda e: "+".join(t.__name__ for t in (e if isinstance(e, tuple) else (e,))))
 def test_control_from_wire(expect):
     """Every control message as each reader expects it (all types as seeds). Bound: 80 B per byte of 1 MiB."""

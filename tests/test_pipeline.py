@@ -30,9 +30,9 @@ from node.stage_state import Refused, fetch_state
 from node.stagehost import StageConfig, StageHooks, StageHost
 from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
                                   activation_from_wire, activation_to_wire)
-from protocol.pipeline_messages import (Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply, MemberRecord,
-                                        StateHead, control_from_wire, control_to_wire, member_record_from_wire,
-                                        member_record_to_wire, pipe_protocol, stage_protocol)
+from protocol.pipeline_messages import (Advance, Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply,
+                                        MemberRecord, StateHead, control_from_wire, control_to_wire,
+                                        member_record_from_wire, member_record_to_wire, pipe_protocol, stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 
@@ -117,7 +117,7 @@ def test_control_messages_round_trip_and_refuse_malformed_frames():
     for msg in (Commit(3, (1, 2**64 - 1)), CommitReply(3, (1,), (2,)), EndStep(7, (5, 6), (peer,), None),
                 EndStep(7, (), (peer, peer), peer), ControlError("no"),
                 EndStepReply(2, True, 4.0, 2, 0, 2, "ab" * 32, None, ""),
-                StateHead(1, 5, 100, "cd" * 32, "ef" * 32), Discard(9)):
+                StateHead(1, 5, 100, "cd" * 32, "ef" * 32), Discard(9), Advance(9)):
         assert control_from_wire(control_to_wire(msg), type(msg)) == msg
     rec = MemberRecord("replica", 2.5, 4, 1e9)
     assert member_record_from_wire(member_record_to_wire(rec)) == rec
@@ -267,6 +267,63 @@ def test_a_failed_hop_on_a_single_replica_stage_is_retried_without_wedging(tmp_p
     for r in reports:
         assert r.micro_batches == 4 and all(s.committed == 4 and s.applied for s in r.stages), r
     assert [step for step, _ in ends] == [3, 3]
+
+
+@pytest.mark.timeout(120)
+def test_replicas_that_missed_a_step_end_are_brought_to_the_trainers_step(tmp_path):
+    """Stage 0 has replicas A and B, stage 1 only C. B refuses the end of step 1 (it stays at step 1, A and C move
+    on): the trainer finds it behind and has it reload A's state within a later step, whose end it then takes
+    part in. C refuses the end of step 3: no replica of stage 1 is at the trainer's step 4, so the next attempt
+    fails once, and before the retry the trainer has C skip to step 4 (its step-3 update is lost) and the job
+    goes on. (Reloading in the background, a replica slower to load than a step used to stay behind for good.)"""
+    shards = split(build_model("gpt2", UNTIED_GPT2, 0).module, [(0, 2), (2, 4)], tmp_path / "shards")
+    manifest = read_manifest(shards)
+    cfg = StageConfig(swarm=SWARM, optimizer="adamw", lr=3e-3, heartbeat=0.2, ttl=5.0, matchmaking_time=3.0,
+                      part_timeout=5.0, result_timeout=10.0)
+
+    def refuse_end(at_step: int):
+        async def hook(kind: str, step: int, n: int) -> None:
+            if (kind, step) == ("end_step", at_step):
+                raise Refused("injected: this replica misses the step end")
+        return hook
+
+    async def scenario():
+        async with swarm(4, with_dht=True) as (p2ps, dhts):
+            hooks = [None, refuse_end(1), refuse_end(3)]
+            hosts = [StageHost(p2ps[i], dhts[i], "behind", stage, load_stage(shards, stage), cfg,
+                               StageHooks(before=hooks[i]), manifest) for i, stage in enumerate((0, 0, 1))]
+            async with hosts_running(hosts):
+                trainer = PipelineTrainer(p2ps[3], dhts[3], "behind", shards, TrainerConfig(
+                    swarm=SWARM, micro_batch_size=2, hop_timeout=20, end_step_timeout=20, replica_wait=10, seed=1))
+                try:
+                    await wait_replicas(trainer, {0: 2, 1: 1})
+                    reports = [await trainer.step(*batch(step)) for step in range(4)]
+                    failed = None
+                    for step in range(4, 30):  # until B has caught up and the run is past C's advance
+                        try:
+                            reports.append(await trainer.step(*batch(step)))
+                        except PipelineError as e:
+                            assert failed is None, f"a second failed attempt: {e}"
+                            failed = (trainer.step_no, str(e))
+                            reports.append(await trainer.step(*batch(step)))
+                        a, b = hosts[0], hosts[1]
+                        if step >= 6 and a.step == b.step and a.params_hash == b.params_hash:
+                            break
+                    return reports, failed, [(h.step, h.params_hash) for h in hosts]
+                finally:
+                    await trainer.close()
+
+    reports, failed, ends = asyncio.run(scenario())
+    assert [r.step for r in reports] == list(range(len(reports)))
+    assert reports[1].stages[1].applied and reports[3].stages[0].applied
+    assert None in reports[1].stages[0].replies.values()  # B's end of step 1 failed; A's did not
+    assert not reports[3].stages[1].applied and set(reports[3].stages[1].replies.values()) == {None}  # C's
+    assert failed is not None and failed[0] == 4 and "stage 1" in failed[1], failed
+    assert reports[4].stages[1].applied and len(reports[4].stages[1].replies) == 1  # C, advanced to step 4
+    last = reports[-1]
+    assert len(last.stages[0].replies) == 2 and last.stages[0].in_sync and last.stages[0].applied, last.stages[0]
+    steps = {step for step, _ in ends}
+    assert steps == {len(reports)} and ends[0][1] == ends[1][1], ends  # A and B: same step, same parameters
 
 
 # ---- bad frames ----------------------------------------------------------------------------------------------
