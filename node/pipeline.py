@@ -43,9 +43,10 @@ Why it is built this way -- the races it handles (the host's side is in node/sta
   * A failed step is retried by the caller with new micro-batch ids; before the retry every replica is told to
     Discard what the abandoned attempt committed there, so a single replica holding those commits is not
     failed by every later status round (it would wedge the pipeline). Their replies also give each replica's
-    step: a stage none of whose replicas is at the trainer's step (its last replica at that step died after the
-    other stages ended it but before its state was backed up; the new host loaded an older backup) has its
-    most advanced replicas Advance to the trainer's step -- that stage loses those updates, the job goes on.
+    step: a stage none of whose replicas or backups is at the trainer's step (its last replica at that step
+    died after the other stages ended it but before its state was backed up, and the new host loaded an older
+    backup; or its only replica failed its step end) has its most advanced replicas Advance to the trainer's
+    step once every replica record of the stage answers -- that stage loses those updates, the job goes on.
   * The direct data path (protocol/direct.py; p2pd's relay costs ~8 ms per 1 MiB hop): a hop goes over a
     persistent TCP connection to the replica, in a session the replica handed out over the authenticated libp2p
     control stream (DirectOpen -> DirectOffer), at an address the libp2p connection to that peer uses. A direct
@@ -93,6 +94,7 @@ from protocol.streams import close_quietly, read_frame, write_frame
 
 logger = logging.getLogger(__name__)
 CAUSAL_LMS = ("GPT2LMHeadModel", "LlamaForCausalLM")
+REALIGN_BACKOFF_S = 30.0  # a replica that failed to catch up is not asked again (nor waited for) for this long
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
@@ -227,6 +229,8 @@ class PipelineTrainer:
         self.vocab = int(cfg["vocab_size"])
         self._explicit = None if replicas is None else {int(k): list(v) for k, v in replicas.items()}
         self._records: dict[int, dict[str, MemberRecord]] = {}
+        self._backups: dict[int, dict[str, MemberRecord]] = {}  # per stage: peers holding a backup of its state
+        self._realign_after: dict[str, float] = {}  # replica -> monotonic time before which no catch-up is tried
         self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
         self._rng = random.Random(config.seed)
         self._abandoned: int | None = None  # a step whose attempt failed: its commits are discarded before a retry
@@ -242,16 +246,16 @@ class PipelineTrainer:
             self._records[stage] = {p: MemberRecord("replica", 1.0, 0, 0.0) for p in self._explicit.get(stage, [])}
             return
         found = await self.dht.get(stage_key(self.config.swarm, self.pipeline_id, stage), latest=True)
-        records = {}
+        records, backups = {}, {}
         if found is not None and isinstance(found.value, dict):
             for peer, item in found.value.items():
                 try:
                     rec = member_record_from_wire(item.value)
-                    if rec.role == "replica":
-                        records[check_peer_id(peer, "subkey")] = rec
+                    if rec.role in ("replica", "backup"):
+                        (records if rec.role == "replica" else backups)[check_peer_id(peer, "subkey")] = rec
                 except ValueError as e:
                     logger.debug("ignoring the record of %r: %s", peer, e)
-        self._records[stage] = records
+        self._records[stage], self._backups[stage] = records, backups
 
     def _usable(self, peer: str, rec: MemberRecord) -> bool:
         """Not known to have failed, or heartbeating since (explicit lists have no heartbeats: tried each step)."""
@@ -483,7 +487,8 @@ class PipelineTrainer:
 
     async def _status_round(self, st: _Step) -> None:
         """Ask every replica for its status: the live ones form each stage's group; one that does not answer, is at
-        another step, or holds another number of commits than the trainer counts is failed (and rerun)."""
+        another step, or holds another number of commits than the trainer counts is failed (its micro-batches
+        rerun); one behind the trainer's step reloads it (_realign) and joins the group with nothing committed."""
         for stage in range(self.num_stages):
             await self._refresh(stage)
             records = self._records.get(stage, {})
@@ -514,30 +519,39 @@ class PipelineTrainer:
                     self._dead.pop(peer, None)
                 st.alive[stage].sort()
 
-    async def _realign(self, stage: int, steps: dict[str, int]) -> list[str]:
+    async def _realign(self, stage: int, steps: dict[str, int], may_advance: bool = False) -> list[str]:
         """Bring the replicas of ``stage`` whose reported ``steps`` are behind the trainer's to its step; return
-        those that now are. With a replica at the trainer's step, they reload its state (Resync): a replica that
-        missed a step end (slow, partitioned, or ready only after the job's first step began) -- reloading in the
-        background instead, one whose load takes longer than a step would stay behind for good. With none (the
-        stage's last replica at that step died before its state was backed up) the most advanced ones skip to
-        it (Advance: the stage loses the updates in between) and the others reload from them."""
-        behind = sorted(p for p, step in steps.items() if step < self.step_no)
+        those that now are. They reload the state at the trainer's step (Resync) from a replica that has it, or
+        else from a backup holder that announces it: a replica that missed a step end (slow, partitioned, or ready
+        only after the job's first step began) -- reloading in the background instead, one whose load takes
+        longer than a step would stay behind for good. With no such state anywhere (the stage's last replica at
+        that step died, or failed its step end, before its state was backed up) and ``may_advance`` (every
+        replica record of the stage answered), the most advanced ones skip to the trainer's step (Advance: the
+        stage loses the updates in between) and the others reload from them. A replica that fails to catch up is
+        left alone for REALIGN_BACKOFF_S (the step ends without it)."""
+        now = time.monotonic()
+        behind = sorted(p for p, step in steps.items() if step < self.step_no and self._realign_after.get(p, 0) <= now)
         at = sorted(p for p, step in steps.items() if step == self.step_no)
         if not behind:
             return []
         done = []
-        if not at:
+        backups = sorted((-rec.beat, p) for p, rec in self._backups.get(stage, {}).items() if rec.step == self.step_no)
+        source = at[0] if at else backups[0][1] if backups else None
+        if source is None:
+            if not may_advance:
+                return []
             newest = max(steps[p] for p in behind)
             leaders = [p for p in behind if steps[p] == newest]
-            replies = await asyncio.gather(*(self._control(p, stage, Advance(self.step_no), StatusReply)
-                                             for p in leaders), return_exceptions=True)
+            replies = await asyncio.gather(*(self._control(p, stage, Advance(self.step_no), StatusReply,
+                                                           self.config.end_step_timeout) for p in leaders),
+                                           return_exceptions=True)
             at = [p for p, res in zip(leaders, replies) if isinstance(res, StatusReply) and res.step == self.step_no]
-            logger.warning("step %d: no replica of stage %d was at the trainer's step; %s advanced from step %d",
-                           self.step_no, stage, [p[-8:] for p in at] or "none could be", newest)
+            logger.info("step %d: no replica or backup of stage %d at the trainer's step; told %s at step %d to "
+                        "advance to it", self.step_no, stage, [p[-8:] for p in leaders], newest)
             done, behind = list(at), [p for p in behind if p not in leaders]
             if not at:
                 return []
-        source = at[0]
+            source = at[0]
         replies = await asyncio.gather(*(self._control(p, stage, Resync(self.step_no, source), StatusReply,
                                                        self.config.end_step_timeout) for p in behind),
                                        return_exceptions=True)
@@ -546,9 +560,11 @@ class PipelineTrainer:
                 logger.info("step %d: replica %s (stage %d) caught up from %s", self.step_no, peer[-8:], stage,
                             source[-8:])
                 done.append(peer)
+                self._realign_after.pop(peer, None)
             else:
-                logger.info("step %d: replica %s (stage %d) could not catch up: %s", self.step_no, peer[-8:], stage,
-                            getattr(res, "reason", None) or repr(res)[:120])
+                logger.info("step %d: replica %s (stage %d) could not catch up from %s: %s", self.step_no, peer[-8:],
+                            stage, source[-8:], getattr(res, "reason", None) or repr(res)[:120])
+                self._realign_after[peer] = time.monotonic() + REALIGN_BACKOFF_S
         return done
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
@@ -590,14 +606,16 @@ class PipelineTrainer:
         results = await asyncio.gather(*(self._control(p, s, Discard(self.step_no), StatusReply) for s, p in peers),
                                        return_exceptions=True)
         steps: dict[int, dict[str, int]] = collections.defaultdict(dict)
+        unknown = set()  # stages with a replica record that did not answer: alive or not, its step is unknown
         for (s, p), res in zip(peers, results):
             if isinstance(res, StatusReply):
                 steps[s][p] = res.step
             else:
+                unknown.add(s)
                 logger.info("step %d: discarding the abandoned attempt on %s (stage %d) failed: %s", self.step_no,
                             p[-8:], s, getattr(res, "reason", res))
         for s, at in steps.items():
-            for peer in await self._realign(s, at):
+            for peer in await self._realign(s, at, may_advance=s not in unknown):
                 self._dead.pop(peer, None)
         self._abandoned = None
 

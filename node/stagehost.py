@@ -621,9 +621,9 @@ class StageHost:
         return state_bound(self.size, len(self._params), self.config.optimizer)
 
     def skip_to(self, step: int) -> None:
-        """Label the state held as step ``step`` (call before start): the newest state anyone had of this stage
-        is older than the trainer's step, its updates in between died with the stage's last replica, and the
-        pipeline goes on from the trainer's step rather than stop."""
+        """Label the state held as step ``step`` (before start, or on the worker thread as ``advance`` does): the
+        newest state anyone had of this stage is older than the trainer's step, its updates in between died with
+        the stage's last replica, and the pipeline goes on from the trainer's step rather than stop."""
         if step < self.step:
             raise ValueError(f"cannot go back from step {self.step} to {step}")
         self.step, self._last_end = step, None
@@ -651,8 +651,8 @@ class StageHost:
         if step < self.step:
             raise Refused(f"stage is at step {self.step}, past {step}")
         if step > self.step:
-            logger.warning("stage %d: advanced from step %d to the trainer's step %d (the updates in between died "
-                           "with the stage's last replica at them)", self.index, self.step, step)
+            logger.warning("stage %d: advanced from step %d to the trainer's step %d: no replica or backup of this "
+                           "stage had the updates in between", self.index, self.step, step)
         self.skip_to(step)
         self._acts.clear()
         self._pending.clear()

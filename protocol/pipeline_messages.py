@@ -208,10 +208,10 @@ class Resync(_Message):
 
 @dataclass(frozen=True)
 class Advance(_Message):
-    """Trainer -> the most advanced replicas of a stage none of whose replicas is at the trainer's ``step`` (its
-    last replica at that step died before its state was backed up): label the state held as ``step``; the
-    stage loses the updates in between, the pipeline goes on. The reply is a StatusReply (a ControlError if the
-    replica is past ``step``)."""
+    """Trainer -> the most advanced replicas of a stage none of whose replicas or backups is at the trainer's
+    ``step`` (its last replica at that step died, or failed its step end, before its state was backed up): label
+    the state held as ``step``; the stage loses the updates in between, the pipeline goes on. The reply is a
+    StatusReply (a ControlError if the replica is past ``step``)."""
     step: int
     _checks = {"step": _step}
 
