@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m node.cli dev-swarm --nodes 4 --dataset digits --job examples/demo.toml --churn --demo --dir demo-out
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not chaos and not netns" -q --durations=15
+	$(PY) -m pytest -m "not slow and not chaos and not netns" -q --durations=25
 
 # 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, conservation under freezes, pipeline
 # replicas killed mid-step, and the simulator's round time against real nodes in network namespaces (root) (~15 min)
