@@ -638,6 +638,10 @@ class StageHost:
                                          "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
         self.step, self._last_end = head.step, None
+        self._drop_step_work()
+
+    def _drop_step_work(self) -> None:
+        """Forget every activation, pending gradient and commit held of the step (the state under them changed)."""
         self._acts.clear()
         self._pending.clear()
         self._acc, self._committed = None, set()
@@ -654,9 +658,7 @@ class StageHost:
             logger.warning("stage %d: advanced from step %d to the trainer's step %d: no replica or backup of this "
                            "stage had the updates in between", self.index, self.step, step)
         self.skip_to(step)
-        self._acts.clear()
-        self._pending.clear()
-        self._acc, self._committed = None, set()
+        self._drop_step_work()
 
     async def resync(self, source: str, min_step: int) -> None:
         """Load the state of ``min_step`` or later from ``source`` (a replica of this stage)."""
