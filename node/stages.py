@@ -19,9 +19,9 @@ Supported classes: SUPPORTED (GPT2LMHeadModel, LlamaForCausalLM, BertModel, Bert
 Stage.forward(x, attention_mask=None, position_ids=None, token_type_ids=None)
   x:              first stage int64 token ids (B, T); any other stage the previous stage's output (B, T, H)
   attention_mask: optional (B, T), 1 = token, 0 = padding; the same tensor goes to every stage (it is batch
-                  metadata, like the token count), and each stage builds its 4-D mask from it with the function
-                  the installed transformers uses (masking_utils.create_causal_mask for GPT-2/LLaMA,
-                  create_bidirectional_mask for BERT), called with the arguments the unsplit model passes
+                  metadata, like the token count), and each stage builds its 4-D mask from it
+                  (node/attention_masks.py: the format the stage's attention implementation reads, "sdpa" by
+                  default or "eager", pinned on the model when it is cut)
   position_ids:   optional (1 or B, T); GPT-2 and LLaMA default to arange(T) in every stage (no KV cache)
   returns:        (B, T, H) hidden states, or from the last stage: logits (B, T, V) for causal LMs, the last
                   hidden state (B, T, H) for BertModel, class logits (B, C) for BertForSequenceClassification
@@ -34,13 +34,14 @@ apply the SUM of the two gradients (tied_grad_sum; in one process sync_tied_grad
 the last stage sends its head gradient to the first and both apply the sum). Equal start values + equal
 gradients + the same deterministic optimizer keep the copies equal, bit for bit.
 
-transformers quirks handled (checked against 5.23): decoder layers return a tensor (older versions a tuple:
-both accepted); LLaMA layers take position_embeddings=(cos, sin) from the model-level rotary embedding;
-masks come from transformers.masking_utils (create_causal_mask's keyword arguments are matched by name, so
-versions that also want cache_position get it); a layer's keyword arguments are filtered by its signature;
-BERT's position_ids/token_type_ids and LLaMA's inv_freq are non-persistent buffers, kept in stage_tensors so
-a stage rebuilt on the meta device gets them back without recomputation. Without masking_utils (transformers
-< 4.53, untested here) an explicit additive 4-D mask is built instead.
+Only transformers' public API is used: model and config classes from its namespace, each block called
+through its forward (keyword arguments filtered by the block's signature; a tuple output, as older versions
+return, gives its [0]), PreTrainedModel.set_attn_implementation to pin the attention the masks are built
+for. The masks are this project's own (node/attention_masks.py; transformers' builders are in an undocumented
+module whose signatures change between minor releases). LLaMA layers take position_embeddings=(cos, sin)
+from the model-level rotary embedding. BERT's position_ids/token_type_ids and LLaMA's inv_freq are
+non-persistent buffers, kept in stage_tensors so a stage rebuilt on the meta device gets them back without
+recomputation. Checked against the locked transformers (requirements.lock) by tests/test_splitter.py.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from node.attention_masks import DEFAULT_ATTENTION, bidirectional_mask, causal_mask, check_attention, pin_attention
 from protocol.shards import TiedWeight
 
 Span = tuple[int, int]
@@ -154,47 +156,6 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.
     return out[0] if isinstance(out, tuple) else out
 
 
-def _masking_utils() -> Any:
-    try:
-        from transformers import masking_utils
-    except ImportError:  # transformers < 4.53
-        return None
-    return masking_utils
-
-
-def _additive_mask(hidden: torch.Tensor, attention_mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
-    """Fallback for transformers without masking_utils: float (B, 1, T, T), 0 = attend, dtype-min = not."""
-    if attention_mask is None and not causal:
-        return None
-    b, t = hidden.shape[:2]
-    blocked = torch.zeros(b, 1, t, t, dtype=torch.bool, device=hidden.device)
-    if causal:
-        blocked |= torch.ones(t, t, dtype=torch.bool, device=hidden.device).triu(1)
-    if attention_mask is not None:
-        blocked |= (attention_mask == 0)[:, None, None, :].to(hidden.device)
-    return torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-        blocked, torch.finfo(hidden.dtype).min)
-
-
-def _causal_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                 position_ids: torch.Tensor) -> Any:
-    mu = _masking_utils()
-    if mu is None or not hasattr(mu, "create_causal_mask"):
-        return _additive_mask(hidden, attention_mask, causal=True)
-    cache_position = torch.arange(hidden.shape[1], device=hidden.device)  # (T,) only older versions name it
-    return _call_named(mu.create_causal_mask, config=config, inputs_embeds=hidden, input_embeds=hidden,
-                       attention_mask=attention_mask, cache_position=cache_position, past_key_values=None,
-                       position_ids=position_ids)
-
-
-def _bidirectional_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-    mu = _masking_utils()
-    if mu is None or not hasattr(mu, "create_bidirectional_mask"):
-        return _additive_mask(hidden, attention_mask, causal=False)
-    return _call_named(mu.create_bidirectional_mask, config=config, inputs_embeds=hidden, input_embeds=hidden,
-                       attention_mask=attention_mask)
-
-
 # ------------------------------------------------------------------------------------------------ the stage
 
 def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -218,10 +179,12 @@ class Stage(nn.Module):
     cut_stage (from a model) or empty_stage + load_stage_tensors (from a shard)."""
 
     def __init__(self, arch: str, config: Any, start: int, end: int, num_layers: int,
-                 parts: Mapping[str, nn.Module], layers: Mapping[int, nn.Module], ties: Iterable[TiedWeight]):
+                 parts: Mapping[str, nn.Module], layers: Mapping[int, nn.Module], ties: Iterable[TiedWeight],
+                 attention: str = DEFAULT_ATTENTION):
         super().__init__()
         layout = _layout(arch)
         self.arch, self.family, self.output, self.config = arch, layout.family, layout.output, config
+        self.attention = check_attention(attention)  # the implementation its blocks use (pinned on the model)
         self.start, self.end, self.num_layers = start, end, num_layers
         self.is_first, self.is_last = start == 0, end == num_layers
         self.ties = tuple(ties)  # every tie of the unsplit model; this stage may hold either side, both or none
@@ -232,7 +195,7 @@ class Stage(nn.Module):
         _attach(self, layout.layers, nn.ModuleDict({str(i): layers[i] for i in range(start, end)}))
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, layers=[{self.start}, {self.end}) of {self.num_layers}"
+        return f"arch={self.arch}, layers=[{self.start}, {self.end}) of {self.num_layers}, attention={self.attention}"
 
     def part(self, path: str) -> nn.Module:
         return self.get_submodule(path)
@@ -271,9 +234,9 @@ class Stage(nn.Module):
             inputs_embeds = self.part("transformer.wte")(x)  # (B, T, H)
             h = inputs_embeds + self.part("transformer.wpe")(position_ids)  # + (1, T, H)
             h = self.part("transformer.drop")(h)
-        mask = _causal_mask(self.config, h, attention_mask, position_ids)
+        mask = causal_mask(self.attention, h, attention_mask, position_ids)
         for block in self.blocks():
-            h = _call_layer(block, h, attention_mask=mask, use_cache=False, position_ids=position_ids)
+            h = _call_layer(block, h, attention_mask=mask, position_ids=position_ids)  # no cache: its default
         if self.is_last:
             h = self.part("transformer.ln_f")(h)
             h = self.part("lm_head")(h)  # (B, T, V)
@@ -282,11 +245,11 @@ class Stage(nn.Module):
     def _forward_llama(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_ids: torch.Tensor) -> torch.Tensor:
         h = self.part("model.embed_tokens")(x) if self.is_first else x  # (B, T, H)
-        mask = _causal_mask(self.config, h, attention_mask, position_ids)
+        mask = causal_mask(self.attention, h, attention_mask, position_ids)
         position_embeddings = self.part("model.rotary_emb")(h, position_ids)  # cos, sin: (1, T, head_dim) each
         for layer in self.blocks():
             h = _call_layer(layer, h, attention_mask=mask, position_embeddings=position_embeddings,
-                            position_ids=position_ids, past_key_values=None, use_cache=False)
+                            position_ids=position_ids)  # no cache: its default
         if self.is_last:
             h = self.part("model.norm")(h)
             h = self.part("lm_head")(h)  # (B, T, V)
@@ -301,8 +264,9 @@ class Stage(nn.Module):
         h = x
         if self.is_first:
             h = _call_named(self.part(p + "embeddings").forward, input_ids=x, position_ids=position_ids,
-                            token_type_ids=token_type_ids, inputs_embeds=None, past_key_values_length=0)
-        mask = _bidirectional_mask(self.config, h, attention_mask)
+                            token_type_ids=token_type_ids, inputs_embeds=None, past_key_values_length=0,
+                            cache_length=0)
+        mask = bidirectional_mask(self.attention, h, attention_mask, position_ids)
         for layer in self.blocks():
             h = _call_layer(layer, h, attention_mask=mask, position_ids=position_ids)
         if self.is_last and self.output == "class-logits":
@@ -349,11 +313,14 @@ def _names_under(path: str, module: nn.Module) -> set[str]:
     return {f"{path}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)}
 
 
-def cut_stage(model: nn.Module, start: int, end: int) -> Stage:
+def cut_stage(model: nn.Module, start: int, end: int, attention: str = DEFAULT_ATTENTION) -> Stage:
     """The stage for layers [start, end) of ``model``. It holds the model's own submodules (training the stage
     trains the model; cut a copy.deepcopy to keep the model apart), except: the rotary embedding is copied per
-    stage, and a tied tensor whose source lives in another stage is a fresh copy (see the module docstring)."""
+    stage, and a tied tensor whose source lives in another stage is a fresh copy (see the module docstring).
+    ``attention`` ("sdpa" or "eager") is pinned on ``model`` (node/attention_masks.pin_attention), so the model
+    and its stages attend the same way."""
     arch = arch_of(model)
+    pin_attention(model, attention)
     layout = _layout(arch)
     n = num_layers_of(model)
     _check_range(start, end, n)
@@ -380,25 +347,21 @@ def cut_stage(model: nn.Module, start: int, end: int) -> Stage:
                     if name not in copies}
             module = copy.deepcopy(module, memo=keep)
         parts[path] = module
-    return Stage(arch, model.config, start, end, n, parts, layers, ties)
+    return Stage(arch, model.config, start, end, n, parts, layers, ties, attention)
 
 
-def cut_model(model: nn.Module, spans: Sequence[Span]) -> list[Stage]:
+def cut_model(model: nn.Module, spans: Sequence[Span], attention: str = DEFAULT_ATTENTION) -> list[Stage]:
     """One Stage per span; the spans must cover the model's layers contiguously (check_spans)."""
     spans = check_spans(spans, num_layers_of(model))
-    return [cut_stage(model, start, end) for start, end in spans]
+    return [cut_stage(model, start, end, attention) for start, end in spans]
 
 
 # ------------------------------------------------------------------------------------ tensors of a stage
 
 def _nonpersistent_buffers(stage: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for mod_name, module in stage.named_modules():
-        for buf_name in getattr(module, "_non_persistent_buffers_set", ()):
-            buf = module._buffers.get(buf_name)
-            if buf is not None:
-                out[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf
-    return out
+    """Buffers that state_dict leaves out (registered with persistent=False), by their dotted names."""
+    persistent = set(stage.state_dict(keep_vars=True))
+    return {name: buf for name, buf in stage.named_buffers() if name not in persistent}
 
 
 def _shared_targets(stage: Stage) -> dict[str, str]:
@@ -419,7 +382,7 @@ def stage_tensors(stage: Stage) -> dict[str, torch.Tensor]:
 
 
 def empty_stage(arch: str, config: Mapping[str, Any] | Any, start: int, end: int,
-                dtype: torch.dtype = torch.float32) -> Stage:
+                dtype: torch.dtype = torch.float32, attention: str = DEFAULT_ATTENTION) -> Stage:
     """The stage's structure on the meta device (no memory, no init): the model is built on meta from
     ``config`` (a dict as config.to_dict() gives it, or a config object) and cut; fill with load_stage_tensors."""
     import transformers
@@ -432,7 +395,7 @@ def empty_stage(arch: str, config: Mapping[str, Any] | Any, start: int, end: int
         config = cls.config_class.from_dict(dict(config))
     with torch.device("meta"), _quiet_transformers():
         model = cls(config)
-    stage = cut_stage(model, start, end)
+    stage = cut_stage(model, start, end, attention)
     if dtype != torch.float32:
         stage.to(dtype)
     return stage

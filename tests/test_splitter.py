@@ -1,7 +1,8 @@
-"""node/stages.py: a model cut into 1, 2, 3 or N stages computes what the unsplit model computes (fp32, eval,
-max abs difference <= 1e-5), forward and backward; the backward is run as separate processes would run it
-(each boundary detached, activation gradients handed back by hand), with GPT-2's tied embedding/head
-gradient combined by summing; per-layer parameter counts add up to the model."""
+"""node/stages.py: a model cut into 1, 2, 3 or N stages computes exactly what the unsplit model computes (fp32,
+eval, max abs difference 0.0), forward and backward, with either attention implementation a stage builds masks
+for (sdpa, eager), with and without padding, and with packed position ids; the backward is run as separate
+processes would run it (each boundary detached, activation gradients handed back by hand), with GPT-2's tied
+embedding/head gradient combined by summing; per-layer parameter counts add up to the model."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from node.attention_masks import ATTENTION_IMPLEMENTATIONS
 from node.models import _quiet_transformers, build_model, minilm_path, param_count
 from node.stages import (Stage, check_spans, cut_model, cut_stage, layer_costs, layer_costs_for, sync_tied_grads,
                          tied_grad_sum)
 
-TOL = 1e-5
+TOL = 0.0  # exact: a stage runs the unsplit model's own ops on the same inputs, masks in the same format
 B, T, VOCAB = 3, 12, 256
 
 
@@ -65,8 +67,10 @@ def models() -> dict[str, nn.Module]:
 
 
 def get(models: dict, name: str) -> nn.Module:
+    """The cached model, attending with sdpa (a test that cuts it with attention="eager" pins eager on it)."""
     if name not in models:
         models[name] = _tiny(name)
+    models[name].set_attn_implementation("sdpa")
     return models[name]
 
 
@@ -134,13 +138,14 @@ def pipeline_backward(stages: list[Stage], inputs: list[torch.Tensor], outputs: 
 
 # --------------------------------------------------------------------------------------------- forward
 
+@pytest.mark.parametrize("attention", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("name,k", CASES)
-def test_stages_compose_to_the_unsplit_model(models, name, k):
+def test_stages_compose_to_the_unsplit_model(models, name, k, attention):
     model = get(models, name)
     b = batch(name)
     spans = equal_spans(n_layers(name), k)
-    stages = cut_model(model, spans)
-    assert [(s.start, s.end) for s in stages] == spans
+    stages = cut_model(model, spans, attention=attention)  # pins the implementation on the model too
+    assert [(s.start, s.end) for s in stages] == spans and all(s.attention == attention for s in stages)
     with torch.no_grad():
         expected = unsplit_output(name, model, b)
         _, outputs = run_pipeline(stages, b)
@@ -148,6 +153,35 @@ def test_stages_compose_to_the_unsplit_model(models, name, k):
     assert (outputs[-1] - expected).abs().max().item() <= TOL
     for stage, out in zip(stages[:-1], outputs[:-1]):
         assert out.shape == (B, T, stage.hidden_size)  # hidden states between stages
+
+
+@pytest.mark.parametrize("attention", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "minilm"])
+def test_stages_equal_the_unsplit_model_without_padding_and_with_packed_sequences(models, name, attention):
+    """No attention mask at all (the SDPA path without a mask), and position ids that pack two sequences per
+    row (each token attends only within its own sequence, as transformers detects packing)."""
+    model = get(models, name)
+    x = batch(name)["x"][:2, :8]  # (2, 8), no padding
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # (1, 8): sequences of 3 and 5 tokens
+    stages = cut_model(model, equal_spans(n_layers(name), 2), attention=attention)
+    with torch.no_grad():
+        for position_ids in (None, packed):
+            cache = {"use_cache": False} if name in ("gpt2", "llama") else {}  # a stage keeps no cache
+            out = model(input_ids=x, position_ids=position_ids, **cache)
+            expected = out.last_hidden_state if name in ("bert", "minilm") else out.logits
+            got = stages[1](stages[0](x, position_ids=position_ids), position_ids=position_ids)
+            assert (got - expected).abs().max().item() <= TOL, position_ids
+        # packing is real: the second sequence's tokens do not see the first's
+        a = stages[1](stages[0](x, position_ids=packed), position_ids=packed)
+        x2 = x.clone()
+        x2[:, 0] = (x2[:, 0] % (VOCAB - 1)) + 1
+        c = stages[1](stages[0](x2, position_ids=packed), position_ids=packed)
+        assert torch.equal(a[:, 3:], c[:, 3:]) and not torch.equal(a[:, :3], c[:, :3])
+
+
+def test_an_unsupported_attention_implementation_is_refused(models):
+    with pytest.raises(ValueError, match="attention implementation must be one of sdpa, eager"):
+        cut_model(get(models, "gpt2"), equal_spans(4, 2), attention="flash_attention_2")
 
 
 def test_causal_models_are_causal(models):
@@ -179,14 +213,16 @@ def test_bert_padding_mask_is_applied(models):
 
 # -------------------------------------------------------------------------------------------- backward
 
+@pytest.mark.parametrize("attention", ATTENTION_IMPLEMENTATIONS)
 @pytest.mark.parametrize("name,k", CASES)
-def test_pipeline_backward_matches_unsplit_gradients(models, name, k):
-    ref = get(models, name)
+def test_pipeline_backward_matches_unsplit_gradients(models, name, k, attention):
+    ref = copy.deepcopy(get(models, name))
+    ref.set_attn_implementation(attention)
     split = copy.deepcopy(ref)  # the stages hold the model's own modules: cut a copy
     b = batch(name)
     ref.zero_grad(set_to_none=True)
     loss_of(name, unsplit_output(name, ref, b), b).backward()
-    stages = cut_model(split, equal_spans(n_layers(name), k))
+    stages = cut_model(split, equal_spans(n_layers(name), k), attention=attention)
     inputs, outputs = run_pipeline(stages, b)
     loss = loss_of(name, outputs[-1], b)
     pipeline_backward(stages, inputs, outputs, loss)
@@ -292,17 +328,3 @@ def test_bad_stage_input_is_refused(models):
         first.pool(torch.zeros(1, 4, 32))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
-def test_fallback_masks_without_masking_utils(models, name, monkeypatch):
-    """The explicit additive 4-D mask used where transformers has no masking_utils (< 4.53) gives the same
-    outputs as the installed version's masks, padding included."""
-    import node.stages
-
-    model = get(models, name)
-    b = batch(name)
-    monkeypatch.setattr(node.stages, "_masking_utils", lambda: None)
-    with torch.no_grad():
-        expected = unsplit_output(name, model, b)
-        _, outputs = run_pipeline(cut_model(model, equal_spans(4, 2)), b)
-    real = b["mask"].bool()  # compare at real tokens: a fully masked query row is defined differently
-    assert (outputs[-1][real] - expected[real]).abs().max().item() <= TOL
