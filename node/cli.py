@@ -4,6 +4,7 @@
     swarmnode run --join /ip4/198.51.100.7/tcp/31337/p2p/12D3KooW...   # a volunteer joining it
     swarmnode status | peers | leave  [--json]               # ask the running daemon (same --home)
     swarmnode dev-swarm --nodes 4 [--demo]                   # N nodes on loopback
+    swarmnode data add digits --slice 0/4 | data list     # this node's own slice of a dataset (never shared)
     swarmnode submit job.toml --follow | jobs | job ID [--follow] [--export DIR] | cancel ID
     swarmnode split MODEL_DIR --stages 3 --strategy balanced --out DIR   # plan stages, write signed shards
 
@@ -19,13 +20,14 @@ import logging
 import os
 import pathlib
 import shutil
+import shlex
 import signal
 import sys
 import tempfile
 import time
 
 from node.config import resolve
-from node.errors import EXIT_USAGE, NodeError
+from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
 log = logging.getLogger("swarmnode")
 
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--join-backoff", type=float, help="first retry delay in seconds, doubling (default 1)")
     run.add_argument("--benchmark-seconds", type=float, help="matmul micro-benchmark budget (default 0.3)")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    run.add_argument("--data", help="directory of this node's local datasets (<data>/<dataset>/); never shared")
+    run.add_argument("--data", help="directory of this node's datasets (<data>/<dataset>/, default <home>/data; "
+                                    "fill it with `swarmnode data add`); never shared")
 
     for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
                        ("leave", "withdraw from the swarm and stop the daemon")]:
@@ -75,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a job you submitted")
     _add_common(cancel)
     cancel.add_argument("job_id")
+
+    data = sub.add_parser("data", help="this node's own datasets: add a slice of a bundled dataset, list them")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_add = data_sub.add_parser("add", help="write this node's slice of a bundled dataset into its data directory")
+    _add_common(data_add)
+    data_add.add_argument("--data", help="the node's data directory (default <home>/data; as `run --data`)")
+    data_add.add_argument("dataset", help="a bundled dataset: digits, wine, breast_cancer or pystdlib-bytes")
+    data_add.add_argument("--slice", default="0/1", metavar="I/N",
+                          help="this node's part I of N equal-sized parts (0-based; default 0/1: the whole train split)")
+    data_add.add_argument("--scheme", default="iid", choices=("iid", "label-skew", "shards"),
+                          help="how the N parts are drawn: iid (default), label-skew (Dirichlet 0.5) or shards")
+    data_add.add_argument("--seed", type=int, default=0,
+                          help="partition seed; every node of a swarm uses the same one (default 0)")
+    data_list = data_sub.add_parser("list", help="list the datasets in this node's data directory")
+    _add_common(data_list)
+    data_list.add_argument("--data", help="the node's data directory (default <home>/data)")
 
     split = sub.add_parser("split", help="plan pipeline stages of a local model and write signed shards")
     _add_common(split)
@@ -122,8 +141,21 @@ def _read_job_file(path: pathlib.Path) -> str:
 
 def _config_from(args: argparse.Namespace):
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow",
-                                                          "export", "model", "stages", "strategy", "host", "out")}
+                                                          "export", "model", "stages", "strategy", "host", "out",
+                                                          "data_command", "dataset", "slice", "scheme", "seed")}
     return resolve(flags, config_file=args.config)
+
+
+def self_command() -> str:
+    """How the user can run this same swarmnode again from any directory: the `swarmnode` on PATH if it is this
+    one, else this program's absolute path (or the interpreter with -m node.cli)."""
+    argv0 = pathlib.Path(sys.argv[0])
+    if argv0.name == "swarmnode":
+        on_path = shutil.which("swarmnode")
+        if on_path and pathlib.Path(on_path).resolve() == argv0.resolve():
+            return "swarmnode"
+        return shlex.quote(str(argv0.resolve()))
+    return f"{shlex.quote(sys.executable)} -m node.cli"
 
 
 # ---- output --------------------------------------------------------------------------------------------
@@ -135,6 +167,13 @@ def _gib(n: int) -> str:
 
 def _age(t: float) -> str:
     return f"{max(0.0, time.time() - t):.0f}s ago"
+
+
+def table(header: list[str], rows: list[list[str]], footer: str) -> str:
+    """Left-aligned columns two spaces apart, as wide as their widest cell, then a footer line."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join([*lines, footer])
 
 
 def capability_summary(cap) -> dict:
@@ -173,19 +212,21 @@ def format_peers_table(resp) -> str:
         addr = (p.addrs[0].split("/p2p/")[0] if p.addrs else "-") + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else "")
         rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
                      f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.append(f"{len(rows)} node(s); * = this node")
-    return "\n".join(lines)
+    return table(header, rows, f"{len(rows)} node(s); * = this node")
 
 
 # ---- commands ------------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from node.daemon import run_daemon  # heavy imports (torch, hivemind) only for the daemon
+    from node.home import check_data_dir, check_home_writable
 
     config = _config_from(args)
+    check_home_writable(config.home_dir)  # before the heavy imports: a bad home fails in a blink, in one line
+    check_data_dir(config.data)
+
+    from node.daemon import run_daemon  # heavy imports (torch, hivemind) only for the daemon
+
     level = getattr(logging, config.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from hivemind.utils.logging import use_hivemind_log_handler
@@ -198,10 +239,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm}), flush=True)
             return
-        print(f"swarmnode: node {daemon.peer_id} is up in swarm '{config.swarm}'. Others can join with:")
+        me, other = self_command(), shlex.quote(f"{config.home_dir}-2")
+        print(f"swarmnode: node {daemon.peer_id} is up in swarm '{config.swarm}'. Others can join with "
+              f"(another machine may keep the default --home):")
         for addr in daemon.addrs:
-            print(f"  swarmnode run --swarm {config.swarm} --join {addr}")
-        print(f"talk to it:  swarmnode status|peers|leave --home {config.home_dir}", flush=True)
+            print(f"  {me} run --home {other} --swarm {config.swarm} --join {addr}")
+        print(f"talk to it:  {me} status|peers|jobs|leave --home {shlex.quote(str(config.home_dir))}", flush=True)
 
     asyncio.run(run_daemon(config, on_ready=on_ready))
     return 0
@@ -216,7 +259,8 @@ def job_json(info) -> dict:
             "round_time_s": info.round_time_s, "summary": info.summary, "declined": info.declined,
             "local_round": info.local_round if info.local_model_hash else None,
             "local_model_hash": info.local_model_hash or None,
-            "stage_hosts": [group.split(",") for group in info.stage_hosts] or None}
+            "stage_hosts": [group.split(",") for group in info.stage_hosts] or None,
+            "declines": [{"peer_id": d.peer_id, "reason": d.reason} for d in info.declines], "takers": info.takers}
 
 
 def format_job_line(info) -> str:
@@ -232,15 +276,41 @@ def format_jobs_table(resp) -> str:
     rows = [[j.job_id, j.name, j.summary, j.state, f"{j.round}/{j.rounds}", str(len(j.participants)),
              f"{j.eval_metric:.4f}" if j.eval_metric == j.eval_metric else "-",
              f"declined: {j.declined}" if j.declined else "-"] for j in resp.jobs]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines + [f"{len(rows)} job(s)"])
+    return table(header, rows, f"{len(rows)} job(s)")
+
+
+def nobody_takes(info, waited_s: float) -> bool:
+    """True when no node has taken part in a running job for longer than its round timeout: every node
+    declined, or none is there to take it. (A paused job has participants: it waits for more.)"""
+    return info.takers == 0 and info.state == "running" and info.round == 0 and waited_s > info.round_timeout_s
+
+
+def job_updates(client, job_id: str, follow: bool, as_json: bool = False, clock=time.monotonic):
+    """(info, the line to print or None when it says what the last one said, declines not seen before) for each
+    state the daemon sends; with ``follow``, a NodeError (exit 1) once nobody_takes the job, naming the declines."""
+    start, last, seen = clock(), None, set()
+    for info in client.job(job_id, follow=follow):
+        line = json.dumps(job_json(info)) if as_json else format_job_line(info)
+        new = [d for d in info.declines if d.peer_id not in seen]
+        seen |= {d.peer_id for d in new}
+        yield info, (line if line != last else None), new
+        last = line
+        if follow and nobody_takes(info, clock() - start):
+            why = (f"{len(info.declines)} node(s) declined it: " + "; ".join(f"{d.peer_id[-8:]}: {d.reason}"
+                                                                            for d in info.declines[:3])
+                   + (" ..." if len(info.declines) > 3 else "")
+                   if info.declines else "no node declined it either: is any node of the swarm running?")
+            raise NodeError(f"no node has taken part in job {job_id} within its round timeout "
+                            f"({info.round_timeout_s:.0f} s); {why}", EXIT_FAILURE)
 
 
 def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
     info = None
-    for info in client.job(job_id, follow=follow):
-        print(json.dumps(job_json(info)) if as_json else format_job_line(info), flush=True)
+    for info, line, new in job_updates(client, job_id, follow, as_json):
+        if line is not None:
+            print(line, flush=True)
+        for d in new if not as_json else ():  # JSON lines carry them in "declines"
+            print(f"  declined by {d.peer_id}: {d.reason}", flush=True)
     return 0 if info is None or info.state != "cancelled" else 1
 
 
@@ -303,9 +373,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
+def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> bool:
     """Submit ``job_file`` from the first node and follow it; with ``churn``, SIGKILL the last node a third of
-    the way through and start a fresh node (with the dead one's data slice) that joins the running job."""
+    the way through and start a fresh node (with the dead one's data slice) that joins the running job. True
+    when the job ended done and every live participant exported the same model."""
     from node.localswarm import wait_for
 
     text = _read_job_file(job_file)
@@ -313,8 +384,11 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     print(f"\nsubmitted {job_file} as job {job_id}; each node trains on its own slice, only top-k updates move",
           flush=True)
     info, churned, fresh = None, not churn, None
-    for info in client.job(job_id, follow=True):
-        print(format_job_line(info), flush=True)
+    for info, line, new in job_updates(client, job_id, True):
+        if line is not None:
+            print(line, flush=True)
+        for d in new:
+            print(f"  declined by {d.peer_id}: {d.reason}", flush=True)
         if not churned and info.round >= max(1, info.rounds // 3):
             victim = swarm.nodes[-1]
             victim.kill_hard()
@@ -327,7 +401,7 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     print(f"\njob {job_id} {info.state}: final eval {info.eval_metric:.4f} after {info.round} rounds; "
           f"model hash {info.model_hash[:16]}...", flush=True)
     if info.state != "done":
-        return
+        return False
     manifests = {}
     for node in swarm.nodes:
         path = node.home / "jobs" / job_id / "manifest.json"
@@ -346,6 +420,7 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> None:
     out = swarm.nodes[0].home / "jobs" / job_id
     print(f"model, manifest, round report and curve: {out}/{{model.safetensors,manifest.json,report.json,curve.png}}",
           flush=True)
+    return hashes == {info.model_hash}
 
 
 def cmd_dev_swarm(args: argparse.Namespace) -> int:
@@ -360,6 +435,7 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    ok = True
     try:
         t0 = time.monotonic()
         print(f"starting {args.nodes} nodes on loopback under {root} ...", flush=True)
@@ -369,11 +445,13 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
         with swarm.nodes[0].client() as c:
             print(format_peers_table(c.peers()), flush=True)
             if args.job is not None:
-                run_demo_job(c, args.job, swarm, args.churn)
+                ok = run_demo_job(c, args.job, swarm, args.churn)
         if not args.demo:
-            print(f"\njoin from another terminal:  swarmnode run --swarm {args.swarm} --listen /ip4/127.0.0.1/tcp/0 "
-                  f"--home /tmp/mynode --join {swarm.nodes[0].addr}")
-            print(f"ask a node:                   swarmnode peers --home {swarm.nodes[0].home}   (homes: {root}/node*)")
+            me = self_command()
+            print(f"\njoin from another terminal:  {me} run --swarm {args.swarm} --listen /ip4/127.0.0.1/tcp/0 "
+                  f"--home {shlex.quote(str(root / 'mynode'))} --join {swarm.nodes[0].addr}")
+            print(f"ask a node:                   {me} peers --home {shlex.quote(str(swarm.nodes[0].home))}   "
+                  f"(homes: {root}/node*)")
             print("Ctrl-C stops every node.", flush=True)
             while True:
                 time.sleep(3600)
@@ -384,6 +462,62 @@ def cmd_dev_swarm(args: argparse.Namespace) -> int:
         print(f"stopped {len(swarm.nodes)} nodes", flush=True)
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok else EXIT_FAILURE
+
+
+def _parse_slice(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise NodeError(f"--slice {text!r}: expected I/N, e.g. 0/4 (part 0 of 4)", EXIT_USAGE) from None
+    if not sep or not 0 <= i < n or n > 4096:
+        raise NodeError(f"--slice {text!r}: expected I/N with 0 <= I < N <= 4096", EXIT_USAGE)
+    return i, n
+
+
+def format_data_table(entries: list[dict], data_dir: pathlib.Path) -> str:
+    header = ["NAME", "TASK", "TRAIN", "TEST", "ITEM", "CLASSES", "SLICE", "SCHEME"]
+    rows = []
+    for e in entries:
+        if e["error"]:
+            rows.append([e["name"], "unusable: " + e["error"], "", "", "", "", "", ""])
+            continue
+        item = "x".join(map(str, e["item_shape"])) + f" {e['dtype']}"
+        rows.append([e["name"], e["task"], str(e["train"]), str(e["test"]), item, str(e["classes"] or "-"),
+                     e["slice"], e["scheme"]])
+    return table(header, rows, f"{len(rows)} dataset(s) in {data_dir}")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from node.datasets import DATASETS, list_node_data, write_node_data
+
+    config = _config_from(args)
+    data_dir = config.data_dir
+    if args.data_command == "list":
+        try:
+            entries = list_node_data(data_dir)
+        except OSError as e:
+            raise NodeError(f"cannot read data directory {data_dir}: {e.strerror}", EXIT_USAGE) from None
+        print(json.dumps(entries) if args.json else format_data_table(entries, data_dir))
+        return 0
+    if args.dataset not in DATASETS:
+        raise NodeError(f"unknown dataset {args.dataset!r}; bundled: {', '.join(DATASETS)}", EXIT_USAGE)
+    index, count = _parse_slice(args.slice)
+    if args.seed < 0:
+        raise NodeError(f"--seed must be >= 0, got {args.seed}", EXIT_USAGE)
+    try:
+        write_node_data(args.dataset, data_dir / args.dataset, count, index, args.scheme, args.seed)
+        (entry,) = [e for e in list_node_data(data_dir) if e["name"] == args.dataset]
+    except ValueError as e:
+        raise NodeError(f"data add {args.dataset}: {e}", EXIT_USAGE) from None
+    except OSError as e:
+        raise NodeError(f"cannot write to data directory {data_dir}: {e.strerror}", EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps(entry))
+    else:
+        print(f"wrote slice {entry['slice']} ({args.scheme}) of {args.dataset}: {entry['train']} train items, "
+              f"{entry['test']} test items, to {data_dir / args.dataset}; it never leaves this node")
     return 0
 
 
@@ -419,7 +553,11 @@ def cmd_split(args: argparse.Namespace) -> int:
         plan = plan_for_model(model, _hosts(args.host) if args.host else args.stages, args.strategy)
     except ValueError as e:
         raise NodeError(str(e), EXIT_USAGE) from None
-    key, _ = load_or_create_key(_config_from(args).identity_path)
+    key_path = _config_from(args).identity_path
+    key, created = load_or_create_key(key_path)
+    if created:
+        print(f"swarmnode: created a new identity key at {key_path}: it signs the shard manifest (pass --home to "
+              f"sign as a node's own identity)", file=sys.stderr)
     manifest = split_model(model, plan.spans, args.out, key)
     if args.json:
         print(json.dumps({"strategy": plan.strategy, "stages": plan.rows(), "model_hash": manifest.model_hash,
@@ -445,6 +583,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_swarm(args)
         if args.command == "split":
             return cmd_split(args)
+        if args.command == "data":
+            return cmd_data(args)
+        from node.home import check_home_readable
+
+        check_home_readable(_config_from(args).home_dir)
         if args.command in ("submit", "jobs", "job", "cancel"):
             return cmd_jobs(args)
         return cmd_client(args)
@@ -453,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a file problem no check foresaw: still one line, naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"swarmnode: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

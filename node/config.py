@@ -42,7 +42,7 @@ class NodeConfig:
     join_backoff: float = 1.0  # first retry delay in seconds, doubled each time
     benchmark_seconds: float = 0.3  # budget of the matmul micro-benchmark
     log_level: str = "INFO"
-    data: pathlib.Path | None = None  # local datasets: <data>/<dataset>/ as written by node/datasets.write_node_data
+    data: pathlib.Path | None = None  # local datasets, <data>/<dataset>/ (`swarmnode data add`); default <home>/data
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
@@ -70,6 +70,11 @@ class NodeConfig:
     @property
     def home_dir(self) -> pathlib.Path:
         return self.home.expanduser()
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        """Where this node's datasets live: --data, or <home>/data."""
+        return self.data.expanduser() if self.data is not None else self.home_dir / "data"
 
     @property
     def identity_path(self) -> pathlib.Path:

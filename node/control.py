@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 TOKEN_METADATA = "x-swarmnode-token"
+FOLLOW_HEARTBEAT_S = 2.0  # a followed job's state is re-sent at least this often, changed or not
 
 
 def _status(error: NodeError) -> grpc.StatusCode:
@@ -88,16 +89,17 @@ class ControlServicer(pb_grpc.ControlServicer):
         return pb.JobsResponse(jobs=[job_to_proto(v, self.daemon.jobs.local_state(j)) for j, v in sorted(self.daemon.jobs.views.items())])
 
     async def Job(self, request: pb.JobRequest, context: grpc.aio.ServicerContext):
-        last = None
+        last, sent_at = None, 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await self.daemon.jobs.refresh()
             view = self.daemon.jobs.views.get(request.job_id)
             if view is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id} in this swarm")
             info = job_to_proto(view, self.daemon.jobs.local_state(request.job_id))
-            if info != last:
+            if info != last or loop.time() - sent_at >= FOLLOW_HEARTBEAT_S:  # a follower's clock ticks too
                 yield info
-                last = info
+                last, sent_at = info, loop.time()
             if not request.follow or view.state in ("done", "cancelled"):
                 return
             await asyncio.sleep(0.5)
@@ -139,6 +141,8 @@ def job_to_proto(view, local: tuple[int, str] | None = None) -> pb.JobInfo:
         bytes_exchanged=progress.bytes_exchanged if progress else 0,
         round_time_s=progress.round_time_s if progress else 0.0,
         summary=f"{record.spec.model.arch} on {record.spec.dataset}", declined=view.declined,
+        declines=[pb.Decline(peer_id=peer, reason=reason) for peer, reason in sorted(view.declines.items())],
+        takers=view.takers, round_timeout_s=record.spec.round_timeout_s,
     )
     if record.assignment is not None:
         info.stage_hosts.extend(",".join(group) for group in record.assignment.hosts)

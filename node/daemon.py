@@ -177,8 +177,7 @@ class Daemon:
         if not await self.membership.publish() and joins:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
-        self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir,
-                               cfg.data.expanduser() if cfg.data else None,
+        self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir, cfg.data_dir,
                                hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
                                key=key, peers=self.membership.peers)

@@ -59,6 +59,10 @@ DEFAULT_SHARDS_PER_NODE = 2
 DIGITS_MAX = 16.0
 
 
+FEATURES, TOKENS = "features", "tokens"  # what an item's x holds: float32 features, or uint8 byte tokens
+BYTE_VOCAB = 256
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     name: str
@@ -66,6 +70,14 @@ class DatasetInfo:
     num_classes: int | None  # None for causal-lm
     feature_shape: tuple[int, ...]  # one item's x: (F,) features, or (block_size + 1,) tokens for text
     source: str
+    inputs: str = FEATURES  # FEATURES or TOKENS
+    vocab: int | None = None  # token datasets: ids are in [0, vocab)
+
+    def describe(self) -> str:
+        what = (f"{self.feature_shape[0] - 1}-token windows" if self.inputs == TOKENS
+                else f"{int(np.prod(self.feature_shape))} features per item")
+        classes = f", {self.num_classes} classes" if self.num_classes else ""
+        return f"{self.task}, {what}{classes}"
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -74,7 +86,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "breast_cancer": DatasetInfo("breast_cancer", CLASSIFICATION, 2, (30,),
                                  "sklearn.datasets.load_breast_cancer (569 samples)"),
     "pystdlib-bytes": DatasetInfo("pystdlib-bytes", CAUSAL_LM, None, (DEFAULT_BLOCK_SIZE + 1,),
-                                  "this Python's standard library *.py sources as bytes"),
+                                  "this Python's standard library *.py sources as bytes", TOKENS, BYTE_VOCAB),
 }
 
 
@@ -116,6 +128,10 @@ class NodeData:
     @property
     def n_train(self) -> int:
         return int(self.x.shape[0])
+
+
+class NoLocalData(ValueError):
+    """The node has no slice of this dataset (its directory or manifest is missing): `swarmnode data add`."""
 
 
 class Batch(NamedTuple):
@@ -328,15 +344,16 @@ def write_node_data(dataset_name: str, out_dir: str | os.PathLike, n_nodes: int,
 
 
 def load_node_data(path: str | os.PathLike, dataset: str | None = None) -> NodeData:
-    """Read and verify a directory written by write_node_data; ValueError (one line) when the directory or
-    its manifest is missing, the manifest is for another dataset than ``dataset``, or the data is corrupt."""
+    """Read and verify a directory written by write_node_data; NoLocalData when the directory or its manifest
+    is missing, ValueError (one line) when the manifest is for another dataset than ``dataset`` or the data is
+    corrupt."""
     d = pathlib.Path(path)
     if not d.is_dir():
-        raise ValueError(f"no node data directory at {d}")
+        raise NoLocalData(f"no node data directory at {d}")
     try:
         manifest = json.loads((d / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ValueError(f"no {MANIFEST} in {d}; write it with write_node_data") from None
+        raise NoLocalData(f"no {MANIFEST} in {d} (`swarmnode data add` writes it)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"unreadable {d / MANIFEST}: {e}") from None
     keys = ("format", "dataset", "task", "num_classes", "scheme", "n_nodes", "node_index", "seed", "counts",
@@ -370,6 +387,31 @@ def load_node_data(path: str | os.PathLike, dataset: str | None = None) -> NodeD
                     arrays["test_x"], arrays["test_labels"], manifest["scheme"], manifest["n_nodes"],
                     manifest["node_index"], manifest["seed"], manifest["sha256"], manifest["fingerprint"],
                     manifest.get("options", {}))
+
+
+def list_node_data(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One entry per dataset directory under ``data_dir`` (sorted by name), each verified by load_node_data:
+    name, dataset, task, train/test items, item shape and dtype, classes, the slice (I of N, scheme, seed), and
+    ``error`` ("" when the slice is whole). A missing ``data_dir`` lists nothing."""
+    root = pathlib.Path(data_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entry: dict[str, Any] = {"name": d.name, "path": str(d), "error": ""}
+        try:
+            data = load_node_data(d)
+        except ValueError as e:
+            entry["error"] = str(e)
+        else:
+            entry.update({"dataset": data.dataset, "task": data.task, "train": data.n_train,
+                          "test": int(data.test_x.shape[0]), "item_shape": list(data.x.shape[1:]),
+                          "dtype": str(data.x.dtype), "classes": data.num_classes,
+                          "slice": f"{data.node_index}/{data.n_nodes}", "scheme": data.scheme, "seed": data.seed})
+            if data.dataset != d.name:
+                entry["error"] = f"holds dataset {data.dataset!r}; a job finds it only under {data.dataset}/"
+        out.append(entry)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- batches
@@ -416,5 +458,5 @@ def eval_batches(node_data: NodeData, batch_size: int, max_items: int | None = N
         yield _to_batch(node_data.task, node_data.test_x[chunk], node_data.test_labels[chunk])
 
 
-__all__ = ["Batch", "DATASETS", "DatasetInfo", "DatasetSplits", "NodeData", "SCHEMES", "batches", "eval_batches",
-           "load_dataset", "load_node_data", "partition", "stdlib_sources", "write_node_data"]
+__all__ = ["Batch", "DATASETS", "DatasetInfo", "DatasetSplits", "NoLocalData", "NodeData", "SCHEMES", "batches", "eval_batches",
+           "list_node_data", "load_dataset", "load_node_data", "partition", "stdlib_sources", "write_node_data"]

@@ -1,10 +1,13 @@
 """The daemon's jobs: publish them, find them in the DHT, decide to take part, run their rounds, report.
 
 Every node polls the swarm's ``jobs`` dictionary. For each running job it checks, locally and without
-telling anyone its data, whether it can serve it: a slice of the job's dataset under ``--data DIR/<dataset>``
-(written by node/datasets.write_node_data) and enough memory for the model. If so it runs the job's rounds
-with node/jobs.JobRunner and publishes a signed JobProgress after each; if not it declines, and says why in
-``swarmnode jobs``. While fewer than min_participants are ready the participants publish "paused" and keep
+telling anyone its data, whether it can serve it: its own slice of the job's dataset under its data directory
+(``<data>/<dataset>/``, written by ``swarmnode data add``), data that fits the job's model (node/job_model.py)
+and enough memory for the model. If so it announces itself with a signed JobProgress at its starting round,
+runs the job's rounds with node/jobs.JobRunner and publishes a signed JobProgress after each; if not it
+declines: ``swarmnode jobs`` shows why with what to do about it, and a signed JobProgress in state
+"declined" tells the swarm the reason (no local paths in it), so ``submit --follow`` shows every decline as it
+arrives. While fewer than min_participants are ready the participants publish "paused" and keep
 retrying the same round. When the last round completes, every participant writes the final model
 (safetensors), a manifest, a JSON report of every round and a PNG of the curves (node/jobexport.py); any
 other node can write the same files with ``swarmnode job ID --export DIR``.
@@ -32,14 +35,16 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.datasets import DATASETS, load_node_data
+from node.datasets import NoLocalData, load_node_data
 from node.errors import EXIT_USAGE, NodeError
 from node.jobexport import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs import JobRunner, RoundResult, params_hash
 from node.jobspec import job_spec_from_text
 from node.pipelinejobs import PipelineJobs
-from node.models import build_model, estimate_memory_bytes, flatten_params, load_flat_params, resolve_overrides
+from node.job_model import build_job_model, data_misfit, job_model_config
+from node.models import estimate_memory_bytes, flatten_params, load_flat_params
 from protocol.jobs import (
+    MAX_REASON,
     MAX_STATE_HEADER_BYTES,
     JobProgress,
     JobRecord,
@@ -71,7 +76,9 @@ class JobView:
     progress: JobProgress | None = None  # the freshest participant view
     at_best: tuple[JobProgress, ...] = ()  # every writer's progress at that round, freshest first
 
-    declined: str = ""  # why this node does not take part ("" if it does or has not decided)
+    declined: str = ""  # why this node does not take part ("" if it does or has not decided), with a hint
+    declines: dict[str, str] = field(default_factory=dict)  # writer -> reason, every node's signed decline
+    takers: int = 0  # nodes that announced they take part (any non-declined progress)
     history: list[RoundResult] = field(default_factory=list)  # this node's own rounds
     inherited: list[dict] = field(default_factory=list)  # earlier rounds, from the peer whose state we adopted
     announced: set[tuple[int, str]] = field(default_factory=set)  # (round, model hash) in signed progress
@@ -98,7 +105,7 @@ class JobView:
 
 class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
-                 data_dir: pathlib.Path | None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
+                 data_dir: pathlib.Path, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
                  after_round=None, key=None, peers=None):
         self.p2p, self.dht, self.swarm, self.peer_id = p2p, dht, swarm, peer_id
         self.home, self.data_dir, self.bandwidth, self.hooks = home, data_dir, bandwidth, hooks
@@ -127,10 +134,11 @@ class JobManager:
     # ---- what the control API calls ----------------------------------------------------------------------
 
     async def submit(self, toml_text: str, source: str) -> str:
-        def check_model(model) -> None:
-            resolve_overrides(model.arch, model.config())  # an unknown config name fails here, not on every node
-
-        spec = job_spec_from_text(toml_text, source, check_model)  # bad TOML, nesting, 64-bit ints: NodeError
+        spec = job_spec_from_text(toml_text, source)  # bad TOML, nesting, 64-bit ints: NodeError
+        try:
+            job_model_config(spec)  # unknown dataset or config name, a model that cannot take the data: here
+        except ValueError as e:
+            raise NodeError(f"{source}: {e}", EXIT_USAGE) from None
         nonce = secrets.token_hex(8)
         assignment = await self.pipeline.prepare(spec, nonce, source) if spec.kind == "pipeline" else None
         record = JobRecord.create(spec, self.peer_id, nonce, time.time(), assignment)
@@ -163,7 +171,10 @@ class JobManager:
             view = self.views.setdefault(record.job_id, JobView(record))
             if record.updated_at >= view.record.updated_at:
                 view.record = record
-            progress = await self._progress_entries(record.job_id)
+            entries = await self._progress_entries(record.job_id)
+            view.declines = {p.writer: p.reason for p in entries if p.state == "declined"}
+            progress = [p for p in entries if p.state != "declined"]
+            view.takers = len({p.writer for p in progress})
             if progress:
                 view.announced |= {(p.round, p.model_hash) for p in progress}
                 view.progress = max(progress, key=lambda p: (p.round, p.updated_at))
@@ -198,30 +209,50 @@ class JobManager:
 
     def _consider(self, view: JobView) -> None:
         pipeline = view.record.spec.kind == "pipeline"
-        reason = self.pipeline.why_not(view.record) if pipeline else self._why_not(view)
+        reason, hint = (self.pipeline.why_not(view.record), "") if pipeline else self._why_not(view)
         if reason:
-            view.declined = reason
-            logger.info("declining job %s: %s", view.record.job_id, reason)
+            view.declined = f"{reason}{'; ' + hint if hint else ''}"
+            logger.info("declining job %s: %s", view.record.job_id, view.declined)
+            self._tasks[view.record.job_id] = asyncio.create_task(
+                self._publish_decline(view.record.job_id, reason), name=f"decline-{view.record.job_id}")
             return
         run = self.pipeline.run(view) if pipeline else self._participate(view)
         self._tasks[view.record.job_id] = asyncio.create_task(run, name=f"job-{view.record.job_id}")
 
-    def _why_not(self, view: JobView) -> str:
+    def _why_not(self, view: JobView) -> tuple[str, str]:
+        """("", "") if this node can take part, else (the reason it tells the swarm, a hint for its own user)."""
         spec = view.record.spec
-        if self.data_dir is None:
-            return "this node has no --data directory"
         try:
-            load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+            cfg = job_model_config(spec)
+        except ValueError as e:  # a dataset or model this version does not know, a model that cannot fit it
+            return f"this node cannot train the job's model: {e}"[:MAX_REASON], ""
+        try:
+            data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        except NoLocalData:
+            return (f"no local data for dataset {spec.dataset!r}",
+                    f"add it with `swarmnode data add {spec.dataset} --home {self.home}`")
         except (ValueError, OSError) as e:
-            return f"no usable local data for dataset {spec.dataset!r}: {e}"
+            return f"its local data for dataset {spec.dataset!r} is unusable", str(e)
+        misfit = data_misfit(spec, cfg, data)
+        if misfit:
+            return misfit[:MAX_REASON], ""
         try:
-            need = estimate_memory_bytes(spec.model.arch, spec.model.config(), batch_size=spec.batch_size)
+            need = estimate_memory_bytes(spec.model.arch, cfg, batch_size=spec.batch_size)
         except ValueError as e:
-            return f"cannot build model {spec.model.arch!r}: {e}"
+            return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
         available = psutil.virtual_memory().available
         if need > available:
-            return f"the model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
-        return ""
+            return f"the model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available", ""
+        return "", ""
+
+    async def _publish_decline(self, job_id: str, reason: str) -> None:
+        """Tell the swarm why this node does not take part (signed, under this node's progress subkey)."""
+        decline = JobProgress(job_id, self.peer_id, 0, "", "declined", updated_at=time.time(),
+                              reason="".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON])
+        ok = await self.dht.store(progress_key(self.swarm, job_id), job_progress_to_wire(decline),
+                                  time.time() + JOB_TTL_S, subkey=progress_subkey(job_id, self.peer_id))
+        if not ok:
+            logger.warning("the decline of job %s was not stored", job_id)
 
     async def _participate(self, view: JobView) -> None:
         record, spec = view.record, view.record.spec
@@ -231,6 +262,9 @@ class JobManager:
         self._runners[record.job_id] = runner
         await runner.start()
         logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
+        if view.progress is None:  # the first taker: tell followers the job has a participant
+            await self._publish(JobProgress(record.job_id, self.peer_id, runner.completed, runner.model_hash,
+                                            "running", updated_at=time.time()))
         paused, last_size = False, 0  # last_size: the group of the last applied round
         try:
             while runner.completed < spec.rounds:
@@ -436,9 +470,7 @@ class JobManager:
         return await asyncio.to_thread(self._write_export, out, view, params, completed)
 
     def _fresh_model(self, view: JobView):
-        spec = view.record.spec
-        info = DATASETS.get(spec.dataset)
-        return build_model(spec.model.arch, spec.model.config(), spec.seed, num_classes=info.num_classes if info else None)
+        return build_job_model(view.record.spec)
 
     def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int) -> list[pathlib.Path]:
         bundle = self._fresh_model(view)

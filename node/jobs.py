@@ -33,7 +33,8 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from node.datasets import NodeData, batches, eval_batches
-from node.models import build_model, flatten_params, load_flat_params
+from node.job_model import build_job_model, data_misfit, job_model_config
+from node.models import flatten_params, load_flat_params
 from node.trainer import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
 from protocol.allreduce import Averager
 from protocol.codecs import quantize_values
@@ -72,12 +73,11 @@ class JobRunner:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
                  expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
                  after_round: Callable[[int, np.ndarray], None] | None = None):
-        if data.dataset != spec.dataset:
-            raise ValueError(f"job {job_id} trains on {spec.dataset!r}, this node's data is {data.dataset!r}")
-        if data.task != spec.task:
-            raise ValueError(f"job {job_id} is {spec.task}, this node's data is for {data.task}")
+        misfit = data_misfit(spec, job_model_config(spec), data)
+        if misfit:
+            raise ValueError(f"job {job_id}: {misfit}")
         self.job_id, self.spec, self.data = job_id, spec, data
-        self.bundle = build_model(spec.model.arch, spec.model.config(), spec.seed, num_classes=data.num_classes)
+        self.bundle = build_job_model(spec)  # sizes from the dataset's schema: the same model on every node
         self.params = flatten_params(self.bundle.module)  # (N,) float32, the global model at round start
         size = self.params.size
         self.sparsifier = ErrorFeedbackSparsifier(size, spec.density, "exact", seed=spec.seed)

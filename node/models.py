@@ -99,8 +99,10 @@ ARCHS: dict[str, ArchSpec] = {
 # ----------------------------------------------------------------------------------------------- overrides
 
 def resolve_overrides(arch: str, overrides: Mapping[str, Any] | None,
-                      num_classes: int | None = None) -> dict[str, Scalar]:
-    """The arch's defaults with ``overrides`` applied and checked; ValueError names the offending key."""
+                      num_classes: int | None = None, num_features: int | None = None) -> dict[str, Scalar]:
+    """The arch's defaults with ``overrides`` applied and checked; ValueError names the offending key.
+    ``num_classes`` (classification) sets the head's width and ``num_features`` (mlp, cnn) the input's from
+    the dataset; an override that disagrees with them is an error."""
     spec = _spec(arch)
     overrides = dict(overrides or {})
     cfg: dict[str, Scalar] = dict(spec.defaults)
@@ -116,8 +118,42 @@ def resolve_overrides(arch: str, overrides: Mapping[str, Any] | None,
             raise ValueError(f"model {arch!r}: override classes={overrides['classes']} disagrees with the "
                              f"dataset's {num_classes} classes")
         cfg["classes"] = num_classes
+    if num_features is not None:
+        _size_input(arch, cfg, overrides, _check_scalar(arch, "num_features", num_features, 1))
     _check_consistency(arch, cfg)
     return cfg
+
+
+def _size_input(arch: str, cfg: dict[str, Scalar], overrides: Mapping[str, Any], features: int) -> None:
+    """mlp: inputs = features. cnn: in_channels x side x side = features (side = sqrt(features), 1 channel,
+    unless overridden). Token models take no feature vector."""
+    if arch == "mlp":
+        if "inputs" in overrides and overrides["inputs"] != features:
+            raise ValueError(f"model 'mlp': override inputs={overrides['inputs']} disagrees with the dataset's "
+                             f"{features} features")
+        cfg["inputs"] = features
+    elif arch == "cnn":
+        side = math.isqrt(features)
+        if "side" not in overrides and "in_channels" not in overrides and side * side == features:
+            cfg["side"], cfg["in_channels"] = side, 1
+        if cfg["in_channels"] * cfg["side"] ** 2 != features:
+            raise ValueError(f"model 'cnn' takes images of in_channels x side x side = {cfg['in_channels']} x "
+                             f"{cfg['side']} x {cfg['side']} values; the dataset's items have {features} features "
+                             f"(use arch = \"mlp\" for feature vectors)")
+    else:
+        raise ValueError(f"model {arch!r} takes token ids, not a vector of {features} features")
+
+
+def takes_tokens(arch: str) -> bool:
+    """True for the transformers models (int64 token ids), False for mlp and cnn (float feature vectors)."""
+    return _spec(arch).name not in ("mlp", "cnn")
+
+
+def token_limits(arch: str, cfg: Mapping[str, Scalar]) -> tuple[int, int]:
+    """(vocabulary size, longest sequence) of a token model's resolved config ``cfg``."""
+    config = _hf_config(arch, cfg)
+    context = getattr(config, "n_positions", None) or config.max_position_embeddings
+    return int(config.vocab_size), int(context)
 
 
 def _spec(arch: str) -> ArchSpec:
@@ -475,4 +511,4 @@ def describe(bundle: ModelBundle) -> str:
 
 __all__ = ["ARCHS", "ArchSpec", "CAUSAL_LM", "CLASSIFICATION", "ModelBundle", "build_model", "describe",
            "estimate_memory_bytes", "flatten_params", "load_flat_params", "minilm_path", "param_count",
-           "params_sha256", "resolve_overrides"]
+           "params_sha256", "resolve_overrides", "takes_tokens", "token_limits"]

@@ -7,6 +7,14 @@ hivemind's ``P2P.create`` spawns p2pd in the caller's process group with no pare
 So we launch p2pd ourselves, in its own session and with PR_SET_PDEATHSIG=SIGKILL, then attach
 hivemind's client to it with ``P2P.replicate`` (hivemind's supported way to use an external daemon).
 The flags are the ones ``P2P.create`` passes for a DHT server node.
+
+Two things would make hivemind print "Unhandled exception in client_connected_cb ... IncompleteReadError" in a
+live node: hivemind's client listens on a unix socket (/tmp/hivemind-p2pclient-*.sock) and reads every
+connection to it as a stream p2pd hands over (``ControlClient._handler`` reads a StreamInfo first, unguarded), so
+  - any other process connecting to that socket and closing it (a liveness probe) costs the node a traceback:
+    sweep_stale_sockets never connects to a client socket, it looks sockets up in every network namespace, and
+  - p2pd dialing it for a stream while it goes away: stop() withdraws every stream handler from p2pd before
+    closing the client, and closes the client before p2pd stops.
 """
 
 from __future__ import annotations
@@ -49,37 +57,57 @@ def p2pd_binary() -> str:
 
 
 SOCKET_PATTERNS = ("/tmp/swarmnode-p2pd-*.sock", "/tmp/hivemind-p2pclient-*.sock")  # p2pd's, hivemind client's
+P2PD_SOCKET_PREFIX = "swarmnode-p2pd-"  # only these may be probed: p2pd ignores a bare connection
 STALE_AFTER_S = 60.0
 
 
-def _bound_unix_paths() -> set[str]:
-    """Paths of the unix sockets bound in this network namespace (/proc/net/unix)."""
+def _bound_unix_paths() -> set[str] | None:
+    """Paths of the unix sockets bound in every network namespace this process can see. /proc/net/unix lists
+    only our own namespace's, and a node started with ``ip netns exec`` (the netns testbed) binds its sockets
+    in another one, so read /proc/PID/net/unix once per namespace. None if not even our own can be read."""
+    paths, own_read, seen = set(), False, set()
     try:
-        with open("/proc/net/unix") as f:
-            return {parts[7] for parts in (line.split() for line in f) if len(parts) >= 8}
+        pids = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        return set()
+        pids = []
+    for pid in ["self", *pids]:
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/net")
+            if ns in seen:
+                continue
+            with open(f"/proc/{pid}/net/unix") as f:
+                paths |= {parts[7] for parts in (line.split() for line in f) if len(parts) >= 8}
+            seen.add(ns)
+            own_read = own_read or pid == "self"
+        except OSError:  # gone, or not ours to look at
+            continue
+    return paths if own_read else None
 
 
 def sweep_stale_sockets(patterns=SOCKET_PATTERNS, older_than: float = STALE_AFTER_S) -> int:
     """Remove the unix socket files a SIGKILLed node left behind (p2pd's and hivemind's client socket; nothing
     unlinks them when the process dies): this user's sockets matching ``patterns``, older than ``older_than``
-    seconds, bound by nobody here and refusing a connection (a process in another network namespace still
-    accepts one). Returns how many were removed; every error is skipped."""
+    seconds and bound in no network namespace we can see. A p2pd socket must also refuse a connection (a
+    process in a namespace we cannot see still accepts one); a hivemind client socket is never connected to,
+    since hivemind logs a traceback for every connection that closes without a stream, and is left alone when
+    the namespaces cannot be read. Returns how many were removed; every error is skipped."""
     bound, now, removed = _bound_unix_paths(), time.time(), 0
     for path in (p for pattern in patterns for p in glob.glob(pattern)):
         try:
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or now - st.st_mtime < older_than or \
-                    path in bound:
+                    path in (bound or ()):
                 continue
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(0.5)
-                try:
-                    probe.connect(path)
-                    continue  # alive
-                except ConnectionRefusedError:
-                    pass
+            if os.path.basename(path).startswith(P2PD_SOCKET_PREFIX):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.settimeout(0.5)
+                    try:
+                        probe.connect(path)
+                        continue  # alive
+                    except ConnectionRefusedError:
+                        pass
+            elif bound is None:
+                continue
             os.unlink(path)
             removed += 1
         except OSError:
@@ -87,10 +115,27 @@ def sweep_stale_sockets(patterns=SOCKET_PATTERNS, older_than: float = STALE_AFTE
     return removed
 
 
+class _HandlerTrackingP2P(P2P):
+    """hivemind's P2P (``P2P.replicate`` builds ``cls()``) that remembers its registered stream handlers, so
+    that OwnedP2PDaemon.stop can withdraw them from p2pd before it closes the client's unix socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream_handlers: set[str] = set()
+
+    async def add_binary_stream_handler(self, name: str, handler, balanced: bool = False) -> None:
+        await super().add_binary_stream_handler(name, handler, balanced)
+        self.stream_handlers.add(name)
+
+    async def remove_binary_stream_handler(self, name: str) -> None:
+        await super().remove_binary_stream_handler(name)
+        self.stream_handlers.discard(name)
+
+
 class OwnedP2PDaemon:
     def __init__(self) -> None:
         self.child: asyncio.subprocess.Process | None = None
-        self.p2p: P2P | None = None
+        self.p2p: _HandlerTrackingP2P | None = None
         self._reader: asyncio.Task | None = None
         self._socket = f"/tmp/swarmnode-p2pd-{secrets.token_urlsafe(8)}.sock"
 
@@ -130,7 +175,7 @@ class OwnedP2PDaemon:
         self._reader = asyncio.create_task(self._read_output(ready), name="p2pd-output")
         try:
             await asyncio.wait_for(ready, startup_timeout)
-            self.p2p = await P2P.replicate(Multiaddr(f"/unix{self._socket}"))
+            self.p2p = await _HandlerTrackingP2P.replicate(Multiaddr(f"/unix{self._socket}"))
         except BaseException as e:
             await self.stop()
             if isinstance(e, asyncio.TimeoutError):
@@ -152,9 +197,23 @@ class OwnedP2PDaemon:
             error = P2PBootstrapError if "failed to connect to bootstrap peers" in last else P2PDaemonStartError
             ready.set_exception(error(f"p2pd exited at start-up: {last or 'no output'}"))
 
-    async def stop(self, timeout: float = 2.0) -> None:
+    async def stop(self, timeout: float = 2.0, handlers_timeout: float = 0.5) -> None:
+        """Withdraw the stream handlers still registered (p2pd then refuses new streams instead of dialing our
+        client socket), close hivemind's client, then stop p2pd (SIGTERM, SIGKILL after ``timeout``)."""
         if self.p2p is not None:
+            if self.child is not None and self.child.returncode is None and self.p2p.stream_handlers:
+                names = sorted(self.p2p.stream_handlers)
+                try:  # bounded: a frozen p2pd must not eat the shutdown budget
+                    results = await asyncio.wait_for(asyncio.gather(
+                        *(self.p2p.remove_binary_stream_handler(n) for n in names), return_exceptions=True),
+                        handlers_timeout)
+                    failed = [n for n, r in zip(names, results) if isinstance(r, Exception)]
+                except asyncio.TimeoutError:
+                    failed = names
+                if failed:
+                    logger.debug("could not withdraw stream handlers %s from p2pd", failed)
             await self.p2p.shutdown()  # closes the client side (our child is not hivemind's to kill)
+            await asyncio.sleep(0)  # let hivemind's cancelled listen task close its unix server
         if self.child is not None and self.child.returncode is None:
             self.child.terminate()
             try:

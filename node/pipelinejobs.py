@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.datasets import DATASETS, eval_batches, load_node_data
+from node.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
 from node.errors import EXIT_USAGE, NodeError
 from node.files import atomic_write
 from node.models import build_model, params_sha256, resolve_overrides
@@ -213,11 +213,12 @@ class PipelineJobs:
             raise NodeError(f"{source}: {e}", EXIT_USAGE) from None
         if self.key is None or self.peers is None:
             raise NodeError("this node cannot submit pipeline jobs (no signing key or peer view)")
-        if self.m.data_dir is None:
-            raise NodeError(f"{source}: dataset: the submitting node trains on its own data; start it with --data DIR "
-                            f"holding DIR/{spec.dataset}", EXIT_USAGE)
         try:
             load_node_data(self.m.data_dir / spec.dataset, dataset=spec.dataset)
+        except NoLocalData:
+            raise NodeError(f"{source}: dataset: the submitting node trains on its own data and has none of "
+                            f"{spec.dataset!r}; add it with `swarmnode data add {spec.dataset} --home {self.m.home}`",
+                            EXIT_USAGE) from None
         except (ValueError, OSError) as e:
             raise NodeError(f"{source}: dataset: no usable local data for {spec.dataset!r}: {e}", EXIT_USAGE) from None
         p = spec.pipeline

@@ -38,9 +38,9 @@ from protocol.wire import WireError, _get, exact_map, unpack_bounded
 
 
 JOB_SCHEMA_VERSION = 1
-ARCHS = ("gpt2", "llama", "bert", "mlp", "cnn")
-TASKS_BY_ARCH = {"gpt2": ("causal-lm", "classification"), "llama": ("causal-lm", "classification"),
-                 "bert": ("classification",), "mlp": ("classification",), "cnn": ("classification",)}
+ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn")  # node/models.py builds each
+TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification",),
+                 "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",)}
 INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
 JOB_STATES = ("running", "paused", "done", "cancelled")
@@ -50,7 +50,8 @@ MAX_STAGES = 16
 MAX_STAGE_REPLICAS = 4  # so an assignment (<= 64 peer ids, ~3.5 KiB) keeps the record far below its bound
 MAX_MICRO_BATCHES = 1024
 MAX_MANIFEST_WIRE_BYTES = 1 << 20  # protocol/shards.py MAX_MANIFEST_BYTES
-PROGRESS_STATES = ("running", "paused", "done")  # "cancelled" is the submitter's word alone
+PROGRESS_STATES = ("running", "paused", "done", "declined")  # "cancelled" is the submitter's word alone
+MAX_REASON = 200  # characters of a decline's reason (shown on other nodes' terminals: printable only)
 MAX_NAME = 64  # job and dataset names, model config keys and string values
 MAX_NONCE = 64
 MAX_MODEL_OVERRIDES = 16
@@ -483,10 +484,15 @@ class JobProgress:
     round_time_s: float = 0.0
     updated_at: float = 0.0
     next_round: int = 0  # the round id this writer will try next (paused writers align on the largest)
+    reason: str = ""  # state "declined" only: why this writer does not take part (no local data, no memory, ...)
 
     def __post_init__(self) -> None:
         _check_job_id("job_id", self.job_id)
         _check_peer_id("writer", self.writer)
+        if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON or not self.reason.isprintable():
+            raise ValueError(f"reason: must be at most {MAX_REASON} printable characters, got {_show(self.reason)}")
+        if (self.state == "declined") != bool(self.reason):
+            raise ValueError("reason: a declined writer gives one, and only a declined writer")
         _check_int("next_round", self.next_round, 0, 2**31)
         _check_int("round", self.round, 0, MAX_ROUNDS)
         _check_model_hash("model_hash", self.model_hash)
@@ -588,11 +594,17 @@ def job_record_from_wire(data: bytes) -> JobRecord:
 
 
 def job_progress_to_wire(progress: JobProgress) -> bytes:
-    return msgpack.packb({"v": JOB_SCHEMA_VERSION, **_fields(progress)}, use_bin_type=True)
+    out = {"v": JOB_SCHEMA_VERSION, **_fields(progress)}
+    if not progress.reason:
+        del out["reason"]  # a participant's progress keeps its schema-1 bytes
+    return msgpack.packb(out, use_bin_type=True)
 
 
 def job_progress_from_wire(data: bytes) -> JobProgress:
-    return _from_map(JobProgress, unpack_bounded(data, MAX_JOB_PROGRESS_BYTES), "job progress", versioned=True)
+    obj = unpack_bounded(data, MAX_JOB_PROGRESS_BYTES)
+    if isinstance(obj, dict) and "reason" not in obj:
+        obj = {**obj, "reason": ""}
+    return _from_map(JobProgress, obj, "job progress", versioned=True)
 
 
 # ---- model state transfer (a joiner or a node that fell behind downloads the current global state) --------

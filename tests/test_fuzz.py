@@ -356,7 +356,9 @@ RECORDS = [JobRecord.create(SPECS[0], PEERS[0], "n1", 1.7e9),
 PROGRESS = [JobProgress(job_id=RECORDS[0].job_id, writer=PEERS[1], round=3, model_hash=SHA, state="running",
                         participants=tuple(PEERS[:2]), train_loss=0.5, eval_metric=0.9, bytes_exchanged=12345,
                         round_time_s=1.5, updated_at=1.7e9, next_round=4),
-            JobProgress(job_id=RECORDS[1].job_id, writer=PEERS[2], round=0, model_hash="", state="paused")]
+            JobProgress(job_id=RECORDS[1].job_id, writer=PEERS[2], round=0, model_hash="", state="paused"),
+            JobProgress(job_id=RECORDS[0].job_id, writer=PEERS[0], round=0, model_hash="", state="declined",
+                        reason="no local data for dataset 'digits'")]
 HEADERS = [StateHeader(job_id=RECORDS[0].job_id, completed=3, next_round=4, model_hash=SHA, size=2**34,
                        has_momentum=True, history_size=2**25),
            StateHeader(job_id="f" * 16, completed=0, next_round=0, model_hash=SHA, size=1, has_momentum=False)]

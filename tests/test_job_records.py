@@ -106,6 +106,28 @@ def test_progress_round_trip(item):
     assert job_progress_from_wire(job_progress_to_wire(item)) == item
 
 
+def test_a_decline_round_trips_and_a_participants_progress_keeps_its_bytes():
+    decline = progress(round=0, model_hash="", participants=(), train_loss=None, eval_metric=None,
+                       state="declined", reason="no local data for dataset 'digits'")
+    assert job_progress_from_wire(job_progress_to_wire(decline)) == decline
+    plain = job_progress_to_wire(progress())
+    assert b"reason" not in plain  # the schema-1 form: nodes that predate declines read it unchanged
+    assert job_progress_from_wire(plain).reason == ""
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"state": "declined"}, "a declined writer gives one"),
+    ({"reason": "busy"}, "only a declined writer"),
+    ({"state": "declined", "reason": "x" * 201}, "at most 200 printable characters"),
+    ({"state": "declined", "reason": "no data\x1b[2J"}, "printable"),  # no terminal escapes on other screens
+    ({"state": "declined", "reason": "two\nlines"}, "printable"),
+    ({"state": "declined", "reason": 7}, "printable"),
+])
+def test_a_decline_needs_a_short_printable_reason(changes, needle):
+    with pytest.raises(ValueError, match=needle):
+        progress(**changes)
+
+
 def test_largest_record_fits():
     peers = tuple(peer_id_of(make_key(1000 + i).public_key()) for i in range(256))
     overrides = {f"k{i:02d}_{'x' * 59}": "v" * 64 for i in range(MAX_MODEL_OVERRIDES)}
@@ -369,6 +391,8 @@ def test_progress_accepted(reader):
     assert reader.validate(record) is True
     assert reader.strip_value(record) == unsigned.value
     assert reader.validate(signed(dht_progress(progress(writer=ID_A, state="done")), KEY_A)) is True
+    decline = progress(writer=ID_A, round=0, state="declined", reason="the model needs about 9.0 GiB")
+    assert reader.validate(signed(dht_progress(decline), KEY_A)) is True
 
 
 def test_another_peer_cannot_sign_the_submitters_record(reader):

@@ -1,5 +1,7 @@
 """Federated jobs through the real CLI and daemons: submit --follow, bit-identical final models, a node
-without the dataset declining while the job goes on, and bad job files / cancels refused with one line."""
+without the dataset declining (locally with a hint, and to the swarm with its reason) while the job goes on,
+model sizes from the dataset, a job no node can run failing the follow, and bad job files (unknown dataset,
+a model that cannot take the data) / cancels refused with one line."""
 
 from __future__ import annotations
 
@@ -63,8 +65,12 @@ def test_submit_follow_and_every_participant_ends_with_the_same_model(node_facto
     assert (nodes[0].home / "jobs" / job_id / "curve.png").read_bytes().startswith(b"\x89PNG")
     # the node without the job's dataset declined, and says why
     listed = json.loads(run_cli("jobs", "--json", "--home", str(nodes[2].home)).stdout)
-    assert listed[0]["job_id"] == job_id and "no usable local data" in listed[0]["declined"]
+    assert listed[0]["job_id"] == job_id and "no local data for dataset 'digits'" in listed[0]["declined"]
+    assert f"swarmnode data add digits --home {nodes[2].home}" in listed[0]["declined"]  # what to do, locally
     assert not (nodes[2].home / "jobs").exists()
+    # ... and told the swarm (signed, without its local paths): the submitter's follow showed the decline
+    declines = {d["peer_id"]: d["reason"] for e in events[1:] for d in e["declines"]}
+    assert declines == {nodes[2].peer_id: "no local data for dataset 'digits'"}, declines
     # ...yet it can export the finished job: downloaded from a participant, hash-checked, whole report
     out = tmp_path / "exported"
     exported = run_cli("job", job_id, "--export", str(out), "--json", "--home", str(nodes[2].home))
@@ -87,6 +93,10 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
         "arch.toml": (JOB.replace('arch = "mlp"', 'arch = "resnet"'), "model.arch"),
         "override.toml": (JOB.replace("hidden = 64", "hiden = 64"), "hiden"),
         "syntax.toml": ("name = ", "TOML"),
+        "dataset.toml": (JOB.replace('dataset = "digits"', 'dataset = "digitz"'), "unknown dataset 'digitz'"),
+        "inputs.toml": (JOB.replace("hidden = 64", "hidden = 64\ninputs = 13"), "disagrees with the dataset's 64"),
+        "tokens.toml": (JOB.replace('arch = "mlp"', 'arch = "minilm"').replace("hidden = 64", ""),
+                        "takes token ids; dataset 'digits' holds float feature vectors"),
     }
     for name, (text, needle) in cases.items():
         path = tmp_path / name
@@ -94,6 +104,36 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
         assert_one_line_error(run_cli("submit", str(path), "--home", str(node.home)), 2, name, needle)
     assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2, "missing.toml")
     assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
+
+
+def test_an_mlp_takes_its_sizes_from_the_dataset(node_factory, tmp_path):
+    """[model] arch = "mlp" on wine (13 features, 3 classes): inputs and classes come from the dataset, and
+    the job completes (it used to stay at round 0 with a shape error on every node)."""
+    nodes = start_nodes(node_factory, tmp_path, ["wine", "wine"])
+    job_file = tmp_path / "wine.toml"
+    job_file.write_text(JOB.replace('"digits-test"', '"wine-test"').replace('"digits"', '"wine"')
+                        .replace("rounds = 5", "rounds = 2").replace("batch_size = 32", "batch_size = 16"))
+    result = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = json.loads(result.stdout.splitlines()[-1])
+    assert last["state"] == "done" and last["round"] == 2 and len(last["participants"]) == 2
+    assert manifest(nodes[0], last["job_id"])["model_hash"] == last["model_hash"]
+    assert "Traceback" not in nodes[0].log_path.read_text(errors="replace")
+
+
+def test_submit_follow_of_a_job_no_node_can_run_shows_the_declines_and_fails(node_factory, tmp_path):
+    """Every node declines (both hold wine, the job trains on digits): `submit --follow` prints each
+    decline as it arrives and exits 1 with one line once the round timeout passed without a participant."""
+    nodes = start_nodes(node_factory, tmp_path, ["wine", "wine"])
+    job_file = tmp_path / "nobody.toml"
+    job_file.write_text(JOB.replace("round_timeout_s = 30", "round_timeout_s = 6"))
+    result = run_cli("submit", str(job_file), "--follow", "--home", str(nodes[0].home), timeout=90)
+    assert result.returncode == 1, (result.returncode, result.stdout[-1500:], result.stderr[-1500:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no node has taken part in job" in lines[0] and "round timeout (6 s)" in lines[0], lines
+    assert "2 node(s) declined it" in lines[0]
+    for node in nodes:
+        assert f"declined by {node.peer_id}: no local data for dataset 'digits'" in result.stdout, result.stdout
 
 
 def manifest(node, job_id: str) -> dict:

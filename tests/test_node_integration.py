@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import stat
+import sys
 import time
 
 import pytest
@@ -30,6 +32,17 @@ def test_first_node_prints_joinable_multiaddr_and_status(node_factory):
     # the key and the control socket are private to the user
     assert stat.S_IMODE(os.stat(node.home / "identity.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(node.home / "control.sock").st_mode) == 0o600
+    # the printed join command runs as printed: this very program (not a bare `swarmnode` that may not be on
+    # PATH), a home of its own, the swarm and the address
+    line = next(line for line in node.log_path.read_text().splitlines() if f"--join {node.addr}" in line)
+    argv = shlex.split(line)
+    assert argv[:4] == [sys.executable, "-m", "node.cli", "run"], argv
+    rest = argv[4:]
+    assert rest[:2] == ["--home", f"{node.home}-2"] and rest[2:] == ["--swarm", "alpha", "--join", node.addr], rest
+    joiner = node_factory(f"{node.home.name}-2", [*rest[2:], "--listen", "/ip4/127.0.0.1/tcp/0"]).wait_ready()
+    wait_for(lambda: node.peer_ids() == {node.peer_id, joiner.peer_id}, 20, "the joiner to be listed")
+    talk = next(line for line in node.log_path.read_text().splitlines() if line.startswith("talk to it:"))
+    assert f"{sys.executable} -m node.cli status|peers|jobs|leave --home {node.home}" in talk
 
 
 def test_nodes_join_and_list_each_other(swarm_factory):

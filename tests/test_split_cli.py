@@ -16,6 +16,8 @@ def test_split_plans_prints_and_writes_verified_shards(tmp_path):
                    "--home", str(tmp_path / "home"), timeout=120)
     assert done.returncode == 0, done.stderr[-1500:]
     assert "balanced into 3 stages" in done.stdout and "start  end  layers" in done.stdout
+    key = tmp_path / "home" / "identity.key"  # a new key is made, and the user is told so (not silently)
+    assert f"created a new identity key at {key}" in done.stderr and key.is_file()
     manifest = read_manifest(out)
     spans = [(s.start, s.end) for s in manifest.shards]
     assert spans[0][0] == 0 and spans[-1][1] == 6 and len(spans) == 3
@@ -28,6 +30,7 @@ def test_split_plans_prints_and_writes_verified_shards(tmp_path):
     report = json.loads(as_json.stdout)
     assert [(s["start"], s["end"]) for s in report["shards"]] == [(0, 3), (3, 6)]
     assert report["splitter"] == manifest.splitter  # the node's own identity signs
+    assert "identity key" not in as_json.stderr  # the existing key: nothing to say
 
 
 def test_split_bad_input_is_one_line(tmp_path):

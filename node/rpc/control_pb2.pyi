@@ -135,7 +135,7 @@ class JobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash", "stage_hosts")
+    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash", "stage_hosts", "declines", "takers", "round_timeout_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,9 @@ class JobInfo(_message.Message):
     LOCAL_ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     STAGE_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    DECLINES_FIELD_NUMBER: _ClassVar[int]
+    TAKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     submitter: str
@@ -170,7 +173,18 @@ class JobInfo(_message.Message):
     local_round: int
     local_model_hash: str
     stage_hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ..., stage_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    declines: _containers.RepeatedCompositeFieldContainer[Decline]
+    takers: int
+    round_timeout_s: float
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ..., stage_hosts: _Optional[_Iterable[str]] = ..., declines: _Optional[_Iterable[_Union[Decline, _Mapping]]] = ..., takers: _Optional[int] = ..., round_timeout_s: _Optional[float] = ...) -> None: ...
+
+class Decline(_message.Message):
+    __slots__ = ("peer_id", "reason")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reason: str
+    def __init__(self, peer_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("job_id",)

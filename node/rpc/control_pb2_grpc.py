@@ -117,7 +117,8 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Job(self, request, context):
-        """One job; with follow, a stream of its progress until it ends or the client hangs up.
+        """One job; with follow, a stream of its progress until it ends or the client hangs up: a JobInfo whenever it
+        changes, and at least every 2 s even when it does not (so a follower can time out a job nobody takes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
