@@ -122,3 +122,20 @@ def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
     )
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """The same CLI's main(argv) in this process (no interpreter and torch start per call), its exit code and
+    output in run_cli's shape: for the many-case error tests; each such test also runs one case through run_cli."""
+    import contextlib
+    import io
+
+    from node import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["swarmnode", *args], code, out.getvalue(), err.getvalue())

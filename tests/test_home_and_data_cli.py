@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_in_process, run_cli
 from tests.test_bad_input import assert_one_line_error
 
 IS_ROOT = os.geteuid() == 0
@@ -81,21 +81,21 @@ def test_data_add_and_list(tmp_path):
     added = run_cli("data", "add", "wine", "--slice", "1/3", "--scheme", "label-skew", "--home", str(home))
     assert added.returncode == 0, added.stderr
     assert "wrote slice 1/3 (label-skew) of wine" in added.stdout and str(home / "data" / "wine") in added.stdout
-    assert run_cli("data", "add", "digits", "--home", str(home)).returncode == 0  # the whole train split
-    listed = {e["name"]: e for e in json.loads(run_cli("data", "list", "--json", "--home", str(home)).stdout)}
+    assert cli_in_process("data", "add", "digits", "--home", str(home)).returncode == 0  # the whole train split
+    listed = {e["name"]: e for e in json.loads(cli_in_process("data", "list", "--json", "--home", str(home)).stdout)}
     assert sorted(listed) == ["digits", "wine"]
     assert listed["digits"]["slice"] == "0/1" and listed["digits"]["train"] == 1347 and listed["digits"]["test"] == 450
     assert listed["wine"]["item_shape"] == [13] and listed["wine"]["classes"] == 3 and not listed["wine"]["error"]
-    table = run_cli("data", "list", "--home", str(home)).stdout
+    table = cli_in_process("data", "list", "--home", str(home)).stdout
     assert "wine" in table and "1/3" in table and f"2 dataset(s) in {home / 'data'}" in table
     # a damaged slice is listed as unusable, with the reason
     data_file = next((home / "data" / "wine").glob("data-*.npz"))
     data_file.write_bytes(data_file.read_bytes()[:-10])
-    listed = {e["name"]: e for e in json.loads(run_cli("data", "list", "--json", "--home", str(home)).stdout)}
+    listed = {e["name"]: e for e in json.loads(cli_in_process("data", "list", "--json", "--home", str(home)).stdout)}
     assert "corrupt" in listed["wine"]["error"]
     # an explicit --data directory is used as given (the same flag `run --data` takes)
     other = tmp_path / "elsewhere"
-    assert run_cli("data", "add", "breast_cancer", "--data", str(other), "--home", str(home)).returncode == 0
+    assert cli_in_process("data", "add", "breast_cancer", "--data", str(other), "--home", str(home)).returncode == 0
     assert (other / "breast_cancer" / "manifest.json").is_file()
 
 
@@ -107,7 +107,7 @@ def test_data_add_and_list(tmp_path):
     (["digits", "--slice", "0/2000"], "cannot split"),
 ])
 def test_bad_data_add_arguments(tmp_path, args, needle):
-    assert_one_line_error(run_cli("data", "add", *args, "--home", str(tmp_path / "h")), 2, needle)
+    assert_one_line_error(cli_in_process("data", "add", *args, "--home", str(tmp_path / "h")), 2, needle)
     assert not (tmp_path / "h" / "data" / "digits").exists()
 
 
