@@ -21,22 +21,22 @@ from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 import node
-from node import capability as capability_mod
-from node.backoff import retry
-from node.config import NodeConfig
-from node.control import capability_to_proto, start_control_server
-from node.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
-from node.files import atomic_write
-from node.identity import HomeLock, load_or_create_key, write_p2p_identity
-from node.jobmanager import JobManager
-from node.membership import Membership, PeerView
-from node.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
-from node.rpc import control_pb2 as pb
-from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.records import Capability, PeerRecord
-from protocol.rounds import Phase, RoundHooks
-from protocol.job_validation import SignedJobRecordValidator
-from protocol.validation import SignedPeerRecordValidator
+from node.runtime import capability as capability_mod
+from node.runtime.backoff import retry
+from node.runtime.config import NodeConfig
+from node.api.server import capability_to_proto, start_control_server
+from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
+from node.runtime.files import atomic_write
+from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
+from node.jobs.manager import JobManager
+from node.runtime.membership import Membership, PeerView
+from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
+from node.api.rpc import control_pb2 as pb
+from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.records.peer import Capability, PeerRecord
+from protocol.allreduce.rounds import Phase, RoundHooks
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.validation import SignedPeerRecordValidator
 
 logger = logging.getLogger(__name__)
 STOP_AT_ENV = "SWARMNODE_FAULT_STOP_AT"  # fault injection for tests: "PHASE:ROUND", e.g. "reduce_scatter:3"

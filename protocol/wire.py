@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import msgpack
 
-from protocol.codecs import EncodedUpdate
-from protocol.messages import (
+from protocol.allreduce.codecs import EncodedUpdate
+from protocol.allreduce.messages import (
     MAX_BANDWIDTH,
     MAX_GROUP_SIZE,
     MAX_ROUND_ID,
@@ -27,7 +27,7 @@ from protocol.messages import (
     ResultFrame,
     TensorSpec,
 )
-from protocol.records import (
+from protocol.records.peer import (
     CAPABILITY_SCHEMA_VERSION,
     MAX_ADDRS,
     MAX_GPUS,
@@ -69,7 +69,7 @@ MAX_DEPTH = 32
 # limit: each costs up to ~72 bytes of Python objects however few bytes encode it (an empty map is one byte)
 # and ~0.1-0.3 us of _scan, so this caps what one frame can cost the receiver (~9 MB, ~40 ms) before any
 # field is checked. Above the largest legitimate message: a pipeline Commit or CommitReply naming
-# MAX_MICRO_BATCHES = 65,536 micro-batch ids (protocol/pipeline_messages.py). Decoders of known small
+# MAX_MICRO_BATCHES = 65,536 micro-batch ids (protocol/pipeline/control.py). Decoders of known small
 # structures pass their own limit (activation frames, round messages, manifests).
 MAX_OBJECTS = 1 << 17
 

@@ -6,7 +6,7 @@
 
 Each system runs 4 peers as separate processes averaging a (size,) float32 vector, one round every
 --period seconds (all peers start round r at start_at + r * period), and reports the median over rounds:
-  swarmnode: node/reduce_peer.py, top-k at --density with error feedback, fp16 parts and results,
+  swarmnode: node/devtools/reduce_peer.py, top-k at --density with error feedback, fp16 parts and results,
              expected group 4 (matchmaking ends once all 4 declared); time = step() including the top-k
              selection, which runs in a thread while matchmaking goes on
   hivemind:  hivemind.averaging.DecentralizedAverager, NoCompression, target_group_size 4; time = step()
@@ -94,7 +94,7 @@ def gloo_worker(args) -> None:
 
 
 def run_swarmnode(args, hosts, out: pathlib.Path) -> dict:
-    from node.reduce_peer import PeerProcess
+    from node.devtools.reduce_peer import PeerProcess
 
     go = out / "start_at"  # written once every peer is ready: round 0 never races start-up
     common = ["--size", str(args.size), "--density", str(args.density), "--rounds", str(args.rounds),

@@ -12,12 +12,12 @@ on its own minibatch; the 4 gradients are then aggregated in one of two ways, ea
 the same initial weights and the same minibatch sequence:
 
   dense   the plain average of the 4 fp32 gradients (what an uncompressed all-reduce delivers).
-  topk    each peer runs protocol.sparsify.ErrorFeedbackSparsifier(size, density=0.01, mode="exact",
+  topk    each peer runs protocol.allreduce.sparsify.ErrorFeedbackSparsifier(size, density=0.01, mode="exact",
           seed=peer) with quantize=fp16 (exactly what a real round sends: 96 of 9,610 entries per peer);
           the aggregate is sum(update.to_dense()) / 4, rounded to fp16 as the round's result frames are,
           and that rounding error goes back into the span owner's buffer (server-side error feedback).
 
-Why a simulation is faithful: protocol/allreduce.py's butterfly has each span owner sum the members'
+Why a simulation is faithful: protocol/allreduce/averager.py's butterfly has each span owner sum the members'
 sparse parts for its span and divide by the total weight (here 4 peers of weight 1), encode the result
 with fp16 values (sparse or dense, whichever is smaller: same values either way) and send the same bytes
 to everyone. Summed over spans that is mathematically sum(to_dense())/4 rounded to fp16; the owner's
@@ -66,14 +66,14 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from protocol.codecs import quantize_values  # noqa: E402
-from protocol.partition import span_sizes  # noqa: E402
-from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_exact  # noqa: E402
+from protocol.allreduce.codecs import quantize_values  # noqa: E402
+from protocol.planning.partition import span_sizes  # noqa: E402
+from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_exact  # noqa: E402
 
 PEERS = 4  # issue 3, item 5: "trained data-parallel by 4 peers"
 DENSITY = 0.01  # issue 3: "1% top-k plus error feedback"
 TARGET_RATIO = 0.99  # issue 3, item 5: "final test accuracy of top-k >= 99% of dense"
-VALUE_CODEC = "fp16"  # RoundConfig.value_codec and result_value_codec defaults (protocol/allreduce.py)
+VALUE_CODEC = "fp16"  # RoundConfig.value_codec and result_value_codec defaults (protocol/allreduce/averager.py)
 PIXEL_MAX = 16.0  # load_digits: each pixel is an integer count in 0..16 (scikit-learn docs)
 TEST_FRACTION = 0.2  # 360 of 1797 images held out: the usual 80/20 split
 HIDDEN = 128  # 64 -> 128 -> 10: 9,610 parameters, so 1% is k = 96 per peer

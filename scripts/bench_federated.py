@@ -24,11 +24,11 @@ round: round id, ok, participants, samples, metrics, seconds, local_seconds, mod
                library corpus ("pystdlib-bytes"), each node a label-skewed slice (label = source file).
                Federated: --text-rounds rounds of --text-local-steps AdamW steps at batch --text-batch per
                node, FedAvg, --text-density, evaluated in the last round only. Centralized: the same model and
-               init trained in this process with node.trainer.LocalTrainer on the union of the 4 nodes' slices
+               init trained in this process with node.jobs.federated.local_training.LocalTrainer on the union of the 4 nodes' slices
                (read back from their --data directories), same batch and optimizer, for as many 128-byte
                windows as went into the federated run's completed rounds (members x local_steps x batch per
                round, members from the follow stream), i.e. ~4x as many optimizer steps. Both evaluated on the
-               same held-out files (node.jobs.EVAL_ITEMS windows, node.datasets.eval_batches): loss in
+               same held-out files (node.jobs.federated.runner.EVAL_ITEMS windows, node.ml.datasets.eval_batches): loss in
                nats/token (= nats/byte) and bits per byte. The federated figure is the last round's evaluation
                from report.json, or, when no participant exported one, the bits per byte in the signed progress
                record (control API). --text-arch llama trains a LLaMA of the same width instead (untied
@@ -79,7 +79,7 @@ import tomllib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from node.localswarm import LocalSwarm, NodeProcess, wait_for  # noqa: E402
+from node.devtools.localswarm import LocalSwarm, NodeProcess, wait_for  # noqa: E402
 
 NODES = 4  # issue #4: "4 nodes"
 DIGITS_JOB = ROOT / "examples" / "digits.toml"  # issue #4's example job: the convergence and churn jobs start from it
@@ -91,12 +91,12 @@ CHURN_ROUNDS = 100  # digits rounds take ~0.15 s and a fresh node ~7 s to join (
 CHURN_EVERY = 10  # "one node SIGKILLed every few rounds"; a kill also waits for the previous replacement to join
 CHURN_TOLERANCE = 0.02  # issue #4: churned final metric within 2% of the churn-free one
 OVERHEAD_TARGET = 0.10  # issue #4: round overhead <= 10% of round time
-SCHEME = "label-skew"  # non-IID, Dirichlet(0.5) per label (node/datasets.py DEFAULT_ALPHA) as `make demo`
-TEXT_DATASET = "pystdlib-bytes"  # node/datasets.py: the standard library's *.py files as bytes, 128-byte windows
+SCHEME = "label-skew"  # non-IID, Dirichlet(0.5) per label (node/ml/datasets.py DEFAULT_ALPHA) as `make demo`
+TEXT_DATASET = "pystdlib-bytes"  # node/ml/datasets.py: the standard library's *.py files as bytes, 128-byte windows
 TEXT_MODEL = {"n_embd": 256, "n_layer": 4, "n_head": 4}  # 3.26 M params ("a few million", issue #4); 4 heads
-# and 4 layers are node/models.py's gpt2 defaults, n_embd doubled from its 128 to reach millions
+# and 4 layers are node/ml/models.py's gpt2 defaults, n_embd doubled from its 128 to reach millions
 TEXT_MODEL_LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-                    "num_key_value_heads": 4}  # the same width; 688 = 2/3 * 4 * 256 rounded up to 8 (node/models.py)
+                    "num_key_value_heads": 4}  # the same width; 688 = 2/3 * 4 * 256 rounded up to 8 (node/ml/models.py)
 TEXT_LR = 1e-3  # nanoGPT config/train_shakespeare_char.py: learning_rate = 1e-3 for baby byte/char-level models
 TEXT_WEIGHT_DECAY = 0.1  # nanoGPT train.py: weight_decay = 1e-1
 TEXT_BATCH = 8  # windows of 128 bytes per step per node: 1,024 tokens, ~0.25 s a step on one core (measured)
@@ -105,7 +105,7 @@ TEXT_ROUNDS = 8  # 4 nodes x 8 x 10 steps x 8 windows = 2,560 windows (328 k tok
 TEXT_DENSITY = 1.0  # dense by default: with 8 rounds, 1% top-k would leave ~92% of each update in the
 # error-feedback buffer at the end and measure compression lag, not federation (see the convergence part)
 TEXT_ROUND_TIMEOUT_S = 120  # generous: 4 nodes share 2 cores, so local steps of a round finish unevenly
-EVAL_BATCH = 256  # node/jobs.py JobRunner.evaluate: eval_batches(data, 256, EVAL_ITEMS)
+EVAL_BATCH = 256  # node/jobs/federated/runner.py JobRunner.evaluate: eval_batches(data, 256, EVAL_ITEMS)
 JOB_DEADLINE_S = 60.0  # per job, plus ROUND_DEADLINE_S per round; a stuck job fails the run, never hangs it
 ROUND_DEADLINE_S = 30.0
 TEXT_ROUND_DEADLINE_S = 120.0
@@ -126,7 +126,7 @@ def toml_value(v) -> str:
 
 
 def to_toml(job: dict) -> str:
-    """Flat keys, then one [table] per dict value: the shape of a job file (node/jobspec.py)."""
+    """Flat keys, then one [table] per dict value: the shape of a job file (node/jobs/spec.py)."""
     lines = [f"{k} = {toml_value(v)}" for k, v in job.items() if not isinstance(v, dict)]
     for name, table in job.items():
         if isinstance(table, dict):
@@ -260,7 +260,7 @@ def exception_lines(node: NodeProcess, limit: int = 3) -> list[str]:
 
 
 def is_complaint(line: str) -> bool:
-    """A WARN/ERROR record in hivemind's log format (node/cli.py installs its handler) or an exception line."""
+    """A WARN/ERROR record in hivemind's log format (node/cli/main.py installs its handler) or an exception line."""
     return any(tag in line for tag in ("[WARN]", "[ERROR]", "[CRITICAL]", " WARNING ", " ERROR ")) or \
         line.startswith(("Traceback", "RuntimeError", "ValueError", "TypeError"))
 
@@ -373,10 +373,10 @@ def centralized_baseline(job: dict, swarm: LocalSwarm, samples: int) -> dict:
     import numpy as np
     import torch
 
-    from node.datasets import batches, eval_batches, load_node_data
-    from node.jobs import EVAL_ITEMS
-    from node.models import build_model, flatten_params, load_flat_params, param_count
-    from node.trainer import LocalTrainer, make_inner_optimizer
+    from node.ml.datasets import batches, eval_batches, load_node_data
+    from node.jobs.federated.runner import EVAL_ITEMS
+    from node.ml.models import build_model, flatten_params, load_flat_params, param_count
+    from node.jobs.federated.local_training import LocalTrainer, make_inner_optimizer
 
     torch.set_num_threads(1)
     slices = [load_node_data(swarm.root / f"node{i}" / "data" / TEXT_DATASET, dataset=TEXT_DATASET)
@@ -471,9 +471,9 @@ def compute_floor(job: dict, size: int) -> dict:
     round beyond these (and local training, and waiting) is matchmaking, the exchange and the commit."""
     import numpy as np
 
-    from node.trainer import OuterOptimizer
-    from protocol.codecs import quantize_values
-    from protocol.sparsify import ErrorFeedbackSparsifier
+    from node.jobs.federated.local_training import OuterOptimizer
+    from protocol.allreduce.codecs import quantize_values
+    from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
 
     delta = np.random.default_rng(0).standard_normal(size).astype(np.float32)  # (size,) a stand-in update
     sparsifier = ErrorFeedbackSparsifier(size, job["density"], "exact", seed=0)

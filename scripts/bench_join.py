@@ -23,7 +23,7 @@ import time
 import psutil
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from node.localswarm import LocalSwarm, wait_for  # noqa: E402
+from node.devtools.localswarm import LocalSwarm, wait_for  # noqa: E402
 
 NODE_ARGS = ["--heartbeat", "10", "--ttl", "30"]  # the defaults, spelled out
 

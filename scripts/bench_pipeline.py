@@ -7,10 +7,10 @@ time to recover when the last replica of a stage dies. Every figure comes from r
     .venv/bin/python scripts/bench_pipeline.py --part recovery    # 3 SIGKILL + --take-over runs (~1.5 min)
     .venv/bin/python scripts/bench_pipeline.py --part hop --hop-trials 50 --hop-stages identity   # quicker
 
-  hop       One StageHost (node/stagehost.py) per wire dtype on one p2pd, a client on a second p2pd, both in this
+  hop       One StageHost (node/jobs/pipeline/stage_host.py) per wire dtype on one p2pd, a client on a second p2pd, both in this
             process and event loop (the host computes on its own worker thread, as always). A trial sends the
             1 MiB activation x (4, 256, 256) float32 -- on the wire float32, float16 or bfloat16, both ways --
-            as the trainer does (node/pipeline.py _hop: a new libp2p stream per request, activation_to_wire,
+            as the trainer does (node/jobs/pipeline/trainer.py _hop: a new libp2p stream per request, activation_to_wire,
             write_frame, read_frame, activation_from_wire with the trainer's ExpectedTensor) and times:
               forward hop   ForwardRequest(x) -> ForwardReply(stage(x))             1 MiB there, 1 MiB back
               backward hop  BackwardRequest(g) -> BackwardReply(d stage / d x)      1 MiB there, 1 MiB back
@@ -20,24 +20,24 @@ time to recover when the last replica of a stage dies. Every figure comes from r
             overhead = median(hop) - median(in-process compute); serialisation = median(codec); the rest of the
             overhead is transport (client p2pd -> TCP loopback -> host p2pd, over each daemon's unix socket,
             stream open included) and the hand-off to the host's worker thread. Interleaved with those, the
-            same hops over the direct path (protocol/direct.py, as node/pipeline.py _direct_exchange: one
+            same hops over the direct path (protocol/pipeline/direct.py, as node/jobs/pipeline/trainer.py _direct_exchange: one
             persistent TCP connection per host in a session asked for over libp2p, activation_to_wire,
             send_sealed, read_sealed, activation_from_wire), keys "direct_*"; and "mac_ms": each candidate
             integrity check on the 1 MiB float32 request frame (keyed BLAKE2b-256, HMAC-SHA256, AES-256-GCM seal
             and open, the one the direct path uses). Stages:
               identity  out = x * scale with one parameter scale = 1.0: a middle stage that duck-types
-                        node/stages.py Stage (so the host's whole gradient path runs) and computes ~nothing
+                        node/ml/stages.py Stage (so the host's whole gradient path runs) and computes ~nothing
               block     a real middle stage: layer 1 of a 3-layer GPT-2 (n_embd 256, 4 heads, n_positions 256)
-                        cut by node/stages.py cut_stage; its compute (50-90 ms here) dwarfs the overhead and
+                        cut by node/ml/stages.py cut_stage; its compute (50-90 ms here) dwarfs the overhead and
                         its noise, so fewer trials: context, not the overhead figure
   train     The byte-level GPT-2 of bench_federated's text part (n_embd 256, 4 layers, 4 heads, 128 positions)
             with tie_word_embeddings=False (the pipeline refuses tied weights across stages), 3,323,392 params,
-            cut into 4 one-layer stages by node/splitter.py plan_for_model(model, 4) and split_model (signed
-            shards). 4 processes `python -m node.stage_peer` (node/stage_peer.py StagePeerProcess, each its own
+            cut into 4 one-layer stages by node/ml/splitter.py plan_for_model(model, 4) and split_model (signed
+            shards). 4 processes `python -m node.devtools.stage_peer` (node/devtools/stage_peer.py StagePeerProcess, each its own
             p2pd and DHT node, one replica per stage) and a PipelineTrainer in this process, vs the same model
             and initial weights trained in this process (a thread, so the trainer's DHT node keeps answering)
             with torch AdamW (same lr, betas, eps, weight decay 0, foreach=False: what StageHost runs), on the
-            same batches: --steps steps of batch 8 x 128 bytes from the stdlib byte corpus (node/datasets.py
+            same batches: --steps steps of batch 8 x 128 bytes from the stdlib byte corpus (node/ml/datasets.py
             "pystdlib-bytes" train split, rows drawn by a seeded rng), micro-batches of 2. The two runs
             alternate step by step (pipeline step i, then single step i), so both see the same machine load.
             Figures: training loss per step, held-out loss after the last step (EVAL_WINDOWS windows of the
@@ -46,7 +46,7 @@ time to recover when the last replica of a stage dies. Every figure comes from r
             stage's end_step and, with TrainerConfig's default backup_every=1, each stage pushing its state to
             the next stage (what makes --take-over possible).
   recovery  The same 4-stage pipeline; the replica of --recovery-stage is started with --stop-at forward:K
-            (node/stage_peer.py's fault hook SIGSTOPs it before it serves step K's first forward), SIGKILLed
+            (node/devtools/stage_peer.py's fault hook SIGSTOPs it before it serves step K's first forward), SIGKILLed
             there, and a `--take-over` process is started at once from a bare shard directory (the manifest
             only: it fetches its shard from a peer, then the stage's state as of step K from the backup held
             by the next stage). The takeover is itself started with --stop-at forward:K+RECOVERY_GAP, and so on
@@ -98,14 +98,14 @@ from torch import nn  # noqa: E402
 
 # Issue #5: "sending a 1 MB activation to the next stage and back" -- 4 * 256 * 256 float32 = 1 MiB.
 HOP_SHAPE = (4, 256, 256)  # (B, T, H)
-HOP_DTYPES = ("float32", "float16", "bfloat16")  # protocol/activations.py FLOAT_DTYPES: what a wire may carry
+HOP_DTYPES = ("float32", "float16", "bfloat16")  # protocol/pipeline/activations.py FLOAT_DTYPES: what a wire may carry
 HOP_TARGET_MS = 5.0  # issue #5's target for the per-hop overhead
 HOP_WARMUP = 5  # trials discarded per stage and dtype (first streams open connections, first calls allocate)
 # The GPT-2 of scripts/bench_federated.py's text part (README, issue #4): n_embd 256, 4 layers, 4 heads,
-# 128 positions (node/models.py gpt2 defaults otherwise: byte vocab 256, dropout 0), untied LM head.
+# 128 positions (node/ml/models.py gpt2 defaults otherwise: byte vocab 256, dropout 0), untied LM head.
 GPT2 = {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 128}
 STAGES = 4  # issue #5: the model split over 4 stage hosts
-BATCH, BLOCK = 8, 128  # issue #5: "batch 8 x 128 bytes"; 128 = node/datasets.py DEFAULT_BLOCK_SIZE
+BATCH, BLOCK = 8, 128  # issue #5: "batch 8 x 128 bytes"; 128 = node/ml/datasets.py DEFAULT_BLOCK_SIZE
 MICRO = 2  # micro-batch size: 4 micro-batches per step, as tests/test_pipeline_churn.py (batch 8, micro 2)
 # nanoGPT config/train_shakespeare_char.py: "with baby networks can afford to go a bit higher" (1e-3).
 LR = 1e-3
@@ -146,16 +146,16 @@ def quantiles_ms(values: list[float]) -> dict:
 # ---- the models --------------------------------------------------------------------------------------------
 
 def untied_gpt2(overrides: dict, seed: int = 0) -> nn.Module:
-    """node/models.py build_model("gpt2") with ``overrides`` and its own LM head (tie_word_embeddings=False), as
+    """node/ml/models.py build_model("gpt2") with ``overrides`` and its own LM head (tie_word_embeddings=False), as
     tests/test_pipeline.py builds it: the same seed gives the same weights."""
-    from node.models import build_model
+    from node.ml.models import build_model
 
     return build_model("gpt2", {**overrides, "tie_word_embeddings": False}, seed).module
 
 
 class IdentityStage(nn.Module):
     """The identity as a middle pipeline stage: out = x * scale, scale one parameter (1.0) so that StageHost's
-    gradient path runs. Duck-types what StageHost reads of node/stages.py Stage: hidden_size, is_first, is_last,
+    gradient path runs. Duck-types what StageHost reads of node/ml/stages.py Stage: hidden_size, is_first, is_last,
     output, config (n_positions, vocab_size)."""
 
     def __init__(self, hidden: int, seq: int):
@@ -176,7 +176,7 @@ async def daemons(n: int, join: list[str] | None = None, with_dht: bool = False)
     asked; all stopped in finally."""
     from hivemind.dht.node import DHTNode
 
-    from node.p2pd import OwnedP2PDaemon
+    from node.runtime.p2pd import OwnedP2PDaemon
 
     started, dhts = [], []
     try:
@@ -197,7 +197,7 @@ async def daemons(n: int, join: list[str] | None = None, with_dht: bool = False)
 
 
 async def call(p2p, peer: str, protocol: str, frame: bytes, bound: int) -> bytes:
-    """One request on a new stream and its reply, as node/pipeline.py's _exchange."""
+    """One request on a new stream and its reply, as node/jobs/pipeline/trainer.py's _exchange."""
     from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
     from protocol.streams import close_quietly, read_frame, write_frame
@@ -239,14 +239,14 @@ def make_hop_stage(kind: str) -> nn.Module:
     b, t, h = HOP_SHAPE
     if kind == "identity":
         return IdentityStage(h, t)
-    from node.stages import cut_stage
+    from node.ml.stages import cut_stage
 
     model = untied_gpt2({"n_embd": h, "n_layer": 3, "n_head": 4, "n_positions": t})
     return cut_stage(model, 1, 2)  # layer 1 alone: hidden states in, hidden states out
 
 
 def inprocess(stage: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
-    """Seconds of the host's forward and backward compute for (x, g), called directly (node/stagehost.py
+    """Seconds of the host's forward and backward compute for (x, g), called directly (node/jobs/pipeline/stage_host.py
     _forward / _backward: input requiring grad, autograd.grad against g, parameter gradients flattened)."""
     params = list(stage.parameters())
     t0 = time.perf_counter()
@@ -263,7 +263,7 @@ def inprocess(stage: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float
 
 def codec_only(x: torch.Tensor, dtype: str, mb: int) -> float:
     """Seconds of the four codec calls of one forward hop (request out and in, reply out and in)."""
-    from protocol.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
+    from protocol.pipeline.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
                                       activation_to_wire)
 
     b, t, h = HOP_SHAPE
@@ -280,7 +280,7 @@ def mac_costs(data: bytes) -> dict[str, float]:
     import hashlib
     import hmac
 
-    from protocol.direct import FORWARD, DirectChannel
+    from protocol.pipeline.direct import FORWARD, DirectChannel
 
     key, sid = bytes(range(32)), bytes(16)
     out = {}
@@ -300,8 +300,8 @@ def mac_costs(data: bytes) -> dict[str, float]:
 
 async def direct_session(client, host) -> tuple:
     """(reader, writer, channel): a direct connection to ``host`` in a session asked for over libp2p."""
-    from protocol.direct import DirectChannel
-    from protocol.pipeline_messages import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire,
+    from protocol.pipeline.direct import DirectChannel
+    from protocol.pipeline.control import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire,
                                             control_to_wire, stage_protocol)
 
     raw = await call(client, host.me, stage_protocol(SWARM, host.pipeline_id, host.index, "control"),
@@ -312,7 +312,7 @@ async def direct_session(client, host) -> tuple:
 
 
 async def direct_call(conn: tuple, kind: int, frame: bytes, bound: int) -> bytes:
-    from protocol.direct import REPLY, read_sealed, send_sealed
+    from protocol.pipeline.direct import REPLY, read_sealed, send_sealed
 
     reader, writer, channel = conn
     await send_sealed(writer, channel, kind, frame)
@@ -320,10 +320,10 @@ async def direct_call(conn: tuple, kind: int, frame: bytes, bound: int) -> bytes
 
 
 async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
-    from node.pipeline import stage_protocol
-    from protocol.direct import BACKWARD, FORWARD
-    from node.stagehost import StageConfig, StageHost
-    from protocol.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ExpectedTensor, ForwardReply,
+    from node.jobs.pipeline.trainer import stage_protocol
+    from protocol.pipeline.direct import BACKWARD, FORWARD
+    from node.jobs.pipeline.stage_host import StageConfig, StageHost
+    from protocol.pipeline.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ExpectedTensor, ForwardReply,
                                       ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes,
                                       new_micro_batch_id)
     from protocol.streams import close_quietly, read_frame, write_frame
@@ -447,7 +447,7 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                     "forward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["fwd"], r["cfwd"])]),
                     "backward_overhead_paired_ms": med_ms([a - c for a, c in zip(r["bwd"], r["cbwd"])]),
                     "codec_ms": codec, "rest_ms": round(f - cf - codec, 3),
-                    # the same hops over the direct path (protocol/direct.py), interleaved with the above
+                    # the same hops over the direct path (protocol/pipeline/direct.py), interleaved with the above
                     "direct_forward_hop_ms": quantiles_ms(r["dfwd"]), "direct_backward_hop_ms": quantiles_ms(r["dbwd"]),
                     "direct_forward_overhead_ms": round(med_ms(r["dfwd"]) - cf, 3),
                     "direct_backward_overhead_ms": round(med_ms(r["dbwd"]) - cb, 3),
@@ -474,8 +474,8 @@ def part_hop(args) -> dict:
 # ---- the 4-stage pipeline (parts 2 and 3) ------------------------------------------------------------------
 
 def corpus(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 windows (n, BLOCK + 1) of node/datasets.py's stdlib byte corpus."""
-    from node.datasets import load_dataset
+    """(train, test) uint8 windows (n, BLOCK + 1) of node/ml/datasets.py's stdlib byte corpus."""
+    from node.ml.datasets import load_dataset
 
     ds = load_dataset("pystdlib-bytes", seed, block_size=BLOCK)
     return ds.x, ds.test_x
@@ -497,7 +497,7 @@ def eval_batches(test: np.ndarray, seed: int) -> list[tuple[torch.Tensor, torch.
 def write_shards(model: nn.Module, out: pathlib.Path) -> list[tuple[int, int]]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from node.splitter import plan_for_model, split_model
+    from node.ml.splitter import plan_for_model, split_model
 
     spans = list(plan_for_model(model, STAGES).spans)
     split_model(model, spans, out, Ed25519PrivateKey.generate())
@@ -511,7 +511,7 @@ class Peers:
         self.root, self.started = root, []
 
     def launch(self, name: str, args: list[str]):
-        from node.stage_peer import StagePeerProcess
+        from node.devtools.stage_peer import StagePeerProcess
 
         p = StagePeerProcess(self.root / name, ["--swarm", SWARM, "--pipeline", PIPE, *PEER_ARGS, *args]).start()
         self.started.append(p)
@@ -547,14 +547,14 @@ async def wait_replicas(trainer, timeout: float = 60.0) -> None:
 
 
 def trainer_config():
-    from node.pipeline import TrainerConfig
+    from node.jobs.pipeline.trainer import TrainerConfig
 
     return TrainerConfig(swarm=SWARM, micro_batch_size=MICRO, hop_timeout=HOP_TIMEOUT,
                          end_step_timeout=END_STEP_TIMEOUT, replica_wait=REPLICA_WAIT, seed=0)
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> float:
-    from node.pipeline import causal_lm_loss
+    from node.jobs.pipeline.trainer import causal_lm_loss
 
     return causal_lm_loss(logits, y).item()
 
@@ -562,14 +562,14 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> float:
 # ---- part 2: pipeline vs one process -----------------------------------------------------------------------
 
 def part_train(args, root: pathlib.Path) -> dict:
-    from node.pipeline import PipelineTrainer, causal_lm_loss
+    from node.jobs.pipeline.trainer import PipelineTrainer, causal_lm_loss
 
     train, test = corpus(args.seed)
     evals = eval_batches(test, args.seed)
     model = untied_gpt2(GPT2, args.seed)
     single = copy.deepcopy(model)
     opt = torch.optim.AdamW(single.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            foreach=False)  # node/stagehost.py StageConfig defaults, weight decay 0 as passed
+                            foreach=False)  # node/jobs/pipeline/stage_host.py StageConfig defaults, weight decay 0 as passed
     spans = write_shards(model, root / "shards")
     del model
 
@@ -644,7 +644,7 @@ def freeze_then_kill(victim, timeout: float) -> float:
     """Wait for the victim's fault hook to SIGSTOP it, SIGKILL it, reap it; the time.monotonic() of the reap."""
     import psutil
 
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     victim.wait_event(timeout, "the fault hook", event="frozen")
     wait_for(lambda: psutil.Process(victim.proc.pid).status() == psutil.STATUS_STOPPED, 10, "the victim to freeze")
@@ -654,8 +654,8 @@ def freeze_then_kill(victim, timeout: float) -> float:
 
 
 def part_recovery(args, root: pathlib.Path) -> dict:
-    from node.pipeline import PipelineTrainer
-    from protocol.shards import MANIFEST_FILE
+    from node.jobs.pipeline.trainer import PipelineTrainer
+    from protocol.transfer.shards import MANIFEST_FILE
 
     train, _ = corpus(args.seed)
     stage = args.recovery_stage
@@ -860,7 +860,7 @@ def main() -> None:
 
     import logging
 
-    logging.basicConfig(level=os.environ.get("SWARMNODE_LOG", "WARNING"), stream=sys.stderr,  # as node/stage_peer.py
+    logging.basicConfig(level=os.environ.get("SWARMNODE_LOG", "WARNING"), stream=sys.stderr,  # as node/devtools/stage_peer.py
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = args.keep_dir or pathlib.Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ anyway; the pinning makes sure of it.) Throughput = vector length / median wall 
 after one warm-up call, so "params/s" is per core.
 
 Input: a standard normal float32 vector (seed 0) stands in for a gradient; top-k cost depends on the values
-only through ties, which a normal vector has none of. Bytes: payload bytes as protocol/codecs.py encodes
+only through ties, which a normal vector has none of. Bytes: payload bytes as protocol/allreduce/codecs.py encodes
 them; msgpack framing (codec names, nnz, round id: tens of bytes per frame) is not counted.
 The butterfly estimate encodes MEMBERS independent gradients' top-k: their supports barely overlap, the
 worst case for the all-gather (real gradients' supports overlap more, so the union is sparser).
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from protocol.codecs import (  # noqa: E402
+from protocol.allreduce.codecs import (  # noqa: E402
     decode_indices,
     decode_values,
     encode_indices,
@@ -42,7 +42,7 @@ from protocol.codecs import (  # noqa: E402
     extract_update,
     smallest_encoding,
 )
-from protocol.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_approx, topk_exact  # noqa: E402
+from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_approx, topk_exact  # noqa: E402
 
 SIZE = 10_000_000  # issue 3, measurement 1: "a 10M-parameter vector"
 DENSITY = 0.01  # issue 3: "configurable density (default 1%)"

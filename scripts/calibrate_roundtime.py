@@ -4,7 +4,7 @@
     sudo .venv/bin/python scripts/calibrate_roundtime.py --reps 2 --heldout --save /tmp/all.jsonl  # ~70 min
     .venv/bin/python scripts/calibrate_roundtime.py --load /tmp/all.jsonl    # fit and tables from saved runs
 
-Each configuration runs real peers (node/reduce_peer.py, each with its own p2pd, in its own session) in the
+Each configuration runs real peers (node/devtools/reduce_peer.py, each with its own p2pd, in its own session) in the
 network namespaces of scripts/netns_testbed.py (tc tbf egress caps; no caps for rate 0), 7 rounds of a (size,)
 float32 vector at 1% density, expected group = all peers, one round every period_for() seconds. A round's time is
 the slowest member's step() (selection included), as in tests/test_simulation_validation.py; round 0 (first
@@ -46,7 +46,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.reduce_peer import PeerProcess  # noqa: E402
+from node.devtools.reduce_peer import PeerProcess  # noqa: E402
 from scripts.netns_testbed import testbed  # noqa: E402
 from simulations.roundtime import COSTS, CpuCosts, fair_cpu_share, predict_round_time  # noqa: E402
 

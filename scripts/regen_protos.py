@@ -1,10 +1,10 @@
-"""Regenerate node/rpc/ from proto/ with grpcio-tools (the committed code must match; tests check it).
+"""Regenerate node/api/rpc/ from proto/ with grpcio-tools (the committed code must match; tests check it).
 
-    python scripts/regen_protos.py              # rewrite node/rpc/*_pb2*.py
+    python scripts/regen_protos.py              # rewrite node/api/rpc/*_pb2*.py
     python scripts/regen_protos.py --out DIR    # write to DIR instead (used by the staleness test)
 
 protoc emits absolute imports (`from swarmnode.v1 import control_pb2`); they are rewritten to relative
-imports so the generated modules live inside the `node.rpc` package.
+imports so the generated modules live inside the `node.api.rpc` package.
 """
 
 import argparse
@@ -38,6 +38,6 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "node" / "rpc")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "node" / "api" / "rpc")
     for path in generate(parser.parse_args().out):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

@@ -5,10 +5,10 @@ Public names, by module:
   - model:      Gpu, GPUS, PopulationConfig, NodeDraw, draw_nodes   (links, latencies, real GPUs with sources)
   - churn:      ChurnConfig, ChurnProcess                 (heavy-tailed sessions at a fraction leaving per hour)
   - roundtime:  predict_round_time, butterfly, phases, Butterfly, Phases, payload_bytes
-                (one all-reduce round's bytes and seconds; spans from protocol.partition, sizes from
-                protocol.codecs)
-  - federated:  FederatedConfig, FederatedSim, RoundRecord (groups running rounds: protocol.matchmaking plans)
-  - pipeline:   PipelineConfig, PipelineSim               (protocol.stage_plan cuts, protocol.stage_assign
+                (one all-reduce round's bytes and seconds; spans from protocol.planning.partition, sizes from
+                protocol.allreduce.codecs)
+  - federated:  FederatedConfig, FederatedSim, RoundRecord (groups running rounds: protocol.allreduce.matchmaking plans)
+  - pipeline:   PipelineConfig, PipelineSim               (protocol.planning.stage_plan cuts, protocol.planning.stage_assign
                                                           incremental vs from-scratch assignment)
   - swarm:      SwarmConfig, Swarm                        (everything on one engine; the report)
   - run:        the CLI: python -m simulations.run --nodes 10000 --churn 0.2 --hours 24

@@ -1,23 +1,23 @@
 """Federated rounds of many groups in parallel: local steps, then one top-k all-reduce round per group.
 
-A federated job (node/jobs.py, node/jobmanager.py) runs rounds of local training followed by an all-reduce
-round (protocol/allreduce.py) of at most max_group members. A swarm of 10,000 runs many such groups at once
+A federated job (node/jobs/federated/runner.py, node/jobs/manager.py) runs rounds of local training followed by an all-reduce
+round (protocol/allreduce/averager.py) of at most max_group members. A swarm of 10,000 runs many such groups at once
 (one job each, or one job sharded by group key); nodes joining go to the smallest group of their kind
 (``grouping``: "gpu" groups nodes with the same GPU, so every member finishes its local steps at the same
 moment; "random" mixes GPUs, and then members slower than the leader by more than the matchmaking window are
-left out of every round, as node/jobs.py's fixed local_steps and the 5 s window make them). A new group opens
+left out of every round, as node/jobs/federated/runner.py's fixed local_steps and the 5 s window make them). A new group opens
 only when all groups of a kind are full and groups are never merged, so under churn their number creeps up
 and their mean size down (625 -> 648 groups in the default 10,000-node day). Each group round, at the round's start every member trains (unless its last
-round failed: node/jobs.py then resends the update kept in error feedback), then:
+round failed: node/jobs/federated/runner.py then resends the update kept in error feedback), then:
 
   matchmaking  every member declares when its local steps end. The leader (choose_leader over the members
                declared within the first matchmaking window) closes its window when the expected group
                (the last round's participants) has declared, else after matchmaking_time. Members that declare
-               later are left out: they keep their update and must re-sync the model (node/jobs.py: in_sync
+               later are left out: they keep their update and must re-sync the model (node/jobs/federated/runner.py: in_sync
                False) before their next round. A member that dies before declaring costs the full window;
                one that dies after declaring costs the leader an invite_timeout; a leader that dies before
                sending the plan fails the round for all (NoGroup after matchmaking_time + 2 invite_timeouts).
-  plan         protocol.matchmaking.make_plan (real) over the declared survivors: members and spans.
+  plan         protocol.allreduce.matchmaking.make_plan (real) over the declared survivors: members and spans.
   butterfly    simulations.roundtime: link-limited reduce-scatter and all-gather, selection overlapping
                matchmaking. A transfer longer than result_timeout fails the round (the slowest members hold no
                result, so no span is held by every member).
@@ -37,9 +37,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from protocol.matchmaking import choose_leader, make_plan
-from protocol.messages import TensorSpec
-from protocol.rounds import RoundConfig
+from protocol.allreduce.matchmaking import choose_leader, make_plan
+from protocol.allreduce.messages import TensorSpec
+from protocol.allreduce.rounds import RoundConfig
 from simulations.engine import Engine
 from simulations.roundtime import Butterfly, Phases, butterfly, dht_hops, phases
 
@@ -51,14 +51,14 @@ GROUPINGS = ("gpu", "random")
 class FederatedConfig:
     params: int = GPT2_SMALL_PARAMS
     density: float = 0.01  # top-k fraction per round (README: the issue #3 benchmarks run at 1%)
-    result_density: float | None = None  # None: owners send their whole span average (node/jobs.py's default)
-    select: str = "exact"  # node/jobs.py's ErrorFeedbackSparsifier(..., "exact")
+    result_density: float | None = None  # None: owners send their whole span average (node/jobs/federated/runner.py's default)
+    select: str = "exact"  # node/jobs/federated/runner.py's ErrorFeedbackSparsifier(..., "exact")
     min_group: int = 2  # JobSpec.min_participants default
     max_group: int = 16  # a choice between JobSpec.max_participants' default (8) and RoundConfig.max_group's (64)
     local_steps: int = 20  # a choice: 10-30 s of local work per round on the common cards (RTX 3060: 14 s)
     batch_size: int = 8  # sequences per step (a choice that fits GPT-2 small on an 8 GB card)
     seq_len: int = 1024  # GPT-2's context
-    # JobSpec.round_timeout_s; node/jobs.py derives the round's timeouts from it. JobSpec's default (60 s) gives a
+    # JobSpec.round_timeout_s; node/jobs/federated/runner.py derives the round's timeouts from it. JobSpec's default (60 s) gives a
     # 30 s result_timeout, shorter than a 10 Mbit/s member's all-gather in a group of 16 (~43 s): 120 s fits it
     round_timeout_s: float = 120.0
     grouping: str = "gpu"
@@ -85,7 +85,7 @@ class FederatedConfig:
         return 8.0 * self.params
 
     def round_config(self) -> RoundConfig:
-        """The RoundConfig node/jobs.py's JobRunner builds from the job's round_timeout_s."""
+        """The RoundConfig node/jobs/federated/runner.py's JobRunner builds from the job's round_timeout_s."""
         t = self.round_timeout_s
         return RoundConfig(swarm="sim", tensor=TensorSpec("sim", self.params), min_group=self.min_group,
                            max_group=self.max_group, matchmaking_time=min(5.0, t / 6), part_timeout=t / 4,

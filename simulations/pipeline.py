@@ -1,7 +1,7 @@
 """Pipeline training under churn: the swarm's incremental node -> stage assignment against the best from scratch.
 
-A model too large for one volunteer is cut into stages (protocol.stage_plan.plan_stages, real) and served by
-replicas (protocol.stage_assign, real). The swarm keeps its assignment incrementally, as a daemon would:
+A model too large for one volunteer is cut into stages (protocol.planning.stage_plan.plan_stages, real) and served by
+replicas (protocol.planning.stage_assign, real). The swarm keeps its assignment incrementally, as a daemon would:
 rebalance_join places a joiner, rebalance_leave refills a stage left without replicas (moves nodes), and a node
 serves only once it has downloaded its stage's shard (bf16 weights, at its own bandwidth). Throughput is the
 slowest stage's sum of *ready* replicas' throughput / its cost, in samples/s. The reference is
@@ -17,7 +17,7 @@ Model (LLaMA-2-7B shapes: Touvron et al. 2023, 32 layers, d 4096, SwiGLU d_ff 11
   node speed   min(its effective TFLOPS, what its link carries): a sample crosses a stage boundary as fp16
                activations forward and fp16 gradients back, seq * d * 2 bytes each, so a replica moves
                2 * seq * d * 2 bytes each way per sample; bandwidth / that * (a middle stage's cost) is the
-               link's limit in TFLOPS-equivalents (protocol/activations.py carries fp16 on the wire)
+               link's limit in TFLOPS-equivalents (protocol/pipeline/activations.py carries fp16 on the wire)
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from protocol.stage_assign import Assignment, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
-from protocol.stage_plan import StagePlan, plan_stages
+from protocol.planning.stage_assign import Assignment, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
+from protocol.planning.stage_plan import StagePlan, plan_stages
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class PipelineConfig:
 
 
 def _min_rate(plan: StagePlan, groups) -> float:
-    """The slowest stage's samples/s: the definition of protocol.stage_assign's Assignment.rates."""
+    """The slowest stage's samples/s: the definition of protocol.planning.stage_assign's Assignment.rates."""
     rates = []
     for cost, g in zip(plan.costs, groups):
         if not g:

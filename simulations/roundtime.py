@@ -3,15 +3,15 @@
     from simulations.roundtime import predict_round_time
     predict_round_time([(12.5e6, 0.0)] * 4, 10_000_000, 0.01, select="exact", cpu_share=0.5)   # ~0.4 s
 
-A round (protocol/allreduce.py) is: matchmaking (declare + read the round's DHT key, invite, plan) while the
-member's top-k selection runs in a thread, then a butterfly over spans sized by bandwidth (protocol/partition.py):
+A round (protocol/allreduce/averager.py) is: matchmaking (declare + read the round's DHT key, invite, plan) while the
+member's top-k selection runs in a thread, then a butterfly over spans sized by bandwidth (protocol/planning/partition.py):
 reduce-scatter (each member sends every owner its part of the owner's span) and all-gather (each owner sends its
 span's aggregate to every member), then a commit exchange. For a group of n with spans s_j = span_sizes(P,
 bandwidths)[j] and k = round(density * P):
   part to owner j    k * s_j / P entries of a span of s_j (the top-k is spread evenly over the vector)
   result of span j   s_j * (1 - (1 - density)^n) entries: the union of n independent top-k selections, as in
                      scripts/bench_allreduce.py (random vectors); with result_density, at most that share of s_j
-  bytes              frame headers from protocol.wire.message_to_wire + payloads from protocol.codecs'
+  bytes              frame headers from protocol.wire.message_to_wire + payloads from protocol.allreduce.codecs'
                      smallest_encoding (sparse delta-varint / bitmap or dense, fp16 values), measured once per
                      density on a synthetic update of 2**20 entries and scaled to the span length
   member i sends     sum_{j != i} part_j + (n - 1) * result_i;  receives (n - 1) * part_i + sum_{j != i} result_j
@@ -57,16 +57,16 @@ from typing import Sequence
 
 import numpy as np
 
-from protocol.codecs import EncodedUpdate, smallest_encoding
-from protocol.messages import CommitFrame, GroupPlan, PartFrame, ResultFrame, TensorSpec
-from protocol.partition import span_sizes
-from protocol.sparsify import SparseUpdate
+from protocol.allreduce.codecs import EncodedUpdate, smallest_encoding
+from protocol.allreduce.messages import CommitFrame, GroupPlan, PartFrame, ResultFrame, TensorSpec
+from protocol.planning.partition import span_sizes
+from protocol.allreduce.sparsify import SparseUpdate
 from protocol.wire import message_to_wire
 
 # --- protocol constants ----------------------------------------------------------------------------------------
 POLL_S = 0.02  # Averager._matchmake polls the DHT every 20 ms while it waits for the expected group
 PEER_ID_CHARS = 52  # base58 of an Ed25519 libp2p peer id ("12D3KooW" + 44 characters)
-ROUND_ID_CHARS = 26  # f"{job_id}/r{round}" with a 16-hex-digit job id (node/jobs.py)
+ROUND_ID_CHARS = 26  # f"{job_id}/r{round}" with a 16-hex-digit job id (node/jobs/federated/runner.py)
 FRAME_PREFIX = 4  # protocol/streams.py: every frame is preceded by a 4-byte length
 # TCP/IPv4 headers with timestamps (52 B) + Ethernet header (14 B) per 1448-byte segment (MSS at MTU 1500); tc tbf
 # and a home router count them against the link rate. libp2p's Noise (16 B MAC per <= 64 KiB) and yamux (12 B
@@ -196,7 +196,7 @@ class Butterfly:
 def butterfly(bandwidths: Sequence[float], latencies: Sequence[float], params: int, density: float, *,
               result_density: float | None = None, value_codec: str = "fp16",
               spans: Sequence[int] | None = None, burst_bytes: float | Sequence[float] = 0.0) -> Butterfly:
-    """The byte and time model of the module docstring; ``spans`` defaults to protocol.partition.span_sizes."""
+    """The byte and time model of the module docstring; ``spans`` defaults to protocol.planning.partition.span_sizes."""
     bw = np.asarray(bandwidths, float)  # (n,) bytes/s
     lat = np.asarray(latencies, float)  # (n,) s
     n = bw.size

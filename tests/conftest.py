@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from node.localswarm import LocalSwarm, NodeProcess, wait_for
+from node.devtools.localswarm import LocalSwarm, NodeProcess, wait_for
 
 # Short heartbeat/TTL so churn tests finish quickly; a tiny benchmark budget so nodes start fast.
 FAST_ARGS = ["--heartbeat", "1", "--ttl", "3", "--benchmark-seconds", "0.05", "--join-attempts", "3", "--join-backoff", "0.2"]
@@ -130,7 +130,7 @@ def cli_in_process(*args: str) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from node import cli
+    import node.cli.main as cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

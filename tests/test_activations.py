@@ -1,4 +1,4 @@
-"""protocol/activations.py: pipeline frames round-trip for every dtype, fp32 activations shrink to fp16/bf16
+"""protocol/pipeline/activations.py: pipeline frames round-trip for every dtype, fp32 activations shrink to fp16/bf16
 on the wire within their rounding bounds, and every malformed frame is refused with a one-line WireError from
 its header, before a tensor (or anything sized by the frame's claims) is allocated. One test sends a 1-MB
 activation and its reply over a real libp2p stream (two p2pd daemons in this process)."""
@@ -12,8 +12,8 @@ import msgpack
 import pytest
 import torch
 
-from node.p2pd import OwnedP2PDaemon
-from protocol.activations import (ACTIVATION_PROTOCOL_VERSION, FRAME_OVERHEAD, MAX_REASON, BackwardReply,
+from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.pipeline.activations import (ACTIVATION_PROTOCOL_VERSION, FRAME_OVERHEAD, MAX_REASON, BackwardReply,
                                   BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply, ForwardRequest,
                                   activation_from_wire,
                                   activation_to_wire, decode_tensor, dtype_name, encode_tensor, max_frame_bytes,

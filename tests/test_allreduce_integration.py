@@ -10,9 +10,9 @@ import numpy as np
 import psutil
 import pytest
 
-from node.localswarm import wait_for
-from node.files import atomic_write
-from node.reduce_peer import PeerProcess
+from node.devtools.localswarm import wait_for
+from node.runtime.files import atomic_write
+from node.devtools.reduce_peer import PeerProcess
 
 SIZE = 20_000
 TIMEOUTS = ["--matchmaking-time", "1.0", "--part-timeout", "2", "--result-timeout", "4", "--commit-timeout", "1"]

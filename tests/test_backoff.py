@@ -1,4 +1,4 @@
-"""node/backoff.py: delays and retry, with an injected sleep that records delays instead of waiting."""
+"""node/runtime/backoff.py: delays and retry, with an injected sleep that records delays instead of waiting."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from node.backoff import backoff_delays, retry
+from node.runtime.backoff import backoff_delays, retry
 
 
 class FakeSleep:

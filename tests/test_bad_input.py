@@ -82,7 +82,7 @@ def test_corrupt_key_is_refused(tmp_path):
 
 def test_missing_explicit_key_file_directory_is_created(tmp_path):
     """A missing key is not an error: it is created on first run (mode 0600) at the configured path."""
-    from node.identity import load_or_create_key
+    from node.runtime.identity import load_or_create_key
 
     _, created = load_or_create_key(tmp_path / "deep" / "dir" / "id.key")
     assert created and (tmp_path / "deep" / "dir" / "id.key").stat().st_mode & 0o777 == 0o600

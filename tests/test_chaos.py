@@ -11,7 +11,7 @@ SIGCONT). After a bounded time the schedule stops and the test asserts:
   * no file is half-written: every JSON file and key in every node's home parses (all are written through
     node/files.atomic_write: temporary file, fsync, rename).
 Gradient conservation under freezes and network cuts is checked by the second test on standalone
-all-reduce peers (node/reduce_peer.py), which record every gradient they produce, hold and apply.
+all-reduce peers (node/devtools/reduce_peer.py), which record every gradient they produce, hold and apply.
 
 Knobs (environment): SWARMNODE_CHAOS_SECONDS (default 60), SWARMNODE_CHAOS_NODES (8), SWARMNODE_CHAOS_SEED (0).
 """
@@ -28,8 +28,8 @@ import numpy as np
 import psutil
 import pytest
 
-from node.datasets import write_node_data
-from node.localswarm import wait_for
+from node.ml.datasets import write_node_data
+from node.devtools.localswarm import wait_for
 from tests.conftest import run_cli
 from tests.test_allreduce_integration import SIZE, TIMEOUTS
 
@@ -69,7 +69,7 @@ def p2pd_of(node) -> list[psutil.Process]:
 
 def check_homes_whole(tmp_path) -> None:
     """Every JSON file and identity key in every node's home is complete (no half-written file)."""
-    from node.identity import load_or_create_key
+    from node.runtime.identity import load_or_create_key
 
     for path in tmp_path.glob("n*/**/*.json"):
         json.loads(path.read_text())  # raises on a truncated file
@@ -174,7 +174,7 @@ def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
     """6 standalone all-reduce peers; a seeded schedule freezes peers and stalls their p2pd mid-run. Every
     round ends; the members of a group that heard every commit vote apply bit-identical averages and take out of
     their buffers exactly the mass of that average; every peer's produced = still held + taken out, to 1e-5."""
-    from node.reduce_peer import PeerProcess
+    from node.devtools.reduce_peer import PeerProcess
     from tests.test_allreduce_integration import wait_done
 
     rng = random.Random(SEED)
@@ -190,7 +190,7 @@ def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
             procs.append(PeerProcess(tmp_path / f"p{i}", [*common, "--seed", str(i), "--join", join]).start())
         for p in procs:
             p.wait_event(60, "ready", event="ready")
-        from node.files import atomic_write
+        from node.runtime.files import atomic_write
 
         atomic_write(go, f"{time.time() + 2.0}".encode())
         end = time.time() + 2.0 + rounds * period
@@ -217,7 +217,7 @@ def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
         #    mass its members took out of their error-feedback buffers is the mass of that average (per-round
         #    conservation);
         #  * a group may disagree only where a member decided without a vote (a peer frozen through the commit
-        #    timeout: the documented timing case, protocol/allreduce.py); those rounds are printed;
+        #    timeout: the documented timing case, protocol/allreduce/averager.py); those rounds are printed;
         #  * per peer, everything produced is either still held or was taken out by some round (no mass lost).
         groups: dict[int, dict[tuple[str, ...], list[tuple[PeerProcess, dict]]]] = {}
         for r in range(rounds):

@@ -24,7 +24,7 @@ import time
 import psutil
 import pytest
 
-from node.p2pd import sweep_stale_sockets
+from node.runtime.p2pd import sweep_stale_sockets
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,7 +56,7 @@ def sockets_of(node) -> list[str]:
 
 def sweep_from_another_netns(prefix: list[str], paths: list[str]) -> int:
     """What a node starting in another network namespace does to /tmp, over ``paths`` only."""
-    code = "import sys; from node.p2pd import sweep_stale_sockets; print(sweep_stale_sockets(sys.argv[1:]))"
+    code = "import sys; from node.runtime.p2pd import sweep_stale_sockets; print(sweep_stale_sockets(sys.argv[1:]))"
     result = subprocess.run([*prefix, sys.executable, "-c", code, *paths], capture_output=True, text=True,
                             timeout=30, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""node/cli.py output formatting (peers table, --json) from hand-built PeersResponse messages, and the parser."""
+"""node/cli/main.py output formatting (peers table, --json) from hand-built PeersResponse messages, and the parser."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from node.cli import build_parser, format_peers_table, peers_json
-from node.rpc import control_pb2
+from node.cli.main import build_parser, format_peers_table, peers_json
+from node.api.rpc import control_pb2
 
 GIB = 2**30
 NOW = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""protocol/codecs.py: one suite every codec must pass, then every malformed payload (CodecError)."""
+"""protocol/allreduce/codecs.py: one suite every codec must pass, then every malformed payload (CodecError)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from protocol.codecs import (
+from protocol.allreduce.codecs import (
     FP16_MAX,
     Codec,
     CodecError,
@@ -25,7 +25,7 @@ from protocol.codecs import (
     quantize_values,
     smallest_encoding,
 )
-from protocol.sparsify import SparseUpdate
+from protocol.allreduce.sparsify import SparseUpdate
 
 SIZE = 10_007  # not a multiple of 8: the bitmap's last byte is partial
 

@@ -1,4 +1,4 @@
-"""node/config.py: flag > env > TOML > default, and a one-line NodeError (exit 2) for every bad input.
+"""node/runtime/config.py: flag > env > TOML > default, and a one-line NodeError (exit 2) for every bad input.
 
 Every test passes an explicit env dict; os.environ is never read.
 """
@@ -9,8 +9,8 @@ import pathlib
 
 import pytest
 
-from node.config import NodeConfig, resolve
-from node.errors import EXIT_USAGE, NodeError
+from node.runtime.config import NodeConfig, resolve
+from node.runtime.errors import EXIT_USAGE, NodeError
 
 JOIN_TOML = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooWtoml"
 JOIN_ENV = ("/ip4/198.51.100.1/tcp/1/p2p/12D3KooWenv1", "/ip4/198.51.100.2/tcp/2/p2p/12D3KooWenv2")

@@ -1,4 +1,4 @@
-"""node/datasets.py: offline datasets, partitions that cover every item once, node directories that are
+"""node/ml/datasets.py: offline datasets, partitions that cover every item once, node directories that are
 verified on load, deterministic minibatches, and a byte corpus whose test split is held out by file."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from node.datasets import (DATASETS, SCHEMES, batches, eval_batches, load_dataset, load_node_data, partition,
+from node.ml.datasets import (DATASETS, SCHEMES, batches, eval_batches, load_dataset, load_node_data, partition,
                            stdlib_sources, write_node_data)
-from node.models import build_model
+from node.ml.models import build_model
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The direct data path (protocol/direct.py, node/stagehost.py, node/pipeline.py) over real p2pd daemons in this
+"""The direct data path (protocol/pipeline/direct.py, node/jobs/pipeline/stage_host.py, node/jobs/pipeline/trainer.py) over real p2pd daemons in this
 process: hops over it compute what hops over libp2p compute, refused frames close the connection (and the host
 keeps serving), and a trainer that cannot reach a direct listener completes its step over libp2p."""
 
@@ -11,14 +11,14 @@ import pytest
 import torch
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.models import build_model
-from node.pipeline import PipelineTrainer, TrainerConfig
-from node.splitter import load_stage
-from node.stagehost import StageConfig, StageHost
-from protocol.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
+from node.ml.models import build_model
+from node.jobs.pipeline.trainer import PipelineTrainer, TrainerConfig
+from node.ml.splitter import load_stage
+from node.jobs.pipeline.stage_host import StageConfig, StageHost
+from protocol.pipeline.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
                                   activation_to_wire)
-from protocol.direct import FORWARD, MAGIC, REPLY, DirectChannel, new_session, read_sealed, send_sealed
-from protocol.pipeline_messages import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire, control_to_wire,
+from protocol.pipeline.direct import FORWARD, MAGIC, REPLY, DirectChannel, new_session, read_sealed, send_sealed
+from protocol.pipeline.control import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire, control_to_wire,
                                         stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
@@ -174,7 +174,7 @@ def test_refused_direct_frames_close_the_connection_and_the_host_keeps_serving(t
                 close_quietly(writer)
                 return results
 
-    with caplog.at_level(logging.WARNING, logger="node.stagehost"):
+    with caplog.at_level(logging.WARNING, logger="node.jobs.pipeline.stage_host"):
         results = asyncio.run(scenario())
     assert all(results.values()), results
     refusals = [r.getMessage() for r in caplog.records if "refused a direct frame" in r.getMessage()]
@@ -205,7 +205,7 @@ def test_an_unreachable_direct_listener_falls_back_to_libp2p(tmp_path, caplog):
                 finally:
                     await trainer.close()
 
-    with caplog.at_level(logging.INFO, logger="node.pipeline"):
+    with caplog.at_level(logging.INFO, logger="node.jobs.pipeline.trainer"):
         hops, retries, committed = asyncio.run(scenario())
     assert committed == [2, 2] and retries == 0
     assert hops == {"direct": 4, "libp2p": 4}  # stage 0 direct, stage 1 over libp2p (2 micro-batches x 2 ways)

@@ -45,46 +45,46 @@ from google.protobuf.message import DecodeError
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from node import cli
-from node.config import FIELDS, resolve
+import node.cli.main as cli
+from node.runtime.config import FIELDS, resolve
 from node.daemon import parse_join_addr
-from node.errors import NodeError
-from node.jobexport import history_from_json, history_to_json
-from node.jobspec import job_spec_from_text, job_spec_from_toml, load_job_file
-from node.models import resolve_overrides
-from node.pipeline import (BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync,
+from node.runtime.errors import NodeError
+from node.jobs.federated.export import history_from_json, history_to_json
+from node.jobs.spec import job_spec_from_text, job_spec_from_toml, load_job_file
+from node.ml.models import resolve_overrides
+from node.jobs.pipeline.trainer import (BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync,
                            StateHead, StateRequest, Status, StatusReply, control_from_wire, control_to_wire,
                            member_record_from_wire, member_record_to_wire)
-from node.rpc import control_pb2 as pb
-from node.stage_peer import parse_stop_at
-from node.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_bytes
-from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
+from node.api.rpc import control_pb2 as pb
+from node.devtools.stage_peer import parse_stop_at
+from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_bytes
+from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
                                   ForwardRequest, activation_from_wire, activation_to_wire, decode_tensor,
                                   encode_tensor, max_frame_bytes)
-from protocol.direct import FORWARD, DirectChannel
-from protocol.direct import REQUESTS as DIRECT_KINDS
-from protocol.codecs import (CodecError, DenseCodec, EncodedUpdate, SparseCodec, decode_indices, decode_values,
+from protocol.pipeline.direct import FORWARD, DirectChannel
+from protocol.pipeline.direct import REQUESTS as DIRECT_KINDS
+from protocol.allreduce.codecs import (CodecError, DenseCodec, EncodedUpdate, SparseCodec, decode_indices, decode_values,
                              decode_varints, encode_indices, extract_update)
-from protocol.job_validation import SignedJobRecordValidator
-from protocol.jobs import (MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, MAX_JOB_SPEC_BYTES, MAX_STATE_HEADER_BYTES,
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.jobs import (MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, MAX_JOB_SPEC_BYTES, MAX_STATE_HEADER_BYTES,
                            InnerOpt, JobProgress, JobRecord, JobSpec, ModelSpec, OuterOpt, PipelineAssignment,
                            StateHeader, jobs_key,
                            job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire,
                            job_spec_from_wire, job_spec_to_wire, parse_progress_subkey, progress_key, progress_subkey,
                            state_header_from_wire, state_header_to_wire)
-from protocol.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
-from protocol.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.pipeline_messages import Advance, DirectOffer, DirectOpen, Discard
-from protocol.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.records import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
-from protocol.shard_transfer import (MAX_CONTROL_BYTES, ChunkReply, ChunkRequest, TransferRefusal,
+from protocol.allreduce.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
+from protocol.allreduce.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
+from protocol.pipeline.control import Advance, DirectOffer, DirectOpen, Discard
+from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
+from protocol.transfer.shard_transfer import (MAX_CONTROL_BYTES, ChunkReply, ChunkRequest, TransferRefusal,
                                      chunk_reply_from_wire, chunk_reply_to_wire, chunk_request_from_wire,
                                      chunk_request_to_wire, refusal_to_wire, reply_bound)
-from protocol.shards import (MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
+from protocol.transfer.shards import (MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
                              canonical_config_json, manifest_from_wire, manifest_to_wire, sign_manifest,
                              verify_manifest)
-from protocol.sparsify import SparseUpdate
-from protocol.validation import SignedPeerRecordValidator, key_id
+from protocol.allreduce.sparsify import SparseUpdate
+from protocol.records.validation import SignedPeerRecordValidator, key_id
 from protocol.wire import (MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire, peer_record_from_wire,
                            peer_record_to_wire, unpack_bounded)
 from tests.fuzzing import (OBJECT_BYTES_PER_INPUT_BYTE, SLACK, Mutator, byte_cases, count, fuzz, msgpack_bound,
@@ -179,7 +179,7 @@ def test_message_from_wire(expect):
          errors=(WireError, CodecError), bound=msgpack_bound(1 << 20), accept=accept)
 
 
-# ---- protocol/codecs.py --------------------------------------------------------------------------------------
+# ---- protocol/allreduce/codecs.py --------------------------------------------------------------------------------------
 
 
 def _updates(rng: random.Random) -> list[tuple[EncodedUpdate, int]]:
@@ -277,7 +277,7 @@ def test_decode_varints():
          bound=lambda c: OBJECT_BYTES_PER_INPUT_BYTE * len(c[0]) + SLACK, min_accepted=0)
 
 
-# ---- protocol/activations.py ---------------------------------------------------------------------------------
+# ---- protocol/pipeline/activations.py ---------------------------------------------------------------------------------
 
 HIDDEN = ExpectedTensor.hidden(2, 4, 8)  # (1..2, 1..4, 8): up to 256 raw bytes
 TOKENS = ExpectedTensor.token_ids(2, 4, 50)
@@ -334,7 +334,7 @@ def test_decode_tensor():
          bound=lambda obj: 2 * raw_len(obj) + SLACK)
 
 
-# ---- protocol/jobs.py, job_validation.py ---------------------------------------------------------------------
+# ---- protocol/records/jobs.py, job_validation.py ---------------------------------------------------------------------
 
 SPECS = [
     JobSpec(name="digits-demo", model=ModelSpec("mlp", {"hidden": 128}), dataset="digits", task="classification",
@@ -434,7 +434,7 @@ def _validator_bound(limit: int):
 
 def test_signed_peer_record_validator(caplog):
     """validate() never raises: True or False for anything. Bound: 2 x 80 B per byte of the 16-KiB record."""
-    caplog.set_level(logging.ERROR, logger="protocol.validation")
+    caplog.set_level(logging.ERROR, logger="protocol.records.validation")
     peers_key = key_id(swarm_key(SWARM, "peers"))
     seeds = []
     for p, cap in ((PEERS[0], CAP_GPU), (PEERS[1], CAP_CPU)):
@@ -450,7 +450,7 @@ def test_signed_peer_record_validator(caplog):
 
 def test_signed_job_record_validator(caplog):
     """validate() never raises, for job records and progress entries. Bound: 2 x 80 B per byte of <= 32 KiB."""
-    caplog.set_level(logging.ERROR, logger="protocol.validation")
+    caplog.set_level(logging.ERROR, logger="protocol.records.validation")
     seeds = []
     for rec in RECORDS:
         payload = job_record_to_wire(rec)
@@ -468,7 +468,7 @@ def test_signed_job_record_validator(caplog):
     assert all(validator.validate(c) for c in cases[:len(seeds)])
 
 
-# ---- protocol/shards.py, shard_transfer.py, matchmaking.py ---------------------------------------------------
+# ---- protocol/transfer/shards.py, shard_transfer.py, matchmaking.py ---------------------------------------------------
 
 MANIFEST = sign_manifest(ShardManifest(
     SHA, "GPT2LMHeadModel", canonical_config_json({"n_layer": 4, "n_embd": 64, "vocab_size": 256, "id2label": {
@@ -548,7 +548,7 @@ def test_matchmaking_records():
          bound=msgpack_bound(64 * 1024))
 
 
-# ---- node/pipeline.py (stage hosts, trainers, backups) ---------------------------------------------------------
+# ---- node/jobs/pipeline/trainer.py (stage hosts, trainers, backups) ---------------------------------------------------------
 
 CONTROL_SEEDS = [Status(3), StatusReply(3, 17, SHA), StatusReply(0, 0, ""), Commit(3, (1, 2**64 - 1)),
                  CommitReply(3, (1,), (2**64 - 1,)), EndStep(3, (1, 2, 3), tuple(PEERS), PEERS[0]),
@@ -583,7 +583,7 @@ DIRECT_KEY, DIRECT_SESSION = bytes(range(32)), bytes(range(100, 116))
 
 
 def test_direct_frame():
-    """A sealed direct-path frame (protocol/direct.py) as a host's fresh channel opens it: header checks, session,
+    """A sealed direct-path frame (protocol/pipeline/direct.py) as a host's fresh channel opens it: header checks, session,
     sequence number, declared length against a 4 KiB bound, AES-GCM tag. Bound: the frame's copies, 4x + slack."""
     def sealed(kind: int, payload: bytes) -> bytes:
         return b"".join(DirectChannel(DIRECT_KEY, DIRECT_SESSION, "trainer").seal(kind, payload))
@@ -611,7 +611,7 @@ def test_member_record_from_wire():
          bound=msgpack_bound(256), accept=roundtrip(member_record_to_wire, member_record_from_wire))
 
 
-# ---- node/jobexport.py: a participant's round history (JSON, read after a state download) ---------------------
+# ---- node/jobs/federated/export.py: a participant's round history (JSON, read after a state download) ---------------------
 
 HISTORY = [{"round": r, "ok": r % 3 != 1, "error": None if r % 3 != 1 else "timeout", "participants": PEERS[:2],
             "train_loss": 0.5 / (r + 1), "samples": 320, "metrics": {"accuracy": 0.9} if r % 2 else {},
@@ -641,7 +641,7 @@ def test_history_from_json():
          accept=lambda c, h: all(isinstance(e, dict) and isinstance(e["round"], int) for e in h) or pytest.fail())
 
 
-# ---- node/jobspec.py, node/config.py: job files, the daemon's Submit, node config ------------------------------
+# ---- node/jobs/spec.py, node/runtime/config.py: job files, the daemon's Submit, node config ------------------------------
 
 JOB_TOML = ['name = "digits-demo"\ndataset = "digits"\ntask = "classification"\nrounds = 30\nlocal_steps = 20\n'
             'density = 0.01\n\n[model]\narch = "mlp"\nhidden = 128\n\n[inner]\nkind = "sgd"\nlr = 0.1\n'
@@ -656,8 +656,8 @@ JOB_TOML = ['name = "digits-demo"\ndataset = "digits"\ntask = "classification"\n
 
 
 def _submit_parse(text: str):
-    """What the daemon's Submit does with a job file's text before storing the record (node/jobmanager.py):
-    parse it (node/jobspec.py job_spec_from_text) and check the model's overrides."""
+    """What the daemon's Submit does with a job file's text before storing the record (node/jobs/manager.py):
+    parse it (node/jobs/spec.py job_spec_from_text) and check the model's overrides."""
     return job_spec_from_text(text, "job file", lambda model: resolve_overrides(model.arch, model.config()))
 
 
@@ -691,7 +691,7 @@ CONFIG_TOML = ['swarm = "demo"\nlisten = ["/ip4/0.0.0.0/tcp/31337"]\njoin = ["/i
 
 
 def test_config_file(tmp_path):
-    """node/config.py resolve() with a --config file (any bytes): a NodeConfig with finite durations, or
+    """node/runtime/config.py resolve() with a --config file (any bytes): a NodeConfig with finite durations, or
     NodeError. Bound: TOML materialised, 80 B per byte."""
     m = Mutator(rng_for("config"))
     path = tmp_path / "node.toml"
@@ -736,7 +736,7 @@ def test_parse_join_addr():
 
 
 def test_parse_stop_at():
-    """node/stage_peer.py --stop-at, an argparse type (argparse turns ValueError and ArgumentTypeError into a
+    """node/devtools/stage_peer.py --stop-at, an argparse type (argparse turns ValueError and ArgumentTypeError into a
     usage error)."""
     fuzz(parse_stop_at, text_cases(Mutator(rng_for("stop_at")), ["forward:1", "backward:1:2", "end_step:0:1"],
                                    count(0.3)), errors=(argparse.ArgumentTypeError, ValueError), bound=lambda c: SLACK)
@@ -813,7 +813,7 @@ def cli_env(tmp_path, monkeypatch):
 
 
 def run_cli(argv: list[str]) -> int:
-    """node/cli.py main(argv): an exit code (0, 1, 2), or argparse's SystemExit (0 for -h, 2), never a traceback."""
+    """node/cli/main.py main(argv): an exit code (0, 1, 2), or argparse's SystemExit (0 for -h, 2), never a traceback."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -826,7 +826,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_cli_client_commands(tmp_path, cli_env):
-    """node/cli.py main(argv) for the client commands (status, peers, leave, jobs, job, cancel, submit) against
+    """node/cli/main.py main(argv) for the client commands (status, peers, leave, jobs, job, cancel, submit) against
     ``cli_env``'s dead endpoint: argv parsing, config resolution, job file reading and request building run for
     real, then the call fails with "not answering" (exit 1). Bound: a fixed 4 MiB (gRPC's C core allocates
     outside tracemalloc)."""
@@ -856,7 +856,7 @@ def test_cli_client_commands(tmp_path, cli_env):
     fuzz(run_cli, cases(), errors=(), bound=lambda c: 4 << 20)
 
 
-# ---- safetensors bytes from a peer (node/stagehost.py load_state, node/splitter.py stage_from_bytes) ----------
+# ---- safetensors bytes from a peer (node/jobs/pipeline/stage_host.py load_state, node/ml/splitter.py stage_from_bytes) ----------
 
 
 def _safetensors_cases(m: Mutator, seeds: list[bytes], n: int):
@@ -872,7 +872,7 @@ def _safetensors_cases(m: Mutator, seeds: list[bytes], n: int):
 
 
 def test_safetensors_load():
-    """safetensors.torch.load on a peer's bytes (node/splitter.py stage_from_bytes, after the manifest's sha256):
+    """safetensors.torch.load on a peer's bytes (node/ml/splitter.py stage_from_bytes, after the manifest's sha256):
     a dict of tensors or one of the errors the call site catches (SafetensorError, ValueError, RuntimeError).
     Bound: 80 B per byte on the Python side (tensor storage is torch's, outside tracemalloc)."""
     g = torch.Generator().manual_seed(3)
@@ -902,7 +902,7 @@ def _stage_state(optimizer: str) -> tuple[list, bytes, str]:
 
 
 def test_state_from_bytes():
-    """node/stage_state.py state_from_bytes: a replica's state as a peer sends it (resync, takeover, backup),
+    """node/jobs/pipeline/stage_state.py state_from_bytes: a replica's state as a peer sends it (resync, takeover, backup),
     with a StateHead that matches the bytes (the sender chooses both): the parameters and optimizer state, or
     Refused. Bound: 80 B per byte on the Python side."""
     states = {kind: _stage_state(kind) for kind in OPTIMIZERS}

@@ -22,26 +22,26 @@ import torch
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from node import cli
-from node.config import resolve
-from node.errors import NodeError
-from node.jobexport import history_from_json
-from node.pipeline import Commit, CommitReply, StateHead, StatusReply, control_from_wire, control_to_wire
-from node.rpc import control_pb2 as pb
-from node.stage_state import OPTIMIZERS, Refused, state_from_bytes
-from protocol.activations import (MAX_DIMS, MAX_FRAME_OBJECTS, ExpectedTensor, ForwardRequest, activation_from_wire,
+import node.cli.main as cli
+from node.runtime.config import resolve
+from node.runtime.errors import NodeError
+from node.jobs.federated.export import history_from_json
+from node.jobs.pipeline.trainer import Commit, CommitReply, StateHead, StatusReply, control_from_wire, control_to_wire
+from node.api.rpc import control_pb2 as pb
+from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes
+from protocol.pipeline.activations import (MAX_DIMS, MAX_FRAME_OBJECTS, ExpectedTensor, ForwardRequest, activation_from_wire,
                                   activation_to_wire, max_frame_bytes)
-from protocol.codecs import CodecError, decode_values
-from protocol.job_validation import SignedJobRecordValidator
-from protocol.jobs import (MAX_JOB_RECORD_BYTES, job_progress_from_wire, job_progress_to_wire, job_record_from_wire,
+from protocol.allreduce.codecs import CodecError, decode_values
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.jobs import (MAX_JOB_RECORD_BYTES, job_progress_from_wire, job_progress_to_wire, job_record_from_wire,
                            job_record_to_wire, job_spec_from_wire, job_spec_to_wire, jobs_key, state_header_from_wire,
                            state_header_to_wire)
-from protocol.messages import Invite
-from protocol.pipeline_messages import MAX_MICRO_BATCHES
-from protocol.records import MAX_RECORD_BYTES, PeerRecord, swarm_key
-from protocol.shards import (MAX_SHARDS, MAX_TIES, ShardError, ShardInfo, TiedWeight, manifest_from_wire,
+from protocol.allreduce.messages import Invite
+from protocol.pipeline.control import MAX_MICRO_BATCHES
+from protocol.records.peer import MAX_RECORD_BYTES, PeerRecord, swarm_key
+from protocol.transfer.shards import (MAX_SHARDS, MAX_TIES, ShardError, ShardInfo, TiedWeight, manifest_from_wire,
                              manifest_to_wire, sign_manifest)
-from protocol.validation import SignedPeerRecordValidator, key_id
+from protocol.records.validation import SignedPeerRecordValidator, key_id
 from protocol.wire import (MAX_CONTROL_FRAME, MAX_DEPTH, MAX_OBJECTS, WireError, message_from_wire, message_to_wire,
                            peer_record_from_wire, peer_record_to_wire, unpack_bounded)
 from tests.fuzzing import SLACK, fuzz, msgpack_bound
@@ -116,7 +116,7 @@ def test_deep_nesting(decode, data, errors):
 def test_deep_nesting_in_dht_validators(validator, record, limit, caplog):
     """Was: the same RecursionError escaped both DHT validators (they catch ValueError). Now: the record is
     refused (validate returns False) with the reason logged."""
-    caplog.set_level(logging.WARNING, logger="protocol.validation")
+    caplog.set_level(logging.WARNING, logger="protocol.records.validation")
     fuzz(validator.validate, [record], errors=(), bound=_validator_bound(limit),
          accept=lambda c, ok: ok is False or pytest.fail(f"validate returned {ok!r}"))
     assert any(f"nested deeper than {MAX_DEPTH}" in r.getMessage() for r in caplog.records)
@@ -162,7 +162,7 @@ def test_msgpack_amplification_object_limits():
         unpack_bounded(frame, len(frame))
 
 
-# ---- 5: deeply nested JSON (node/jobexport.py history_from_json, protocol/shards.py config_json) ---------------
+# ---- 5: deeply nested JSON (node/jobs/federated/export.py history_from_json, protocol/transfer/shards.py config_json) ---------------
 # Fix: json.loads' RecursionError is caught where it is called and reported as the decoder's own error.
 
 
@@ -178,10 +178,10 @@ def test_deep_json(decode, data, errors):
         decode(data)
 
 
-# ---- 4, 5, 6: job files and node config (node/jobspec.py, node/config.py, node/models.py) ---------------------
-# Fix: node/config.py parse_toml (used for job files and the node config) reports tomllib's RecursionError and
+# ---- 4, 5, 6: job files and node config (node/jobs/spec.py, node/runtime/config.py, node/ml/models.py) ---------------------
+# Fix: node/runtime/config.py parse_toml (used for job files and the node config) reports tomllib's RecursionError and
 # non-UTF-8 text as NodeError, check_toml_ints refuses integers outside TOML's 64-bit range (also for the parsed
-# TOML the daemon hands to job_spec_from_toml); node/models.py bounds integer overrides (MAX_INT_OVERRIDE) and
+# TOML the daemon hands to job_spec_from_toml); node/ml/models.py bounds integer overrides (MAX_INT_OVERRIDE) and
 # a cnn's blocks by its side before computing 2 ** blocks; NodeConfig refuses non-finite durations.
 
 HUGE_LR = ('name = "x"\ndataset = "digits"\ntask = "classification"\nrounds = 3\n[model]\narch = "mlp"\n[inner]\n'
@@ -203,7 +203,7 @@ def test_job_toml(text, message):
 
 
 def test_cnn_blocks():
-    """Was: node/models.py computed 2 ** blocks for a cnn: blocks = 2**24 allocated ~8 MB from a 200-byte job
+    """Was: node/ml/models.py computed 2 ** blocks for a cnn: blocks = 2**24 allocated ~8 MB from a 200-byte job
     file, 2**40 (any int64 passes ModelSpec) never finished, in Submit and in _why_not for every peer's job."""
     fuzz(_submit_parse, [CNN_BLOCKS], errors=(NodeError,), min_accepted=0, bound=lambda t: SLACK)
     with pytest.raises(NodeError, match=r"blocks=16777216 halves side=8 below 1 \(at most 3 blocks\)"):
@@ -243,7 +243,7 @@ def test_config_file(tmp_path, text, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-# ---- 7, 8: the CLI (node/cli.py) ---------------------------------------------------------------------------
+# ---- 7, 8: the CLI (node/cli/main.py) ---------------------------------------------------------------------------
 # Fix: main() refuses an argument that is not valid UTF-8 (_check_utf8) before anything uses it; job files are
 # read as bytes and decoded with a NodeError (_read_job_file); read_toml turns any OSError into a NodeError;
 # format_job_line clamps its bar to 20 characters.
@@ -278,7 +278,7 @@ def test_job_line_bar():
     assert cli.format_job_line(pb.JobInfo(round=2**32 - 1, rounds=1)).startswith("[" + "#" * 20 + "] round")
 
 
-# ---- 9, 10: a peer's numbers and names (protocol/codecs.py, node/stage_state.py) ------------------------------
+# ---- 9, 10: a peer's numbers and names (protocol/allreduce/codecs.py, node/jobs/pipeline/stage_state.py) ------------------------------
 
 
 @pytest.mark.parametrize("nnz", [np.uint64(2**62), np.uint64(2**64 - 1), np.int64(2**62), np.int64(-1)], ids=repr)

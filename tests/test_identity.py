@@ -1,4 +1,4 @@
-"""node/identity.py (key file, p2pd identity, home lock) and node/files.py (atomic_write)."""
+"""node/runtime/identity.py (key file, p2pd identity, home lock) and node/runtime/files.py (atomic_write)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.errors import EXIT_USAGE, NodeError
-from node.files import atomic_write
-from node.identity import HomeLock, load_or_create_key, write_p2p_identity
-from protocol.peer_keys import libp2p_private_key
+from node.runtime.errors import EXIT_USAGE, NodeError
+from node.runtime.files import atomic_write
+from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
+from protocol.records.peer_keys import libp2p_private_key
 
 
 def mode_of(path) -> int:

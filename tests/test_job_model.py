@@ -1,4 +1,4 @@
-"""node/job_model.py: a job's model takes its input and output sizes from the dataset's schema, a model that
+"""node/ml/job_model.py: a job's model takes its input and output sizes from the dataset's schema, a model that
 cannot take the dataset is refused naming the field, and a node's own slice that does not fit is named."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from node.datasets import load_node_data, write_node_data
-from node.job_model import build_job_model, data_misfit, job_model_config
-from node.models import param_count
-from protocol.jobs import InnerOpt, JobSpec, ModelSpec
+from node.ml.datasets import load_node_data, write_node_data
+from node.ml.job_model import build_job_model, data_misfit, job_model_config
+from node.ml.models import param_count
+from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec
 
 
 def spec(arch: str = "mlp", dataset: str = "digits", task: str = "classification", **overrides) -> JobSpec:
@@ -29,7 +29,7 @@ def test_mlp_inputs_and_classes_come_from_the_dataset(dataset, features, classes
 
 def test_every_node_builds_the_same_digits_model_as_before():
     """The sizes of digits are the defaults: jobs submitted before this change keep their first model hash."""
-    from node.models import build_model, params_sha256
+    from node.ml.models import build_model, params_sha256
 
     job = spec(hidden=32)
     assert params_sha256(build_job_model(job).module) == params_sha256(build_model("mlp", {"hidden": 32}, 0,

@@ -1,4 +1,4 @@
-"""protocol/jobs.py: job spec / record / progress round trips, WireError on every malformed input, job ids, and
+"""protocol/records/jobs.py: job spec / record / progress round trips, WireError on every malformed input, job ids, and
 SignedJobRecordValidator with real Ed25519 keys (records built as hivemind's DHTNode.store_many builds them)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from protocol.jobs import (
+from protocol.records.jobs import (
     MAX_STAGE_REPLICAS,
     MAX_STAGES,
     PipelineAssignment,
@@ -41,10 +41,10 @@ from protocol.jobs import (
     progress_key,
     progress_subkey,
 )
-from protocol.job_validation import SignedJobRecordValidator
-from protocol.peer_keys import peer_id_of
-from protocol.records import swarm_key
-from protocol.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.peer_keys import peer_id_of
+from protocol.records.peer import swarm_key
+from protocol.records.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
 from protocol.wire import WireError
 
 SWARM = "demo"

@@ -10,10 +10,10 @@ import pytest
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.datasets import load_node_data, write_node_data
-from node.jobs import JobRunner
-from node.p2pd import OwnedP2PDaemon
-from protocol.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from node.ml.datasets import load_node_data, write_node_data
+from node.jobs.federated.runner import JobRunner
+from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
 NODES = 3
 # Three P2P clients share this test's event loop. Once, in a full-suite run under load, the garbage
@@ -111,7 +111,7 @@ def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_upda
 def test_a_dead_leaders_declaration_is_skipped_when_the_round_is_retried(tmp_path):
     """A declaration outlives its peer in the DHT. Here one that sorts before every real peer id (so it would
     lead) sits under round 0's key: the live nodes wait for its plan in vain once, then skip it."""
-    from protocol.matchmaking import declaration_to_wire, round_key
+    from protocol.allreduce.matchmaking import declaration_to_wire, round_key
 
     job = dataclasses.replace(spec(OuterOpt("fedavg")), round_timeout_s=12.0)
 

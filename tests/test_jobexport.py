@@ -1,4 +1,4 @@
-"""node/jobexport.py: report merging (whole-job reports for joiners and exporters), bounded history, files."""
+"""node/jobs/federated/export.py: report merging (whole-job reports for joiners and exporters), bounded history, files."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from node.jobexport import FILES, export_job, history_from_json, history_to_json, merge_history, round_entry
-from node.jobs import RoundResult
-from node.models import build_model, flatten_params, params_sha256
-from protocol.jobs import MAX_HISTORY_BYTES, InnerOpt, JobRecord, JobSpec, ModelSpec, OuterOpt
+from node.jobs.federated.export import FILES, export_job, history_from_json, history_to_json, merge_history, round_entry
+from node.jobs.federated.runner import RoundResult
+from node.ml.models import build_model, flatten_params, params_sha256
+from protocol.records.jobs import MAX_HISTORY_BYTES, InnerOpt, JobRecord, JobSpec, ModelSpec, OuterOpt
 
 
 def result(r: int, ok: bool, error: str | None = None, accuracy: float | None = 0.5) -> RoundResult:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from node.datasets import write_node_data
+from node.ml.datasets import write_node_data
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 
@@ -138,7 +138,7 @@ def test_submit_follow_of_a_job_no_node_can_run_shows_the_declines_and_fails(nod
 
 def manifest(node, job_id: str) -> dict:
     """A participant's exported manifest; it may land a moment after the first participant reports done."""
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     path = node.home / "jobs" / job_id / "manifest.json"
     wait_for(path.exists, 30, f"{node.home.name} to export job {job_id}", interval=0.1)
@@ -156,7 +156,7 @@ def job_round(node, job_id: str) -> int:
 def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_factory, tmp_path):
     """Three participants (min 2); a fresh node joins mid-job, then a participant is SIGKILLed: the job goes
     on with the survivors and the joiner, and all of them end bit-identical."""
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     for i in range(4):
         write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=4, node_index=i, scheme="label-skew", seed=0)
@@ -190,7 +190,7 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
 # ~35 s: in `make chaos` (CI's own step), so that `make test` stays under 10 minutes on 2 cores
 @pytest.mark.chaos
 def test_job_outlives_its_submitter_and_can_be_followed_from_another_node(node_factory, tmp_path):
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     nodes = start_nodes(node_factory, tmp_path, ["digits", "digits", "digits"])
     job_file = tmp_path / "job.toml"
@@ -220,7 +220,7 @@ def test_a_model_too_large_for_this_node_is_declined_with_the_reason(node_factor
         listed = json.loads(run_cli("jobs", "--json", "--home", str(node.home)).stdout or "[]")
         return next((j["declined"] for j in listed if j["job_id"] == job_id), "")
 
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     reason = wait_for(declined, 30, "the node to decline the job", interval=0.3)
     assert "the model needs about" in reason and "GiB available" in reason, reason
@@ -292,7 +292,7 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     import psutil
 
     from node.daemon import STOP_AT_ENV
-    from node.localswarm import wait_for
+    from node.devtools.localswarm import wait_for
 
     for i in range(3):
         write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)

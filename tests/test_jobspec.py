@@ -1,4 +1,4 @@
-"""node/jobspec.py: job files (TOML) -> JobSpec, defaults, and one-line errors that name the file and field."""
+"""node/jobs/spec.py: job files (TOML) -> JobSpec, defaults, and one-line errors that name the file and field."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pathlib
 
 import pytest
 
-from node.errors import EXIT_USAGE, NodeError
-from node.jobspec import DILOCO_DEFAULTS, job_spec_from_toml, load_job_file
-from protocol.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from node.runtime.errors import EXIT_USAGE, NodeError
+from node.jobs.spec import DILOCO_DEFAULTS, job_spec_from_toml, load_job_file
+from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits.toml"
 

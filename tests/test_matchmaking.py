@@ -1,4 +1,4 @@
-"""protocol/matchmaking.py: leader choice, the leader's plan, DHT entry wire forms, one invite per round,
+"""protocol/allreduce/matchmaking.py: leader choice, the leader's plan, DHT entry wire forms, one invite per round,
 and `discover` driven by an injected clock and sleep (no real waiting)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import msgpack
 import pytest
 
-from protocol.matchmaking import (
+from protocol.allreduce.matchmaking import (
     MAX_DECLARATION_BYTES,
     MatchState,
     Seen,
@@ -21,8 +21,8 @@ from protocol.matchmaking import (
     started_from_wire,
     started_to_wire,
 )
-from protocol.messages import GroupPlan, TensorSpec
-from protocol.partition import plan_spans
+from protocol.allreduce.messages import GroupPlan, TensorSpec
+from protocol.planning.partition import plan_spans
 from protocol.wire import WireError
 
 TENSOR = TensorSpec("grads", 1000)

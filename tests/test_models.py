@@ -1,4 +1,4 @@
-"""node/models.py: every architecture builds, trains a step, hashes deterministically from its seed; parameter
+"""node/ml/models.py: every architecture builds, trains a step, hashes deterministically from its seed; parameter
 vectors round-trip; overrides are checked; the memory estimate grows with the model."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.models import (ARCHS, CAUSAL_LM, CLASSIFICATION, build_model, estimate_memory_bytes, flatten_params,
+from node.ml.models import (ARCHS, CAUSAL_LM, CLASSIFICATION, build_model, estimate_memory_bytes, flatten_params,
                          load_flat_params, minilm_path, param_count, params_sha256, resolve_overrides)
 
 # Tiny configs so the whole file runs in seconds (minilm is fixed by its checkpoint).
@@ -82,7 +82,7 @@ def test_same_seed_same_hash_and_global_rng_untouched(arch):
 
 def test_hash_is_the_same_in_another_process():
     """Nodes are separate processes: the seeded init must not depend on anything process-local."""
-    code = ("from node.models import build_model, params_sha256; "
+    code = ("from node.ml.models import build_model, params_sha256; "
             f"print(params_sha256(build_model('gpt2', {TINY['gpt2']!r}, 3).module))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=pathlib.Path(__file__).resolve().parents[1])

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from node.localswarm import wait_for
+from node.devtools.localswarm import wait_for
 from tests.conftest import FAST_ARGS, run_cli
 
 TTL, HEARTBEAT = 3.0, 1.0  # as in FAST_ARGS

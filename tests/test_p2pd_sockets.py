@@ -1,4 +1,4 @@
-"""node/p2pd.py sweep_stale_sockets: the unix socket files a SIGKILLed node leaves in /tmp are removed when the
+"""node/runtime/p2pd.py sweep_stale_sockets: the unix socket files a SIGKILLed node leaves in /tmp are removed when the
 next node starts, and nothing else is: real sockets bound in a temporary directory."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
-from node.p2pd import sweep_stale_sockets
+from node.runtime.p2pd import sweep_stale_sockets
 
 
 def bound(path) -> socket.socket:

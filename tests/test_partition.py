@@ -1,4 +1,4 @@
-"""protocol/partition.py: spans tile the vector, follow bandwidth, break ties the same way on every peer."""
+"""protocol/planning/partition.py: spans tile the vector, follow bandwidth, break ties the same way on every peer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from protocol.partition import plan_spans, span_sizes
+from protocol.planning.partition import plan_spans, span_sizes
 
 
 def assert_tiles(spans: list[tuple[int, int]], total: int) -> None:

@@ -1,8 +1,8 @@
-"""node/stagehost.py + node/pipeline.py over real libp2p daemons in this process (p2pd per host, port 0,
+"""node/jobs/pipeline/stage_host.py + node/jobs/pipeline/trainer.py over real libp2p daemons in this process (p2pd per host, port 0,
 stopped in finally): a pipeline of stage hosts computes the unsplit model's logits and gradients, trains with
 two replicas per stage that stay bit-identical and match single-process training, and survives bad frames.
 
-The model is node/models.py's tiny byte-level GPT-2 (4 layers) built with tie_word_embeddings=False: with the
+The model is node/ml/models.py's tiny byte-level GPT-2 (4 layers) built with tie_word_embeddings=False: with the
 embedding and the LM head tied, the first and last stage would each hold a copy whose gradients must be summed
 across processes, which the pipeline trainer does not do (it refuses such a split)."""
 
@@ -22,15 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.models import build_model
-from node.p2pd import OwnedP2PDaemon
-from node.pipeline import PipelineError, PipelineTrainer, TrainerConfig, causal_lm_loss
-from node.splitter import load_stage, read_manifest, split_model
-from node.stage_state import Refused, fetch_state
-from node.stagehost import StageConfig, StageHooks, StageHost
-from protocol.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
+from node.ml.models import build_model
+from node.runtime.p2pd import OwnedP2PDaemon
+from node.jobs.pipeline.trainer import PipelineError, PipelineTrainer, TrainerConfig, causal_lm_loss
+from node.ml.splitter import load_stage, read_manifest, split_model
+from node.jobs.pipeline.stage_state import Refused, fetch_state
+from node.jobs.pipeline.stage_host import StageConfig, StageHooks, StageHost
+from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
                                   activation_from_wire, activation_to_wire)
-from protocol.pipeline_messages import (Advance, Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply,
+from protocol.pipeline.control import (Advance, Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply,
                                         MemberRecord, StateHead, control_from_wire, control_to_wire,
                                         member_record_from_wire, member_record_to_wire, pipe_protocol, stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 SWARM = "pipetest"
 TEXT = pathlib.Path(json.__file__).read_bytes() + pathlib.Path(contextlib.__file__).read_bytes()  # byte corpus
 T = 16
-# node/models.py's gpt2 (4 layers, 64 wide, byte vocab) with its own LM head
+# node/ml/models.py's gpt2 (4 layers, 64 wide, byte vocab) with its own LM head
 UNTIED_GPT2 = {"n_layer": 4, "n_embd": 64, "n_positions": 32, "tie_word_embeddings": False}
 
 
@@ -417,6 +417,6 @@ def with_nan(frame: bytes) -> bytes:
 
 
 def _like(t: torch.Tensor, width: int):
-    from protocol.activations import ExpectedTensor
+    from protocol.pipeline.activations import ExpectedTensor
 
     return ExpectedTensor(("float32", "float16", "bfloat16"), (t.shape[0], t.shape[1], width), "float32")

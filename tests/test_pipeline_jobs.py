@@ -1,4 +1,4 @@
-"""Pipeline jobs through the real CLI and daemons (node/pipelinejobs.py): a tiny untied GPT-2 cut into 2 stages
+"""Pipeline jobs through the real CLI and daemons (node/jobs/pipeline/pipeline_jobs.py): a tiny untied GPT-2 cut into 2 stages
 x 2 replicas hosted by four daemons, trained by the submitting daemon on its byte corpus; followed to done, the
 loss goes down, the replicas of each stage end with the same parameters, the trained shards are written and
 signed; a daemon left out shows "not assigned"; bad pipeline job files are refused with one line naming the
@@ -14,14 +14,14 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.datasets import write_node_data
-from node.localswarm import wait_for
-from node.models import build_model
-from node.pipelinejobs import PipelineJobs, memory_aware_plan, plan_from_json, plan_to_json
-from node.splitter import load_stage, plan_for_model, read_manifest, split_model
-from node.stagehost import StageConfig, StageHost
-from protocol.stage_assign import NodeSpec
-from protocol.stage_plan import Host
+from node.ml.datasets import write_node_data
+from node.devtools.localswarm import wait_for
+from node.ml.models import build_model
+from node.jobs.pipeline.pipeline_jobs import PipelineJobs, memory_aware_plan, plan_from_json, plan_to_json
+from node.ml.splitter import load_stage, plan_for_model, read_manifest, split_model
+from node.jobs.pipeline.stage_host import StageConfig, StageHost
+from protocol.planning.stage_assign import NodeSpec
+from protocol.planning.stage_plan import Host
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 
@@ -206,7 +206,7 @@ def test_pipeline_job_places_a_joiner_and_reassigns_a_stage_whose_last_host_died
 
 
 def test_memory_aware_plan_sizes_stages_for_the_chosen_hosts():
-    """node/pipelinejobs.py memory_aware_plan: the group with more memory gets the larger stage, whichever
+    """node/jobs/pipeline/pipeline_jobs.py memory_aware_plan: the group with more memory gets the larger stage, whichever
     order along the pipeline that needs; a model that fits no order is refused naming why."""
     model = build_model("gpt2", {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 32,
                                  "tie_word_embeddings": False}, 0).module

@@ -13,8 +13,8 @@ def test_generated_code_is_fresh(tmp_path):
     generated = sorted(p.name for p in tmp_path.iterdir())
     assert generated == ["control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py"]
     for name in generated:
-        committed = (REPO / "node" / "rpc" / name).read_text()
-        assert committed == (tmp_path / name).read_text(), f"node/rpc/{name} is stale: run `make protos`"
+        committed = (REPO / "node" / "api" / "rpc" / name).read_text()
+        assert committed == (tmp_path / name).read_text(), f"node/api/rpc/{name} is stale: run `make protos`"
 
 
 def test_every_proto_field_is_commented():

@@ -12,7 +12,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("node", "protocol", "scripts", "simulations") for p in (REPO / d).rglob("*.py")
-                 if "rpc" not in p.relative_to(REPO).parts)  # node/rpc/ is protoc's generated code
+                 if "rpc" not in p.relative_to(REPO).parts)  # node/api/rpc/ is protoc's generated code
 OWN = {"node", "protocol", "scripts", "simulations", "tests"}
 # transformers: its namespace (model and config classes) and its documented logging module, nothing else
 TRANSFORMERS_MODULES = {"transformers", "transformers.utils.logging"}

@@ -14,10 +14,10 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 
-from node.p2pd import OwnedP2PDaemon
-from protocol.peer_keys import peer_id_of
-from protocol.records import Capability, PeerRecord, swarm_key
-from protocol.validation import SignedPeerRecordValidator
+from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.records.peer_keys import peer_id_of
+from protocol.records.peer import Capability, PeerRecord, swarm_key
+from protocol.records.validation import SignedPeerRecordValidator
 from protocol.wire import peer_record_to_wire
 
 CAP = Capability((), 2, 2**30, 2**30, 0.1, None, "test")
@@ -32,7 +32,7 @@ def forged_value(signer: Ed25519PrivateKey, body: bytes, subkey: str, expiration
     """Sign exactly as SignedPeerRecordValidator does, but with any key and any body."""
     from hivemind.dht.validation import DHTRecord
 
-    from protocol.validation import key_id
+    from protocol.records.validation import key_id
 
     value = msgpack.packb(body, use_bin_type=True)
     record = DHTRecord(key_id(swarm_key(swarm, "peers")), msgpack.packb(subkey, use_bin_type=True), value, expiration)

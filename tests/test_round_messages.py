@@ -1,5 +1,5 @@
 """protocol/wire.py round messages: a round trip for every message type, WireError for every bad frame;
-and protocol/faults.py: no injected fault produces a part frame an honest receiver would accept."""
+and protocol/allreduce/faults.py: no injected fault produces a part frame an honest receiver would accept."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol.allreduce import part_frame_bound
-from protocol.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
-from protocol.faults import Fault, mangle_part
-from protocol.messages import (
+from protocol.allreduce.averager import part_frame_bound
+from protocol.allreduce.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
+from protocol.allreduce.faults import Fault, mangle_part
+from protocol.allreduce.messages import (
     MAX_GROUP_SIZE,
     MAX_ROUND_ID,
     MAX_TENSOR_ELEMENTS,
@@ -26,8 +26,8 @@ from protocol.messages import (
     ResultFrame,
     TensorSpec,
 )
-from protocol.partition import plan_spans
-from protocol.sparsify import SparseUpdate
+from protocol.planning.partition import plan_spans
+from protocol.allreduce.sparsify import SparseUpdate
 from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
 
 A = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"

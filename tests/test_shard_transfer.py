@@ -1,4 +1,4 @@
-"""protocol/shard_transfer.py: shards fetched in chunks over real libp2p streams (p2pd daemons in this process,
+"""protocol/transfer/shard_transfer.py: shards fetched in chunks over real libp2p streams (p2pd daemons in this process,
 port 0, stopped in finally), resumed after a cut stream from another peer or a later call without
 re-requesting a byte already held, verified by sha256 before the atomic rename; a corrupt source, an unknown
 shard, out-of-range requests and misbehaving servers are each refused with a one-line error."""
@@ -15,12 +15,12 @@ import pathlib
 import msgpack
 import pytest
 
-from node.p2pd import OwnedP2PDaemon
-from protocol.shard_transfer import (MAX_CHUNK, BusyError, ChunkReply, ChunkRequest, ServeFault, ShardServer,
+from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.transfer.shard_transfer import (MAX_CHUNK, BusyError, ChunkReply, ChunkRequest, ServeFault, ShardServer,
                                      ShardTransferError, TransferRefusal, chunk_reply_from_wire, chunk_reply_to_wire,
                                      chunk_request_from_wire, chunk_request_to_wire, fetch_shard, part_path,
                                      refusal_to_wire, reply_bound, shard_protocol)
-from protocol.shards import ShardInfo
+from protocol.transfer.shards import ShardInfo
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 

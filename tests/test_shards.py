@@ -1,4 +1,4 @@
-"""node/splitter.py + protocol/shards.py: shards and their signed manifest round-trip, and a stage rebuilt from
+"""node/ml/splitter.py + protocol/transfer/shards.py: shards and their signed manifest round-trip, and a stage rebuilt from
 its shard computes exactly what the stage it was cut as computes; a tampered shard, a tampered manifest, the
 wrong signer and another model's manifest are each refused with a one-line ValueError."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.models import _quiet_transformers, minilm_path, params_sha256
-from node.splitter import load_stage, read_manifest, shard_file_name, split_model, stage_from_bytes
-from node.stages import cut_model, stage_tensors
-from protocol.peer_keys import peer_id_of
-from protocol.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
+from node.ml.models import _quiet_transformers, minilm_path, params_sha256
+from node.ml.splitter import load_stage, read_manifest, shard_file_name, split_model, stage_from_bytes
+from node.ml.stages import cut_model, stage_tensors
+from protocol.records.peer_keys import peer_id_of
+from protocol.transfer.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
                              canonical_config_json, check_shard_bytes, manifest_from_wire, manifest_to_wire,
                              sign_manifest, verify_manifest)
 
@@ -142,7 +142,7 @@ def test_minilm_split_from_its_local_folder(tmp_path):
     x, mask = tokens()
     with torch.no_grad():
         expected = model(input_ids=x, attention_mask=mask).last_hidden_state  # (B, T, 384)
-    assert (run(stages, x, mask)[-1] - expected).abs().max().item() == 0.0  # exact, as node/stages.py promises
+    assert (run(stages, x, mask)[-1] - expected).abs().max().item() == 0.0  # exact, as node/ml/stages.py promises
 
 
 def test_stage_from_bytes_received_from_a_peer(gpt2_split):

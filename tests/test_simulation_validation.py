@@ -1,6 +1,6 @@
 """The simulator's round-time model against real nodes (issue #6 validation).
 
-Real all-reduce peers (node/reduce_peer.py, each with its own p2pd) run in network namespaces on one bridge,
+Real all-reduce peers (node/devtools/reduce_peer.py, each with its own p2pd) run in network namespaces on one bridge,
 every host's egress capped with tc tbf (scripts/netns_testbed.py); the median measured round time of small
 swarms must be within 25% of simulations.roundtime.predict_round_time for the same group, vector, density, link
 rate and token bucket (read back from tc). None of these configurations is in the model's calibration

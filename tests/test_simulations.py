@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from protocol.codecs import smallest_encoding
-from protocol.matchmaking import make_plan
-from protocol.partition import plan_spans, span_sizes
-from protocol.sparsify import SparseUpdate
-from protocol.stage_assign import NodeSpec, assign_nodes
+from protocol.allreduce.codecs import smallest_encoding
+from protocol.allreduce.matchmaking import make_plan
+from protocol.planning.partition import plan_spans, span_sizes
+from protocol.allreduce.sparsify import SparseUpdate
+from protocol.planning.stage_assign import NodeSpec, assign_nodes
 from simulations.churn import HOUR, ChurnConfig, ChurnProcess
 from simulations.engine import Clock, Engine
 from simulations.federated import FederatedConfig

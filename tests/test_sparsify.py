@@ -1,4 +1,4 @@
-"""protocol/sparsify.py: exact and approximate top-k, SparseUpdate, error feedback and DGC momentum."""
+"""protocol/allreduce/sparsify.py: exact and approximate top-k, SparseUpdate, error feedback and DGC momentum."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from protocol.codecs import quantize_values
-from protocol.sparsify import (
+from protocol.allreduce.codecs import quantize_values
+from protocol.allreduce.sparsify import (
     APPROX_TOLERANCE,
     ErrorFeedbackSparsifier,
     SparseUpdate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from node.splitter import load_stage, read_manifest
+from node.ml.splitter import load_stage, read_manifest
 from tests.conftest import cli_in_process, run_cli
 from tests.test_bad_input import assert_one_line_error
 

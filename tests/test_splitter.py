@@ -1,4 +1,4 @@
-"""node/stages.py: a model cut into 1, 2, 3 or N stages computes exactly what the unsplit model computes (fp32,
+"""node/ml/stages.py: a model cut into 1, 2, 3 or N stages computes exactly what the unsplit model computes (fp32,
 eval, max abs difference 0.0), forward and backward, with either attention implementation a stage builds masks
 for (sdpa, eager), with and without padding, and with packed position ids; the backward is run as separate
 processes would run it (each boundary detached, activation gradients handed back by hand), with GPT-2's tied
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from node.attention_masks import ATTENTION_IMPLEMENTATIONS
-from node.models import _quiet_transformers, build_model, minilm_path, param_count
-from node.stages import (Stage, check_spans, cut_model, cut_stage, layer_costs, layer_costs_for, sync_tied_grads,
+from node.ml.attention_masks import ATTENTION_IMPLEMENTATIONS
+from node.ml.models import _quiet_transformers, build_model, minilm_path, param_count
+from node.ml.stages import (Stage, check_spans, cut_model, cut_stage, layer_costs, layer_costs_for, sync_tied_grads,
                          tied_grad_sum)
 
 TOL = 0.0  # exact: a stage runs the unsplit model's own ops on the same inputs, masks in the same format
@@ -47,7 +47,7 @@ def _tiny(name: str) -> nn.Module:
                                           num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                                           pad_token_id=0)
             model = transformers.BertModel(cfg)
-        elif name == "bert-cls":  # what node/models.py builds for jobs
+        elif name == "bert-cls":  # what node/ml/models.py builds for jobs
             model = build_model("bert", {"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 2,
                                          "intermediate_size": 64, "max_position_embeddings": 32}, seed=0).module
         elif name == "minilm":

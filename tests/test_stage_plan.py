@@ -1,4 +1,4 @@
-"""protocol/stage_plan.py + stage_assign.py: cuts are optimal (vs brute force), fit memory; nodes go where they lift the bottleneck."""
+"""protocol/planning/stage_plan.py + stage_assign.py: cuts are optimal (vs brute force), fit memory; nodes go where they lift the bottleneck."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from protocol.stage_assign import (Assignment, Move, NodeSpec, assign_nodes, follow_live, rebalance_join,
+from protocol.planning.stage_assign import (Assignment, Move, NodeSpec, assign_nodes, follow_live, rebalance_join,
                                    rebalance_leave, replica_groups)
-from protocol.stage_plan import Host, StagePlan, plan_balanced, plan_layer_wise, plan_memory_aware, plan_stages
+from protocol.planning.stage_plan import Host, StagePlan, plan_balanced, plan_layer_wise, plan_memory_aware, plan_stages
 
 # ------------------------------------------------------------------------------------------- brute force
 
@@ -355,7 +355,7 @@ def test_alike_nodes_and_alike_stages_vs_brute_force():
 def test_the_exact_search_climbs_from_the_worst_start():
     # white-box: the greedy start is often optimal already and would hide a search that prunes or skips
     # too much, so start the branch and bound from the worst covering assignment instead
-    from protocol.stage_assign import _branch_and_bound
+    from protocol.planning.stage_assign import _branch_and_bound
 
     rng = random.Random(2024)
     for _ in range(250):

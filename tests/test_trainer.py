@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from node.trainer import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
-from protocol.sparsify import SparseUpdate
+from node.jobs.federated.local_training import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
+from protocol.allreduce.sparsify import SparseUpdate
 
 N = 257
 
@@ -94,7 +94,7 @@ def _batches(bad_at: int | None = None):
 
 
 def test_local_training_lowers_the_loss_and_counts_samples():
-    from node.models import flatten_params
+    from node.ml.models import flatten_params
 
     bundle = _Linear()
     start = flatten_params(bundle.module)
@@ -106,7 +106,7 @@ def test_local_training_lowers_the_loss_and_counts_samples():
 
 
 def test_nan_loss_marks_the_update_unsendable_and_keeps_the_start():
-    from node.models import flatten_params
+    from node.ml.models import flatten_params
 
     bundle = _Linear()
     start = flatten_params(bundle.module)

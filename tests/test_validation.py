@@ -1,4 +1,4 @@
-"""protocol/validation.py (signed peer records in hivemind's DHT) and protocol/peer_keys.py (Ed25519 peer ids).
+"""protocol/records/validation.py (signed peer records in hivemind's DHT) and protocol/records/peer_keys.py (Ed25519 peer ids).
 
 Records are built exactly as hivemind's DHTNode.store_many builds them: subkey and value serialised with
 MSGPackSerializer.dumps, key = DHTID of the key string, then value := validator.sign_value(record).
@@ -20,7 +20,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
-from protocol.peer_keys import (
+from protocol.records.peer_keys import (
     PEER_ID_PREFIX,
     PeerIdError,
     libp2p_private_key,
@@ -29,8 +29,8 @@ from protocol.peer_keys import (
     public_key_from_peer_id,
     raw_public_key,
 )
-from protocol.records import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
-from protocol.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
+from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
+from protocol.records.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
 from protocol.wire import WireError, peer_record_to_wire
 
 SWARM = "demo"

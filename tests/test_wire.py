@@ -8,7 +8,7 @@ import math
 import msgpack
 import pytest
 
-from protocol.records import (
+from protocol.records.peer import (
     CAPABILITY_SCHEMA_VERSION,
     MAX_ADDRS,
     MAX_GPUS,

@@ -12,13 +12,13 @@ After a move only the import lines of this file may change. A golden value chang
 change (a version bump), never with a refactor; regenerate a value by printing ``digest(CASES[name].encoded())``.
 
 Pinned: protocol/wire.py (capabilities, peer records, every all-reduce round message with its sparse payload),
-protocol/matchmaking.py (declarations, started markers), protocol/jobs.py (specs, records, progress, state
-headers), protocol/pipeline_messages.py (every control message, member records), protocol/activations.py (every
-frame, float32 / fp16 / bf16 / int64 tensors), protocol/shard_transfer.py, protocol/shards.py (a signed manifest),
-protocol/codecs.py (the payload of every index / value codec), protocol/direct.py (sealed frames),
-protocol/streams.py (the length prefix), the signed DHT values of protocol/validation.py and
-protocol/job_validation.py, the libp2p key file of protocol/peer_keys.py, and the DHT keys and libp2p protocol
-names every node derives. protocol/messages.py's Declaration has no encoder of its own: its wire form is
+protocol/allreduce/matchmaking.py (declarations, started markers), protocol/records/jobs.py (specs, records, progress, state
+headers), protocol/pipeline/control.py (every control message, member records), protocol/pipeline/activations.py (every
+frame, float32 / fp16 / bf16 / int64 tensors), protocol/transfer/shard_transfer.py, protocol/transfer/shards.py (a signed manifest),
+protocol/allreduce/codecs.py (the payload of every index / value codec), protocol/pipeline/direct.py (sealed frames),
+protocol/streams.py (the length prefix), the signed DHT values of protocol/records/validation.py and
+protocol/records/job_validation.py, the libp2p key file of protocol/records/peer_keys.py, and the DHT keys and libp2p protocol
+names every node derives. protocol/allreduce/messages.py's Declaration has no encoder of its own: its wire form is
 matchmaking's declaration (the bandwidth; the peer id is the DHT subkey, the expiry the DHT's).
 """
 
@@ -38,8 +38,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-import protocol.pipeline_messages as pipeline_messages
-from protocol.activations import (
+import protocol.pipeline.control as pipeline_messages
+from protocol.pipeline.activations import (
     ActivationFrame,
     BackwardReply,
     BackwardRequest,
@@ -50,10 +50,10 @@ from protocol.activations import (
     activation_from_wire,
     activation_to_wire,
 )
-from protocol.codecs import DenseCodec, EncodedUpdate, SparseCodec
-from protocol.direct import BACKWARD, FORWARD, HEADER_SIZE, REPLY, DirectChannel, parse_header, read_sealed, send_sealed
-from protocol.job_validation import SignedJobRecordValidator
-from protocol.jobs import (
+from protocol.allreduce.codecs import DenseCodec, EncodedUpdate, SparseCodec
+from protocol.pipeline.direct import BACKWARD, FORWARD, HEADER_SIZE, REPLY, DirectChannel, parse_header, read_sealed, send_sealed
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.jobs import (
     InnerOpt,
     JobProgress,
     JobRecord,
@@ -75,7 +75,7 @@ from protocol.jobs import (
     state_header_from_wire,
     state_header_to_wire,
 )
-from protocol.matchmaking import (
+from protocol.allreduce.matchmaking import (
     STARTED,
     declaration_from_wire,
     declaration_to_wire,
@@ -83,9 +83,9 @@ from protocol.matchmaking import (
     started_from_wire,
     started_to_wire,
 )
-from protocol.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.peer_keys import libp2p_private_key, peer_id_of
-from protocol.pipeline_messages import (
+from protocol.allreduce.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
+from protocol.records.peer_keys import libp2p_private_key, peer_id_of
+from protocol.pipeline.control import (
     Advance,
     BackupAck,
     Commit,
@@ -110,8 +110,8 @@ from protocol.pipeline_messages import (
     stage_key,
     stage_protocol,
 )
-from protocol.records import Capability, GpuInfo, PeerRecord, swarm_key
-from protocol.shard_transfer import (
+from protocol.records.peer import Capability, GpuInfo, PeerRecord, swarm_key
+from protocol.transfer.shard_transfer import (
     ChunkReply,
     ChunkRequest,
     TransferRefusal,
@@ -122,7 +122,7 @@ from protocol.shard_transfer import (
     refusal_to_wire,
     shard_protocol,
 )
-from protocol.shards import (
+from protocol.transfer.shards import (
     ShardInfo,
     ShardManifest,
     TiedWeight,
@@ -132,9 +132,9 @@ from protocol.shards import (
     sign_manifest,
     verify_manifest,
 )
-from protocol.sparsify import SparseUpdate
+from protocol.allreduce.sparsify import SparseUpdate
 from protocol.streams import read_frame, write_frame
-from protocol.validation import SignedPeerRecordValidator, key_id
+from protocol.records.validation import SignedPeerRecordValidator, key_id
 from protocol.wire import (
     MAX_CONTROL_FRAME,
     capability_from_wire,
@@ -480,10 +480,10 @@ CASES: dict[str, Case] = {
     "wire/part_frame": round_message(part_frame),
     "wire/result_frame": round_message(result_frame),
     "wire/commit_frame": round_message(lambda: CommitFrame(ROUND, ID_C, (True, False, True))),
-    # protocol/matchmaking.py (protocol/messages.py Declaration: the DHT value of a peer's declaration)
+    # protocol/allreduce/matchmaking.py (protocol/allreduce/messages.py Declaration: the DHT value of a peer's declaration)
     "matchmaking/declaration": Case(lambda: 1.25e8, declaration_to_wire, declaration_from_wire),
     "matchmaking/started": Case(lambda: tuple(sorted((ID_A, ID_B, ID_C))), started_to_wire, started_from_wire),
-    # protocol/jobs.py
+    # protocol/records/jobs.py
     "jobs/spec_federated": Case(lambda: FED_SPEC, job_spec_to_wire, job_spec_from_wire),
     "jobs/spec_pipeline": Case(lambda: PIPE_SPEC, job_spec_to_wire, job_spec_from_wire),
     "jobs/record_federated": Case(fed_record, job_record_to_wire, job_record_from_wire),
@@ -492,7 +492,7 @@ CASES: dict[str, Case] = {
     "jobs/progress_declined": Case(declined, job_progress_to_wire, job_progress_from_wire),
     "jobs/state_header": Case(lambda: StateHeader(fed_record().job_id, 3, 4, HASH, 1000, True, 512),
                               state_header_to_wire, state_header_from_wire),
-    # protocol/pipeline_messages.py
+    # protocol/pipeline/control.py
     "pipeline/status": control(lambda: Status(7)),
     "pipeline/status_reply": control(lambda: StatusReply(7, 3, HASH)),
     "pipeline/commit": control(lambda: Commit(7, (1, 42, 2**64 - 1))),
@@ -513,7 +513,7 @@ CASES: dict[str, Case] = {
     "pipeline/direct_offer": control(lambda: DirectOffer("127.0.0.1", 40123, DIRECT_SESSION, DIRECT_KEY)),
     "pipeline/member_record": Case(lambda: MemberRecord("replica", 12.5, 7, 1_700_000_000.25), member_record_to_wire,
                                    member_record_from_wire),
-    # protocol/activations.py
+    # protocol/pipeline/activations.py
     "activations/forward_request": Case(lambda: ForwardRequest(PIPELINE, 1, MICRO_BATCH, 7, hidden()),
                                         activation_to_wire,
                                         lambda data: activation_from_wire(data, ForwardRequest, LIKE_HIDDEN)),
@@ -538,31 +538,31 @@ CASES: dict[str, Case] = {
                                                    lambda data: activation_from_wire(data, BackwardReply, None)),
     "activations/error_reply": Case(lambda: ErrorReply(MICRO_BATCH, "stage 1: CUDA out of memory"), activation_to_wire,
                                     lambda data: activation_from_wire(data, ForwardReply, LIKE_HIDDEN)),
-    # protocol/shard_transfer.py
+    # protocol/transfer/shard_transfer.py
     "shard_transfer/chunk_request": Case(lambda: CHUNK, chunk_request_to_wire, chunk_request_from_wire),
     "shard_transfer/chunk_reply": Case(lambda: ChunkReply(SHA_1, 1 << 20, bytes(range(256)) * 4), chunk_reply_to_wire,
                                        lambda data: chunk_reply_from_wire(data, CHUNK)),
     "shard_transfer/refusal": Case(lambda: TransferRefusal("out_of_range", "offset 5000 is past the end of 4096 bytes"),
                                    refusal_to_wire, lambda data: chunk_reply_from_wire(data, CHUNK)),
-    # protocol/shards.py
+    # protocol/transfer/shards.py
     "shards/manifest": Case(manifest, manifest_to_wire, decode_manifest),
-    # protocol/codecs.py
+    # protocol/allreduce/codecs.py
     "codecs/sparse_fp16_auto": Case(lambda: UPDATE, *_sparse_auto),
     "codecs/sparse_fp32_bitmap": Case(lambda: UPDATE, *_sparse_bitmap),
     "codecs/sparse_fp32_delta_varint": Case(lambda: UPDATE, *_sparse_dense_index),
     "codecs/dense_fp32": Case(lambda: UPDATE, *_dense_fp32),
     "codecs/dense_fp16": Case(lambda: UPDATE, *_dense_fp16),
-    # protocol/direct.py
+    # protocol/pipeline/direct.py
     "direct/forward_send_sealed": Case(lambda: (FORWARD, 0, DIRECT_PAYLOAD), send_sealed_bytes, read_sealed_frame),
     "direct/backward_seq1": Case(lambda: (BACKWARD, 1, DIRECT_PAYLOAD), seal, open_sealed),
     "direct/reply_seq0": Case(lambda: (REPLY, 0, DIRECT_PAYLOAD[::-1]), seal, open_sealed),
     # protocol/streams.py
     "streams/write_frame": Case(lambda: bytes(range(256)) + b"frame body" * 5, write_frame_bytes, read_frame_body),
-    # protocol/validation.py, protocol/job_validation.py: the signed values stored in the DHT
+    # protocol/records/validation.py, protocol/records/job_validation.py: the signed values stored in the DHT
     "dht/signed_peer_record": Case(dht_peer_record, *_signed_peer, decode_needs_object=True),
     "dht/signed_job_record": Case(dht_job_record, *_signed_job, decode_needs_object=True),
     "dht/signed_job_progress": Case(dht_progress, *_signed_progress, decode_needs_object=True),
-    # protocol/peer_keys.py: the key file p2pd reads; and the names of keys and protocols
+    # protocol/records/peer_keys.py: the key file p2pd reads; and the names of keys and protocols
     "peer_keys/libp2p_private_key": Case(lambda: KEY_A, libp2p_private_key),
     "names/dht_keys_and_protocols": Case(names, lambda lines: "\n".join(lines).encode()),
 }

@@ -1,0 +1,204 @@
+"""Node configuration from flags, SWARMNODE_* environment variables and an optional TOML file.
+
+Precedence, highest first: command-line flag > environment variable > TOML file > default.
+The TOML file is ``--config PATH`` (or SWARMNODE_CONFIG); its keys are the field names below, e.g.
+
+    swarm = "demo"
+    listen = ["/ip4/0.0.0.0/tcp/31337"]
+    join = ["/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."]
+    heartbeat = 10.0
+
+List fields take a comma-separated string in the environment (SWARMNODE_JOIN=addr1,addr2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from node.runtime.errors import EXIT_USAGE, NodeError
+
+ENV_PREFIX = "SWARMNODE_"
+DEFAULT_HOME = pathlib.Path("~/.swarmnode")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: pathlib.Path = DEFAULT_HOME  # keys, control socket, state
+    swarm: str = "default"  # namespace of the swarm's DHT keys
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)  # libp2p listen multiaddrs
+    announce: tuple[str, ...] = ()  # public multiaddrs to announce (behind port forwarding)
+    join: tuple[str, ...] = ()  # bootstrap peers: full multiaddrs ending in /p2p/<peer id>
+    identity: pathlib.Path | None = None  # Ed25519 key file; default <home>/identity.key
+    control: str = "unix"  # "unix" (<home>/control.sock, mode 0600) or "tcp://127.0.0.1:PORT" (token auth)
+    heartbeat: float = 10.0  # seconds between re-publications of this node's record
+    ttl: float = 30.0  # seconds a record lives in the DHT without a refresh
+    join_attempts: int = 5  # bootstrap attempts before giving up with exit code 2
+    join_backoff: float = 1.0  # first retry delay in seconds, doubled each time
+    benchmark_seconds: float = 0.3  # budget of the matmul micro-benchmark
+    log_level: str = "INFO"
+    data: pathlib.Path | None = None  # local datasets, <data>/<dataset>/ (`swarmnode data add`); default <home>/data
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number of seconds, got {getattr(self, name)}")
+        if self.heartbeat <= 0:
+            raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat}")
+        if self.ttl <= self.heartbeat:
+            raise ValueError(f"ttl ({self.ttl} s) must be longer than heartbeat ({self.heartbeat} s)")
+        if self.join_attempts < 1:
+            raise ValueError(f"join_attempts must be >= 1, got {self.join_attempts}")
+        if self.join_backoff < 0 or self.benchmark_seconds < 0:
+            raise ValueError("join_backoff and benchmark_seconds must be >= 0")
+        if not self.swarm or len(self.swarm) > 64 or not all(c.isalnum() or c in "-_." for c in self.swarm):
+            raise ValueError(f"swarm name must be 1-64 characters of [A-Za-z0-9._-], got {self.swarm!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.control != "unix" and not self.control.startswith("tcp://"):
+            raise ValueError(f"control must be 'unix' or 'tcp://HOST:PORT', got {self.control!r}")
+        if self.control.startswith("tcp://"):
+            host = self.control[len("tcp://") :].rpartition(":")[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(f"the control API listens on loopback only, got {self.control!r}")
+
+    @property
+    def home_dir(self) -> pathlib.Path:
+        return self.home.expanduser()
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        """Where this node's datasets live: --data, or <home>/data."""
+        return self.data.expanduser() if self.data is not None else self.home_dir / "data"
+
+    @property
+    def identity_path(self) -> pathlib.Path:
+        return (self.identity or self.home_dir / "identity.key").expanduser()
+
+    @property
+    def socket_path(self) -> pathlib.Path:
+        return self.home_dir / "control.sock"
+
+    @property
+    def token_path(self) -> pathlib.Path:
+        return self.home_dir / "control.token"
+
+    @property
+    def state_path(self) -> pathlib.Path:
+        """JSON written once the node is up: pid, peer id, addrs, control endpoint (for scripts)."""
+        return self.home_dir / "node.json"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if "tuple" in kind:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError("expected a list of strings")
+            return tuple(value)
+        if "Path" in kind:
+            if not isinstance(value, (str, os.PathLike)):
+                raise TypeError("expected a path")
+            return pathlib.Path(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError("expected a number")
+            return float(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("expected an integer")
+            return int(value)
+        if not isinstance(value, str):
+            raise TypeError("expected a string")
+        return value
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: float() of an int beyond float range
+        raise NodeError(f"{source}: invalid value {value!r:.80} ({e})", EXIT_USAGE) from None
+
+
+TOML_INT_RANGE = (-(2**63), 2**63 - 1)  # TOML integers are 64-bit (toml.io v1.0.0); tomllib reads any size
+
+
+def check_toml_ints(data: Any, label: str) -> None:
+    """NodeError naming the dotted key of the first integer in parsed TOML ``data`` outside TOML's 64-bit range
+    (tomllib accepts any size; a float field given 1e400 as an integer would raise OverflowError later)."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # iterative: the nesting is tomllib's to bound, not ours to recurse into again
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not TOML_INT_RANGE[0] <= value <= TOML_INT_RANGE[1]:
+            digits = len(str(abs(value))) if value.bit_length() < 10_000 else "thousands of"
+            raise NodeError(f"{label}: {where[:80]}: integer of {digits} digits is outside TOML's 64-bit range",
+                            EXIT_USAGE)
+
+
+def parse_toml(data: str | bytes, label: str) -> dict[str, Any]:
+    """TOML text (bytes must be UTF-8) parsed and its integers checked (check_toml_ints); NodeError
+    "<label>: ..." if it is not UTF-8, not valid TOML (nesting too deep for tomllib included) or out of range."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise NodeError(f"{label}: not UTF-8 text (byte {e.start})", EXIT_USAGE) from None
+    try:
+        parsed = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as e:
+        raise NodeError(f"{label}: not valid TOML: {e}", EXIT_USAGE) from None
+    except ValueError as e:  # int() of a literal beyond Python's 4300-digit limit escapes tomllib as is
+        raise NodeError(f"{label}: not valid TOML: {str(e).partition(':')[0]}", EXIT_USAGE) from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays / inline tables
+        raise NodeError(f"{label}: not valid TOML: nested too deeply", EXIT_USAGE) from None
+    check_toml_ints(parsed, label)
+    return parsed
+
+
+def read_toml(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        with open(path.expanduser(), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise NodeError(f"config file {path} does not exist", EXIT_USAGE) from None
+    except OSError as e:  # a directory, a name too long, no permission, ...
+        raise NodeError(f"config file {path}: cannot read it ({e.strerror or e})", EXIT_USAGE) from None
+    except ValueError as e:  # a NUL in the path
+        raise NodeError(f"config file {str(path)!r:.200}: not a usable path ({e})", EXIT_USAGE) from None
+    data = parse_toml(raw, f"config file {path}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise NodeError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(FIELDS)})", EXIT_USAGE)
+    return data
+
+
+def resolve(
+    flags: Mapping[str, Any], env: Mapping[str, str] | None = None, config_file: pathlib.Path | None = None
+) -> NodeConfig:
+    """Merge the sources (flags > env > file > defaults); ``flags`` holds only the flags the user gave."""
+    env = os.environ if env is None else env
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = pathlib.Path(env[ENV_PREFIX + "CONFIG"])
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        for name, value in read_toml(config_file).items():
+            values[name] = _convert(name, value, f"{config_file}: {name}")
+    for name in FIELDS:
+        if ENV_PREFIX + name.upper() in env:
+            values[name] = _convert(name, env[ENV_PREFIX + name.upper()], ENV_PREFIX + name.upper())
+    for name, value in flags.items():
+        if value is not None and name in FIELDS:
+            values[name] = _convert(name, value, "--" + name.replace("_", "-"))
+    try:
+        return NodeConfig(**values)
+    except ValueError as e:
+        raise NodeError(f"bad configuration: {e}", EXIT_USAGE) from None

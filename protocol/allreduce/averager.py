@@ -1,0 +1,614 @@
+"""The top-k all-reduce round: matchmaking, then a butterfly (reduce-scatter + all-gather), then a commit.
+
+Why it is built this way -- the races it handles:
+  * One owner per span computes that span's aggregate once, encodes it once, and sends the *same bytes*
+    to every member (and decodes those bytes itself): survivors of a round apply bit-identical results
+    by construction, whatever the float summation order would otherwise do.
+  * A member dies during reduce-scatter: its owner stops waiting at the part timeout and aggregates
+    the parts it has; the result lists who was included, so every other member knows whether its own
+    part was applied.
+  * An owner dies before or during all-gather: some members may hold its span and others not. A commit
+    exchange follows: each member tells every other which spans it holds, and a span is applied only if
+    every member that answered holds it. Spans not applied are handed back to the caller's
+    error-feedback buffer, so no gradient mass is lost. (A member alive but silent through the commit
+    timeout is treated as dead; that timing failure is the one case where survivors can disagree, and the
+    report's votes_missing names the members a decision was made without.)
+  * A bad frame (wrong round, shape, span, codec, NaN/Inf, out-of-range indices, oversize, garbage):
+    the owner rejects that sender's part and excludes it from the span; the sender still receives the
+    result, sees it was not included, and keeps its part. The receiver never allocates more than the
+    frame size bound it computed from its own plan.
+  * The sender of every frame is the libp2p-authenticated remote peer of the stream; a frame claiming
+    another sender is rejected.
+  * Nothing is lost to rounding: a part's fp16 rounding error goes back to its sender, and an owner's
+    rounding of the aggregate goes back into the owner's own buffer (server-side error feedback).
+  * Too few peers ready: matchmaking fails with NoGroup before any plan exists, so nobody ran that round
+    id; the caller may step() the same id again. Members of a paused job retry one id together instead
+    of each consuming ids on its own and never meeting again. A leader that sent no plan (dead: its
+    declaration outlives it in the DHT) is skipped on the retries of that id, by each peer that waited
+    for it; a peer that has not noticed yet still accepts the next leader's invite.
+Matchmaking races are described in protocol/allreduce/matchmaking.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+
+from protocol.allreduce.codecs import CodecError, extract_update, quantize_values, smallest_encoding
+from protocol.allreduce.matchmaking import (
+    STARTED,
+    MatchState,
+    Seen,
+    choose_leader,
+    declaration_from_wire,
+    declaration_to_wire,
+    discover,
+    make_plan,
+    round_key,
+    started_from_wire,
+    started_to_wire,
+)
+from protocol.allreduce.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame
+from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
+from protocol.allreduce.sparsify import SparseUpdate, topk_exact
+from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
+
+__all__ = ["Averager", "NoGroup", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
+logger = logging.getLogger(__name__)
+MAX_WEIGHT = 1e12
+
+
+class RoundFailed(Exception):
+    pass
+
+
+class NoGroup(RoundFailed):
+    """Matchmaking found fewer than min_group ready peers and formed no group: the round id is still unused."""
+
+
+@dataclass
+class _Round:
+    round_id: str
+    update: SparseUpdate | None  # None until a deferred selection finishes
+    weight: float
+    match: MatchState
+    plan: GroupPlan | None = None
+    parts: dict[str, tuple[np.ndarray, np.ndarray, float]] = field(default_factory=dict)
+    rejected: set[str] = field(default_factory=set)
+    parts_in: asyncio.Event = field(default_factory=asyncio.Event)
+    result_bytes: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    have: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    commits: dict[str, tuple[bool, ...]] = field(default_factory=dict)
+    commits_in: asyncio.Event = field(default_factory=asyncio.Event)
+    first_result_served: bool = False
+    rounding: tuple | None = None  # (exact, decoded, total weight) of this member's span aggregate
+    results: list | None = None  # per span: (ResultFrame, decoded SparseUpdate) or None
+    sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    expires: float = 0.0
+    no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
+    suspects: set[str] = field(default_factory=set)  # leaders this id waited for in vain (dead, or cut off)
+    votes_missing: tuple[str, ...] = ()  # members whose commit vote this member decided without
+
+
+def part_frame_bound(span_len: int) -> int:
+    """Largest honest part/result frame for a span: header + worst-case indices (9-byte varints) + fp32."""
+    return 4096 + span_len * 13
+
+
+class Averager:
+    """One member's side of all-reduce rounds over one flat tensor; register once, then step() per round."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, config: RoundConfig, hooks: RoundHooks | None = None):
+        self.p2p, self.dht, self.config = p2p, dht, config
+        self.hooks = hooks or RoundHooks()
+        self.peer_id = p2p.peer_id.to_base58()
+        self._rounds: dict[str, _Round] = {}
+        self._background: set[asyncio.Future] = set()
+        prefix = f"swarmnode/{config.swarm}/allreduce/{config.tensor.name}"
+        self._names = {"invite": f"{prefix}/invite", "part": f"{prefix}/part", "commit": f"{prefix}/commit"}
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(self._names["invite"], self._guard(self._on_invite))
+        await self.p2p.add_binary_stream_handler(self._names["part"], self._guard(self._on_part))
+        await self.p2p.add_binary_stream_handler(self._names["commit"], self._guard(self._on_commit))
+
+    async def stop(self) -> None:
+        for name in self._names.values():
+            try:
+                await self.p2p.remove_binary_stream_handler(name)
+            except Exception as e:  # p2pd may already be gone at shutdown
+                logger.debug("could not remove handler %s: %s", name, e)
+
+    # ---- the round, as seen by one member ---------------------------------------------------------------
+
+    async def step(
+        self, round_id: str, update: SparseUpdate | Callable[[], SparseUpdate], weight: float = 1.0
+    ) -> RoundOutcome:
+        """Run one round. ``update`` may be a zero-argument function (e.g. the sparsifier's top-k selection):
+        it then runs in a worker thread while matchmaking goes on, and the round waits for it only before
+        sending parts."""
+        cfg = self.config
+        if isinstance(update, SparseUpdate) and update.size != cfg.tensor.size:
+            raise ValueError(f"update of size {update.size} for tensor {cfg.tensor.name} of size {cfg.tensor.size}")
+        if not 0 < weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
+        if round_id in self._rounds and not self._rounds[round_id].no_group:
+            raise ValueError(f"round {round_id!r} already ran on this member")
+        self._forget_old_rounds()
+        loop = asyncio.get_running_loop()
+        pending = asyncio.ensure_future(asyncio.to_thread(update)) if callable(update) else None
+        state = _Round(round_id, update if pending is None else None, float(weight),
+                       MatchState(round_id, cfg.tensor, plan=loop.create_future()))
+        state.expires = time.monotonic() + self._round_budget()
+        if round_id in self._rounds:  # a retry: a dead leader's declaration outlives it in the DHT, skip it
+            state.suspects = self._rounds[round_id].suspects
+        self._rounds[round_id] = state
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        try:
+            await self._phase(Phase.MATCHMAKING, round_id)
+            try:
+                state.plan = plan = await self._matchmake(state)
+            except (RoundFailed, asyncio.TimeoutError):
+                raise
+            except Exception as e:  # nothing was exchanged yet: failing the round loses nothing
+                logger.exception("matchmaking for round %s failed", round_id)
+                raise RoundFailed(f"matchmaking failed: {type(e).__name__}: {e}") from None
+            finally:
+                if pending is not None:
+                    state.update = await pending  # a failed selection raises here, before any part is sent
+                    if state.update.size != cfg.tensor.size:
+                        raise ValueError(f"update of size {state.update.size} for a tensor of size {cfg.tensor.size}")
+            times["matchmaking"] = time.perf_counter() - t
+            t = time.perf_counter()
+            state.results = results = await self._butterfly(state)
+            times["butterfly"] = time.perf_counter() - t
+            t = time.perf_counter()
+            await self._phase(Phase.COMMIT, round_id)
+            have = tuple(r is not None for r in results)
+            state.have.set_result(have)
+            final = await self._commit(state, have)
+            times["commit"] = time.perf_counter() - t
+        except (RoundFailed, asyncio.TimeoutError) as e:
+            if not state.have.done():
+                state.have.set_result(None)
+            state.match.accepting = False  # a late invite to this attempt is refused, not left hanging
+            state.no_group = isinstance(e, NoGroup) and state.plan is None
+            report = self._report(state, False, str(e) or type(e).__name__, (), times)
+            logger.warning("round %s failed: %s", round_id, report.error)
+            return RoundOutcome(report, None, state.update)
+        average, returned = self._apply(state, plan, results, final)
+        report = self._report(state, any(final), None if any(final) else "no span was held by every member",
+                              final, times)
+        return RoundOutcome(report, average if any(final) else None, returned)
+
+    async def _phase(self, phase: Phase, round_id: str) -> None:
+        if self.hooks.on_phase is not None:
+            await self.hooks.on_phase(phase, round_id)
+
+    def _round_budget(self) -> float:
+        c = self.config
+        return c.matchmaking_time + c.invite_timeout * 2 + c.result_timeout + c.commit_timeout + 5.0
+
+    def _forget_old_rounds(self) -> None:
+        now = time.monotonic()
+        for rid in [rid for rid, s in self._rounds.items() if s.expires < now]:
+            del self._rounds[rid]
+
+    # ---- matchmaking --------------------------------------------------------------------------------
+
+    async def _matchmake(self, state: _Round) -> GroupPlan:
+        cfg = self.config
+        key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
+        expiry = time.time() + self._round_budget()
+
+        async def store() -> bool:
+            return bool(await self.dht.store(key, declaration_to_wire(cfg.bandwidth), expiry, subkey=self.peer_id))
+
+        async def read() -> Seen:
+            found = await self.dht.get(key, latest=True)
+            declared, started = {}, None
+            if found is not None and isinstance(found.value, dict):
+                for peer, item in found.value.items():
+                    try:
+                        if peer == STARTED:
+                            started = started_from_wire(item.value)
+                        else:
+                            declared[peer] = declaration_from_wire(item.value)
+                    except WireError as e:
+                        logger.debug("ignoring entry %s of round %s: %s", peer, state.round_id, e)
+            return Seen(declared, started)
+
+        discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
+                                                     poll=0.02))
+        await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
+        if state.match.plan.done():  # a leader invited us while we were still looking
+            discovery.cancel()
+            return self._checked_plan(await self._await_plan(state, read))
+        seen = discovery.result()
+        if seen.started is not None and self.peer_id not in seen.started and state.match.accepting:
+            state.match.accepting = False
+            raise RoundFailed("the round started without this peer (it declared too late); next round")
+        candidates = {p: bw for p, bw in seen.declared.items() if p not in state.suspects}
+        leader = choose_leader(list(candidates), self.peer_id)
+        if leader != self.peer_id or not state.match.accepting:
+            try:
+                return self._checked_plan(await self._await_plan(state, read))
+            except NoGroup:
+                if leader != self.peer_id:
+                    state.suspects.add(leader)
+                raise
+        state.match.accepting = False
+        plan = await self._lead(state, {p: bw for p, bw in candidates.items() if p != self.peer_id})
+        if plan is not None:  # in the background: only late joiners read it, the round need not wait
+            self._background.add(task := asyncio.ensure_future(
+                self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)))
+            task.add_done_callback(self._background.discard)
+        return self._checked_plan(plan)
+
+    async def _await_plan(self, state: _Round, read) -> GroupPlan:
+        """Wait for the leader's plan; give up early if the DHT shows the round started without us."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.matchmaking_time + 2 * cfg.invite_timeout
+        while time.monotonic() < deadline:
+            try:
+                return await asyncio.wait_for(asyncio.shield(state.match.plan), min(cfg.invite_timeout, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                seen = await read()
+                if seen.started is not None and self.peer_id not in seen.started and not state.match.plan.done():
+                    if state.match.accepting:
+                        state.match.accepting = False
+                        raise RoundFailed("the round started without this peer; next round")
+        if state.match.plan.done():
+            return state.match.plan.result()
+        raise NoGroup("no group: no leader sent a plan in time")
+
+    def _checked_plan(self, plan: GroupPlan | None) -> GroupPlan:
+        if plan is None or not plan.members:
+            raise NoGroup("no group: fewer than min_group members")
+        if self.peer_id not in plan.members:
+            raise RoundFailed("the round started without this peer (the leader's group is full); next round")
+        return plan
+
+    async def _lead(self, state: _Round, candidates: dict[str, float]) -> GroupPlan | None:
+        cfg = self.config
+        invite = message_to_wire(Invite(state.round_id, self.peer_id, cfg.tensor))
+        streams: dict[str, asyncio.StreamWriter] = {}
+
+        async def ask(peer: str) -> tuple[str, float] | None:
+            writer = None
+            try:
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), self._names["invite"])
+                await write_frame(writer, invite)
+                reply = message_from_wire(await read_frame(reader, MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, InviteReply)
+                if reply.round_id != state.round_id or reply.sender != peer or not reply.accept:
+                    close_quietly(writer)
+                    return None
+                streams[peer] = writer
+                return peer, reply.bandwidth
+            except asyncio.CancelledError:  # too slow to answer: dropped from the group
+                close_quietly(writer)
+                raise
+            except Exception as e:  # any failure to reach or understand a candidate drops it
+                logger.debug("invite to %s failed: %s", peer, e)
+                close_quietly(writer)
+                return None
+
+        asks = [asyncio.ensure_future(ask(p)) for p in sorted(candidates)]
+        done, pending = await asyncio.wait(asks, timeout=cfg.invite_timeout) if asks else (set(), set())
+        for task in pending:
+            task.cancel()
+        accepted = dict(t.result() for t in done if not t.cancelled() and t.result() is not None)
+        accepted[self.peer_id] = cfg.bandwidth
+        plan = make_plan(state.round_id, self.peer_id, accepted, cfg.tensor, time.time() + self._round_budget(),
+                         cfg.min_group, cfg.max_group)
+        # members get the plan; a plan without them (too few, or over max_group) tells them to give up
+        body = message_to_wire(plan if plan is not None else GroupPlan(state.round_id, self.peer_id, (), (), cfg.tensor, 0.0))
+        await asyncio.gather(*(self._send_and_close(w, body) for w in streams.values()))
+        if not state.match.plan.done():
+            state.match.plan.set_result(plan)
+        return plan
+
+    async def _send_and_close(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            await write_frame(writer, data)
+        except (OSError, ConnectionError) as e:
+            logger.debug("could not send plan: %s", e)
+        finally:
+            close_quietly(writer)
+
+    async def _on_invite(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        invite = message_from_wire(await read_frame(reader, MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, Invite)
+        state = self._rounds.get(invite.round_id)
+        ok = (state is not None and invite.leader == remote and invite.tensor == self.config.tensor
+              and state.match.accept_invite_from(remote))
+        await write_frame(writer, message_to_wire(InviteReply(invite.round_id, self.peer_id, ok, self.config.bandwidth)))
+        if not ok:
+            return
+        try:
+            frame = await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME), self.config.invite_timeout * 2)
+            plan = message_from_wire(frame, MAX_CONTROL_FRAME, GroupPlan)
+            if plan.round_id != invite.round_id or plan.leader != remote or plan.tensor != self.config.tensor:
+                raise WireError("plan does not match the invite")
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError) as e:
+            logger.info("round %s: leader %s sent no usable plan (%s)", invite.round_id, remote[-8:], e)
+            plan = None
+        if not state.match.plan.done():
+            state.match.plan.set_result(plan if plan is not None and plan.members else None)
+
+    # ---- butterfly ------------------------------------------------------------------------------------
+
+    async def _butterfly(self, state: _Round) -> list[tuple[ResultFrame, SparseUpdate] | None]:
+        plan, cfg = state.plan, self.config
+        me = plan.members.index(self.peer_id)
+        pieces = [self._slice(state.update, s) for s in plan.spans]
+        state.parts[self.peer_id] = (pieces[me].indices, quantize_values(pieces[me].values, cfg.value_codec), state.weight)
+        await self._phase(Phase.REDUCE_SCATTER, state.round_id)
+        aggregator = asyncio.ensure_future(self._aggregate_my_span(state))
+        exchanges = [
+            asyncio.ensure_future(self._exchange_part(state, owner, pieces[i], plan.spans[i]))
+            for i, owner in enumerate(plan.members) if owner != self.peer_id
+        ]
+        if len(state.parts) == len(plan.members):
+            state.parts_in.set()
+        own = await aggregator  # bounded by part_timeout; never raises past this point (see _apply)
+        results = iter(await asyncio.gather(*exchanges))
+        return [own if owner == self.peer_id else next(results) for owner in plan.members]
+
+    @staticmethod
+    def _slice(update: SparseUpdate, span: tuple[int, int]) -> SparseUpdate:
+        lo, hi = np.searchsorted(update.indices, span, side="left")
+        return SparseUpdate(update.indices[lo:hi] - span[0], update.values[lo:hi], span[1] - span[0])
+
+    async def _exchange_part(self, state: _Round, owner: str, piece: SparseUpdate, span: tuple[int, int]):
+        """Send our part of ``owner``'s span and read back its aggregate on the same stream."""
+        cfg, writer = self.config, None
+        frame = PartFrame(state.round_id, self.peer_id, cfg.tensor, span, state.weight,
+                          piece.nnz / max(1, piece.size), smallest_encoding(piece, cfg.value_codec))
+        data = message_to_wire(frame)
+        if self.hooks.outgoing_part is not None:
+            data = self.hooks.outgoing_part(frame, data)
+        try:
+            async with asyncio.timeout(cfg.result_timeout):
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(owner), self._names["part"])
+                await write_frame(writer, state.round_id.encode())
+                await write_frame(writer, data)
+                state.sent[owner] += len(data) + len(state.round_id) + 8
+                raw = await read_frame(reader, part_frame_bound(span[1] - span[0]))
+                state.received[owner] += len(raw) + 4
+            return self._check_result(state, owner, span, raw)
+        except Exception as e:  # timeouts, hang-ups, bad frames, p2pd "peer unreachable": no result from it
+            logger.info("round %s: no result for the span of %s (%s: %s)", state.round_id, owner[-8:],
+                        type(e).__name__, e)
+            return None
+        finally:
+            close_quietly(writer)
+
+    def _check_result(self, state: _Round, owner: str, span: tuple[int, int], raw: bytes):
+        result = message_from_wire(raw, len(raw), ResultFrame)
+        plan = state.plan
+        if (result.round_id != state.round_id or result.sender != owner or result.span != span
+                or result.tensor != self.config.tensor or not set(result.included) <= set(plan.members)
+                or (result.included and not 0 < result.total_weight <= MAX_WEIGHT * len(plan.members))):
+            raise WireError(f"result from {owner[-8:]} does not match the plan")
+        return result, extract_update(result.payload, span[1] - span[0])
+
+    async def _on_part(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        wait = self.config.part_timeout
+        round_id = (await asyncio.wait_for(read_frame(reader, MAX_ROUND_ID), wait)).decode(errors="replace")
+        deadline = time.monotonic() + wait
+        while (state := self._rounds.get(round_id)) is None or state.plan is None:
+            if time.monotonic() > deadline:  # a round we are not in, or whose plan never reached us
+                return
+            await asyncio.sleep(0.005)  # the part may beat our own copy of the plan by a few ms
+        plan = state.plan
+        if remote not in plan.members:
+            return
+        length = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), wait), "big")
+        span = plan.spans[plan.members.index(self.peer_id)]
+        try:
+            if length > part_frame_bound(span[1] - span[0]):
+                raise WireError(f"announced a {length}-byte part; at most {part_frame_bound(span[1] - span[0])}")
+            data = await asyncio.wait_for(reader.readexactly(length), wait)
+            state.received[remote] += length + 4
+            self._accept_part(state, remote, span, data)
+        except (WireError, CodecError, ValueError) as e:
+            state.rejected.add(remote)
+            logger.warning("round %s: rejected the part from %s: %s", state.round_id, remote[-8:], e)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+            state.rejected.add(remote)
+            logger.info("round %s: part from %s did not arrive (%s)", state.round_id, remote[-8:], type(e).__name__)
+            return
+        if len(state.parts) + len(state.rejected - set(state.parts)) >= len(plan.members):
+            state.parts_in.set()
+        result = await asyncio.wait_for(asyncio.shield(state.result_bytes), self.config.result_timeout)
+        await write_frame(writer, result)
+        state.sent[remote] += len(result) + 4
+        if not state.first_result_served:
+            state.first_result_served = True
+            await self._phase(Phase.ALL_GATHER, state.round_id)
+
+    def _accept_part(self, state: _Round, remote: str, span: tuple[int, int], data: bytes) -> None:
+        part = message_from_wire(data, len(data), PartFrame)
+        if part.round_id != state.round_id:
+            raise WireError(f"part for round {part.round_id!r:.40}, expected {state.round_id!r}")
+        if part.sender != remote:
+            raise WireError(f"part claims sender {part.sender[-8:]} but came from {remote[-8:]}")
+        if part.tensor != self.config.tensor or part.span != span:
+            raise WireError(f"part for {part.tensor.name}{list(part.span)}, expected {self.config.tensor.name}{list(span)}")
+        if not part.weight <= MAX_WEIGHT:
+            raise WireError(f"weight {part.weight} exceeds {MAX_WEIGHT:g}")
+        if remote in state.parts or remote in state.rejected:
+            raise WireError("second part from the same sender")
+        if state.result_bytes.done():
+            raise WireError("part arrived after the span was aggregated")
+        piece = extract_update(part.payload, span[1] - span[0])  # validates indices and finiteness
+        state.parts[remote] = (piece.indices, piece.values, part.weight)
+
+    async def _aggregate_my_span(self, state: _Round) -> tuple[ResultFrame, SparseUpdate]:
+        plan, cfg = state.plan, self.config
+        try:
+            await asyncio.wait_for(state.parts_in.wait(), cfg.part_timeout)
+        except asyncio.TimeoutError:
+            logger.info("round %s: aggregating without %d late part(s)", state.round_id,
+                        len(plan.members) - len(state.parts) - len(state.rejected))
+        span = plan.spans[plan.members.index(self.peer_id)]
+        length = span[1] - span[0]
+        included = tuple(sorted(state.parts))  # fixed order: the sum is computed once, here
+        total = np.zeros(length, np.float32)
+        weight = 0.0
+        for sender in included:
+            idx, vals, w = state.parts[sender]
+            total[idx] += np.float32(w) * vals
+            weight += w
+        average = total / np.float32(weight)
+        support = np.flatnonzero(average)
+        exact = SparseUpdate(support.astype(np.int64), average[support], length)  # (nnz,) of this span's average
+        sent = exact
+        if cfg.result_density is not None:  # global top-k: send the largest entries of the average only
+            k = max(1, round(cfg.result_density * length))
+            if exact.nnz > k:
+                keep = np.sort(topk_exact(exact.values, k))
+                sent = SparseUpdate(exact.indices[keep], exact.values[keep], length)
+        payload = smallest_encoding(sent, cfg.result_value_codec)
+        frame = ResultFrame(state.round_id, self.peer_id, cfg.tensor, span, included, weight, payload)
+        state.result_bytes.set_result(message_to_wire(frame))
+        await self._phase(Phase.AGGREGATE, state.round_id)
+        decoded = extract_update(payload, length)
+        state.rounding = (exact, decoded, weight)  # server-side error feedback, applied if committed
+        return frame, decoded
+
+    # ---- commit ----------------------------------------------------------------------------------------
+
+    async def _commit(self, state: _Round, have: tuple[bool, ...]) -> tuple[bool, ...]:
+        plan, cfg = state.plan, self.config
+        body = message_to_wire(CommitFrame(state.round_id, self.peer_id, have))
+        others = [m for m in plan.members if m != self.peer_id]
+
+        async def exchange(peer: str) -> None:
+            writer = None
+            try:
+                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), self._names["commit"])
+                await write_frame(writer, body)
+                self._record_commit(state, peer, await read_frame(reader, MAX_CONTROL_FRAME))
+            except Exception as e:  # an unreachable member simply does not vote
+                logger.debug("commit exchange with %s failed: %s", peer[-8:], e)
+            finally:
+                close_quietly(writer)
+
+        tasks = [asyncio.ensure_future(exchange(p)) for p in others]
+        try:
+            await asyncio.wait_for(self._all_commits(state, others), cfg.commit_timeout)
+        except asyncio.TimeoutError:
+            pass
+        for t in tasks:
+            t.cancel()
+        state.votes_missing = tuple(m for m in others if m not in state.commits)
+        final = list(have)
+        for votes in state.commits.values():
+            final = [a and b for a, b in zip(final, votes)]
+        return tuple(final)
+
+    async def _all_commits(self, state: _Round, others: list[str]) -> None:
+        while not set(others) <= set(state.commits):
+            await state.commits_in.wait()
+            state.commits_in.clear()
+
+    def _record_commit(self, state: _Round, peer: str, raw: bytes) -> None:
+        commit = message_from_wire(raw, MAX_CONTROL_FRAME, CommitFrame)
+        if commit.round_id == state.round_id and commit.sender == peer and len(commit.have) == len(state.plan.members):
+            state.commits[peer] = commit.have
+            state.commits_in.set()
+
+    async def _on_commit(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raw = await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME), self.config.commit_timeout)
+        commit = message_from_wire(raw, MAX_CONTROL_FRAME, CommitFrame)
+        state = self._rounds.get(commit.round_id)
+        if state is None or state.plan is None or remote not in state.plan.members:
+            return
+        self._record_commit(state, remote, raw)
+        have = await asyncio.wait_for(asyncio.shield(state.have), self.config.result_timeout + self.config.commit_timeout)
+        if have is not None:
+            await write_frame(writer, message_to_wire(CommitFrame(state.round_id, self.peer_id, have)))
+
+    # ---- outcome ---------------------------------------------------------------------------------------
+
+    def _apply(self, state: _Round, plan: GroupPlan, results, final: tuple[bool, ...]):
+        """The average to apply, and everything the caller must put back into its error feedback."""
+        size, cfg = self.config.tensor.size, self.config
+        avg_idx, avg_val = [], []
+        back_idx, back_val = [], []
+        for i, (span, ok) in enumerate(zip(plan.spans, final)):
+            piece = self._slice(state.update, span)
+            result = results[i]
+            if ok:
+                frame, decoded = result
+                avg_idx.append(decoded.indices + span[0])
+                avg_val.append(decoded.values)
+            if ok and self.peer_id in result[0].included:  # applied: only the wire rounding comes back
+                back_val.append(piece.values - quantize_values(piece.values, cfg.value_codec))
+            else:
+                back_val.append(piece.values)
+            back_idx.append(piece.indices + span[0])
+        mine = plan.members.index(self.peer_id)
+        if final[mine] and state.rounding is not None:
+            exact, decoded, weight = state.rounding  # what our span's average lost on the wire, in our units
+            span = plan.spans[mine]
+            idx, residual = self._owner_residual(exact, decoded)
+            residual = residual * np.float32(weight / state.weight)
+            nz = np.flatnonzero(residual)
+            back_idx.append(idx[nz] + span[0])
+            back_val.append(residual[nz])
+        idx = np.concatenate(back_idx) if back_idx else np.zeros(0, np.int64)
+        val = np.concatenate(back_val).astype(np.float32) if back_val else np.zeros(0, np.float32)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        summed = np.bincount(inverse, weights=val, minlength=uniq.size).astype(np.float32)
+        keep = summed != 0
+        average = SparseUpdate(np.concatenate(avg_idx) if avg_idx else np.zeros(0, np.int64),
+                               np.concatenate(avg_val) if avg_val else np.zeros(0, np.float32), size)
+        return average, SparseUpdate(uniq[keep].astype(np.int64), summed[keep], size)
+
+    @staticmethod
+    def _owner_residual(exact: SparseUpdate, decoded: SparseUpdate) -> tuple[np.ndarray, np.ndarray]:
+        """exact - decoded over the span: fp16 rounding, plus any entries global top-k left out."""
+        if decoded.nnz == decoded.size and exact.nnz < exact.size:  # sent dense
+            return decoded.indices, exact.to_dense() - decoded.values
+        values = exact.values.copy()  # decoded's support is a subset of exact's
+        values[np.searchsorted(exact.indices, decoded.indices)] -= decoded.values
+        return exact.indices, values
+
+    def _report(self, state: _Round, ok: bool, error, final, times) -> RoundReport:
+        plan = state.plan
+        members = plan.members if plan else ()
+        excluded = tuple(sorted((set(members) - set(state.parts)) | state.rejected)) if plan and state.result_bytes.done() else ()
+        weights = tuple(r[0].total_weight if ok_span and r is not None else 0.0
+                        for ok_span, r in zip(final, state.results or [None] * len(final)))
+        return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,
+                           plan.spans if plan else (), tuple(final), weights, dict(state.sent), dict(state.received),
+                           times, state.no_group, state.votes_missing)
+
+    def _guard(self, handler):
+        """Wrap a stream handler: authenticated remote id in, every failure logged, the stream closed."""
+
+        async def run(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await handler(info.peer_id.to_base58(), reader, writer)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError) as e:
+                logger.debug("stream from %s ended: %s", info.peer_id, e or type(e).__name__)
+            except Exception:
+                logger.exception("stream handler failed")
+            finally:
+                close_quietly(writer)
+
+        return run

@@ -1,0 +1,153 @@
+"""Group formation for one all-reduce round, through the DHT and direct invites (hivemind-style).
+
+Why it is built this way -- the races it handles:
+  * DHT propagation lag: peers do not see the same set of declarations at the same instant. Each peer
+    declares itself under the round's key and reads the others; only the smallest peer id it sees
+    *leads*. Two peers that both believe they lead (each blind to the other) form disjoint groups: a
+    member accepts exactly one invite per round and a leader's group is only who accepted, so no member
+    is ever in two groups.
+  * A leader that dies before sending the plan: its accepted members wait for the plan only until the
+    round deadline, then fail the round locally (their input stays in their error-feedback buffers).
+  * A member that dies after accepting: the leader drops anyone whose reply is not in by the invite
+    timeout; later deaths are handled by the butterfly (see protocol/allreduce/averager.py).
+  * A peer that declares after the leader read the key (joined mid-round): it is not invited, times
+    out this round without harm, and takes part from the next round id.
+  * Invites that arrive before a peer started matchmaking for that round are declined, never queued,
+    so a stale invite cannot pull a peer into a round it is not ready for.
+The planning pieces (leader choice, the final plan) are pure functions, reused by simulations/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import msgpack
+
+from protocol.allreduce.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
+from protocol.planning.partition import plan_spans
+from protocol.wire import WireError, unpack_bounded
+
+logger = logging.getLogger(__name__)
+MAX_DECLARATION_BYTES = 256
+
+
+def round_key(swarm: str, tensor: str, round_id: str) -> str:
+    return f"swarmnode/{swarm}/allreduce/{tensor}/{round_id}"
+
+
+def declaration_to_wire(bandwidth: float) -> bytes:
+    return msgpack.packb({"bw": float(bandwidth)}, use_bin_type=True)
+
+
+def declaration_from_wire(data: object) -> float:
+    """The advertised bandwidth in a declaration; WireError if malformed."""
+    if not isinstance(data, bytes):
+        raise WireError("declaration is not bytes")
+    obj = unpack_bounded(data, MAX_DECLARATION_BYTES)
+    bw = obj.get("bw") if isinstance(obj, dict) else None
+    if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not 0 <= bw < MAX_BANDWIDTH:
+        raise WireError(f"declaration has no valid bandwidth: {obj!r:.60}")
+    return float(bw)
+
+
+def choose_leader(declared: Sequence[str], me: str) -> str:
+    """The smallest peer id among those declared (and me): every peer with the same view picks the same."""
+    return min([*declared, me])
+
+
+def make_plan(
+    round_id: str,
+    leader: str,
+    bandwidths: dict[str, float],
+    tensor: TensorSpec,
+    deadline: float,
+    min_group: int,
+    max_group: int,
+) -> GroupPlan | None:
+    """The group a leader announces: its accepted members (leader first among equals), at most
+    max_group of them by peer id, spans by bandwidth; None if fewer than min_group remain."""
+    if min_group < 1 or max_group < min_group:
+        raise ValueError(f"need 1 <= min_group <= max_group, got {min_group}, {max_group}")
+    if leader not in bandwidths:
+        raise ValueError("the leader must be a member of its own group")
+    if any(not bw >= 0 for bw in bandwidths.values()):
+        raise ValueError(f"bandwidths must be >= 0, got {sorted(bandwidths.values())[:3]}")
+    others = sorted(p for p in bandwidths if p != leader)[: max_group - 1]
+    members = tuple(sorted([leader, *others]))
+    if len(members) < min_group:
+        return None
+    bws = [bandwidths[m] for m in members]
+    if sum(bws) <= 0:
+        bws = [1.0] * len(members)
+    spans = tuple(plan_spans(tensor.size, bws))
+    return GroupPlan(round_id, leader, members, spans, tensor, deadline)
+
+
+@dataclass
+class MatchState:
+    """Per-round matchmaking state shared by the round coroutine and the invite handler."""
+
+    round_id: str
+    tensor: TensorSpec
+    accepting: bool = True  # False once this peer leads or has accepted an invite
+    plan: asyncio.Future | None = None  # GroupPlan, set by the invite handler or by leading
+
+    def accept_invite_from(self, leader: str) -> bool:
+        if not self.accepting:
+            return False
+        self.accepting = False
+        return True
+
+
+STARTED = "!started"  # subkey under which a leader records the members of a round it started
+
+
+def started_to_wire(members: Sequence[str]) -> bytes:
+    return msgpack.packb({"members": list(members)}, use_bin_type=True)
+
+
+def started_from_wire(data: object) -> tuple[str, ...]:
+    if not isinstance(data, bytes):
+        raise WireError("started marker is not bytes")
+    obj = unpack_bounded(data, 64 * 1024)
+    members = obj.get("members") if isinstance(obj, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) and len(m) <= 64 for m in members):
+        raise WireError("started marker has no member list")
+    return tuple(members)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One read of a round's DHT dictionary: who declared (with bandwidth), and whether a leader started it."""
+
+    declared: dict[str, float]
+    started: tuple[str, ...] | None = None  # members of the group a leader already started
+
+
+async def discover(
+    store: Callable[[], Awaitable[bool]],
+    read: Callable[[], Awaitable[Seen]],
+    me: str,
+    expected: int | None,
+    matchmaking_time: float,
+    poll: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> Seen:
+    """Declare, then read the round's dictionary until ``expected`` peers declared, a leader has already
+    started the round, or matchmaking_time passes."""
+    await store()
+    deadline = clock() + matchmaking_time
+    while True:
+        seen = await read()
+        if seen.started is not None:
+            return seen
+        if expected is not None and len(seen.declared.keys() | {me}) >= expected:
+            return seen
+        if clock() >= deadline:
+            return seen
+        await sleep(min(poll, max(0.0, deadline - clock())))
