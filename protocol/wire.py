@@ -1,46 +1,41 @@
-"""The one place that converts between wire bytes and protocol objects (as flower's common/serde.py).
+"""The one place that speaks msgpack: bounded decoding, canonical encoding, and the checked field readers
+every decoder of a peer's bytes uses.
 
-Every ``x_from_wire`` checks types, sizes and bounds before building anything, and raises WireError
-(a ValueError) with a one-line reason. msgpack only: no pickle, no ext types, bounded lengths, nesting and
-object counts (unpack_bounded checks the structure before msgpack builds any object).
+    data = pack({"t": "part", "v": 1, ...})              # canonical msgpack (bin type for bytes), no pickle
+    obj = unpack_bounded(data, max_bytes, max_objects)   # WireError before anything is built from odd bytes
+    obj = exact_map(obj, names, where)                   # exactly these keys
+    n = count(obj, "nnz", where); s = text(obj, "sender", where, 64); x = field(obj, "idx", bytes, where)
+
+Each message family keeps its ``x_to_wire`` / ``x_from_wire`` pairs beside its frozen dataclasses (as
+flower's serde keeps one pair per message): peer records in protocol/records/peer.py, round messages in
+protocol/allreduce/messages.py, jobs in protocol/records/, pipeline frames in protocol/pipeline/, shard
+manifests and transfers in protocol/transfer/. Every one of them encodes with ``pack`` and decodes with
+``unpack_bounded`` and these readers, so the rules below hold for every byte a peer sends: every
+``x_from_wire`` checks types, sizes and bounds before building anything, and raises WireError (a ValueError)
+with a one-line reason; msgpack only: no pickle, no ext types, bounded lengths, nesting and object counts
+(unpack_bounded checks the structure before msgpack builds any object).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 
-from protocol.allreduce.codecs import EncodedUpdate
-from protocol.allreduce.messages import (
-    MAX_BANDWIDTH,
-    MAX_GROUP_SIZE,
-    MAX_ROUND_ID,
-    MAX_TENSOR_ELEMENTS,
-    ROUND_PROTOCOL_VERSION,
-    CommitFrame,
-    GroupPlan,
-    Invite,
-    InviteReply,
-    PartFrame,
-    ResultFrame,
-    TensorSpec,
-)
-from protocol.records.peer import (
-    CAPABILITY_SCHEMA_VERSION,
-    MAX_ADDRS,
-    MAX_GPUS,
-    MAX_RECORD_BYTES,
-    MAX_TEXT,
-    Capability,
-    GpuInfo,
-    PeerRecord,
-)
+
+
+MAX_TEXT = 128  # the bound on a free-text field when its reader names no other
 
 
 class WireError(ValueError):
     """Bytes from a peer that do not decode to what the receiver expects."""
+
+
+def pack(obj: Any) -> bytes:
+    """The canonical msgpack bytes of ``obj`` (bytes as bin, str as str): what every encoder sends and signs."""
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def exact_map(obj: Any, names: Sequence[str], where: str, error: type[ValueError] = WireError) -> dict:
@@ -198,7 +193,8 @@ def unpack_bounded(data: bytes, max_bytes: int, max_objects: int = MAX_OBJECTS) 
         raise WireError(f"undecodable msgpack ({type(e).__name__}): {e}") from None
 
 
-def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def field(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``obj[key]`` if it is a ``kind`` (a bool is no int here unless ``kind`` names bool); else WireError."""
     if key not in obj:
         raise WireError(f"{where}: missing field {key!r}")
     value = obj[key]
@@ -209,231 +205,57 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     return value
 
 
-def _text(obj: dict, key: str, where: str, limit: int = MAX_TEXT) -> str:
-    value = _get(obj, key, str, where)
+def text(obj: dict, key: str, where: str, limit: int = MAX_TEXT) -> str:
+    """A str field of at most ``limit`` characters."""
+    value = field(obj, key, str, where)
     if len(value) > limit:
         raise WireError(f"{where}.{key}: longer than {limit} characters")
     return value
 
 
-def _count(obj: dict, key: str, where: str) -> int:
-    value = _get(obj, key, int, where)
+def count(obj: dict, key: str, where: str) -> int:
+    """An int field in [0, 2**63)."""
+    value = field(obj, key, int, where)
     if not 0 <= value < 2**63:
         raise WireError(f"{where}.{key}: {value} out of range")
     return value
 
 
-def _rate(value: Any, where: str) -> float:
+def rate(value: Any, where: str) -> float:
+    """A finite non-negative number (int or float, not bool), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise WireError(f"{where}: expected a finite non-negative number, got {value!r:.40}")
     return float(value)
 
 
-def _dict(value: Any, where: str) -> dict:
+def as_map(value: Any, where: str) -> dict:
+    """``value`` if it is a map; else WireError."""
     if not isinstance(value, dict):
         raise WireError(f"{where}: expected a map, got {type(value).__name__}")
     return value
 
 
-# ---- capability / peer record --------------------------------------------------------------------------
+def fields_of(obj: Any) -> dict:
+    """A frozen dataclass as the map of its field names to values (the wire form of most records)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def capability_to_wire(cap: Capability) -> dict:
-    return {
-        "gpus": [{"name": g.name, "mem": g.memory_bytes, "cc": list(g.compute_capability)} for g in cap.gpus],
-        "cpu_cores": cap.cpu_cores,
-        "ram": cap.ram_bytes,
-        "disk_free": cap.disk_free_bytes,
-        "tflops_fp32": cap.tflops_fp32,
-        "tflops_bf16": cap.tflops_bf16,
-        "platform": cap.platform,
-    }
-
-
-def capability_from_wire(obj: Any) -> Capability:
-    obj = _dict(obj, "capability")
-    gpus_raw = _get(obj, "gpus", list, "capability")
-    if len(gpus_raw) > MAX_GPUS:
-        raise WireError(f"capability.gpus: more than {MAX_GPUS} entries")
-    gpus = []
-    for i, g in enumerate(gpus_raw):
-        g = _dict(g, f"capability.gpus[{i}]")
-        cc = _get(g, "cc", list, f"capability.gpus[{i}]")
-        if len(cc) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 100 for x in cc):
-            raise WireError(f"capability.gpus[{i}].cc: expected [major, minor]")
-        gpus.append(GpuInfo(_text(g, "name", "gpu"), _count(g, "mem", "gpu"), (cc[0], cc[1])))
-    bf16 = obj.get("tflops_bf16", None)
-    return Capability(
-        gpus=tuple(gpus),
-        cpu_cores=_count(obj, "cpu_cores", "capability"),
-        ram_bytes=_count(obj, "ram", "capability"),
-        disk_free_bytes=_count(obj, "disk_free", "capability"),
-        tflops_fp32=_rate(_get(obj, "tflops_fp32", (int, float), "capability"), "capability.tflops_fp32"),
-        tflops_bf16=None if bf16 is None else _rate(bf16, "capability.tflops_bf16"),
-        platform=_text(obj, "platform", "capability"),
-    )
-
-
-def peer_record_to_wire(record: PeerRecord) -> bytes:
-    return msgpack.packb(
-        {
-            "schema": record.schema_version,
-            "peer_id": record.peer_id,
-            "addrs": list(record.addrs),
-            "version": record.version,
-            "capability": capability_to_wire(record.capability),
-            "updated_at": record.updated_at,
-            "leaving": record.leaving,
-        },
-        use_bin_type=True,
-    )
-
-
-def peer_record_from_wire(data: bytes) -> PeerRecord:
-    obj = _dict(unpack_bounded(data, MAX_RECORD_BYTES), "peer record")
-    schema = _get(obj, "schema", int, "peer record")
-    if schema != CAPABILITY_SCHEMA_VERSION:
-        raise WireError(f"peer record: unknown schema version {schema} (this node reads {CAPABILITY_SCHEMA_VERSION})")
-    addrs = _get(obj, "addrs", list, "peer record")
-    if len(addrs) > MAX_ADDRS or not all(isinstance(a, str) and len(a) <= 256 for a in addrs):
-        raise WireError(f"peer record.addrs: expected at most {MAX_ADDRS} multiaddr strings")
-    return PeerRecord(
-        peer_id=_text(obj, "peer_id", "peer record"),
-        addrs=tuple(addrs),
-        version=_text(obj, "version", "peer record"),
-        capability=capability_from_wire(_get(obj, "capability", dict, "peer record")),
-        updated_at=_rate(_get(obj, "updated_at", (int, float), "peer record"), "peer record.updated_at"),
-        leaving=_get(obj, "leaving", bool, "peer record"),
-        schema_version=schema,
-    )
-
-
-# ---- all-reduce round messages ---------------------------------------------------------------------------
-
-_MESSAGE_TAGS = {Invite: "invite", InviteReply: "invite_reply", GroupPlan: "plan", PartFrame: "part",
-                 ResultFrame: "result", CommitFrame: "commit"}
-MAX_CONTROL_FRAME = 64 * 1024  # invites, plans, commits
-# msgpack values in a round message: a plan's members and [start, end] spans (4 per member) are the most, plus
-# ~30 for the fields and a payload map; twice that, so an oversized group reaches its field check. A part or
-# result frame is bounded by its own length only: this keeps its Python objects to ~150 KB.
-MAX_ROUND_OBJECTS = 8 * MAX_GROUP_SIZE + 64
-
-
-def _tensor_to_wire(t: TensorSpec) -> list:
-    return [t.name, t.size, t.dtype]
-
-
-def _tensor_from_wire(obj: Any, where: str) -> TensorSpec:
-    if not isinstance(obj, list) or len(obj) != 3:
-        raise WireError(f"{where}.tensor: expected [name, size, dtype]")
-    name, size, dtype = obj
-    if not isinstance(name, str) or len(name) > MAX_TEXT:
-        raise WireError(f"{where}.tensor: bad name")
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_TENSOR_ELEMENTS:
-        raise WireError(f"{where}.tensor: bad size {size!r:.40}")
-    if dtype not in ("float32",):
-        raise WireError(f"{where}.tensor: unsupported dtype {dtype!r:.40}")
-    return TensorSpec(name, size, dtype)
-
-
-def _span_from_wire(obj: Any, where: str) -> tuple[int, int]:
-    if (not isinstance(obj, list) or len(obj) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_TENSOR_ELEMENTS for x in obj)
-            or obj[0] > obj[1]):
-        raise WireError(f"{where}.span: expected [start, end] with 0 <= start <= end")
-    return obj[0], obj[1]
-
-
-def _peer_list(obj: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(obj, list) or len(obj) > MAX_GROUP_SIZE or not all(isinstance(p, str) and len(p) <= 64 for p in obj):
-        raise WireError(f"{where}: expected at most {MAX_GROUP_SIZE} peer ids")
-    return tuple(obj)
-
-
-def _sparse_to_wire(p: EncodedUpdate) -> dict:
-    return {"nnz": p.nnz, "ic": p.index_codec, "idx": p.indices, "vc": p.value_codec, "val": p.values}
-
-
-def _sparse_from_wire(obj: Any, where: str) -> EncodedUpdate:
-    obj = _dict(obj, f"{where}.payload")
-    return EncodedUpdate(
-        index_codec=_text(obj, "ic", where, 16),
-        value_codec=_text(obj, "vc", where, 16),
-        nnz=_count(obj, "nnz", where),
-        indices=_get(obj, "idx", bytes, where),
-        values=_get(obj, "val", bytes, where),
-    )
-
-
-def message_to_wire(msg) -> bytes:
-    tag = _MESSAGE_TAGS.get(type(msg))
-    if tag is None:
-        raise TypeError(f"not a round message: {type(msg).__name__}")
-    body: dict = {"t": tag, "v": ROUND_PROTOCOL_VERSION, "round": msg.round_id}
-    if isinstance(msg, Invite):
-        body.update(leader=msg.leader, tensor=_tensor_to_wire(msg.tensor))
-    elif isinstance(msg, InviteReply):
-        body.update(sender=msg.sender, accept=msg.accept, bw=msg.bandwidth)
-    elif isinstance(msg, GroupPlan):
-        body.update(leader=msg.leader, members=list(msg.members), spans=[list(s) for s in msg.spans],
-                    tensor=_tensor_to_wire(msg.tensor), deadline=msg.deadline)
-    elif isinstance(msg, PartFrame):
-        body.update(sender=msg.sender, tensor=_tensor_to_wire(msg.tensor), span=list(msg.span), weight=msg.weight,
-                    density=msg.density, payload=_sparse_to_wire(msg.payload))
-    elif isinstance(msg, ResultFrame):
-        body.update(sender=msg.sender, tensor=_tensor_to_wire(msg.tensor), span=list(msg.span),
-                    included=list(msg.included), total_weight=msg.total_weight, payload=_sparse_to_wire(msg.payload))
-    else:
-        body.update(sender=msg.sender, have=list(msg.have))
-    return msgpack.packb(body, use_bin_type=True)
-
-
-def message_from_wire(data: bytes, max_bytes: int, expect: type):
-    """Decode one round message of type ``expect``; WireError on anything else (checked before payloads)."""
-    obj = _dict(unpack_bounded(data, max_bytes, MAX_ROUND_OBJECTS), "round message")
-    tag = obj.get("t")
-    if tag != _MESSAGE_TAGS[expect]:
-        raise WireError(f"expected a {_MESSAGE_TAGS[expect]!r} message, got {tag!r:.40}")
-    if type(obj.get("v")) is not int or obj["v"] != ROUND_PROTOCOL_VERSION:
-        raise WireError(f"unsupported round protocol version {obj.get('v')!r:.20}")
-    where = tag
-    round_id = _text(obj, "round", where, MAX_ROUND_ID)
-    if expect is Invite:
-        return Invite(round_id, _text(obj, "leader", where, 64), _tensor_from_wire(obj.get("tensor"), where))
-    if expect is InviteReply:
-        bandwidth = _rate(obj.get("bw"), f"{where}.bw")
-        if bandwidth >= MAX_BANDWIDTH:
-            raise WireError(f"{where}.bw: {bandwidth:g} bytes/s is not a real link")
-        return InviteReply(round_id, _text(obj, "sender", where, 64), _get(obj, "accept", bool, where), bandwidth)
-    if expect is GroupPlan:
-        members = _peer_list(obj.get("members"), f"{where}.members")
-        spans_raw = _get(obj, "spans", list, where)
-        if len(spans_raw) != len(members):
-            raise WireError(f"{where}: {len(spans_raw)} spans for {len(members)} members")
-        tensor = _tensor_from_wire(obj.get("tensor"), where)
-        spans = tuple(_span_from_wire(s, where) for s in spans_raw)
-        if spans and (spans[0][0] != 0 or spans[-1][1] != tensor.size or
-                      any(a[1] != b[0] for a, b in zip(spans, spans[1:]))):
-            raise WireError(f"{where}: spans do not tile the tensor")
-        return GroupPlan(round_id, _text(obj, "leader", where, 64), members, spans, tensor,
-                         _rate(obj.get("deadline"), f"{where}.deadline"))
-    sender = _text(obj, "sender", where, 64)
-    if expect is CommitFrame:
-        have = _get(obj, "have", list, where)
-        if len(have) > MAX_GROUP_SIZE or not all(isinstance(h, bool) for h in have):
-            raise WireError(f"{where}.have: expected a list of booleans")
-        return CommitFrame(round_id, sender, tuple(have))
-    tensor = _tensor_from_wire(obj.get("tensor"), where)
-    span = _span_from_wire(obj.get("span"), where)
-    payload = _sparse_from_wire(obj.get("payload"), where)
-    if payload.nnz > span[1] - span[0]:
-        raise WireError(f"{where}: {payload.nnz} entries for a span of {span[1] - span[0]}")
-    if expect is PartFrame:
-        weight = _rate(obj.get("weight"), f"{where}.weight")
-        density = _rate(obj.get("density"), f"{where}.density")
-        if weight == 0 or density > 1:
-            raise WireError(f"{where}: weight must be > 0 and density <= 1")
-        return PartFrame(round_id, sender, tensor, span, weight, density, payload)
-    included = _peer_list(obj.get("included"), f"{where}.included")
-    return ResultFrame(round_id, sender, tensor, span, included, _rate(obj.get("total_weight"), f"{where}.total_weight"),
-                       payload)
+def from_map(kind: type, obj: Any, where: str, version: int | None = None,
+             decode: Mapping[str, Callable[[Any], Any]] | None = None) -> Any:
+    """Build the dataclass ``kind`` from a map holding exactly its fields (and ``"v"`` == ``version`` when
+    given); ``decode`` turns nested values into their objects first. The dataclass checks every value (its
+    ValueError, which names the field, becomes a WireError), so a peer's record passes the same rules as a
+    local caller's."""
+    names = [f.name for f in dataclasses.fields(kind)] + (["v"] if version is not None else [])
+    obj = exact_map(obj, names, where)
+    if version is not None:
+        found = field(obj, "v", int, where)
+        if found != version:
+            raise WireError(f"{where}: unknown schema version {found} (this node reads {version})")
+    values = {name: obj[name] for name in names if name != "v"}
+    for name, decoder in (decode or {}).items():
+        values[name] = decoder(values[name])
+    try:
+        return kind(**values)
+    except ValueError as e:  # the message names the field ("inner.lr: must be > 0, got -1")
+        raise WireError(f"{where.partition('.')[0]}: {e}") from None

@@ -61,7 +61,7 @@ from protocol.allreduce.codecs import EncodedUpdate, smallest_encoding
 from protocol.allreduce.messages import CommitFrame, GroupPlan, PartFrame, ResultFrame, TensorSpec
 from protocol.planning.partition import span_sizes
 from protocol.allreduce.sparsify import SparseUpdate
-from protocol.wire import message_to_wire
+from protocol.allreduce.messages import message_to_wire
 
 # --- protocol constants ----------------------------------------------------------------------------------------
 POLL_S = 0.02  # Averager._matchmake polls the DHT every 20 ms while it waits for the expected group

@@ -66,12 +66,14 @@ from protocol.pipeline.direct import REQUESTS as DIRECT_KINDS
 from protocol.allreduce.codecs import (CodecError, DenseCodec, EncodedUpdate, SparseCodec, decode_indices, decode_values,
                              decode_varints, encode_indices, extract_update)
 from protocol.records.job_validation import SignedJobRecordValidator
-from protocol.records.jobs import (MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, MAX_JOB_SPEC_BYTES, MAX_STATE_HEADER_BYTES,
-                           InnerOpt, JobProgress, JobRecord, JobSpec, ModelSpec, OuterOpt, PipelineAssignment,
-                           StateHeader, jobs_key,
-                           job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire,
-                           job_spec_from_wire, job_spec_to_wire, parse_progress_subkey, progress_key, progress_subkey,
-                           state_header_from_wire, state_header_to_wire)
+from protocol.records.job_records import (
+    MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, JobProgress, JobRecord, PipelineAssignment, jobs_key,
+    job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire, parse_progress_subkey,
+    progress_key, progress_subkey)
+from protocol.records.job_spec import (
+    MAX_JOB_SPEC_BYTES, InnerOpt, JobSpec, ModelSpec, OuterOpt, job_spec_from_wire, job_spec_to_wire)
+from protocol.transfer.job_state import (
+    MAX_STATE_HEADER_BYTES, StateHeader, state_header_from_wire, state_header_to_wire)
 from protocol.allreduce.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
 from protocol.allreduce.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
 from protocol.pipeline.control import Advance, DirectOffer, DirectOpen, Discard
@@ -85,8 +87,9 @@ from protocol.transfer.shards import (MAX_MANIFEST_BYTES, ShardError, ShardInfo,
                              verify_manifest)
 from protocol.allreduce.sparsify import SparseUpdate
 from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.wire import (MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire, peer_record_from_wire,
-                           peer_record_to_wire, unpack_bounded)
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.wire import WireError, unpack_bounded
+from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 from tests.fuzzing import (OBJECT_BYTES_PER_INPUT_BYTE, SLACK, Mutator, byte_cases, count, fuzz, msgpack_bound,
                            rng_for, text_cases, toml_cases)
 

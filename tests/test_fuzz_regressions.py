@@ -33,17 +33,20 @@ from protocol.pipeline.activations import (MAX_DIMS, MAX_FRAME_OBJECTS, Expected
                                   activation_to_wire, max_frame_bytes)
 from protocol.allreduce.codecs import CodecError, decode_values
 from protocol.records.job_validation import SignedJobRecordValidator
-from protocol.records.jobs import (MAX_JOB_RECORD_BYTES, job_progress_from_wire, job_progress_to_wire, job_record_from_wire,
-                           job_record_to_wire, job_spec_from_wire, job_spec_to_wire, jobs_key, state_header_from_wire,
-                           state_header_to_wire)
+from protocol.records.job_records import (
+    MAX_JOB_RECORD_BYTES, job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire,
+    jobs_key)
+from protocol.records.job_spec import job_spec_from_wire, job_spec_to_wire
+from protocol.transfer.job_state import state_header_from_wire, state_header_to_wire
 from protocol.allreduce.messages import Invite
 from protocol.pipeline.control import MAX_MICRO_BATCHES
 from protocol.records.peer import MAX_RECORD_BYTES, PeerRecord, swarm_key
 from protocol.transfer.shards import (MAX_SHARDS, MAX_TIES, ShardError, ShardInfo, TiedWeight, manifest_from_wire,
                              manifest_to_wire, sign_manifest)
 from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.wire import (MAX_CONTROL_FRAME, MAX_DEPTH, MAX_OBJECTS, WireError, message_from_wire, message_to_wire,
-                           peer_record_from_wire, peer_record_to_wire, unpack_bounded)
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.wire import MAX_DEPTH, MAX_OBJECTS, WireError, unpack_bounded
+from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 from tests.fuzzing import SLACK, fuzz, msgpack_bound
 from tests.test_fuzz import (CAP_GPU, HEADERS, HIDDEN, JOB_TOML, KEYS, MANIFEST, PEERS, PROGRESS, RECORDS, SHA, SPECS,
                              SWARM, _activation_seeds, _round_messages, _signed, _stage_state, _submit_parse,

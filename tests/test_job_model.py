@@ -11,7 +11,7 @@ import pytest
 from node.ml.datasets import load_node_data, write_node_data
 from node.ml.job_model import build_job_model, data_misfit, job_model_config
 from node.ml.models import param_count
-from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec
+from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec
 
 
 def spec(arch: str = "mlp", dataset: str = "digits", task: str = "classification", **overrides) -> JobSpec:

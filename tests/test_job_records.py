@@ -14,33 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from protocol.records.jobs import (
-    MAX_STAGE_REPLICAS,
-    MAX_STAGES,
-    PipelineAssignment,
-    PipelineSpec,
-    MAX_JOB_PROGRESS_BYTES,
-    MAX_JOB_RECORD_BYTES,
-    MAX_JOB_SPEC_BYTES,
-    MAX_MODEL_OVERRIDES,
-    InnerOpt,
-    JobProgress,
-    JobRecord,
-    JobSpec,
-    ModelSpec,
-    OuterOpt,
-    job_id_for,
-    job_progress_from_wire,
-    job_progress_to_wire,
-    job_record_from_wire,
-    job_record_to_wire,
-    job_spec_from_wire,
-    job_spec_to_wire,
-    jobs_key,
-    parse_progress_subkey,
-    progress_key,
-    progress_subkey,
-)
+from protocol.records.job_spec import (
+    MAX_STAGE_REPLICAS, MAX_STAGES, PipelineSpec, MAX_JOB_SPEC_BYTES, MAX_MODEL_OVERRIDES, InnerOpt, JobSpec,
+    ModelSpec, OuterOpt, job_id_for, job_spec_from_wire, job_spec_to_wire)
+from protocol.records.job_records import (
+    PipelineAssignment, MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, JobProgress, JobRecord, job_progress_from_wire,
+    job_progress_to_wire, job_record_from_wire, job_record_to_wire, jobs_key, parse_progress_subkey, progress_key,
+    progress_subkey)
 from protocol.records.job_validation import SignedJobRecordValidator
 from protocol.records.peer_keys import peer_id_of
 from protocol.records.peer import swarm_key

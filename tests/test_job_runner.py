@@ -13,7 +13,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from node.ml.datasets import load_node_data, write_node_data
 from node.jobs.federated.runner import JobRunner
 from node.runtime.p2pd import OwnedP2PDaemon
-from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
 NODES = 3
 # Three P2P clients share this test's event loop. Once, in a full-suite run under load, the garbage

@@ -10,7 +10,7 @@ import pytest
 
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.jobs.spec import DILOCO_DEFAULTS, job_spec_from_toml, load_job_file
-from protocol.records.jobs import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits.toml"
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from node.devtools.localswarm import wait_for
-from tests.conftest import FAST_ARGS, run_cli
+from tests.conftest import run_cli
 
 TTL, HEARTBEAT = 3.0, 1.0  # as in FAST_ARGS
 

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from node.ml.datasets import write_node_data
 from node.devtools.localswarm import wait_for
 from node.ml.models import build_model
-from node.jobs.pipeline.pipeline_jobs import PipelineJobs, memory_aware_plan, plan_from_json, plan_to_json
+from node.jobs.pipeline.pipeline_jobs import PipelineJobs
+from node.ml.splitter import memory_aware_plan
+from protocol.planning.stage_plan import plan_from_json, plan_to_json
 from node.ml.splitter import load_stage, plan_for_model, read_manifest, split_model
 from node.jobs.pipeline.stage_host import StageConfig, StageHost
 from protocol.planning.stage_assign import NodeSpec

@@ -18,7 +18,7 @@ from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.records.peer_keys import peer_id_of
 from protocol.records.peer import Capability, PeerRecord, swarm_key
 from protocol.records.validation import SignedPeerRecordValidator
-from protocol.wire import peer_record_to_wire
+from protocol.records.peer import peer_record_to_wire
 
 CAP = Capability((), 2, 2**30, 2**30, 0.1, None, "test")
 

@@ -28,7 +28,8 @@ from protocol.allreduce.messages import (
 )
 from protocol.planning.partition import plan_spans
 from protocol.allreduce.sparsify import SparseUpdate
-from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.wire import WireError
 
 A = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 B = "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"

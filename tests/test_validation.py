@@ -31,7 +31,8 @@ from protocol.records.peer_keys import (
 )
 from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
 from protocol.records.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
-from protocol.wire import WireError, peer_record_to_wire
+from protocol.wire import WireError
+from protocol.records.peer import peer_record_to_wire
 
 SWARM = "demo"
 PEERS_KEY = key_id(swarm_key(SWARM, "peers"))

@@ -9,23 +9,10 @@ import msgpack
 import pytest
 
 from protocol.records.peer import (
-    CAPABILITY_SCHEMA_VERSION,
-    MAX_ADDRS,
-    MAX_GPUS,
-    MAX_RECORD_BYTES,
-    MAX_TEXT,
-    Capability,
-    GpuInfo,
-    PeerRecord,
-)
-from protocol.wire import (
-    WireError,
-    capability_from_wire,
-    capability_to_wire,
-    peer_record_from_wire,
-    peer_record_to_wire,
-    unpack_bounded,
-)
+    CAPABILITY_SCHEMA_VERSION, MAX_ADDRS, MAX_GPUS, MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord)
+from protocol.wire import MAX_TEXT
+from protocol.wire import WireError, unpack_bounded
+from protocol.records.peer import capability_from_wire, capability_to_wire, peer_record_from_wire, peer_record_to_wire
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 

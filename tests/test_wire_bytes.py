@@ -53,28 +53,12 @@ from protocol.pipeline.activations import (
 from protocol.allreduce.codecs import DenseCodec, EncodedUpdate, SparseCodec
 from protocol.pipeline.direct import BACKWARD, FORWARD, HEADER_SIZE, REPLY, DirectChannel, parse_header, read_sealed, send_sealed
 from protocol.records.job_validation import SignedJobRecordValidator
-from protocol.records.jobs import (
-    InnerOpt,
-    JobProgress,
-    JobRecord,
-    JobSpec,
-    ModelSpec,
-    OuterOpt,
-    PipelineAssignment,
-    PipelineSpec,
-    StateHeader,
-    job_progress_from_wire,
-    job_progress_to_wire,
-    job_record_from_wire,
-    job_record_to_wire,
-    job_spec_from_wire,
-    job_spec_to_wire,
-    jobs_key,
-    progress_key,
-    progress_subkey,
-    state_header_from_wire,
-    state_header_to_wire,
-)
+from protocol.records.job_spec import (
+    InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec, job_spec_from_wire, job_spec_to_wire)
+from protocol.records.job_records import (
+    JobProgress, JobRecord, PipelineAssignment, job_progress_from_wire, job_progress_to_wire, job_record_from_wire,
+    job_record_to_wire, jobs_key, progress_key, progress_subkey)
+from protocol.transfer.job_state import StateHeader, state_header_from_wire, state_header_to_wire
 from protocol.allreduce.matchmaking import (
     STARTED,
     declaration_from_wire,
@@ -135,15 +119,8 @@ from protocol.transfer.shards import (
 from protocol.allreduce.sparsify import SparseUpdate
 from protocol.streams import read_frame, write_frame
 from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.wire import (
-    MAX_CONTROL_FRAME,
-    capability_from_wire,
-    capability_to_wire,
-    message_from_wire,
-    message_to_wire,
-    peer_record_from_wire,
-    peer_record_to_wire,
-)
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.records.peer import capability_from_wire, capability_to_wire, peer_record_from_wire, peer_record_to_wire
 
 # ---- fixed inputs ----------------------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import pathlib
 import shutil
 import shlex

@@ -58,7 +58,7 @@ from typing import Any, Callable
 
 from node.runtime.config import check_toml_ints, parse_toml
 from node.runtime.errors import EXIT_USAGE, NodeError
-from protocol.records.jobs import JOB_KINDS, InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec
+from protocol.records.job_spec import JOB_KINDS, InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec
 
 REQUIRED = ("name", "dataset", "task", "rounds", "model", "inner")
 PIPELINE_REQUIRED = ("name", "dataset", "model", "inner", "pipeline")

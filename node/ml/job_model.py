@@ -19,7 +19,7 @@ import math
 
 from node.ml.datasets import DATASETS, FEATURES, TOKENS, DatasetInfo, NodeData
 from node.ml.models import ModelBundle, build_model, resolve_overrides, takes_tokens, token_limits
-from protocol.records.jobs import JobSpec
+from protocol.records.job_spec import JobSpec
 
 _HOLDS = {FEATURES: "float feature vectors", TOKENS: "token ids"}
 

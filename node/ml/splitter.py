@@ -42,6 +42,7 @@ from node.ml.models import STATE_COPIES, _quiet_transformers, params_sha256
 from node.ml.stages import (SUPPORTED, Span, Stage, arch_of, check_spans, cut_stage, dtype_name, empty_stage, find_ties,
                          load_stage_tensors, num_layers_of, stage_tensors)
 from protocol.records.peer_keys import peer_id_of
+from protocol.planning.stage_assign import NodeSpec, best_group_order
 from protocol.planning.stage_plan import Host, StagePlan, plan_stages
 from protocol.transfer.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest,
                              canonical_config_json, check_shard_bytes, manifest_from_wire, manifest_to_wire,
@@ -87,6 +88,14 @@ def plan_for_model(model: nn.Module, stages: int | Sequence[Host], strategy: str
         options |= {"layer_bytes": [c * per_param for c in costs.layer_params],
                     "first_extra_bytes": costs.embed_params * per_param, "last_extra_bytes": costs.head_params * per_param}
     return plan_stages([float(c) for c in costs.layer_params], stages, strategy=strategy, **options)
+
+
+def memory_aware_plan(model: nn.Module, nodes: Sequence[NodeSpec], stages: int,
+                      replicas: int) -> tuple[StagePlan, list[list[NodeSpec]]]:
+    """(plan, groups) for ``model`` on ``stages * replicas`` nodes: replica groups by memory, in the order along
+    the pipeline whose memory_aware plan has the smallest slowest stage (protocol/planning/stage_assign.py
+    best_group_order); ValueError naming why when the model fits no order."""
+    return best_group_order(lambda hosts: plan_for_model(model, hosts, "memory_aware"), nodes, stages, replicas)
 
 
 def split_model(model_or_dir: nn.Module | str | os.PathLike, spans: Sequence[Span], out_dir: str | os.PathLike,

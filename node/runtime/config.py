@@ -18,7 +18,7 @@ import math
 import os
 import pathlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from node.runtime.errors import EXIT_USAGE, NodeError

@@ -17,7 +17,8 @@ from typing import Callable
 from hivemind.dht.node import DHTNode
 
 from protocol.records.peer import PeerRecord, swarm_key
-from protocol.wire import WireError, peer_record_from_wire, peer_record_to_wire
+from protocol.wire import WireError
+from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from typing import Callable
 import numpy as np
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.allreduce.codecs import CodecError, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.matchmaking import (
@@ -60,8 +59,9 @@ from protocol.allreduce.matchmaking import (
 from protocol.allreduce.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
 from protocol.allreduce.sparsify import SparseUpdate, topk_exact
-from protocol.streams import close_quietly, read_frame, write_frame
-from protocol.wire import MAX_CONTROL_FRAME, WireError, message_from_wire, message_to_wire
+from protocol.streams import Stream, open_stream, request, serve_on, stop_serving
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.wire import WireError
 
 __all__ = ["Averager", "NoGroup", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
 logger = logging.getLogger(__name__)
@@ -119,16 +119,11 @@ class Averager:
         self._names = {"invite": f"{prefix}/invite", "part": f"{prefix}/part", "commit": f"{prefix}/commit"}
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(self._names["invite"], self._guard(self._on_invite))
-        await self.p2p.add_binary_stream_handler(self._names["part"], self._guard(self._on_part))
-        await self.p2p.add_binary_stream_handler(self._names["commit"], self._guard(self._on_commit))
+        handlers = {"invite": self._on_invite, "part": self._on_part, "commit": self._on_commit}
+        await serve_on(self.p2p, {self._names[kind]: h for kind, h in handlers.items()}, logger)
 
     async def stop(self) -> None:
-        for name in self._names.values():
-            try:
-                await self.p2p.remove_binary_stream_handler(name)
-            except Exception as e:  # p2pd may already be gone at shutdown
-                logger.debug("could not remove handler %s: %s", name, e)
+        await stop_serving(self.p2p, self._names.values(), logger)
 
     # ---- the round, as seen by one member ---------------------------------------------------------------
 
@@ -284,60 +279,64 @@ class Averager:
     async def _lead(self, state: _Round, candidates: dict[str, float]) -> GroupPlan | None:
         cfg = self.config
         invite = message_to_wire(Invite(state.round_id, self.peer_id, cfg.tensor))
-        streams: dict[str, asyncio.StreamWriter] = {}
+        accepted: dict[str, float] = {}  # candidates that accepted within invite_timeout: their bandwidth
+        answered = {p: asyncio.Event() for p in candidates}
+        body: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()  # the plan, once made
 
-        async def ask(peer: str) -> tuple[str, float] | None:
-            writer = None
+        async def ask(peer: str) -> None:
+            """Invite ``peer``; if it accepts, its stream stays open until the plan is sent there."""
             try:
-                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), self._names["invite"])
-                await write_frame(writer, invite)
-                reply = message_from_wire(await read_frame(reader, MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, InviteReply)
-                if reply.round_id != state.round_id or reply.sender != peer or not reply.accept:
-                    close_quietly(writer)
-                    return None
-                streams[peer] = writer
-                return peer, reply.bandwidth
+                async with open_stream(self.p2p, peer, self._names["invite"]) as stream:
+                    await stream.send(invite)
+                    reply = message_from_wire(await stream.receive(MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, InviteReply)
+                    if reply.round_id != state.round_id or reply.sender != peer or not reply.accept:
+                        return
+                    accepted[peer] = reply.bandwidth
+                    answered[peer].set()
+                    await stream.send(await body)
             except asyncio.CancelledError:  # too slow to answer: dropped from the group
-                close_quietly(writer)
                 raise
             except Exception as e:  # any failure to reach or understand a candidate drops it
-                logger.debug("invite to %s failed: %s", peer, e)
-                close_quietly(writer)
-                return None
+                logger.debug("invite to %s failed: %s", peer[-8:], e)
+            finally:
+                answered[peer].set()
 
-        asks = [asyncio.ensure_future(ask(p)) for p in sorted(candidates)]
-        done, pending = await asyncio.wait(asks, timeout=cfg.invite_timeout) if asks else (set(), set())
-        for task in pending:
-            task.cancel()
-        accepted = dict(t.result() for t in done if not t.cancelled() and t.result() is not None)
-        accepted[self.peer_id] = cfg.bandwidth
-        plan = make_plan(state.round_id, self.peer_id, accepted, cfg.tensor, time.time() + self._round_budget(),
-                         cfg.min_group, cfg.max_group)
-        # members get the plan; a plan without them (too few, or over max_group) tells them to give up
-        body = message_to_wire(plan if plan is not None else GroupPlan(state.round_id, self.peer_id, (), (), cfg.tensor, 0.0))
-        await asyncio.gather(*(self._send_and_close(w, body) for w in streams.values()))
+        asks = {p: asyncio.ensure_future(ask(p)) for p in sorted(candidates)}
+        try:
+            waits = [asyncio.ensure_future(e.wait()) for e in answered.values()]
+            if waits:
+                await asyncio.wait(waits, timeout=cfg.invite_timeout)
+            for w in waits:
+                w.cancel()
+            group = dict(accepted)
+            for peer, task in asks.items():
+                if peer not in group:
+                    task.cancel()
+            group[self.peer_id] = cfg.bandwidth
+            plan = make_plan(state.round_id, self.peer_id, group, cfg.tensor, time.time() + self._round_budget(),
+                             cfg.min_group, cfg.max_group)
+            # members get the plan; a plan without them (too few, or over max_group) tells them to give up
+            body.set_result(message_to_wire(plan if plan is not None else
+                                            GroupPlan(state.round_id, self.peer_id, (), (), cfg.tensor, 0.0)))
+            await asyncio.gather(*asks.values(), return_exceptions=True)
+        finally:
+            for task in asks.values():
+                task.cancel()
         if not state.match.plan.done():
             state.match.plan.set_result(plan)
         return plan
 
-    async def _send_and_close(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        try:
-            await write_frame(writer, data)
-        except (OSError, ConnectionError) as e:
-            logger.debug("could not send plan: %s", e)
-        finally:
-            close_quietly(writer)
-
-    async def _on_invite(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        invite = message_from_wire(await read_frame(reader, MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, Invite)
+    async def _on_invite(self, stream: Stream) -> None:
+        remote = stream.peer
+        invite = message_from_wire(await stream.receive(MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, Invite)
         state = self._rounds.get(invite.round_id)
         ok = (state is not None and invite.leader == remote and invite.tensor == self.config.tensor
               and state.match.accept_invite_from(remote))
-        await write_frame(writer, message_to_wire(InviteReply(invite.round_id, self.peer_id, ok, self.config.bandwidth)))
+        await stream.send(message_to_wire(InviteReply(invite.round_id, self.peer_id, ok, self.config.bandwidth)))
         if not ok:
             return
         try:
-            frame = await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME), self.config.invite_timeout * 2)
+            frame = await stream.receive(MAX_CONTROL_FRAME, self.config.invite_timeout * 2)
             plan = message_from_wire(frame, MAX_CONTROL_FRAME, GroupPlan)
             if plan.round_id != invite.round_id or plan.leader != remote or plan.tensor != self.config.tensor:
                 raise WireError("plan does not match the invite")
@@ -373,7 +372,7 @@ class Averager:
 
     async def _exchange_part(self, state: _Round, owner: str, piece: SparseUpdate, span: tuple[int, int]):
         """Send our part of ``owner``'s span and read back its aggregate on the same stream."""
-        cfg, writer = self.config, None
+        cfg = self.config
         frame = PartFrame(state.round_id, self.peer_id, cfg.tensor, span, state.weight,
                           piece.nnz / max(1, piece.size), smallest_encoding(piece, cfg.value_codec))
         data = message_to_wire(frame)
@@ -381,19 +380,17 @@ class Averager:
             data = self.hooks.outgoing_part(frame, data)
         try:
             async with asyncio.timeout(cfg.result_timeout):
-                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(owner), self._names["part"])
-                await write_frame(writer, state.round_id.encode())
-                await write_frame(writer, data)
-                state.sent[owner] += len(data) + len(state.round_id) + 8
-                raw = await read_frame(reader, part_frame_bound(span[1] - span[0]))
-                state.received[owner] += len(raw) + 4
+                async with open_stream(self.p2p, owner, self._names["part"]) as stream:
+                    await stream.send(state.round_id.encode())
+                    await stream.send(data)
+                    state.sent[owner] += len(data) + len(state.round_id) + 8
+                    raw = await stream.receive(part_frame_bound(span[1] - span[0]))
+                    state.received[owner] += len(raw) + 4
             return self._check_result(state, owner, span, raw)
         except Exception as e:  # timeouts, hang-ups, bad frames, p2pd "peer unreachable": no result from it
             logger.info("round %s: no result for the span of %s (%s: %s)", state.round_id, owner[-8:],
                         type(e).__name__, e)
             return None
-        finally:
-            close_quietly(writer)
 
     def _check_result(self, state: _Round, owner: str, span: tuple[int, int], raw: bytes):
         result = message_from_wire(raw, len(raw), ResultFrame)
@@ -404,9 +401,9 @@ class Averager:
             raise WireError(f"result from {owner[-8:]} does not match the plan")
         return result, extract_update(result.payload, span[1] - span[0])
 
-    async def _on_part(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        wait = self.config.part_timeout
-        round_id = (await asyncio.wait_for(read_frame(reader, MAX_ROUND_ID), wait)).decode(errors="replace")
+    async def _on_part(self, stream: Stream) -> None:
+        remote, wait = stream.peer, self.config.part_timeout
+        round_id = (await stream.receive(MAX_ROUND_ID, wait)).decode(errors="replace")
         deadline = time.monotonic() + wait
         while (state := self._rounds.get(round_id)) is None or state.plan is None:
             if time.monotonic() > deadline:  # a round we are not in, or whose plan never reached us
@@ -415,13 +412,10 @@ class Averager:
         plan = state.plan
         if remote not in plan.members:
             return
-        length = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), wait), "big")
         span = plan.spans[plan.members.index(self.peer_id)]
         try:
-            if length > part_frame_bound(span[1] - span[0]):
-                raise WireError(f"announced a {length}-byte part; at most {part_frame_bound(span[1] - span[0])}")
-            data = await asyncio.wait_for(reader.readexactly(length), wait)
-            state.received[remote] += length + 4
+            data = await stream.receive(part_frame_bound(span[1] - span[0]), wait)  # the bound checked before the body
+            state.received[remote] += len(data) + 4
             self._accept_part(state, remote, span, data)
         except (WireError, CodecError, ValueError) as e:
             state.rejected.add(remote)
@@ -433,7 +427,7 @@ class Averager:
         if len(state.parts) + len(state.rejected - set(state.parts)) >= len(plan.members):
             state.parts_in.set()
         result = await asyncio.wait_for(asyncio.shield(state.result_bytes), self.config.result_timeout)
-        await write_frame(writer, result)
+        await stream.send(result)
         state.sent[remote] += len(result) + 4
         if not state.first_result_served:
             state.first_result_served = True
@@ -497,15 +491,11 @@ class Averager:
         others = [m for m in plan.members if m != self.peer_id]
 
         async def exchange(peer: str) -> None:
-            writer = None
             try:
-                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), self._names["commit"])
-                await write_frame(writer, body)
-                self._record_commit(state, peer, await read_frame(reader, MAX_CONTROL_FRAME))
+                self._record_commit(state, peer, await request(self.p2p, peer, self._names["commit"], body,
+                                                               MAX_CONTROL_FRAME))
             except Exception as e:  # an unreachable member simply does not vote
                 logger.debug("commit exchange with %s failed: %s", peer[-8:], e)
-            finally:
-                close_quietly(writer)
 
         tasks = [asyncio.ensure_future(exchange(p)) for p in others]
         try:
@@ -531,8 +521,9 @@ class Averager:
             state.commits[peer] = commit.have
             state.commits_in.set()
 
-    async def _on_commit(self, remote: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        raw = await asyncio.wait_for(read_frame(reader, MAX_CONTROL_FRAME), self.config.commit_timeout)
+    async def _on_commit(self, stream: Stream) -> None:
+        remote = stream.peer
+        raw = await stream.receive(MAX_CONTROL_FRAME, self.config.commit_timeout)
         commit = message_from_wire(raw, MAX_CONTROL_FRAME, CommitFrame)
         state = self._rounds.get(commit.round_id)
         if state is None or state.plan is None or remote not in state.plan.members:
@@ -540,7 +531,7 @@ class Averager:
         self._record_commit(state, remote, raw)
         have = await asyncio.wait_for(asyncio.shield(state.have), self.config.result_timeout + self.config.commit_timeout)
         if have is not None:
-            await write_frame(writer, message_to_wire(CommitFrame(state.round_id, self.peer_id, have)))
+            await stream.send(message_to_wire(CommitFrame(state.round_id, self.peer_id, have)))
 
     # ---- outcome ---------------------------------------------------------------------------------------
 
@@ -597,18 +588,3 @@ class Averager:
         return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,
                            plan.spans if plan else (), tuple(final), weights, dict(state.sent), dict(state.received),
                            times, state.no_group, state.votes_missing)
-
-    def _guard(self, handler):
-        """Wrap a stream handler: authenticated remote id in, every failure logged, the stream closed."""
-
-        async def run(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await handler(info.peer_id.to_base58(), reader, writer)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError) as e:
-                logger.debug("stream from %s ended: %s", info.peer_id, e or type(e).__name__)
-            except Exception:
-                logger.exception("stream handler failed")
-            finally:
-                close_quietly(writer)
-
-        return run

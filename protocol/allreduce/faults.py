@@ -15,7 +15,7 @@ import numpy as np
 
 from protocol.allreduce.codecs import EncodedUpdate
 from protocol.allreduce.messages import PartFrame, TensorSpec
-from protocol.wire import message_to_wire
+from protocol.allreduce.messages import message_to_wire
 
 
 class Fault(enum.Enum):

@@ -25,11 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-import msgpack
 
 from protocol.allreduce.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
 from protocol.planning.partition import plan_spans
-from protocol.wire import WireError, unpack_bounded
+from protocol.wire import pack, unpack_bounded, WireError
 
 logger = logging.getLogger(__name__)
 MAX_DECLARATION_BYTES = 256
@@ -40,7 +39,7 @@ def round_key(swarm: str, tensor: str, round_id: str) -> str:
 
 
 def declaration_to_wire(bandwidth: float) -> bytes:
-    return msgpack.packb({"bw": float(bandwidth)}, use_bin_type=True)
+    return pack({"bw": float(bandwidth)})
 
 
 def declaration_from_wire(data: object) -> float:
@@ -107,7 +106,7 @@ STARTED = "!started"  # subkey under which a leader records the members of a rou
 
 
 def started_to_wire(members: Sequence[str]) -> bytes:
-    return msgpack.packb({"members": list(members)}, use_bin_type=True)
+    return pack({"members": list(members)})
 
 
 def started_from_wire(data: object) -> tuple[str, ...]:

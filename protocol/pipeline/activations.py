@@ -42,12 +42,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Union
 
-import msgpack
 import numpy as np
 import torch
 
 from protocol.streams import MAX_FRAME
-from protocol.wire import WireError, exact_map, unpack_bounded
+from protocol.wire import exact_map, pack, unpack_bounded, WireError
 
 ACTIVATION_PROTOCOL_VERSION = 2  # 2: ForwardRequest.train
 MAX_DIMS = 8
@@ -386,7 +385,7 @@ def activation_to_wire(msg: ActivationFrame, wire_dtype: str | torch.dtype | Non
         body.update(grad=None if msg.grad is None else tensor(msg.grad))
     else:
         body.update(reason=msg.reason)
-    return msgpack.packb(body, use_bin_type=True)
+    return pack(body)
 
 
 def _wire_int(obj: dict, key: str, hi: int, where: str) -> int:

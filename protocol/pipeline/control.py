@@ -23,9 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import msgpack
 
-from protocol.wire import WireError, unpack_bounded
+from protocol.wire import pack, unpack_bounded, WireError
 
 # ---- names -------------------------------------------------------------------------------------------------
 
@@ -329,7 +328,7 @@ def control_to_wire(msg: Any) -> bytes:
     for name in msg.__dataclass_fields__:
         value = getattr(msg, name)
         body[name] = list(value) if isinstance(value, tuple) else value
-    return msgpack.packb(body, use_bin_type=True)
+    return pack(body)
 
 
 def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int = CONTROL_BOUND):
@@ -357,7 +356,7 @@ def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int =
 
 
 def member_record_to_wire(rec: MemberRecord) -> bytes:
-    return msgpack.packb([rec.role, rec.throughput, rec.step, rec.beat], use_bin_type=True)
+    return pack([rec.role, rec.throughput, rec.step, rec.beat])
 
 
 def member_record_from_wire(data: Any) -> MemberRecord:

@@ -27,13 +27,14 @@ Ties go to the lower stage index, then the lower node id.
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from protocol.planning.stage_plan import Host, StagePlan, _SAFE, _number, _segment_sums
+from protocol.planning.stage_plan import SAFE, Host, StagePlan, check_number, segment_sums
 
 _SEARCH_NODES = 256  # the exact search recurses once per node; larger swarms keep the greedy assignment
 
@@ -49,8 +50,8 @@ class NodeSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
             raise ValueError(f"node_id must be a non-empty str, got {self.node_id!r}")
-        _number(f"throughput of node {self.node_id!r}", self.throughput)
-        _number(f"memory_bytes of node {self.node_id!r}", self.memory_bytes, allow_inf=True)
+        check_number(f"throughput of node {self.node_id!r}", self.throughput)
+        check_number(f"memory_bytes of node {self.node_id!r}", self.memory_bytes, allow_inf=True)
 
 
 def _rate(cost: float, throughputs: Sequence[float]) -> float:
@@ -192,7 +193,7 @@ def _branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], 
 
     Bounds no completion can beat: all throughput / all positive cost, and per stage (its load + the fastest
     remaining nodes that fit it, as many as it can still get while every empty stage gets one) / its cost.
-    Float bounds are inflated by _SAFE; within that margin of the best the stage bound is redone with fsum.
+    Float bounds are inflated by SAFE; within that margin of the best the stage bound is redone with fsum.
     Symmetry: nodes alike (throughput, fitting stages) take non-decreasing stages; of stages alike (cost,
     memory, replica throughputs) when a kind of node starts, the lower index gets at least as many of it.
     """
@@ -200,13 +201,13 @@ def _branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], 
     t = [x.throughput for x in order]
     mem = plan.memory or (None,) * k
     pos = [[j for j in range(n) if fits[j][s]] for s in range(k)]
-    top = [_segment_sums([t[j] for j in pos[s]], 0.0, 0.0) for s in range(k)]  # exact sums of runs of pos[s]
+    top = [segment_sums([t[j] for j in pos[s]], 0.0, 0.0) for s in range(k)]  # exact sums of runs of pos[s]
     kind_start = [0] * n
     for i in range(1, n):
         same = t[i] == t[i - 1] and fits[i] == fits[i - 1]
         kind_start[i] = kind_start[i - 1] if same else i
     positive = math.fsum(c for c in costs if c > 0)
-    aggregate = math.fsum(t) / positive * _SAFE if positive > 0 else math.inf
+    aggregate = math.fsum(t) / positive * SAFE if positive > 0 else math.inf
     members, load, choice, pred = [[] for _ in range(k)], [0.0] * k, [0] * n, [[None] * k for _ in range(n)]
     state = {"expanded": 0, "empty": k, "choice": list(incumbent),
              "best": min(_rate(c, [t[i] for i in range(n) if incumbent[i] == s]) for s, c in enumerate(costs))}
@@ -219,8 +220,8 @@ def _branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], 
     def prune(i: int) -> bool:
         if n - i < state["empty"] or any(not members[s] and runs(i, s)[0] == len(pos[s]) for s in range(k)):
             return True
-        ub = min([aggregate] + [(load[s] + top[s](*runs(i, s))) * _SAFE / costs[s] for s in range(k) if costs[s] > 0])
-        if ub > state["best"] * _SAFE * _SAFE:
+        ub = min([aggregate] + [(load[s] + top[s](*runs(i, s))) * SAFE / costs[s] for s in range(k) if costs[s] > 0])
+        if ub > state["best"] * SAFE * SAFE:
             return False
         if ub <= state["best"]:
             return True
@@ -293,6 +294,47 @@ def replica_groups(nodes: Sequence[NodeSpec], stages: int, replicas: int) -> lis
     groups = [tuple(ranked[i * replicas:(i + 1) * replicas]) for i in range(stages)]
     return [(Host(min(x.memory_bytes for x in g), max(math.fsum(x.throughput for x in g), 1e-12)), g)
             for g in groups]
+
+
+def even_groups(groups: list[list[NodeSpec]], costs: Sequence[float], replicas: int) -> list[list[NodeSpec]]:
+    """assign_nodes' groups moved to exactly ``replicas`` per stage: the slowest host of the fullest stage moves
+    to the costliest short stage until none is short (the caller passes stages * replicas nodes)."""
+    groups = [sorted(g, key=lambda x: (-x.throughput, x.node_id)) for g in groups]
+    while True:
+        short = [s for s, g in enumerate(groups) if len(g) < replicas]
+        if not short:
+            return groups
+        full = max(range(len(groups)), key=lambda s: (len(groups[s]), -s))
+        to = max(short, key=lambda s: (costs[s], -s))
+        groups[to].append(groups[full].pop())
+
+
+def best_group_order(plan_for: Callable[[list[Host]], StagePlan], nodes: Sequence[NodeSpec], stages: int,
+                     replicas: int) -> tuple[StagePlan, list[list[NodeSpec]]]:
+    """(plan, groups): the nodes grouped by memory (replica_groups), and the order of the groups along the
+    pipeline whose plan (``plan_for(hosts in stage order)``, a memory_aware planner that raises ValueError when
+    the model does not fit) has the smallest slowest stage: every distinct order for up to 6 stages, groups
+    alike in memory and speed counted once; largest memory first beyond. ValueError naming why when the model
+    fits no order."""
+    pairs = replica_groups(nodes, stages, replicas)
+    orders = itertools.permutations(range(stages)) if stages <= 6 else [tuple(range(stages))]
+    best: tuple[StagePlan, list[list[NodeSpec]]] | None = None
+    error, seen = "", set()
+    for order in orders:
+        hosts = tuple(pairs[i][0] for i in order)
+        if hosts in seen:
+            continue
+        seen.add(hosts)
+        try:
+            plan = plan_for(list(hosts))
+        except ValueError as e:
+            error = error or str(e)
+            continue
+        if best is None or max(plan.times) < max(best[0].times):
+            best = plan, [list(pairs[i][1]) for i in order]
+    if best is None:
+        raise ValueError(error)
+    return best
 
 
 def _same_plan(plan: StagePlan, assignment: Assignment) -> list[list[NodeSpec]]:

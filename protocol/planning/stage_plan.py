@@ -31,6 +31,7 @@ Node -> stage assignment lives in protocol/planning/stage_assign.py.
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import accumulate
 from dataclasses import dataclass
@@ -38,10 +39,10 @@ from numbers import Integral, Real
 from typing import Callable, Optional, Sequence, Union
 
 STRATEGIES = ("layer_wise", "balanced", "memory_aware")
-_SAFE = 1.0 + 1e-9  # inflates float upper bounds past any rounding of sums of < 10**6 terms
+SAFE = 1.0 + 1e-9  # inflates float upper bounds past any rounding of sums of < 10**6 terms (stage_assign too)
 
 
-def _number(name: str, value: object, *, allow_inf: bool = False) -> float:
+def check_number(name: str, value: object, *, allow_inf: bool = False) -> float:
     """``value`` as a float, or ValueError unless it is a real number >= 0 (finite unless allow_inf)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -57,7 +58,7 @@ def _number(name: str, value: object, *, allow_inf: bool = False) -> float:
 def _numbers(name: str, values: object) -> list[float]:
     if isinstance(values, (str, bytes, dict)) or not (hasattr(values, "__len__") and hasattr(values, "__iter__")):
         raise ValueError(f"{name} must be a sequence of numbers, got {type(values).__name__}")  # numpy arrays pass
-    return [_number(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    return [check_number(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def _stage_count(num_stages: object, num_layers: int) -> int:
@@ -69,7 +70,7 @@ def _stage_count(num_stages: object, num_layers: int) -> int:
     return num_stages
 
 
-def _segment_sums(values: list[float], first: float, last: float) -> Callable[[int, int], float]:
+def segment_sums(values: list[float], first: float, last: float) -> Callable[[int, int], float]:
     """seg(a, b) = the exact sum of values[a:b] (+ first if a == 0, + last if b == n), rounded once."""
     ratios = [v.as_integer_ratio() for v in values + [first, last]]  # denominators are powers of two
     shift = max(den.bit_length() - 1 for _, den in ratios)
@@ -92,17 +93,17 @@ def _model(layer_costs, first_extra, last_extra, layer_bytes, first_extra_bytes,
     costs = _numbers("layer_costs", layer_costs)
     if not costs:
         raise ValueError("layer_costs is empty: at least one layer is needed")
-    cost = _segment_sums(costs, _number("first_extra", first_extra), _number("last_extra", last_extra))
+    cost = segment_sums(costs, check_number("first_extra", first_extra), check_number("last_extra", last_extra))
     memory = None
     if layer_bytes is not None:
         if isinstance(layer_bytes, Real) and not isinstance(layer_bytes, bool):
-            per_layer = [_number("layer_bytes", layer_bytes)] * len(costs)
+            per_layer = [check_number("layer_bytes", layer_bytes)] * len(costs)
         else:
             per_layer = _numbers("layer_bytes", layer_bytes)
             if len(per_layer) != len(costs):
                 raise ValueError(f"layer_bytes has {len(per_layer)} entries for {len(costs)} layers")
-        ends = _number("first_extra_bytes", first_extra_bytes), _number("last_extra_bytes", last_extra_bytes)
-        memory = _segment_sums(per_layer, *ends)
+        ends = check_number("first_extra_bytes", first_extra_bytes), check_number("last_extra_bytes", last_extra_bytes)
+        memory = segment_sums(per_layer, *ends)
     return len(costs), cost, memory
 
 
@@ -114,8 +115,8 @@ class Host:
     tflops: float
 
     def __post_init__(self) -> None:
-        _number("Host.memory_bytes", self.memory_bytes, allow_inf=True)
-        if _number("Host.tflops", self.tflops) == 0:
+        check_number("Host.memory_bytes", self.memory_bytes, allow_inf=True)
+        if check_number("Host.tflops", self.tflops) == 0:
             raise ValueError("Host.tflops must be > 0, got 0")
 
 
@@ -300,3 +301,18 @@ def plan_stages(layer_costs: Sequence[float], stages: Union[int, Sequence[Host]]
     if strategy not in (None, "memory_aware"):
         raise ValueError(f"strategy {strategy!r} takes a stage count, not a list of hosts")
     return plan_memory_aware(layer_costs, stages, **options)
+
+
+def plan_to_json(plan: StagePlan) -> bytes:
+    """A stage plan as JSON (a submitter keeps its plan beside the shards, <home>/jobs/J/plan.json, for a
+    restarted trainer)."""
+    return json.dumps({"strategy": plan.strategy, "spans": plan.spans, "costs": plan.costs, "memory": plan.memory,
+                       "hosts": None if plan.hosts is None else [[h.memory_bytes, h.tflops] for h in plan.hosts]},
+                      indent=1).encode()
+
+
+def plan_from_json(data: bytes) -> StagePlan:
+    obj = json.loads(data)
+    return StagePlan(obj["strategy"], tuple(tuple(s) for s in obj["spans"]), tuple(obj["costs"]),
+                     None if obj["memory"] is None else tuple(obj["memory"]),
+                     None if obj["hosts"] is None else tuple(Host(*h) for h in obj["hosts"]))

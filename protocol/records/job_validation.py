@@ -1,6 +1,7 @@
-"""DHT validation of job records and job progress (the record types and their wire form: protocol/records/jobs.py).
+"""DHT validation of job records and job progress (the record types and their wire form:
+protocol/records/job_records.py).
 
-Kept apart from protocol/records/jobs.py because it builds on hivemind's RecordValidatorBase: the CLI parses and
+Kept apart from protocol/records/job_records.py because it builds on hivemind's RecordValidatorBase: the CLI parses and
 checks job files without importing hivemind (and torch) at all.
 """
 
@@ -8,26 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import DHTRecord
 
-from protocol.records.jobs import (
-    MAX_JOB_PROGRESS_BYTES,
-    MAX_JOB_RECORD_BYTES,
-    PROGRESS_BUCKETS,
-    JobProgress,
-    JobRecord,
-    job_progress_from_wire,
-    job_record_from_wire,
-    jobs_key,
-    parse_progress_subkey,
-    progress_key,
-)
+from protocol.records.job_records import (
+    MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, PROGRESS_BUCKETS, job_progress_from_wire,
+    job_record_from_wire, jobs_key, parse_progress_subkey)
 from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
 from protocol.records.peer import swarm_key
-from protocol.records.validation import SIGNATURE_BYTES, SignedDictionaryValidator, _signed_payload, key_id
+from protocol.records.validation import SIGNATURE_BYTES, SignedDictionaryValidator, signed_payload, key_id
 from protocol.wire import WireError, unpack_bounded
 
 _SIGNED_OVERHEAD = 16 + SIGNATURE_BYTES  # the DHT's msgpack bin header around our bytes, plus the signature
@@ -66,7 +57,7 @@ class SignedJobRecordValidator(SignedDictionaryValidator):
                 raise ValueError("only a job's submitter can write its record, under subkey job_id")
         elif parse_progress_subkey(subkey)[1] != self._own_id:
             raise ValueError("a node can only write its own job progress entry")
-        return record.value + self._private_key.sign(_signed_payload(record))
+        return record.value + self._private_key.sign(signed_payload(record))
 
     def check(self, record: DHTRecord) -> None:
         """Raise WireError / ValueError / InvalidSignature naming why ``record`` is unacceptable."""
@@ -92,7 +83,7 @@ class SignedJobRecordValidator(SignedDictionaryValidator):
                 raise WireError(f"job progress of {job_id} stored in bucket {self._bucket_of[record.key]}")
         try:
             public_key_from_peer_id(signer).verify(
-                signature, _signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
+                signature, signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
         except InvalidSignature:
             raise InvalidSignature(f"bad signature on the {what} under {subkey!r:.80}") from None
         if not is_job:

@@ -1,18 +1,21 @@
 """The records nodes publish in the DHT, as frozen dataclasses (no I/O, no daemon state).
 
-Wire form lives in protocol/wire.py; signatures and acceptance rules in protocol/records/validation.py.
+Their wire form is below (capability_to_wire / peer_record_to_wire and the checked decoders); signatures and
+acceptance rules are in protocol/records/validation.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
+
+from protocol.wire import WireError, as_map, count, field, pack, rate, text, unpack_bounded
 
 CAPABILITY_SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # signed value as stored in the DHT; anything larger is rejected by every node
 MAX_ADDRS = 16
 MAX_GPUS = 16
-MAX_TEXT = 128  # bound on any free-text field (GPU name, version, platform)
 
 
 def swarm_key(swarm: str, what: str) -> str:
@@ -58,3 +61,75 @@ class PeerRecord:
 
     def replace(self, **changes) -> "PeerRecord":
         return dataclasses.replace(self, **changes)
+
+
+# ---- wire form --------------------------------------------------------------------------
+
+
+def capability_to_wire(cap: Capability) -> dict:
+    return {
+        "gpus": [{"name": g.name, "mem": g.memory_bytes, "cc": list(g.compute_capability)} for g in cap.gpus],
+        "cpu_cores": cap.cpu_cores,
+        "ram": cap.ram_bytes,
+        "disk_free": cap.disk_free_bytes,
+        "tflops_fp32": cap.tflops_fp32,
+        "tflops_bf16": cap.tflops_bf16,
+        "platform": cap.platform,
+    }
+
+
+def capability_from_wire(obj: Any) -> Capability:
+    obj = as_map(obj, "capability")
+    gpus_raw = field(obj, "gpus", list, "capability")
+    if len(gpus_raw) > MAX_GPUS:
+        raise WireError(f"capability.gpus: more than {MAX_GPUS} entries")
+    gpus = []
+    for i, g in enumerate(gpus_raw):
+        g = as_map(g, f"capability.gpus[{i}]")
+        cc = field(g, "cc", list, f"capability.gpus[{i}]")
+        if len(cc) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 100 for x in cc):
+            raise WireError(f"capability.gpus[{i}].cc: expected [major, minor]")
+        gpus.append(GpuInfo(text(g, "name", "gpu"), count(g, "mem", "gpu"), (cc[0], cc[1])))
+    bf16 = obj.get("tflops_bf16", None)
+    return Capability(
+        gpus=tuple(gpus),
+        cpu_cores=count(obj, "cpu_cores", "capability"),
+        ram_bytes=count(obj, "ram", "capability"),
+        disk_free_bytes=count(obj, "disk_free", "capability"),
+        tflops_fp32=rate(field(obj, "tflops_fp32", (int, float), "capability"), "capability.tflops_fp32"),
+        tflops_bf16=None if bf16 is None else rate(bf16, "capability.tflops_bf16"),
+        platform=text(obj, "platform", "capability"),
+    )
+
+
+def peer_record_to_wire(record: PeerRecord) -> bytes:
+    return pack(
+        {
+            "schema": record.schema_version,
+            "peer_id": record.peer_id,
+            "addrs": list(record.addrs),
+            "version": record.version,
+            "capability": capability_to_wire(record.capability),
+            "updated_at": record.updated_at,
+            "leaving": record.leaving,
+        }
+    )
+
+
+def peer_record_from_wire(data: bytes) -> PeerRecord:
+    obj = as_map(unpack_bounded(data, MAX_RECORD_BYTES), "peer record")
+    schema = field(obj, "schema", int, "peer record")
+    if schema != CAPABILITY_SCHEMA_VERSION:
+        raise WireError(f"peer record: unknown schema version {schema} (this node reads {CAPABILITY_SCHEMA_VERSION})")
+    addrs = field(obj, "addrs", list, "peer record")
+    if len(addrs) > MAX_ADDRS or not all(isinstance(a, str) and len(a) <= 256 for a in addrs):
+        raise WireError(f"peer record.addrs: expected at most {MAX_ADDRS} multiaddr strings")
+    return PeerRecord(
+        peer_id=text(obj, "peer_id", "peer record"),
+        addrs=tuple(addrs),
+        version=text(obj, "version", "peer record"),
+        capability=capability_from_wire(field(obj, "capability", dict, "peer record")),
+        updated_at=rate(field(obj, "updated_at", (int, float), "peer record"), "peer record.updated_at"),
+        leaving=field(obj, "leaving", bool, "peer record"),
+        schema_version=schema,
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.routing import DHTID
@@ -21,7 +20,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
 from protocol.records.peer import MAX_RECORD_BYTES, swarm_key
-from protocol.wire import WireError, peer_record_from_wire, unpack_bounded
+from protocol.wire import WireError, pack, unpack_bounded
+from protocol.records.peer import peer_record_from_wire
 
 logger = logging.getLogger(__name__)
 SIGNATURE_BYTES = 64
@@ -32,8 +32,10 @@ def key_id(key: str) -> bytes:
     return DHTID.generate(source=key).to_bytes()
 
 
-def _signed_payload(record: DHTRecord) -> bytes:
-    return msgpack.packb([record.key, record.subkey, record.value, record.expiration_time], use_bin_type=True)
+def signed_payload(record: DHTRecord) -> bytes:
+    """What an Ed25519 signature on a DHT record covers: key, subkey, value and expiration time, so that an old
+    record cannot be replayed with a later expiry nor moved to another subkey, dictionary or swarm."""
+    return pack([record.key, record.subkey, record.value, record.expiration_time])
 
 
 class SignedDictionaryValidator(RecordValidatorBase):
@@ -80,7 +82,7 @@ class SignedPeerRecordValidator(SignedDictionaryValidator):
         self._private_key = private_key
         self._own_subkey = None
         if private_key is not None:
-            self._own_subkey = msgpack.packb(peer_id_of(private_key.public_key()), use_bin_type=True)
+            self._own_subkey = pack(peer_id_of(private_key.public_key()))
 
     def _protected(self, record: DHTRecord) -> bool:
         return record.key == self._peers_key_id
@@ -90,7 +92,7 @@ class SignedPeerRecordValidator(SignedDictionaryValidator):
             return record.value
         if record.subkey != self._own_subkey or self._private_key is None:
             raise ValueError("a node can only write its own entry in the swarm's peers dictionary")
-        return record.value + self._private_key.sign(_signed_payload(record))
+        return record.value + self._private_key.sign(signed_payload(record))
 
     def check(self, record: DHTRecord) -> None:
         """Raise WireError / PeerIdError / InvalidSignature naming why ``record`` is unacceptable."""
@@ -106,7 +108,7 @@ class SignedPeerRecordValidator(SignedDictionaryValidator):
         public_key = public_key_from_peer_id(subkey)
         body, signature = record.value[:-SIGNATURE_BYTES], record.value[-SIGNATURE_BYTES:]
         try:
-            public_key.verify(signature, _signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
+            public_key.verify(signature, signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
         except InvalidSignature:
             raise InvalidSignature(f"bad signature on the peer record of {subkey}") from None
         payload = unpack_bounded(body, MAX_RECORD_BYTES)  # the DHT's msgpack wrapping of our bytes value

@@ -52,13 +52,12 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
-import msgpack
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.transfer.shards import MAX_SHARD_BYTES, ShardError, ShardInfo
-from protocol.streams import close_quietly, read_frame, write_frame
-from protocol.wire import WireError, exact_map, unpack_bounded
+from protocol.streams import Stream, open_stream, peer_id, serve, stop_serving
+from protocol.wire import exact_map, pack, unpack_bounded, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ MAX_CONTROL_BYTES = 1024  # a request or a refusal: tag, 64-char sha, two ints, 
 REPLY_OVERHEAD = 256  # a chunk reply besides its data: tag, version, sha, offset, bin header
 MAX_REASON = 256
 REFUSAL_CODES = ("unknown_shard", "out_of_range", "too_large", "bad_request", "busy", "io_error")
-LINGER_S, LINGER_BYTES = 5.0, 64 * 1024  # after a refusal: wait this long / drop this much for the client to go
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -140,8 +138,8 @@ def _uint(obj: dict, key: str, lo: int, hi: int, where: str) -> int:
 
 
 def chunk_request_to_wire(req: ChunkRequest) -> bytes:
-    return msgpack.packb({"t": "get", "v": TRANSFER_PROTOCOL_VERSION, "sha256": req.sha256, "offset": req.offset,
-                          "length": req.length}, use_bin_type=True)
+    return pack({"t": "get", "v": TRANSFER_PROTOCOL_VERSION, "sha256": req.sha256, "offset": req.offset,
+                          "length": req.length})
 
 
 def chunk_request_from_wire(data: bytes) -> ChunkRequest:
@@ -152,14 +150,13 @@ def chunk_request_from_wire(data: bytes) -> ChunkRequest:
 
 
 def chunk_reply_to_wire(reply: ChunkReply) -> bytes:
-    return msgpack.packb({"t": "chunk", "v": TRANSFER_PROTOCOL_VERSION, "sha256": reply.sha256,
-                          "offset": reply.offset, "data": reply.data}, use_bin_type=True)
+    return pack({"t": "chunk", "v": TRANSFER_PROTOCOL_VERSION, "sha256": reply.sha256,
+                          "offset": reply.offset, "data": reply.data})
 
 
 def refusal_to_wire(refusal: TransferRefusal) -> bytes:
     reason = " ".join(refusal.reason.split())[:MAX_REASON]
-    return msgpack.packb({"t": "refused", "v": TRANSFER_PROTOCOL_VERSION, "code": refusal.code, "reason": reason},
-                         use_bin_type=True)
+    return pack({"t": "refused", "v": TRANSFER_PROTOCOL_VERSION, "code": refusal.code, "reason": reason})
 
 
 def reply_bound(length: int) -> int:
@@ -230,26 +227,26 @@ class ShardServer:
         self._active = 0
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(self.protocol_name, self._handle)
+        await self.p2p.add_binary_stream_handler(self.protocol_name, serve(self._handle, logger, "shard stream handler"))
 
     async def stop(self) -> None:
-        try:
-            await self.p2p.remove_binary_stream_handler(self.protocol_name)
-        except Exception as e:  # p2pd may already be gone at shutdown
-            logger.debug("could not remove handler %s: %s", self.protocol_name, e)
+        await stop_serving(self.p2p, [self.protocol_name], logger)
 
-    async def _handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = info.peer_id.to_base58()
+    async def _handle(self, stream: Stream) -> None:
+        """Serve one client's requests for one shard (a refusal ends the stream: protocol/streams.py closes it
+        after the client has read the reason and hung up, so its pipelined requests cannot reset the stream
+        with the refusal in flight and leave it a bare "connection reset" instead of the reason)."""
+        peer = stream.peer
         self._active += 1
         files: dict[str, tuple[int, int]] = {}  # sha256 -> (fd, size), opened once per stream
         try:
             if self._active > self.max_streams:
-                await self._refuse(reader, writer, TransferRefusal("busy", "too many streams; try later"))
+                await stream.send(refusal_to_wire(TransferRefusal("busy", "too many streams; try later")))
                 return
             index = 0
             while True:
                 try:
-                    data = await asyncio.wait_for(read_frame(reader, MAX_CONTROL_BYTES), self.idle_timeout)
+                    data = await stream.receive(MAX_CONTROL_BYTES, self.idle_timeout)
                 except asyncio.IncompleteReadError as e:
                     if e.partial:
                         raise
@@ -257,53 +254,36 @@ class ShardServer:
                 try:
                     req = chunk_request_from_wire(data)
                 except WireError as e:
-                    await self._refuse(reader, writer, TransferRefusal("bad_request", str(e)))
+                    await stream.send(refusal_to_wire(TransferRefusal("bad_request", str(e))))
                     return
                 refusal = await self._check(req, files)
                 if refusal is not None:
-                    await self._refuse(reader, writer, refusal)
+                    await stream.send(refusal_to_wire(refusal))
                     return
                 fault = self.fault(peer, req, index) if self.fault is not None else None
                 index += 1
                 if fault is ServeFault.HANG_UP:
+                    stream.close()
                     return
                 if fault is ServeFault.OVERSIZE:
-                    writer.write((reply_bound(req.length) + 1).to_bytes(4, "big"))
-                    await writer.drain()
+                    stream.writer.write((reply_bound(req.length) + 1).to_bytes(4, "big"))
+                    await stream.writer.drain()
+                    stream.close()
                     return
                 fd = files[req.sha256][0]
                 chunk = await asyncio.to_thread(os.pread, fd, req.length, req.offset)
                 if len(chunk) != req.length:  # the file shrank under us
-                    await self._refuse(reader, writer, TransferRefusal("io_error", "short read"))
+                    await stream.send(refusal_to_wire(TransferRefusal("io_error", "short read")))
                     return
                 offset = req.offset + 1 if fault is ServeFault.WRONG_OFFSET else req.offset
                 chunk = chunk[:-1] if fault is ServeFault.SHORT else chunk
                 self.served.append((peer, req.offset, req.length))
                 self.counts[peer] += 1
-                await write_frame(writer, chunk_reply_to_wire(ChunkReply(req.sha256, offset, chunk)))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, WireError) as e:
-            logger.debug("shard stream from %s ended: %s", peer, e or type(e).__name__)
-        except Exception:
-            logger.exception("shard stream handler failed")
+                await stream.send(chunk_reply_to_wire(ChunkReply(req.sha256, offset, chunk)))
         finally:
             self._active -= 1
             for fd, _ in files.values():
                 os.close(fd)
-            close_quietly(writer)
-
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      refusal: TransferRefusal) -> None:
-        """Send ``refusal``, then read and drop what the client already sent until it hangs up (bounded in time
-        and bytes): closing with its pipelined requests unread would reset the stream and could lose the
-        refusal in flight, leaving the client a bare "connection reset" instead of the reason."""
-        await write_frame(writer, refusal_to_wire(refusal))
-        try:
-            async with asyncio.timeout(min(self.idle_timeout, LINGER_S)):
-                dropped = 0
-                while dropped < LINGER_BYTES and (data := await reader.read(4096)):
-                    dropped += len(data)
-        except TimeoutError:
-            pass
 
     async def _check(self, req: ChunkRequest, files: dict[str, tuple[int, int]]) -> TransferRefusal | None:
         if req.length > self.max_chunk:
@@ -365,35 +345,22 @@ async def _fetch_from(p2p: P2P, peer: PeerID, protocol_name: str, info: ShardInf
                       chunk: int, window: int, timeout: float) -> int:
     """Append bytes [offset, ...) of the shard from ``peer`` to ``fd``; the new offset when the shard is
     complete, an exception (after keeping every checked chunk) when the peer fails."""
-    _, reader, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(peer, protocol_name), timeout)
-    try:
+    async with open_stream(p2p, peer, protocol_name, dial_timeout=timeout) as stream:
         asked: collections.deque[ChunkRequest] = collections.deque()
         next_offset = offset
         while offset < info.size:
             while len(asked) < window and next_offset < info.size:
                 req = ChunkRequest(info.sha256, next_offset, min(chunk, info.size - next_offset))
-                await asyncio.wait_for(write_frame(writer, chunk_request_to_wire(req)), timeout)
+                await asyncio.wait_for(stream.send(chunk_request_to_wire(req)), timeout)
                 asked.append(req)
                 next_offset += req.length
             req = asked.popleft()
-            reply = chunk_reply_from_wire(await asyncio.wait_for(read_frame(reader, reply_bound(req.length)), timeout),
-                                          req)
+            reply = chunk_reply_from_wire(await stream.receive(reply_bound(req.length), timeout), req)
             if isinstance(reply, TransferRefusal):
                 raise ShardTransferError(f"refused ({reply.code}): {reply.reason}")
             _write_all(fd, reply.data)
             offset += len(reply.data)
         return offset
-    finally:
-        close_quietly(writer)
-
-
-def _peer_id(peer: PeerID | str) -> PeerID:
-    if isinstance(peer, PeerID):
-        return peer
-    try:
-        return PeerID.from_base58(peer)
-    except Exception:
-        raise ValueError(f"not a peer id: {peer!r:.60}") from None
 
 
 async def fetch_shard(p2p: P2P, peers: Iterable[PeerID | str], info: ShardInfo, dest: os.PathLike | str, *,
@@ -410,7 +377,7 @@ async def fetch_shard(p2p: P2P, peers: Iterable[PeerID | str], info: ShardInfo, 
         raise ValueError(f"info must be a ShardInfo, got {type(info).__name__}")
     if not 1 <= chunk <= MAX_CHUNK or window < 1 or timeout <= 0:
         raise ValueError(f"chunk must be in [1, {MAX_CHUNK}], window >= 1 and timeout > 0")
-    peer_ids = [_peer_id(p) for p in peers]
+    peer_ids = [peer_id(p) for p in peers]
     dest = pathlib.Path(dest)
     part = part_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

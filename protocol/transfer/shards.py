@@ -36,12 +36,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.wire import WireError, exact_map, unpack_bounded
+from protocol.wire import exact_map, pack, unpack_bounded, WireError
 
 SHARD_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.msgpack"
@@ -191,7 +190,7 @@ class ShardManifest:
 
     def signed_bytes(self) -> bytes:
         """What the signature covers: SIGNING_CONTEXT + canonical msgpack of every field but the signature."""
-        return SIGNING_CONTEXT + msgpack.packb(_body(self), use_bin_type=True)
+        return SIGNING_CONTEXT + pack(_body(self))
 
     def replace(self, **changes) -> "ShardManifest":
         return dataclasses.replace(self, **changes)
@@ -270,7 +269,7 @@ def _body(m: ShardManifest) -> dict:
 def manifest_to_wire(manifest: ShardManifest) -> bytes:
     if not manifest.signature:
         raise ShardError("refusing to encode an unsigned shard manifest (sign_manifest first)")
-    return msgpack.packb({**_body(manifest), "signature": manifest.signature}, use_bin_type=True)
+    return pack({**_body(manifest), "signature": manifest.signature})
 
 
 

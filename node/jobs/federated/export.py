@@ -21,7 +21,8 @@ from safetensors.torch import save
 
 from node.runtime.files import atomic_write
 from node.jobs.federated.runner import RoundResult
-from protocol.records.jobs import MAX_HISTORY_BYTES, JobRecord
+from protocol.transfer.job_state import MAX_HISTORY_BYTES
+from protocol.records.job_records import JobRecord
 
 FILES = ("model.safetensors", "report.json", "curve.png", "manifest.json")  # manifest last: then all are there
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -38,18 +37,14 @@ from node.ml.models import flatten_params, load_flat_params
 from node.jobs.federated.local_training import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
-from protocol.records.jobs import JobSpec
+from protocol.records.job_spec import JobSpec
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
+from protocol.transfer.job_state import params_hash
 
 EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
 VALUE_CODEC = "fp16"
-
-
-def params_hash(params: np.ndarray) -> str:
-    """sha256 of the flat float32 parameters (little-endian): the job record's model hash."""
-    return hashlib.sha256(np.ascontiguousarray(params, "<f4").tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)

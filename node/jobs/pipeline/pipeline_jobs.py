@@ -2,7 +2,7 @@
 
     kind = "pipeline" in a job file (node/jobs/spec.py); node/jobs/manager.py hands such jobs to PipelineJobs:
       submit  -> prepare(spec, nonce): plan, choose hosts, split + sign shards, serve them -> PipelineAssignment
-      poll    -> why_not(record) ("" to take part, else the reason shown in `swarmnode jobs`), then run(view)
+      poll    -> why_not(view) ("" to take part, else the reason shown in `swarmnode jobs`), then run(view)
 
 Life cycle of a job ``J`` (swarm ``S``, submitter ``T``):
   1. At submission T builds the model from its config and seed (node/ml/models.py), takes the ``stages *
@@ -44,27 +44,30 @@ import json
 import logging
 import math
 import pathlib
-import time
 from typing import Awaitable, Callable
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.p2p import P2P
 
+from node.jobs.board import JobBoard, JobView
 from node.ml.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.ml.models import build_model, params_sha256, resolve_overrides
 from node.jobs.pipeline.trainer import HopError, PipelineError, PipelineTrainer, StepReport, TrainerConfig, causal_lm_loss
-from node.ml.splitter import load_stage, plan_for_model, read_manifest, split_model
-# via node.stagehost, which imports them wherever they are defined (node/jobs/pipeline/stage_state.py, protocol/pipeline/control.py)
-from node.jobs.pipeline.stage_host import (Refused, StageConfig, StageHooks, StageHost, fetch_state, holders, one_line,
-                            pipe_protocol)
-from protocol.records.jobs import JobProgress, JobRecord, JobSpec, PipelineAssignment, job_id_for
+from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
+from node.jobs.pipeline.stage_host import StageConfig, StageHooks, StageHost, holders
+from node.jobs.pipeline.stage_state import Refused, fetch_state
+from protocol.pipeline.control import one_line, pipe_protocol
+from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.records.job_records import JobProgress, PipelineAssignment
+from protocol.records.job_spec import JobSpec, job_id_for
 from protocol.transfer.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.transfer.shards import MANIFEST_FILE, ShardError, ShardInfo
-from protocol.planning.stage_plan import Host, StagePlan
-from protocol.planning.stage_assign import NodeSpec, assign_nodes, follow_live, replica_groups
+from protocol.planning.stage_plan import plan_from_json, plan_to_json
+from protocol.planning.stage_assign import NodeSpec, assign_nodes, even_groups, follow_live
 
 logger = logging.getLogger(__name__)
 PIPELINE_ARCHS = ("gpt2", "llama")
@@ -98,58 +101,6 @@ def check_pipeline_spec(spec: JobSpec) -> None:
                          f"got {spec.dataset!r}")
 
 
-def even_groups(groups: list[list[NodeSpec]], costs: tuple[float, ...], replicas: int) -> list[list[NodeSpec]]:
-    """assign_nodes' groups moved to exactly ``replicas`` per stage: the slowest host of the fullest stage moves
-    to the costliest short stage until none is short (the caller passes stages * replicas nodes)."""
-    groups = [sorted(g, key=lambda x: (-x.throughput, x.node_id)) for g in groups]
-    while True:
-        short = [s for s, g in enumerate(groups) if len(g) < replicas]
-        if not short:
-            return groups
-        full = max(range(len(groups)), key=lambda s: (len(groups[s]), -s))
-        to = max(short, key=lambda s: (costs[s], -s))
-        groups[to].append(groups[full].pop())
-
-
-def memory_aware_plan(model, nodes: list[NodeSpec], stages: int, replicas: int):
-    """(plan, groups): the nodes grouped by memory (protocol/planning/stage_assign.py replica_groups), and the order of
-    the groups along the pipeline whose memory_aware plan has the smallest slowest stage (every distinct order
-    for up to 6 stages, groups alike in memory and speed counted once; largest memory first beyond); ValueError
-    naming why when the model fits no order."""
-    pairs = replica_groups(nodes, stages, replicas)
-    orders = itertools.permutations(range(stages)) if stages <= 6 else [tuple(range(stages))]
-    best, error, seen = None, "", set()
-    for order in orders:
-        hosts = tuple(pairs[i][0] for i in order)
-        if hosts in seen:
-            continue
-        seen.add(hosts)
-        try:
-            plan = plan_for_model(model, list(hosts), "memory_aware")
-        except ValueError as e:
-            error = error or str(e)
-            continue
-        if best is None or max(plan.times) < max(best[0].times):
-            best = plan, [list(pairs[i][1]) for i in order]
-    if best is None:
-        raise ValueError(error)
-    return best
-
-
-def plan_to_json(plan: StagePlan) -> bytes:
-    """The submitter's stage plan, kept beside the shards (<home>/jobs/J/plan.json) for a restarted trainer."""
-    return json.dumps({"strategy": plan.strategy, "spans": plan.spans, "costs": plan.costs, "memory": plan.memory,
-                       "hosts": None if plan.hosts is None else [[h.memory_bytes, h.tflops] for h in plan.hosts]},
-                      indent=1).encode()
-
-
-def plan_from_json(data: bytes) -> StagePlan:
-    obj = json.loads(data)
-    return StagePlan(obj["strategy"], tuple(tuple(s) for s in obj["spans"]), tuple(obj["costs"]),
-                     None if obj["memory"] is None else tuple(obj["memory"]),
-                     None if obj["hosts"] is None else tuple(Host(*h) for h in obj["hosts"]))
-
-
 def node_spec(view) -> NodeSpec:
     """A live peer (node/runtime/membership.py PeerView) as the stage assignment sees it: fp32 TFLOPS and RAM."""
     cap = view.record.capability
@@ -174,15 +125,25 @@ def stage_config(spec: JobSpec, swarm: str) -> StageConfig:
 
 
 class PipelineJobs:
-    """The pipeline half of a node's JobManager (``manager``: p2p, dht, swarm, peer_id, home, data_dir,
-    _publish, _store_record); ``key`` signs the shards, ``peers()`` lists the live peer records."""
+    """Pipeline jobs on this node (see the module docstring), over the daemon's job board; ``key`` signs the
+    shards, ``peers()`` lists the live peer records."""
 
-    def __init__(self, manager, key: Ed25519PrivateKey | None, peers: Callable[[], Awaitable[list]] | None):
-        self.m, self.key, self.peers = manager, key, peers
+    def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
+                 key: Ed25519PrivateKey | None, peers: Callable[[], Awaitable[list]] | None,
+                 clock: Clock = SYSTEM_CLOCK):
+        self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
+        self.key, self.peers, self.clock = key, peers, clock
         self._files: dict[str, pathlib.Path] = {}  # sha256 -> file this node serves (shards, manifests)
         self._server: ShardServer | None = None
         self._hosts: dict[str, StageHost] = {}
         self.local: dict[str, tuple[int, str]] = {}  # job id -> (steps, parameter hash) held here
+
+    @property
+    def peer_id(self) -> str:
+        return self.board.peer_id
+
+    async def start(self) -> None:
+        pass  # the shard server starts with the first job this node submits or hosts
 
     async def stop(self) -> None:
         for host in list(self._hosts.values()):
@@ -193,13 +154,13 @@ class PipelineJobs:
             self._server = None
 
     def _dir(self, job_id: str) -> pathlib.Path:
-        return self.m.home / "jobs" / job_id
+        return self.home / "jobs" / job_id
 
     async def _serve(self, paths: list[pathlib.Path]) -> None:
         for path in paths:
             self._files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
         if self._server is None:
-            self._server = ShardServer(self.m.p2p, shard_protocol(self.m.swarm), self._files.get)
+            self._server = ShardServer(self.p2p, shard_protocol(self.board.swarm), self._files.get)
             await self._server.start()
 
     # ---- the submitter: plan, place, split, serve ------------------------------------------------------------
@@ -214,20 +175,20 @@ class PipelineJobs:
         if self.key is None or self.peers is None:
             raise NodeError("this node cannot submit pipeline jobs (no signing key or peer view)")
         try:
-            load_node_data(self.m.data_dir / spec.dataset, dataset=spec.dataset)
+            load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
         except NoLocalData:
             raise NodeError(f"{source}: dataset: the submitting node trains on its own data and has none of "
-                            f"{spec.dataset!r}; add it with `swarmnode data add {spec.dataset} --home {self.m.home}`",
+                            f"{spec.dataset!r}; add it with `swarmnode data add {spec.dataset} --home {self.home}`",
                             EXIT_USAGE) from None
         except (ValueError, OSError) as e:
             raise NodeError(f"{source}: dataset: no usable local data for {spec.dataset!r}: {e}", EXIT_USAGE) from None
         p = spec.pipeline
         need = p.stages * p.replicas
-        views = [v for v in await self.peers() if v.record.peer_id != self.m.peer_id]
+        views = [v for v in await self.peers() if v.record.peer_id != self.peer_id]
         if len(views) < need:
             raise NodeError(f"{source}: pipeline.replicas: {p.stages} stages x {p.replicas} replicas need {need} hosts, "
                             f"the swarm has {len(views)} live peers besides this node", EXIT_USAGE)
-        job_id = job_id_for(spec, self.m.peer_id, nonce)
+        job_id = job_id_for(spec, self.peer_id, nonce)
         model = (await asyncio.to_thread(build_model, spec.model.arch, spec.model.config(), spec.seed)).module
         nodes = sorted(map(node_spec, views), key=lambda x: (-x.throughput, x.node_id))[:need]
         if p.strategy == "memory_aware":
@@ -251,17 +212,27 @@ class PipelineJobs:
 
     # ---- every node: take part or not --------------------------------------------------------------------
 
-    def why_not(self, record: JobRecord) -> str:
+    def why_not(self, view: JobView) -> tuple[str, str]:
+        """("", "") to take part (host a stage, stand by, or train), else (the reason, no hint)."""
+        record = view.record
         if record.assignment is None:
-            return "the pipeline job has no stage assignment"
-        if record.submitter == self.m.peer_id:
+            return "the pipeline job has no stage assignment", ""
+        if record.submitter == self.peer_id:
             if not (self._dir(record.job_id) / "shards" / MANIFEST_FILE).exists():
-                return "this node submitted the job but holds no shards of it (restarted?)"
-        return ""  # any other node stands by: the trainer may assign it a stage at any time (_follow)
+                return "this node submitted the job but holds no shards of it (restarted?)", ""
+        return "", ""  # any other node stands by: the trainer may assign it a stage at any time (_follow)
+
+    def local_state(self, job_id: str) -> tuple[int, str] | None:
+        """(steps, the parameter hash of the stage held here; the trainer: of every stage) if this node takes part."""
+        return self.local.get(job_id)
+
+    async def export(self, view: JobView, out: pathlib.Path) -> list[pathlib.Path]:
+        raise NodeError(f"job {view.job_id} is a pipeline job: its trained shards are under "
+                        f"<home>/jobs/{view.job_id}/trained on the submitting node", EXIT_USAGE)
 
     async def run(self, view) -> None:
         try:
-            if view.record.submitter == self.m.peer_id:
+            if view.record.submitter == self.peer_id:
                 await self._train(view)
             else:
                 await self._host(view)
@@ -283,14 +254,14 @@ class PipelineJobs:
         retry_at = 0.0
         try:
             while view.state not in ("done", "cancelled"):
-                index = view.record.assignment.stage_of(self.m.peer_id)
+                index = view.record.assignment.stage_of(self.peer_id)
                 if hosting is not None and hosting[0] != index:
                     logger.info("pipeline job %s: no longer hosting stage %d", job_id, hosting[0])
                     # moved to the stage whose backup this host held (its last replica died): keep that state
                     carried = hosting[1].backups.get(index) if index is not None else None
                     await self._stop_host(job_id, hosting[1])
                     hosting = None
-                if index is not None and hosting is None and time.monotonic() >= retry_at:
+                if index is not None and hosting is None and self.clock.monotonic() >= retry_at:
                     try:
                         hosting = (index, await self._start_host(view, index, carried))
                         carried = None
@@ -299,10 +270,10 @@ class PipelineJobs:
                     except Exception as e:  # a peer that died while serving, a state not announced yet
                         view.declined = f"stage {index}: {type(e).__name__}: {one_line(e)}"[:200]
                         logger.warning("pipeline job %s: %s; retrying", job_id, view.declined)
-                        retry_at = time.monotonic() + RETRY_S
+                        retry_at = self.clock.monotonic() + RETRY_S
                 if hosting is not None or index is None:
                     view.declined = "" if hosting is not None else "not assigned"
-                await asyncio.sleep(POLL_S)
+                await self.clock.sleep(POLL_S)
         finally:
             if hosting is not None:
                 await self._stop_host(job_id, hosting[1])
@@ -320,32 +291,32 @@ class PipelineJobs:
         a, job_id = record.assignment, record.job_id
         shard_dir = self._dir(job_id) / "shards"
         shard_dir.mkdir(parents=True, exist_ok=True)
-        proto = shard_protocol(self.m.swarm)
-        t0 = time.monotonic()
+        proto = shard_protocol(self.board.swarm)
+        t0 = self.clock.monotonic()
         # the manifest travels as a "shard" whose sha256 and size the signed record gives
         manifest_info = ShardInfo(0, 1, MANIFEST_FILE, a.manifest_sha256, a.manifest_size)
-        await fetch_shard(self.m.p2p, [record.submitter], manifest_info, shard_dir / MANIFEST_FILE, protocol_name=proto)
+        await fetch_shard(self.p2p, [record.submitter], manifest_info, shard_dir / MANIFEST_FILE, protocol_name=proto)
         manifest = read_manifest(shard_dir, trusted_signers=[record.submitter])
         if tuple((s.start, s.end) for s in manifest.shards) != a.spans:
             raise ShardError(f"the manifest's stages {[(s.start, s.end) for s in manifest.shards]} are not the "
                              f"record's {list(a.spans)}")
         info = manifest.shards[index]
-        others = [p for p in a.hosts[index] if p != self.m.peer_id]
-        await fetch_shard(self.m.p2p, [record.submitter, *others], info, shard_dir / info.file, protocol_name=proto)
+        others = [p for p in a.hosts[index] if p != self.peer_id]
+        await fetch_shard(self.p2p, [record.submitter, *others], info, shard_dir / info.file, protocol_name=proto)
         stage = await asyncio.to_thread(load_stage, shard_dir, index, trusted_signers=[record.submitter])
         await self._serve([shard_dir / MANIFEST_FILE, shard_dir / info.file])  # a later replica may fetch here
 
         def after_step(reply) -> None:
             self.local[job_id] = (reply.step, reply.params_hash)
 
-        host = StageHost(self.m.p2p, self.m.dht, job_id, index, stage, stage_config(spec, self.m.swarm),
+        host = StageHost(self.p2p, self.board.dht, job_id, index, stage, stage_config(spec, self.board.swarm),
                          StageHooks(after_step=after_step), manifest)
         source = await self._load_latest_state(view, index, host, carried)
         self.local[job_id] = (host.step, host.params_hash)
         await host.start()
         self._hosts[job_id] = host
         logger.info("pipeline job %s: hosting stage %d (layers %s) at step %d, state from %s, ready in %.1f s",
-                    job_id, index, a.spans[index], host.step, source, time.monotonic() - t0)
+                    job_id, index, a.spans[index], host.step, source, self.clock.monotonic() - t0)
         return host
 
     async def _load_latest_state(self, view, index: int, host: StageHost, carried=None) -> str:
@@ -355,23 +326,23 @@ class PipelineJobs:
         as hosts come). A state older than the trainer's step with no peer at that step (the last replica died
         before its newest state was backed up) is taken at the trainer's step: that stage loses those updates,
         the job goes on."""
-        swarm, job_id = self.m.swarm, view.record.job_id
-        deadline = time.monotonic() + view.record.spec.round_timeout_s
+        swarm, job_id = self.board.swarm, view.record.job_id
+        deadline = self.clock.monotonic() + view.record.spec.round_timeout_s
         while True:
-            found = [(step, p) for step, p in await holders(self.m.dht, swarm, job_id, [index]) if p != self.m.peer_id]
+            found = [(step, p) for step, p in await holders(self.board.dht, swarm, job_id, [index]) if p != self.peer_id]
             if carried is not None and (not found or carried[0].step >= found[0][0]):
                 await asyncio.to_thread(host.load_state, *carried)
                 return self._catch_up(view, host, found, f"the backup this node held (step {carried[0].step})")
             if found and found[0][0] > 0:
-                head, data = await fetch_state(self.m.p2p, [p for _, p in found], pipe_protocol(swarm, job_id, "state"),
+                head, data = await fetch_state(self.p2p, [p for _, p in found], pipe_protocol(swarm, job_id, "state"),
                                                index, host.state_bound(), timeout=view.record.spec.round_timeout_s)
                 await asyncio.to_thread(host.load_state, head, data)  # header, sha256, names, shapes, hash
                 return self._catch_up(view, host, found, f"a peer at step {head.step}")
             if view.round == 0:
                 return "the shard (no step taken yet)"
-            if time.monotonic() > deadline:
+            if self.clock.monotonic() > deadline:
                 raise Refused(f"no replica or backup of stage {index} announces its state (step {view.round})")
-            await asyncio.sleep(POLL_S)
+            await self.clock.sleep(POLL_S)
 
     @staticmethod
     def _catch_up(view, host: StageHost, found: list[tuple[int, str]], source: str) -> str:
@@ -391,14 +362,14 @@ class PipelineJobs:
         record, spec = view.record, view.record.spec
         job_id, p = record.job_id, spec.pipeline
         shard_dir = self._dir(job_id) / "shards"
-        data = load_node_data(self.m.data_dir / spec.dataset, dataset=spec.dataset)
+        data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
         cfg = resolve_overrides(spec.model.arch, spec.model.config())
         t = min(data.x.shape[1] - 1, int(cfg.get("n_positions") or cfg["max_position_embeddings"]))
         tokens = torch.from_numpy(np.ascontiguousarray(data.x[:, : t + 1]).astype(np.int64))  # (n, T + 1)
         timeout = spec.round_timeout_s
-        trainer = PipelineTrainer(self.m.p2p, self.m.dht, job_id, shard_dir, TrainerConfig(
-            swarm=self.m.swarm, micro_batch_size=p.micro_batch, hop_timeout=timeout, end_step_timeout=2 * timeout,
-            replica_wait=timeout, seed=spec.seed), trusted_signers=[self.m.peer_id])
+        trainer = PipelineTrainer(self.p2p, self.board.dht, job_id, shard_dir, TrainerConfig(
+            swarm=self.board.swarm, micro_batch_size=p.micro_batch, hop_timeout=timeout, end_step_timeout=2 * timeout,
+            replica_wait=timeout, seed=spec.seed), trusted_signers=[self.peer_id])
         rng = np.random.default_rng(spec.seed)
         follower = asyncio.create_task(self._follow(view), name=f"follow-{job_id}")
         try:
@@ -420,16 +391,16 @@ class PipelineJobs:
             if view.record.state == "cancelled":
                 return
             rows = tokens[torch.from_numpy(rng.integers(0, len(tokens), spec.batch_size))]  # (B, T + 1)
-            give_up = time.monotonic() + RECOVERY_TIMEOUTS * spec.round_timeout_s
+            give_up = self.clock.monotonic() + RECOVERY_TIMEOUTS * spec.round_timeout_s
             for attempt in itertools.count(1):
                 try:
                     report = await trainer.step(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
                     break
                 except PipelineError as e:
                     logger.warning("pipeline job %s: step %d failed (attempt %d): %s", job_id, completed, attempt, e)
-                    if time.monotonic() > give_up:
+                    if self.clock.monotonic() > give_up:
                         raise
-                    await asyncio.sleep(POLL_S)
+                    await self.clock.sleep(POLL_S)
             completed = min(report.step + 1, spec.rounds)  # the replicas' count: right after a restart too
             model_hash = combined_hash([_majority(st.hashes) for st in report.stages])
             self.local[job_id] = (completed, model_hash)
@@ -440,14 +411,14 @@ class PipelineJobs:
             participants = tuple(dict.fromkeys(q for st in report.stages for q, r in st.replies.items() if r))
             metric = await self._evaluate(view, trainer, data, t) if (
                 completed % spec.eval_every == 0 or completed == spec.rounds) else None
-            await self.m._publish(JobProgress(job_id, self.m.peer_id, completed, model_hash, state, participants[:256],
+            await self.board.publish(JobProgress(job_id, self.peer_id, completed, model_hash, state, participants[:256],
                                               report.loss, metric, self._bytes(trainer, report, t), report.seconds,
-                                              time.time(), completed))
+                                              self.clock.time(), completed))
             logger.info("pipeline job %s: step %d/%d loss %.4f (%.2f s, %d retries)", job_id, completed,
                         spec.rounds, report.loss, report.seconds, report.retries)
         view.record = view.record.replace(state="done", round=completed, model_hash=self.local[job_id][1],
-                                          updated_at=time.time())
-        await self.m._store_record(view.record)
+                                          updated_at=self.clock.time())
+        await self.board.store_record(view.record)
 
     async def _evaluate(self, view, trainer: PipelineTrainer, data, t: int) -> float | None:
         """Bits per byte of the model as the stages hold it now on EVAL_ITEMS windows spread evenly over the
@@ -482,9 +453,9 @@ class PipelineJobs:
             return
         complaint = ""
         while True:
-            await asyncio.sleep(POLL_S)
+            await self.clock.sleep(POLL_S)
             try:
-                live = [node_spec(v) for v in await self.peers() if v.record.peer_id != self.m.peer_id]
+                live = [node_spec(v) for v in await self.peers() if v.record.peer_id != self.peer_id]
                 a = view.record.assignment
                 moved = follow_live(plan, a.hosts, live, max_per_stage=spec.pipeline.replica_cap)
             except ValueError as e:  # a stage nobody can take yet: its hops wait, then the step fails
@@ -499,8 +470,8 @@ class PipelineJobs:
             if not moved.moves:
                 continue
             hosts = tuple(tuple(x.node_id for x in g) for g in moved.assignment.stages)
-            view.record = view.record.replace(assignment=dataclasses.replace(a, hosts=hosts), updated_at=time.time())
-            await self.m._store_record(view.record)
+            view.record = view.record.replace(assignment=dataclasses.replace(a, hosts=hosts), updated_at=self.clock.time())
+            await self.board.store_record(view.record)
             logger.info("pipeline job %s: hosts moved %s", view.record.job_id, ", ".join(
                 f"{m.node_id[-6:]} {m.from_stage}->{m.to_stage}" for m in moved.moves))
 
@@ -520,12 +491,12 @@ class PipelineJobs:
         job_id, out = record.job_id, self._dir(record.job_id)
         model = (await asyncio.to_thread(build_model, spec.model.arch, spec.model.config(), spec.seed)).module
         named = dict(model.named_parameters())
-        cfg = stage_config(spec, self.m.swarm)
+        cfg = stage_config(spec, self.board.swarm)
         stages = []
         for index, st in enumerate(report.stages):
-            stage = await asyncio.to_thread(load_stage, out / "shards", index, trusted_signers=[self.m.peer_id])
-            checker = StageHost(self.m.p2p, None, job_id, index, stage, cfg)  # never started: parses and checks
-            head, data = await fetch_state(self.m.p2p, list(st.hashes), pipe_protocol(self.m.swarm, job_id, "state"),
+            stage = await asyncio.to_thread(load_stage, out / "shards", index, trusted_signers=[self.peer_id])
+            checker = StageHost(self.p2p, None, job_id, index, stage, cfg)  # never started: parses and checks
+            head, data = await fetch_state(self.p2p, list(st.hashes), pipe_protocol(self.board.swarm, job_id, "state"),
                                            index, checker.state_bound(), min_step=spec.rounds,
                                            timeout=spec.round_timeout_s)
             await asyncio.to_thread(checker.load_state, head, data)  # header, sha256, names and shapes checked

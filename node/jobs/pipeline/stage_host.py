@@ -70,7 +70,6 @@ import numpy as np
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.utils import get_dht_time
 
 from node.ml.models import params_sha256
@@ -91,7 +90,7 @@ from protocol.pipeline.control import (CONTROL_BOUND, Advance, BackupAck, Commit
                                         pipe_protocol, stage_key, stage_protocol)
 from protocol.allreduce.rounds import RoundConfig
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
-from protocol.streams import close_after_peer, close_quietly, read_frame, write_frame
+from protocol.streams import Stream, close_quietly, open_stream, serve_on, stop_serving
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -231,8 +230,7 @@ class StageHost:
                 pp("state"): self._on_state, pp("backup"): self._on_backup}
 
     async def start(self) -> None:
-        for name, handler in self._names().items():
-            await self.p2p.add_binary_stream_handler(name, self._guard(handler))
+        await serve_on(self.p2p, self._names(), logger, f"stage {self.index}: stream handler")
         if self.config.direct:
             await self._start_direct()
         if self._averager is not None:
@@ -250,11 +248,7 @@ class StageHost:
             except Exception as e:
                 logger.debug("could not withdraw the replica record: %s", e)
         self.stop_direct()
-        for name in self._names():
-            try:
-                await self.p2p.remove_binary_stream_handler(name)
-            except Exception as e:  # p2pd may already be gone
-                logger.debug("could not remove handler %s: %s", name, e)
+        await stop_serving(self.p2p, self._names(), logger)
         if self._averager is not None:
             await self._averager.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -285,36 +279,22 @@ class StageHost:
         if self.hooks.before is not None:
             await self.hooks.before(kind, step, self._seen[kind, step])
 
-    def _guard(self, handler: Callable) -> Callable:
-        async def run(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await handler(info.peer_id.to_base58(), reader, writer)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-                logger.debug("stream from %s ended: %s", info.peer_id, e or type(e).__name__)
-            except asyncio.CancelledError:  # the host or p2pd shutting down mid-request: end quietly
-                pass
-            except Exception:
-                logger.exception("stage %d: stream handler failed", self.index)
-            finally:
-                await close_after_peer(reader, writer)  # closing at once can cut the reply's tail (p2pd relay)
-        return run
-
     # ---- forward / backward --------------------------------------------------------------------------------
 
-    async def _on_forward(self, peer: str, reader, writer) -> None:
-        await self._on_hop("forward", peer, reader, writer)
+    async def _on_forward(self, stream: Stream) -> None:
+        await self._on_hop("forward", stream)
 
-    async def _on_backward(self, peer: str, reader, writer) -> None:
-        await self._on_hop("backward", peer, reader, writer)
+    async def _on_backward(self, stream: Stream) -> None:
+        await self._on_hop("backward", stream)
 
-    async def _on_hop(self, kind: str, peer: str, reader, writer) -> None:
+    async def _on_hop(self, kind: str, stream: Stream) -> None:
         try:
-            data = await asyncio.wait_for(read_frame(reader, self._bound(kind)), self.config.io_timeout)
+            data = await stream.receive(self._bound(kind), self.config.io_timeout)
         except WireError as e:  # an oversize length prefix
             reply = activation_to_wire(ErrorReply(0, f"{kind} refused: {one_line(e)}"))
         else:
-            reply = await self._serve(kind, peer, data)
-        await write_frame(writer, reply)
+            reply = await self._serve(kind, stream.peer, data)
+        await stream.send(reply)
 
     def _bound(self, kind: str) -> int:
         return max_frame_bytes(self._in if kind == "forward" else self._out)
@@ -465,9 +445,10 @@ class StageHost:
 
     # ---- control -------------------------------------------------------------------------------------------
 
-    async def _on_control(self, peer: str, reader, writer) -> None:
+    async def _on_control(self, stream: Stream) -> None:
+        peer = stream.peer
         try:
-            data = await asyncio.wait_for(read_frame(reader, CONTROL_BOUND), self.config.io_timeout)
+            data = await stream.receive(CONTROL_BOUND, self.config.io_timeout)
             msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Advance, Discard, DirectOpen))
             if isinstance(msg, DirectOpen):
                 reply = self._offer(peer)
@@ -488,7 +469,7 @@ class StageHost:
                 reply = StatusReply(self.step, len(self._committed), self.params_hash)
         except (ValueError, RuntimeError) as e:
             reply = ControlError(one_line(e))
-        await write_frame(writer, control_to_wire(reply))
+        await stream.send(control_to_wire(reply))
 
     def _commit(self, msg: Commit, peer: str) -> CommitReply:
         if msg.step != self.step:
@@ -667,8 +648,8 @@ class StageHost:
         async with self._end_lock:
             await self._exec(self.load_state, head, data)
 
-    async def _on_state(self, peer: str, reader, writer) -> None:
-        data = await asyncio.wait_for(read_frame(reader, CONTROL_BOUND), self.config.io_timeout)
+    async def _on_state(self, stream: Stream) -> None:
+        data = await stream.receive(CONTROL_BOUND, self.config.io_timeout)
         try:
             req = control_from_wire(data, StateRequest)
             if req.stage == self.index:
@@ -680,48 +661,42 @@ class StageHost:
             if head.step < req.min_step:
                 raise Refused(f"state of stage {req.stage} is at step {head.step}, not {req.min_step}")
         except ValueError as e:
-            await write_frame(writer, control_to_wire(ControlError(one_line(e))))
+            await stream.send(control_to_wire(ControlError(one_line(e))))
             return
-        await send_state(writer, head, body)
+        await send_state(stream, head, body)
 
     def _backup_bound(self, stage: int) -> int:
         if self.manifest is None or not 0 <= stage < len(self.manifest.shards) or stage == self.index:
             raise Refused(f"no backups of stage {stage} taken here")
         return 4 * self.manifest.shards[stage].size + (1 << 20)
 
-    async def _on_backup(self, peer: str, reader, writer) -> None:
+    async def _on_backup(self, stream: Stream) -> None:
         try:
-            head = control_from_wire(await asyncio.wait_for(read_frame(reader, CONTROL_BOUND), self.config.io_timeout),
-                                     StateHead)
-            data = await receive_body(reader, head, self._backup_bound(head.stage), self.config.io_timeout)
+            head = control_from_wire(await stream.receive(CONTROL_BOUND, self.config.io_timeout), StateHead)
+            data = await receive_body(stream, head, self._backup_bound(head.stage), self.config.io_timeout)
             held = self.backups.get(head.stage)
             if held is None or held[0].step <= head.step:
                 self.backups[head.stage] = (head, data)
             ack = BackupAck(True, "")
         except ValueError as e:
             ack = BackupAck(False, one_line(e))
-        await write_frame(writer, control_to_wire(ack))
+        await stream.send(control_to_wire(ack))
         if ack.ok and self.dht is not None:
             await self._announce()
 
     async def _push_backup(self, target: str) -> bool:
         head, data = await self._exec(self.snapshot)
-        writer = None
         try:
-            async with asyncio.timeout(self.config.io_timeout):
-                _, reader, writer = await self.p2p.call_binary_stream_handler(
-                    PeerID.from_base58(target), pipe_protocol(self.config.swarm, self.pipeline_id, "backup"))
-                await send_state(writer, head, data)
-                ack = control_from_wire(await read_frame(reader, CONTROL_BOUND), BackupAck)
+            async with asyncio.timeout(self.config.io_timeout), open_stream(
+                    self.p2p, target, pipe_protocol(self.config.swarm, self.pipeline_id, "backup")) as stream:
+                await send_state(stream, head, data)
+                ack = control_from_wire(await stream.receive(CONTROL_BOUND), BackupAck)
             if not ack.ok:
                 logger.warning("backup to %s refused: %s", target[-8:], ack.reason)
             return ack.ok
         except Exception as e:
             logger.warning("backup to %s failed: %s: %s", target[-8:], type(e).__name__, e)
             return False
-        finally:
-            close_quietly(writer)
-
 
 
 async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:

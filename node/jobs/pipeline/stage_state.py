@@ -3,8 +3,8 @@
     data = state_to_bytes(named, optimizer)          # param/{name} and opt/{i}/{slot} tensors
     params, opt_state = state_from_bytes(head, data, stage, named, OPTIMIZERS["adamw"])   # Refused if unfit
     head, data = await fetch_state(p2p, peers, pipe_protocol(swarm, pipeline, "state"), stage, bound)
-    await send_state(writer, head, data)             # a StateHead frame, then the bytes in 1-MiB frames
-    data = await receive_body(reader, head, bound, timeout)
+    await send_state(stream, head, data)             # a StateHead frame, then the bytes in 1-MiB frames
+    data = await receive_body(stream, head, bound, timeout)
 
 node/jobs/pipeline/stage_host.py StageHost snapshots, loads, serves and pushes these states (resyncs, takeovers, backups);
 node/devtools/stage_peer.py fetches one before a takeover. The messages (StateRequest, StateHead, BackupAck) are in
@@ -33,11 +33,10 @@ import safetensors
 import safetensors.torch
 import torch
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.pipeline.control import (CONTROL_BOUND, ControlError, StateHead, StateRequest, control_from_wire,
                                         control_to_wire, one_line)
-from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.streams import Stream, open_stream
 
 STATE_CHUNK = 1 << 20
 OPTIMIZERS = {"sgd": ("momentum_buffer",), "adamw": ("step", "exp_avg", "exp_avg_sq")}  # torch state slot names
@@ -105,19 +104,19 @@ def state_from_bytes(head: StateHead, data: bytes, stage: int, named: Sequence[t
     return {n: tensors[f"param/{n}"] for n, _ in named}, dict(state)
 
 
-async def send_state(writer: asyncio.StreamWriter, head: StateHead, data: bytes) -> None:
-    await write_frame(writer, control_to_wire(head))
+async def send_state(stream: Stream, head: StateHead, data: bytes) -> None:
+    await stream.send(control_to_wire(head))
     for offset in range(0, len(data), STATE_CHUNK):
-        await write_frame(writer, data[offset:offset + STATE_CHUNK])
+        await stream.send(data[offset:offset + STATE_CHUNK])
 
 
-async def receive_body(reader: asyncio.StreamReader, head: StateHead, bound: int, timeout: float) -> bytes:
+async def receive_body(stream: Stream, head: StateHead, bound: int, timeout: float) -> bytes:
     """The ``head.size`` bytes after a StateHead, refused before reading if larger than ``bound``; sha256-checked."""
     if head.size > bound:
         raise Refused(f"state of {head.size} bytes; at most {bound} expected for stage {head.stage}")
     body = bytearray()
     while len(body) < head.size:
-        body += await asyncio.wait_for(read_frame(reader, min(STATE_CHUNK, head.size - len(body))), timeout)
+        body += await stream.receive(min(STATE_CHUNK, head.size - len(body)), timeout)
     if hashlib.sha256(body).hexdigest() != head.sha256:
         raise Refused("state bytes do not match their sha256")
     return bytes(body)
@@ -129,21 +128,17 @@ async def fetch_state(p2p: P2P, peers: Iterable[str], protocol: str, stage: int,
     backup), sha256-checked; Refused naming every peer's failure if none does."""
     errors = []
     for peer in peers:
-        writer = None
         try:
-            async with asyncio.timeout(timeout):
-                _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-                await write_frame(writer, control_to_wire(StateRequest(stage, min_step)))
-                head = control_from_wire(await read_frame(reader, CONTROL_BOUND), (StateHead, ControlError))
+            async with asyncio.timeout(timeout), open_stream(p2p, peer, protocol) as stream:
+                await stream.send(control_to_wire(StateRequest(stage, min_step)))
+                head = control_from_wire(await stream.receive(CONTROL_BOUND), (StateHead, ControlError))
                 if isinstance(head, ControlError):
                     raise Refused(head.reason)
                 if head.stage != stage or head.step < min_step:
                     raise Refused(f"sent stage {head.stage} step {head.step}")
-                return head, await receive_body(reader, head, bound, timeout)
+                return head, await receive_body(stream, head, bound, timeout)
         except (Exception, TimeoutError) as e:  # noqa: B014 (p2pd errors, timeouts, WireError, Refused)
             errors.append(f"{peer[-8:]}: {type(e).__name__}: {one_line(e)[:100]}")
-        finally:
-            close_quietly(writer)
     raise Refused(f"no peer served the state of stage {stage}: {'; '.join(errors) or 'no peers'}")
 
 

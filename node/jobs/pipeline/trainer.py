@@ -76,7 +76,6 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from torch import nn
 
 from node.ml.splitter import read_manifest
@@ -90,7 +89,7 @@ from protocol.pipeline.control import (CONTROL_BOUND, Advance, Commit, CommitRep
                                         member_record_from_wire, one_line, stage_key, stage_protocol)
 # Not used here; still importable from node.pipeline, as tests/test_fuzz.py does.
 from protocol.pipeline.control import BackupAck, StateHead, StateRequest, member_record_to_wire  # noqa: F401
-from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.streams import close_quietly, request
 
 logger = logging.getLogger(__name__)
 CAUSAL_LMS = ("GPT2LMHeadModel", "LlamaForCausalLM")
@@ -287,18 +286,13 @@ class PipelineTrainer:
     # ---- one request ---------------------------------------------------------------------------------------
 
     async def _exchange(self, peer: str, protocol: str, data: bytes, bound: int, timeout: float) -> bytes:
-        writer = None
         try:
             async with asyncio.timeout(timeout):
-                _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-                await write_frame(writer, data)
-                return await read_frame(reader, bound)
+                return await request(self.p2p, peer, protocol, data, bound)
         except TimeoutError:
             raise HopError(peer, f"no reply within {timeout:g} s") from None
         except Exception as e:  # hang-ups, p2pd "peer unreachable", oversized replies
             raise HopError(peer, f"{type(e).__name__}: {one_line(e)}") from None
-        finally:
-            close_quietly(writer)
 
     async def _request(self, peer: str, stage: int, kind: str, data: bytes, bound: int) -> bytes:
         """The reply frame to one forward/backward request frame: over the direct path when the replica offers

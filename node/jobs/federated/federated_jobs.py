@@ -1,0 +1,298 @@
+"""Federated jobs on this node: decide to take part, run the rounds, stay in sync, serve state, export.
+
+    jobs = FederatedJobs(p2p, board, home, data_dir)     # node/jobs/manager.py makes one per daemon
+    await jobs.start()                                    # serves the job-state protocol to joiners
+    reason, hint = jobs.why_not(view)                     # ("", "") when this node can take part
+    await jobs.run(view)                                  # this node's rounds of one job, until it ends
+    files = await jobs.export(view, out)                  # model, manifest, report, curve
+
+For each running job the manager finds on the board, this node checks, locally and without telling anyone its
+data, whether it can serve it: its own slice of the job's dataset under its data directory
+(``<data>/<dataset>/``, written by ``swarmnode data add``), data that fits the job's model
+(node/ml/job_model.py) and enough memory for the model. If so it announces itself with a signed JobProgress
+at its starting round, runs the job's rounds with node/jobs/federated/runner.py JobRunner and publishes a
+signed JobProgress after each applied round; if not, the manager publishes its decline. What follows each
+round (the group size to expect next, pausing and resuming, the round id paused peers meet on, whether this
+node was outvoted) is protocol/planning/round_policy.py's decision. When the last round completes, every
+participant writes the final model (safetensors), a manifest, a JSON report of every round and a PNG of the
+curves (node/jobs/federated/export.py); any other node can write the same files with ``swarmnode job ID
+--export DIR``.
+
+A node that finds a job already past round 0, or that fell behind (its round failed while the others'
+succeeded), downloads the current global model, outer momentum and round history from a participant
+(protocol/transfer/job_state.py), served between rounds, and checks the parameters against their sha256 and
+that sha256 against the swarm's signed progress before adopting them: it never contributes an update computed
+from stale parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+from hivemind.p2p import P2P
+
+from node.jobs.board import JobBoard, JobView
+from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
+from node.jobs.federated.runner import JobRunner, RoundResult
+from node.ml.datasets import NoLocalData, load_node_data
+from node.ml.job_model import build_job_model, data_misfit, job_model_config
+from node.ml.models import estimate_memory_bytes, flatten_params, load_flat_params
+from node.runtime.errors import NodeError
+from protocol.allreduce.rounds import RoundHooks
+from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.planning.round_policy import RoundPolicy, meeting_round, outvoted
+from protocol.records.job_records import MAX_REASON, JobProgress
+from protocol.streams import serve_on, stop_serving
+from protocol.transfer.job_state import (JobState, StateHeader, fetch_job_state, job_state_protocol, params_hash,
+                                         serve_job_state)
+from protocol.wire import WireError
+
+logger = logging.getLogger(__name__)
+POLL_S = 1.0
+DIAL_TIMEOUT_S = 10.0  # opening a stream to a participant that may have died since its last progress
+
+
+@dataclass
+class Rounds:
+    """What this node keeps of one job's rounds: its own, and the earlier ones of the peer whose state it
+    adopted (so that its report covers the whole job)."""
+
+    own: list[RoundResult] = field(default_factory=list)
+    inherited: list[dict] = field(default_factory=list)
+
+    def report(self, reporter: str) -> list[dict]:
+        return merge_history([round_entry(r, reporter) for r in reversed(self.own)], self.inherited)
+
+
+class FederatedJobs:
+    def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
+                 bandwidth: float = 12.5e6, hooks: RoundHooks | None = None, after_round=None,
+                 clock: Clock = SYSTEM_CLOCK, runner_factory=JobRunner):
+        self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
+        self.bandwidth, self.hooks, self.clock = bandwidth, hooks, clock
+        self.after_round = after_round  # fault injection for tests (JobRunner's after_round)
+        self.runner_factory = runner_factory  # tests pass a scripted runner (same interface as JobRunner)
+        self.rounds: dict[str, Rounds] = {}
+        self._runners: dict[str, JobRunner] = {}
+
+    @property
+    def peer_id(self) -> str:
+        return self.board.peer_id
+
+    async def start(self) -> None:
+        await serve_on(self.p2p, {job_state_protocol(self.board.swarm): self._serve_state}, logger,
+                       "job state handler")
+
+    async def stop(self) -> None:
+        await stop_serving(self.p2p, [job_state_protocol(self.board.swarm)], logger)
+
+    def local_state(self, job_id: str) -> tuple[int, str] | None:
+        """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
+        runner = self._runners.get(job_id)
+        return None if runner is None else (runner.completed, runner.model_hash)
+
+    # ---- taking part -------------------------------------------------------------------------------------
+
+    def why_not(self, view: JobView) -> tuple[str, str]:
+        """("", "") if this node can take part, else (the reason it tells the swarm, a hint for its own user)."""
+        spec = view.record.spec
+        try:
+            cfg = job_model_config(spec)
+        except ValueError as e:  # a dataset or model this version does not know, a model that cannot fit it
+            return f"this node cannot train the job's model: {e}"[:MAX_REASON], ""
+        try:
+            data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        except NoLocalData:
+            return (f"no local data for dataset {spec.dataset!r}",
+                    f"add it with `swarmnode data add {spec.dataset} --home {self.home}`")
+        except (ValueError, OSError) as e:
+            return f"its local data for dataset {spec.dataset!r} is unusable", str(e)
+        misfit = data_misfit(spec, cfg, data)
+        if misfit:
+            return misfit[:MAX_REASON], ""
+        try:
+            need = estimate_memory_bytes(spec.model.arch, cfg, batch_size=spec.batch_size)
+        except ValueError as e:
+            return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
+        available = psutil.virtual_memory().available
+        if need > available:
+            return f"the model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available", ""
+        return "", ""
+
+    async def run(self, view: JobView) -> None:
+        """Take part in the job until its last round (or its cancellation); then write the export."""
+        record, spec = view.record, view.record.spec
+        data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        runner = self.runner_factory(self.p2p, self.board.dht, self.board.swarm, record.job_id, spec, data,
+                                     bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round)
+        self._runners[record.job_id] = runner
+        rounds = self.rounds.setdefault(record.job_id, Rounds())
+        await runner.start()
+        logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
+        if view.progress is None:  # the first taker: tell followers the job has a participant
+            await self.board.publish(JobProgress(record.job_id, self.peer_id, runner.completed, runner.model_hash,
+                                                 "running", updated_at=self.clock.time()))
+        policy = RoundPolicy()
+        try:
+            while runner.completed < spec.rounds:
+                if view.record.state == "cancelled":
+                    logger.info("job %s was cancelled", record.job_id)
+                    return
+                try:
+                    await self._resync_if_needed(view, runner)
+                except RuntimeError as e:  # no participant could serve a verified state right now: try again
+                    logger.warning("job %s: %s; retrying", record.job_id, e)
+                    await self.clock.sleep(POLL_S)
+                    continue
+                if runner.completed >= spec.rounds:
+                    break
+                result = await runner.run_round()
+                await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
+                rounds.own.append(result)
+                decision = policy.after_round(result.ok, len(result.participants), result.paused)
+                runner.expect(decision.expected_group)
+                if decision.announce_pause:
+                    logger.info("job %s paused: fewer than %d participants ready; retrying round %d",
+                                record.job_id, spec.min_participants, runner.next_round)
+                    await self.board.publish(self._progress(runner, result, "paused"))
+                if decision.align:  # paused peers drifted apart: meet on the latest id
+                    runner.align_round(meeting_round(runner.next_round, [
+                        p.next_round for p in view.at_best
+                        if p.round == runner.completed and p.model_hash == runner.model_hash]))
+                if decision.resumed:
+                    logger.info("job %s resumed", record.job_id)
+                if decision.publish:
+                    state = "done" if runner.completed == spec.rounds else "running"
+                    await self.board.publish(self._progress(runner, result, state))
+            if record.submitter == self.peer_id:
+                view.record = record.replace(state="done", round=runner.completed, model_hash=runner.model_hash,
+                                             participants=view.progress.participants if view.progress else (),
+                                             updated_at=self.clock.time())
+                await self.board.store_record(view.record)
+            params, _, completed, _ = runner.snapshot()
+            await asyncio.to_thread(self._write_export, self.home / "jobs" / record.job_id, view, params, completed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("job %s failed on this node", record.job_id)
+        finally:
+            if runner.completed < spec.rounds:  # a finished job's final state stays servable for late nodes
+                self._runners.pop(record.job_id, None)
+            await runner.stop()
+
+    def _progress(self, runner: JobRunner, result: RoundResult, state: str) -> JobProgress:
+        return JobProgress(
+            runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
+            result.train_loss if result.ok else None, (result.metrics or {}).get(runner.bundle.metric),
+            result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round)
+
+    async def _resync_if_needed(self, view: JobView, runner: JobRunner) -> None:
+        """Before a round: never contribute an update computed from parameters the swarm does not hold
+        (joining mid-job or behind: download; left out of a round: wait for who moved on; outvoted: re-sync)."""
+        if view.state == "done" or (view.progress and view.progress.round > runner.completed):
+            await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
+        elif not runner.in_sync:
+            await self._catch_up_if_behind(view, runner)
+        elif (majority := self._outvoted(view, runner)) is not None:
+            logger.warning("job %s: this node's model after round %d differs from the other participants'; "
+                           "re-syncing to %s...", view.record.job_id, runner.completed, majority[:12])
+            await self._sync(view, runner, avoid_hash=runner.model_hash)
+
+    def _outvoted(self, view: JobView, runner: JobRunner) -> str | None:
+        reports = {p.writer: p.model_hash for p in view.at_best if p.round == runner.completed}
+        own = self.rounds.get(view.job_id, Rounds()).own
+        last = next((r.participants for r in reversed(own) if r.ok), ())
+        return outvoted(runner.model_hash, reports, last, self.peer_id)
+
+    async def _catch_up_if_behind(self, view: JobView, runner: JobRunner) -> None:
+        """After a round this node missed (left out, or its loss was not finite): if another participant
+        reports a later round within a round's time, download its state; if none does, nobody moved on."""
+        deadline = self.clock.monotonic() + runner.spec.round_timeout_s
+        while self.clock.monotonic() < deadline:
+            if view.state == "done" or (view.progress and view.progress.round > runner.completed):
+                await self._sync(view, runner)
+                return
+            await self.clock.sleep(POLL_S / 2)  # the manager's poll refreshes view.progress
+        runner.in_sync = True
+
+    # ---- state transfer ----------------------------------------------------------------------------------
+
+    async def _state_of(self, job_id: str) -> JobState | None:
+        """A job's current global state (between rounds, so the requester can join the next one), then this
+        node's report of the rounds so far; None if this node holds no state of it."""
+        runner, view = self._runners.get(job_id), self.board.views.get(job_id)
+        if runner is None or view is None:
+            return None
+        await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)  # best effort: fresh state
+        params, momentum, completed, next_round = runner.snapshot()
+        report = self.rounds.get(job_id, Rounds()).report(self.peer_id)
+        return JobState(completed, next_round, params, momentum, history_to_json(report))
+
+    async def _serve_state(self, stream) -> None:
+        await serve_job_state(stream, self._state_of)
+
+    async def _download(self, view: JobView, size: int, timeout: float, avoid_hash: str | None = None):
+        """(header, state, history) from the first participant that serves a state whose hash checks out, both
+        against the bytes and against the signed progress the swarm published for that round; RuntimeError
+        naming every peer's failure if none does."""
+        candidates = [*view.holders, *(view.progress.participants if view.progress else ())]
+        peers = [p for p in dict.fromkeys(candidates) if p != self.peer_id]
+
+        def check(header: StateHeader) -> None:
+            if header.model_hash == avoid_hash:
+                raise WireError(f"serves the model {avoid_hash[:12]}... this node is moving away from")
+            announced = {h for r, h in view.announced if r == header.completed}
+            if announced and header.model_hash not in announced:
+                raise WireError(f"model hash for round {header.completed} differs from the swarm's signed progress")
+
+        errors = []
+        for peer in peers:
+            try:
+                header, state = await fetch_job_state(self.p2p, peer, self.board.swarm, view.job_id, size, timeout,
+                                                      check, DIAL_TIMEOUT_S)
+                history = history_from_json(state.history) if state.history else []
+                return header, state, history
+            except Exception as e:  # try the next participant
+                errors.append(f"{peer[-8:]}: {type(e).__name__}: {e}")
+        raise RuntimeError(f"could not download the state of job {view.job_id}: {'; '.join(errors) or 'no peers'}")
+
+    async def _sync(self, view: JobView, runner: JobRunner, avoid_hash: str | None = None) -> None:
+        """Adopt the current state of a participant; raise if none can provide a verified one."""
+        header, state, history = await self._download(view, runner.params.size, runner.spec.round_timeout_s * 2,
+                                                      avoid_hash)
+        runner.load_state(state.params, state.momentum, header.completed, header.next_round, header.model_hash)
+        rounds = self.rounds.setdefault(view.job_id, Rounds())
+        rounds.inherited = merge_history(rounds.inherited, history)
+        logger.info("job %s: synced to round %d (hash %s...)", view.job_id, header.completed, header.model_hash[:12])
+
+    # ---- export ------------------------------------------------------------------------------------------
+
+    async def export(self, view: JobView, out: pathlib.Path) -> list[pathlib.Path]:
+        """Write the job's current model, manifest, report and curve under ``out``: from this node's own copy
+        if it takes part, else downloaded from a participant and checked like a joiner's."""
+        runner = self._runners.get(view.job_id)
+        if runner is not None:
+            params, _, completed, _ = runner.snapshot()
+        else:
+            if view.progress is None:
+                raise NodeError(f"job {view.job_id} has no participant yet: nothing to export")
+            size = flatten_params(build_job_model(view.record.spec).module).size
+            try:
+                header, state, history = await self._download(view, size, view.record.spec.round_timeout_s * 2)
+            except RuntimeError as e:
+                raise NodeError(str(e)) from None
+            rounds = self.rounds.setdefault(view.job_id, Rounds())
+            params, completed, rounds.inherited = state.params, header.completed, merge_history(rounds.inherited, history)
+        return await asyncio.to_thread(self._write_export, out, view, params, completed)
+
+    def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int) -> list[pathlib.Path]:
+        bundle = build_job_model(view.record.spec)
+        load_flat_params(bundle.module, params)
+        rounds = self.rounds.get(view.job_id, Rounds())
+        return export_job(out, view.record, bundle.module, params_hash(params), completed, sum(r.ok for r in rounds.own),
+                          rounds.report(self.peer_id), bundle.metric)

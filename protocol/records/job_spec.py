@@ -1,0 +1,268 @@
+"""A job spec: what a submitter asks the swarm to train, immutable for the life of the job (its id hashes it).
+
+    spec = JobSpec(name="digits", model=ModelSpec("mlp"), dataset="digits", task="classification", rounds=30,
+                   inner=InnerOpt("sgd", 0.1))                     # ValueError naming the field if unfit
+    job_id = job_id_for(spec, submitter_peer_id, nonce)             # 16 hex digits
+    data = job_spec_to_wire(spec); spec == job_spec_from_wire(data)
+
+Job files (TOML) become specs in node/jobs/spec.py; the records that carry a spec in the DHT are in
+protocol/records/job_records.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from protocol.allreduce.messages import MAX_GROUP_SIZE
+from protocol.records.values import (JOB_ID_HEX, MAX_NAME, check_bool, check_choice, check_float, check_int, check_name, set_field, show)
+from protocol.wire import fields_of, from_map, pack, unpack_bounded
+
+JOB_SCHEMA_VERSION = 1  # the "v" of every job spec, record, progress and state header map
+ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn")  # node/ml/models.py builds each
+TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification",),
+                 "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",)}
+INNER_KINDS = ("sgd", "adamw")
+OUTER_KINDS = ("fedavg", "diloco")
+JOB_KINDS = ("federated", "pipeline")
+PIPELINE_STRATEGIES = ("balanced", "layer_wise", "memory_aware")  # memory_aware: sized for the chosen hosts
+MAX_STAGES = 16
+MAX_STAGE_REPLICAS = 4  # so an assignment (<= 64 peer ids, ~3.5 KiB) keeps the record far below its bound
+MAX_MICRO_BATCHES = 1024
+MAX_NONCE = 64
+MAX_MODEL_OVERRIDES = 16
+MAX_ROUNDS = 1_000_000
+MAX_LOCAL_STEPS = 1_000_000
+MAX_BATCH_SIZE = 65_536
+MAX_ROUND_TIMEOUT_S = 86_400.0
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_JOB_SPEC_BYTES = 8 * 1024
+
+# ---- the job spec ----------------------------------------------------------------------------------------
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A pipeline job's cut: ``stages`` stages planned by ``strategy`` (protocol/planning/stage_plan.py), each hosted by
+    ``replicas`` nodes at submission; while it trains, nodes that join the swarm are placed on the bottleneck
+    stage up to ``max_replicas`` hosts per stage (0: ``replicas``, so newcomers only replace the dead); each
+    step runs ``micro_batches`` micro-batches of ``micro_batch`` sequences. The number of steps is
+    JobSpec.rounds (one round = one optimizer step of every stage)."""
+
+    stages: int
+    strategy: str = "balanced"
+    replicas: int = 1
+    micro_batch: int = 4
+    micro_batches: int = 4
+    max_replicas: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("pipeline.stages", self.stages, 1, MAX_STAGES)
+        check_choice("pipeline.strategy", self.strategy, PIPELINE_STRATEGIES)
+        check_int("pipeline.replicas", self.replicas, 1, MAX_STAGE_REPLICAS)
+        check_int("pipeline.micro_batch", self.micro_batch, 1, MAX_BATCH_SIZE)
+        check_int("pipeline.micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
+        if self.max_replicas != 0:
+            check_int("pipeline.max_replicas", self.max_replicas, self.replicas, MAX_STAGE_REPLICAS)
+
+    @property
+    def replica_cap(self) -> int:
+        """The most hosts a stage gets while the job trains."""
+        return self.max_replicas or self.replicas
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture plus config overrides (e.g. n_layer, n_embd, hidden); names are checked by the node's
+    model builder, which knows each architecture's config. ``overrides`` accepts a mapping and is stored as
+    sorted (name, value) pairs so that the spec stays hashable and its wire form canonical."""
+
+    arch: str
+    overrides: tuple[tuple[str, Scalar], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_choice("model.arch", self.arch, ARCHS)
+        pairs = list(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+            raise ValueError(f"model: overrides must be a mapping of names to values, got {show(self.overrides)}")
+        if len(pairs) > MAX_MODEL_OVERRIDES:
+            raise ValueError(f"model: at most {MAX_MODEL_OVERRIDES} config overrides, got {len(pairs)}")
+        for name, value in pairs:
+            if not isinstance(name, str) or not name.isidentifier() or len(name) > MAX_NAME or name == "arch":
+                raise ValueError(f"model: {name!r:.40} is not a valid config name")
+            field = f"model.{name}"
+            if isinstance(value, float):
+                check_float(field, value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                check_int(field, value, -(2**63), 2**63 - 1)
+            elif isinstance(value, str):
+                if len(value) > MAX_NAME:
+                    raise ValueError(f"{field}: longer than {MAX_NAME} characters")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{field}: must be a number, string or boolean, got {show(value)}")
+        if len({name for name, _ in pairs}) != len(pairs):
+            raise ValueError("model: a config override is given twice")
+        set_field(self, "overrides", tuple(sorted(pairs)))
+
+    def config(self) -> dict[str, Scalar]:
+        return dict(self.overrides)
+
+
+@dataclass(frozen=True)
+class InnerOpt:
+    """The optimizer of each node's local steps. ``momentum`` is SGD's (AdamW keeps its default betas)."""
+
+    kind: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("inner.kind", self.kind, INNER_KINDS)
+        set_field(self, "lr", check_float("inner.lr", self.lr, gt=0))
+        set_field(self, "weight_decay", check_float("inner.weight_decay", self.weight_decay, ge=0))
+        set_field(self, "momentum", check_float("inner.momentum", self.momentum, ge=0, lt=1))
+        if self.kind == "adamw" and self.momentum != 0:
+            raise ValueError(f"inner.momentum: applies to sgd only, got {self.momentum} with adamw")
+
+
+@dataclass(frozen=True)
+class OuterOpt:
+    """The step applied to the averaged update after each round.
+
+    fedavg: the new global model is the average of the participants' models (lr 1, no momentum).
+    diloco: outer SGD on the pseudo-gradient (global - average) with lr and (Nesterov) momentum; DiLoCo
+    (Douillard et al. 2023, arXiv:2311.08105) uses lr 0.7, momentum 0.9, Nesterov."""
+
+    kind: str = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("outer.kind", self.kind, OUTER_KINDS)
+        set_field(self, "lr", check_float("outer.lr", self.lr, gt=0, le=10))
+        set_field(self, "momentum", check_float("outer.momentum", self.momentum, ge=0, lt=1))
+        check_bool("outer.nesterov", self.nesterov)
+        if self.kind == "fedavg":
+            if self.lr != 1.0:
+                raise ValueError(f"outer.lr: fedavg averages the models (lr 1.0); use kind 'diloco', got {self.lr}")
+            if self.momentum != 0.0 or self.nesterov:
+                raise ValueError("outer.momentum: fedavg has no momentum; use kind 'diloco'")
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("outer.nesterov: needs momentum > 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a submitter asks the swarm to train; immutable for the life of the job (its id hashes it)."""
+
+    name: str
+    model: ModelSpec
+    dataset: str  # a name every participant resolves against its own local data, e.g. "digits"
+    task: str  # "classification" or "causal-lm"
+    rounds: int
+    inner: InnerOpt
+    local_steps: int = 10  # optimizer steps on local data per round
+    batch_size: int = 32
+    outer: OuterOpt = OuterOpt()
+    density: float = 1.0  # fraction of update entries exchanged per round (top-k); 1.0 = dense
+    min_participants: int = 2  # a round starts with at least this many; below it the job pauses
+    max_participants: int = 8
+    round_timeout_s: float = 60.0
+    seed: int = 0  # initial parameters and data order
+    eval_every: int = 1  # rounds between evaluations
+    kind: str = "federated"  # or "pipeline": one model cut into stages hosted by different nodes
+    pipeline: PipelineSpec | None = None  # required for (and only for) kind "pipeline"
+
+    def __post_init__(self) -> None:
+        check_name("name", self.name)
+        check_choice("kind", self.kind, JOB_KINDS)
+        if self.kind == "pipeline":
+            if not isinstance(self.pipeline, PipelineSpec):
+                raise ValueError(f"pipeline: kind 'pipeline' needs a [pipeline] table, got {show(self.pipeline)}")
+            if self.task != "causal-lm":
+                raise ValueError(f"task: a pipeline job trains a causal LM ('causal-lm'), got {self.task!r}")
+            if self.batch_size != self.pipeline.micro_batch * self.pipeline.micro_batches:
+                raise ValueError(f"batch_size: must be pipeline.micro_batch * pipeline.micro_batches "
+                                 f"({self.pipeline.micro_batch * self.pipeline.micro_batches}), got {self.batch_size}")
+        elif self.pipeline is not None:
+            raise ValueError("pipeline: only for kind 'pipeline'")
+        for field, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt)):
+            if not isinstance(getattr(self, field), kind):
+                raise ValueError(f"{field}: must be a {kind.__name__}, got {show(getattr(self, field))}")
+        check_name("dataset", self.dataset)
+        check_choice("task", self.task, ("classification", "causal-lm"))
+        if self.task not in TASKS_BY_ARCH[self.model.arch]:
+            supported = " or ".join(map(repr, TASKS_BY_ARCH[self.model.arch]))
+            raise ValueError(f"task: arch {self.model.arch!r} trains for {supported}, got {self.task!r}")
+        check_int("rounds", self.rounds, 1, MAX_ROUNDS)
+        check_int("local_steps", self.local_steps, 1, MAX_LOCAL_STEPS)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        set_field(self, "density", check_float("density", self.density, gt=0, le=1))
+        check_int("min_participants", self.min_participants, 1, MAX_GROUP_SIZE)
+        check_int("max_participants", self.max_participants, 1, MAX_GROUP_SIZE)
+        if self.max_participants < self.min_participants:
+            raise ValueError(f"max_participants: must be >= min_participants ({self.min_participants}), "
+                             f"got {self.max_participants}")
+        set_field(self, "round_timeout_s", check_float("round_timeout_s", self.round_timeout_s, gt=0,
+                                                    le=MAX_ROUND_TIMEOUT_S))
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
+
+    def replace(self, **changes) -> "JobSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def job_id_for(spec: JobSpec, submitter: str, nonce: str) -> str:
+    """16 hex digits of sha256 over the canonical wire form of (spec, submitter, nonce)."""
+    if not isinstance(spec, JobSpec):
+        raise ValueError(f"spec: must be a JobSpec, got {show(spec)}")
+    if not isinstance(submitter, str) or not submitter:
+        raise ValueError(f"submitter: must be a peer id, got {show(submitter)}")
+    if not isinstance(nonce, str) or not 1 <= len(nonce) <= MAX_NONCE:
+        raise ValueError(f"nonce: must be 1-{MAX_NONCE} characters, got {show(nonce)}")
+    canonical = pack(["swarmnode-job", spec_to_map(spec), submitter, nonce])
+    return hashlib.sha256(canonical).hexdigest()[:JOB_ID_HEX]
+
+
+# ---- wire form: msgpack maps keyed by the dataclass field names (plus "v" at the top) ---------------------
+
+
+def optional(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``decode`` for a value that may be None (nil on the wire)."""
+    return lambda obj: None if obj is None else decode(obj)
+
+
+def spec_to_map(spec: JobSpec) -> dict:
+    """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
+    unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
+    not know them refuses its record as having unknown fields, i.e. does not take part."""
+    model = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
+    out = {"v": JOB_SCHEMA_VERSION, **fields_of(spec), "model": model, "inner": fields_of(spec.inner),
+           "outer": fields_of(spec.outer), "pipeline": None if spec.pipeline is None else fields_of(spec.pipeline)}
+    if spec.kind == "federated":
+        del out["kind"], out["pipeline"]
+    return out
+
+
+def spec_from_map(obj: Any) -> JobSpec:
+    nested = {name: functools.partial(from_map, kind, where=f"job spec.{name}")
+              for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
+    nested["pipeline"] = optional(functools.partial(from_map, PipelineSpec, where="job spec.pipeline"))
+    if isinstance(obj, dict) and "kind" not in obj and "pipeline" not in obj:
+        obj = {**obj, "kind": "federated", "pipeline": None}  # the schema-1 federated form (see spec_to_map)
+    return from_map(JobSpec, obj, "job spec", version=JOB_SCHEMA_VERSION, decode=nested)
+
+
+def job_spec_to_wire(spec: JobSpec) -> bytes:
+    return pack(spec_to_map(spec))
+
+
+def job_spec_from_wire(data: bytes) -> JobSpec:
+    return spec_from_map(unpack_bounded(data, MAX_JOB_SPEC_BYTES))
