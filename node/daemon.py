@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import pathlib
 import signal
 import socket
 import time
@@ -24,14 +25,14 @@ import node
 from node.runtime import capability as capability_mod
 from node.runtime.backoff import retry
 from node.runtime.config import NodeConfig
-from node.api.server import capability_to_proto, start_control_server
+from node.api.server import start_control_server
+from node.api.service import JobSummary, NodeStatus
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
 from node.jobs.manager import JobManager
 from node.runtime.membership import Membership, PeerView
 from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
-from node.api.rpc import control_pb2 as pb
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records.peer import Capability, PeerRecord
 from protocol.allreduce.rounds import Phase, RoundHooks
@@ -182,7 +183,7 @@ class Daemon:
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
                                key=key, peers=self.membership.peers)
         await self.jobs.start()
-        self._server, endpoint = await start_control_server(self)
+        self._server, endpoint = await start_control_server(self, cfg)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
                  "swarm": cfg.swarm, "version": node.__version__}
         atomic_write(cfg.state_path, json.dumps(state, indent=2).encode(), mode=0o600)
@@ -251,7 +252,7 @@ class Daemon:
             self.config.state_path.unlink(missing_ok=True)
             self._lock.release()
 
-    # ---- views -------------------------------------------------------------------------------------------
+    # ---- what the control API serves (node/api/service.py NodeService) ---------------------------------------
 
     def _own_record(self) -> PeerRecord:
         return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time())
@@ -259,20 +260,49 @@ class Daemon:
     def own_view(self) -> PeerView:
         return PeerView(self._own_record(), time.time() + self.config.ttl)
 
-    def status(self) -> pb.StatusResponse:
+    def status(self) -> NodeStatus:
         m = self.membership
-        return pb.StatusResponse(
+        return NodeStatus(
             peer_id=self.peer_id,
-            addrs=list(self.addrs),
+            addrs=self.addrs,
             swarm=self.config.swarm,
             version=node.__version__,
             uptime_s=time.time() - self.started_at,
             peers_seen=m.last_seen_count if m else 0,
             last_heartbeat_age_s=(time.time() - m.last_published) if m and m.last_published else -1.0,
-            capability=capability_to_proto(self.capability),
+            capability=self.capability,
             home=str(self.config.home_dir),
             pid=os.getpid(),
         )
+
+    async def peers(self) -> list[PeerView]:
+        views = await self.membership.peers()
+        if not any(v.record.peer_id == self.peer_id for v in views):
+            views.append(self.own_view())  # our record may not have propagated back to us yet
+        return views
+
+    async def submit(self, toml_text: str, source: str) -> str:
+        return await self.jobs.submit(toml_text, source)
+
+    async def list_jobs(self) -> list[JobSummary]:
+        await self.jobs.refresh()
+        return [JobSummary(v, self.jobs.local_state(j)) for j, v in sorted(self.jobs.views.items())]
+
+    async def job(self, job_id: str) -> JobSummary | None:
+        await self.jobs.refresh()
+        view = self.jobs.views.get(job_id)
+        return None if view is None else JobSummary(view, self.jobs.local_state(job_id))
+
+    async def cancel(self, job_id: str) -> bool:
+        return await self.jobs.cancel(job_id)
+
+    async def export(self, job_id: str, out: pathlib.Path) -> list[pathlib.Path]:
+        return await self.jobs.export(job_id, out)
+
+    async def leave(self) -> bool:
+        withdrawn = await self.membership.withdraw()
+        self.request_stop(withdrawn=True)
+        return withdrawn
 
 
 async def run_daemon(config: NodeConfig, on_ready=None) -> None:

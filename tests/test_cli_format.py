@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from node.cli.main import build_parser, format_peers_table, peers_json
+from node.cli.main import build_parser
+from node.cli.format import format_peers_table
+from node.api.serde import peers_json
 from node.api.rpc import control_pb2
 
 GIB = 2**30

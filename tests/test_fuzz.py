@@ -46,6 +46,8 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 import node.cli.main as cli
+from node.api.serde import capability_json, job_json, peers_json
+from node.cli.format import format_job_line, format_jobs_table, format_peers_table
 from node.runtime.config import FIELDS, resolve
 from node.daemon import parse_join_addr
 from node.runtime.errors import NodeError
@@ -774,11 +776,11 @@ def test_protobuf_messages(name):
     cls = getattr(pb, name)
     rng = rng_for(f"pb:{name}")
     seeds = [cls().SerializeToString(), _fill(cls(), rng).SerializeToString()]
-    show = {"PeersResponse": lambda r: (cli.format_peers_table(r), json.dumps(cli.peers_json(r))),
-            "JobsResponse": lambda r: (cli.format_jobs_table(r), [json.dumps(cli.job_json(j)) for j in r.jobs]),
-            "JobInfo": lambda r: (cli.format_job_line(r), json.dumps(cli.job_json(r))),
-            "StatusResponse": lambda r: json.dumps(cli.capability_summary(r.capability)),
-            "Capability": lambda r: json.dumps(cli.capability_summary(r))}.get(name, lambda r: None)
+    show = {"PeersResponse": lambda r: (format_peers_table(r), json.dumps(peers_json(r))),
+            "JobsResponse": lambda r: (format_jobs_table(r), [json.dumps(job_json(j)) for j in r.jobs]),
+            "JobInfo": lambda r: (format_job_line(r), json.dumps(job_json(r))),
+            "StatusResponse": lambda r: json.dumps(capability_json(r.capability)),
+            "Capability": lambda r: json.dumps(capability_json(r))}.get(name, lambda r: None)
 
     def decode(data):
         msg = cls.FromString(data)

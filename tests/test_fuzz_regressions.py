@@ -23,6 +23,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 import node.cli.main as cli
+from node.cli.format import format_job_line
 from node.runtime.config import resolve
 from node.runtime.errors import NodeError
 from node.jobs.federated.export import history_from_json
@@ -276,9 +277,9 @@ def test_cli(tmp_path, cli_env, capsys, argv, message):
 def test_job_line_bar():
     """Was: the progress bar was 20 * round / rounds characters, unclamped; a JobInfo with round 2**21 of 1 (a
     peer's progress record may claim up to MAX_ROUNDS) built a 42-MB line, 2**32-1 ~86 GB."""
-    fuzz(cli.format_job_line, [pb.JobInfo(round=2**21, rounds=1), pb.JobInfo(round=2**32 - 1, rounds=1)],
+    fuzz(format_job_line, [pb.JobInfo(round=2**21, rounds=1), pb.JobInfo(round=2**32 - 1, rounds=1)],
          errors=(), bound=lambda c: SLACK)
-    assert cli.format_job_line(pb.JobInfo(round=2**32 - 1, rounds=1)).startswith("[" + "#" * 20 + "] round")
+    assert format_job_line(pb.JobInfo(round=2**32 - 1, rounds=1)).startswith("[" + "#" * 20 + "] round")
 
 
 # ---- 9, 10: a peer's numbers and names (protocol/allreduce/codecs.py, node/jobs/pipeline/stage_state.py) ------------------------------

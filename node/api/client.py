@@ -7,7 +7,7 @@ import json
 import grpc
 
 from node.runtime.config import NodeConfig
-from node.api.server import TOKEN_METADATA, read_token
+from node.api.service import TOKEN_METADATA, read_token
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.api.rpc import control_pb2 as pb
 from node.api.rpc import control_pb2_grpc as pb_grpc

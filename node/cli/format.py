@@ -1,0 +1,86 @@
+"""What the swarmnode command prints for people: tables and progress lines, from the control API's messages.
+
+    print(format_peers_table(client.peers()))      # PEER ID  ADDRESS  GPU ...
+    print(format_job_line(info))                   # [######              ] round 9/30  running ...
+
+``--json`` prints node/api/serde.py's dicts of the same messages instead.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from node.api.serde import capability_json
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _age(t: float) -> str:
+    return f"{max(0.0, time.time() - t):.0f}s ago"
+
+
+def table(header: list[str], rows: list[list[str]], footer: str) -> str:
+    """Left-aligned columns two spaces apart, as wide as their widest cell, then a footer line."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join([*lines, footer])
+
+
+def format_peers_table(resp) -> str:
+    header = ["PEER ID", "ADDRESS", "GPU", "VRAM", "CORES", "RAM", "TFLOPS fp32/bf16", "VERSION", "LAST SEEN"]
+    rows = []
+    for p in resp.peers:
+        cap = p.capability
+        if cap.gpus:
+            names = sorted({g.name for g in cap.gpus})
+            gpu = f"{len(cap.gpus)}x {names[0]}" + ("" if len(names) == 1 else " (mixed)")
+            vram = _gib(sum(g.memory_bytes for g in cap.gpus))
+        else:
+            gpu, vram = "none (CPU only)", "-"
+        bf16 = f"{cap.tflops_bf16:.2f}" if cap.HasField("tflops_bf16") else "-"
+        addr = (p.addrs[0].split("/p2p/")[0] if p.addrs else "-") + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else "")
+        rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
+                     f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
+    return table(header, rows, f"{len(rows)} node(s); * = this node")
+
+
+def format_job_line(info) -> str:
+    loss = f"{info.train_loss:.4f}" if info.train_loss == info.train_loss else "-"
+    metric = f"{info.eval_metric:.4f}" if info.eval_metric == info.eval_metric else "-"
+    bar = "#" * min(20, max(0, round(20 * info.round / max(1, info.rounds))))  # a peer may claim round > rounds
+    return (f"[{bar:<20}] round {info.round}/{info.rounds}  {info.state:<9} participants {len(info.participants)}  "
+            f"loss {loss}  eval {metric}  {info.bytes_exchanged / 1e3:.1f} kB  {info.round_time_s:.2f} s")
+
+
+def format_jobs_table(resp) -> str:
+    header = ["JOB ID", "NAME", "MODEL", "STATE", "ROUND", "PARTICIPANTS", "EVAL", "THIS NODE"]
+    rows = [[j.job_id, j.name, j.summary, j.state, f"{j.round}/{j.rounds}", str(len(j.participants)),
+             f"{j.eval_metric:.4f}" if j.eval_metric == j.eval_metric else "-",
+             f"declined: {j.declined}" if j.declined else "-"] for j in resp.jobs]
+    return table(header, rows, f"{len(rows)} job(s)")
+
+
+def format_status(s) -> str:
+    cap = capability_json(s.capability)
+    gpus = ", ".join(f"{g['name']} ({_gib(g['memory_bytes'])}, cc {g['compute_capability']})" for g in cap["gpus"])
+    lines = [f"peer id    {s.peer_id}", f"swarm      {s.swarm}", f"version    {s.version}", f"uptime     {s.uptime_s:.0f} s",
+             f"peers      {s.peers_seen} at last read", f"heartbeat  {s.last_heartbeat_age_s:.1f} s ago",
+             f"hardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
+             f"{cap['tflops_fp32']:.3f} TFLOPS fp32", "addresses", *(f"  {a}" for a in s.addrs)]
+    return "\n".join(lines)
+
+
+def format_data_table(entries: list[dict], data_dir: pathlib.Path) -> str:
+    header = ["NAME", "TASK", "TRAIN", "TEST", "ITEM", "CLASSES", "SLICE", "SCHEME"]
+    rows = []
+    for e in entries:
+        if e["error"]:
+            rows.append([e["name"], "unusable: " + e["error"], "", "", "", "", "", ""])
+            continue
+        item = "x".join(map(str, e["item_shape"])) + f" {e['dtype']}"
+        rows.append([e["name"], e["task"], str(e["train"]), str(e["test"]), item, str(e["classes"] or "-"),
+                     e["slice"], e["scheme"]])
+    return table(header, rows, f"{len(rows)} dataset(s) in {data_dir}")
