@@ -5,12 +5,13 @@
     while clock.monotonic() < deadline:
         ...
         await clock.sleep(poll)
+    plan = await clock.wait_for(plan_future, timeout)   # a component's own deadline on something it awaits
     record.updated_at = clock.time()   # wall time, for what other nodes read (records, heartbeats)
 
 A test passes its own Clock (tests/clocks.py: a virtual clock whose sleep moves time forward at once, as trio's
 autojump clock does), so a component's 60-second deadline is reached in microseconds and its decisions at
-every deadline are checked exactly. Waiting on network I/O (asyncio.wait_for on a read) stays on the event
-loop's own clock: the virtual clock drives a component's own deadlines, polls and expiries, not the
+every deadline are checked exactly. Reading from the network (a stream's receive timeout) stays on the event
+loop's own clock: the injected clock drives a component's own deadlines, polls, waits and expiries, not the
 network's.
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Awaitable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -34,6 +37,10 @@ class Clock(Protocol):
         """Wait ``seconds`` on this clock."""
         ...
 
+    async def wait_for(self, awaitable: Awaitable[T], seconds: float) -> T:
+        """``awaitable``'s result, or TimeoutError once ``seconds`` pass on this clock (it is cancelled)."""
+        ...
+
 
 class SystemClock:
     """The real clocks and asyncio's sleep."""
@@ -46,6 +53,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def wait_for(self, awaitable: Awaitable[T], seconds: float) -> T:
+        return await asyncio.wait_for(awaitable, seconds)
 
 
 SYSTEM_CLOCK: Clock = SystemClock()

@@ -320,9 +320,10 @@ async def direct_call(conn: tuple, kind: int, frame: bytes, bound: int) -> bytes
 
 
 async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
-    from node.jobs.pipeline.trainer import stage_protocol
+    from protocol.pipeline.control import stage_protocol
     from protocol.pipeline.direct import BACKWARD, FORWARD
-    from node.jobs.pipeline.stage_host import StageConfig, StageHost
+    from node.jobs.pipeline.stage_config import StageConfig
+    from node.jobs.pipeline.stage_host import StageHost
     from protocol.pipeline.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ExpectedTensor, ForwardReply,
                                       ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes,
                                       new_micro_batch_id)
@@ -547,14 +548,14 @@ async def wait_replicas(trainer, timeout: float = 60.0) -> None:
 
 
 def trainer_config():
-    from node.jobs.pipeline.trainer import TrainerConfig
+    from node.jobs.pipeline.steps import TrainerConfig
 
     return TrainerConfig(swarm=SWARM, micro_batch_size=MICRO, hop_timeout=HOP_TIMEOUT,
                          end_step_timeout=END_STEP_TIMEOUT, replica_wait=REPLICA_WAIT, seed=0)
 
 
 def loss_of(logits: torch.Tensor, y: torch.Tensor) -> float:
-    from node.jobs.pipeline.trainer import causal_lm_loss
+    from node.jobs.pipeline.steps import causal_lm_loss
 
     return causal_lm_loss(logits, y).item()
 
@@ -562,7 +563,8 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> float:
 # ---- part 2: pipeline vs one process -----------------------------------------------------------------------
 
 def part_train(args, root: pathlib.Path) -> dict:
-    from node.jobs.pipeline.trainer import PipelineTrainer, causal_lm_loss
+    from node.jobs.pipeline.trainer import PipelineTrainer
+    from node.jobs.pipeline.steps import causal_lm_loss
 
     train, test = corpus(args.seed)
     evals = eval_batches(test, args.seed)

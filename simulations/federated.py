@@ -12,7 +12,9 @@ round failed: node/jobs/federated/runner.py then resends the update kept in erro
 
   matchmaking  every member declares when its local steps end. The leader (choose_leader over the members
                declared within the first matchmaking window) closes its window when the expected group
-               (the last round's participants) has declared, else after matchmaking_time. Members that declare
+               has declared, else after matchmaking_time; the expected group is the daemon's own decision
+               (protocol/planning/round_policy.py: the last applied round's members, none after a failed
+               round or one whose group shrank). Members that declare
                later are left out: they keep their update and must re-sync the model (node/jobs/federated/runner.py: in_sync
                False) before their next round. A member that dies before declaring costs the full window;
                one that dies after declaring costs the leader an invite_timeout; a leader that dies before
@@ -40,6 +42,8 @@ from typing import Callable
 from protocol.allreduce.matchmaking import choose_leader, make_plan
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig
+from protocol.allreduce.sparsify import check_density
+from protocol.planning.round_policy import RoundPolicy
 from simulations.engine import Engine
 from simulations.roundtime import Butterfly, Phases, butterfly, dht_hops, phases
 
@@ -64,8 +68,7 @@ class FederatedConfig:
     grouping: str = "gpu"
 
     def __post_init__(self) -> None:
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        check_density(self.density)
         if self.params < 1 or self.local_steps < 1 or self.batch_size < 1 or self.seq_len < 1:
             raise ValueError("params, local_steps, batch_size and seq_len must be >= 1")
         if not 1 <= self.min_group <= self.max_group:
@@ -107,18 +110,25 @@ class Member:
 
 class Group:
     __slots__ = ("gid", "key", "members", "running", "round_no", "expected", "idle_since", "cache", "version",
-                 "steady", "batch")
+                 "steady", "batch", "policy")
 
     def __init__(self, gid: int, key: int) -> None:
         self.gid, self.key, self.members = gid, key, {}
         self.running = False
         self.round_no = 0
-        self.expected: int | None = None  # the last ok round's participants (jobmanager's runner.expect)
+        self.expected: int | None = None  # the group to expect next (protocol/planning/round_policy.py)
+        self.policy = RoundPolicy()  # the daemon's own round policy (node/jobs/federated/federated_jobs.py)
         self.idle_since: float | None = None  # when the group last fell below min_group (None: running)
         self.cache: tuple | None = None  # (members tuple, Butterfly, Phases) of the last plan
         self.version = 0  # bumped whenever a member joins or leaves
         self.steady: tuple | None = None  # (version, duration, bytes, members) of an undisturbed round
         self.batch: tuple | None = None  # (t0, duration, rounds, bytes, members, Event) of repeated rounds
+
+    def after_round(self, ok: bool, members: int) -> int | None:
+        """What the group expects after a round, as a daemon's participant decides it (the same RoundPolicy); a
+        round with no group (members 0) is a pause: nobody ran it."""
+        self.expected = self.policy.after_round(ok, members, paused=not members).expected_group
+        return self.expected
 
 
 @dataclass
@@ -378,7 +388,7 @@ class FederatedSim:
             recovery += m.sync_until - close
             self.late_total += 1
             self._wake(g, m.sync_until)
-        g.expected = len(members) if ok else None  # jobmanager: runner.expect(participants) after an ok round
+        g.after_round(ok, len(members))
         self.on_round(RoundRecord(now, outcome, len(members), len(late), nbytes, recovery, now - t0, applied,
                                   delayed, sync * len(late)))
         self._start_round(g)

@@ -13,6 +13,10 @@ would each move it forward). Waiting on I/O (asyncio.wait_for) stays on the even
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, TypeVar
+
+T = TypeVar("T")
+YIELDS = 20  # event-loop turns wait_for gives other ready tasks before it times out
 
 
 class VirtualClock:
@@ -31,6 +35,20 @@ class VirtualClock:
         self.sleeps.append(seconds)
         self.now += max(0.0, seconds)
         await asyncio.sleep(0)
+
+    async def wait_for(self, awaitable: Awaitable[T], seconds: float) -> T:
+        """The result if ``awaitable`` completes while the other ready tasks run; else the clock moves forward by
+        ``seconds`` and TimeoutError (no one else is there to complete it on this clock)."""
+        task = asyncio.ensure_future(awaitable)
+        for _ in range(YIELDS):
+            if task.done():
+                return task.result()
+            await asyncio.sleep(0)
+        if task.done():
+            return task.result()
+        task.cancel()
+        self.now += max(0.0, seconds)
+        raise TimeoutError
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward without sleeping (what passes while a test sets the next step up)."""

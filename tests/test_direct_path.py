@@ -12,9 +12,11 @@ import torch
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from node.ml.models import build_model
-from node.jobs.pipeline.trainer import PipelineTrainer, TrainerConfig
+from node.jobs.pipeline.trainer import PipelineTrainer
+from node.jobs.pipeline.steps import TrainerConfig
 from node.ml.splitter import load_stage
-from node.jobs.pipeline.stage_host import StageConfig, StageHost
+from node.jobs.pipeline.stage_config import StageConfig
+from node.jobs.pipeline.stage_host import StageHost
 from protocol.pipeline.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
                                   activation_to_wire)
 from protocol.pipeline.direct import FORWARD, MAGIC, REPLY, DirectChannel, new_session, read_sealed, send_sealed
@@ -77,7 +79,7 @@ def test_direct_path_computes_what_libp2p_computes(tmp_path):
                         logits = await trainer.forward(x)
                         st = await trainer.accumulate(x, y)
                         out[name] = (logits, [h._acc.clone() for h in pipes[name]], [m.loss for m in st.micros],
-                                     dict(trainer.hops), sum(len(c) for c in trainer._pool.values()))
+                                     dict(trainer.hops), trainer.direct.idle_connections())
                     finally:
                         await trainer.close()
                 return out
@@ -195,8 +197,8 @@ def test_an_unreachable_direct_listener_falls_back_to_libp2p(tmp_path, caplog):
         async with swarm(3, with_dht=False) as (p2ps, _):
             hosts = _pipelines(shards, p2ps, ("fb",))["fb"]
             async with hosts_running(hosts):
-                hosts[1]._direct_server.close()  # still offered, but nobody listens: connect refused
-                await hosts[1]._direct_server.wait_closed()
+                hosts[1]._direct._server.close()  # still offered, but nobody listens: connect refused
+                await hosts[1]._direct._server.wait_closed()
                 trainer = PipelineTrainer(p2ps[2], None, "fb", shards, TrainerConfig(swarm=SWARM, micro_batch_size=2),
                                           replicas={i: [p2ps[i].peer_id.to_base58()] for i in range(2)})
                 try:
@@ -205,7 +207,7 @@ def test_an_unreachable_direct_listener_falls_back_to_libp2p(tmp_path, caplog):
                 finally:
                     await trainer.close()
 
-    with caplog.at_level(logging.INFO, logger="node.jobs.pipeline.trainer"):
+    with caplog.at_level(logging.INFO, logger="node.jobs.pipeline.direct_client"):
         hops, retries, committed = asyncio.run(scenario())
     assert committed == [2, 2] and retries == 0
     assert hops == {"direct": 4, "libp2p": 4}  # stage 0 direct, stage 1 over libp2p (2 micro-batches x 2 ways)

@@ -54,9 +54,9 @@ from node.runtime.errors import NodeError
 from node.jobs.federated.export import history_from_json, history_to_json
 from node.jobs.spec import job_spec_from_text, job_spec_from_toml, load_job_file
 from node.ml.models import resolve_overrides
-from node.jobs.pipeline.trainer import (BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync,
-                           StateHead, StateRequest, Status, StatusReply, control_from_wire, control_to_wire,
-                           member_record_from_wire, member_record_to_wire)
+from protocol.pipeline.control import (
+    BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync, StateHead, StateRequest,
+    Status, StatusReply, control_from_wire, control_to_wire, member_record_from_wire, member_record_to_wire)
 from node.api.rpc import control_pb2 as pb
 from node.devtools.stage_peer import parse_stop_at
 from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_bytes
@@ -144,7 +144,7 @@ def _sparse(rng: random.Random, size: int, density: float) -> SparseUpdate:
     return SparseUpdate(idx, np.array([rng.uniform(-3, 3) for _ in idx], np.float32), size)
 
 
-def _round_messages() -> list:
+def round_messages() -> list:
     rng = random.Random(1)
     t = TensorSpec("grads", 1000)
     plan = GroupPlan("r-1", PEERS[0], tuple(PEERS[:3]), ((0, 300), (300, 700), (700, 1000)), t, 1.7e9)
@@ -167,7 +167,7 @@ def test_message_from_wire(expect):
     averager reads it: control frames bounded by MAX_CONTROL_FRAME, parts and results by their own length,
     then their payload extracted for the span. Bound: 80 B per byte parsed (+ the extracted update, which
     extract_update bounds by its payload)."""
-    seeds = [message_to_wire(msg) for msg in _round_messages()]
+    seeds = [message_to_wire(msg) for msg in round_messages()]
     control = expect not in (PartFrame, ResultFrame)
 
     def decode(data):
@@ -288,7 +288,7 @@ HIDDEN = ExpectedTensor.hidden(2, 4, 8)  # (1..2, 1..4, 8): up to 256 raw bytes
 TOKENS = ExpectedTensor.token_ids(2, 4, 50)
 
 
-def _activation_seeds() -> list[bytes]:
+def activation_seeds() -> list[bytes]:
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 8, generator=g)
     ids = torch.randint(0, 50, (1, 4), generator=g)
@@ -316,7 +316,7 @@ def test_activation_from_wire(expect, tensor, mb):
 
     name = f"activation:{expect.__name__}:{tensor is TOKENS}:{tensor is None}"
     fuzz(lambda d: activation_from_wire(d, expect, tensor, micro_batch=mb),
-         byte_cases(Mutator(rng_for(name)), _activation_seeds(), count()), errors=(WireError,),
+         byte_cases(Mutator(rng_for(name)), activation_seeds(), count()), errors=(WireError,),
          bound=msgpack_bound(max_frame_bytes(tensor)), accept=accept)
 
 
@@ -394,7 +394,7 @@ def test_parse_progress_subkey_and_peer_ids():
     fuzz(decode, cases, errors=(ValueError, PeerIdError), bound=lambda c: SLACK)
 
 
-def _signed(record: DHTRecord, key) -> DHTRecord:
+def signed_record(record: DHTRecord, key) -> DHTRecord:
     """Sign whatever ``record`` holds with ``key`` (what a malicious node can do by hand)."""
     payload = msgpack.packb([record.key, record.subkey, record.value, record.expiration_time], use_bin_type=True)
     return replace(record, value=record.value + key.sign(payload))
@@ -408,31 +408,31 @@ def _validator_cases(name: str, seeds: list[tuple[DHTRecord, bytes, object]]) ->
     m = Mutator(rng_for(name))
     rng, out = m.rng, []
     for record, payload, key in seeds:
-        out.append(_signed(record, key))
+        out.append(signed_record(record, key))
     for _ in range(count()):
         record, payload, key = rng.choice(seeds)
         r = rng.random()
         if r < 0.5:
             new = m.msgpack(payload) if rng.random() < 0.6 else m.bytes_(payload)
             wrapped = MSGPackSerializer.dumps(new) if rng.random() < 0.9 else m.bytes_(MSGPackSerializer.dumps(new))
-            out.append(_signed(replace(record, value=wrapped), rng.choice((key, key, key, KEYS[3]))))
+            out.append(signed_record(replace(record, value=wrapped), rng.choice((key, key, key, KEYS[3]))))
         elif r < 0.7:
-            signed = _signed(record, key)
+            signed = signed_record(record, key)
             out.append(replace(signed, value=m.bytes_(signed.value)))
         elif r < 0.78:  # another dictionary (a progress entry in the wrong bucket, another swarm's key, ...)
-            out.append(_signed(replace(record, key=rng.choice(keys)), key))
+            out.append(signed_record(replace(record, key=rng.choice(keys)), key))
         elif r < 0.88:
             subkey = rng.choice((None, b"", b"\xc1", m.bytes_(record.subkey), m.msgpack(record.subkey),
                                  MSGPackSerializer.dumps(rng.choice(PEERS)), MSGPackSerializer.dumps(m.interesting())))
-            out.append(_signed(replace(record, subkey=subkey), key))
+            out.append(signed_record(replace(record, subkey=subkey), key))
         else:
-            signed = _signed(record, key)
+            signed = signed_record(record, key)
             out.append(replace(signed, expiration_time=rng.choice((math.nan, math.inf, -1.0, 0.0, 2.0**70,
                                                                     signed.expiration_time + 1e-6))))
     return out
 
 
-def _validator_bound(limit: int):
+def validator_bound(limit: int):
     # two unpack_bounded passes (the DHT's wrapping, then our payload) over at most ``limit`` bytes
     return lambda r: 2 * OBJECT_BYTES_PER_INPUT_BYTE * min(len(r.value), limit) + SLACK
 
@@ -448,7 +448,7 @@ def test_signed_peer_record_validator(caplog):
                       payload, KEY_OF[p]))
     validator = SignedPeerRecordValidator(SWARM, KEYS[3])
     cases = _validator_cases("peer_validator", seeds)
-    outcome = fuzz(validator.validate, cases, errors=(), bound=_validator_bound(MAX_RECORD_BYTES + 80),
+    outcome = fuzz(validator.validate, cases, errors=(), bound=validator_bound(MAX_RECORD_BYTES + 80),
                    accept=lambda c, ok: isinstance(ok, bool) or pytest.fail(f"validate returned {ok!r}"))
     assert all(validator.validate(c) for c in cases[:len(seeds)]) and outcome.accepted == len(cases)
 
@@ -468,7 +468,7 @@ def test_signed_job_record_validator(caplog):
                                 MSGPackSerializer.dumps(payload), 1.7e9), payload, KEY_OF[prog.writer]))
     validator = SignedJobRecordValidator(SWARM, KEYS[3])
     cases = _validator_cases("job_validator", seeds)
-    fuzz(validator.validate, cases, errors=(), bound=_validator_bound(MAX_JOB_RECORD_BYTES + 96),
+    fuzz(validator.validate, cases, errors=(), bound=validator_bound(MAX_JOB_RECORD_BYTES + 96),
          accept=lambda c, ok: isinstance(ok, bool) or pytest.fail(f"validate returned {ok!r}"))
     assert all(validator.validate(c) for c in cases[:len(seeds)])
 
@@ -595,7 +595,7 @@ def test_direct_frame():
 
     rng = rng_for("direct_frame")
     seeds = [sealed(FORWARD, b""), sealed(FORWARD, b"x" * 100), sealed(2, rng.randbytes(4096)),
-             sealed(FORWARD, _activation_seeds()[0])]
+             sealed(FORWARD, activation_seeds()[0])]
 
     def accept(case, result):
         kind, payload = result
@@ -660,7 +660,7 @@ JOB_TOML = ['name = "digits-demo"\ndataset = "digits"\ntask = "classification"\n
             PIPELINE_TOML]
 
 
-def _submit_parse(text: str):
+def submit_parse(text: str):
     """What the daemon's Submit does with a job file's text before storing the record (node/jobs/manager.py):
     parse it (node/jobs/spec.py job_spec_from_text) and check the model's overrides."""
     return job_spec_from_text(text, "job file", lambda model: resolve_overrides(model.arch, model.config()))
@@ -671,7 +671,7 @@ def test_job_spec_from_toml():
     Bound: TOML materialised like msgpack, 80 B per character."""
     m = Mutator(rng_for("job_toml"))
     cases = list(toml_cases(m, JOB_TOML, count()))
-    fuzz(_submit_parse, cases, errors=(NodeError,), bound=lambda t: OBJECT_BYTES_PER_INPUT_BYTE * len(t) + SLACK,
+    fuzz(submit_parse, cases, errors=(NodeError,), bound=lambda t: OBJECT_BYTES_PER_INPUT_BYTE * len(t) + SLACK,
          accept=lambda c, spec: job_spec_from_wire(job_spec_to_wire(spec)) == spec or pytest.fail())
 
 
@@ -889,7 +889,7 @@ def test_safetensors_load():
          bound=lambda d: OBJECT_BYTES_PER_INPUT_BYTE * len(d) + SLACK)
 
 
-def _stage_state(optimizer: str) -> tuple[list, bytes, str]:
+def stage_state_sample(optimizer: str) -> tuple[list, bytes, str]:
     """A small stage's (named parameters, state_to_bytes after one step, params hash as state_from_bytes
     computes it)."""
     g = torch.Generator().manual_seed(4)
@@ -910,7 +910,7 @@ def test_state_from_bytes():
     """node/jobs/pipeline/stage_state.py state_from_bytes: a replica's state as a peer sends it (resync, takeover, backup),
     with a StateHead that matches the bytes (the sender chooses both): the parameters and optimizer state, or
     Refused. Bound: 80 B per byte on the Python side."""
-    states = {kind: _stage_state(kind) for kind in OPTIMIZERS}
+    states = {kind: stage_state_sample(kind) for kind in OPTIMIZERS}
     m = Mutator(rng_for("state_from_bytes"))
     cases = []
     for data in _safetensors_cases(m, [states["adamw"][1], states["sgd"][1]], count()):

@@ -27,7 +27,7 @@ from node.cli.format import format_job_line
 from node.runtime.config import resolve
 from node.runtime.errors import NodeError
 from node.jobs.federated.export import history_from_json
-from node.jobs.pipeline.trainer import Commit, CommitReply, StateHead, StatusReply, control_from_wire, control_to_wire
+from protocol.pipeline.control import Commit, CommitReply, StateHead, StatusReply, control_from_wire, control_to_wire
 from node.api.rpc import control_pb2 as pb
 from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes
 from protocol.pipeline.activations import (MAX_DIMS, MAX_FRAME_OBJECTS, ExpectedTensor, ForwardRequest, activation_from_wire,
@@ -50,8 +50,8 @@ from protocol.wire import MAX_DEPTH, MAX_OBJECTS, WireError, unpack_bounded
 from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 from tests.fuzzing import SLACK, fuzz, msgpack_bound
 from tests.test_fuzz import (CAP_GPU, HEADERS, HIDDEN, JOB_TOML, KEYS, MANIFEST, PEERS, PROGRESS, RECORDS, SHA, SPECS,
-                             SWARM, _activation_seeds, _round_messages, _signed, _stage_state, _submit_parse,
-                             _validator_bound, cli_env, run_cli)
+                             SWARM, activation_seeds, round_messages, signed_record, stage_state_sample, submit_parse,
+                             validator_bound, cli_env, run_cli)
 
 __all__ = ["cli_env"]  # a fixture the CLI regressions use (imported, so pytest finds it here)
 
@@ -75,17 +75,17 @@ def _deep(seed: bytes, *path: str) -> bytes:
 
 
 def _dht(record: DHTRecord, payload: bytes, key) -> DHTRecord:
-    return _signed(replace(record, value=MSGPackSerializer.dumps(payload)), key)
+    return signed_record(replace(record, value=MSGPackSerializer.dumps(payload)), key)
 
 
 _PEER_PAYLOAD = peer_record_to_wire(PeerRecord(PEERS[0], (), "0.1", CAP_GPU, 1.0))
 _JOB_PAYLOAD = job_record_to_wire(RECORDS[0])
 DEEP_CASES = [
     ("message_from_wire", lambda d: message_from_wire(d, MAX_CONTROL_FRAME, Invite),
-     _deep(message_to_wire(_round_messages()[0]), "t"), (WireError,)),
+     _deep(message_to_wire(round_messages()[0]), "t"), (WireError,)),
     ("peer_record_from_wire", peer_record_from_wire, _deep(_PEER_PAYLOAD, "capability", "tflops_bf16"), (WireError,)),
     ("activation_from_wire", lambda d: activation_from_wire(d, ForwardRequest, HIDDEN),
-     _deep(_activation_seeds()[0], "mb"), (WireError,)),
+     _deep(activation_seeds()[0], "mb"), (WireError,)),
     ("job_spec_from_wire", job_spec_from_wire, _deep(job_spec_to_wire(SPECS[0]), "name"), (WireError,)),
     ("job_record_from_wire", job_record_from_wire, _deep(_JOB_PAYLOAD, "state"), (WireError,)),
     ("job_progress_from_wire", job_progress_from_wire, _deep(job_progress_to_wire(PROGRESS[0]), "round"),
@@ -121,7 +121,7 @@ def test_deep_nesting_in_dht_validators(validator, record, limit, caplog):
     """Was: the same RecursionError escaped both DHT validators (they catch ValueError). Now: the record is
     refused (validate returns False) with the reason logged."""
     caplog.set_level(logging.WARNING, logger="protocol.records.validation")
-    fuzz(validator.validate, [record], errors=(), bound=_validator_bound(limit),
+    fuzz(validator.validate, [record], errors=(), bound=validator_bound(limit),
          accept=lambda c, ok: ok is False or pytest.fail(f"validate returned {ok!r}"))
     assert any(f"nested deeper than {MAX_DEPTH}" in r.getMessage() for r in caplog.records)
 
@@ -201,22 +201,22 @@ CNN_BLOCKS = ('name = "x"\ndataset = "digits"\ntask = "classification"\nrounds =
 def test_job_toml(text, message):
     """Was: OverflowError (math.isfinite of a TOML integer beyond float range) and tomllib's RecursionError
     escaped the daemon's Submit parse."""
-    fuzz(_submit_parse, [text], errors=(NodeError,), bound=lambda c: 1 << 30, min_accepted=0)
+    fuzz(submit_parse, [text], errors=(NodeError,), bound=lambda c: 1 << 30, min_accepted=0)
     with pytest.raises(NodeError, match=message):
-        _submit_parse(text)
+        submit_parse(text)
 
 
 def test_cnn_blocks():
     """Was: node/ml/models.py computed 2 ** blocks for a cnn: blocks = 2**24 allocated ~8 MB from a 200-byte job
     file, 2**40 (any int64 passes ModelSpec) never finished, in Submit and in _why_not for every peer's job."""
-    fuzz(_submit_parse, [CNN_BLOCKS], errors=(NodeError,), min_accepted=0, bound=lambda t: SLACK)
+    fuzz(submit_parse, [CNN_BLOCKS], errors=(NodeError,), min_accepted=0, bound=lambda t: SLACK)
     with pytest.raises(NodeError, match=r"blocks=16777216 halves side=8 below 1 \(at most 3 blocks\)"):
-        _submit_parse(CNN_BLOCKS)
+        submit_parse(CNN_BLOCKS)
     with pytest.raises(NodeError, match=r"blocks must be <= 16777216, got 1099511627776"):
-        _submit_parse(CNN_BLOCKS.replace("16777216", str(2**40)))
+        submit_parse(CNN_BLOCKS.replace("16777216", str(2**40)))
     t0 = time.perf_counter()
     with pytest.raises(NodeError):
-        _submit_parse(CNN_BLOCKS.replace("16777216", str(2**63 - 1)))
+        submit_parse(CNN_BLOCKS.replace("16777216", str(2**63 - 1)))
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -300,7 +300,7 @@ def test_decode_values_numpy_nnz(nnz):
 def test_state_unicode_digit(index):
     """Was: an optimizer tensor named opt/<i>/<slot> with a non-ASCII digit ('\u00b2'.isdigit() is True,
     int('\u00b2') raises) escaped state_from_bytes as a bare ValueError. Now: only canonical ASCII indices."""
-    named, _, params_hash = _stage_state("sgd")
+    named, _, params_hash = stage_state_sample("sgd")
     data = safetensors.torch.save({"param/h.0.w": named[0][1].detach(), "param/h.0.b": named[1][1].detach(),
                                    f"opt/{index}/momentum_buffer": torch.zeros(4, 3)})
     head = StateHead(1, 3, len(data), hashlib.sha256(data).hexdigest(), params_hash)

@@ -24,10 +24,12 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from node.ml.models import build_model
 from node.runtime.p2pd import OwnedP2PDaemon
-from node.jobs.pipeline.trainer import PipelineError, PipelineTrainer, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.steps import PipelineError, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.trainer import PipelineTrainer
 from node.ml.splitter import load_stage, read_manifest, split_model
 from node.jobs.pipeline.stage_state import Refused, fetch_state
-from node.jobs.pipeline.stage_host import StageConfig, StageHooks, StageHost
+from node.jobs.pipeline.stage_config import StageConfig, StageHooks
+from node.jobs.pipeline.stage_host import StageHost
 from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
                                   activation_from_wire, activation_to_wire)
 from protocol.pipeline.control import (Advance, Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply,

@@ -23,7 +23,8 @@ from hivemind.dht.node import DHTNode
 from node.devtools.localswarm import wait_for
 from node.ml.models import build_model
 from node.runtime.p2pd import OwnedP2PDaemon
-from node.jobs.pipeline.trainer import PipelineTrainer, TrainerConfig
+from node.jobs.pipeline.trainer import PipelineTrainer
+from node.jobs.pipeline.steps import TrainerConfig
 from node.devtools.stage_peer import StagePeerProcess
 from protocol.transfer.shards import MANIFEST_FILE
 from tests.test_pipeline import UNTIED_GPT2, batch, split, wait_replicas

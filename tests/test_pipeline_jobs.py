@@ -21,7 +21,8 @@ from node.jobs.pipeline.pipeline_jobs import PipelineJobs
 from node.ml.splitter import memory_aware_plan
 from protocol.planning.stage_plan import plan_from_json, plan_to_json
 from node.ml.splitter import load_stage, plan_for_model, read_manifest, split_model
-from node.jobs.pipeline.stage_host import StageConfig, StageHost
+from node.jobs.pipeline.stage_config import StageConfig
+from node.jobs.pipeline.stage_host import StageHost
 from protocol.planning.stage_assign import NodeSpec
 from protocol.planning.stage_plan import Host
 from tests.conftest import run_cli

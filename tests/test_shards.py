@@ -11,7 +11,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.ml.models import _quiet_transformers, minilm_path, params_sha256
+from node.ml.models import quiet_transformers, minilm_path, params_sha256
 from node.ml.splitter import load_stage, read_manifest, shard_file_name, split_model, stage_from_bytes
 from node.ml.stages import cut_model, stage_tensors
 from protocol.records.peer_keys import peer_id_of
@@ -29,7 +29,7 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         if arch == "gpt2":
             model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
                 vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=4, n_head=2, bos_token_id=None,
@@ -135,7 +135,7 @@ def test_minilm_split_from_its_local_folder(tmp_path):
     manifest = split_model(minilm_path(), [(0, 3), (3, 6)], tmp_path, KEY)
     assert manifest.arch == "BertModel" and manifest.num_layers == 6 and manifest.tied == ()
     stages = [load_stage(tmp_path, i, expected_model_hash=manifest.model_hash).eval() for i in range(2)]
-    with _quiet_transformers():
+    with quiet_transformers():
         model = transformers.BertModel.from_pretrained(str(minilm_path()), local_files_only=True,
                                                        dtype=torch.float32).eval()
     assert params_sha256(model) == manifest.model_hash

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from node.ml.attention_masks import ATTENTION_IMPLEMENTATIONS
-from node.ml.models import _quiet_transformers, build_model, minilm_path, param_count
+from node.ml.models import quiet_transformers, build_model, minilm_path, param_count
 from node.ml.stages import (Stage, check_spans, cut_model, cut_stage, layer_costs, layer_costs_for, sync_tied_grads,
                          tied_grad_sum)
 
@@ -32,7 +32,7 @@ def _tiny(name: str) -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    with _quiet_transformers():
+    with quiet_transformers():
         if name == "gpt2":
             cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=4, n_head=2,
                                           bos_token_id=None, eos_token_id=None)

@@ -355,7 +355,7 @@ def test_alike_nodes_and_alike_stages_vs_brute_force():
 def test_the_exact_search_climbs_from_the_worst_start():
     # white-box: the greedy start is often optimal already and would hide a search that prunes or skips
     # too much, so start the branch and bound from the worst covering assignment instead
-    from protocol.planning.stage_assign import _branch_and_bound
+    from protocol.planning.stage_assign import branch_and_bound
 
     rng = random.Random(2024)
     for _ in range(250):
@@ -373,7 +373,7 @@ def test_the_exact_search_climbs_from_the_worst_start():
         if not scored:
             continue
         worst, best = min(scored)[1], max(v for v, _ in scored)
-        choice, proven = _branch_and_bound(plan, order, fits, list(worst), 10**6)
+        choice, proven = branch_and_bound(plan, order, fits, list(worst), 10**6)
         groups = [[x.throughput for x, s in zip(order, choice) if s == g] for g in range(plan.num_stages)]
         assert proven and min(rate(c, g) for c, g in zip(plan.costs, groups)) == best, (plan, nodes)
 

@@ -30,7 +30,8 @@ from hivemind.dht.node import DHTNode
 
 from node.runtime.p2pd import OwnedP2PDaemon
 from node.devtools.localswarm import wait_for
-from protocol.allreduce.averager import Averager, Phase, RoundConfig, RoundHooks
+from protocol.allreduce.averager import Averager
+from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.faults import Fault, mangle_part
 from protocol.allreduce.messages import TensorSpec

@@ -39,7 +39,8 @@ from node.runtime.p2pd import OwnedP2PDaemon
 from node.devtools.reduce_peer import PeerProcess
 from node.ml.splitter import load_stage, read_manifest, stage_from_bytes
 from node.jobs.pipeline.stage_state import Refused, fetch_state
-from node.jobs.pipeline.stage_host import StageConfig, StageHooks, StageHost, holders
+from node.jobs.pipeline.stage_config import StageConfig, StageHooks
+from node.jobs.pipeline.stage_host import StageHost, holders
 from protocol.pipeline.control import EndStepReply, pipe_protocol
 from protocol.transfer.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.transfer.shards import ShardError

@@ -262,7 +262,7 @@ def minilm_path() -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' load report and progress bars for the duration (restored after)."""
     from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -318,7 +318,7 @@ def _construct(arch: str, cfg: Mapping[str, Scalar], pretrained: bool) -> nn.Mod
         return CNN(cfg["in_channels"], cfg["side"], cfg["channels"], cfg["blocks"], cfg["hidden"], cfg["classes"],
                    cfg["dropout"])
     config = _hf_config(arch, cfg)
-    with _quiet_transformers():
+    with quiet_transformers():
         if arch == "gpt2":
             from transformers import GPT2LMHeadModel
             return GPT2LMHeadModel(config)

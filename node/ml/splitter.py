@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from node.runtime.files import atomic_write
-from node.ml.models import STATE_COPIES, _quiet_transformers, params_sha256
+from node.ml.models import STATE_COPIES, quiet_transformers, params_sha256
 from node.ml.stages import (SUPPORTED, Span, Stage, arch_of, check_spans, cut_stage, dtype_name, empty_stage, find_ties,
                          load_stage_tensors, num_layers_of, stage_tensors)
 from protocol.records.peer_keys import peer_id_of
@@ -71,7 +71,7 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         raise ValueError(f"{path}: config.json architectures {archs!r:.80} name none of {', '.join(SUPPORTED)}")
     import transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         return getattr(transformers, archs[0]).from_pretrained(str(path), local_files_only=True, dtype=dtype)
 
 

@@ -387,13 +387,13 @@ def empty_stage(arch: str, config: Mapping[str, Any] | Any, start: int, end: int
     ``config`` (a dict as config.to_dict() gives it, or a config object) and cut; fill with load_stage_tensors."""
     import transformers
 
-    from node.ml.models import _quiet_transformers
+    from node.ml.models import quiet_transformers
 
     _layout(arch)
     cls = getattr(transformers, arch)
     if isinstance(config, Mapping):
         config = cls.config_class.from_dict(dict(config))
-    with torch.device("meta"), _quiet_transformers():
+    with torch.device("meta"), quiet_transformers():
         model = cls(config)
     stage = cut_stage(model, start, end, attention)
     if dtype != torch.float32:
@@ -531,11 +531,11 @@ def layer_costs_for(arch: str, config: Mapping[str, Any], dtype: torch.dtype = t
     """layer_costs of ``arch`` built from ``config`` on the meta device: nothing allocated, no checkpoint read."""
     import transformers
 
-    from node.ml.models import _quiet_transformers
+    from node.ml.models import quiet_transformers
 
     _layout(arch)
     cls = getattr(transformers, arch)
-    with torch.device("meta"), _quiet_transformers():
+    with torch.device("meta"), quiet_transformers():
         model = cls(cls.config_class.from_dict(dict(config))).to(dtype)
     return layer_costs(model)
 

@@ -59,11 +59,12 @@ from protocol.allreduce.matchmaking import (
 from protocol.allreduce.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
 from protocol.allreduce.sparsify import SparseUpdate, topk_exact
+from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.streams import Stream, open_stream, request, serve_on, stop_serving
 from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
 from protocol.wire import WireError
 
-__all__ = ["Averager", "NoGroup", "Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "RoundFailed"]
+__all__ = ["Averager", "NoGroup", "RoundFailed", "part_frame_bound"]
 logger = logging.getLogger(__name__)
 MAX_WEIGHT = 1e12
 
@@ -109,8 +110,9 @@ def part_frame_bound(span_len: int) -> int:
 class Averager:
     """One member's side of all-reduce rounds over one flat tensor; register once, then step() per round."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, config: RoundConfig, hooks: RoundHooks | None = None):
-        self.p2p, self.dht, self.config = p2p, dht, config
+    def __init__(self, p2p: P2P, dht: DHTNode, config: RoundConfig, hooks: RoundHooks | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
+        self.p2p, self.dht, self.config, self.clock = p2p, dht, config, clock
         self.hooks = hooks or RoundHooks()
         self.peer_id = p2p.peer_id.to_base58()
         self._rounds: dict[str, _Round] = {}
@@ -145,7 +147,7 @@ class Averager:
         pending = asyncio.ensure_future(asyncio.to_thread(update)) if callable(update) else None
         state = _Round(round_id, update if pending is None else None, float(weight),
                        MatchState(round_id, cfg.tensor, plan=loop.create_future()))
-        state.expires = time.monotonic() + self._round_budget()
+        state.expires = self.clock.monotonic() + self._round_budget()
         if round_id in self._rounds:  # a retry: a dead leader's declaration outlives it in the DHT, skip it
             state.suspects = self._rounds[round_id].suspects
         self._rounds[round_id] = state
@@ -197,7 +199,7 @@ class Averager:
         return c.matchmaking_time + c.invite_timeout * 2 + c.result_timeout + c.commit_timeout + 5.0
 
     def _forget_old_rounds(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for rid in [rid for rid, s in self._rounds.items() if s.expires < now]:
             del self._rounds[rid]
 
@@ -206,7 +208,7 @@ class Averager:
     async def _matchmake(self, state: _Round) -> GroupPlan:
         cfg = self.config
         key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
-        expiry = time.time() + self._round_budget()
+        expiry = self.clock.time() + self._round_budget()
 
         async def store() -> bool:
             return bool(await self.dht.store(key, declaration_to_wire(cfg.bandwidth), expiry, subkey=self.peer_id))
@@ -226,7 +228,7 @@ class Averager:
             return Seen(declared, started)
 
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
-                                                     poll=0.02))
+                                                     poll=0.02, clock=self.clock.monotonic, sleep=self.clock.sleep))
         await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
         if state.match.plan.done():  # a leader invited us while we were still looking
             discovery.cancel()
@@ -255,10 +257,11 @@ class Averager:
     async def _await_plan(self, state: _Round, read) -> GroupPlan:
         """Wait for the leader's plan; give up early if the DHT shows the round started without us."""
         cfg = self.config
-        deadline = time.monotonic() + cfg.matchmaking_time + 2 * cfg.invite_timeout
-        while time.monotonic() < deadline:
+        deadline = self.clock.monotonic() + cfg.matchmaking_time + 2 * cfg.invite_timeout
+        while self.clock.monotonic() < deadline:
             try:
-                return await asyncio.wait_for(asyncio.shield(state.match.plan), min(cfg.invite_timeout, deadline - time.monotonic()))
+                return await self.clock.wait_for(asyncio.shield(state.match.plan),
+                                                 min(cfg.invite_timeout, deadline - self.clock.monotonic()))
             except asyncio.TimeoutError:
                 seen = await read()
                 if seen.started is not None and self.peer_id not in seen.started and not state.match.plan.done():
@@ -313,7 +316,7 @@ class Averager:
                 if peer not in group:
                     task.cancel()
             group[self.peer_id] = cfg.bandwidth
-            plan = make_plan(state.round_id, self.peer_id, group, cfg.tensor, time.time() + self._round_budget(),
+            plan = make_plan(state.round_id, self.peer_id, group, cfg.tensor, self.clock.time() + self._round_budget(),
                              cfg.min_group, cfg.max_group)
             # members get the plan; a plan without them (too few, or over max_group) tells them to give up
             body.set_result(message_to_wire(plan if plan is not None else
@@ -404,11 +407,11 @@ class Averager:
     async def _on_part(self, stream: Stream) -> None:
         remote, wait = stream.peer, self.config.part_timeout
         round_id = (await stream.receive(MAX_ROUND_ID, wait)).decode(errors="replace")
-        deadline = time.monotonic() + wait
+        deadline = self.clock.monotonic() + wait
         while (state := self._rounds.get(round_id)) is None or state.plan is None:
-            if time.monotonic() > deadline:  # a round we are not in, or whose plan never reached us
+            if self.clock.monotonic() > deadline:  # a round we are not in, or whose plan never reached us
                 return
-            await asyncio.sleep(0.005)  # the part may beat our own copy of the plan by a few ms
+            await self.clock.sleep(0.005)  # the part may beat our own copy of the plan by a few ms
         plan = state.plan
         if remote not in plan.members:
             return

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from protocol.allreduce.messages import PartFrame, TensorSpec
-from protocol.allreduce.sparsify import SparseUpdate
+from protocol.allreduce.sparsify import SparseUpdate, check_density
 
 
 class Phase(enum.Enum):
@@ -46,8 +46,8 @@ class RoundConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.bandwidth < 0:
             raise ValueError("bandwidth must be >= 0")
-        if self.result_density is not None and not 0 < self.result_density <= 1:
-            raise ValueError(f"result_density must be in (0, 1] or None, got {self.result_density}")
+        if self.result_density is not None:
+            check_density(self.result_density, "result_density")
 
 
 @dataclass

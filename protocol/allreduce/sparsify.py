@@ -171,6 +171,13 @@ class SparseUpdate:
         return out
 
 
+def check_density(value: object, what: str = "density") -> float:
+    """``value`` if it is a top-k fraction in (0, 1] (a real number, not a bool); else ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{what} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 class ErrorFeedbackSparsifier:
     """Top-k with error feedback (and optional DGC momentum correction) for one flat gradient of ``size``.
 
@@ -191,8 +198,7 @@ class ErrorFeedbackSparsifier:
     ) -> None:
         if not _is_int(size) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        check_density(density)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:

@@ -181,14 +181,14 @@ def assign_nodes(plan: StagePlan, nodes: Sequence[NodeSpec], *, search_budget: i
             load[choice[i]] += x.throughput
     optimal = False
     if len(order) <= _SEARCH_NODES:
-        choice, optimal = _branch_and_bound(plan, order, fits, choice, search_budget)
+        choice, optimal = branch_and_bound(plan, order, fits, choice, search_budget)
     groups = [[] for _ in range(k)]
     for x, s in zip(order, choice):
         groups[s].append(x)
     return _assignment(plan, groups, optimal)
 
 
-def _branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], bool]:
+def branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], bool]:
     """Try node -> stage choices (fastest node first, lowest-rate stage first) for a larger exact min rate.
 
     Bounds no completion can beat: all throughput / all positive cost, and per stage (its load + the fastest

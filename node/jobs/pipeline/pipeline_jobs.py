@@ -56,9 +56,11 @@ from node.ml.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.ml.models import build_model, params_sha256, resolve_overrides
-from node.jobs.pipeline.trainer import HopError, PipelineError, PipelineTrainer, StepReport, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.steps import HopError, PipelineError, StepReport, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.trainer import PipelineTrainer
 from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
-from node.jobs.pipeline.stage_host import StageConfig, StageHooks, StageHost, holders
+from node.jobs.pipeline.stage_config import StageConfig, StageHooks
+from node.jobs.pipeline.stage_host import StageHost, holders
 from node.jobs.pipeline.stage_state import Refused, fetch_state
 from protocol.pipeline.control import one_line, pipe_protocol
 from protocol.clock import SYSTEM_CLOCK, Clock

@@ -62,9 +62,8 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -73,80 +72,29 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from node.ml.models import params_sha256
+from node.jobs.pipeline.direct_server import DirectServer
+from node.jobs.pipeline.stage_config import StageConfig, StageHooks
 from node.jobs.pipeline.stage_state import (OPTIMIZERS, Refused, fetch_state, receive_body, send_state, state_bound,
                               state_from_bytes, state_to_bytes)
 from node.ml.stages import Stage
 from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
                                   ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes)
 from protocol.allreduce.averager import Averager
-from protocol.pipeline.direct import (FORWARD, REPLY, REQUESTS, TAG_SIZE, DirectChannel, maddr_ips, new_session, read_header,
-                             send_sealed)
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
 from protocol.pipeline.control import (CONTROL_BOUND, Advance, BackupAck, Commit, CommitReply, ControlError,
-                                        DirectOffer, DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync,
+                                        DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync,
                                         StateHead, StateRequest, Status, StatusReply, control_from_wire,
                                         control_to_wire, member_record_from_wire, member_record_to_wire, one_line,
                                         pipe_protocol, stage_key, stage_protocol)
 from protocol.allreduce.rounds import RoundConfig
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
-from protocol.streams import Stream, close_quietly, open_stream, serve_on, stop_serving
+from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.streams import Stream, open_stream, serve_on, stop_serving
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
 ZERO_WEIGHT = 1e-9  # a replica with nothing committed joins the average with this weight and an empty update
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    swarm: str = "swarmnode"
-    optimizer: str = "adamw"  # "sgd" | "adamw"; every replica of a stage must use the same settings
-    lr: float = 1e-3
-    momentum: float = 0.0  # sgd
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    eps: float = 1e-8
-    density: float = 0.01  # top-k fraction of the stage's gradient each replica sends per step
-    value_codec: str = "fp16"  # gradient values in the averaging round ("fp32": exact)
-    wire_dtype: str | None = None  # activations/gradients sent back as float16/bfloat16
-    max_batch: int = 64  # the largest micro-batch accepted
-    max_seq: int | None = None  # default: the model's position count
-    max_inflight: int = 256  # activations + pending slots held at once
-    activation_ttl: float = 300.0
-    throughput: float = 1.0  # announced routing weight (micro-batches/s this replica offers)
-    heartbeat: float = 2.0
-    ttl: float = 6.0
-    io_timeout: float = 30.0  # reading one request, pushing one backup
-    matchmaking_time: float = 3.0
-    part_timeout: float = 10.0
-    result_timeout: float = 20.0
-    commit_timeout: float = 3.0
-    # The direct data path (protocol/pipeline/direct.py): forward/backward frames over a plain TCP listener, encrypted and
-    # authenticated with a key handed out over libp2p. False: every hop goes through libp2p streams only.
-    direct: bool = True
-    direct_host: str | None = None  # the address to listen on; default: the IP of the libp2p listen address
-    direct_sessions: int = 256  # offered sessions not yet used by a connection, at most (the oldest dropped)
-    direct_session_ttl: float = 60.0  # an offered session must be used within this many seconds
-    direct_idle: float = 600.0  # a direct connection with no request for this long is closed
-    direct_connections: int = 1024  # open direct connections at most (a new one beyond is closed at once)
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if self.max_batch < 1 or self.max_inflight < 1 or min(self.heartbeat, self.ttl, self.io_timeout) <= 0:
-            raise ValueError("max_batch, max_inflight, heartbeat, ttl and io_timeout must be positive")
-
-
-@dataclass
-class StageHooks:
-    """Hook points (tests, node/devtools/stage_peer.py): ``before(kind, step, n)`` runs before the n-th (from 1) forward /
-    backward / end_step of a step is served (a fault hook may freeze the process there); ``after_step``
-    receives every end_step reply."""
-
-    before: Callable[[str, int, int], Awaitable[None]] | None = None
-    after_step: Callable[[EndStepReply], None] | None = None
 
 
 @dataclass
@@ -168,9 +116,10 @@ class StageHost:
     averaging (a stage with this one replica), for tests."""
 
     def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, index: int, stage: Stage,
-                 config: StageConfig = StageConfig(), hooks: StageHooks | None = None, manifest=None):
+                 config: StageConfig = StageConfig(), hooks: StageHooks | None = None, manifest=None,
+                 clock: Clock = SYSTEM_CLOCK):
         self.p2p, self.dht, self.pipeline_id, self.index, self.stage = p2p, dht, pipeline_id, index, stage
-        self.config, self.hooks, self.manifest = config, hooks or StageHooks(), manifest
+        self.config, self.hooks, self.manifest, self.clock = config, hooks or StageHooks(), manifest, clock
         self.me = p2p.peer_id.to_base58()
         stage.train()
         self._named = [(n, p) for n, p in stage.named_parameters()]
@@ -190,10 +139,7 @@ class StageHost:
         self.backups: dict[int, tuple[StateHead, bytes]] = {}  # other stages' states held here
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
         self._heartbeat: asyncio.Task | None = None
-        self._direct_server: asyncio.Server | None = None
-        self.direct_endpoint: tuple[str, int] | None = None  # (IP, port) of the direct listener, once started
-        self._sessions: collections.OrderedDict[bytes, tuple[bytes, str, float]] = collections.OrderedDict()
-        self._direct_conns: set[asyncio.StreamWriter] = set()
+        self._direct = DirectServer(config, self._serve, self._bound, f"stage {index}", clock)
         max_seq = config.max_seq or int(getattr(stage.config, "n_positions", 0)
                                          or stage.config.max_position_embeddings)
         h = stage.hidden_size
@@ -211,7 +157,7 @@ class StageHost:
                              matchmaking_time=config.matchmaking_time, part_timeout=config.part_timeout,
                              result_timeout=config.result_timeout, commit_timeout=config.commit_timeout,
                              value_codec=config.value_codec, result_value_codec="fp32")
-            self._averager = Averager(p2p, dht, rc)
+            self._averager = Averager(p2p, dht, rc, clock=clock)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -232,7 +178,7 @@ class StageHost:
     async def start(self) -> None:
         await serve_on(self.p2p, self._names(), logger, f"stage {self.index}: stream handler")
         if self.config.direct:
-            await self._start_direct()
+            await self._direct.start(self.p2p)
         if self._averager is not None:
             await self._averager.start()
         if self.dht is not None:
@@ -254,7 +200,7 @@ class StageHost:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def _announce(self, role: str = "replica") -> None:
-        expires, now = get_dht_time() + self.config.ttl, time.time()
+        expires, now = get_dht_time() + self.config.ttl, self.clock.time()
         rec = MemberRecord(role, self.config.throughput, self.step, now)
         await self.dht.store(stage_key(self.config.swarm, self.pipeline_id, self.index), member_record_to_wire(rec),
                              expires, subkey=self.me)
@@ -265,7 +211,7 @@ class StageHost:
 
     async def _beat(self) -> None:
         while True:
-            await asyncio.sleep(self.config.heartbeat)
+            await self.clock.sleep(self.config.heartbeat)
             try:
                 await self._announce()
             except Exception as e:
@@ -320,92 +266,19 @@ class StageHost:
         except (ValueError, RuntimeError) as e:  # WireError, Refused, a torch error from odd input
             return activation_to_wire(ErrorReply(mb, f"{kind} refused: {one_line(e)}"))
 
-    # ---- the direct data path ------------------------------------------------------------------------------
+    # ---- the direct data path (node/jobs/pipeline/direct_server.py) ---------------------------------------
 
-    async def _start_direct(self) -> None:
-        host = self.config.direct_host
-        if host is None:
-            try:
-                ips = maddr_ips(await self.p2p.get_visible_maddrs())
-            except ValueError:
-                ips = []
-            host = ips[0] if ips else "127.0.0.1"
-        try:
-            self._direct_server = await asyncio.start_server(self._on_direct, host, 0)
-        except OSError as e:
-            logger.warning("stage %d: no direct path (cannot listen on %s: %s); hops use libp2p", self.index, host, e)
-            return
-        self.direct_endpoint = (host, self._direct_server.sockets[0].getsockname()[1])
+    @property
+    def direct_endpoint(self) -> tuple[str, int] | None:
+        """(IP, port) of the direct listener, once started."""
+        return self._direct.endpoint
 
     def stop_direct(self) -> None:
         """Close the direct listener and every direct connection (hops go on over libp2p)."""
-        if self._direct_server is not None:
-            self._direct_server.close()
-            self._direct_server, self.direct_endpoint = None, None
-        for writer in list(self._direct_conns):
-            close_quietly(writer)
-        self._direct_conns.clear()
-        self._sessions.clear()
-
-    def _offer(self, peer: str) -> DirectOffer:
-        """A fresh session for ``peer`` (authenticated by libp2p) on this host's direct listener."""
-        if self.direct_endpoint is None:
-            raise Refused("no direct path on this replica")
-        now = time.monotonic()
-        for sid in [s for s, (_, _, expires) in self._sessions.items() if expires < now]:
-            del self._sessions[sid]
-        while len(self._sessions) >= self.config.direct_sessions:
-            self._sessions.popitem(last=False)
-        key, sid = new_session()
-        self._sessions[sid] = (key, peer, now + self.config.direct_session_ttl)
-        return DirectOffer(self.direct_endpoint[0], self.direct_endpoint[1], sid, key)
-
-    async def _on_direct(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One direct connection: sealed requests in, sealed replies out, one at a time, until the peer hangs up
-        or sends a frame that is refused (then the connection is closed: the trainer falls back to libp2p)."""
-        addr = "%s:%s" % tuple(writer.get_extra_info("peername") or ("?", "?"))[:2]
-        if len(self._direct_conns) >= self.config.direct_connections:
-            logger.warning("stage %d: refused a direct connection from %s: %d open", self.index, addr,
-                           len(self._direct_conns))
-            close_quietly(writer)
-            return
-        self._direct_conns.add(writer)
-        channel, peer = None, None
-        try:
-            while True:
-                try:
-                    header, head = await asyncio.wait_for(
-                        read_header(reader, REQUESTS, max(self._bound("forward"), self._bound("backward"))),
-                        self.config.direct_idle if channel is not None else self.config.io_timeout)
-                    kind = "forward" if head.kind == FORWARD else "backward"
-                    if head.length > self._bound(kind) + TAG_SIZE:
-                        raise WireError(f"direct header: peer announced a {head.length}-byte {kind} body; at most "
-                                        f"{self._bound(kind) + TAG_SIZE} expected here")
-                    if channel is None:  # the first frame binds the connection to an offered session, once
-                        key, peer, expires = self._sessions.pop(head.session, (None, None, 0.0))
-                        if key is None or expires < time.monotonic():
-                            raise WireError("direct frame: unknown, used or expired session id")
-                        channel = DirectChannel(key, head.session, "host")
-                    channel.check(head)
-                    body = await asyncio.wait_for(reader.readexactly(head.length), self.config.io_timeout)
-                    data = channel.open(header, head, body)
-                except WireError as e:
-                    logger.warning("stage %d: refused a direct frame from %s (%s); connection closed", self.index,
-                                   addr if peer is None else f"{addr}, peer {peer[-8:]}", e)
-                    return
-                await send_sealed(writer, channel, REPLY, await self._serve(kind, peer, data))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
-            logger.debug("direct connection from %s ended: %s", addr, e or type(e).__name__)
-        except asyncio.CancelledError:  # the host shutting down
-            pass
-        except Exception:
-            logger.exception("stage %d: direct connection handler failed", self.index)
-        finally:
-            self._direct_conns.discard(writer)
-            close_quietly(writer)
+        self._direct.stop()
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for table in (self._acts, self._pending):
             for key in [k for k, v in table.items() if v.expires < now]:
                 del table[key]
@@ -425,7 +298,7 @@ class StageHost:
         x = req.tensor if self.stage.is_first else req.tensor.requires_grad_(True)
         with torch.enable_grad():
             out = self.stage(x)  # (b, T, H) or logits (b, T, V)
-        self._acts[key] = _Act(x, out, time.monotonic() + self.config.activation_ttl)
+        self._acts[key] = _Act(x, out, self.clock.monotonic() + self.config.activation_ttl)
         return out.detach()
 
     def _backward(self, req: BackwardRequest, peer: str) -> torch.Tensor | None:
@@ -440,7 +313,7 @@ class StageHost:
         grads = torch.autograd.grad(act.out, inputs, grad_outputs=req.grad.to(act.out.dtype), allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                           for g, p in zip(grads, self._params)])  # (N,)
-        self._pending[key] = _Slot(flat, time.monotonic() + self.config.activation_ttl)
+        self._pending[key] = _Slot(flat, self.clock.monotonic() + self.config.activation_ttl)
         return grads[-1].detach() if act.x.requires_grad else None
 
     # ---- control -------------------------------------------------------------------------------------------
@@ -451,7 +324,7 @@ class StageHost:
             data = await stream.receive(CONTROL_BOUND, self.config.io_timeout)
             msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Advance, Discard, DirectOpen))
             if isinstance(msg, DirectOpen):
-                reply = self._offer(peer)
+                reply = self._direct.offer(peer)
             elif isinstance(msg, Status):
                 reply = StatusReply(self.step, len(self._committed), self.params_hash)
             elif isinstance(msg, Discard):

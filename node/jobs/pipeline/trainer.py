@@ -76,10 +76,8 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
-from torch import nn
 
 from node.ml.splitter import read_manifest
-from protocol.pipeline.direct import BACKWARD, FORWARD, REPLY, DirectChannel, maddr_ips, read_sealed, send_sealed
 from protocol.pipeline.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
                                   ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
                                   max_frame_bytes, new_micro_batch_id)
@@ -87,9 +85,10 @@ from protocol.pipeline.control import (CONTROL_BOUND, Advance, Commit, CommitRep
                                         DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync, Status,
                                         StatusReply, check_peer_id, control_from_wire, control_to_wire,
                                         member_record_from_wire, one_line, stage_key, stage_protocol)
-# Not used here; still importable from node.pipeline, as tests/test_fuzz.py does.
-from protocol.pipeline.control import BackupAck, StateHead, StateRequest, member_record_to_wire  # noqa: F401
-from protocol.streams import close_quietly, request
+from node.jobs.pipeline.direct_client import DirectFailure, DirectPool
+from node.jobs.pipeline.steps import HopError, PipelineError, StageStep, StepReport, TrainerConfig, causal_lm_loss
+from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.streams import request
 
 logger = logging.getLogger(__name__)
 CAUSAL_LMS = ("GPT2LMHeadModel", "LlamaForCausalLM")
@@ -97,79 +96,6 @@ REALIGN_BACKOFF_S = 30.0  # a replica that failed to catch up is not asked again
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
-
-class PipelineError(RuntimeError):
-    """A step could not complete (a micro-batch ran out of attempts, or a stage has no replica)."""
-
-
-class HopError(Exception):
-    """One request to one replica failed; the replica is excluded for the rest of the step."""
-
-    def __init__(self, peer: str, reason: str):
-        super().__init__(f"{peer[-8:]}: {reason}")
-        self.peer, self.reason = peer, reason
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    swarm: str = "swarmnode"
-    micro_batch_size: int = 4
-    hop_timeout: float = 30.0  # one request and its reply (a forward or backward of one micro-batch)
-    end_step_timeout: float = 120.0  # a stage's averaging round and optimizer step
-    max_attempts: int = 4  # per micro-batch per step, the first try included
-    max_inflight: int = 8  # micro-batches in the pipeline at once
-    wire_dtype: str | None = None  # "float16" / "bfloat16": activations and gradients on the wire
-    replica_wait: float = 60.0  # how long a hop waits for a replica of a stage to appear
-    backup_every: int = 1  # push each stage's state to a replica of the next stage every N steps (0: never)
-    seed: int = 0  # replica choice
-    direct: bool = True  # hops over the replicas' direct TCP paths when offered (node/jobs/pipeline/stage_host.py; encrypted)
-    direct_retry: float = 60.0  # after a direct failure, a replica is reached over libp2p only for this long
-    direct_connect_timeout: float = 5.0  # opening a direct connection (a firewalled one falls back to libp2p)
-
-    def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.max_attempts < 1 or self.max_inflight < 1 or self.backup_every < 0:
-            raise ValueError("micro_batch_size, max_attempts and max_inflight must be >= 1, backup_every >= 0")
-        if min(self.hop_timeout, self.end_step_timeout, self.replica_wait) <= 0:
-            raise ValueError("timeouts must be > 0")
-
-
-@dataclass(frozen=True)
-class StageStep:
-    """One stage's end of a step: each live replica's reply (None: it did not answer)."""
-
-    stage: int
-    replies: dict[str, EndStepReply | None]
-    committed: int  # micro-batches counted by the replicas (the trainer's count when all went well)
-    applied: bool  # every replica that answered took the optimizer step
-    in_sync: bool  # every replica that answered holds the same parameters
-
-    @property
-    def hashes(self) -> dict[str, str]:
-        return {p: r.params_hash for p, r in self.replies.items() if r is not None}
-
-
-@dataclass(frozen=True)
-class StepReport:
-    step: int
-    loss: float  # mean over the step's micro-batches
-    micro_batches: int
-    retries: int  # failed attempts + reruns after a replica's commits were lost
-    seconds: float
-    stages: tuple[StageStep, ...]
-
-
-class _DirectFailure(Exception):
-    """The direct path to a replica failed before a reply; the request goes over libp2p instead."""
-
-
-@dataclass
-class _Direct:
-    """One direct connection to one replica, idle in the trainer's pool or carrying one request."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    channel: DirectChannel
-
 
 @dataclass
 class _Micro:
@@ -200,19 +126,14 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
-def causal_lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (b, T, V) against next tokens y (b, T), as node/ml/models.py's bundle loss."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
 class PipelineTrainer:
     """Drives the stage replicas of one pipeline (see the module docstring). ``replicas`` (stage -> peer ids)
     replaces the DHT lookup, for tests; otherwise replicas are read from the records their hosts keep."""
 
     def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, stages_directory,
                  config: TrainerConfig = TrainerConfig(), replicas: dict[int, list[str]] | None = None,
-                 trusted_signers=None):
-        self.p2p, self.dht, self.pipeline_id, self.config = p2p, dht, pipeline_id, config
+                 trusted_signers=None, clock: Clock = SYSTEM_CLOCK):
+        self.p2p, self.dht, self.pipeline_id, self.config, self.clock = p2p, dht, pipeline_id, config, clock
         self.manifest = read_manifest(stages_directory, trusted_signers=trusted_signers)
         if self.manifest.arch not in CAUSAL_LMS:
             raise ValueError(f"pipeline training takes a causal LM ({', '.join(CAUSAL_LMS)}), not {self.manifest.arch}")
@@ -229,13 +150,13 @@ class PipelineTrainer:
         self._explicit = None if replicas is None else {int(k): list(v) for k, v in replicas.items()}
         self._records: dict[int, dict[str, MemberRecord]] = {}
         self._backups: dict[int, dict[str, MemberRecord]] = {}  # per stage: peers holding a backup of its state
-        self._realign_after: dict[str, float] = {}  # replica -> monotonic time before which no catch-up is tried
-        self._dead: dict[str, float] = {}  # replica -> unix time it last failed (skipped until it beats again)
+        self._realign_after: dict[str, float] = {}  # replica -> clock.monotonic() before which no catch-up is tried
+        self._dead: dict[str, float] = {}  # replica -> clock.time() it last failed (skipped until it beats again)
         self._rng = random.Random(config.seed)
         self._abandoned: int | None = None  # a step whose attempt failed: its commits are discarded before a retry
         self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
-        self._pool: dict[tuple[str, int], list[_Direct]] = {}  # idle direct connections per (replica, stage)
-        self._direct_off: dict[str, float] = {}  # replica -> monotonic time until which hops use libp2p only
+        self.direct = DirectPool(p2p, lambda peer, stage: self._control(peer, stage, DirectOpen(), DirectOffer),
+                                 config.direct_retry, config.direct_connect_timeout, clock)
         self.hops = collections.Counter()  # "direct" / "libp2p": hops that got a reply over each path
 
     # ---- replicas ------------------------------------------------------------------------------------------
@@ -261,7 +182,7 @@ class PipelineTrainer:
         return peer not in self._dead or self._explicit is not None or rec.beat > self._dead[peer]
 
     async def _choose(self, stage: int, st: _Step) -> str:
-        deadline = time.monotonic() + self.config.replica_wait
+        deadline = self.clock.monotonic() + self.config.replica_wait
         while True:
             cands = {p: r for p, r in self._records.get(stage, {}).items() if p not in st.failed and self._usable(p, r)}
             if cands:
@@ -273,9 +194,9 @@ class PipelineTrainer:
             if excluded:  # alive (beating since it failed) but out of this step: the retried step may use it
                 raise PipelineError(f"stage {stage}: its live replicas {[p[-8:] for p in excluded]} failed earlier "
                                     f"in step {self.step_no}")
-            if time.monotonic() > deadline:
+            if self.clock.monotonic() > deadline:
                 raise PipelineError(f"no live replica of stage {stage} within {self.config.replica_wait:g} s")
-            await asyncio.sleep(0.25)
+            await self.clock.sleep(0.25)
             await self._refresh(stage)
 
     async def replicas(self, stage: int) -> list[str]:
@@ -298,77 +219,28 @@ class PipelineTrainer:
         """The reply frame to one forward/backward request frame: over the direct path when the replica offers
         one (and it has not failed lately), else -- or after a direct failure, in the time left -- over libp2p."""
         timeout = self.config.hop_timeout
-        if self.config.direct and self._direct_off.get(peer, 0.0) <= time.monotonic():
-            t0 = time.monotonic()
+        loop = asyncio.get_running_loop()  # the hop's own time budget is the network's (the loop's clock)
+        if self.config.direct and self.direct.usable(peer):
+            t0 = loop.time()
             try:
                 async with asyncio.timeout(timeout):
-                    raw = await self._direct_exchange(peer, stage, kind, data, bound)
+                    raw = await self.direct.exchange(peer, stage, kind, data, bound)
                 self.hops["direct"] += 1
                 return raw
             except TimeoutError:
-                self._direct_failed(peer, f"no reply within {timeout:g} s")
+                self.direct.failed(peer, f"no reply within {timeout:g} s")
                 raise HopError(peer, f"no reply within {timeout:g} s (direct path)") from None
-            except _DirectFailure as e:
-                self._direct_failed(peer, str(e))
-                timeout = max(timeout - (time.monotonic() - t0), 0.001)
+            except DirectFailure as e:
+                self.direct.failed(peer, str(e))
+                timeout = max(timeout - (loop.time() - t0), 0.001)
         raw = await self._exchange(peer, stage_protocol(self.config.swarm, self.pipeline_id, stage, kind), data,
                                    bound, timeout)
         self.hops["libp2p"] += 1
         return raw
 
-    def _direct_failed(self, peer: str, reason: str) -> None:
-        if self._direct_off.get(peer, 0.0) <= time.monotonic():
-            logger.info("direct path to %s failed (%s); libp2p for %g s", peer[-8:], reason, self.config.direct_retry)
-        self._direct_off[peer] = time.monotonic() + self.config.direct_retry
-        for key in [k for k in self._pool if k[0] == peer]:
-            for conn in self._pool.pop(key):
-                close_quietly(conn.writer)
-
-    async def _direct_exchange(self, peer: str, stage: int, kind: str, data: bytes, bound: int) -> bytes:
-        idle = self._pool.get((peer, stage), [])
-        conn = None
-        while idle and conn is None:
-            conn = idle.pop()
-            if conn.reader.at_eof() or conn.writer.is_closing():  # the replica closed it (idle, restarted)
-                close_quietly(conn.writer)
-                conn = None
-        if conn is None:
-            conn = await self._direct_connect(peer, stage)
-        try:
-            await send_sealed(conn.writer, conn.channel, FORWARD if kind == "forward" else BACKWARD, data)
-            _, raw = await read_sealed(conn.reader, conn.channel, (REPLY,), bound)
-        except BaseException as e:  # never reused: a late reply would be read as the next request's
-            close_quietly(conn.writer)
-            if isinstance(e, (ValueError, OSError, EOFError)):  # WireError, ConnectionError, IncompleteReadError
-                raise _DirectFailure(f"{type(e).__name__}: {one_line(e)}") from None
-            raise
-        self._pool.setdefault((peer, stage), []).append(conn)
-        return raw
-
-    async def _direct_connect(self, peer: str, stage: int) -> _Direct:
-        """A new connection in a new session, asked for over libp2p; only to an address of the replica's libp2p
-        connection (so an offer cannot point the trainer at a third party)."""
-        try:
-            offer = await self._control(peer, stage, DirectOpen(), DirectOffer)
-        except HopError as e:
-            raise _DirectFailure(f"no direct session: {e.reason}") from None
-        known = {ip for info in await self.p2p.list_peers() if info.peer_id.to_base58() == peer
-                 for ip in maddr_ips(info.addrs)}
-        if offer.host not in known:
-            raise _DirectFailure(f"offered {offer.host}, not an address of its libp2p connection {sorted(known)}")
-        try:
-            async with asyncio.timeout(self.config.direct_connect_timeout):
-                reader, writer = await asyncio.open_connection(offer.host, offer.port)
-        except (OSError, TimeoutError) as e:
-            raise _DirectFailure(f"connect to {offer.host}:{offer.port}: {type(e).__name__}: {one_line(e)}") from None
-        return _Direct(reader, writer, DirectChannel(offer.key, offer.session, "trainer"))
-
     async def close(self) -> None:
         """Close the direct connections (idle ones; a hop in flight closes its own when it ends)."""
-        for conns in self._pool.values():
-            for conn in conns:
-                close_quietly(conn.writer)
-        self._pool.clear()
+        self.direct.close()
 
     async def _hop(self, peer: str, stage: int, kind: str, msg, expect_type, expect: ExpectedTensor | None, mb: int):
         raw = await self._request(peer, stage, kind, activation_to_wire(msg, self.config.wire_dtype),
@@ -441,7 +313,7 @@ class PipelineTrainer:
         if peer not in st.failed:
             logger.info("step %s: replica %s failed: %s", self.step_no, peer[-8:], reason)
         st.failed.add(peer)
-        self._dead[peer] = time.time()
+        self._dead[peer] = self.clock.time()
         lost = st.commits.pop(peer, {})
         for index in lost.values():
             st.micros[index].needs.add(st.stage_of[peer])
@@ -523,7 +395,7 @@ class PipelineTrainer:
         replica record of the stage answered), the most advanced ones skip to the trainer's step (Advance: the
         stage loses the updates in between) and the others reload from them. A replica that fails to catch up is
         left alone for REALIGN_BACKOFF_S (the step ends without it)."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         behind = sorted(p for p, step in steps.items() if step < self.step_no and self._realign_after.get(p, 0) <= now)
         at = sorted(p for p, step in steps.items() if step == self.step_no)
         if not behind:
@@ -558,7 +430,7 @@ class PipelineTrainer:
             else:
                 logger.info("step %d: replica %s (stage %d) could not catch up from %s: %s", self.step_no, peer[-8:],
                             stage, source[-8:], getattr(res, "reason", None) or repr(res)[:120])
-                self._realign_after[peer] = time.monotonic() + REALIGN_BACKOFF_S
+                self._realign_after[peer] = self.clock.monotonic() + REALIGN_BACKOFF_S
         return done
 
     async def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> _Step:
@@ -638,7 +510,7 @@ class PipelineTrainer:
                 if stage == s:
                     if not isinstance(res, EndStepReply):
                         logger.warning("step %d: end_step on %s (stage %d) failed: %s", step, peer[-8:], s, res)
-                        self._dead[peer] = time.time()
+                        self._dead[peer] = self.clock.time()
                     replies[peer] = res if isinstance(res, EndStepReply) else None
             got = {p: r for p, r in replies.items() if r is not None}
             counts = collections.Counter(r.params_hash for r in got.values())
@@ -675,5 +547,4 @@ class PipelineTrainer:
         return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages)
 
 
-__all__ = ["CAUSAL_LMS", "HopError", "PipelineError", "PipelineTrainer", "StageStep", "StepReport", "TrainerConfig",
-           "causal_lm_loss"]
+__all__ = ["CAUSAL_LMS", "PipelineTrainer"]
