@@ -14,7 +14,7 @@ STAMP := $(VENV)/.project-stamp
 LATEST := .venv-latest
 FAST := -m "not slow and not chaos and not netns"
 
-.PHONY: demo test test-latest lock chaos test-all bench bench-netns protos clean
+.PHONY: demo test lint test-latest lock chaos test-all bench bench-netns protos clean
 
 # The venv from nothing, then every pinned package without resolving anything (--no-deps): torch==2.13.0+cpu
 # is the CPU wheel pip finds on this machine's disk (elsewhere: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(FAST) -q --durations=25
+
+# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml; CI runs it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Regenerate the lock from pyproject.toml with today's newest versions its ranges allow (then run make test).
 lock: $(STAMP)

@@ -1,16 +1,15 @@
-"""swarmnode's daemon and CLI: everything with state, processes or files.
+"""swarmnode's daemon and CLI: everything with state, processes or files. One subpackage per role, on a one-way
+stack (each imports only those below it; protocol/ is below all of node/):
 
-Modules:
-  - config: NodeConfig, and how flags, SWARMNODE_* variables and a TOML file combine
-  - identity: the node's Ed25519 key (also its libp2p identity) and the home-directory lock
-  - capability: hardware detection and the matmul micro-benchmark
-  - membership: Membership (heartbeat-published signed record) and the live peer list
-  - control: the gRPC control API servicer and server (Unix socket 0600, or loopback TCP + token)
-  - client: ControlClient, what the CLI uses to talk to a running daemon
-  - daemon: Daemon, the async core that ties p2pd, the DHT, membership and the control API together
-  - localswarm: NodeProcess / LocalSwarm, real node processes on loopback (dev-swarm, tests, benchmarks)
-  - cli: the ``swarmnode`` command
-  - rpc: generated protobuf / gRPC code (regenerate with ``make protos``)
+    cli/       the ``swarmnode`` command                                  -> api/ (talks to a daemon), devtools/
+    daemon.py  Daemon: the one composition root (p2pd, DHT, membership, jobs, control API); it is the NodeService
+    api/       the local control API: gRPC server over a NodeService, client, proto <-> Python (serde)
+    jobs/      jobs on this node: the board (DHT records), the manager, federated/ and pipeline/ kinds
+    ml/        models, datasets, pipeline stages and the splitter (torch/transformers; no networking)
+    runtime/   the daemon's plumbing: config, home, identity, p2pd, membership, capability, files, errors
+    devtools/  real node and peer processes for dev-swarm, tests and benchmarks
+
+docs/ARCHITECTURE.md draws the tree; each subpackage's front door lists its modules.
 """
 
 __version__ = "0.1.0"

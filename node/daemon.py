@@ -22,21 +22,21 @@ from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 import node
+from node.api.server import start_control_server
+from node.api.service import JobSummary, NodeStatus
+from node.jobs.manager import JobManager
 from node.runtime import capability as capability_mod
 from node.runtime.backoff import retry
 from node.runtime.config import NodeConfig
-from node.api.server import start_control_server
-from node.api.service import JobSummary, NodeStatus
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
-from node.jobs.manager import JobManager
 from node.runtime.membership import Membership, PeerView
 from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
-from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.records.peer import Capability, PeerRecord
 from protocol.allreduce.rounds import Phase, RoundHooks
 from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.peer import Capability, PeerRecord
+from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records.validation import SignedPeerRecordValidator
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ class Daemon:
         logger.info("%s identity %s (%s)", "created" if created else "loaded", self.peer_id, cfg.identity_path)
         p2p_identity = cfg.home_dir / "p2p.key"
         write_p2p_identity(key, p2p_identity)
-        validator = CompositeValidator([SignedPeerRecordValidator(cfg.swarm, key), SignedJobRecordValidator(cfg.swarm, key)])
+        validator = CompositeValidator([SignedPeerRecordValidator(cfg.swarm, key),
+                                        SignedJobRecordValidator(cfg.swarm, key)])
 
         bench = asyncio.create_task(
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds), name="capability"
@@ -216,7 +217,8 @@ class Daemon:
             return p2p, dht
 
         try:
-            return await retry(attempt, attempts=cfg.join_attempts, base_delay=cfg.join_backoff, retry_on=(BootstrapError,))
+            return await retry(attempt, attempts=cfg.join_attempts, base_delay=cfg.join_backoff,
+                               retry_on=(BootstrapError,))
         except BootstrapError:
             raise NodeError(
                 f"could not reach any bootstrap peer after {cfg.join_attempts} attempts: {', '.join(cfg.join)}",
@@ -242,7 +244,7 @@ class Daemon:
         if self.dht is not None:
             try:
                 await asyncio.wait_for(self.dht.shutdown(), max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning("DHT shutdown timed out")
         if self.p2pd is not None:
             await self.p2pd.stop()
@@ -253,8 +255,21 @@ class Daemon:
             self._lock.release()
 
     # ---- what the control API serves (node/api/service.py NodeService) ---------------------------------------
+    # The control API starts last in start(), so membership, jobs and capability are set whenever it calls in.
+
+    def _membership(self) -> Membership:
+        if self.membership is None:
+            raise RuntimeError("the daemon has not started: no membership yet")
+        return self.membership
+
+    def _jobs(self) -> JobManager:
+        if self.jobs is None:
+            raise RuntimeError("the daemon has not started: no job manager yet")
+        return self.jobs
 
     def _own_record(self) -> PeerRecord:
+        if self.capability is None:  # set (benchmark done) before membership or the control API calls this
+            raise RuntimeError("the daemon has not started: no capability yet")
         return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time())
 
     def own_view(self) -> PeerView:
@@ -276,31 +291,33 @@ class Daemon:
         )
 
     async def peers(self) -> list[PeerView]:
-        views = await self.membership.peers()
+        views = await self._membership().peers()
         if not any(v.record.peer_id == self.peer_id for v in views):
             views.append(self.own_view())  # our record may not have propagated back to us yet
         return views
 
     async def submit(self, toml_text: str, source: str) -> str:
-        return await self.jobs.submit(toml_text, source)
+        return await self._jobs().submit(toml_text, source)
 
     async def list_jobs(self) -> list[JobSummary]:
-        await self.jobs.refresh()
-        return [JobSummary(v, self.jobs.local_state(j)) for j, v in sorted(self.jobs.views.items())]
+        jobs = self._jobs()
+        await jobs.refresh()
+        return [JobSummary(v, jobs.local_state(j)) for j, v in sorted(jobs.views.items())]
 
     async def job(self, job_id: str) -> JobSummary | None:
-        await self.jobs.refresh()
-        view = self.jobs.views.get(job_id)
-        return None if view is None else JobSummary(view, self.jobs.local_state(job_id))
+        jobs = self._jobs()
+        await jobs.refresh()
+        view = jobs.views.get(job_id)
+        return None if view is None else JobSummary(view, jobs.local_state(job_id))
 
     async def cancel(self, job_id: str) -> bool:
-        return await self.jobs.cancel(job_id)
+        return await self._jobs().cancel(job_id)
 
     async def export(self, job_id: str, out: pathlib.Path) -> list[pathlib.Path]:
-        return await self.jobs.export(job_id, out)
+        return await self._jobs().export(job_id, out)
 
     async def leave(self) -> bool:
-        withdrawn = await self.membership.withdraw()
+        withdrawn = await self._membership().withdraw()
         self.request_stop(withdrawn=True)
         return withdrawn
 

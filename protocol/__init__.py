@@ -1,71 +1,57 @@
-"""What crosses the wire between swarmnode nodes, with no daemon state (never imports node/).
+"""What crosses the wire between swarmnode nodes, with no daemon state (never imports node/). One subpackage per
+role; the modules at the top serve them all:
 
-Public names, by module:
-  - records:      Capability, GpuInfo, PeerRecord, swarm_key          (what a node publishes in the DHT)
-  - peer_keys:    peer_id_of, public_key_from_peer_id, libp2p_private_key (Ed25519 key <-> libp2p peer id)
-  - validation:   SignedPeerRecordValidator                           (hivemind DHT record validator)
-  - wire:         peer_record_to_wire / _from_wire, message_to_wire / message_from_wire, WireError
-                  (the one place that (de)serialises; msgpack only)
-  - messages:     TensorSpec, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, CommitFrame
-  - sparsify:     SparseUpdate, ErrorFeedbackSparsifier, topk_exact, topk_approx
-  - codecs:       Codec, SparseCodec, DenseCodec, EncodedUpdate, smallest_encoding, CodecError
-  - partition:    plan_spans, span_sizes                              (pure span planning)
-  - matchmaking:  make_plan, choose_leader, discover                  (group formation; pure parts + DHT I/O)
-  - allreduce:    Averager                                            (one member's side of the round)
-  - rounds:       RoundConfig, RoundHooks, RoundOutcome, RoundReport, Phase (what a round takes and reports)
-  - streams:      read_frame, write_frame                             (length-prefixed frames on libp2p streams)
-  - faults:       Fault, mangle_part                                  (fault injection for tests)
-  - jobs:         JobSpec, ModelSpec, InnerOpt, OuterOpt, JobRecord, JobProgress, job_id_for (+ wire pairs)
-  - job_validation: SignedJobRecordValidator                          (hivemind DHT validator for jobs)
-  - stage_plan:   StagePlan, Host, plan_layer_wise, plan_balanced, plan_memory_aware, plan_stages (pure layer cuts)
-  - stage_assign: NodeSpec, Assignment, Move, Rebalance, assign_nodes, rebalance_join, rebalance_leave
-                  (pure node -> stage assignment maximising the slowest stage)
-  - activations:  ForwardRequest, ForwardReply, BackwardRequest, BackwardReply, ErrorReply, ExpectedTensor,
-                  activation_to_wire / activation_from_wire, encode_tensor / decode_tensor, max_frame_bytes
-                  (pipeline frames between stages; fp16/bf16 on the wire optional)
-  - pipeline_messages: Status, StatusReply, Commit, CommitReply, EndStep, EndStepReply, Resync, ControlError,
-                  StateRequest, StateHead, BackupAck, MemberRecord, control_to_wire / control_from_wire,
-                  member_record_to_wire / member_record_from_wire, stage_protocol, pipe_protocol, stage_key
-                  (pipeline control between trainer and stage replicas, state transfer, DHT member records)
-  - shard_transfer: ShardServer, fetch_shard, ShardTransferError, shard_protocol, ServeFault
-                  (chunked, resumable, sha256-verified shard download over libp2p streams)
-  - shards:       ShardManifest, ShardInfo, TiedWeight, ShardError, sign_manifest, verify_manifest,
-                  check_shard_bytes, manifest_to_wire / manifest_from_wire (signed stage-shard manifests)
+    wire.py     the one place that speaks msgpack (pack, unpack_bounded, checked field readers, from_map)
+    streams.py  length-prefixed frames on libp2p streams, and the one way streams are opened, served and closed
+    clock.py    Clock: what every component with a timeout reads (SYSTEM_CLOCK, or a test's virtual clock)
+    records/    what nodes publish in the DHT (peer records, job specs, records and progress) and its validators
+    allreduce/  the top-k all-reduce round (Averager, matchmaking, messages, sparsify, codecs)
+    pipeline/   pipeline frames and control messages, the sealed direct path
+    planning/   pure planning the simulator shares: spans, the federated round policy, stage plans and assignment
+    transfer/   bulk transfers: shard manifests and downloads, a federated job's state
 
-Names resolve lazily (PEP 562), so importing one light module (e.g. protocol.wire from the CLI) does not
-pull in torch or hivemind.
+Every public name below also resolves as ``protocol.<name>``, lazily (PEP 562), so importing one light module
+(e.g. protocol.wire from the CLI) does not pull in torch or hivemind.
 """
 
 import importlib
 
 _EXPORTS = {
-    "records.peer": ["Capability", "GpuInfo", "PeerRecord", "swarm_key"],
-    "records.peer_keys": ["peer_id_of", "public_key_from_peer_id", "libp2p_private_key"],
-    "records.validation": ["SignedPeerRecordValidator"],
-    "wire": ["WireError", "peer_record_to_wire", "peer_record_from_wire", "message_to_wire", "message_from_wire"],
-    "allreduce.messages": ["TensorSpec", "GroupPlan", "Invite", "InviteReply", "PartFrame", "ResultFrame", "CommitFrame"],
-    "allreduce.sparsify": ["SparseUpdate", "ErrorFeedbackSparsifier", "topk_exact", "topk_approx"],
-    "allreduce.codecs": ["Codec", "SparseCodec", "DenseCodec", "EncodedUpdate", "smallest_encoding", "CodecError"],
-    "planning.partition": ["plan_spans", "span_sizes"],
-    "allreduce.matchmaking": ["make_plan", "choose_leader", "discover"],
     "allreduce.averager": ["Averager"],
-    "allreduce.rounds": ["RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport", "Phase"],
-    "streams": ["read_frame", "write_frame"],
+    "allreduce.codecs": ["Codec", "CodecError", "DenseCodec", "EncodedUpdate", "SparseCodec", "smallest_encoding"],
     "allreduce.faults": ["Fault", "mangle_part"],
-    "records.jobs": ["JobSpec", "ModelSpec", "InnerOpt", "OuterOpt", "JobRecord", "JobProgress", "job_id_for"],
+    "allreduce.matchmaking": ["choose_leader", "discover", "make_plan"],
+    "allreduce.messages": ["CommitFrame", "GroupPlan", "Invite", "InviteReply", "PartFrame", "ResultFrame",
+                           "TensorSpec", "message_from_wire", "message_to_wire"],
+    "allreduce.rounds": ["Phase", "RoundConfig", "RoundHooks", "RoundOutcome", "RoundReport"],
+    "allreduce.sparsify": ["ErrorFeedbackSparsifier", "SparseUpdate", "topk_approx", "topk_exact"],
+    "clock": ["Clock", "SYSTEM_CLOCK"],
+    "pipeline.activations": ["BackwardReply", "BackwardRequest", "ErrorReply", "ExpectedTensor", "ForwardReply",
+                             "ForwardRequest", "activation_from_wire", "activation_to_wire", "decode_tensor",
+                             "encode_tensor", "max_frame_bytes"],
+    "pipeline.control": ["BackupAck", "Commit", "CommitReply", "ControlError", "EndStep", "EndStepReply",
+                         "MemberRecord", "Resync", "StateHead", "StateRequest", "Status", "StatusReply",
+                         "control_from_wire", "control_to_wire", "member_record_from_wire", "member_record_to_wire",
+                         "pipe_protocol", "stage_key", "stage_protocol"],
+    "planning.partition": ["plan_spans", "span_sizes"],
+    "planning.round_policy": ["RoundPolicy"],
+    "planning.stage_assign": ["Assignment", "Move", "NodeSpec", "Rebalance", "assign_nodes", "rebalance_join",
+                              "rebalance_leave"],
+    "planning.stage_plan": ["Host", "StagePlan", "plan_balanced", "plan_layer_wise", "plan_memory_aware",
+                            "plan_stages"],
+    "records.job_records": ["JobProgress", "JobRecord"],
+    "records.job_spec": ["InnerOpt", "JobSpec", "ModelSpec", "OuterOpt", "job_id_for"],
     "records.job_validation": ["SignedJobRecordValidator"],
-    "planning.stage_plan": ["StagePlan", "Host", "plan_layer_wise", "plan_balanced", "plan_memory_aware", "plan_stages"],
-    "planning.stage_assign": ["NodeSpec", "Assignment", "Move", "Rebalance", "assign_nodes", "rebalance_join", "rebalance_leave"],
-    "pipeline.activations": ["ForwardRequest", "ForwardReply", "BackwardRequest", "BackwardReply", "ErrorReply",
-                    "ExpectedTensor", "activation_to_wire", "activation_from_wire", "encode_tensor", "decode_tensor",
-                    "max_frame_bytes"],
-    "pipeline.control": ["Status", "StatusReply", "Commit", "CommitReply", "EndStep", "EndStepReply", "Resync",
-                          "ControlError", "StateRequest", "StateHead", "BackupAck", "MemberRecord", "control_to_wire",
-                          "control_from_wire", "member_record_to_wire", "member_record_from_wire", "stage_protocol",
-                          "pipe_protocol", "stage_key"],
-    "transfer.shard_transfer": ["ShardServer", "fetch_shard", "ShardTransferError", "shard_protocol", "ServeFault"],
-    "transfer.shards": ["ShardManifest", "ShardInfo", "TiedWeight", "ShardError", "sign_manifest", "verify_manifest",
-               "check_shard_bytes", "manifest_to_wire", "manifest_from_wire"],
+    "records.peer": ["Capability", "GpuInfo", "PeerRecord", "peer_record_from_wire", "peer_record_to_wire",
+                     "swarm_key"],
+    "records.peer_keys": ["libp2p_private_key", "peer_id_of", "public_key_from_peer_id"],
+    "records.validation": ["SignedPeerRecordValidator"],
+    "streams": ["Stream", "open_stream", "read_frame", "request", "serve", "write_frame"],
+    "transfer.job_state": ["StateHeader", "fetch_job_state", "serve_job_state"],
+    "transfer.shard_transfer": ["ServeFault", "ShardServer", "ShardTransferError", "fetch_shard", "shard_protocol"],
+    "transfer.shards": ["ShardError", "ShardInfo", "ShardManifest", "TiedWeight", "check_shard_bytes",
+                        "manifest_from_wire", "manifest_to_wire", "sign_manifest", "verify_manifest"],
+    "wire": ["WireError", "pack", "unpack_bounded"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
@@ -75,7 +75,7 @@ async def close_after_peer(reader: asyncio.StreamReader, writer: asyncio.StreamW
             if not chunk:  # EOF: the other side has everything and closed
                 break
             left -= len(chunk)
-    except (asyncio.TimeoutError, ConnectionError, OSError):
+    except (TimeoutError, ConnectionError, OSError):
         pass
     finally:
         close_quietly(writer)
@@ -166,7 +166,8 @@ def serve(handler: Handler, log: logging.Logger, what: str = "stream handler") -
     return run
 
 
-async def serve_on(p2p: P2P, handlers: Mapping[str, Handler], log: logging.Logger, what: str = "stream handler") -> None:
+async def serve_on(p2p: P2P, handlers: Mapping[str, Handler], log: logging.Logger,
+                   what: str = "stream handler") -> None:
     """Register each handler (serve) under its protocol name."""
     for name, handler in handlers.items():
         await p2p.add_binary_stream_handler(name, serve(handler, log, what))

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import msgpack
-
-
 
 MAX_TEXT = 128  # the bound on a free-text field when its reader names no other
 
@@ -150,8 +149,8 @@ def _scan(data: bytes | bytearray | memoryview, max_objects: int) -> None:
         if kind == _MAP:
             count *= 2
         if count > end - pos:
-            raise WireError(f"undecodable msgpack: {'a map' if kind == _MAP else 'an array'} declares {count} values in "
-                            f"the {max(0, end - pos)} bytes left")
+            raise WireError(f"undecodable msgpack: {'a map' if kind == _MAP else 'an array'} declares {count} "
+                            f"values in the {max(0, end - pos)} bytes left")
         if count:
             stack.append(todo)
             todo = count

@@ -177,8 +177,8 @@ def run_hivemind(args, hosts, logs: pathlib.Path) -> dict:
 
 def run_gloo(args, logs: pathlib.Path) -> dict:
     port = free_port()
-    results = run_workers("gloo", args, [_Plain()] * args.peers, lambda i, procs: ["--rank", str(i), "--port", str(port)],
-                          logs)
+    results = run_workers("gloo", args, [_Plain()] * args.peers,
+                          lambda i, procs: ["--rank", str(i), "--port", str(port)], logs)
     per_round = [max(res["times"][r] for res in results) for r in range(args.rounds)]
     return {"times": per_round}
 

@@ -67,8 +67,8 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from protocol.allreduce.codecs import quantize_values  # noqa: E402
-from protocol.planning.partition import span_sizes  # noqa: E402
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate, topk_exact  # noqa: E402
+from protocol.planning.partition import span_sizes  # noqa: E402
 
 PEERS = 4  # issue 3, item 5: "trained data-parallel by 4 peers"
 DENSITY = 0.01  # issue 3: "1% top-k plus error feedback"

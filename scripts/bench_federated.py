@@ -24,12 +24,12 @@ round: round id, ok, participants, samples, metrics, seconds, local_seconds, mod
                library corpus ("pystdlib-bytes"), each node a label-skewed slice (label = source file).
                Federated: --text-rounds rounds of --text-local-steps AdamW steps at batch --text-batch per
                node, FedAvg, --text-density, evaluated in the last round only. Centralized: the same model and
-               init trained in this process with node.jobs.federated.local_training.LocalTrainer on the union of the 4 nodes' slices
-               (read back from their --data directories), same batch and optimizer, for as many 128-byte
+               init trained in this process with node.jobs.federated.local_training.LocalTrainer on the union of the 4
+               nodes' slices (read back from their --data directories), same batch and optimizer, for as many 128-byte
                windows as went into the federated run's completed rounds (members x local_steps x batch per
                round, members from the follow stream), i.e. ~4x as many optimizer steps. Both evaluated on the
-               same held-out files (node.jobs.federated.runner.EVAL_ITEMS windows, node.ml.datasets.eval_batches): loss in
-               nats/token (= nats/byte) and bits per byte. The federated figure is the last round's evaluation
+               same held-out files (node.jobs.federated.runner.EVAL_ITEMS windows, node.ml.datasets.eval_batches): loss
+               in nats/token (= nats/byte) and bits per byte. The federated figure is the last round's evaluation
                from report.json, or, when no participant exported one, the bits per byte in the signed progress
                record (control API). --text-arch llama trains a LLaMA of the same width instead (untied
                embeddings), whose export works where GPT-2's tied wte/lm_head does not (see part 3).
@@ -290,7 +290,7 @@ def global_curve(exports: dict, metric: str) -> dict:
     """Per completed round: the round id, the metric, the model hash, from every exporting participant's
     report (a round id's ok entries must agree on the hash: participants hold bit-identical models)."""
     by_round: dict[int, dict] = {}
-    for name, ex in exports.items():
+    for ex in exports.values():
         for r in ex.get("report", []):
             if not r["ok"]:
                 continue
@@ -373,10 +373,10 @@ def centralized_baseline(job: dict, swarm: LocalSwarm, samples: int) -> dict:
     import numpy as np
     import torch
 
-    from node.ml.datasets import batches, eval_batches, load_node_data
-    from node.jobs.federated.runner import EVAL_ITEMS
-    from node.ml.models import build_model, flatten_params, load_flat_params, param_count
     from node.jobs.federated.local_training import LocalTrainer, make_inner_optimizer
+    from node.jobs.federated.runner import EVAL_ITEMS
+    from node.ml.datasets import batches, eval_batches, load_node_data
+    from node.ml.models import build_model, flatten_params, load_flat_params, param_count
 
     torch.set_num_threads(1)
     slices = [load_node_data(swarm.root / f"node{i}" / "data" / TEXT_DATASET, dataset=TEXT_DATASET)

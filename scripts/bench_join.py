@@ -62,7 +62,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 node = swarm.add_node()
                 node.wait_ready(60)
-                wait_for(lambda: node.peer_id in first.peer_ids(), 60, "the joiner in peers", 0.01)
+                wait_for(lambda node=node: node.peer_id in first.peer_ids(), 60, "the joiner in peers", 0.01)
                 joins.append(time.perf_counter() - t0)
                 if i < args.trials - 1:
                     node.stop()

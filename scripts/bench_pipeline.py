@@ -7,11 +7,12 @@ time to recover when the last replica of a stage dies. Every figure comes from r
     .venv/bin/python scripts/bench_pipeline.py --part recovery    # 3 SIGKILL + --take-over runs (~1.5 min)
     .venv/bin/python scripts/bench_pipeline.py --part hop --hop-trials 50 --hop-stages identity   # quicker
 
-  hop       One StageHost (node/jobs/pipeline/stage_host.py) per wire dtype on one p2pd, a client on a second p2pd, both in this
-            process and event loop (the host computes on its own worker thread, as always). A trial sends the
-            1 MiB activation x (4, 256, 256) float32 -- on the wire float32, float16 or bfloat16, both ways --
-            as the trainer does (node/jobs/pipeline/trainer.py _hop: a new libp2p stream per request, activation_to_wire,
-            write_frame, read_frame, activation_from_wire with the trainer's ExpectedTensor) and times:
+  hop       One StageHost (node/jobs/pipeline/stage_host.py) per wire dtype on one p2pd, a client on a second
+            p2pd, both in this process and event loop (the host computes on its own worker thread, as always). A trial
+            sends the 1 MiB activation x (4, 256, 256) float32 -- on the wire float32, float16 or bfloat16, both ways --
+            as the trainer does (node/jobs/pipeline/trainer.py _hop: a new libp2p stream per request,
+            activation_to_wire, write_frame, read_frame, activation_from_wire with the trainer's ExpectedTensor) and
+            times:
               forward hop   ForwardRequest(x) -> ForwardReply(stage(x))             1 MiB there, 1 MiB back
               backward hop  BackwardRequest(g) -> BackwardReply(d stage / d x)      1 MiB there, 1 MiB back
             and, interleaved with the hops, the same compute called in-process on a copy of the stage (forward
@@ -20,11 +21,11 @@ time to recover when the last replica of a stage dies. Every figure comes from r
             overhead = median(hop) - median(in-process compute); serialisation = median(codec); the rest of the
             overhead is transport (client p2pd -> TCP loopback -> host p2pd, over each daemon's unix socket,
             stream open included) and the hand-off to the host's worker thread. Interleaved with those, the
-            same hops over the direct path (protocol/pipeline/direct.py, as node/jobs/pipeline/trainer.py _direct_exchange: one
-            persistent TCP connection per host in a session asked for over libp2p, activation_to_wire,
-            send_sealed, read_sealed, activation_from_wire), keys "direct_*"; and "mac_ms": each candidate
-            integrity check on the 1 MiB float32 request frame (keyed BLAKE2b-256, HMAC-SHA256, AES-256-GCM seal
-            and open, the one the direct path uses). Stages:
+            same hops over the direct path (protocol/pipeline/direct.py, as node/jobs/pipeline/trainer.py
+            _direct_exchange: one persistent TCP connection per host in a session asked for over libp2p,
+            activation_to_wire, send_sealed, read_sealed, activation_from_wire), keys "direct_*"; and "mac_ms": each
+            candidate integrity check on the 1 MiB float32 request frame (keyed BLAKE2b-256, HMAC-SHA256, AES-256-GCM
+            seal and open, the one the direct path uses). Stages:
               identity  out = x * scale with one parameter scale = 1.0: a middle stage that duck-types
                         node/ml/stages.py Stage (so the host's whole gradient path runs) and computes ~nothing
               block     a real middle stage: layer 1 of a 3-layer GPT-2 (n_embd 256, 4 heads, n_positions 256)
@@ -33,9 +34,9 @@ time to recover when the last replica of a stage dies. Every figure comes from r
   train     The byte-level GPT-2 of bench_federated's text part (n_embd 256, 4 layers, 4 heads, 128 positions)
             with tie_word_embeddings=False (the pipeline refuses tied weights across stages), 3,323,392 params,
             cut into 4 one-layer stages by node/ml/splitter.py plan_for_model(model, 4) and split_model (signed
-            shards). 4 processes `python -m node.devtools.stage_peer` (node/devtools/stage_peer.py StagePeerProcess, each its own
-            p2pd and DHT node, one replica per stage) and a PipelineTrainer in this process, vs the same model
-            and initial weights trained in this process (a thread, so the trainer's DHT node keeps answering)
+            shards). 4 processes `python -m node.devtools.stage_peer` (node/devtools/stage_peer.py StagePeerProcess,
+            each its own p2pd and DHT node, one replica per stage) and a PipelineTrainer in this process, vs the same
+            model and initial weights trained in this process (a thread, so the trainer's DHT node keeps answering)
             with torch AdamW (same lr, betas, eps, weight decay 0, foreach=False: what StageHost runs), on the
             same batches: --steps steps of batch 8 x 128 bytes from the stdlib byte corpus (node/ml/datasets.py
             "pystdlib-bytes" train split, rows drawn by a seeded rng), micro-batches of 2. The two runs
@@ -76,6 +77,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -198,16 +200,9 @@ async def daemons(n: int, join: list[str] | None = None, with_dht: bool = False)
 
 async def call(p2p, peer: str, protocol: str, frame: bytes, bound: int) -> bytes:
     """One request on a new stream and its reply, as node/jobs/pipeline/trainer.py's _exchange."""
-    from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+    from protocol.streams import request
 
-    from protocol.streams import close_quietly, read_frame, write_frame
-
-    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-    try:
-        await write_frame(writer, frame)
-        return await read_frame(reader, bound)
-    finally:
-        close_quietly(writer)
+    return await request(p2p, peer, protocol, frame, bound)
 
 
 # ---- part 1: one hop ---------------------------------------------------------------------------------------
@@ -216,14 +211,10 @@ ECHO = "swarmnode/bench/echo"
 ECHO_SIZES = (16, HOP_SHAPE[0] * HOP_SHAPE[1] * HOP_SHAPE[2] * 2, HOP_SHAPE[0] * HOP_SHAPE[1] * HOP_SHAPE[2] * 4)
 
 
-async def echo(info, reader, writer) -> None:
-    """A raw handler that sends the frame back: transport alone (no codec, no worker thread)."""
-    from protocol.streams import close_quietly, read_frame, write_frame
-
-    try:
-        await write_frame(writer, await read_frame(reader, ECHO_SIZES[-1] + 1))
-    finally:
-        close_quietly(writer)
+async def echo(stream) -> None:
+    """A handler that sends the frame back: transport alone (no codec, no worker thread); served as the stage
+    hosts' handlers are (protocol/streams.py serve)."""
+    await stream.send(await stream.receive(ECHO_SIZES[-1] + 1))
 
 
 async def echo_tcp(reader, writer) -> None:
@@ -263,8 +254,13 @@ def inprocess(stage: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float
 
 def codec_only(x: torch.Tensor, dtype: str, mb: int) -> float:
     """Seconds of the four codec calls of one forward hop (request out and in, reply out and in)."""
-    from protocol.pipeline.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
-                                      activation_to_wire)
+    from protocol.pipeline.activations import (
+        ExpectedTensor,
+        ForwardReply,
+        ForwardRequest,
+        activation_from_wire,
+        activation_to_wire,
+    )
 
     b, t, h = HOP_SHAPE
     t0 = time.perf_counter()
@@ -300,9 +296,15 @@ def mac_costs(data: bytes) -> dict[str, float]:
 
 async def direct_session(client, host) -> tuple:
     """(reader, writer, channel): a direct connection to ``host`` in a session asked for over libp2p."""
+    from protocol.pipeline.control import (
+        CONTROL_BOUND,
+        DirectOffer,
+        DirectOpen,
+        control_from_wire,
+        control_to_wire,
+        stage_protocol,
+    )
     from protocol.pipeline.direct import DirectChannel
-    from protocol.pipeline.control import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire,
-                                            control_to_wire, stage_protocol)
 
     raw = await call(client, host.me, stage_protocol(SWARM, host.pipeline_id, host.index, "control"),
                      control_to_wire(DirectOpen()), CONTROL_BOUND)
@@ -320,14 +322,23 @@ async def direct_call(conn: tuple, kind: int, frame: bytes, bound: int) -> bytes
 
 
 async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
-    from protocol.pipeline.control import stage_protocol
-    from protocol.pipeline.direct import BACKWARD, FORWARD
     from node.jobs.pipeline.stage_config import StageConfig
     from node.jobs.pipeline.stage_host import StageHost
-    from protocol.pipeline.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ExpectedTensor, ForwardReply,
-                                      ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes,
-                                      new_micro_batch_id)
-    from protocol.streams import close_quietly, read_frame, write_frame
+    from protocol.pipeline.activations import (
+        FLOAT_DTYPES,
+        BackwardReply,
+        BackwardRequest,
+        ExpectedTensor,
+        ForwardReply,
+        ForwardRequest,
+        activation_from_wire,
+        activation_to_wire,
+        max_frame_bytes,
+        new_micro_batch_id,
+    )
+    from protocol.pipeline.control import stage_protocol
+    from protocol.pipeline.direct import BACKWARD, FORWARD
+    from protocol.streams import close_quietly, read_frame, serve_on, write_frame
 
     b, t, h = HOP_SHAPE
     expect = ExpectedTensor(FLOAT_DTYPES, (b, t, h), "float32")  # what the trainer accepts back (B, T, H)
@@ -339,7 +350,7 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
     async with daemons(2) as (p2ps, _):
         server, client = p2ps
         peer = server.peer_id.to_base58()
-        await server.add_binary_stream_handler(ECHO, echo)
+        await serve_on(server, {ECHO: echo}, logging.getLogger("bench"))
         echoes: dict[int, list[float]] = {}  # over the trials of every stage kind
         failures: list[str] = []  # calls that broke off (none expected; reported if any)
         tcp_echoes: dict[int, list[float]] = {}
@@ -431,7 +442,7 @@ async def hop_scenario(kinds: list[str], trials: dict[str, int]) -> dict:
                                                                             d)).items():
                                     macs.setdefault(name, []).append(v)
             finally:
-                for reader, writer, _ in conns.values():
+                for _, writer, _ in conns.values():
                     close_quietly(writer)
                 for host in hosts.values():
                     await host.stop()
@@ -563,15 +574,16 @@ def loss_of(logits: torch.Tensor, y: torch.Tensor) -> float:
 # ---- part 2: pipeline vs one process -----------------------------------------------------------------------
 
 def part_train(args, root: pathlib.Path) -> dict:
-    from node.jobs.pipeline.trainer import PipelineTrainer
     from node.jobs.pipeline.steps import causal_lm_loss
+    from node.jobs.pipeline.trainer import PipelineTrainer
 
     train, test = corpus(args.seed)
     evals = eval_batches(test, args.seed)
     model = untied_gpt2(GPT2, args.seed)
     single = copy.deepcopy(model)
     opt = torch.optim.AdamW(single.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            foreach=False)  # node/jobs/pipeline/stage_host.py StageConfig defaults, weight decay 0 as passed
+                            # node/jobs/pipeline/stage_host.py StageConfig defaults, weight decay 0 as passed
+                            foreach=False)
     spans = write_shards(model, root / "shards")
     del model
 
@@ -860,9 +872,8 @@ def main() -> None:
     if set(args.hop_stages.split(",")) - {"identity", "block"}:
         ap.error("--hop-stages: a comma list of identity, block")
 
-    import logging
-
-    logging.basicConfig(level=os.environ.get("SWARMNODE_LOG", "WARNING"), stream=sys.stderr,  # as node/devtools/stage_peer.py
+    # as node/devtools/stage_peer.py
+    logging.basicConfig(level=os.environ.get("SWARMNODE_LOG", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = args.keep_dir or pathlib.Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -878,8 +889,8 @@ def main() -> None:
             where.mkdir(exist_ok=True)
             PARTIAL.clear()
             try:
-                result = {"hop": lambda: part_hop(args), "train": lambda: part_train(args, where),
-                          "recovery": lambda: part_recovery(args, where)}[part]()
+                runs = {"hop": part_hop, "train": part_train, "recovery": part_recovery}
+                result = runs[part](args) if part == "hop" else runs[part](args, where)
             except Exception as e:  # recorded (with what was measured before it) apart from the figures; logs kept
                 result = {"part": part, "error": leaves(e), "logs": str(where), **PARTIAL}
                 failed.append(part)

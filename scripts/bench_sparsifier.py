@@ -28,7 +28,7 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -126,14 +126,14 @@ def main() -> None:
           f"{'enc+dec M entries/s':>20} {'M params/s':>11}")
     for name in ("delta-varint", "bitmap"):
         _, payload = encode_indices(idx, size, name)
-        te = timed(lambda: encode_indices(idx, size, name), reps)
-        td = timed(lambda: decode_indices(name, payload, size, k), reps)
+        te = timed(lambda name=name: encode_indices(idx, size, name), reps)
+        td = timed(lambda name=name, payload=payload: decode_indices(name, payload, size, k), reps)
         print(f"{'indices ' + name:<32} {len(payload):11,} {te * 1e3:7.2f} {td * 1e3:7.2f} "
               f"{k / (te + td) / 1e6:20.1f} {size / (te + td) / 1e6:11.1f}")
     for name in ("fp16", "fp32"):
         payload = encode_values(vals, name)
-        te = timed(lambda: encode_values(vals, name), reps)
-        td = timed(lambda: decode_values(name, payload, k), reps)
+        te = timed(lambda name=name: encode_values(vals, name), reps)
+        td = timed(lambda name=name, payload=payload: decode_values(name, payload, k), reps)
         print(f"{'values ' + name:<32} {len(payload):11,} {te * 1e3:7.2f} {td * 1e3:7.2f} "
               f"{k / (te + td) / 1e6:20.1f} {size / (te + td) / 1e6:11.1f}")
 

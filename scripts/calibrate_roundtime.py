@@ -286,7 +286,8 @@ def table(runs: list[dict], costs: CpuCosts, train_keys: set) -> None:
         print(f"| {'train' if k in train_keys else 'held out'} | {k[0]} | {k[1] / 1e6:g}M | {k[2] or 'no cap'} "
               f"| {k[3]} | {v['measured']:.3f} s ({reps}) | {v['others']:.2f} | {v['predicted']:.3f} s "
               f"| {v['predicted'] / v['measured'] - 1:+.0%} | {v['naive'] / v['measured'] - 1:+.0%} |")
-    for name, keys in (("train", [k for k in rows if k in train_keys]), ("held out", [k for k in rows if k not in train_keys])):
+    held_out = [k for k in rows if k not in train_keys]
+    for name, keys in (("train", [k for k in rows if k in train_keys]), ("held out", held_out)):
         if keys:
             err = [abs(rows[k]["predicted"] / rows[k]["measured"] - 1) for k in keys]
             naive = [abs(rows[k]["naive"] / rows[k]["measured"] - 1) for k in keys]

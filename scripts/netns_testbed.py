@@ -6,8 +6,8 @@ Topology: namespace sn<i> holds veth "eth0" with address 100.64.77.<i+1>/24; its
 bridge "snbr0" in the root namespace, which has no address and no route anywhere: the hosts can reach
 only each other. Why 100.64/10 (RFC 6598 shared address space): libp2p resolves a peer's address through
 its LAN or WAN DHT, and go-multiaddr's filters drop RFC 2544's 198.18/15 from both ("unroutable"), so
-peers that were never directly connected cannot find each other there; 100.64/10 counts as LAN. Egress of each host's eth0 is shaped with
-a token bucket filter (netem is not available here): rate = --rate-mbit, burst 256 KiB (about 20 ms
+peers that were never directly connected cannot find each other there; 100.64/10 counts as LAN. Egress of each host's
+eth0 is shaped with a token bucket filter (netem is not available here): rate = --rate-mbit, burst 256 KiB (about 20 ms
 at 100 Mbit/s), latency 100 ms of queue. Needs root (ip netns, tc).
 """
 

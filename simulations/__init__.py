@@ -7,9 +7,11 @@ Public names, by module:
   - roundtime:  predict_round_time, butterfly, phases, Butterfly, Phases, payload_bytes
                 (one all-reduce round's bytes and seconds; spans from protocol.planning.partition, sizes from
                 protocol.allreduce.codecs)
-  - federated:  FederatedConfig, FederatedSim, RoundRecord (groups running rounds: protocol.allreduce.matchmaking plans)
-  - pipeline:   PipelineConfig, PipelineSim               (protocol.planning.stage_plan cuts, protocol.planning.stage_assign
-                                                          incremental vs from-scratch assignment)
+  - federated:  FederatedConfig, FederatedSim, RoundRecord (groups running rounds:
+                                                          protocol.allreduce.matchmaking plans)
+  - pipeline:   PipelineConfig, PipelineSim               (protocol.planning.stage_plan cuts,
+                                                          protocol.planning.stage_assign incremental vs from-scratch
+                                                          assignment)
   - swarm:      SwarmConfig, Swarm                        (everything on one engine; the report)
   - run:        the CLI: python -m simulations.run --nodes 10000 --churn 0.2 --hours 24
 """

@@ -1,24 +1,25 @@
 """Federated rounds of many groups in parallel: local steps, then one top-k all-reduce round per group.
 
-A federated job (node/jobs/federated/runner.py, node/jobs/manager.py) runs rounds of local training followed by an all-reduce
-round (protocol/allreduce/averager.py) of at most max_group members. A swarm of 10,000 runs many such groups at once
-(one job each, or one job sharded by group key); nodes joining go to the smallest group of their kind
+A federated job (node/jobs/federated/runner.py, node/jobs/manager.py) runs rounds of local training followed by an
+all-reduce round (protocol/allreduce/averager.py) of at most max_group members. A swarm of 10,000 runs many such
+groups at once (one job each, or one job sharded by group key); nodes joining go to the smallest group of their kind
 (``grouping``: "gpu" groups nodes with the same GPU, so every member finishes its local steps at the same
 moment; "random" mixes GPUs, and then members slower than the leader by more than the matchmaking window are
-left out of every round, as node/jobs/federated/runner.py's fixed local_steps and the 5 s window make them). A new group opens
-only when all groups of a kind are full and groups are never merged, so under churn their number creeps up
-and their mean size down (625 -> 648 groups in the default 10,000-node day). Each group round, at the round's start every member trains (unless its last
-round failed: node/jobs/federated/runner.py then resends the update kept in error feedback), then:
+left out of every round, as node/jobs/federated/runner.py's fixed local_steps and the 5 s window make them). A new
+group opens only when all groups of a kind are full and groups are never merged, so under churn their number creeps
+up and their mean size down (625 -> 648 groups in the default 10,000-node day). Each group round, at the round's
+start every member trains (unless its last round failed: node/jobs/federated/runner.py then resends the update kept
+in error feedback), then:
 
   matchmaking  every member declares when its local steps end. The leader (choose_leader over the members
                declared within the first matchmaking window) closes its window when the expected group
                has declared, else after matchmaking_time; the expected group is the daemon's own decision
                (protocol/planning/round_policy.py: the last applied round's members, none after a failed
-               round or one whose group shrank). Members that declare
-               later are left out: they keep their update and must re-sync the model (node/jobs/federated/runner.py: in_sync
-               False) before their next round. A member that dies before declaring costs the full window;
-               one that dies after declaring costs the leader an invite_timeout; a leader that dies before
-               sending the plan fails the round for all (NoGroup after matchmaking_time + 2 invite_timeouts).
+               round or one whose group shrank). Members that declare later are left out: they keep their
+               update and must re-sync the model (node/jobs/federated/runner.py: in_sync False) before their
+               next round. A member that dies before declaring costs the full window; one that dies after
+               declaring costs the leader an invite_timeout; a leader that dies before sending the plan fails
+               the round for all (NoGroup after matchmaking_time + 2 invite_timeouts).
   plan         protocol.allreduce.matchmaking.make_plan (real) over the declared survivors: members and spans.
   butterfly    simulations.roundtime: link-limited reduce-scatter and all-gather, selection overlapping
                matchmaking. A transfer longer than result_timeout fails the round (the slowest members hold no
@@ -36,8 +37,8 @@ survived. A node that leaves takes its buffer with it (``lost``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from protocol.allreduce.matchmaking import choose_leader, make_plan
 from protocol.allreduce.messages import TensorSpec
@@ -55,15 +56,17 @@ GROUPINGS = ("gpu", "random")
 class FederatedConfig:
     params: int = GPT2_SMALL_PARAMS
     density: float = 0.01  # top-k fraction per round (README: the issue #3 benchmarks run at 1%)
-    result_density: float | None = None  # None: owners send their whole span average (node/jobs/federated/runner.py's default)
+    # None: owners send their whole span average (node/jobs/federated/runner.py's default)
+    result_density: float | None = None
     select: str = "exact"  # node/jobs/federated/runner.py's ErrorFeedbackSparsifier(..., "exact")
     min_group: int = 2  # JobSpec.min_participants default
     max_group: int = 16  # a choice between JobSpec.max_participants' default (8) and RoundConfig.max_group's (64)
     local_steps: int = 20  # a choice: 10-30 s of local work per round on the common cards (RTX 3060: 14 s)
     batch_size: int = 8  # sequences per step (a choice that fits GPT-2 small on an 8 GB card)
     seq_len: int = 1024  # GPT-2's context
-    # JobSpec.round_timeout_s; node/jobs/federated/runner.py derives the round's timeouts from it. JobSpec's default (60 s) gives a
-    # 30 s result_timeout, shorter than a 10 Mbit/s member's all-gather in a group of 16 (~43 s): 120 s fits it
+    # JobSpec.round_timeout_s; node/jobs/federated/runner.py derives the round's timeouts from it. JobSpec's default
+    # (60 s) gives a 30 s result_timeout, shorter than a 10 Mbit/s member's all-gather in a group of 16 (~43 s): 120 s
+    # fits it
     round_timeout_s: float = 120.0
     grouping: str = "gpu"
 
@@ -113,7 +116,8 @@ class Group:
                  "steady", "batch", "policy")
 
     def __init__(self, gid: int, key: int) -> None:
-        self.gid, self.key, self.members = gid, key, {}
+        self.gid, self.key = gid, key
+        self.members: dict[str, Member] = {}
         self.running = False
         self.round_no = 0
         self.expected: int | None = None  # the group to expect next (protocol/planning/round_policy.py)
@@ -152,7 +156,7 @@ class FederatedSim:
     """Groups of Members running rounds on an Engine; ``on_round`` receives every RoundRecord."""
 
     def __init__(self, config: FederatedConfig, engine: Engine, swarm_size: Callable[[], int],
-                 on_round: Callable[[RoundRecord], None], on_idle: Callable[[float, float], None],
+                 on_round: Callable[[RoundRecord], None], on_idle: Callable[[float, int], None],
                  sample_s: float = math.inf) -> None:
         self.config, self.engine, self.swarm_size, self.sample_s = config, engine, swarm_size, sample_s
         self.on_round, self.on_idle = on_round, on_idle
@@ -260,6 +264,8 @@ class FederatedSim:
         g.batch = (t0, duration, rounds, nbytes, n, event)
 
     def _repeated(self, g: Group) -> None:
+        if g.batch is None:  # _repeat set it when it scheduled this event, and _changed reschedules
+            raise RuntimeError(f"group {g.gid}: repeated rounds ended without a batch")
         t0, duration, rounds, nbytes, n, _ = g.batch
         g.batch = None
         g.round_no += rounds
@@ -272,7 +278,7 @@ class FederatedSim:
     def _start_round(self, g: Group) -> None:
         cfg, rc, t0 = self.config, self.rc, self.engine.now()
         rounds = self._steady_rounds(g, t0)
-        if rounds:
+        if rounds and g.steady is not None:  # rounds > 0 only with a steady round to repeat
             _, duration, nbytes, n = g.steady
             return self._repeat(g, t0, duration, rounds, nbytes, n)
         parts = [m for m in g.members.values() if m.sync_until <= t0]
@@ -312,6 +318,8 @@ class FederatedSim:
             return self._finish(g, parts, late, t0, end, "aborted", 0.0, None, close)
         plan = make_plan(f"g{g.gid}/r{g.round_no}", leader, {m.nid: m.bw for m in group}, self.tensor,
                          t_plan + rc.result_timeout, cfg.min_group, cfg.max_group)
+        if plan is None:  # unreachable: the group has at least min_group members
+            raise RuntimeError(f"group {g.gid}: no plan for {len(group)} members")
         b, ph = self._model(g, plan, group, hops)
         t_bs = max(t_plan, max(ready[m.nid] for m in group) + ph.select_s)
         exchange = ph.reduce_scatter_s + ph.all_gather_s + ph.cpu_s

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from protocol.planning.stage_assign import Assignment, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
+from protocol.planning.stage_assign import Assignment, Move, NodeSpec, assign_nodes, rebalance_join, rebalance_leave
 from protocol.planning.stage_plan import StagePlan, plan_stages
 
 
@@ -81,6 +81,13 @@ def _min_rate(plan: StagePlan, groups) -> float:
     return min(rates)
 
 
+def _to_stage(move: Move) -> int:
+    """The stage a joining or relocated node now downloads (a leaver's move has none)."""
+    if move.to_stage is None:
+        raise RuntimeError(f"node {move.node_id} left: it has no stage to download")
+    return move.to_stage
+
+
 class PipelineSim:
     """The pool's incremental assignment, with per-node shard downloads before a node serves."""
 
@@ -97,13 +104,18 @@ class PipelineSim:
 
     @property
     def min_memory(self) -> float:
-        return min(self.plan.memory)
+        return min(self._stage_bytes())
+
+    def _stage_bytes(self) -> tuple[float, ...]:
+        if self.plan.memory is None:  # PipelineConfig.plan() always gives layer_bytes
+            raise ValueError("the pipeline simulation needs a plan with each stage's memory")
+        return self.plan.memory
 
     def spec(self, nid: str, tflops: float, bandwidth: float, memory_bytes: float) -> NodeSpec:
         return NodeSpec(nid, min(tflops, self.config.link_tflops(bandwidth, self.plan)), memory_bytes)
 
     def _shard_s(self, nid: str, stage: int) -> float:
-        params = self.plan.memory[stage] / self.config.train_bytes_per_param
+        params = self._stage_bytes()[stage] / self.config.train_bytes_per_param
         return params * self.config.shard_bytes_per_param / self.nodes[nid][1]
 
     def start(self, now: float, specs: list[tuple[NodeSpec, float]], warm: bool = True) -> None:
@@ -137,7 +149,7 @@ class PipelineSim:
             return self._reassign(now)
         r = rebalance_join(self.plan, self.assignment, spec)
         self.assignment = r.assignment
-        self.ready_at[spec.node_id] = now + self._shard_s(spec.node_id, r.moves[0].to_stage)
+        self.ready_at[spec.node_id] = now + self._shard_s(spec.node_id, _to_stage(r.moves[0]))
 
     def leave(self, now: float, nid: str) -> None:
         if self.nodes.pop(nid, None) is None:
@@ -155,7 +167,7 @@ class PipelineSim:
         self.assignment = r.assignment
         for move in r.relocated:
             self.moves += 1
-            self.ready_at[move.node_id] = now + self._shard_s(move.node_id, move.to_stage)
+            self.ready_at[move.node_id] = now + self._shard_s(move.node_id, _to_stage(move))
 
     def next_ready(self, now: float) -> float:
         """The next time a download finishes (inf if none is under way)."""

@@ -4,10 +4,10 @@
     predict_round_time([(12.5e6, 0.0)] * 4, 10_000_000, 0.01, select="exact", cpu_share=0.5)   # ~0.4 s
 
 A round (protocol/allreduce/averager.py) is: matchmaking (declare + read the round's DHT key, invite, plan) while the
-member's top-k selection runs in a thread, then a butterfly over spans sized by bandwidth (protocol/planning/partition.py):
-reduce-scatter (each member sends every owner its part of the owner's span) and all-gather (each owner sends its
-span's aggregate to every member), then a commit exchange. For a group of n with spans s_j = span_sizes(P,
-bandwidths)[j] and k = round(density * P):
+member's top-k selection runs in a thread, then a butterfly over spans sized by bandwidth
+(protocol/planning/partition.py): reduce-scatter (each member sends every owner its part of the owner's span) and
+all-gather (each owner sends its span's aggregate to every member), then a commit exchange. For a group of n with
+spans s_j = span_sizes(P, bandwidths)[j] and k = round(density * P):
   part to owner j    k * s_j / P entries of a span of s_j (the top-k is spread evenly over the vector)
   result of span j   s_j * (1 - (1 - density)^n) entries: the union of n independent top-k selections, as in
                      scripts/bench_allreduce.py (random vectors); with result_density, at most that share of s_j
@@ -51,17 +51,16 @@ is checked on one capped configuration (8 peers, 10M, 25 Mbit/s). Held out: ever
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 
 from protocol.allreduce.codecs import EncodedUpdate, smallest_encoding
-from protocol.allreduce.messages import CommitFrame, GroupPlan, PartFrame, ResultFrame, TensorSpec
-from protocol.planning.partition import span_sizes
+from protocol.allreduce.messages import CommitFrame, GroupPlan, PartFrame, ResultFrame, TensorSpec, message_to_wire
 from protocol.allreduce.sparsify import SparseUpdate
-from protocol.allreduce.messages import message_to_wire
+from protocol.planning.partition import span_sizes
 
 # --- protocol constants ----------------------------------------------------------------------------------------
 POLL_S = 0.02  # Averager._matchmake polls the DHT every 20 ms while it waits for the expected group
@@ -274,7 +273,8 @@ def phases(b: Butterfly, params: int, *, select: str = "exact", cpu_share: float
         ag_link = np.maximum(0.0, b.ag_wire - refill) / b.bandwidth  # (n,)
         rs_s, ag_s = float(rs_link.max()), float(ag_link.max())
         hidden = min(float(b.stream_entries.max()) / costs.codec_rate / cpu_share, rs_s + ag_s)
-    cpu = ((n - 1) * costs.peer_s + (n - 1) ** 2 * costs.pair_s + b.codec_entries / costs.codec_rate) / cpu_share - hidden
+    cpu = ((n - 1) * costs.peer_s + (n - 1) ** 2 * costs.pair_s
+           + b.codec_entries / costs.codec_rate) / cpu_share - hidden
     return Phases(
         matchmaking_s=2 * dht_hops(swarm_size) * rtt + POLL_S / 2 + 2.5 * rtt,
         select_s=params * costs.param_s[select] / cpu_share,

@@ -18,13 +18,21 @@ import math
 import pathlib
 import sys
 import time
+from typing import NoReturn
 
 from simulations.churn import FAMILIES, ChurnConfig
-from simulations.federated import GROUPINGS, GPT2_SMALL_PARAMS, FederatedConfig
+from simulations.federated import GPT2_SMALL_PARAMS, GROUPINGS, FederatedConfig
 from simulations.model import PopulationConfig
 from simulations.pipeline import PipelineConfig
-from simulations.roundtime import NETNS_ROUND_S, BENCH_BURST_BYTES, BENCH_CPU_SHARE, BENCH_DENSITY, BENCH_PARAMS, \
-    BENCH_PEERS, predict_round_time
+from simulations.roundtime import (
+    BENCH_BURST_BYTES,
+    BENCH_CPU_SHARE,
+    BENCH_DENSITY,
+    BENCH_PARAMS,
+    BENCH_PEERS,
+    NETNS_ROUND_S,
+    predict_round_time,
+)
 from simulations.swarm import MAX_NODES, Swarm, SwarmConfig
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out"
@@ -39,7 +47,7 @@ PANELS = (  # (timeline key, title, y label)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's usage block is left out)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's usage block is left out)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -192,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{config.nodes} nodes, churn {config.churn.rate_per_hour:g}/h, {config.hours:g} h simulated in "
           f"{time.perf_counter() - t0:.1f} s ({report['events']} events)")
     for key in ("rounds_per_hour", "updates_applied_per_hour", "failed_fraction", "aborted_fraction",
-                "delayed_mass_per_node_mean", "returned_fraction", "wire_mb_per_node_h", "sync_mb_per_node_h", "recovery_fraction",
-                "idle_fraction", "churn_per_hour_measured", "pipeline_time_ratio", "pipeline_ratio_mean"):
+                "delayed_mass_per_node_mean", "returned_fraction", "wire_mb_per_node_h", "sync_mb_per_node_h",
+                "recovery_fraction", "idle_fraction", "churn_per_hour_measured", "pipeline_time_ratio",
+                "pipeline_ratio_mean"):
         if key in s and s[key] is not None:
             print(f"  {key:28s} {s[key]:.4g}")
     for path in written:

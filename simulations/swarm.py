@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from simulations.churn import ChurnConfig, ChurnProcess, HOUR
+from simulations.churn import HOUR, ChurnConfig, ChurnProcess
 from simulations.engine import Clock, Engine
 from simulations.federated import FederatedConfig, FederatedSim, Member, RoundRecord
 from simulations.model import NodeDraw, PopulationConfig, draw_nodes, share_with_memory
@@ -69,6 +69,20 @@ class SwarmConfig:
 class _Interval:
     __slots__ = ("rounds_ok", "rounds_failed", "rounds_aborted", "bytes", "sync_bytes", "recovery_s", "idle_s",
                  "round_s", "departures", "arrivals", "late", "applied", "returned", "pipe_integral")
+    rounds_ok: float
+    rounds_failed: float
+    rounds_aborted: float
+    bytes: float
+    sync_bytes: float
+    recovery_s: float
+    idle_s: float
+    round_s: float
+    departures: float
+    arrivals: float
+    late: float
+    applied: float
+    returned: float
+    pipe_integral: float
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -150,6 +164,11 @@ class Swarm:
 
     # ---- nodes --------------------------------------------------------------------------------------------
 
+    def _pipeline(self) -> PipelineSim:
+        if self.pipe is None:  # only nodes of the "pipe" pool get here, and there is none without a pipeline job
+            raise RuntimeError("no pipeline job in this swarm")
+        return self.pipe
+
     def _draw(self) -> NodeDraw:
         if not self._draws:
             self._draws = draw_nodes(self.config.population, 1024, self.rng_nodes)[::-1]
@@ -174,7 +193,8 @@ class Swarm:
             self.n_fed += 1
             self.fed.add(m)
         elif now > 0:
-            self.pipe.join(now, self.pipe.spec(nid, d.tflops, d.bandwidth, d.memory_bytes), d.bandwidth)
+            pipe = self._pipeline()
+            pipe.join(now, pipe.spec(nid, d.tflops, d.bandwidth, d.memory_bytes), d.bandwidth)
             self._pipe_tick(now)
         return m
 
@@ -188,7 +208,7 @@ class Swarm:
             self.n_fed -= 1
             self.fed.remove(m)
         else:
-            self.pipe.leave(now, nid)
+            self._pipeline().leave(now, nid)
             self._pipe_tick(now)
 
     def _arrive(self) -> None:
@@ -209,9 +229,10 @@ class Swarm:
         now = self.engine.now()
         self._pipe_tick(now)
         self._fed_tick(now)
-        row = {"t_h": now / HOUR, "alive": len(self.alive), "federated_nodes": self.n_fed,
-               "groups_running": sum(1 for g in self.fed.groups if g.running),
-               "delayed_mass": max(0.0, self.fed.delayed_total) / max(1, self.n_fed), "lost_mass": self.fed.lost_total}
+        row: dict[str, float | None] = {
+            "t_h": now / HOUR, "alive": len(self.alive), "federated_nodes": self.n_fed,
+            "groups_running": sum(1 for g in self.fed.groups if g.running),
+            "delayed_mass": max(0.0, self.fed.delayed_total) / max(1, self.n_fed), "lost_mass": self.fed.lost_total}
         if self.pipe is not None:
             ref, proven = self.pipe.reference()
             inc = self.pipe.throughput(now)

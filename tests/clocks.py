@@ -13,7 +13,8 @@ would each move it forward). Waiting on I/O (asyncio.wait_for) stays on the even
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 T = TypeVar("T")
 YIELDS = 20  # event-loop turns wait_for gives other ready tasks before it times out

@@ -13,7 +13,8 @@ import pytest
 from node.devtools.localswarm import LocalSwarm, NodeProcess, wait_for
 
 # Short heartbeat/TTL so churn tests finish quickly; a tiny benchmark budget so nodes start fast.
-FAST_ARGS = ["--heartbeat", "1", "--ttl", "3", "--benchmark-seconds", "0.05", "--join-attempts", "3", "--join-backoff", "0.2"]
+FAST_ARGS = ["--heartbeat", "1", "--ttl", "3", "--benchmark-seconds", "0.05", "--join-attempts", "3", "--join-backoff",
+             "0.2"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -33,8 +33,9 @@ import random
 import time
 import traceback
 import tracemalloc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import msgpack
 
@@ -204,7 +205,8 @@ def raw_fragment(rng: random.Random) -> bytes:
         n = rng.choice((16, 256, 4096))
         return b"\xdc" + n.to_bytes(2, "big") + rng.choice((b"\x80", b"\x90", b"\xc0", b"\xa0")) * n
     if kind == 2:  # big containers declared level after level, far beyond the bytes that follow
-        return rng.choice((b"\xdc\x27\x10", b"\xdc\xff\xff", b"\xde\x27\x10\xa1k")) * rng.choice((2, 33, 1000)) + b"\xc0"
+        return rng.choice((b"\xdc\x27\x10", b"\xdc\xff\xff", b"\xde\x27\x10\xa1k")) * rng.choice((2, 33,
+                                                                                                  1000)) + b"\xc0"
     return rng.choice(RAW_FRAGMENTS)
 
 

@@ -13,11 +13,24 @@ import pytest
 import torch
 
 from node.runtime.p2pd import OwnedP2PDaemon
-from protocol.pipeline.activations import (ACTIVATION_PROTOCOL_VERSION, FRAME_OVERHEAD, MAX_REASON, BackwardReply,
-                                  BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply, ForwardRequest,
-                                  activation_from_wire,
-                                  activation_to_wire, decode_tensor, dtype_name, encode_tensor, max_frame_bytes,
-                                  new_micro_batch_id)
+from protocol.pipeline.activations import (
+    ACTIVATION_PROTOCOL_VERSION,
+    FRAME_OVERHEAD,
+    MAX_REASON,
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ExpectedTensor,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+    decode_tensor,
+    dtype_name,
+    encode_tensor,
+    max_frame_bytes,
+    new_micro_batch_id,
+)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 

@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from node.devtools.localswarm import wait_for
-from node.runtime.files import atomic_write
 from node.devtools.reduce_peer import PeerProcess
+from node.runtime.files import atomic_write
 
 SIZE = 20_000
 TIMEOUTS = ["--matchmaking-time", "1.0", "--part-timeout", "2", "--result-timeout", "4", "--commit-timeout", "1"]

@@ -28,8 +28,8 @@ import numpy as np
 import psutil
 import pytest
 
-from node.ml.datasets import write_node_data
 from node.devtools.localswarm import wait_for
+from node.ml.datasets import write_node_data
 from tests.conftest import run_cli
 from tests.test_allreduce_integration import SIZE, TIMEOUTS
 
@@ -247,7 +247,7 @@ def test_gradient_mass_is_conserved_through_freezes_and_network_cuts(tmp_path):
                 assert gap < 1e-5, f"round {r}: mass taken out {removed.sum()} != applied {applied.sum()} ({gap})"
         print("groups per round:", {r: len(g) for r, g in sorted(groups.items())},
               "; timing disagreements:", disagreements or "none")
-        for p, rs in zip(procs, per_peer):
+        for p, _ in zip(procs, per_peer):
             produced, held = np.load(p.out / "produced.npy"), np.load(p.out / "residual.npy")
             taken = sum((np.load(f) for f in (p.out / f"removed_{r}.npy" for r in range(rounds)) if f.exists()),
                         np.zeros(SIZE))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from node.cli.main import build_parser
-from node.cli.format import format_peers_table
-from node.api.serde import peers_json
 from node.api.rpc import control_pb2
+from node.api.serde import peers_json
+from node.cli.format import format_peers_table
+from node.cli.main import build_parser
 
 GIB = 2**30
 NOW = 1_700_000_000.0

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from node.ml.datasets import (DATASETS, SCHEMES, batches, eval_batches, load_dataset, load_node_data, partition,
-                           stdlib_sources, write_node_data)
+from node.ml.datasets import (
+    DATASETS,
+    SCHEMES,
+    batches,
+    eval_batches,
+    load_dataset,
+    load_node_data,
+    partition,
+    stdlib_sources,
+    write_node_data,
+)
 from node.ml.models import build_model
 
 

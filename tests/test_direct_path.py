@@ -1,6 +1,7 @@
-"""The direct data path (protocol/pipeline/direct.py, node/jobs/pipeline/stage_host.py, node/jobs/pipeline/trainer.py) over real p2pd daemons in this
-process: hops over it compute what hops over libp2p compute, refused frames close the connection (and the host
-keeps serving), and a trainer that cannot reach a direct listener completes its step over libp2p."""
+"""The direct data path (protocol/pipeline/direct.py, node/jobs/pipeline/stage_host.py, node/jobs/pipeline/trainer.py)
+over real p2pd daemons in this process: hops over it compute what hops over libp2p compute, refused frames close the
+connection (and the host keeps serving), and a trainer that cannot reach a direct listener completes its step over
+libp2p."""
 
 from __future__ import annotations
 
@@ -11,17 +12,28 @@ import pytest
 import torch
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.ml.models import build_model
-from node.jobs.pipeline.trainer import PipelineTrainer
-from node.jobs.pipeline.steps import TrainerConfig
-from node.ml.splitter import load_stage
 from node.jobs.pipeline.stage_config import StageConfig
 from node.jobs.pipeline.stage_host import StageHost
-from protocol.pipeline.activations import (ExpectedTensor, ForwardReply, ForwardRequest, activation_from_wire,
-                                  activation_to_wire)
+from node.jobs.pipeline.steps import TrainerConfig
+from node.jobs.pipeline.trainer import PipelineTrainer
+from node.ml.models import build_model
+from node.ml.splitter import load_stage
+from protocol.pipeline.activations import (
+    ExpectedTensor,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+)
+from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    DirectOffer,
+    DirectOpen,
+    control_from_wire,
+    control_to_wire,
+    stage_protocol,
+)
 from protocol.pipeline.direct import FORWARD, MAGIC, REPLY, DirectChannel, new_session, read_sealed, send_sealed
-from protocol.pipeline.control import (CONTROL_BOUND, DirectOffer, DirectOpen, control_from_wire, control_to_wire,
-                                        stage_protocol)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 from tests.test_pipeline import SWARM, UNTIED_GPT2, batch, hosts_running, split, swarm
@@ -167,7 +179,8 @@ def test_refused_direct_frames_close_the_connection_and_the_host_keeps_serving(t
                 close_quietly(writer)
                 # an oversized declared length: refused from the header alone (no body is ever sent)
                 offer, reader, writer, channel = await session()
-                writer.write(MAGIC + bytes([FORWARD]) + bytes(3) + offer.session + bytes(8) + (2**31).to_bytes(4, "big"))
+                header = MAGIC + bytes([FORWARD]) + bytes(3) + offer.session + bytes(8)
+                writer.write(header + (2**31).to_bytes(4, "big"))
                 results["oversized"] = await _closed(reader)
                 close_quietly(writer)
                 # and the host still serves, on the direct path and over libp2p

@@ -46,54 +46,163 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 import node.cli.main as cli
+from node.api.rpc import control_pb2 as pb
 from node.api.serde import capability_json, job_json, peers_json
 from node.cli.format import format_job_line, format_jobs_table, format_peers_table
-from node.runtime.config import FIELDS, resolve
 from node.daemon import parse_join_addr
-from node.runtime.errors import NodeError
+from node.devtools.stage_peer import parse_stop_at
 from node.jobs.federated.export import history_from_json, history_to_json
+from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_bytes
 from node.jobs.spec import job_spec_from_text, job_spec_from_toml, load_job_file
 from node.ml.models import resolve_overrides
+from node.runtime.config import FIELDS, resolve
+from node.runtime.errors import NodeError
+from protocol.allreduce.codecs import (
+    CodecError,
+    DenseCodec,
+    EncodedUpdate,
+    SparseCodec,
+    decode_indices,
+    decode_values,
+    decode_varints,
+    encode_indices,
+    extract_update,
+)
+from protocol.allreduce.matchmaking import (
+    declaration_from_wire,
+    declaration_to_wire,
+    started_from_wire,
+    started_to_wire,
+)
+from protocol.allreduce.messages import (
+    MAX_CONTROL_FRAME,
+    CommitFrame,
+    GroupPlan,
+    Invite,
+    InviteReply,
+    PartFrame,
+    ResultFrame,
+    TensorSpec,
+    message_from_wire,
+    message_to_wire,
+)
+from protocol.allreduce.sparsify import SparseUpdate
+from protocol.pipeline.activations import (
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ExpectedTensor,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+    decode_tensor,
+    encode_tensor,
+    max_frame_bytes,
+)
 from protocol.pipeline.control import (
-    BackupAck, Commit, CommitReply, ControlError, EndStep, EndStepReply, MemberRecord, Resync, StateHead, StateRequest,
-    Status, StatusReply, control_from_wire, control_to_wire, member_record_from_wire, member_record_to_wire)
-from node.api.rpc import control_pb2 as pb
-from node.devtools.stage_peer import parse_stop_at
-from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes, state_to_bytes
-from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
-                                  ForwardRequest, activation_from_wire, activation_to_wire, decode_tensor,
-                                  encode_tensor, max_frame_bytes)
+    Advance,
+    BackupAck,
+    Commit,
+    CommitReply,
+    ControlError,
+    DirectOffer,
+    DirectOpen,
+    Discard,
+    EndStep,
+    EndStepReply,
+    MemberRecord,
+    Resync,
+    StateHead,
+    StateRequest,
+    Status,
+    StatusReply,
+    control_from_wire,
+    control_to_wire,
+    member_record_from_wire,
+    member_record_to_wire,
+)
 from protocol.pipeline.direct import FORWARD, DirectChannel
 from protocol.pipeline.direct import REQUESTS as DIRECT_KINDS
-from protocol.allreduce.codecs import (CodecError, DenseCodec, EncodedUpdate, SparseCodec, decode_indices, decode_values,
-                             decode_varints, encode_indices, extract_update)
-from protocol.records.job_validation import SignedJobRecordValidator
 from protocol.records.job_records import (
-    MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, JobProgress, JobRecord, PipelineAssignment, jobs_key,
-    job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire, parse_progress_subkey,
-    progress_key, progress_subkey)
+    MAX_JOB_PROGRESS_BYTES,
+    MAX_JOB_RECORD_BYTES,
+    JobProgress,
+    JobRecord,
+    PipelineAssignment,
+    job_progress_from_wire,
+    job_progress_to_wire,
+    job_record_from_wire,
+    job_record_to_wire,
+    jobs_key,
+    parse_progress_subkey,
+    progress_key,
+    progress_subkey,
+)
 from protocol.records.job_spec import (
-    MAX_JOB_SPEC_BYTES, InnerOpt, JobSpec, ModelSpec, OuterOpt, job_spec_from_wire, job_spec_to_wire)
-from protocol.transfer.job_state import (
-    MAX_STATE_HEADER_BYTES, StateHeader, state_header_from_wire, state_header_to_wire)
-from protocol.allreduce.matchmaking import declaration_from_wire, declaration_to_wire, started_from_wire, started_to_wire
-from protocol.allreduce.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.pipeline.control import Advance, DirectOffer, DirectOpen, Discard
+    MAX_JOB_SPEC_BYTES,
+    InnerOpt,
+    JobSpec,
+    ModelSpec,
+    OuterOpt,
+    job_spec_from_wire,
+    job_spec_to_wire,
+)
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.peer import (
+    MAX_RECORD_BYTES,
+    Capability,
+    GpuInfo,
+    PeerRecord,
+    peer_record_from_wire,
+    peer_record_to_wire,
+    swarm_key,
+)
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
-from protocol.transfer.shard_transfer import (MAX_CONTROL_BYTES, ChunkReply, ChunkRequest, TransferRefusal,
-                                     chunk_reply_from_wire, chunk_reply_to_wire, chunk_request_from_wire,
-                                     chunk_request_to_wire, refusal_to_wire, reply_bound)
-from protocol.transfer.shards import (MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
-                             canonical_config_json, manifest_from_wire, manifest_to_wire, sign_manifest,
-                             verify_manifest)
-from protocol.allreduce.sparsify import SparseUpdate
 from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.transfer.job_state import (
+    MAX_STATE_HEADER_BYTES,
+    StateHeader,
+    state_header_from_wire,
+    state_header_to_wire,
+)
+from protocol.transfer.shard_transfer import (
+    MAX_CONTROL_BYTES,
+    ChunkReply,
+    ChunkRequest,
+    TransferRefusal,
+    chunk_reply_from_wire,
+    chunk_reply_to_wire,
+    chunk_request_from_wire,
+    chunk_request_to_wire,
+    refusal_to_wire,
+    reply_bound,
+)
+from protocol.transfer.shards import (
+    MAX_MANIFEST_BYTES,
+    ShardError,
+    ShardInfo,
+    ShardManifest,
+    TiedWeight,
+    canonical_config_json,
+    manifest_from_wire,
+    manifest_to_wire,
+    sign_manifest,
+    verify_manifest,
+)
 from protocol.wire import WireError, unpack_bounded
-from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
-from tests.fuzzing import (OBJECT_BYTES_PER_INPUT_BYTE, SLACK, Mutator, byte_cases, count, fuzz, msgpack_bound,
-                           rng_for, text_cases, toml_cases)
+from tests.fuzzing import (
+    OBJECT_BYTES_PER_INPUT_BYTE,
+    SLACK,
+    Mutator,
+    byte_cases,
+    count,
+    fuzz,
+    msgpack_bound,
+    rng_for,
+    text_cases,
+    toml_cases,
+)
 
 KEYS = [Ed25519PrivateKey.from_private_bytes(random.Random(i).randbytes(32)) for i in range(6)]
 PEERS = [peer_id_of(k.public_key()) for k in KEYS]
@@ -184,7 +293,8 @@ def test_message_from_wire(expect):
          errors=(WireError, CodecError), bound=msgpack_bound(1 << 20), accept=accept)
 
 
-# ---- protocol/allreduce/codecs.py --------------------------------------------------------------------------------------
+# ---- protocol/allreduce/codecs.py
+# --------------------------------------------------------------------------------------
 
 
 def _updates(rng: random.Random) -> list[tuple[EncodedUpdate, int]]:
@@ -282,7 +392,8 @@ def test_decode_varints():
          bound=lambda c: OBJECT_BYTES_PER_INPUT_BYTE * len(c[0]) + SLACK, min_accepted=0)
 
 
-# ---- protocol/pipeline/activations.py ---------------------------------------------------------------------------------
+# ---- protocol/pipeline/activations.py
+# ---------------------------------------------------------------------------------
 
 HIDDEN = ExpectedTensor.hidden(2, 4, 8)  # (1..2, 1..4, 8): up to 256 raw bytes
 TOKENS = ExpectedTensor.token_ids(2, 4, 50)
@@ -407,7 +518,7 @@ def _validator_cases(name: str, seeds: list[tuple[DHTRecord, bytes, object]]) ->
     of the signed value itself, of the key (re-signed), the subkey and the expiration time."""
     m = Mutator(rng_for(name))
     rng, out = m.rng, []
-    for record, payload, key in seeds:
+    for record, _, key in seeds:
         out.append(signed_record(record, key))
     for _ in range(count()):
         record, payload, key = rng.choice(seeds)
@@ -473,7 +584,8 @@ def test_signed_job_record_validator(caplog):
     assert all(validator.validate(c) for c in cases[:len(seeds)])
 
 
-# ---- protocol/transfer/shards.py, shard_transfer.py, matchmaking.py ---------------------------------------------------
+# ---- protocol/transfer/shards.py, shard_transfer.py, matchmaking.py
+# ---------------------------------------------------
 
 MANIFEST = sign_manifest(ShardManifest(
     SHA, "GPT2LMHeadModel", canonical_config_json({"n_layer": 4, "n_embd": 64, "vocab_size": 256, "id2label": {
@@ -553,7 +665,8 @@ def test_matchmaking_records():
          bound=msgpack_bound(64 * 1024))
 
 
-# ---- node/jobs/pipeline/trainer.py (stage hosts, trainers, backups) ---------------------------------------------------------
+# ---- node/jobs/pipeline/trainer.py (stage hosts, trainers, backups)
+# ---------------------------------------------------------
 
 CONTROL_SEEDS = [Status(3), StatusReply(3, 17, SHA), StatusReply(0, 0, ""), Commit(3, (1, 2**64 - 1)),
                  CommitReply(3, (1,), (2**64 - 1,)), EndStep(3, (1, 2, 3), tuple(PEERS), PEERS[0]),
@@ -588,8 +701,9 @@ DIRECT_KEY, DIRECT_SESSION = bytes(range(32)), bytes(range(100, 116))
 
 
 def test_direct_frame():
-    """A sealed direct-path frame (protocol/pipeline/direct.py) as a host's fresh channel opens it: header checks, session,
-    sequence number, declared length against a 4 KiB bound, AES-GCM tag. Bound: the frame's copies, 4x + slack."""
+    """A sealed direct-path frame (protocol/pipeline/direct.py) as a host's fresh channel opens it: header checks,
+    session, sequence number, declared length against a 4 KiB bound, AES-GCM tag. Bound: the frame's copies, 4x +
+    slack."""
     def sealed(kind: int, payload: bytes) -> bytes:
         return b"".join(DirectChannel(DIRECT_KEY, DIRECT_SESSION, "trainer").seal(kind, payload))
 
@@ -616,7 +730,8 @@ def test_member_record_from_wire():
          bound=msgpack_bound(256), accept=roundtrip(member_record_to_wire, member_record_from_wire))
 
 
-# ---- node/jobs/federated/export.py: a participant's round history (JSON, read after a state download) ---------------------
+# ---- node/jobs/federated/export.py: a participant's round history (JSON, read after a state download)
+# ---------------------
 
 HISTORY = [{"round": r, "ok": r % 3 != 1, "error": None if r % 3 != 1 else "timeout", "participants": PEERS[:2],
             "train_loss": 0.5 / (r + 1), "samples": 320, "metrics": {"accuracy": 0.9} if r % 2 else {},
@@ -646,7 +761,8 @@ def test_history_from_json():
          accept=lambda c, h: all(isinstance(e, dict) and isinstance(e["round"], int) for e in h) or pytest.fail())
 
 
-# ---- node/jobs/spec.py, node/runtime/config.py: job files, the daemon's Submit, node config ------------------------------
+# ---- node/jobs/spec.py, node/runtime/config.py: job files, the daemon's Submit, node config
+# ------------------------------
 
 JOB_TOML = ['name = "digits-demo"\ndataset = "digits"\ntask = "classification"\nrounds = 30\nlocal_steps = 20\n'
             'density = 0.01\n\n[model]\narch = "mlp"\nhidden = 128\n\n[inner]\nkind = "sgd"\nlr = 0.1\n'
@@ -818,7 +934,8 @@ def cli_env(tmp_path, monkeypatch):
 
 
 def run_cli(argv: list[str]) -> int:
-    """node/cli/main.py main(argv): an exit code (0, 1, 2), or argparse's SystemExit (0 for -h, 2), never a traceback."""
+    """node/cli/main.py main(argv): an exit code (0, 1, 2), or argparse's SystemExit (0 for -h, 2), never a
+    traceback."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -861,7 +978,8 @@ def test_cli_client_commands(tmp_path, cli_env):
     fuzz(run_cli, cases(), errors=(), bound=lambda c: 4 << 20)
 
 
-# ---- safetensors bytes from a peer (node/jobs/pipeline/stage_host.py load_state, node/ml/splitter.py stage_from_bytes) ----------
+# ---- safetensors bytes from a peer (node/jobs/pipeline/stage_host.py load_state, node/ml/splitter.py stage_from_bytes)
+# ----------
 
 
 def _safetensors_cases(m: Mutator, seeds: list[bytes], n: int):
@@ -907,8 +1025,8 @@ def stage_state_sample(optimizer: str) -> tuple[list, bytes, str]:
 
 
 def test_state_from_bytes():
-    """node/jobs/pipeline/stage_state.py state_from_bytes: a replica's state as a peer sends it (resync, takeover, backup),
-    with a StateHead that matches the bytes (the sender chooses both): the parameters and optimizer state, or
+    """node/jobs/pipeline/stage_state.py state_from_bytes: a replica's state as a peer sends it (resync, takeover,
+    backup), with a StateHead that matches the bytes (the sender chooses both): the parameters and optimizer state, or
     Refused. Bound: 80 B per byte on the Python side."""
     states = {kind: stage_state_sample(kind) for kind in OPTIMIZERS}
     m = Mutator(rng_for("state_from_bytes"))

@@ -23,35 +23,79 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 import node.cli.main as cli
+from node.api.rpc import control_pb2 as pb
 from node.cli.format import format_job_line
+from node.jobs.federated.export import history_from_json
+from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes
 from node.runtime.config import resolve
 from node.runtime.errors import NodeError
-from node.jobs.federated.export import history_from_json
-from protocol.pipeline.control import Commit, CommitReply, StateHead, StatusReply, control_from_wire, control_to_wire
-from node.api.rpc import control_pb2 as pb
-from node.jobs.pipeline.stage_state import OPTIMIZERS, Refused, state_from_bytes
-from protocol.pipeline.activations import (MAX_DIMS, MAX_FRAME_OBJECTS, ExpectedTensor, ForwardRequest, activation_from_wire,
-                                  activation_to_wire, max_frame_bytes)
 from protocol.allreduce.codecs import CodecError, decode_values
-from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.allreduce.messages import MAX_CONTROL_FRAME, Invite, message_from_wire, message_to_wire
+from protocol.pipeline.activations import (
+    MAX_DIMS,
+    MAX_FRAME_OBJECTS,
+    ExpectedTensor,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+    max_frame_bytes,
+)
+from protocol.pipeline.control import (
+    MAX_MICRO_BATCHES,
+    Commit,
+    CommitReply,
+    StateHead,
+    StatusReply,
+    control_from_wire,
+    control_to_wire,
+)
 from protocol.records.job_records import (
-    MAX_JOB_RECORD_BYTES, job_progress_from_wire, job_progress_to_wire, job_record_from_wire, job_record_to_wire,
-    jobs_key)
+    MAX_JOB_RECORD_BYTES,
+    job_progress_from_wire,
+    job_progress_to_wire,
+    job_record_from_wire,
+    job_record_to_wire,
+    jobs_key,
+)
 from protocol.records.job_spec import job_spec_from_wire, job_spec_to_wire
-from protocol.transfer.job_state import state_header_from_wire, state_header_to_wire
-from protocol.allreduce.messages import Invite
-from protocol.pipeline.control import MAX_MICRO_BATCHES
-from protocol.records.peer import MAX_RECORD_BYTES, PeerRecord, swarm_key
-from protocol.transfer.shards import (MAX_SHARDS, MAX_TIES, ShardError, ShardInfo, TiedWeight, manifest_from_wire,
-                             manifest_to_wire, sign_manifest)
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.peer import MAX_RECORD_BYTES, PeerRecord, peer_record_from_wire, peer_record_to_wire, swarm_key
 from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.transfer.job_state import state_header_from_wire, state_header_to_wire
+from protocol.transfer.shards import (
+    MAX_SHARDS,
+    MAX_TIES,
+    ShardError,
+    ShardInfo,
+    TiedWeight,
+    manifest_from_wire,
+    manifest_to_wire,
+    sign_manifest,
+)
 from protocol.wire import MAX_DEPTH, MAX_OBJECTS, WireError, unpack_bounded
-from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 from tests.fuzzing import SLACK, fuzz, msgpack_bound
-from tests.test_fuzz import (CAP_GPU, HEADERS, HIDDEN, JOB_TOML, KEYS, MANIFEST, PEERS, PROGRESS, RECORDS, SHA, SPECS,
-                             SWARM, activation_seeds, round_messages, signed_record, stage_state_sample, submit_parse,
-                             validator_bound, cli_env, run_cli)
+from tests.test_fuzz import (
+    CAP_GPU,
+    HEADERS,
+    HIDDEN,
+    JOB_TOML,
+    KEYS,
+    MANIFEST,
+    PEERS,
+    PROGRESS,
+    RECORDS,
+    SHA,
+    SPECS,
+    SWARM,
+    activation_seeds,
+    cli_env,
+    round_messages,
+    run_cli,
+    signed_record,
+    stage_state_sample,
+    submit_parse,
+    validator_bound,
+)
 
 __all__ = ["cli_env"]  # a fixture the CLI regressions use (imported, so pytest finds it here)
 
@@ -166,8 +210,8 @@ def test_msgpack_amplification_object_limits():
         unpack_bounded(frame, len(frame))
 
 
-# ---- 5: deeply nested JSON (node/jobs/federated/export.py history_from_json, protocol/transfer/shards.py config_json) ---------------
-# Fix: json.loads' RecursionError is caught where it is called and reported as the decoder's own error.
+# ---- 5: deeply nested JSON (node/jobs/federated/export.py history_from_json, protocol/transfer/shards.py config_json)
+# --------------- Fix: json.loads' RecursionError is caught where it is called and reported as the decoder's own error.
 
 
 @pytest.mark.parametrize("decode, data, errors", [
@@ -182,11 +226,12 @@ def test_deep_json(decode, data, errors):
         decode(data)
 
 
-# ---- 4, 5, 6: job files and node config (node/jobs/spec.py, node/runtime/config.py, node/ml/models.py) ---------------------
-# Fix: node/runtime/config.py parse_toml (used for job files and the node config) reports tomllib's RecursionError and
-# non-UTF-8 text as NodeError, check_toml_ints refuses integers outside TOML's 64-bit range (also for the parsed
-# TOML the daemon hands to job_spec_from_toml); node/ml/models.py bounds integer overrides (MAX_INT_OVERRIDE) and
-# a cnn's blocks by its side before computing 2 ** blocks; NodeConfig refuses non-finite durations.
+# ---- 4, 5, 6: job files and node config (node/jobs/spec.py, node/runtime/config.py, node/ml/models.py)
+# --------------------- Fix: node/runtime/config.py parse_toml (used for job files and the node config) reports
+# tomllib's RecursionError and non-UTF-8 text as NodeError, check_toml_ints refuses integers outside TOML's 64-bit range
+# (also for the parsed TOML the daemon hands to job_spec_from_toml); node/ml/models.py bounds integer overrides
+# (MAX_INT_OVERRIDE) and a cnn's blocks by its side before computing 2 ** blocks; NodeConfig refuses non-finite
+# durations.
 
 HUGE_LR = ('name = "x"\ndataset = "digits"\ntask = "classification"\nrounds = 3\n[model]\narch = "mlp"\n[inner]\n'
            'lr = 1' + "0" * 400 + "\n")
@@ -282,7 +327,8 @@ def test_job_line_bar():
     assert format_job_line(pb.JobInfo(round=2**32 - 1, rounds=1)).startswith("[" + "#" * 20 + "] round")
 
 
-# ---- 9, 10: a peer's numbers and names (protocol/allreduce/codecs.py, node/jobs/pipeline/stage_state.py) ------------------------------
+# ---- 9, 10: a peer's numbers and names (protocol/allreduce/codecs.py, node/jobs/pipeline/stage_state.py)
+# ------------------------------
 
 
 @pytest.mark.parametrize("nnz", [np.uint64(2**62), np.uint64(2**64 - 1), np.int64(2**62), np.int64(-1)], ids=repr)

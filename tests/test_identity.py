@@ -26,7 +26,8 @@ def raw(key: Ed25519PrivateKey) -> bytes:
 
 
 def pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def seeded_key(seed: int = 0) -> Ed25519PrivateKey:

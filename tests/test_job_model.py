@@ -80,7 +80,8 @@ def test_a_nodes_own_slice_that_does_not_fit_is_named(tmp_path):
     assert data_misfit(job, cfg, narrow) == "this node's 'digits' items have 13 features; the model takes 64"
     labels = data.labels.copy()
     labels[0] = 12
-    assert "labels reach 12; the model has 10 classes" in data_misfit(job, cfg, dataclasses.replace(data, labels=labels))
+    assert "labels reach 12; the model has 10 classes" in data_misfit(job, cfg, dataclasses.replace(data,
+                                                                                                    labels=labels))
     assert "is for causal-lm" in data_misfit(job, cfg, dataclasses.replace(data, task="causal-lm"))
     text = spec("gpt2", dataset="pystdlib-bytes", task="causal-lm")
     windows = dataclasses.replace(data, dataset="pystdlib-bytes", task="causal-lm", num_classes=None,

@@ -14,16 +14,38 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from protocol.records.job_spec import (
-    MAX_STAGE_REPLICAS, MAX_STAGES, PipelineSpec, MAX_JOB_SPEC_BYTES, MAX_MODEL_OVERRIDES, InnerOpt, JobSpec,
-    ModelSpec, OuterOpt, job_id_for, job_spec_from_wire, job_spec_to_wire)
 from protocol.records.job_records import (
-    PipelineAssignment, MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, JobProgress, JobRecord, job_progress_from_wire,
-    job_progress_to_wire, job_record_from_wire, job_record_to_wire, jobs_key, parse_progress_subkey, progress_key,
-    progress_subkey)
+    MAX_JOB_PROGRESS_BYTES,
+    MAX_JOB_RECORD_BYTES,
+    JobProgress,
+    JobRecord,
+    PipelineAssignment,
+    job_progress_from_wire,
+    job_progress_to_wire,
+    job_record_from_wire,
+    job_record_to_wire,
+    jobs_key,
+    parse_progress_subkey,
+    progress_key,
+    progress_subkey,
+)
+from protocol.records.job_spec import (
+    MAX_JOB_SPEC_BYTES,
+    MAX_MODEL_OVERRIDES,
+    MAX_STAGE_REPLICAS,
+    MAX_STAGES,
+    InnerOpt,
+    JobSpec,
+    ModelSpec,
+    OuterOpt,
+    PipelineSpec,
+    job_id_for,
+    job_spec_from_wire,
+    job_spec_to_wire,
+)
 from protocol.records.job_validation import SignedJobRecordValidator
-from protocol.records.peer_keys import peer_id_of
 from protocol.records.peer import swarm_key
+from protocol.records.peer_keys import peer_id_of
 from protocol.records.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
 from protocol.wire import WireError
 
@@ -269,7 +291,8 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("path, value, fragment", BAD_VALUES, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize("path, value, fragment", BAD_VALUES, ids=[f"{p}-{i}" for i, (p, _,
+                                                                                      _) in enumerate(BAD_VALUES)])
 def test_bad_record_value(path, value, fragment):
     assert_wire_error(job_record_from_wire, _with(path, value), fragment)
 
@@ -435,7 +458,8 @@ def test_progress_in_the_wrong_bucket(reader):
 
 
 @pytest.mark.parametrize("subkey", [b"\xc1", MSGPackSerializer.dumps(5), MSGPackSerializer.dumps("no-slash"),
-                                    MSGPackSerializer.dumps("x" * 300), MSGPackSerializer.dumps(f"{'0' * 16}/{ID_B}/x")],
+                                    MSGPackSerializer.dumps("x" * 300),
+                                    MSGPackSerializer.dumps(f"{'0' * 16}/{ID_B}/x")],
                          ids=["garbage", "int", "no-slash", "huge", "two-slashes"])
 def test_garbage_subkeys_rejected(reader, subkey):
     for record in (signed(dht_job(), KEY_A), signed(dht_progress(), KEY_B)):

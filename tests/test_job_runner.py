@@ -10,8 +10,8 @@ import pytest
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.ml.datasets import load_node_data, write_node_data
 from node.jobs.federated.runner import JobRunner
+from node.ml.datasets import load_node_data, write_node_data
 from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
@@ -63,7 +63,7 @@ async def run_job(tmp_path, job: JobSpec) -> list[list]:
         assert len({r.model_hash for r in runners}) == 1, "every node must start from the same seeded model"
         before = runners[0].evaluate()["accuracy"]
         rounds = []
-        for r in range(job.rounds):
+        for _ in range(job.rounds):
             rounds.append(await asyncio.gather(*(runner.run_round() for runner in runners)))
         return [before, rounds]
     finally:
@@ -104,7 +104,8 @@ def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_upda
     assert alone[0].local_seconds > 0 and alone[1].local_seconds == 0  # trained once, then resent
     assert all(r.ok and r.round == 0 for r in together), [r.error for r in together]
     assert together[0].model_hash == together[1].model_hash and next_round == 1
-    assert together[0].local_seconds == 0 and together[0].samples == alone[0].samples  # the kept update, weighed as trained
+    # the kept update, weighed as trained
+    assert together[0].local_seconds == 0 and together[0].samples == alone[0].samples
     assert together[1].local_seconds > 0
 
 

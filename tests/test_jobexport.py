@@ -1,4 +1,5 @@
-"""node/jobs/federated/export.py: report merging (whole-job reports for joiners and exporters), bounded history, files."""
+"""node/jobs/federated/export.py: report merging (whole-job reports for joiners and exporters), bounded history,
+files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 from node.jobs.federated.export import FILES, export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import RoundResult
 from node.ml.models import build_model, flatten_params, params_sha256
-from protocol.transfer.job_state import MAX_HISTORY_BYTES
-from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
 from protocol.records.job_records import JobRecord
+from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
+from protocol.transfer.job_state import MAX_HISTORY_BYTES
 
 
 def result(r: int, ok: bool, error: str | None = None, accuracy: float | None = 0.5) -> RoundResult:

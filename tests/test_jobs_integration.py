@@ -80,7 +80,8 @@ def test_submit_follow_and_every_participant_ends_with_the_same_model(node_facto
     assert sorted(p.name for p in out.iterdir()) == ["curve.png", "manifest.json", "model.safetensors", "report.json"]
     assert json.loads((out / "manifest.json").read_text())["tensors"] == manifests[0]["tensors"]
     assert [r["round"] for r in json.loads((out / "report.json").read_text()) if r["ok"]] == [0, 1, 2, 3, 4]
-    assert_one_line_error(run_cli("job", job_id, "--export", "/proc/no/such", "--home", str(nodes[2].home)), 2, "cannot write")
+    assert_one_line_error(run_cli("job", job_id, "--export", "/proc/no/such", "--home", str(nodes[2].home)), 2,
+                          "cannot write")
     # only the submitter may cancel
     assert_one_line_error(run_cli("cancel", job_id, "--home", str(nodes[1].home)), 2, "only the submitter")
 
@@ -102,7 +103,8 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
         path = tmp_path / name
         path.write_text(text)
         assert_one_line_error(run_cli("submit", str(path), "--home", str(node.home)), 2, name, needle)
-    assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2, "missing.toml")
+    assert_one_line_error(run_cli("submit", str(tmp_path / "missing.toml"), "--home", str(node.home)), 2,
+                          "missing.toml")
     assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
 
 
@@ -159,7 +161,8 @@ def test_job_survives_a_sigkilled_participant_and_a_joiner_catches_up(node_facto
     from node.devtools.localswarm import wait_for
 
     for i in range(4):
-        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=4, node_index=i, scheme="label-skew", seed=0)
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=4, node_index=i, scheme="label-skew",
+                        seed=0)
     nodes = []
     for i in range(3):
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
@@ -249,7 +252,8 @@ def poison(data_dir, dataset: str = "digits") -> None:
 @pytest.mark.timeout(180)
 def test_a_node_with_nan_loss_is_kept_out_and_resyncs(node_factory, tmp_path):
     for i in range(3):
-        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew",
+                        seed=0)
     poison(tmp_path / "data2")
     nodes = []
     for i in range(3):
@@ -295,13 +299,15 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     from node.devtools.localswarm import wait_for
 
     for i in range(3):
-        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew",
+                        seed=0)
 
     def args(i: int, join: list) -> list:
         return ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}"), *join]
 
     n0 = node_factory("n0", args(0, [])).wait_ready()
-    n1 = node_factory("n1", args(1, ["--join", n0.addr]), env={**os.environ, STOP_AT_ENV: "reduce_scatter:2"}).wait_ready()
+    n1 = node_factory("n1", args(1, ["--join", n0.addr]), env={**os.environ,
+                                                               STOP_AT_ENV: "reduce_scatter:2"}).wait_ready()
     job_file = tmp_path / "job.toml"
     job_file.write_text(JOB.replace("rounds = 5", "rounds = 7").replace("round_timeout_s = 30", "round_timeout_s = 12"))
     submitted = run_cli("submit", str(job_file), "--json", "--home", str(n0.home))
@@ -340,14 +346,16 @@ def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_p
     from node.daemon import PERTURB_ENV
 
     for i in range(3):
-        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew", seed=0)
+        write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=3, node_index=i, scheme="label-skew",
+                        seed=0)
     nodes = []
     for i in range(3):
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs", "--data", str(tmp_path / f"data{i}")]
         env = {**os.environ, PERTURB_ENV: "2"} if i == 2 else None
         nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else []), env=env).wait_ready())
     job_file = tmp_path / "job.toml"
-    job_file.write_text(JOB.replace("rounds = 5", "rounds = 12").replace("round_timeout_s = 30", "round_timeout_s = 12"))
+    job_file.write_text(JOB.replace("rounds = 5", "rounds = 12").replace("round_timeout_s = 30",
+                                                                         "round_timeout_s = 12"))
     done = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=150)
     assert done.returncode == 0, done.stderr[-1500:]
     final = json.loads(done.stdout.splitlines()[-1])
@@ -358,4 +366,5 @@ def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_p
     assert "perturbing this node's model after round 2" in log and "differs from the other participants'" in log
     report = json.loads((nodes[0].home / "jobs" / job_id / "report.json").read_text())
     assert report[-1]["ok"] and nodes[2].peer_id in report[-1]["participants"]  # it came back, in sync
-    assert all(set(r["participants"]) == {nodes[0].peer_id, nodes[1].peer_id} for r in report if r["round"] == 3 and r["ok"])
+    assert all(set(r["participants"]) == {nodes[0].peer_id, nodes[1].peer_id} for r in report if r["round"] == 3
+               and r["ok"])

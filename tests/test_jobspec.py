@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from node.runtime.errors import EXIT_USAGE, NodeError
 from node.jobs.spec import DILOCO_DEFAULTS, job_spec_from_toml, load_job_file
+from node.runtime.errors import EXIT_USAGE, NodeError
 from protocol.records.job_spec import InnerOpt, JobSpec, ModelSpec, OuterOpt
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits.toml"
@@ -180,7 +180,8 @@ BAD = [
     ({"dataset": "../etc"}, "dataset: must be 1-64 characters"),
     ({"task": "regression"}, "task: must be one of 'classification', 'causal-lm', got 'regression'"),
     ({"task": "causal-lm"}, "task: arch 'mlp' trains for 'classification', got 'causal-lm'"),
-    ({"model.arch": "resnet"}, "model.arch: must be one of 'gpt2', 'llama', 'bert', 'minilm', 'mlp', 'cnn', got 'resnet'"),
+    ({"model.arch": "resnet"},
+     "model.arch: must be one of 'gpt2', 'llama', 'bert', 'minilm', 'mlp', 'cnn', got 'resnet'"),
     ({"model.hidden": [128, 64]}, "model.hidden: must be a number, string or boolean, got [128, 64]"),
     ({"model.config": {"hidden": 1}}, "model.config: must be a number, string or boolean"),
     ({"model.dropout": float("nan")}, "model.dropout: must be finite, got nan"),
@@ -255,9 +256,9 @@ def test_pipeline_job(tmp_path):
     spec = load_job_file(write(tmp_path, PIPELINE_JOB))
     assert spec.kind == "pipeline" and spec.rounds == 5 and spec.batch_size == 8 and spec.task == "causal-lm"
     assert (spec.pipeline.stages, spec.pipeline.replicas, spec.pipeline.strategy) == (2, 2, "balanced")
-    assert load_job_file(write(tmp_path, PIPELINE_JOB.replace('kind = "pipeline"\n', "").split("[pipeline]")[0]
-                               + "rounds = 3\ntask = \"causal-lm\"\n[model]\narch = \"gpt2\"\n[inner]\nlr = 0.1\n")).kind \
-        == "federated"
+    federated = (PIPELINE_JOB.replace('kind = "pipeline"\n', "").split("[pipeline]")[0]
+                 + "rounds = 3\ntask = \"causal-lm\"\n[model]\narch = \"gpt2\"\n[inner]\nlr = 0.1\n")
+    assert load_job_file(write(tmp_path, federated)).kind == "federated"
 
 
 @pytest.mark.parametrize("change, field", [

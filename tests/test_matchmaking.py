@@ -274,7 +274,8 @@ def run_discover(dht: FakeDHT, t: FakeTime, me: str = "me", expected=None, match
 
 def test_discover_returns_as_soon_as_expected_peers_are_seen():
     t = FakeTime()
-    views = [Seen({A: 1.0}), Seen({A: 1.0, B: 2.0}), Seen({A: 1.0, B: 2.0, C: 3.0}), Seen({A: 1.0, B: 2.0, C: 3.0, D: 4.0})]
+    views = [Seen({A: 1.0}), Seen({A: 1.0, B: 2.0}), Seen({A: 1.0, B: 2.0, C: 3.0}), Seen({A: 1.0, B: 2.0, C: 3.0,
+                                                                                           D: 4.0})]
     dht = FakeDHT(views)
     seen = run_discover(dht, t, expected=4)  # me + A, B, C
     assert seen == views[2]

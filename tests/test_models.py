@@ -14,8 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from node.ml.models import (ARCHS, CAUSAL_LM, CLASSIFICATION, build_model, estimate_memory_bytes, flatten_params,
-                         load_flat_params, minilm_path, param_count, params_sha256, resolve_overrides)
+from node.ml.models import (
+    ARCHS,
+    CAUSAL_LM,
+    CLASSIFICATION,
+    build_model,
+    estimate_memory_bytes,
+    flatten_params,
+    load_flat_params,
+    minilm_path,
+    param_count,
+    params_sha256,
+    resolve_overrides,
+)
 
 # Tiny configs so the whole file runs in seconds (minilm is fixed by its checkpoint).
 TINY = {

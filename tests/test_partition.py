@@ -14,7 +14,7 @@ from protocol.planning.partition import plan_spans, span_sizes
 def assert_tiles(spans: list[tuple[int, int]], total: int) -> None:
     assert spans[0][0] == 0
     assert spans[-1][1] == total
-    for (a0, a1), (b0, _) in zip(spans, spans[1:]):
+    for (_, a1), (b0, _) in zip(spans, spans[1:]):
         assert a1 == b0
     assert all(start <= end for start, end in spans)
 

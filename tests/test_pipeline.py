@@ -1,6 +1,6 @@
-"""node/jobs/pipeline/stage_host.py + node/jobs/pipeline/trainer.py over real libp2p daemons in this process (p2pd per host, port 0,
-stopped in finally): a pipeline of stage hosts computes the unsplit model's logits and gradients, trains with
-two replicas per stage that stay bit-identical and match single-process training, and survives bad frames.
+"""node/jobs/pipeline/stage_host.py + node/jobs/pipeline/trainer.py over real libp2p daemons in this process (p2pd per
+host, port 0, stopped in finally): a pipeline of stage hosts computes the unsplit model's logits and gradients, trains
+with two replicas per stage that stay bit-identical and match single-process training, and survives bad frames.
 
 The model is node/ml/models.py's tiny byte-level GPT-2 (4 layers) built with tie_word_embeddings=False: with the
 embedding and the LM head tied, the first and last stage would each hold a copy whose gradients must be summed
@@ -22,19 +22,40 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.ml.models import build_model
-from node.runtime.p2pd import OwnedP2PDaemon
-from node.jobs.pipeline.steps import PipelineError, TrainerConfig, causal_lm_loss
-from node.jobs.pipeline.trainer import PipelineTrainer
-from node.ml.splitter import load_stage, read_manifest, split_model
-from node.jobs.pipeline.stage_state import Refused, fetch_state
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
 from node.jobs.pipeline.stage_host import StageHost
-from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ForwardReply, ForwardRequest,
-                                  activation_from_wire, activation_to_wire)
-from protocol.pipeline.control import (Advance, Commit, CommitReply, ControlError, Discard, EndStep, EndStepReply,
-                                        MemberRecord, StateHead, control_from_wire, control_to_wire,
-                                        member_record_from_wire, member_record_to_wire, pipe_protocol, stage_protocol)
+from node.jobs.pipeline.stage_state import Refused, fetch_state
+from node.jobs.pipeline.steps import PipelineError, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.trainer import PipelineTrainer
+from node.ml.models import build_model
+from node.ml.splitter import load_stage, read_manifest, split_model
+from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.pipeline.activations import (
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+)
+from protocol.pipeline.control import (
+    Advance,
+    Commit,
+    CommitReply,
+    ControlError,
+    Discard,
+    EndStep,
+    EndStepReply,
+    MemberRecord,
+    StateHead,
+    control_from_wire,
+    control_to_wire,
+    member_record_from_wire,
+    member_record_to_wire,
+    pipe_protocol,
+    stage_protocol,
+)
 from protocol.streams import close_quietly, read_frame, write_frame
 from protocol.wire import WireError
 

@@ -1,5 +1,5 @@
-"""Pipeline training with real stage processes (node/devtools/stage_peer.py, each with its own p2pd) on loopback, and the
-trainer in this test process: a replica SIGKILLed mid-step (frozen by its fault hook exactly at a backward)
+"""Pipeline training with real stage processes (node/devtools/stage_peer.py, each with its own p2pd) on loopback, and
+the trainer in this test process: a replica SIGKILLed mid-step (frozen by its fault hook exactly at a backward)
 loses nothing and counts nothing twice; the last replica of a stage SIGKILLed mid-step is replaced by a new
 process that fetches the shard and the stage's latest state, and training resumes (recovery time printed); a
 corrupted shard is refused and the process exits non-zero; a replica killed inside the averaging round leaves its
@@ -21,11 +21,11 @@ import pytest
 from hivemind.dht.node import DHTNode
 
 from node.devtools.localswarm import wait_for
+from node.devtools.stage_peer import StagePeerProcess
+from node.jobs.pipeline.steps import TrainerConfig
+from node.jobs.pipeline.trainer import PipelineTrainer
 from node.ml.models import build_model
 from node.runtime.p2pd import OwnedP2PDaemon
-from node.jobs.pipeline.trainer import PipelineTrainer
-from node.jobs.pipeline.steps import TrainerConfig
-from node.devtools.stage_peer import StagePeerProcess
 from protocol.transfer.shards import MANIFEST_FILE
 from tests.test_pipeline import UNTIED_GPT2, batch, split, wait_replicas
 
@@ -221,7 +221,8 @@ def test_a_corrupted_shard_is_refused_and_the_process_exits_non_zero(shards, tmp
     data = bytearray((bad / "stage-0001.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (bad / "stage-0001.safetensors").write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "node.devtools.stage_peer", "--shards", str(bad), "--stage", "1", "--out",
+    proc = subprocess.run([sys.executable, "-m", "node.devtools.stage_peer", "--shards", str(bad), "--stage", "1",
+                           "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=50)
     assert proc.returncode == 2, proc.stderr
     assert "sha256" in proc.stderr and "stage-0001.safetensors" in proc.stderr, proc.stderr

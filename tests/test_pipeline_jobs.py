@@ -1,5 +1,5 @@
-"""Pipeline jobs through the real CLI and daemons (node/jobs/pipeline/pipeline_jobs.py): a tiny untied GPT-2 cut into 2 stages
-x 2 replicas hosted by four daemons, trained by the submitting daemon on its byte corpus; followed to done, the
+"""Pipeline jobs through the real CLI and daemons (node/jobs/pipeline/pipeline_jobs.py): a tiny untied GPT-2 cut into 2
+stages x 2 replicas hosted by four daemons, trained by the submitting daemon on its byte corpus; followed to done, the
 loss goes down, the replicas of each stage end with the same parameters, the trained shards are written and
 signed; a daemon left out shows "not assigned"; bad pipeline job files are refused with one line naming the
 field."""
@@ -14,17 +14,15 @@ from types import SimpleNamespace
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.ml.datasets import write_node_data
 from node.devtools.localswarm import wait_for
-from node.ml.models import build_model
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
-from node.ml.splitter import memory_aware_plan
-from protocol.planning.stage_plan import plan_from_json, plan_to_json
-from node.ml.splitter import load_stage, plan_for_model, read_manifest, split_model
 from node.jobs.pipeline.stage_config import StageConfig
 from node.jobs.pipeline.stage_host import StageHost
+from node.ml.datasets import write_node_data
+from node.ml.models import build_model
+from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
 from protocol.planning.stage_assign import NodeSpec
-from protocol.planning.stage_plan import Host
+from protocol.planning.stage_plan import Host, plan_from_json, plan_to_json
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 
@@ -151,8 +149,8 @@ def stage_hosts(node, job_id: str) -> list[list[str]]:
 @pytest.mark.chaos
 @pytest.mark.timeout(420)
 def test_pipeline_job_places_a_joiner_and_reassigns_a_stage_whose_last_host_died(node_factory, tmp_path):
-    """2 stages x 1 host (max_replicas 2, memory_aware). A daemon joining mid-job is placed on the bottleneck stage and serves
-    it from the swarm's latest state; then the other stage's only host is SIGKILLed: once its peer record
+    """2 stages x 1 host (max_replicas 2, memory_aware). A daemon joining mid-job is placed on the bottleneck stage and
+    serves it from the swarm's latest state; then the other stage's only host is SIGKILLed: once its peer record
     expires the trainer moves one host of the 2-replica stage over, which loads the dead stage's state from
     the backup its neighbour held; the job finishes with every stage at the last step and its replicas equal."""
     nodes = start_pipeline_swarm(node_factory, tmp_path, 3)
@@ -209,8 +207,8 @@ def test_pipeline_job_places_a_joiner_and_reassigns_a_stage_whose_last_host_died
 
 
 def test_memory_aware_plan_sizes_stages_for_the_chosen_hosts():
-    """node/jobs/pipeline/pipeline_jobs.py memory_aware_plan: the group with more memory gets the larger stage, whichever
-    order along the pipeline that needs; a model that fits no order is refused naming why."""
+    """node/jobs/pipeline/pipeline_jobs.py memory_aware_plan: the group with more memory gets the larger stage,
+    whichever order along the pipeline that needs; a model that fits no order is refused naming why."""
     model = build_model("gpt2", {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 32,
                                  "tie_word_embeddings": False}, 0).module
     need = plan_for_model(model, [Host(math.inf, 1.0)], "memory_aware").memory[0]  # the whole model, one stage

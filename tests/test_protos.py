@@ -23,6 +23,7 @@ def test_every_proto_field_is_commented():
         assert any(line.startswith("package ") for line in lines), f"{proto} has no package"
         for i, line in enumerate(lines):
             stripped = line.strip()
-            is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("option", "syntax", "reserved"))
+            is_field = stripped.endswith(";") and "=" in stripped and not stripped.startswith(("option", "syntax",
+                                                                                               "reserved"))
             if is_field or stripped.startswith(("rpc ", "message ", "service ", "enum ")):
                 assert lines[i - 1].strip().startswith("//"), f"{proto.name}:{i + 1} lacks a comment: {stripped}"

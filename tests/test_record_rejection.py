@@ -15,10 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 
 from node.runtime.p2pd import OwnedP2PDaemon
+from protocol.records.peer import Capability, PeerRecord, peer_record_to_wire, swarm_key
 from protocol.records.peer_keys import peer_id_of
-from protocol.records.peer import Capability, PeerRecord, swarm_key
 from protocol.records.validation import SignedPeerRecordValidator
-from protocol.records.peer import peer_record_to_wire
 
 CAP = Capability((), 2, 2**30, 2**30, 0.1, None, "test")
 

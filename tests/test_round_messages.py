@@ -14,6 +14,7 @@ from protocol.allreduce.averager import part_frame_bound
 from protocol.allreduce.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.faults import Fault, mangle_part
 from protocol.allreduce.messages import (
+    MAX_CONTROL_FRAME,
     MAX_GROUP_SIZE,
     MAX_ROUND_ID,
     MAX_TENSOR_ELEMENTS,
@@ -25,10 +26,11 @@ from protocol.allreduce.messages import (
     PartFrame,
     ResultFrame,
     TensorSpec,
+    message_from_wire,
+    message_to_wire,
 )
-from protocol.planning.partition import plan_spans
 from protocol.allreduce.sparsify import SparseUpdate
-from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
+from protocol.planning.partition import plan_spans
 from protocol.wire import WireError
 
 A = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"

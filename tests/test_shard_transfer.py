@@ -16,12 +16,27 @@ import msgpack
 import pytest
 
 from node.runtime.p2pd import OwnedP2PDaemon
-from protocol.transfer.shard_transfer import (MAX_CHUNK, BusyError, ChunkReply, ChunkRequest, ServeFault, ShardServer,
-                                     ShardTransferError, TransferRefusal, chunk_reply_from_wire, chunk_reply_to_wire,
-                                     chunk_request_from_wire, chunk_request_to_wire, fetch_shard, part_path,
-                                     refusal_to_wire, reply_bound, shard_protocol)
-from protocol.transfer.shards import ShardInfo
 from protocol.streams import close_quietly, read_frame, write_frame
+from protocol.transfer.shard_transfer import (
+    MAX_CHUNK,
+    BusyError,
+    ChunkReply,
+    ChunkRequest,
+    ServeFault,
+    ShardServer,
+    ShardTransferError,
+    TransferRefusal,
+    chunk_reply_from_wire,
+    chunk_reply_to_wire,
+    chunk_request_from_wire,
+    chunk_request_to_wire,
+    fetch_shard,
+    part_path,
+    refusal_to_wire,
+    reply_bound,
+    shard_protocol,
+)
+from protocol.transfer.shards import ShardInfo
 from protocol.wire import WireError
 
 CHUNK = 64 * 1024

@@ -1,5 +1,5 @@
-"""node/ml/splitter.py + protocol/transfer/shards.py: shards and their signed manifest round-trip, and a stage rebuilt from
-its shard computes exactly what the stage it was cut as computes; a tampered shard, a tampered manifest, the
+"""node/ml/splitter.py + protocol/transfer/shards.py: shards and their signed manifest round-trip, and a stage rebuilt
+from its shard computes exactly what the stage it was cut as computes; a tampered shard, a tampered manifest, the
 wrong signer and another model's manifest are each refused with a one-line ValueError."""
 
 from __future__ import annotations
@@ -11,13 +11,24 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.ml.models import quiet_transformers, minilm_path, params_sha256
+from node.ml.models import minilm_path, params_sha256, quiet_transformers
 from node.ml.splitter import load_stage, read_manifest, shard_file_name, split_model, stage_from_bytes
 from node.ml.stages import cut_model, stage_tensors
 from protocol.records.peer_keys import peer_id_of
-from protocol.transfer.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest, TiedWeight,
-                             canonical_config_json, check_shard_bytes, manifest_from_wire, manifest_to_wire,
-                             sign_manifest, verify_manifest)
+from protocol.transfer.shards import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    ShardError,
+    ShardInfo,
+    ShardManifest,
+    TiedWeight,
+    canonical_config_json,
+    check_shard_bytes,
+    manifest_from_wire,
+    manifest_to_wire,
+    sign_manifest,
+    verify_manifest,
+)
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))

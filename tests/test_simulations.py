@@ -14,16 +14,24 @@ import pytest
 
 from protocol.allreduce.codecs import smallest_encoding
 from protocol.allreduce.matchmaking import make_plan
-from protocol.planning.partition import plan_spans, span_sizes
 from protocol.allreduce.sparsify import SparseUpdate
+from protocol.planning.partition import plan_spans, span_sizes
 from protocol.planning.stage_assign import NodeSpec, assign_nodes
 from simulations.churn import HOUR, ChurnConfig, ChurnProcess
 from simulations.engine import Clock, Engine
 from simulations.federated import FederatedConfig
 from simulations.model import GPUS, MBIT, PopulationConfig, draw_nodes
 from simulations.pipeline import PipelineConfig, PipelineSim
-from simulations.roundtime import BENCH_BURST_BYTES, COSTS, NETNS_ROUND_S, butterfly, fair_cpu_share, payload_bytes, \
-    phases, predict_round_time
+from simulations.roundtime import (
+    BENCH_BURST_BYTES,
+    COSTS,
+    NETNS_ROUND_S,
+    butterfly,
+    fair_cpu_share,
+    payload_bytes,
+    phases,
+    predict_round_time,
+)
 from simulations.swarm import Swarm, SwarmConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -140,7 +140,8 @@ def test_approx_is_deterministic_per_rng_seed_and_exact_when_small() -> None:
     a = topk_approx(x, 500, np.random.default_rng(9), sample_size=1000)
     b = topk_approx(x, 500, np.random.default_rng(9), sample_size=1000)
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(topk_approx(x, 500, np.random.default_rng(9), sample_size=50_000), brute_force(x, 500))
+    np.testing.assert_array_equal(topk_approx(x, 500, np.random.default_rng(9), sample_size=50_000),
+                                  brute_force(x, 500))
     assert topk_approx(x, 0, np.random.default_rng(0), sample_size=10).size == 0
     assert topk_approx(x, x.size, np.random.default_rng(0), sample_size=10).size == x.size
 

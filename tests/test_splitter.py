@@ -13,9 +13,17 @@ import torch
 from torch import nn
 
 from node.ml.attention_masks import ATTENTION_IMPLEMENTATIONS
-from node.ml.models import quiet_transformers, build_model, minilm_path, param_count
-from node.ml.stages import (Stage, check_spans, cut_model, cut_stage, layer_costs, layer_costs_for, sync_tied_grads,
-                         tied_grad_sum)
+from node.ml.models import build_model, minilm_path, param_count, quiet_transformers
+from node.ml.stages import (
+    Stage,
+    check_spans,
+    cut_model,
+    cut_stage,
+    layer_costs,
+    layer_costs_for,
+    sync_tied_grads,
+    tied_grad_sum,
+)
 
 TOL = 0.0  # exact: a stage runs the unsplit model's own ops on the same inputs, masks in the same format
 B, T, VOCAB = 3, 12, 256

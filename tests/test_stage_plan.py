@@ -1,4 +1,5 @@
-"""protocol/planning/stage_plan.py + stage_assign.py: cuts are optimal (vs brute force), fit memory; nodes go where they lift the bottleneck."""
+"""protocol/planning/stage_plan.py + stage_assign.py: cuts are optimal (vs brute force), fit memory; nodes go where
+they lift the bottleneck."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import random
 
 import pytest
 
-from protocol.planning.stage_assign import (Assignment, Move, NodeSpec, assign_nodes, follow_live, rebalance_join,
-                                   rebalance_leave, replica_groups)
+from protocol.planning.stage_assign import (
+    Assignment,
+    Move,
+    NodeSpec,
+    assign_nodes,
+    follow_live,
+    rebalance_join,
+    rebalance_leave,
+    replica_groups,
+)
 from protocol.planning.stage_plan import Host, StagePlan, plan_balanced, plan_layer_wise, plan_memory_aware, plan_stages
 
 # ------------------------------------------------------------------------------------------- brute force

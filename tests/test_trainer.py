@@ -19,7 +19,7 @@ def vec(seed: int) -> np.ndarray:
 def test_fedavg_with_lr_1_gives_the_mean_of_the_local_models():
     start = vec(0)
     locals_ = [vec(i) for i in range(1, 5)]
-    mean_delta = np.mean([pseudo_gradient(start, l) for l in locals_], axis=0, dtype=np.float32)
+    mean_delta = np.mean([pseudo_gradient(start, local) for local in locals_], axis=0, dtype=np.float32)
     new = OuterOptimizer("fedavg", N, lr=1.0).step(start, mean_delta)
     np.testing.assert_allclose(new, np.mean(locals_, axis=0), rtol=0, atol=1e-6)
 

@@ -1,4 +1,5 @@
-"""protocol/records/validation.py (signed peer records in hivemind's DHT) and protocol/records/peer_keys.py (Ed25519 peer ids).
+"""protocol/records/validation.py (signed peer records in hivemind's DHT) and protocol/records/peer_keys.py (Ed25519
+peer ids).
 
 Records are built exactly as hivemind's DHTNode.store_many builds them: subkey and value serialised with
 MSGPackSerializer.dumps, key = DHTID of the key string, then value := validator.sign_value(record).
@@ -20,6 +21,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
+from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, peer_record_to_wire, swarm_key
 from protocol.records.peer_keys import (
     PEER_ID_PREFIX,
     PeerIdError,
@@ -29,10 +31,8 @@ from protocol.records.peer_keys import (
     public_key_from_peer_id,
     raw_public_key,
 )
-from protocol.records.peer import MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord, swarm_key
 from protocol.records.validation import SIGNATURE_BYTES, SignedPeerRecordValidator, key_id
 from protocol.wire import WireError
-from protocol.records.peer import peer_record_to_wire
 
 SWARM = "demo"
 PEERS_KEY = key_id(swarm_key(SWARM, "peers"))
@@ -360,7 +360,8 @@ def test_libp2p_private_key_layout():
     data = libp2p_private_key(KEY_A)
     assert len(data) == 68
     assert data[:4] == bytes([0x08, 0x01, 0x12, 0x40])  # key_type=Ed25519, data: 64 bytes
-    seed = KEY_A.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    seed = KEY_A.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                               serialization.NoEncryption())
     assert data[4:36] == seed
     assert data[36:] == raw_public_key(KEY_A.public_key())
     pb = crypto_pb2.PrivateKey.FromString(data)

@@ -9,10 +9,19 @@ import msgpack
 import pytest
 
 from protocol.records.peer import (
-    CAPABILITY_SCHEMA_VERSION, MAX_ADDRS, MAX_GPUS, MAX_RECORD_BYTES, Capability, GpuInfo, PeerRecord)
-from protocol.wire import MAX_TEXT
-from protocol.wire import WireError, unpack_bounded
-from protocol.records.peer import capability_from_wire, capability_to_wire, peer_record_from_wire, peer_record_to_wire
+    CAPABILITY_SCHEMA_VERSION,
+    MAX_ADDRS,
+    MAX_GPUS,
+    MAX_RECORD_BYTES,
+    Capability,
+    GpuInfo,
+    PeerRecord,
+    capability_from_wire,
+    capability_to_wire,
+    peer_record_from_wire,
+    peer_record_to_wire,
+)
+from protocol.wire import MAX_TEXT, WireError, unpack_bounded
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 
@@ -328,7 +337,8 @@ def test_unpack_bounded_decodes_plain_values():
     assert unpack_bounded(pack(obj), 1024) == obj
 
 
-@pytest.mark.parametrize("ext", [msgpack.ExtType(5, b"abc"), msgpack.ExtType(1, b"x" * 100), msgpack.Timestamp(1, 0)], ids=repr)
+@pytest.mark.parametrize("ext", [msgpack.ExtType(5, b"abc"), msgpack.ExtType(1, b"x" * 100), msgpack.Timestamp(1, 0)],
+                         ids=repr)
 def test_unpack_bounded_rejects_ext_types(ext):
     for obj in (ext, [1, ext], {"k": ext}):
         with pytest.raises(WireError, match="ext"):

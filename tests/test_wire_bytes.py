@@ -11,15 +11,17 @@ Where a decoder exists, the bytes must also decode back to an equal object that 
 After a move only the import lines of this file may change. A golden value changes only with a deliberate wire
 change (a version bump), never with a refactor; regenerate a value by printing ``digest(CASES[name].encoded())``.
 
-Pinned: protocol/wire.py (capabilities, peer records, every all-reduce round message with its sparse payload),
-protocol/allreduce/matchmaking.py (declarations, started markers), protocol/records/jobs.py (specs, records, progress, state
-headers), protocol/pipeline/control.py (every control message, member records), protocol/pipeline/activations.py (every
-frame, float32 / fp16 / bf16 / int64 tensors), protocol/transfer/shard_transfer.py, protocol/transfer/shards.py (a signed manifest),
-protocol/allreduce/codecs.py (the payload of every index / value codec), protocol/pipeline/direct.py (sealed frames),
-protocol/streams.py (the length prefix), the signed DHT values of protocol/records/validation.py and
-protocol/records/job_validation.py, the libp2p key file of protocol/records/peer_keys.py, and the DHT keys and libp2p protocol
-names every node derives. protocol/allreduce/messages.py's Declaration has no encoder of its own: its wire form is
-matchmaking's declaration (the bandwidth; the peer id is the DHT subkey, the expiry the DHT's).
+Pinned: protocol/records/peer.py (capabilities, peer records), protocol/allreduce/messages.py (every all-reduce round
+message with its sparse payload), protocol/allreduce/matchmaking.py (declarations, started markers),
+protocol/records/job_spec.py and job_records.py (specs, records, progress), protocol/transfer/job_state.py (state
+headers), protocol/pipeline/control.py (every control message, member records), protocol/pipeline/activations.py
+(every frame, float32 / fp16 / bf16 / int64 tensors), protocol/transfer/shard_transfer.py, protocol/transfer/shards.py
+(a signed manifest), protocol/allreduce/codecs.py (the payload of every index / value codec),
+protocol/pipeline/direct.py (sealed frames), protocol/streams.py (the length prefix), the signed DHT values of
+protocol/records/validation.py and protocol/records/job_validation.py, the libp2p key file of
+protocol/records/peer_keys.py, and the DHT keys and libp2p protocol names every node derives. The Declaration of
+protocol/allreduce/messages.py has no encoder of its own: its wire form is matchmaking's declaration (the bandwidth;
+the peer id is the DHT subkey, the expiry the DHT's).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 import msgpack
 import numpy as np
@@ -39,6 +42,28 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
 import protocol.pipeline.control as pipeline_messages
+from protocol.allreduce.codecs import DenseCodec, EncodedUpdate, SparseCodec
+from protocol.allreduce.matchmaking import (
+    STARTED,
+    declaration_from_wire,
+    declaration_to_wire,
+    round_key,
+    started_from_wire,
+    started_to_wire,
+)
+from protocol.allreduce.messages import (
+    MAX_CONTROL_FRAME,
+    CommitFrame,
+    GroupPlan,
+    Invite,
+    InviteReply,
+    PartFrame,
+    ResultFrame,
+    TensorSpec,
+    message_from_wire,
+    message_to_wire,
+)
+from protocol.allreduce.sparsify import SparseUpdate
 from protocol.pipeline.activations import (
     ActivationFrame,
     BackwardReply,
@@ -50,25 +75,6 @@ from protocol.pipeline.activations import (
     activation_from_wire,
     activation_to_wire,
 )
-from protocol.allreduce.codecs import DenseCodec, EncodedUpdate, SparseCodec
-from protocol.pipeline.direct import BACKWARD, FORWARD, HEADER_SIZE, REPLY, DirectChannel, parse_header, read_sealed, send_sealed
-from protocol.records.job_validation import SignedJobRecordValidator
-from protocol.records.job_spec import (
-    InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec, job_spec_from_wire, job_spec_to_wire)
-from protocol.records.job_records import (
-    JobProgress, JobRecord, PipelineAssignment, job_progress_from_wire, job_progress_to_wire, job_record_from_wire,
-    job_record_to_wire, jobs_key, progress_key, progress_subkey)
-from protocol.transfer.job_state import StateHeader, state_header_from_wire, state_header_to_wire
-from protocol.allreduce.matchmaking import (
-    STARTED,
-    declaration_from_wire,
-    declaration_to_wire,
-    round_key,
-    started_from_wire,
-    started_to_wire,
-)
-from protocol.allreduce.messages import CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame, TensorSpec
-from protocol.records.peer_keys import libp2p_private_key, peer_id_of
 from protocol.pipeline.control import (
     Advance,
     BackupAck,
@@ -94,7 +100,52 @@ from protocol.pipeline.control import (
     stage_key,
     stage_protocol,
 )
-from protocol.records.peer import Capability, GpuInfo, PeerRecord, swarm_key
+from protocol.pipeline.direct import (
+    BACKWARD,
+    FORWARD,
+    HEADER_SIZE,
+    REPLY,
+    DirectChannel,
+    parse_header,
+    read_sealed,
+    send_sealed,
+)
+from protocol.records.job_records import (
+    JobProgress,
+    JobRecord,
+    PipelineAssignment,
+    job_progress_from_wire,
+    job_progress_to_wire,
+    job_record_from_wire,
+    job_record_to_wire,
+    jobs_key,
+    progress_key,
+    progress_subkey,
+)
+from protocol.records.job_spec import (
+    InnerOpt,
+    JobSpec,
+    ModelSpec,
+    OuterOpt,
+    PipelineSpec,
+    job_spec_from_wire,
+    job_spec_to_wire,
+)
+from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.peer import (
+    Capability,
+    GpuInfo,
+    PeerRecord,
+    capability_from_wire,
+    capability_to_wire,
+    peer_record_from_wire,
+    peer_record_to_wire,
+    swarm_key,
+)
+from protocol.records.peer_keys import libp2p_private_key, peer_id_of
+from protocol.records.validation import SignedPeerRecordValidator, key_id
+from protocol.streams import read_frame, write_frame
+from protocol.transfer.job_state import StateHeader, state_header_from_wire, state_header_to_wire
 from protocol.transfer.shard_transfer import (
     ChunkReply,
     ChunkRequest,
@@ -116,11 +167,6 @@ from protocol.transfer.shards import (
     sign_manifest,
     verify_manifest,
 )
-from protocol.allreduce.sparsify import SparseUpdate
-from protocol.streams import read_frame, write_frame
-from protocol.records.validation import SignedPeerRecordValidator, key_id
-from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
-from protocol.records.peer import capability_from_wire, capability_to_wire, peer_record_from_wire, peer_record_to_wire
 
 # ---- fixed inputs ----------------------------------------------------------------------------------------------
 
@@ -178,7 +224,8 @@ async def reader_of(data: bytes) -> asyncio.StreamReader:
 # records
 
 CPU = Capability((), 8, 16 * 2**30, 100 * 2**30, 0.25, None, "Linux-6.1-x86_64 / torch 2.13.0+cpu")
-GPUS = Capability((GpuInfo("NVIDIA H100 80GB HBM3", 80 * 2**30, (9, 0)), GpuInfo("NVIDIA A100-SXM4-40GB", 40 * 2**30, (8, 0))),
+GPUS = Capability((GpuInfo("NVIDIA H100 80GB HBM3", 80 * 2**30, (9, 0)), GpuInfo("NVIDIA A100-SXM4-40GB", 40 * 2**30,
+                                                                                 (8, 0))),
                   64, 512 * 2**30, 2 * 2**40, 51.2, 612.5, "Linux-5.15-x86_64 / torch 2.13.0+cu128")
 
 
@@ -260,7 +307,8 @@ SHA_2 = hashlib.sha256(b"stage 1").hexdigest()
 
 
 def manifest() -> ShardManifest:
-    unsigned = ShardManifest(HASH, "GPT2LMHeadModel", canonical_config_json({"n_layer": 4, "n_embd": 64, "vocab_size": 256}),
+    unsigned = ShardManifest(HASH, "GPT2LMHeadModel", canonical_config_json({"n_layer": 4, "n_embd": 64,
+                                                                             "vocab_size": 256}),
                              4, "float32", (ShardInfo(0, 2, "stage-000.safetensors", SHA_1, 1000),
                                             ShardInfo(2, 4, "stage-001.safetensors", SHA_2, 2000)),
                              (TiedWeight("lm_head.weight", "transformer.wte.weight"),), ID_A)
@@ -382,7 +430,8 @@ def dht_job_record() -> DHTRecord:
 
 def dht_progress() -> DHTRecord:
     item = progress()
-    return DHTRecord(key_id(progress_key(SWARM, item.job_id)), MSGPackSerializer.dumps(progress_subkey(item.job_id, ID_B)),
+    return DHTRecord(key_id(progress_key(SWARM, item.job_id)), MSGPackSerializer.dumps(progress_subkey(item.job_id,
+                                                                                                       ID_B)),
                      MSGPackSerializer.dumps(job_progress_to_wire(item)), EXPIRATION)
 
 
@@ -409,7 +458,8 @@ def names() -> list[str]:
         jobs_key(SWARM), key_id(jobs_key(SWARM)).hex(), progress_key(SWARM, job_id),
         key_id(progress_key(SWARM, job_id)).hex(), progress_subkey(job_id, ID_B),
         *(stage_protocol(SWARM, PIPELINE, 1, kind) for kind in ("forward", "backward", "control")),
-        pipe_protocol(SWARM, PIPELINE, "state"), pipe_protocol(SWARM, PIPELINE, "backup"), stage_key(SWARM, PIPELINE, 1),
+        pipe_protocol(SWARM, PIPELINE, "state"), pipe_protocol(SWARM, PIPELINE, "backup"), stage_key(SWARM, PIPELINE,
+                                                                                                     1),
         shard_protocol(SWARM), ID_A,
     ]
 
@@ -440,7 +490,8 @@ _sparse_auto, _sparse_bitmap = codec_case(SparseCodec("fp16")), codec_case(Spars
 _sparse_dense_index, _dense_fp32 = codec_case(SparseCodec("fp32", "delta-varint")), codec_case(DenseCodec("fp32"))
 _dense_fp16 = codec_case(DenseCodec("fp16"))
 _signed_peer = signed_case(SignedPeerRecordValidator, KEY_A)
-_signed_job, _signed_progress = signed_case(SignedJobRecordValidator, KEY_A), signed_case(SignedJobRecordValidator, KEY_B)
+_signed_job, _signed_progress = signed_case(SignedJobRecordValidator, KEY_A), signed_case(SignedJobRecordValidator,
+                                                                                          KEY_B)
 
 CASES: dict[str, Case] = {
     # protocol/wire.py
@@ -457,7 +508,8 @@ CASES: dict[str, Case] = {
     "wire/part_frame": round_message(part_frame),
     "wire/result_frame": round_message(result_frame),
     "wire/commit_frame": round_message(lambda: CommitFrame(ROUND, ID_C, (True, False, True))),
-    # protocol/allreduce/matchmaking.py (protocol/allreduce/messages.py Declaration: the DHT value of a peer's declaration)
+    # protocol/allreduce/matchmaking.py (protocol/allreduce/messages.py Declaration: the DHT value of a peer's
+    # declaration)
     "matchmaking/declaration": Case(lambda: 1.25e8, declaration_to_wire, declaration_from_wire),
     "matchmaking/started": Case(lambda: tuple(sorted((ID_A, ID_B, ID_C))), started_to_wire, started_from_wire),
     # protocol/records/jobs.py

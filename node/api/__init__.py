@@ -1,1 +1,8 @@
-"""The local control API: the gRPC servicer, the client the CLI uses, proto conversion, generated code."""
+"""The local control API (CLI <-> daemon), package swarmnode.v1 of proto/swarmnode/v1/control.proto.
+
+    service.py  NodeService (what the daemon serves, in Python terms), NodeStatus, JobSummary, the token convention
+    server.py   ControlServicer over any NodeService; start_control_server (0600 Unix socket, or TCP + token)
+    client.py   ControlClient: what the CLI uses to reach a running daemon
+    serde.py    the one place that converts protobuf messages to and from Python (x_to_proto) and JSON (x_json)
+    rpc/        protoc's generated code (``make protos``; tests/test_protos.py fails when it is stale)
+"""

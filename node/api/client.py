@@ -6,11 +6,11 @@ import json
 
 import grpc
 
-from node.runtime.config import NodeConfig
-from node.api.service import TOKEN_METADATA, read_token
-from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.api.rpc import control_pb2 as pb
 from node.api.rpc import control_pb2_grpc as pb_grpc
+from node.api.service import TOKEN_METADATA, read_token
+from node.runtime.config import NodeConfig
+from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
 
 class ControlClient:
@@ -30,7 +30,8 @@ class ControlClient:
             try:
                 self._metadata = ((TOKEN_METADATA, read_token(config.token_path)),)
             except OSError as e:
-                raise NodeError(f"cannot read the control token {config.token_path}: {e.strerror}", EXIT_FAILURE) from None
+                raise NodeError(f"cannot read the control token {config.token_path}: {e.strerror}",
+                                EXIT_FAILURE) from None
         self.target = target
         self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.ControlStub(self._channel)
@@ -42,7 +43,8 @@ class ControlClient:
             try:
                 address = json.loads(self.config.state_path.read_text())["control"][len("tcp://") :]
             except (OSError, ValueError, KeyError):
-                raise NodeError(f"no swarmnode daemon is running for home {self.config.home_dir}", EXIT_FAILURE) from None
+                raise NodeError(f"no swarmnode daemon is running for home {self.config.home_dir}",
+                                EXIT_FAILURE) from None
         return address
 
     def _call(self, method: str, request, timeout: float | None = None):
@@ -53,10 +55,12 @@ class ControlClient:
             code = e.code()
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise NodeError(
-                    f"the swarmnode daemon for home {self.config.home_dir} is not answering at {self.target}", EXIT_FAILURE
+                    f"the swarmnode daemon for home {self.config.home_dir} is not answering at {self.target}",
+                    EXIT_FAILURE,
                 ) from None
             if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise NodeError(f"the daemon refused the control token in {self.config.token_path}", EXIT_FAILURE) from None
+                raise NodeError(f"the daemon refused the control token in {self.config.token_path}",
+                                EXIT_FAILURE) from None
             if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
                 raise NodeError(e.details(), EXIT_USAGE) from None
             if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -100,7 +104,7 @@ class ControlClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ControlClient":
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(self, *exc) -> None:

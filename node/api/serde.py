@@ -12,7 +12,6 @@ tables and lines (node/cli/format.py) read the same messages.
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 from node.api.rpc import control_pb2 as pb
@@ -28,7 +27,8 @@ if TYPE_CHECKING:  # the CLI imports this module: no hivemind or torch at its st
 def capability_to_proto(cap: Capability) -> pb.Capability:
     msg = pb.Capability(
         gpus=[
-            pb.Gpu(name=g.name, memory_bytes=g.memory_bytes, cc_major=g.compute_capability[0], cc_minor=g.compute_capability[1])
+            pb.Gpu(name=g.name, memory_bytes=g.memory_bytes, cc_major=g.compute_capability[0],
+                   cc_minor=g.compute_capability[1])
             for g in cap.gpus
         ],
         cpu_cores=cap.cpu_cores,
@@ -120,8 +120,9 @@ def status_json(s: pb.StatusResponse) -> dict:
 
 def peers_json(resp: pb.PeersResponse) -> list[dict]:
     return [
-        {"peer_id": p.peer_id, "addrs": list(p.addrs), "version": p.version, "capability": capability_json(p.capability),
-         "last_seen": p.last_seen, "expires_at": p.expires_at, "is_self": p.is_self}
+        {"peer_id": p.peer_id, "addrs": list(p.addrs), "version": p.version,
+         "capability": capability_json(p.capability), "last_seen": p.last_seen, "expires_at": p.expires_at,
+         "is_self": p.is_self}
         for p in resp.peers
     ]
 

@@ -17,6 +17,7 @@ import logging
 import os
 import pathlib
 import secrets
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -33,6 +34,13 @@ FOLLOW_HEARTBEAT_S = 2.0  # a followed job's state is re-sent at least this ofte
 FOLLOW_POLL_S = 0.5
 
 
+class _Context(Protocol):
+    """The part of grpc.aio.ServicerContext used here. grpc ships no type information, so without this mypy
+    cannot tell that abort always raises (it ends the RPC with that status)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn: ...
+
+
 def _status(error: NodeError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT if error.exit_code == EXIT_USAGE else grpc.StatusCode.FAILED_PRECONDITION
 
@@ -41,22 +49,22 @@ class ControlServicer(pb_grpc.ControlServicer):
     def __init__(self, service: NodeService):
         self.service = service
 
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+    async def Status(self, request: pb.StatusRequest, context: _Context) -> pb.StatusResponse:
         return status_to_proto(self.service.status())
 
-    async def Peers(self, request: pb.PeersRequest, context: grpc.aio.ServicerContext) -> pb.PeersResponse:
+    async def Peers(self, request: pb.PeersRequest, context: _Context) -> pb.PeersResponse:
         return peers_to_proto(await self.service.peers(), self.service.peer_id)
 
-    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
+    async def Submit(self, request: pb.SubmitRequest, context: _Context) -> pb.SubmitResponse:
         try:
             return pb.SubmitResponse(job_id=await self.service.submit(request.job_toml, request.source or "job file"))
         except NodeError as e:
             await context.abort(_status(e), str(e))
 
-    async def Jobs(self, request: pb.JobsRequest, context: grpc.aio.ServicerContext) -> pb.JobsResponse:
+    async def Jobs(self, request: pb.JobsRequest, context: _Context) -> pb.JobsResponse:
         return pb.JobsResponse(jobs=[job_to_proto(summary) for summary in await self.service.list_jobs()])
 
-    async def Job(self, request: pb.JobRequest, context: grpc.aio.ServicerContext):
+    async def Job(self, request: pb.JobRequest, context: _Context):
         last, sent_at = None, 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -71,16 +79,17 @@ class ControlServicer(pb_grpc.ControlServicer):
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
 
-    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+    async def Cancel(self, request: pb.CancelRequest, context: _Context) -> pb.CancelResponse:
         try:
             return pb.CancelResponse(cancelled=await self.service.cancel(request.job_id))
         except NodeError as e:
             await context.abort(_status(e), str(e))
 
-    async def Export(self, request: pb.ExportRequest, context: grpc.aio.ServicerContext) -> pb.ExportResponse:
+    async def Export(self, request: pb.ExportRequest, context: _Context) -> pb.ExportResponse:
         out = pathlib.Path(request.out_dir)
         if not out.is_absolute():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"export directory must be absolute, got {str(out)!r:.200}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"export directory must be absolute, got {str(out)!r:.200}")
         try:
             files = await self.service.export(request.job_id, out)
         except NodeError as e:
@@ -88,9 +97,10 @@ class ControlServicer(pb_grpc.ControlServicer):
         except OSError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot write to {out}: {e.strerror}")
         manifest = json.loads(next(f for f in files if f.name == "manifest.json").read_text())
-        return pb.ExportResponse(files=[str(f) for f in files], round=manifest["rounds"], model_hash=manifest["model_hash"])
+        return pb.ExportResponse(files=[str(f) for f in files], round=manifest["rounds"],
+                                 model_hash=manifest["model_hash"])
 
-    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+    async def Leave(self, request: pb.LeaveRequest, context: _Context) -> pb.LeaveResponse:
         return pb.LeaveResponse(withdrawn=await self.service.leave())
 
 

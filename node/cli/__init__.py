@@ -1,1 +1,7 @@
-"""The swarmnode command."""
+"""The ``swarmnode`` command (``python -m node.cli``, or the ``swarmnode`` script).
+
+    main.py      the argument parser and the dispatch; every expected failure one line, exit 1 or 2
+    commands.py  run, status/peers/leave, submit/jobs/job/cancel, data, split
+    dev.py       dev-swarm and the demo job that ``make demo`` runs
+    format.py    tables and progress lines for people (``--json`` prints node/api/serde.py's dicts instead)
+"""

@@ -35,9 +35,9 @@ def read_job_file(path: pathlib.Path) -> str:
 
 
 def config_from(args: argparse.Namespace) -> NodeConfig:
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id", "follow",
-                                                          "export", "model", "stages", "strategy", "host", "out",
-                                                          "data_command", "dataset", "slice", "scheme", "seed")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id",
+                                                          "follow", "export", "model", "stages", "strategy", "host",
+                                                          "out", "data_command", "dataset", "slice", "scheme", "seed")}
     return resolve(flags, config_file=args.config)
 
 
@@ -72,7 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_ready(daemon) -> None:
         if args.json:
-            print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm}), flush=True)
+            print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm}),
+                  flush=True)
             return
         me, other = self_command(), shlex.quote(f"{config.home_dir}-2")
         print(f"swarmnode: node {daemon.peer_id} is up in swarm '{config.swarm}'. Others can join with "
@@ -111,13 +112,14 @@ def job_updates(client, job_id: str, follow: bool, as_json: bool = False, clock=
 
 
 def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
-    info = None
+    state = None  # the last state the daemon sent (None: it sent none)
     for info, line, new in job_updates(client, job_id, follow, as_json):
+        state = info.state
         if line is not None:
             print(line, flush=True)
         for d in new if not as_json else ():  # JSON lines carry them in "declines"
             print(f"  declined by {d.peer_id}: {d.reason}", flush=True)
-    return 0 if info is None or info.state != "cancelled" else 1
+    return 0 if state != "cancelled" else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -138,7 +140,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             if args.export is None or code != 0:
                 return code
             written = client.export(args.job_id, str(args.export.expanduser().resolve()))
-            print(json.dumps(export_json(written)) if args.json else f"wrote job {args.job_id} after {written.round} rounds (model {written.model_hash[:16]}...): "
+            print(json.dumps(export_json(written)) if args.json else
+                  f"wrote job {args.job_id} after {written.round} rounds (model {written.model_hash[:16]}...): "
                   + ", ".join(written.files), flush=True)
             return 0
         cancelled = client.cancel(args.job_id).cancelled
@@ -217,19 +220,21 @@ def _hosts(specs: list[str]):
         try:
             hosts.append(Host(float(mem) * 2**30, float(tflops)))
         except ValueError:
-            raise NodeError(f"--host {spec!r}: expected MEM_GIB:TFLOPS with positive numbers, e.g. 8:20", EXIT_USAGE) from None
+            raise NodeError(f"--host {spec!r}: expected MEM_GIB:TFLOPS with positive numbers, e.g. 8:20",
+                            EXIT_USAGE) from None
         if not sep:
             raise NodeError(f"--host {spec!r}: expected MEM_GIB:TFLOPS, e.g. 8:20", EXIT_USAGE)
     return hosts
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from node.runtime.identity import load_or_create_key
     from node.ml.models import minilm_path
     from node.ml.splitter import load_model_dir, plan_for_model, split_model
+    from node.runtime.identity import load_or_create_key
 
     if (args.strategy == "memory_aware") != bool(args.host):
-        raise NodeError("--host goes with --strategy memory_aware (one per stage), and memory_aware needs them", EXIT_USAGE)
+        raise NodeError("--host goes with --strategy memory_aware (one per stage), and memory_aware needs them",
+                        EXIT_USAGE)
     if args.host and args.stages is not None and args.stages != len(args.host):
         raise NodeError(f"--stages {args.stages} but {len(args.host)} --host given: one host per stage", EXIT_USAGE)
     if not args.host and args.stages is None:
@@ -249,8 +254,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"strategy": plan.strategy, "stages": plan.rows(), "model_hash": manifest.model_hash,
                           "splitter": manifest.splitter, "out": str(args.out),
-                          "shards": [{"start": s.start, "end": s.end, "file": s.file, "size": s.size, "sha256": s.sha256}
-                                     for s in manifest.shards]}, default=str))
+                          "shards": [{"start": s.start, "end": s.end, "file": s.file, "size": s.size,
+                                      "sha256": s.sha256} for s in manifest.shards]}, default=str))
         return 0
     print(f"{manifest.arch}, {manifest.num_layers} layers, {plan.strategy} into {len(plan.spans)} stages "
           f"(cost = parameters):")

@@ -15,8 +15,8 @@ import signal
 import tempfile
 import time
 
-from node.cli.format import format_peers_table
 from node.cli.commands import job_updates, read_job_file, self_command
+from node.cli.format import format_peers_table
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
 
@@ -45,6 +45,8 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> bool:
             print(f"-- started {fresh.home.name} ({fresh.peer_id[-8:]}): it downloads the current model and joins",
                   flush=True)
             churned = True
+    if info is None:  # the daemon's stream always carries at least the job's current state
+        raise RuntimeError(f"the node sent no state for job {job_id}")
     print(f"\njob {job_id} {info.state}: final eval {info.eval_metric:.4f} after {info.round} rounds; "
           f"model hash {info.model_hash[:16]}...", flush=True)
     if info.state != "done":

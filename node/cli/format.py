@@ -41,7 +41,8 @@ def format_peers_table(resp) -> str:
         else:
             gpu, vram = "none (CPU only)", "-"
         bf16 = f"{cap.tflops_bf16:.2f}" if cap.HasField("tflops_bf16") else "-"
-        addr = (p.addrs[0].split("/p2p/")[0] if p.addrs else "-") + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else "")
+        addr = ((p.addrs[0].split("/p2p/")[0] if p.addrs else "-")
+                + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else ""))
         rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
                      f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
     return table(header, rows, f"{len(rows)} node(s); * = this node")
@@ -66,8 +67,9 @@ def format_jobs_table(resp) -> str:
 def format_status(s) -> str:
     cap = capability_json(s.capability)
     gpus = ", ".join(f"{g['name']} ({_gib(g['memory_bytes'])}, cc {g['compute_capability']})" for g in cap["gpus"])
-    lines = [f"peer id    {s.peer_id}", f"swarm      {s.swarm}", f"version    {s.version}", f"uptime     {s.uptime_s:.0f} s",
-             f"peers      {s.peers_seen} at last read", f"heartbeat  {s.last_heartbeat_age_s:.1f} s ago",
+    lines = [f"peer id    {s.peer_id}", f"swarm      {s.swarm}", f"version    {s.version}",
+             f"uptime     {s.uptime_s:.0f} s", f"peers      {s.peers_seen} at last read",
+             f"heartbeat  {s.last_heartbeat_age_s:.1f} s ago",
              f"hardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
              f"{cap['tflops_fp32']:.3f} TFLOPS fp32", "addresses", *(f"  {a}" for a in s.addrs)]
     return "\n".join(lines)

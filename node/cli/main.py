@@ -29,12 +29,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarmnode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="swarmnode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start a node daemon (foreground)")
     _add_common(run)
-    run.add_argument("--listen", action="append", help="libp2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/0)")
+    run.add_argument("--listen", action="append",
+                     help="libp2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/0)")
     run.add_argument("--announce", action="append", help="public multiaddr to announce, repeatable")
     run.add_argument("--join", action="append", help="bootstrap peer multiaddr ending in /p2p/<peer id>, repeatable")
     run.add_argument("--swarm", help="swarm name (default 'default')")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_add.add_argument("--data", help="the node's data directory (default <home>/data; as `run --data`)")
     data_add.add_argument("dataset", help="a bundled dataset: digits, wine, breast_cancer or pystdlib-bytes")
     data_add.add_argument("--slice", default="0/1", metavar="I/N",
-                          help="this node's part I of N equal-sized parts (0-based; default 0/1: the whole train split)")
+                          help="this node's part I of N equal-sized parts (0-based; default 0/1: the whole train "
+                               "split)")
     data_add.add_argument("--scheme", default="iid", choices=("iid", "label-skew", "shards"),
                           help="how the N parts are drawn: iid (default), label-skew (Dirichlet 0.5) or shards")
     data_add.add_argument("--seed", type=int, default=0,

@@ -6,6 +6,7 @@ killed with a real signal; stop() always ends with SIGKILL to the whole group (n
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import psutil
 
@@ -48,7 +49,7 @@ class NodeProcess:
     def log_path(self) -> pathlib.Path:
         return self.home / "daemon.log"
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.home / "node.json").unlink(missing_ok=True)
         env = dict(os.environ if self.env is None else self.env)
@@ -61,16 +62,22 @@ class NodeProcess:
         log.close()
         return self
 
+    def _process(self) -> subprocess.Popen:
+        if self.proc is None:
+            raise RuntimeError(f"the node in {self.home} has not been started")
+        return self.proc
+
     def _ready(self) -> dict | None:
-        if self.proc.poll() is not None:
-            raise NodeError(f"node exited with code {self.proc.returncode} before it was ready: {self.log_tail()}")
+        proc = self._process()
+        if proc.poll() is not None:
+            raise NodeError(f"node exited with code {proc.returncode} before it was ready: {self.log_tail()}")
         try:
             state = json.loads((self.home / "node.json").read_text())
         except (OSError, ValueError):
             return None
-        return state if state.get("pid") == self.proc.pid else None
+        return state if state.get("pid") == proc.pid else None
 
-    def wait_ready(self, timeout: float = 30.0) -> "NodeProcess":
+    def wait_ready(self, timeout: float = 30.0) -> NodeProcess:
         self.state = wait_for(self._ready, timeout, f"node in {self.home} to start")
         return self
 
@@ -100,7 +107,7 @@ class NodeProcess:
 
     def descendants(self) -> list[psutil.Process]:
         try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
+            return psutil.Process(self._process().pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
 
@@ -113,7 +120,7 @@ class NodeProcess:
         """SIGKILL the node (its Python process); p2pd, losing its parent, must not outlive it."""
         children = self.descendants()
         self.send(signal.SIGKILL)
-        self.proc.wait(10)
+        self._process().wait(10)
         _, alive = psutil.wait_procs(children, timeout=5)
         for p in alive:  # should not happen; keeps a broken build from leaking processes
             p.kill()
@@ -175,7 +182,7 @@ class LocalSwarm:
         self.nodes.append(node)
         return node
 
-    def start(self, timeout: float = 60.0) -> "LocalSwarm":
+    def start(self, timeout: float = 60.0) -> LocalSwarm:
         self.add_node(join=[]).wait_ready(timeout)
         joiners = [self.add_node() for _ in range(self.n - 1)]
         for node in joiners:
@@ -183,10 +190,15 @@ class LocalSwarm:
         return self
 
     def wait_converged(self, timeout: float = 30.0) -> None:
-        expected = {n.peer_id for n in self.nodes if n.proc.poll() is None}
+        expected = {n.peer_id for n in self.nodes if n._process().poll() is None}
+
+        def sees_all(node: NodeProcess) -> bool:
+            return node.peer_ids() == expected
+
         for node in self.nodes:
-            if node.proc.poll() is None:
-                wait_for(lambda: node.peer_ids() == expected, timeout, f"{node.home.name} to see all {len(expected)} peers")
+            if node._process().poll() is None:
+                wait_for(functools.partial(sees_all, node), timeout,
+                         f"{node.home.name} to see all {len(expected)} peers")
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -28,14 +28,14 @@ import time
 import numpy as np
 from hivemind.dht.node import DHTNode
 
-from node.runtime.p2pd import OwnedP2PDaemon
 from node.devtools.localswarm import wait_for
+from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.allreduce.averager import Averager
-from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.faults import Fault, mangle_part
 from protocol.allreduce.messages import TensorSpec
-from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
+from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
+from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 
 
 def emit(**event) -> None:
@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-at", choices=[ph.value for ph in Phase], default=None)
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
-    p.add_argument("--fault-schedule", default="", help="comma-separated fault per round (- for none), e.g. -,nan,garbage")
+    p.add_argument("--fault-schedule", default="",
+                   help="comma-separated fault per round (- for none), e.g. -,nan,garbage")
     p.add_argument("--save-averages", action="store_true",
                    help="write each applied average as round_<r>.npy, and what each round took out of the "
                         "error-feedback buffer as removed_<r>.npy")
@@ -141,10 +142,12 @@ async def main(args: argparse.Namespace) -> None:
             if delay > 0:
                 await asyncio.sleep(delay)
             t0 = time.perf_counter()
-            timing = {}
-            selected = {}  # the update select() took out of the error-feedback buffer
+            timing: dict[str, float] = {}
+            selected: dict[str, SparseUpdate] = {}  # the update select() took out of the error-feedback buffer
 
-            def select(grad=grad) -> object:  # runs in a thread while matchmaking proceeds
+            def select(grad: np.ndarray = grad, timing: dict[str, float] = timing,
+                       selected: dict[str, SparseUpdate] = selected) -> SparseUpdate:
+                # runs in a thread while matchmaking proceeds; the defaults bind this round's grad and dicts
                 t = time.perf_counter()
                 update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
                 timing["select"] = time.perf_counter() - t
@@ -193,7 +196,7 @@ class PeerProcess:
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> "PeerProcess":
+    def start(self) -> PeerProcess:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "stderr.log", "wb") as stderr:
             self.proc = subprocess.Popen(
@@ -206,7 +209,10 @@ class PeerProcess:
         return self
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
+        stdout = self.proc.stdout if self.proc is not None else None
+        if stdout is None:  # start() spawns the process, with stdout a pipe, before it starts this reader
+            raise RuntimeError(f"{self.out.name}'s output is not readable")
+        for line in stdout:
             try:
                 event = json.loads(line)
             except ValueError:
@@ -240,7 +246,8 @@ class PeerProcess:
             pass
         self.proc.wait(10)
         self._reader.join(10)  # EOF once the process is gone
-        self.proc.stdout.close()
+        if self.proc.stdout is not None:  # always a pipe (start())
+            self.proc.stdout.close()
 
 
 if __name__ == "__main__":

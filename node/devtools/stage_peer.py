@@ -35,12 +35,12 @@ import time
 
 from hivemind.dht.node import DHTNode
 
-from node.runtime.p2pd import OwnedP2PDaemon
 from node.devtools.reduce_peer import PeerProcess
-from node.ml.splitter import load_stage, read_manifest, stage_from_bytes
-from node.jobs.pipeline.stage_state import Refused, fetch_state
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
-from node.jobs.pipeline.stage_host import StageHost, holders
+from node.jobs.pipeline.stage_host import StageHost
+from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
+from node.ml.splitter import load_stage, read_manifest, stage_from_bytes
+from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.pipeline.control import EndStepReply, pipe_protocol
 from protocol.transfer.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.transfer.shards import ShardError
@@ -181,7 +181,8 @@ class StagePeerProcess(PeerProcess):
     JSON events (PeerProcess's start, event reader, wait_event and stop)."""
 
     def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None):
-        super().__init__(out, args, prefix, module="node.devtools.stage_peer", cwd=pathlib.Path(__file__).resolve().parents[1])
+        super().__init__(out, args, prefix, module="node.devtools.stage_peer",
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
 
     def steps(self) -> dict[int, dict]:
         with self._lock:

@@ -1,1 +1,9 @@
-"""Jobs."""
+"""Jobs on this node: what the swarm asks to train, and this node's part in it.
+
+    board.py    JobBoard: every job record and progress entry read from the DHT into JobViews; what this node
+                publishes (records it submits, its progress, its declines)
+    manager.py  JobManager: submit, cancel, export; polls the board and hands each job to its kind (JobKind)
+    spec.py     job files (TOML) -> JobSpec
+    federated/  FederatedJobs: rounds of local training and top-k all-reduce, state sync, export
+    pipeline/   PipelineJobs: a model cut into stages hosted by other nodes, trained by the submitter
+"""

@@ -19,7 +19,8 @@ import asyncio
 import logging
 import pathlib
 import secrets
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
@@ -49,7 +50,7 @@ class JobKind(Protocol):
         """("", "") to take part; else (the reason this node tells the swarm, a hint for its own user)."""
         ...
 
-    def run(self, view: JobView) -> Awaitable[None]: ...
+    async def run(self, view: JobView) -> None: ...
 
     def local_state(self, job_id: str) -> tuple[int, str] | None: ...
 

@@ -27,7 +27,8 @@
     kind = "fedavg"               # default "fedavg" (lr 1, no momentum); "diloco" defaults to lr 0.7,
                                   # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105)
 
-A pipeline job (one model too large for a node, cut into stages hosted by different nodes; node/jobs/pipeline/pipeline_jobs.py):
+A pipeline job (one model too large for a node, cut into stages hosted by different nodes;
+node/jobs/pipeline/pipeline_jobs.py):
 
     kind = "pipeline"             # default "federated"
     name = "tiny-gpt2-pipe"
@@ -54,7 +55,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from node.runtime.config import check_toml_ints, parse_toml
 from node.runtime.errors import EXIT_USAGE, NodeError
@@ -159,7 +161,7 @@ def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None
     _known(outer, "outer.", _names(OuterOpt))
     if outer.get("kind") == "diloco":
         outer = DILOCO_DEFAULTS | outer
-    model_spec = ModelSpec(model["arch"], {k: v for k, v in model.items() if k != "arch"})
+    model_spec = ModelSpec(model["arch"], tuple((k, v) for k, v in model.items() if k != "arch"))  # sorted there
     if check_model is not None:
         check_model(model_spec)
     fields = {k: v for k, v in data.items() if k not in _TABLES}

@@ -26,8 +26,9 @@ import os
 import pathlib
 import sysconfig
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -458,5 +459,6 @@ def eval_batches(node_data: NodeData, batch_size: int, max_items: int | None = N
         yield _to_batch(node_data.task, node_data.test_x[chunk], node_data.test_labels[chunk])
 
 
-__all__ = ["Batch", "DATASETS", "DatasetInfo", "DatasetSplits", "NoLocalData", "NodeData", "SCHEMES", "batches", "eval_batches",
-           "list_node_data", "load_dataset", "load_node_data", "partition", "stdlib_sources", "write_node_data"]
+__all__ = ["Batch", "DATASETS", "DatasetInfo", "DatasetSplits", "NoLocalData", "NodeData", "SCHEMES", "batches",
+           "eval_batches", "list_node_data", "load_dataset", "load_node_data", "partition", "stdlib_sources",
+           "write_node_data"]

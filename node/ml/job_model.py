@@ -49,8 +49,8 @@ def job_model_config(spec: JobSpec) -> dict:
     except ValueError as e:
         raise ValueError(f"model: {e}") from None
     if info.inputs == TOKENS:
-        # a pipeline's trainer cuts each window to the model's context (node/jobs/pipeline/pipeline_jobs.py); a federated
-        # participant trains on whole windows, so they must fit
+        # a pipeline's trainer cuts each window to the model's context (node/jobs/pipeline/pipeline_jobs.py); a
+        # federated participant trains on whole windows, so they must fit
         window = info.feature_shape[0] - 1 if spec.kind == "federated" else None
         _check_tokens(arch, cfg, info.vocab or 0, window, spec.dataset)
     return cfg
@@ -84,7 +84,8 @@ def data_misfit(spec: JobSpec, cfg: dict, data: NodeData) -> str:
         if len(shape) != 1 or shape[0] - 1 > context:
             return f"this node's {data.dataset!r} windows have shape {shape}; the model takes at most {context} tokens"
         if data.x.size and int(data.x.max()) >= model_vocab:
-            return f"this node's {data.dataset!r} data holds token id {int(data.x.max())} >= the vocabulary {model_vocab}"
+            return (f"this node's {data.dataset!r} data holds token id {int(data.x.max())} >= the vocabulary "
+                    f"{model_vocab}")
     else:
         width = cfg["inputs"] if arch == "mlp" else cfg["in_channels"] * cfg["side"] ** 2
         if math.prod(shape) != width:

@@ -33,9 +33,10 @@ import hashlib
 import json
 import math
 import pathlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -169,7 +170,14 @@ def _spec(arch: str) -> ArchSpec:
 MAX_INT_OVERRIDE = 1 << 24
 
 
+@overload
+def _check_scalar(arch: str, key: str, value: Any, default: bool) -> bool: ...
+@overload
+def _check_scalar(arch: str, key: str, value: Any, default: int) -> int: ...
+@overload
+def _check_scalar(arch: str, key: str, value: Any, default: Scalar) -> Scalar: ...
 def _check_scalar(arch: str, key: str, value: Any, default: Scalar) -> Scalar:
+    """``value`` checked against ``default``'s type (and the range of that type); a float default makes it a float."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"model {arch!r}: {key} must be true or false, got {value!r:.40}")
@@ -190,7 +198,21 @@ def _check_scalar(arch: str, key: str, value: Any, default: Scalar) -> Scalar:
     return float(value)
 
 
+def _ints(cfg: Mapping[str, Scalar]) -> dict[str, int]:
+    """The integer entries (sizes, counts) of a config that resolve_overrides checked, typed as such."""
+    return {k: v for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _flag(cfg: Mapping[str, Scalar], key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):  # resolve_overrides checked it against a boolean default
+        raise TypeError(f"config {key}={value!r} is not a boolean")
+    return value
+
+
 def _check_consistency(arch: str, cfg: Mapping[str, Scalar]) -> None:
+    ints = _ints(cfg)
+
     def divisible(a: str, b: str) -> None:
         if cfg[a] % cfg[b]:
             raise ValueError(f"model {arch!r}: {a}={cfg[a]} must be divisible by {b}={cfg[b]}")
@@ -201,9 +223,9 @@ def _check_consistency(arch: str, cfg: Mapping[str, Scalar]) -> None:
         divisible("num_attention_heads", "num_key_value_heads")
     elif arch == "bert":
         divisible("hidden_size", "num_attention_heads")
-    elif arch == "cnn" and cfg["blocks"] >= cfg["side"].bit_length():  # before 2 ** blocks is computed
+    elif arch == "cnn" and cfg["blocks"] >= ints["side"].bit_length():  # before 2 ** blocks is computed
         raise ValueError(f"model 'cnn': blocks={cfg['blocks']} halves side={cfg['side']} below 1 (at most "
-                         f"{cfg['side'].bit_length() - 1} blocks)")
+                         f"{ints['side'].bit_length() - 1} blocks)")
     elif arch == "cnn" and cfg["side"] % (2 ** cfg["blocks"]):
         raise ValueError(f"model 'cnn': side={cfg['side']} must be divisible by 2**blocks={2 ** cfg['blocks']} "
                          "(each block halves it)")
@@ -279,32 +301,36 @@ def quiet_transformers():
 def _hf_config(arch: str, cfg: Mapping[str, Scalar]):
     if arch == "gpt2":
         from transformers import GPT2Config
-        p = cfg["dropout"]
-        return GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"], n_embd=cfg["n_embd"],
-                          n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-                          tie_word_embeddings=cfg["tie_word_embeddings"], bos_token_id=None, eos_token_id=None,
+        p, n = cfg["dropout"], _ints(cfg)
+        return GPT2Config(vocab_size=n["vocab_size"], n_positions=n["n_positions"], n_embd=n["n_embd"],
+                          n_layer=n["n_layer"], n_head=n["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                          tie_word_embeddings=_flag(cfg, "tie_word_embeddings"), bos_token_id=None, eos_token_id=None,
                           use_cache=False)
     if arch == "llama":
         from transformers import LlamaConfig
-        return LlamaConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["max_position_embeddings"],
-                           hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                           num_hidden_layers=cfg["num_hidden_layers"],
-                           num_attention_heads=cfg["num_attention_heads"],
-                           num_key_value_heads=cfg["num_key_value_heads"], attention_dropout=cfg["dropout"],
-                           tie_word_embeddings=cfg["tie_word_embeddings"], bos_token_id=None, eos_token_id=None,
+        n = _ints(cfg)
+        return LlamaConfig(vocab_size=n["vocab_size"], max_position_embeddings=n["max_position_embeddings"],
+                           hidden_size=n["hidden_size"], intermediate_size=n["intermediate_size"],
+                           num_hidden_layers=n["num_hidden_layers"],
+                           num_attention_heads=n["num_attention_heads"],
+                           num_key_value_heads=n["num_key_value_heads"], attention_dropout=cfg["dropout"],
+                           tie_word_embeddings=_flag(cfg, "tie_word_embeddings"), bos_token_id=None, eos_token_id=None,
                            use_cache=False)
     if arch == "bert":
         from transformers import BertConfig
-        return BertConfig(vocab_size=cfg["vocab_size"], max_position_embeddings=cfg["max_position_embeddings"],
-                          hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
-                          num_attention_heads=cfg["num_attention_heads"],
-                          intermediate_size=cfg["intermediate_size"], hidden_dropout_prob=cfg["dropout"],
-                          attention_probs_dropout_prob=cfg["dropout"], num_labels=cfg["classes"],
-                          pad_token_id=PAD_TOKEN_ID)
+        n = _ints(cfg)
+        # num_labels reaches PreTrainedConfig through its strict(accept_kwargs=True), which transformers'
+        # dataclass_transform typing cannot express
+        return BertConfig(  # type: ignore[call-arg]
+            vocab_size=n["vocab_size"], max_position_embeddings=n["max_position_embeddings"],
+            hidden_size=n["hidden_size"], num_hidden_layers=n["num_hidden_layers"],
+            num_attention_heads=n["num_attention_heads"], intermediate_size=n["intermediate_size"],
+            hidden_dropout_prob=cfg["dropout"], attention_probs_dropout_prob=cfg["dropout"], num_labels=n["classes"],
+            pad_token_id=PAD_TOKEN_ID)
     if arch == "minilm":
         from transformers import BertConfig
         config = BertConfig.from_json_file(str(minilm_path() / "config.json"))
-        config.num_labels = cfg["classes"]
+        config.num_labels = _ints(cfg)["classes"]
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = cfg["dropout"]
         return config
     raise ValueError(f"model {arch!r} is not built from a transformers config")
@@ -313,10 +339,11 @@ def _hf_config(arch: str, cfg: Mapping[str, Scalar]):
 def _construct(arch: str, cfg: Mapping[str, Scalar], pretrained: bool) -> nn.Module:
     """The module, initialised from torch's current RNG (the caller seeds it)."""
     if arch == "mlp":
-        return MLP(cfg["inputs"], cfg["hidden"], cfg["layers"], cfg["classes"], cfg["dropout"])
+        n = _ints(cfg)
+        return MLP(n["inputs"], n["hidden"], n["layers"], n["classes"], cfg["dropout"])
     if arch == "cnn":
-        return CNN(cfg["in_channels"], cfg["side"], cfg["channels"], cfg["blocks"], cfg["hidden"], cfg["classes"],
-                   cfg["dropout"])
+        n = _ints(cfg)
+        return CNN(n["in_channels"], n["side"], n["channels"], n["blocks"], n["hidden"], n["classes"], cfg["dropout"])
     config = _hf_config(arch, cfg)
     with quiet_transformers():
         if arch == "gpt2":
@@ -483,14 +510,16 @@ def estimate_memory_bytes(arch: str, overrides: Mapping[str, Any] | None, batch_
         n_params = param_count(_construct(arch, cfg, pretrained=False))
     b = batch_size
     if arch == "mlp":
-        widths = [cfg["inputs"]] + [cfg["hidden"]] * cfg["layers"] + [cfg["classes"]]
+        n = _ints(cfg)
+        widths = [n["inputs"]] + [n["hidden"]] * n["layers"] + [n["classes"]]
         acts = 2 * b * sum(widths) * FP32_BYTES  # each layer's output and its gradient
     elif arch == "cnn":
-        side, c, elems = cfg["side"], cfg["channels"], cfg["in_channels"] * cfg["side"] ** 2
-        for _ in range(cfg["blocks"]):
+        n = _ints(cfg)
+        side, c, elems = n["side"], n["channels"], n["in_channels"] * n["side"] ** 2
+        for _ in range(n["blocks"]):
             elems += 2 * c * side ** 2 + c * (side // 2) ** 2  # conv out, relu out, pooled
             side, c = side // 2, c * 2
-        acts = 2 * b * (elems + cfg["hidden"] + cfg["classes"]) * FP32_BYTES
+        acts = 2 * b * (elems + n["hidden"] + n["classes"]) * FP32_BYTES
     else:
         config = _hf_config(arch, cfg)
         max_len = getattr(config, "n_positions", None) or config.max_position_embeddings
@@ -499,7 +528,7 @@ def estimate_memory_bytes(arch: str, overrides: Mapping[str, Any] | None, batch_
             raise ValueError(f"seq_len must be an integer in [1, {max_len}], got {seq_len!r}")
         h, a, n_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
         per_layer = s * b * h * (_KORTHIKANTI_LINEAR + _KORTHIKANTI_ATTN * a * s / h) * _FP32_OVER_FP16
-        out_width = config.vocab_size * s if ARCHS[arch].task == CAUSAL_LM else cfg["classes"]
+        out_width = config.vocab_size * s if ARCHS[arch].task == CAUSAL_LM else _ints(cfg)["classes"]
         acts = int(n_layers * per_layer) + 2 * b * out_width * FP32_BYTES  # + logits and their gradient
     return int(n_params * FP32_BYTES * STATE_COPIES + acts)
 

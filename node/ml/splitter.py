@@ -29,7 +29,8 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import safetensors
 import safetensors.torch
@@ -37,16 +38,38 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
+from node.ml.models import STATE_COPIES, params_sha256, quiet_transformers
+from node.ml.stages import (
+    SUPPORTED,
+    Span,
+    Stage,
+    arch_of,
+    check_spans,
+    cut_stage,
+    dtype_name,
+    empty_stage,
+    find_ties,
+    load_stage_tensors,
+    num_layers_of,
+    stage_tensors,
+)
 from node.runtime.files import atomic_write
-from node.ml.models import STATE_COPIES, quiet_transformers, params_sha256
-from node.ml.stages import (SUPPORTED, Span, Stage, arch_of, check_spans, cut_stage, dtype_name, empty_stage, find_ties,
-                         load_stage_tensors, num_layers_of, stage_tensors)
-from protocol.records.peer_keys import peer_id_of
 from protocol.planning.stage_assign import NodeSpec, best_group_order
 from protocol.planning.stage_plan import Host, StagePlan, plan_stages
-from protocol.transfer.shards import (MANIFEST_FILE, MAX_MANIFEST_BYTES, ShardError, ShardInfo, ShardManifest,
-                             canonical_config_json, check_shard_bytes, manifest_from_wire, manifest_to_wire,
-                             sign_manifest, verify_manifest)
+from protocol.records.peer_keys import peer_id_of
+from protocol.transfer.shards import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    ShardError,
+    ShardInfo,
+    ShardManifest,
+    canonical_config_json,
+    check_shard_bytes,
+    manifest_from_wire,
+    manifest_to_wire,
+    sign_manifest,
+    verify_manifest,
+)
 
 # Config keys left out of the manifest: where the model was read from is a local path, not part of the model
 # (and would make two splits of the same model on two machines differ).
@@ -86,7 +109,8 @@ def plan_for_model(model: nn.Module, stages: int | Sequence[Host], strategy: str
     options: dict = {"first_extra": float(costs.embed_params), "last_extra": float(costs.head_params)}
     if not isinstance(stages, int):
         options |= {"layer_bytes": [c * per_param for c in costs.layer_params],
-                    "first_extra_bytes": costs.embed_params * per_param, "last_extra_bytes": costs.head_params * per_param}
+                    "first_extra_bytes": costs.embed_params * per_param,
+                    "last_extra_bytes": costs.head_params * per_param}
     return plan_stages([float(c) for c in costs.layer_params], stages, strategy=strategy, **options)
 
 
@@ -112,7 +136,8 @@ def split_model(model_or_dir: nn.Module | str | os.PathLike, spans: Sequence[Spa
         raise ValueError(f"split_model: parameters of mixed dtypes {sorted(map(dtype_name, dtypes))}; convert the "
                          "model to one dtype first")
     dtype = dtype_name(dtypes.pop())
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCAL_CONFIG_KEYS}
+    hf_config: Any = model.config  # a transformers config object, which nn.Module's attribute typing cannot name
+    config = {k: v for k, v in hf_config.to_dict().items() if k not in _LOCAL_CONFIG_KEYS}
     out = pathlib.Path(out_dir)
     shards = []
     with torch.no_grad():

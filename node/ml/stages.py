@@ -50,8 +50,9 @@ import copy
 import functools
 import inspect
 import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,8 +98,15 @@ def arch_of(model: nn.Module) -> str:
     return arch
 
 
+def _blocks_of(model: nn.Module, layout: _Layout) -> nn.ModuleList:
+    blocks = model.get_submodule(layout.layers)
+    if not isinstance(blocks, nn.ModuleList):  # as every SUPPORTED architecture keeps them
+        raise ValueError(f"{type(model).__name__}.{layout.layers} is a {type(blocks).__name__}, not a ModuleList")
+    return blocks
+
+
 def num_layers_of(model: nn.Module) -> int:
-    return len(model.get_submodule(_layout(arch_of(model)).layers))
+    return len(_blocks_of(model, _layout(arch_of(model))))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -133,7 +141,7 @@ def _check_range(start: Any, end: Any, num_layers: int) -> None:
 
 # ---------------------------------------------------------------------------------------- calling transformers
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted(fn: Any) -> tuple[frozenset[str], bool]:
     """(explicitly named parameters, whether it takes **kwargs) of a callable's signature."""
     params = inspect.signature(fn).parameters.values()
@@ -201,7 +209,10 @@ class Stage(nn.Module):
         return self.get_submodule(path)
 
     def blocks(self) -> list[nn.Module]:
-        return list(self.get_submodule(self._layers_path).values())
+        blocks = self.get_submodule(self._layers_path)
+        if not isinstance(blocks, nn.ModuleDict):  # __init__ attaches the stage's blocks as one
+            raise RuntimeError(f"{self._layers_path} is a {type(blocks).__name__}, not the stage's ModuleDict")
+        return list(blocks.values())
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -325,7 +336,7 @@ def cut_stage(model: nn.Module, start: int, end: int, attention: str = DEFAULT_A
     n = num_layers_of(model)
     _check_range(start, end, n)
     ties = find_ties(model)
-    all_layers = model.get_submodule(layout.layers)
+    all_layers = _blocks_of(model, layout)
     layers = {i: all_layers[i] for i in range(start, end)}
     owned: set[str] = set()
     paths = _owned_paths(model, layout, start, end, n)
@@ -520,7 +531,7 @@ def layer_costs(model: nn.Module) -> LayerCosts:
 
     first, last = names(layout.first), names(layout.last)
     tied = sum(last[t.target] for t in find_ties(model) if t.target in last and t.source in first)
-    blocks = model.get_submodule(layout.layers)
+    blocks = _blocks_of(model, layout)
     params = list(model.parameters())
     return LayerCosts(layer_params=tuple(count(blocks[i]) for i in range(n)), embed_params=sum(first.values()),
                       head_params=sum(last.values()), tied_params=tied,

@@ -1,1 +1,12 @@
-"""The daemon's plumbing."""
+"""The daemon's plumbing: what every node needs before it can take part in anything.
+
+    config.py      NodeConfig: flags > SWARMNODE_* environment > TOML file > defaults
+    home.py        checks of the home and data directories (one-line errors, exit 2)
+    identity.py    the Ed25519 key (also the libp2p identity) and the home-directory lock
+    p2pd.py        OwnedP2PDaemon: hivemind's go-libp2p daemon as a child this node fully owns
+    membership.py  Membership: this node's signed peer record on a heartbeat; PeerView, the live peer list
+    capability.py  what this machine brings (GPUs, cores, memory, a matmul benchmark)
+    backoff.py     retry with exponential backoff (injected sleep)
+    files.py       atomic_write: temporary file, fsync, rename, fsync the directory
+    errors.py      NodeError and the exit codes
+"""

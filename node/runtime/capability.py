@@ -52,7 +52,8 @@ def detect(home: pathlib.Path, benchmark_seconds: float = 0.3) -> Capability:
         # TF32 would report tensor-core rates as "fp32"; measure true fp32.
         torch.backends.cuda.matmul.allow_tf32 = False
         fp32 = matmul_tflops("cuda:0", torch.float32, 4096, benchmark_seconds / 2)
-        bf16 = matmul_tflops("cuda:0", torch.bfloat16, 4096, benchmark_seconds / 2) if torch.cuda.is_bf16_supported() else None
+        bf16 = (matmul_tflops("cuda:0", torch.bfloat16, 4096, benchmark_seconds / 2)
+                if torch.cuda.is_bf16_supported() else None)
     else:
         fp32, bf16 = matmul_tflops("cpu", torch.float32, 512, benchmark_seconds), None
     return Capability(

@@ -18,8 +18,9 @@ import math
 import os
 import pathlib
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from node.runtime.errors import EXIT_USAGE, NodeError
 

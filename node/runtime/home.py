@@ -18,7 +18,7 @@ import tempfile
 
 from node.runtime.errors import EXIT_USAGE, NodeError
 
-_WHY = {
+_WHY: dict[int | None, str] = {  # keyed by OSError.errno, which may be None
     errno.EACCES: "permission denied for this user",
     errno.EPERM: "permission denied for this user",
     errno.ENOSPC: "no space left on the device",

@@ -39,7 +39,7 @@ def load_or_create_key(path: pathlib.Path) -> tuple[Ed25519PrivateKey, bool]:
             f"identity key {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`", EXIT_USAGE
         )
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except PermissionError:
         raise NodeError(f"identity key {path} cannot be read by this user", EXIT_USAGE) from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -47,9 +47,9 @@ def load_or_create_key(path: pathlib.Path) -> tuple[Ed25519PrivateKey, bool]:
             f"identity key {path} is corrupt (not a PEM Ed25519 private key); restore it from a backup, "
             "or move it away to start as a new peer", EXIT_USAGE
         ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise NodeError(f"identity key {path} is not an Ed25519 key ({type(key).__name__})", EXIT_USAGE)
-    return key, False
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise NodeError(f"identity key {path} is not an Ed25519 key ({type(loaded).__name__})", EXIT_USAGE)
+    return loaded, False
 
 
 def write_p2p_identity(key: Ed25519PrivateKey, path: pathlib.Path) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hivemind.dht.node import DHTNode
 
-from protocol.records.peer import PeerRecord, swarm_key
+from protocol.records.peer import PeerRecord, peer_record_from_wire, peer_record_to_wire, swarm_key
 from protocol.wire import WireError
-from protocol.records.peer import peer_record_from_wire, peer_record_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +101,6 @@ class Membership:
             self._task = None
         try:
             return await asyncio.wait_for(self.publish(leaving=True), timeout)
-        except (asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, OSError) as e:
             logger.warning("could not withdraw this node's record: %s", e)
             return False

@@ -30,7 +30,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
@@ -184,9 +184,12 @@ class OwnedP2PDaemon:
         return self.p2p
 
     async def _read_output(self, ready: asyncio.Future) -> None:
+        stdout = self.child.stdout if self.child is not None else None
+        if stdout is None:  # start() spawns the child, with stdout a pipe, before it starts this reader
+            raise RuntimeError("p2pd's output is not readable")
         last = ""
         while True:
-            line = await self.child.stdout.readline()
+            line = await stdout.readline()
             if not line:
                 break
             last = line.decode(errors="replace").strip()
@@ -208,7 +211,7 @@ class OwnedP2PDaemon:
                         *(self.p2p.remove_binary_stream_handler(n) for n in names), return_exceptions=True),
                         handlers_timeout)
                     failed = [n for n, r in zip(names, results) if isinstance(r, Exception)]
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     failed = names
                 if failed:
                     logger.debug("could not withdraw stream handlers %s from p2pd", failed)
@@ -218,7 +221,7 @@ class OwnedP2PDaemon:
             self.child.terminate()
             try:
                 await asyncio.wait_for(self.child.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.child.kill()
                 await self.child.wait()
         if self._reader is not None:

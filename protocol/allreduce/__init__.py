@@ -1,1 +1,11 @@
-"""The all-reduce round."""
+"""The top-k all-reduce round: what moves between the members of a group, and how.
+
+    averager.py     Averager: one member's side of a round (matchmaking, butterfly, commit), RoundFailed, NoGroup
+    matchmaking.py  group formation through the DHT: declarations, started markers, make_plan, choose_leader
+    messages.py     the round's messages (Invite, GroupPlan, PartFrame, ResultFrame, CommitFrame) and their wire form
+    rounds.py       RoundConfig, RoundHooks, RoundReport, RoundOutcome, Phase
+    settle.py       what a member applies after a round and what goes back into its error feedback (pure)
+    sparsify.py     top-k selection with error feedback (ErrorFeedbackSparsifier), check_density
+    codecs.py       byte encodings of sparse updates (index and value codecs)
+    faults.py       fault injection for tests (Fault, mangle_part)
+"""

@@ -35,8 +35,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, cast
 
 import numpy as np
 from hivemind.dht.node import DHTNode
@@ -56,12 +57,23 @@ from protocol.allreduce.matchmaking import (
     started_from_wire,
     started_to_wire,
 )
-from protocol.allreduce.messages import MAX_ROUND_ID, CommitFrame, GroupPlan, Invite, InviteReply, PartFrame, ResultFrame
+from protocol.allreduce.messages import (
+    MAX_CONTROL_FRAME,
+    MAX_ROUND_ID,
+    CommitFrame,
+    GroupPlan,
+    Invite,
+    InviteReply,
+    PartFrame,
+    ResultFrame,
+    message_from_wire,
+    message_to_wire,
+)
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
+from protocol.allreduce.settle import settle, span_of
 from protocol.allreduce.sparsify import SparseUpdate, topk_exact
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.streams import Stream, open_stream, request, serve_on, stop_serving
-from protocol.allreduce.messages import MAX_CONTROL_FRAME, message_from_wire, message_to_wire
 from protocol.wire import WireError
 
 __all__ = ["Averager", "NoGroup", "RoundFailed", "part_frame_bound"]
@@ -92,7 +104,7 @@ class _Round:
     commits: dict[str, tuple[bool, ...]] = field(default_factory=dict)
     commits_in: asyncio.Event = field(default_factory=asyncio.Event)
     first_result_served: bool = False
-    rounding: tuple | None = None  # (exact, decoded, total weight) of this member's span aggregate
+    rounding: tuple[SparseUpdate, SparseUpdate, float] | None = None  # (exact, decoded, total weight) of our span
     results: list | None = None  # per span: (ResultFrame, decoded SparseUpdate) or None
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -100,6 +112,25 @@ class _Round:
     no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
     suspects: set[str] = field(default_factory=set)  # leaders this id waited for in vain (dead, or cut off)
     votes_missing: tuple[str, ...] = ()  # members whose commit vote this member decided without
+
+    @property
+    def offer(self) -> asyncio.Future[GroupPlan | None]:
+        """match.plan, which step() creates with the round: the leader's plan, None if it sent no usable one."""
+        if self.match.plan is None:
+            raise RuntimeError(f"round {self.round_id}: no plan future")
+        return self.match.plan
+
+    def group(self) -> GroupPlan:
+        """The plan, for the phases after matchmaking (step() sets it before any of them runs)."""
+        if self.plan is None:
+            raise RuntimeError(f"round {self.round_id}: no plan yet")
+        return self.plan
+
+    def selected(self) -> SparseUpdate:
+        """The update, for the phases after matchmaking (step() awaits a deferred selection before them)."""
+        if self.update is None:
+            raise RuntimeError(f"round {self.round_id}: no update yet")
+        return self.update
 
 
 def part_frame_bound(span_len: int) -> int:
@@ -140,12 +171,12 @@ class Averager:
             raise ValueError(f"update of size {update.size} for tensor {cfg.tensor.name} of size {cfg.tensor.size}")
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
+        self._forget_old_rounds()  # first: a round id whose budget has passed may run again
         if round_id in self._rounds and not self._rounds[round_id].no_group:
             raise ValueError(f"round {round_id!r} already ran on this member")
-        self._forget_old_rounds()
         loop = asyncio.get_running_loop()
         pending = asyncio.ensure_future(asyncio.to_thread(update)) if callable(update) else None
-        state = _Round(round_id, update if pending is None else None, float(weight),
+        state = _Round(round_id, None if callable(update) else update, float(weight),
                        MatchState(round_id, cfg.tensor, plan=loop.create_future()))
         state.expires = self.clock.monotonic() + self._round_budget()
         if round_id in self._rounds:  # a retry: a dead leader's declaration outlives it in the DHT, skip it
@@ -154,10 +185,10 @@ class Averager:
         times: dict[str, float] = {}
         t = time.perf_counter()
         try:
-            await self._phase(Phase.MATCHMAKING, round_id)
             try:
+                await self._phase(Phase.MATCHMAKING, round_id)
                 state.plan = plan = await self._matchmake(state)
-            except (RoundFailed, asyncio.TimeoutError):
+            except (TimeoutError, RoundFailed):
                 raise
             except Exception as e:  # nothing was exchanged yet: failing the round loses nothing
                 logger.exception("matchmaking for round %s failed", round_id)
@@ -177,14 +208,16 @@ class Averager:
             state.have.set_result(have)
             final = await self._commit(state, have)
             times["commit"] = time.perf_counter() - t
-        except (RoundFailed, asyncio.TimeoutError) as e:
+        except (TimeoutError, RoundFailed) as e:
             if not state.have.done():
                 state.have.set_result(None)
             state.match.accepting = False  # a late invite to this attempt is refused, not left hanging
             state.no_group = isinstance(e, NoGroup) and state.plan is None
             report = self._report(state, False, str(e) or type(e).__name__, (), times)
             logger.warning("round %s failed: %s", round_id, report.error)
-            return RoundOutcome(report, None, state.update)
+            # cast: the deferred selection is awaited before any failure gets here; update is None only if the
+            # selection itself raised TimeoutError (then there is no update to return)
+            return RoundOutcome(report, None, cast(SparseUpdate, state.update))
         average, returned = self._apply(state, plan, results, final)
         report = self._report(state, any(final), None if any(final) else "no span was held by every member",
                               final, times)
@@ -229,8 +262,9 @@ class Averager:
 
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
                                                      poll=0.02, clock=self.clock.monotonic, sleep=self.clock.sleep))
-        await asyncio.wait({discovery, state.match.plan}, return_when=asyncio.FIRST_COMPLETED)
-        if state.match.plan.done():  # a leader invited us while we were still looking
+        racers: set[asyncio.Future[Any]] = {discovery, state.offer}  # Task[Seen], Future[plan]: no common type
+        await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if state.offer.done():  # a leader invited us while we were still looking
             discovery.cancel()
             return self._checked_plan(await self._await_plan(state, read))
         seen = discovery.result()
@@ -254,22 +288,23 @@ class Averager:
             task.add_done_callback(self._background.discard)
         return self._checked_plan(plan)
 
-    async def _await_plan(self, state: _Round, read) -> GroupPlan:
-        """Wait for the leader's plan; give up early if the DHT shows the round started without us."""
+    async def _await_plan(self, state: _Round, read: Callable[[], Awaitable[Seen]]) -> GroupPlan | None:
+        """Wait for the leader's plan (None: it sent none usable); give up early if the DHT shows the round started
+        without us."""
         cfg = self.config
         deadline = self.clock.monotonic() + cfg.matchmaking_time + 2 * cfg.invite_timeout
         while self.clock.monotonic() < deadline:
             try:
-                return await self.clock.wait_for(asyncio.shield(state.match.plan),
+                return await self.clock.wait_for(asyncio.shield(state.offer),
                                                  min(cfg.invite_timeout, deadline - self.clock.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 seen = await read()
-                if seen.started is not None and self.peer_id not in seen.started and not state.match.plan.done():
+                if seen.started is not None and self.peer_id not in seen.started and not state.offer.done():
                     if state.match.accepting:
                         state.match.accepting = False
-                        raise RoundFailed("the round started without this peer; next round")
-        if state.match.plan.done():
-            return state.match.plan.result()
+                        raise RoundFailed("the round started without this peer; next round") from None
+        if state.offer.done():
+            return state.offer.result()
         raise NoGroup("no group: no leader sent a plan in time")
 
     def _checked_plan(self, plan: GroupPlan | None) -> GroupPlan:
@@ -325,8 +360,8 @@ class Averager:
         finally:
             for task in asks.values():
                 task.cancel()
-        if not state.match.plan.done():
-            state.match.plan.set_result(plan)
+        if not state.offer.done():
+            state.offer.set_result(plan)
         return plan
 
     async def _on_invite(self, stream: Stream) -> None:
@@ -336,26 +371,27 @@ class Averager:
         ok = (state is not None and invite.leader == remote and invite.tensor == self.config.tensor
               and state.match.accept_invite_from(remote))
         await stream.send(message_to_wire(InviteReply(invite.round_id, self.peer_id, ok, self.config.bandwidth)))
-        if not ok:
+        if state is None or not ok:
             return
         try:
             frame = await stream.receive(MAX_CONTROL_FRAME, self.config.invite_timeout * 2)
             plan = message_from_wire(frame, MAX_CONTROL_FRAME, GroupPlan)
             if plan.round_id != invite.round_id or plan.leader != remote or plan.tensor != self.config.tensor:
                 raise WireError("plan does not match the invite")
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError) as e:
+        except (TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError) as e:
             logger.info("round %s: leader %s sent no usable plan (%s)", invite.round_id, remote[-8:], e)
             plan = None
-        if not state.match.plan.done():
-            state.match.plan.set_result(plan if plan is not None and plan.members else None)
+        if not state.offer.done():
+            state.offer.set_result(plan if plan is not None and plan.members else None)
 
     # ---- butterfly ------------------------------------------------------------------------------------
 
     async def _butterfly(self, state: _Round) -> list[tuple[ResultFrame, SparseUpdate] | None]:
-        plan, cfg = state.plan, self.config
+        plan, cfg = state.group(), self.config
         me = plan.members.index(self.peer_id)
-        pieces = [self._slice(state.update, s) for s in plan.spans]
-        state.parts[self.peer_id] = (pieces[me].indices, quantize_values(pieces[me].values, cfg.value_codec), state.weight)
+        pieces = [span_of(state.selected(), s) for s in plan.spans]
+        state.parts[self.peer_id] = (pieces[me].indices, quantize_values(pieces[me].values, cfg.value_codec),
+                                     state.weight)
         await self._phase(Phase.REDUCE_SCATTER, state.round_id)
         aggregator = asyncio.ensure_future(self._aggregate_my_span(state))
         exchanges = [
@@ -367,11 +403,6 @@ class Averager:
         own = await aggregator  # bounded by part_timeout; never raises past this point (see _apply)
         results = iter(await asyncio.gather(*exchanges))
         return [own if owner == self.peer_id else next(results) for owner in plan.members]
-
-    @staticmethod
-    def _slice(update: SparseUpdate, span: tuple[int, int]) -> SparseUpdate:
-        lo, hi = np.searchsorted(update.indices, span, side="left")
-        return SparseUpdate(update.indices[lo:hi] - span[0], update.values[lo:hi], span[1] - span[0])
 
     async def _exchange_part(self, state: _Round, owner: str, piece: SparseUpdate, span: tuple[int, int]):
         """Send our part of ``owner``'s span and read back its aggregate on the same stream."""
@@ -397,7 +428,7 @@ class Averager:
 
     def _check_result(self, state: _Round, owner: str, span: tuple[int, int], raw: bytes):
         result = message_from_wire(raw, len(raw), ResultFrame)
-        plan = state.plan
+        plan = state.group()
         if (result.round_id != state.round_id or result.sender != owner or result.span != span
                 or result.tensor != self.config.tensor or not set(result.included) <= set(plan.members)
                 or (result.included and not 0 < result.total_weight <= MAX_WEIGHT * len(plan.members))):
@@ -423,7 +454,7 @@ class Averager:
         except (WireError, CodecError, ValueError) as e:
             state.rejected.add(remote)
             logger.warning("round %s: rejected the part from %s: %s", state.round_id, remote[-8:], e)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+        except (TimeoutError, asyncio.IncompleteReadError) as e:
             state.rejected.add(remote)
             logger.info("round %s: part from %s did not arrive (%s)", state.round_id, remote[-8:], type(e).__name__)
             return
@@ -443,7 +474,8 @@ class Averager:
         if part.sender != remote:
             raise WireError(f"part claims sender {part.sender[-8:]} but came from {remote[-8:]}")
         if part.tensor != self.config.tensor or part.span != span:
-            raise WireError(f"part for {part.tensor.name}{list(part.span)}, expected {self.config.tensor.name}{list(span)}")
+            raise WireError(f"part for {part.tensor.name}{list(part.span)}, "
+                            f"expected {self.config.tensor.name}{list(span)}")
         if not part.weight <= MAX_WEIGHT:
             raise WireError(f"weight {part.weight} exceeds {MAX_WEIGHT:g}")
         if remote in state.parts or remote in state.rejected:
@@ -454,10 +486,10 @@ class Averager:
         state.parts[remote] = (piece.indices, piece.values, part.weight)
 
     async def _aggregate_my_span(self, state: _Round) -> tuple[ResultFrame, SparseUpdate]:
-        plan, cfg = state.plan, self.config
+        plan, cfg = state.group(), self.config
         try:
             await asyncio.wait_for(state.parts_in.wait(), cfg.part_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.info("round %s: aggregating without %d late part(s)", state.round_id,
                         len(plan.members) - len(state.parts) - len(state.rejected))
         span = plan.spans[plan.members.index(self.peer_id)]
@@ -489,7 +521,7 @@ class Averager:
     # ---- commit ----------------------------------------------------------------------------------------
 
     async def _commit(self, state: _Round, have: tuple[bool, ...]) -> tuple[bool, ...]:
-        plan, cfg = state.plan, self.config
+        plan, cfg = state.group(), self.config
         body = message_to_wire(CommitFrame(state.round_id, self.peer_id, have))
         others = [m for m in plan.members if m != self.peer_id]
 
@@ -503,7 +535,7 @@ class Averager:
         tasks = [asyncio.ensure_future(exchange(p)) for p in others]
         try:
             await asyncio.wait_for(self._all_commits(state, others), cfg.commit_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         for t in tasks:
             t.cancel()
@@ -520,7 +552,8 @@ class Averager:
 
     def _record_commit(self, state: _Round, peer: str, raw: bytes) -> None:
         commit = message_from_wire(raw, MAX_CONTROL_FRAME, CommitFrame)
-        if commit.round_id == state.round_id and commit.sender == peer and len(commit.have) == len(state.plan.members):
+        if (commit.round_id == state.round_id and commit.sender == peer
+                and len(commit.have) == len(state.group().members)):
             state.commits[peer] = commit.have
             state.commits_in.set()
 
@@ -532,7 +565,8 @@ class Averager:
         if state is None or state.plan is None or remote not in state.plan.members:
             return
         self._record_commit(state, remote, raw)
-        have = await asyncio.wait_for(asyncio.shield(state.have), self.config.result_timeout + self.config.commit_timeout)
+        have = await asyncio.wait_for(asyncio.shield(state.have),
+                                      self.config.result_timeout + self.config.commit_timeout)
         if have is not None:
             await stream.send(message_to_wire(CommitFrame(state.round_id, self.peer_id, have)))
 
@@ -540,52 +574,15 @@ class Averager:
 
     def _apply(self, state: _Round, plan: GroupPlan, results, final: tuple[bool, ...]):
         """The average to apply, and everything the caller must put back into its error feedback."""
-        size, cfg = self.config.tensor.size, self.config
-        avg_idx, avg_val = [], []
-        back_idx, back_val = [], []
-        for i, (span, ok) in enumerate(zip(plan.spans, final)):
-            piece = self._slice(state.update, span)
-            result = results[i]
-            if ok:
-                frame, decoded = result
-                avg_idx.append(decoded.indices + span[0])
-                avg_val.append(decoded.values)
-            if ok and self.peer_id in result[0].included:  # applied: only the wire rounding comes back
-                back_val.append(piece.values - quantize_values(piece.values, cfg.value_codec))
-            else:
-                back_val.append(piece.values)
-            back_idx.append(piece.indices + span[0])
-        mine = plan.members.index(self.peer_id)
-        if final[mine] and state.rounding is not None:
-            exact, decoded, weight = state.rounding  # what our span's average lost on the wire, in our units
-            span = plan.spans[mine]
-            idx, residual = self._owner_residual(exact, decoded)
-            residual = residual * np.float32(weight / state.weight)
-            nz = np.flatnonzero(residual)
-            back_idx.append(idx[nz] + span[0])
-            back_val.append(residual[nz])
-        idx = np.concatenate(back_idx) if back_idx else np.zeros(0, np.int64)
-        val = np.concatenate(back_val).astype(np.float32) if back_val else np.zeros(0, np.float32)
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        summed = np.bincount(inverse, weights=val, minlength=uniq.size).astype(np.float32)
-        keep = summed != 0
-        average = SparseUpdate(np.concatenate(avg_idx) if avg_idx else np.zeros(0, np.int64),
-                               np.concatenate(avg_val) if avg_val else np.zeros(0, np.float32), size)
-        return average, SparseUpdate(uniq[keep].astype(np.int64), summed[keep], size)
-
-    @staticmethod
-    def _owner_residual(exact: SparseUpdate, decoded: SparseUpdate) -> tuple[np.ndarray, np.ndarray]:
-        """exact - decoded over the span: fp16 rounding, plus any entries global top-k left out."""
-        if decoded.nnz == decoded.size and exact.nnz < exact.size:  # sent dense
-            return decoded.indices, exact.to_dense() - decoded.values
-        values = exact.values.copy()  # decoded's support is a subset of exact's
-        values[np.searchsorted(exact.indices, decoded.indices)] -= decoded.values
-        return exact.indices, values
+        return settle(state.selected(), plan, self.peer_id, [r[1] if r is not None else None for r in results],
+                      [r[0].included if r is not None else () for r in results], final, state.rounding, state.weight,
+                      self.config.value_codec)
 
     def _report(self, state: _Round, ok: bool, error, final, times) -> RoundReport:
         plan = state.plan
         members = plan.members if plan else ()
-        excluded = tuple(sorted((set(members) - set(state.parts)) | state.rejected)) if plan and state.result_bytes.done() else ()
+        excluded = (tuple(sorted((set(members) - set(state.parts)) | state.rejected))
+                    if plan and state.result_bytes.done() else ())
         weights = tuple(r[0].total_weight if ok_span and r is not None else 0.0
                         for ok_span, r in zip(final, state.results or [None] * len(final)))
         return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,

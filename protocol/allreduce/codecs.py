@@ -26,13 +26,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from protocol.allreduce.sparsify import SparseUpdate
 
 INDEX_CODECS = ("delta-varint", "bitmap", "dense")
-VALUE_CODECS = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+VALUE_CODECS: dict[str, np.dtype[np.floating[Any]]] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 MAX_SIZE = 1 << 62  # vector length bound: varints stay <= 9 bytes and every index fits int64
 DENSE_FP32_BYTES = 4  # the baseline of ratio(): a dense float32 vector
@@ -42,7 +43,7 @@ class CodecError(ValueError):
     """Bytes from a peer that are not a valid encoding for what the receiver expects."""
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 

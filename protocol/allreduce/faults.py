@@ -14,8 +14,7 @@ import struct
 import numpy as np
 
 from protocol.allreduce.codecs import EncodedUpdate
-from protocol.allreduce.messages import PartFrame, TensorSpec
-from protocol.allreduce.messages import message_to_wire
+from protocol.allreduce.messages import PartFrame, TensorSpec, message_to_wire
 
 
 class Fault(enum.Enum):
@@ -46,7 +45,8 @@ def mangle_part(fault: Fault, frame: PartFrame, data: bytes, seed: int = 0, othe
         return message_to_wire(dataclasses.replace(frame, sender=other_peer or frame.sender[::-1]))
     if fault in (Fault.NAN, Fault.INF):  # one entry, at the span's first position
         value = struct.pack("<f", float("nan") if fault is Fault.NAN else float("inf"))
-        return message_to_wire(dataclasses.replace(frame, payload=EncodedUpdate("delta-varint", "fp32", 1, b"\x00", value)))
+        bad = EncodedUpdate("delta-varint", "fp32", 1, b"\x00", value)
+        return message_to_wire(dataclasses.replace(frame, payload=bad))
     if fault is Fault.OUT_OF_RANGE:
         span_len = frame.span[1] - frame.span[0]
         gap = span_len + 5  # one delta-varint index past the end of the span

@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
-
 
 from protocol.allreduce.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
 from protocol.planning.partition import plan_spans
-from protocol.wire import pack, unpack_bounded, WireError
+from protocol.wire import WireError, pack, unpack_bounded
 
 logger = logging.getLogger(__name__)
 MAX_DECLARATION_BYTES = 256

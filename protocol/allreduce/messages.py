@@ -137,7 +137,8 @@ def _span_from_wire(obj: Any, where: str) -> tuple[int, int]:
 
 
 def _peer_list(obj: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(obj, list) or len(obj) > MAX_GROUP_SIZE or not all(isinstance(p, str) and len(p) <= 64 for p in obj):
+    if (not isinstance(obj, list) or len(obj) > MAX_GROUP_SIZE
+            or not all(isinstance(p, str) and len(p) <= 64 for p in obj)):
         raise WireError(f"{where}: expected at most {MAX_GROUP_SIZE} peer ids")
     return tuple(obj)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from protocol.allreduce.messages import PartFrame, TensorSpec
 from protocol.allreduce.sparsify import SparseUpdate, check_density

@@ -18,8 +18,9 @@ Whatever is not sent stays in v (the residual) and joins the next round: no grad
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def _check_vector(x: object, name: str = "x") -> np.ndarray:
     return x
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 

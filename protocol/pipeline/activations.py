@@ -40,13 +40,13 @@ import re
 import secrets
 import sys
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from protocol.streams import MAX_FRAME
-from protocol.wire import exact_map, pack, unpack_bounded, WireError
+from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
 ACTIVATION_PROTOCOL_VERSION = 2  # 2: ForwardRequest.train
 MAX_DIMS = 8
@@ -79,7 +79,7 @@ _LITTLE = sys.byteorder == "little"
 _ONE_LINE = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-Dim = Union[int, tuple[int, int]]  # an exact size, or inclusive bounds (lo, hi)
+Dim = int | tuple[int, int]  # an exact size, or inclusive bounds (lo, hi)
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -130,7 +130,7 @@ class ExpectedTensor:
             raise ValueError(f"ExpectedTensor.compute_dtype: {compute} cannot hold {dtypes[0]} values")
         if not isinstance(self.shape, (tuple, list)) or len(self.shape) > MAX_DIMS:
             raise ValueError(f"ExpectedTensor.shape: expected at most {MAX_DIMS} dimensions")
-        dims = []
+        dims: list[Dim] = []
         for i, d in enumerate(self.shape):
             if isinstance(d, (tuple, list)) and len(d) == 2:
                 lo = _check_int(d[0], 0, MAX_FRAME, f"ExpectedTensor.shape[{i}] low bound")
@@ -158,17 +158,17 @@ class ExpectedTensor:
 
     @classmethod
     def hidden(cls, max_batch: int, max_seq: int, hidden: int, dtypes: tuple[str, ...] = FLOAT_DTYPES,
-               compute_dtype: str | None = "float32") -> "ExpectedTensor":
+               compute_dtype: str | None = "float32") -> ExpectedTensor:
         """Hidden states (or their gradient) between stages: (1..max_batch, 1..max_seq, hidden)."""
         return cls(tuple(dtypes), ((1, max_batch), (1, max_seq), hidden), compute_dtype)
 
     @classmethod
-    def token_ids(cls, max_batch: int, max_seq: int, vocab: int) -> "ExpectedTensor":
+    def token_ids(cls, max_batch: int, max_seq: int, vocab: int) -> ExpectedTensor:
         """The first stage's input: int64 ids in [0, vocab), (1..max_batch, 1..max_seq)."""
         return cls(("int64",), ((1, max_batch), (1, max_seq)), "int64", (0, vocab - 1))
 
     @classmethod
-    def like(cls, t: torch.Tensor, dtypes: tuple[str, ...] | None = None) -> "ExpectedTensor":
+    def like(cls, t: torch.Tensor, dtypes: tuple[str, ...] | None = None) -> ExpectedTensor:
         """Exactly ``t``'s shape (a reply to a request carrying ``t``, a gradient of ``t``), in ``t``'s dtype;
         float tensors accept any float wire dtype unless ``dtypes`` says otherwise."""
         own = dtype_name(t.dtype)
@@ -250,8 +250,8 @@ def decode_tensor(obj: Any, expected: ExpectedTensor, where: str = "tensor") -> 
         words = torch.int16 if wire == "bfloat16" else torch_dtype
         t = torch.frombuffer(bytearray(raw), dtype=words).view(torch_dtype).reshape(shape)
     else:
-        words = np.frombuffer(raw, dtype=np_dtype).astype(np.dtype(np_dtype).newbyteorder("="))
-        t = torch.from_numpy(words).view(torch_dtype).reshape(shape)
+        native = np.frombuffer(raw, dtype=np_dtype).astype(np.dtype(np_dtype).newbyteorder("="))
+        t = torch.from_numpy(native).view(torch_dtype).reshape(shape)
     if wire in FLOAT_DTYPES:
         if elements and not _all_finite(t):
             raise WireError(f"{where}: holds NaN or Inf")
@@ -355,7 +355,7 @@ class ErrorReply:
         object.__setattr__(self, "reason", _ONE_LINE.sub(" ", self.reason).strip()[:MAX_REASON])
 
 
-ActivationFrame = Union[ForwardRequest, ForwardReply, BackwardRequest, BackwardReply, ErrorReply]
+ActivationFrame = ForwardRequest | ForwardReply | BackwardRequest | BackwardReply | ErrorReply
 _TAGS = {ForwardRequest: "fwd", ForwardReply: "fwd_reply", BackwardRequest: "bwd", BackwardReply: "bwd_reply",
          ErrorReply: "error"}
 _FIELDS = {
@@ -426,6 +426,10 @@ def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | Non
         if not isinstance(reason, str) or len(reason) > MAX_REASON or _CONTROL.search(reason):
             raise WireError(f"{where}.reason: expected one line of at most {MAX_REASON} characters")
         return ErrorReply(mb, reason)
+    if tensor is None:  # expect is BackwardReply (checked above): the first stage's, which has no input gradient
+        if obj["grad"] is not None:
+            raise WireError(f"{where}.grad: the first stage's reply carries no input gradient")
+        return BackwardReply(mb, None)
     if expect is ForwardRequest:
         pipeline = obj["pipeline"]
         if not isinstance(pipeline, str) or not 0 < len(pipeline) <= MAX_PIPELINE_ID:
@@ -440,10 +444,6 @@ def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | Non
         return ForwardReply(mb, decode_tensor(obj["tensor"], tensor, f"{where}.tensor"))
     if expect is BackwardRequest:
         return BackwardRequest(mb, decode_tensor(obj["grad"], tensor, f"{where}.grad"))
-    if tensor is None:
-        if obj["grad"] is not None:
-            raise WireError(f"{where}.grad: the first stage's reply carries no input gradient")
-        return BackwardReply(mb, None)
     if obj["grad"] is None:
         raise WireError(f"{where}.grad: missing input gradient")
     return BackwardReply(mb, decode_tensor(obj["grad"], tensor, f"{where}.grad"))

@@ -11,8 +11,9 @@ as one built locally) with one x_to_wire / x_from_wire pair: a control frame is 
 PIPE_PROTOCOL_VERSION, ...fields}, decoded with protocol/wire.py unpack_bounded (every container bounded by
 CONTROL_BOUND); unknown or missing fields, another version, or a tag the reader does not expect are refused.
 A DHT member record is a 4-item msgpack array of at most MAX_RECORD_BYTES. The activation and gradient frames
-between stages are in protocol/pipeline/activations.py; what the messages mean is in node/jobs/pipeline/trainer.py (the trainer) and
-node/jobs/pipeline/stage_host.py (a replica); DirectOpen / DirectOffer set up a direct data path (protocol/pipeline/direct.py). Pure: msgpack only, no I/O, no node/ imports.
+between stages are in protocol/pipeline/activations.py; what the messages mean is in node/jobs/pipeline/trainer.py
+(the trainer) and node/jobs/pipeline/stage_host.py (a replica); DirectOpen / DirectOffer set up a direct data path
+(protocol/pipeline/direct.py). Pure: msgpack only, no I/O, no node/ imports.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
-
-from protocol.wire import pack, unpack_bounded, WireError
+from protocol.wire import WireError, pack, unpack_bounded
 
 # ---- names -------------------------------------------------------------------------------------------------
 
@@ -134,6 +135,8 @@ class _Message:
     """Base of the frozen message dataclasses: construction runs ``_checks`` (field -> check) on every field."""
 
     _checks: dict[str, Callable[[Any, str], Any]] = {}
+    if TYPE_CHECKING:  # set on each subclass by @dataclass; declared for the type checker only
+        __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def __post_init__(self) -> None:
         for name, check in self._checks.items():
@@ -311,12 +314,12 @@ class MemberRecord(_Message):
     _checks = {"role": _role, "throughput": _number, "step": _step, "beat": _number}
 
 
-_TAGS: dict[type, str] = {Status: "status", StatusReply: "status_reply", Commit: "commit", CommitReply: "commit_reply",
-                          EndStep: "end_step", EndStepReply: "end_step_reply", Resync: "resync", Advance: "advance",
-                          Discard: "discard",
-                          ControlError: "error", StateRequest: "state_request", StateHead: "state",
-                          BackupAck: "backup_ack", MemberRecord: "record", DirectOpen: "direct_open",
-                          DirectOffer: "direct_offer"}
+_TAGS: dict[type[_Message], str] = {Status: "status", StatusReply: "status_reply", Commit: "commit",
+                                    CommitReply: "commit_reply", EndStep: "end_step", EndStepReply: "end_step_reply",
+                                    Resync: "resync", Advance: "advance", Discard: "discard",
+                                    ControlError: "error", StateRequest: "state_request", StateHead: "state",
+                                    BackupAck: "backup_ack", MemberRecord: "record", DirectOpen: "direct_open",
+                                    DirectOffer: "direct_offer"}
 _BY_TAG = {tag: cls for cls, tag in _TAGS.items() if cls is not MemberRecord}  # a record is never a frame
 
 
@@ -337,7 +340,8 @@ def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int =
     obj = unpack_bounded(data, bound, max_objects=CONTROL_OBJECTS)
     if not isinstance(obj, dict):
         raise WireError(f"control frame: expected a map, got {type(obj).__name__}")
-    cls = _BY_TAG.get(obj.get("t")) if isinstance(obj.get("t"), str) else None
+    tag = obj.get("t")
+    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
     if cls not in expect:
         raise WireError(f"expected {' or '.join(_TAGS[c] for c in expect)}, got {obj.get('t')!r:.40}")
     names = tuple(cls.__dataclass_fields__)

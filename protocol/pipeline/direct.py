@@ -30,8 +30,8 @@ What it guarantees (the attacks it handles):
   * Confidentiality: the body is encrypted (AES-GCM), so activations do not travel in the clear; the key
     travels only inside libp2p's encrypted stream. There is no forward secrecy beyond libp2p's own: a key
     taken from a live process opens that session's traffic. A swarm that wants only libp2p's transport
-    security turns the direct path off (node/jobs/pipeline/stage_host.py StageConfig.direct, node/jobs/pipeline/trainer.py
-    TrainerConfig.direct).
+    security turns the direct path off (node/jobs/pipeline/stage_host.py StageConfig.direct,
+    node/jobs/pipeline/trainer.py TrainerConfig.direct).
   * Resource exhaustion: the declared body length is checked against the receiver's bound (the same
     max_frame_bytes as activation frames, plus the tag) before a byte of the body is read; a (key, nonce)
     pair is never reused, since keys are per session and sequence numbers never wrap (the sender refuses).
@@ -178,7 +178,8 @@ async def send_sealed(writer: asyncio.StreamWriter, channel: DirectChannel, kind
     await writer.drain()
 
 
-async def read_header(reader: asyncio.StreamReader, kinds: tuple[int, ...], max_payload: int) -> tuple[bytes, DirectHeader]:
+async def read_header(reader: asyncio.StreamReader, kinds: tuple[int, ...],
+                      max_payload: int) -> tuple[bytes, DirectHeader]:
     header = await reader.readexactly(HEADER_SIZE)
     return header, parse_header(header, kinds, max_payload)
 
@@ -193,5 +194,5 @@ async def read_sealed(reader: asyncio.StreamReader, channel: DirectChannel, kind
 
 
 __all__ = ["BACKWARD", "FORWARD", "HEADER_SIZE", "KEY_SIZE", "KIND_NAMES", "MAGIC", "REPLY", "REQUESTS",
-           "SESSION_SIZE", "TAG_SIZE", "DirectChannel", "DirectHeader", "maddr_ips", "new_session", "parse_header", "read_header",
-           "read_sealed", "send_sealed"]
+           "SESSION_SIZE", "TAG_SIZE", "DirectChannel", "DirectHeader", "maddr_ips", "new_session", "parse_header",
+           "read_header", "read_sealed", "send_sealed"]

@@ -9,7 +9,7 @@ Members advertising zero bandwidth (client-only) own nothing but still contribut
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def span_sizes(total: int, bandwidths: Sequence[float]) -> list[int]:

@@ -31,8 +31,8 @@ import itertools
 import math
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from protocol.planning.stage_plan import SAFE, Host, StagePlan, check_number, segment_sums
 
@@ -62,6 +62,12 @@ def _rate(cost: float, throughputs: Sequence[float]) -> float:
 
 def _fits(plan: StagePlan, node: NodeSpec, stage: int) -> bool:
     return plan.memory is None or node.memory_bytes >= plan.memory[stage]
+
+
+def _needs(plan: StagePlan) -> tuple[float, ...]:
+    """Bytes per stage, for messages about nodes that fit no stage: a plan without memory figures rules no
+    node out (_fits), so it never gets here; it would need 0 bytes."""
+    return plan.memory if plan.memory is not None else (0.0,) * plan.num_stages
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,8 @@ class Move:
     """node_id went from from_stage to to_stage; None for a node that joined (from) or left (to)."""
 
     node_id: str
-    from_stage: Optional[int]
-    to_stage: Optional[int]
+    from_stage: int | None
+    to_stage: int | None
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def _check_nodes(nodes: object) -> list[NodeSpec]:
     return list(nodes)
 
 
-def _matching(nodes: Sequence[int], stages: Sequence[int], ok: Callable[[int, int], bool]) -> Optional[dict]:
+def _matching(nodes: Sequence[int], stages: Sequence[int], ok: Callable[[int, int], bool]) -> dict | None:
     """node -> stage giving each stage its own node with ok(node, stage), or None (Kuhn's augmenting paths;
     stages are served in the given order, each by the first free node in the given order)."""
     owner: dict[int, int] = {}
@@ -168,21 +174,23 @@ def assign_nodes(plan: StagePlan, nodes: Sequence[NodeSpec], *, search_budget: i
     for x, row in zip(order, fits):
         if not any(row):
             raise ValueError(f"node {x.node_id!r} fits no stage: it has {x.memory_bytes:.4g} bytes, "
-                             f"the smallest stage needs {min(plan.memory):.4g}")
+                             f"the smallest stage needs {min(_needs(plan)):.4g}")
     cover = _matching(range(len(order)), sorted(range(k), key=lambda s: (-plan.costs[s], s)), lambda i, s: fits[i][s])
     if cover is None:  # costliest stages get the fastest nodes first
-        raise ValueError(f"cannot give every stage a replica: stages need {list(plan.memory)} bytes, the nodes "
+        raise ValueError(f"cannot give every stage a replica: stages need {list(_needs(plan))} bytes, the nodes "
                          f"have {sorted(x.memory_bytes for x in nodes)}")
-    choice = [cover.get(i) for i in range(len(order))]
     load = [math.fsum(order[i].throughput for i, s in cover.items() if s == stage) for stage in range(k)]
+    choice: list[int] = []
     for i, x in enumerate(order):  # the rest water-fill the bottleneck, fastest first (Petals' rule)
-        if choice[i] is None:
-            choice[i] = min((s for s in range(k) if fits[i][s]), key=lambda s: (_rate(plan.costs[s], [load[s]]), s))
-            load[choice[i]] += x.throughput
+        to = cover.get(i)
+        if to is None:
+            to = min((s for s in range(k) if fits[i][s]), key=lambda s: (_rate(plan.costs[s], [load[s]]), s))
+            load[to] += x.throughput
+        choice.append(to)
     optimal = False
     if len(order) <= _SEARCH_NODES:
         choice, optimal = branch_and_bound(plan, order, fits, choice, search_budget)
-    groups = [[] for _ in range(k)]
+    groups: list[list[NodeSpec]] = [[] for _ in range(k)]
     for x, s in zip(order, choice):
         groups[s].append(x)
     return _assignment(plan, groups, optimal)
@@ -208,7 +216,9 @@ def branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], b
         kind_start[i] = kind_start[i - 1] if same else i
     positive = math.fsum(c for c in costs if c > 0)
     aggregate = math.fsum(t) / positive * SAFE if positive > 0 else math.inf
-    members, load, choice, pred = [[] for _ in range(k)], [0.0] * k, [0] * n, [[None] * k for _ in range(n)]
+    members: list[list[float]] = [[] for _ in range(k)]
+    pred: list[list[int | None]] = [[None] * k for _ in range(n)]
+    load, choice = [0.0] * k, [0] * n
     state = {"expanded": 0, "empty": k, "choice": list(incumbent),
              "best": min(_rate(c, [t[i] for i in range(n) if incumbent[i] == s]) for s, c in enumerate(costs))}
 
@@ -232,10 +242,14 @@ def branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], b
         empty, rest = [s for s in range(k) if not members[s]], range(i, n)
         fixed = min((_rate(costs[s], members[s]) for s in range(k) if members[s]), default=math.inf)
         values = sorted({_rate(costs[s], [t[j]]) for s in empty for j in rest if fits[j][s]})
+
+        def at_least(v: float) -> Callable[[int, int], bool]:  # node j may have empty stage s for threshold v
+            return lambda j, s: fits[j][s] and _rate(costs[s], [t[j]]) >= v
+
         lo, hi, found = 0, len(values) - 1, None
         while lo <= hi:  # the largest threshold that still lets every empty stage have its own node
             mid = (lo + hi) // 2
-            match = _matching(rest, empty, lambda j, s: fits[j][s] and _rate(costs[s], [t[j]]) >= values[mid])
+            match = _matching(rest, empty, at_least(values[mid]))
             lo, hi, found = (mid + 1, hi, (values[mid], match)) if match else (lo, mid - 1, found)
         if found is not None and min(fixed, found[0]) > state["best"]:
             state["best"] = min(fixed, found[0])
@@ -264,7 +278,7 @@ def branch_and_bound(plan, order, fits, incumbent, budget) -> tuple[list[int], b
                 last[alike] = s
         taken = choice[first:i]
         allowed = [s for s in range(k) if fits[i][s] and (first == i or s >= choice[i - 1])
-                   and (pred[first][s] is None or taken.count(s) < taken.count(pred[first][s]))]
+                   and ((p := pred[first][s]) is None or taken.count(s) < taken.count(p))]
         for s in sorted(allowed, key=lambda s: (_rate(costs[s], [load[s]] if members[s] else []), s)):
             state["empty"] -= not members[s]
             members[s].append(t[i])
@@ -350,7 +364,7 @@ def rebalance_join(plan: StagePlan, assignment: Assignment, node: NodeSpec) -> R
     options = [s for s in range(plan.num_stages) if _fits(plan, node, s)]
     if not options:
         raise ValueError(f"node {node.node_id!r} fits no stage: it has {node.memory_bytes:.4g} bytes, "
-                         f"the smallest stage needs {min(plan.memory):.4g}")
+                         f"the smallest stage needs {min(_needs(plan)):.4g}")
 
     target = _join_target(plan, assignment, node, options)
     groups[target].append(node)
@@ -380,7 +394,7 @@ def rebalance_leave(plan: StagePlan, assignment: Assignment, node_id: str) -> Re
     chain = _refill(plan, groups, assignment.rates, gone)
     if chain is None:
         raise ValueError(f"no node can take over stage {gone} after {node_id!r} leaves: "
-                         f"none with the {plan.memory[gone]:.4g} bytes it needs can be spared")
+                         f"none with the {_needs(plan)[gone]:.4g} bytes it needs can be spared")
     return Rebalance(_assignment(plan, groups, False), tuple(moves + chain))
 
 
@@ -417,7 +431,7 @@ def follow_live(plan: StagePlan, hosts: Sequence[Sequence[str]], live: Sequence[
     return Rebalance(_assignment(plan, groups, False), tuple(moves))
 
 
-def _refill(plan: StagePlan, groups: list[list[NodeSpec]], rates: Sequence[float], gone: int) -> Optional[list[Move]]:
+def _refill(plan: StagePlan, groups: list[list[NodeSpec]], rates: Sequence[float], gone: int) -> list[Move] | None:
     """Refill the empty stage ``gone`` in place (``groups`` is changed): the single move from a stage with
     >= 2 replicas after which the sorted stage throughputs are largest (``rates``: before the move), else the
     shortest chain of moves; None when memory allows neither."""
@@ -430,6 +444,7 @@ def _refill(plan: StagePlan, groups: list[list[NodeSpec]], rates: Sequence[float
         after[gone] = _rate(plan.costs[gone], [x.throughput])
         return tuple(sorted(after))
 
+    chain: list[Move] | None
     if donors:  # max() keeps the first of equals: the lowest stage, then the lowest node id
         d, x = max(donors, key=lambda donor: outcome(*donor))
         chain = [Move(x.node_id, d, gone)]
@@ -439,15 +454,17 @@ def _refill(plan: StagePlan, groups: list[list[NodeSpec]], rates: Sequence[float
         return None
     by_id = {x.node_id: x for g in groups for x in g}
     for m in chain:
+        if m.from_stage is None or m.to_stage is None:  # both refill paths only move nodes between stages
+            raise RuntimeError(f"refill move {m} is not a relocation")
         groups[m.from_stage] = [x for x in groups[m.from_stage] if x.node_id != m.node_id]
         groups[m.to_stage].append(by_id[m.node_id])
     return chain
 
 
-def _refill_chain(plan: StagePlan, groups: list[list[NodeSpec]], empty: int) -> Optional[list[Move]]:
+def _refill_chain(plan: StagePlan, groups: list[list[NodeSpec]], empty: int) -> list[Move] | None:
     """Fewest moves that refill ``empty``: x1 from d1 to empty, x2 from d2 to d1, ..., ending at a stage
     with >= 2 replicas (breadth-first over stages). Returned donor-first, so no other stage is ever empty."""
-    parent: dict[int, Optional[tuple[str, int]]] = {empty: None}
+    parent: dict[int, tuple[str, int] | None] = {empty: None}
     queue = deque([empty])
     while queue:
         need = queue.popleft()
@@ -459,8 +476,8 @@ def _refill_chain(plan: StagePlan, groups: list[list[NodeSpec]], empty: int) -> 
                     continue
                 if len(groups[d]) >= 2:
                     chain, cur = [Move(x.node_id, d, need)], need
-                    while parent[cur] is not None:
-                        moved, to = parent[cur]
+                    while (step := parent[cur]) is not None:
+                        moved, to = step
                         chain.append(Move(moved, cur, to))
                         cur = to
                     return chain

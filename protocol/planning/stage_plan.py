@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import json
 import math
-from itertools import accumulate
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from numbers import Integral, Real
-from typing import Callable, Optional, Sequence, Union
+from typing import cast
 
 STRATEGIES = ("layer_wise", "balanced", "memory_aware")
 SAFE = 1.0 + 1e-9  # inflates float upper bounds past any rounding of sums of < 10**6 terms (stage_assign too)
@@ -127,8 +128,8 @@ class StagePlan:
     strategy: str
     spans: tuple[tuple[int, int], ...]
     costs: tuple[float, ...]
-    memory: Optional[tuple[float, ...]] = None  # bytes per stage, when layer_bytes was given
-    hosts: Optional[tuple[Host, ...]] = None  # memory_aware: stage i is planned for hosts[i]
+    memory: tuple[float, ...] | None = None  # bytes per stage, when layer_bytes was given
+    hosts: tuple[Host, ...] | None = None  # memory_aware: stage i is planned for hosts[i]
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -211,17 +212,17 @@ def _desc(values: tuple, value) -> tuple:
     return tuple(sorted(values + (value,), reverse=True))
 
 
-def _optimal_cuts(n: int, k: int, value: Callable[[int, int, int], Optional[float]]) -> Optional[tuple[int, ...]]:
+def _optimal_cuts(n: int, k: int, value: Callable[[int, int, int], float | None]) -> tuple[int, ...] | None:
     """Cut points (0, ..., n) minimising the tie-break key of the module docstring; None if nothing fits.
 
     value(stage, a, b) is the figure of merit (cost or time) of layers [a, b) as that stage, None where the
     stage cannot hold them. best[b] is (merits sorted down, sizes sorted down, negated sizes in order, cuts).
     """
-    best = {0: ((), (), (), (0,))}
+    best: dict[int, tuple[tuple, tuple, tuple, tuple[int, ...]]] = {0: ((), (), (), (0,))}
     for j in range(k):
-        nxt = {}
+        nxt: dict[int, tuple[tuple, tuple, tuple, tuple[int, ...]]] = {}
         for b in range(j + 1, n - (k - 1 - j) + 1):
-            choice = None
+            choice: tuple[tuple, tuple, tuple, tuple[int, ...]] | None = None
             for a, (merits, sizes, order, cuts) in best.items():
                 if a >= b:
                     continue
@@ -254,7 +255,10 @@ def plan_balanced(layer_costs: Sequence[float], num_stages: int, *, first_extra:
     """Contiguous stages with the smallest possible largest cost (exact DP; ties as in the module docstring)."""
     model = _model(layer_costs, first_extra, last_extra, layer_bytes, first_extra_bytes, last_extra_bytes)
     n, cost, _ = model
-    return _plan("balanced", _optimal_cuts(n, _stage_count(num_stages, n), lambda j, a, b: cost(a, b)), model)
+    cuts = _optimal_cuts(n, _stage_count(num_stages, n), lambda j, a, b: cost(a, b))
+    if cuts is None:  # unreachable: every stage holds any layers, and _stage_count keeps stages <= layers
+        raise RuntimeError(f"no split of {n} layers into {num_stages} stages")
+    return _plan("balanced", cuts, model)
 
 
 def plan_memory_aware(layer_costs: Sequence[float], hosts: Sequence[Host], *, layer_bytes,
@@ -274,7 +278,7 @@ def plan_memory_aware(layer_costs: Sequence[float], hosts: Sequence[Host], *, la
     n, cost, memory = model
     k = _stage_count(len(hosts), n)
 
-    def time(j: int, a: int, b: int) -> Optional[float]:
+    def time(j: int, a: int, b: int) -> float | None:
         return None if memory(a, b) > hosts[j].memory_bytes else cost(a, b) / hosts[j].tflops
 
     cuts = _optimal_cuts(n, k, time)
@@ -287,8 +291,8 @@ def plan_memory_aware(layer_costs: Sequence[float], hosts: Sequence[Host], *, la
     return _plan("memory_aware", cuts, model, tuple(hosts))
 
 
-def plan_stages(layer_costs: Sequence[float], stages: Union[int, Sequence[Host]], *,
-                strategy: Optional[str] = None, **options) -> StagePlan:
+def plan_stages(layer_costs: Sequence[float], stages: int | Sequence[Host], *,
+                strategy: str | None = None, **options) -> StagePlan:
     """One front door: ``stages`` is a stage count (layer_wise, or balanced by default) or a list of Host
     (memory_aware). ``options`` are the keyword arguments of the chosen planner."""
     if strategy is not None and strategy not in STRATEGIES:
@@ -297,10 +301,13 @@ def plan_stages(layer_costs: Sequence[float], stages: Union[int, Sequence[Host]]
         strategy = strategy or "balanced"
         if strategy not in ("layer_wise", "balanced"):
             raise ValueError(f"strategy {strategy!r} takes a list of hosts, not a stage count")
-        return (plan_layer_wise if strategy == "layer_wise" else plan_balanced)(layer_costs, stages, **options)
+        # int(): the planners' _stage_count takes any Integral to int the same way (numpy ints included)
+        return (plan_layer_wise if strategy == "layer_wise" else plan_balanced)(layer_costs, int(stages), **options)
     if strategy not in (None, "memory_aware"):
         raise ValueError(f"strategy {strategy!r} takes a stage count, not a list of hosts")
-    return plan_memory_aware(layer_costs, stages, **options)
+    # cast: mypy does not count int as an Integral, so it keeps int here; what gets here is hosts, or a bool or
+    # other non-count that plan_memory_aware refuses with ValueError
+    return plan_memory_aware(layer_costs, cast(Sequence[Host], stages), **options)
 
 
 def plan_to_json(plan: StagePlan) -> bytes:

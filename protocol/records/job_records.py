@@ -28,11 +28,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.allreduce.messages import MAX_GROUP_SIZE
-from protocol.records.job_spec import (JOB_SCHEMA_VERSION, MAX_ROUNDS, MAX_STAGE_REPLICAS, MAX_STAGES, JobSpec,
-                                       job_id_for, optional, spec_from_map, spec_to_map)
+from protocol.records.job_spec import (
+    JOB_SCHEMA_VERSION,
+    MAX_ROUNDS,
+    MAX_STAGE_REPLICAS,
+    MAX_STAGES,
+    JobSpec,
+    job_id_for,
+    optional,
+    spec_from_map,
+    spec_to_map,
+)
 from protocol.records.peer import swarm_key
-from protocol.records.values import (check_choice, check_float, check_int, check_job_id, check_model_hash,
-                                     check_peer_id, check_peers, set_field, show)
+from protocol.records.values import (
+    check_choice,
+    check_float,
+    check_int,
+    check_job_id,
+    check_model_hash,
+    check_peer_id,
+    check_peers,
+    set_field,
+    show,
+)
 from protocol.wire import fields_of, from_map, pack, unpack_bounded
 
 JOB_STATES = ("running", "paused", "done", "cancelled")
@@ -149,9 +167,9 @@ class JobRecord:
         set_field(self, "participants", check_peers("participants", self.participants, self.spec.max_participants))
         set_field(self, "updated_at", check_float("updated_at", self.updated_at, ge=0))
         if self.assignment is not None:
-            if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind != "pipeline":
+            p = self.spec.pipeline  # set exactly when kind is "pipeline" (JobSpec checks it)
+            if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind != "pipeline" or p is None:
                 raise ValueError("assignment: only a pipeline job's record holds one")
-            p = self.spec.pipeline
             if len(self.assignment.spans) != p.stages or any(len(g) > p.replica_cap for g in self.assignment.hosts):
                 raise ValueError(f"assignment: must give {p.stages} stages 1-{p.replica_cap} hosts each")
             if self.submitter in {p for g in self.assignment.hosts for p in g}:
@@ -159,11 +177,11 @@ class JobRecord:
 
     @classmethod
     def create(cls, spec: JobSpec, submitter: str, nonce: str, updated_at: float,
-               assignment: PipelineAssignment | None = None) -> "JobRecord":
+               assignment: PipelineAssignment | None = None) -> JobRecord:
         return cls(job_id_for(spec, submitter, nonce), submitter, nonce, spec, updated_at=updated_at,
                    assignment=assignment)
 
-    def replace(self, **changes) -> "JobRecord":
+    def replace(self, **changes) -> JobRecord:
         return dataclasses.replace(self, **changes)
 
 
@@ -204,7 +222,7 @@ class JobProgress:
         set_field(self, "round_time_s", check_float("round_time_s", self.round_time_s, ge=0))
         set_field(self, "updated_at", check_float("updated_at", self.updated_at, ge=0))
 
-    def replace(self, **changes) -> "JobProgress":
+    def replace(self, **changes) -> JobProgress:
         return dataclasses.replace(self, **changes)
 
 

@@ -14,11 +14,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from protocol.allreduce.messages import MAX_GROUP_SIZE
-from protocol.records.values import (JOB_ID_HEX, MAX_NAME, check_bool, check_choice, check_float, check_int, check_name, set_field, show)
+from protocol.records.values import (
+    JOB_ID_HEX,
+    MAX_NAME,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_name,
+    set_field,
+    show,
+)
 from protocol.wire import fields_of, from_map, pack, unpack_bounded
 
 JOB_SCHEMA_VERSION = 1  # the "v" of every job spec, record, progress and state header map
@@ -215,7 +226,7 @@ class JobSpec:
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
 
-    def replace(self, **changes) -> "JobSpec":
+    def replace(self, **changes) -> JobSpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -252,8 +263,9 @@ def spec_to_map(spec: JobSpec) -> dict:
 
 
 def spec_from_map(obj: Any) -> JobSpec:
-    nested = {name: functools.partial(from_map, kind, where=f"job spec.{name}")
-              for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
+    nested: dict[str, Callable[[Any], Any]] = {
+        name: functools.partial(from_map, kind, where=f"job spec.{name}")
+        for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
     nested["pipeline"] = optional(functools.partial(from_map, PipelineSpec, where="job spec.pipeline"))
     if isinstance(obj, dict) and "kind" not in obj and "pipeline" not in obj:
         obj = {**obj, "kind": "federated", "pipeline": None}  # the schema-1 federated form (see spec_to_map)

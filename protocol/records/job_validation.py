@@ -14,11 +14,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import DHTRecord
 
 from protocol.records.job_records import (
-    MAX_JOB_PROGRESS_BYTES, MAX_JOB_RECORD_BYTES, PROGRESS_BUCKETS, job_progress_from_wire,
-    job_record_from_wire, jobs_key, parse_progress_subkey)
-from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
+    MAX_JOB_PROGRESS_BYTES,
+    MAX_JOB_RECORD_BYTES,
+    PROGRESS_BUCKETS,
+    job_progress_from_wire,
+    job_record_from_wire,
+    jobs_key,
+    parse_progress_subkey,
+)
 from protocol.records.peer import swarm_key
-from protocol.records.validation import SIGNATURE_BYTES, SignedDictionaryValidator, signed_payload, key_id
+from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
+from protocol.records.validation import SIGNATURE_BYTES, SignedDictionaryValidator, key_id, signed_payload
 from protocol.wire import WireError, unpack_bounded
 
 _SIGNED_OVERHEAD = 16 + SIGNATURE_BYTES  # the DHT's msgpack bin header around our bytes, plus the signature

@@ -59,7 +59,7 @@ class PeerRecord:
     leaving: bool = False  # True in the tombstone a node publishes on graceful exit
     schema_version: int = CAPABILITY_SCHEMA_VERSION
 
-    def replace(self, **changes) -> "PeerRecord":
+    def replace(self, **changes) -> PeerRecord:
         return dataclasses.replace(self, **changes)
 
 

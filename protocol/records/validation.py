@@ -18,10 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
+from protocol.records.peer import MAX_RECORD_BYTES, peer_record_from_wire, swarm_key
 from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
-from protocol.records.peer import MAX_RECORD_BYTES, swarm_key
 from protocol.wire import WireError, pack, unpack_bounded
-from protocol.records.peer import peer_record_from_wire
 
 logger = logging.getLogger(__name__)
 SIGNATURE_BYTES = 64
@@ -108,7 +107,8 @@ class SignedPeerRecordValidator(SignedDictionaryValidator):
         public_key = public_key_from_peer_id(subkey)
         body, signature = record.value[:-SIGNATURE_BYTES], record.value[-SIGNATURE_BYTES:]
         try:
-            public_key.verify(signature, signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
+            public_key.verify(signature,
+                              signed_payload(DHTRecord(record.key, record.subkey, body, record.expiration_time)))
         except InvalidSignature:
             raise InvalidSignature(f"bad signature on the peer record of {subkey}") from None
         payload = unpack_bounded(body, MAX_RECORD_BYTES)  # the DHT's msgpack wrapping of our bytes value

@@ -14,8 +14,8 @@ bytes against the header's hash before using them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import numpy as np
 from hivemind.p2p import P2P
@@ -58,7 +58,8 @@ def state_header_to_wire(header: StateHeader) -> bytes:
 
 
 def state_header_from_wire(data: bytes) -> StateHeader:
-    return from_map(StateHeader, unpack_bounded(data, MAX_STATE_HEADER_BYTES), "state header", version=JOB_SCHEMA_VERSION)
+    return from_map(StateHeader, unpack_bounded(data, MAX_STATE_HEADER_BYTES), "state header",
+                    version=JOB_SCHEMA_VERSION)
 
 
 # ---- the exchange ------------------------------------------------------------------------------------------

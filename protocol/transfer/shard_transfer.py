@@ -49,15 +49,16 @@ import os
 import pathlib
 import re
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from protocol.transfer.shards import MAX_SHARD_BYTES, ShardError, ShardInfo
 from protocol.streams import Stream, open_stream, peer_id, serve, stop_serving
-from protocol.wire import exact_map, pack, unpack_bounded, WireError
+from protocol.transfer.shards import MAX_SHARD_BYTES, ShardError, ShardInfo
+from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class ServeFault(enum.Enum):
 
 
 # fault(peer, request, index of the request on its stream) -> a fault to commit, or None to serve honestly
-FaultHook = Callable[[str, ChunkRequest, int], Union[ServeFault, None]]
+FaultHook = Callable[[str, ChunkRequest, int], ServeFault | None]
 
 
 class ShardServer:
@@ -213,7 +214,7 @@ class ShardServer:
     streams are served at once and a stream idle for ``idle_timeout`` seconds is closed. ``served`` keeps the
     last requests answered, as (peer, offset, length), and ``counts`` the number per peer."""
 
-    def __init__(self, p2p: P2P, protocol_name: str, lookup: Callable[[str], "os.PathLike | str | None"], *,
+    def __init__(self, p2p: P2P, protocol_name: str, lookup: Callable[[str], os.PathLike | str | None], *,
                  max_chunk: int = 4 * DEFAULT_CHUNK, max_streams: int = 32, idle_timeout: float = 30.0,
                  fault: FaultHook | None = None):
         if not 1 <= max_chunk <= MAX_CHUNK:
@@ -227,7 +228,8 @@ class ShardServer:
         self._active = 0
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(self.protocol_name, serve(self._handle, logger, "shard stream handler"))
+        await self.p2p.add_binary_stream_handler(self.protocol_name,
+                                                 serve(self._handle, logger, "shard stream handler"))
 
     async def stop(self) -> None:
         await stop_serving(self.p2p, [self.protocol_name], logger)
@@ -407,7 +409,7 @@ async def fetch_shard(p2p: P2P, peers: Iterable[PeerID | str], info: ShardInfo, 
                 offset = await _fetch_from(p2p, peer, protocol_name, info, fd, offset, chunk, window, timeout)
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 errors.append(f"{peer}: hung up ({type(e).__name__})")
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 errors.append(f"{peer}: no answer within {timeout:g} s")
             except Exception as e:  # WireError, refusals, and the p2pd client's own (P2PDaemonError, ...)
                 errors.append(f"{peer}: {type(e).__name__}: {e}")

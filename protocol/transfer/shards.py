@@ -33,14 +33,15 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
-from protocol.wire import exact_map, pack, unpack_bounded, WireError
+from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
 SHARD_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.msgpack"
@@ -192,7 +193,7 @@ class ShardManifest:
         """What the signature covers: SIGNING_CONTEXT + canonical msgpack of every field but the signature."""
         return SIGNING_CONTEXT + pack(_body(self))
 
-    def replace(self, **changes) -> "ShardManifest":
+    def replace(self, **changes) -> ShardManifest:
         return dataclasses.replace(self, **changes)
 
 
@@ -294,7 +295,8 @@ def manifest_from_wire(data: bytes) -> ShardManifest:
                          f"{SHARD_SCHEMA_VERSION})")
     shards = []
     for i, s in enumerate(_list(obj, "shards", MAX_SHARDS, "shard manifest")):
-        s = exact_map(s, tuple(f.name for f in dataclasses.fields(ShardInfo)), f"shard manifest.shards[{i}]", ShardError)
+        s = exact_map(s, tuple(f.name for f in dataclasses.fields(ShardInfo)), f"shard manifest.shards[{i}]",
+                      ShardError)
         shards.append(ShardInfo(**s))
     tied = []
     for i, t in enumerate(_list(obj, "tied", MAX_TIES, "shard manifest")):

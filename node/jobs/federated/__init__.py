@@ -1,1 +1,8 @@
-"""Federated jobs."""
+"""Federated jobs: every participant trains the whole model on its own data; top-k all-reduce rounds average.
+
+    federated_jobs.py  FederatedJobs: decide to take part, run the rounds (round policy from
+                       protocol/planning/round_policy.py), stay in sync, serve and fetch state, export
+    runner.py          JobRunner: one node's model replica, private data and rounds (Averager underneath)
+    local_training.py  local steps, the pseudo-gradient, the outer step (FedAvg, DiLoCo)
+    export.py          the model, manifest, per-round report and curve a job leaves on disk
+"""

@@ -14,15 +14,15 @@ import io
 import json
 import math
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from safetensors.torch import save
 
-from node.runtime.files import atomic_write
 from node.jobs.federated.runner import RoundResult
-from protocol.transfer.job_state import MAX_HISTORY_BYTES
+from node.runtime.files import atomic_write
 from protocol.records.job_records import JobRecord
+from protocol.transfer.job_state import MAX_HISTORY_BYTES
 
 FILES = ("model.safetensors", "report.json", "curve.png", "manifest.json")  # manifest last: then all are there
 

@@ -48,8 +48,14 @@ from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.planning.round_policy import RoundPolicy, meeting_round, outvoted
 from protocol.records.job_records import MAX_REASON, JobProgress
 from protocol.streams import serve_on, stop_serving
-from protocol.transfer.job_state import (JobState, StateHeader, fetch_job_state, job_state_protocol, params_hash,
-                                         serve_job_state)
+from protocol.transfer.job_state import (
+    JobState,
+    StateHeader,
+    fetch_job_state,
+    job_state_protocol,
+    params_hash,
+    serve_job_state,
+)
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -287,12 +293,13 @@ class FederatedJobs:
             except RuntimeError as e:
                 raise NodeError(str(e)) from None
             rounds = self.rounds.setdefault(view.job_id, Rounds())
-            params, completed, rounds.inherited = state.params, header.completed, merge_history(rounds.inherited, history)
+            params, completed = state.params, header.completed
+            rounds.inherited = merge_history(rounds.inherited, history)
         return await asyncio.to_thread(self._write_export, out, view, params, completed)
 
     def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int) -> list[pathlib.Path]:
         bundle = build_job_model(view.record.spec)
         load_flat_params(bundle.module, params)
         rounds = self.rounds.get(view.job_id, Rounds())
-        return export_job(out, view.record, bundle.module, params_hash(params), completed, sum(r.ok for r in rounds.own),
-                          rounds.report(self.peer_id), bundle.metric)
+        return export_job(out, view.record, bundle.module, params_hash(params), completed,
+                          sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric)

@@ -19,8 +19,8 @@ buffer gets bit-identical theta_r+1. The inner optimizer's state stays on the no
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class OuterOptimizer:
     def load_state(self, velocity: np.ndarray | None) -> None:
         if (velocity is None) != (self.velocity is None):
             raise ValueError("outer optimizer state does not match its momentum setting")
-        if velocity is not None:
+        if velocity is not None and self.velocity is not None:  # both or neither, as just checked
             if velocity.dtype != np.float32 or velocity.shape != (self.size,) or not np.isfinite(velocity).all():
                 raise ValueError(f"outer momentum must be finite float32 ({self.size},)")
             self.velocity[...] = velocity

@@ -24,23 +24,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from node.jobs.federated.local_training import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
 from node.ml.datasets import NodeData, batches, eval_batches
 from node.ml.job_model import build_job_model, data_misfit, job_model_config
 from node.ml.models import flatten_params, load_flat_params
-from node.jobs.federated.local_training import LocalTrainer, OuterOptimizer, make_inner_optimizer, pseudo_gradient
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
-from protocol.records.job_spec import JobSpec
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
+from protocol.records.job_spec import JobSpec
 from protocol.transfer.job_state import params_hash
 
 EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
@@ -182,6 +182,8 @@ class JobRunner:
         self.sparsifier.restore(outcome.returned)
         report = outcome.report
         if outcome.ok:
+            if outcome.average is None:  # an ok round always applied an average (protocol/allreduce/averager.py)
+                raise RuntimeError(f"round {r} of job {self.job_id} succeeded without an average")
             self.params = self.outer.step(start, outcome.average)
             if self.after_round is not None:
                 self.after_round(r, self.params)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from hivemind.p2p import P2P
 
@@ -33,8 +33,17 @@ from node.jobs.pipeline.stage_config import StageConfig
 from node.jobs.pipeline.stage_state import Refused
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.pipeline.control import DirectOffer
-from protocol.pipeline.direct import (FORWARD, REPLY, REQUESTS, TAG_SIZE, DirectChannel, maddr_ips, new_session,
-                                      read_header, send_sealed)
+from protocol.pipeline.direct import (
+    FORWARD,
+    REPLY,
+    REQUESTS,
+    TAG_SIZE,
+    DirectChannel,
+    maddr_ips,
+    new_session,
+    read_header,
+    send_sealed,
+)
 from protocol.streams import close_quietly
 from protocol.wire import WireError
 
@@ -91,7 +100,8 @@ class DirectServer:
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One direct connection: sealed requests in, sealed replies out, one at a time, until the peer hangs up
         or sends a frame that is refused (then the connection is closed: the trainer falls back to libp2p)."""
-        addr = "%s:%s" % tuple(writer.get_extra_info("peername") or ("?", "?"))[:2]
+        host, port = tuple(writer.get_extra_info("peername") or ("?", "?"))[:2]
+        addr = f"{host}:{port}"
         if len(self._conns) >= self.config.direct_connections:
             logger.warning("%s: refused a direct connection from %s: %d open", self.label, addr,
                            len(self._conns))
@@ -121,8 +131,10 @@ class DirectServer:
                     logger.warning("%s: refused a direct frame from %s (%s); connection closed", self.label,
                                    addr if peer is None else f"{addr}, peer {peer[-8:]}", e)
                     return
+                if peer is None:  # the first frame bound it, with the channel
+                    raise RuntimeError("direct connection: no peer bound to the channel")
                 await send_sealed(writer, channel, REPLY, await self._serve(kind, peer, data))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
             logger.debug("direct connection from %s ended: %s", addr, e or type(e).__name__)
         except asyncio.CancelledError:  # the host shutting down
             pass

@@ -20,10 +20,10 @@ Life cycle of a job ``J`` (swarm ``S``, submitter ``T``):
   2. A daemon that finds itself among the hosts of stage i fetches the manifest and then shard i from T
      (protocol/transfer/shard_transfer.py: sha256-verified, atomically written), checks that the manifest is signed by
      T and that its spans are the record's, loads the stage (load_stage: size + sha256 before parsing) and
-     serves it with node/jobs/pipeline/stage_host.py StageHost under pipeline id J until the job is done or cancelled. Other
-     daemons show "not assigned".
-  3. T runs node/jobs/pipeline/trainer.py PipelineTrainer on its own slice of the byte corpus for ``rounds`` steps, finding
-     the replicas through their DHT records (a dead replica's record expires; the trainer retries hops
+     serves it with node/jobs/pipeline/stage_host.py StageHost under pipeline id J until the job is done or
+     cancelled. Other daemons show "not assigned".
+  3. T runs node/jobs/pipeline/trainer.py PipelineTrainer on its own slice of the byte corpus for ``rounds`` steps,
+     finding the replicas through their DHT records (a dead replica's record expires; the trainer retries hops
      elsewhere), and publishes a signed JobProgress per step (round = steps done, the step's mean loss, every
      eval_every steps and at the last the bits per byte on the test split (evaluation passes through the
      pipeline), an estimate of the activation bytes it relayed, the step time; model_hash = sha256 over the
@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import pathlib
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -52,24 +52,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P
 
 from node.jobs.board import JobBoard, JobView
-from node.ml.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
-from node.runtime.errors import EXIT_USAGE, NodeError
-from node.runtime.files import atomic_write
-from node.ml.models import build_model, params_sha256, resolve_overrides
+from node.jobs.pipeline.stage_config import StageConfig, StageHooks
+from node.jobs.pipeline.stage_host import StageHost
+from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
 from node.jobs.pipeline.steps import HopError, PipelineError, StepReport, TrainerConfig, causal_lm_loss
 from node.jobs.pipeline.trainer import PipelineTrainer
+from node.ml.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
+from node.ml.models import build_model, params_sha256, resolve_overrides
 from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
-from node.jobs.pipeline.stage_config import StageConfig, StageHooks
-from node.jobs.pipeline.stage_host import StageHost, holders
-from node.jobs.pipeline.stage_state import Refused, fetch_state
-from protocol.pipeline.control import one_line, pipe_protocol
+from node.runtime.errors import EXIT_USAGE, NodeError
+from node.runtime.files import atomic_write
 from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.pipeline.control import one_line, pipe_protocol
+from protocol.planning.stage_assign import NodeSpec, assign_nodes, even_groups, follow_live
+from protocol.planning.stage_plan import plan_from_json, plan_to_json
 from protocol.records.job_records import JobProgress, PipelineAssignment
-from protocol.records.job_spec import JobSpec, job_id_for
+from protocol.records.job_spec import JobSpec, PipelineSpec, job_id_for
 from protocol.transfer.shard_transfer import ShardServer, fetch_shard, shard_protocol
 from protocol.transfer.shards import MANIFEST_FILE, ShardError, ShardInfo
-from protocol.planning.stage_plan import plan_from_json, plan_to_json
-from protocol.planning.stage_assign import NodeSpec, assign_nodes, even_groups, follow_live
 
 logger = logging.getLogger(__name__)
 PIPELINE_ARCHS = ("gpt2", "llama")
@@ -85,6 +85,12 @@ def layers_of(config) -> int:
     return int(config.get("n_layer") or config["num_hidden_layers"])
 
 
+def _pipeline(spec: JobSpec) -> PipelineSpec:
+    if spec.pipeline is None:  # JobSpec requires it for kind "pipeline", the only kind this module is given
+        raise ValueError("pipeline: kind 'pipeline' needs a [pipeline] table")
+    return spec.pipeline
+
+
 def check_pipeline_spec(spec: JobSpec) -> None:
     """ValueError naming the field when a pipeline spec cannot run: the model, the stage count, the data."""
     if spec.model.arch not in PIPELINE_ARCHS:
@@ -94,8 +100,8 @@ def check_pipeline_spec(spec: JobSpec) -> None:
         raise ValueError("model.tie_word_embeddings: must be false for a pipeline job (the embedding and the LM "
                          "head live in different stages)")
     layers = layers_of(cfg)
-    if spec.pipeline.stages > layers:
-        raise ValueError(f"pipeline.stages: must be <= the model's {layers} layers, got {spec.pipeline.stages}")
+    if _pipeline(spec).stages > layers:
+        raise ValueError(f"pipeline.stages: must be <= the model's {layers} layers, got {_pipeline(spec).stages}")
     info = DATASETS.get(spec.dataset)
     if info is None or info.task != "causal-lm":
         known = [n for n, d in DATASETS.items() if d.task == "causal-lm"]
@@ -122,7 +128,7 @@ def stage_config(spec: JobSpec, swarm: str) -> StageConfig:
     """Every replica of every stage of a job uses the same settings, derived from the spec alone."""
     return StageConfig(swarm=swarm, optimizer=spec.inner.kind, lr=spec.inner.lr, momentum=spec.inner.momentum,
                        weight_decay=spec.inner.weight_decay, density=spec.density,
-                       max_batch=max(64, spec.pipeline.micro_batch), part_timeout=min(10.0, spec.round_timeout_s),
+                       max_batch=max(64, _pipeline(spec).micro_batch), part_timeout=min(10.0, spec.round_timeout_s),
                        result_timeout=min(20.0, 2 * spec.round_timeout_s))
 
 
@@ -184,12 +190,12 @@ class PipelineJobs:
                             EXIT_USAGE) from None
         except (ValueError, OSError) as e:
             raise NodeError(f"{source}: dataset: no usable local data for {spec.dataset!r}: {e}", EXIT_USAGE) from None
-        p = spec.pipeline
+        p = _pipeline(spec)
         need = p.stages * p.replicas
         views = [v for v in await self.peers() if v.record.peer_id != self.peer_id]
         if len(views) < need:
-            raise NodeError(f"{source}: pipeline.replicas: {p.stages} stages x {p.replicas} replicas need {need} hosts, "
-                            f"the swarm has {len(views)} live peers besides this node", EXIT_USAGE)
+            raise NodeError(f"{source}: pipeline.replicas: {p.stages} stages x {p.replicas} replicas need {need} "
+                            f"hosts, the swarm has {len(views)} live peers besides this node", EXIT_USAGE)
         job_id = job_id_for(spec, self.peer_id, nonce)
         model = (await asyncio.to_thread(build_model, spec.model.arch, spec.model.config(), spec.seed)).module
         nodes = sorted(map(node_spec, views), key=lambda x: (-x.throughput, x.node_id))[:need]
@@ -312,7 +318,7 @@ class PipelineJobs:
             self.local[job_id] = (reply.step, reply.params_hash)
 
         host = StageHost(self.p2p, self.board.dht, job_id, index, stage, stage_config(spec, self.board.swarm),
-                         StageHooks(after_step=after_step), manifest)
+                         StageHooks(after_step=after_step), manifest, clock=self.clock)
         source = await self._load_latest_state(view, index, host, carried)
         self.local[job_id] = (host.step, host.params_hash)
         await host.start()
@@ -331,7 +337,8 @@ class PipelineJobs:
         swarm, job_id = self.board.swarm, view.record.job_id
         deadline = self.clock.monotonic() + view.record.spec.round_timeout_s
         while True:
-            found = [(step, p) for step, p in await holders(self.board.dht, swarm, job_id, [index]) if p != self.peer_id]
+            found = [(step, p) for step, p in await holders(self.board.dht, swarm, job_id, [index])
+                     if p != self.peer_id]
             if carried is not None and (not found or carried[0].step >= found[0][0]):
                 await asyncio.to_thread(host.load_state, *carried)
                 return self._catch_up(view, host, found, f"the backup this node held (step {carried[0].step})")
@@ -371,7 +378,7 @@ class PipelineJobs:
         timeout = spec.round_timeout_s
         trainer = PipelineTrainer(self.p2p, self.board.dht, job_id, shard_dir, TrainerConfig(
             swarm=self.board.swarm, micro_batch_size=p.micro_batch, hop_timeout=timeout, end_step_timeout=2 * timeout,
-            replica_wait=timeout, seed=spec.seed), trusted_signers=[self.peer_id])
+            replica_wait=timeout, seed=spec.seed), trusted_signers=[self.peer_id], clock=self.clock)
         rng = np.random.default_rng(spec.seed)
         follower = asyncio.create_task(self._follow(view), name=f"follow-{job_id}")
         try:
@@ -457,6 +464,8 @@ class PipelineJobs:
         while True:
             await self.clock.sleep(POLL_S)
             try:
+                if self.peers is None:  # prepare() refuses to submit without a peer view
+                    raise RuntimeError("this node has no view of the live peers")
                 live = [node_spec(v) for v in await self.peers() if v.record.peer_id != self.peer_id]
                 a = view.record.assignment
                 moved = follow_live(plan, a.hosts, live, max_per_stage=spec.pipeline.replica_cap)
@@ -472,7 +481,8 @@ class PipelineJobs:
             if not moved.moves:
                 continue
             hosts = tuple(tuple(x.node_id for x in g) for g in moved.assignment.stages)
-            view.record = view.record.replace(assignment=dataclasses.replace(a, hosts=hosts), updated_at=self.clock.time())
+            view.record = view.record.replace(assignment=dataclasses.replace(a, hosts=hosts),
+                                              updated_at=self.clock.time())
             await self.board.store_record(view.record)
             logger.info("pipeline job %s: hosts moved %s", view.record.job_id, ", ".join(
                 f"{m.node_id[-6:]} {m.from_stage}->{m.to_stage}" for m in moved.moves))
@@ -509,6 +519,8 @@ class PipelineJobs:
                     named[name].copy_(tensor)
             stages.append({"stage": index, "layers": list(record.assignment.spans[index]), "step": head.step,
                            "params_hash": head.params_hash, "replicas": st.hashes})
+        if self.key is None:  # prepare() refuses to submit without a signing key
+            raise RuntimeError(f"pipeline job {job_id}: no key to sign the trained shards with")
         manifest = await asyncio.to_thread(split_model, model, record.assignment.spans, out / "trained", self.key)
         summary = {"job_id": job_id, "steps": spec.rounds, "final_loss": report.loss,
                    "model_hash": manifest.model_hash, "stages": stages}

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+
+import torch
 
 from node.jobs.pipeline.stage_state import OPTIMIZERS
 from protocol.allreduce.sparsify import check_density
@@ -37,14 +39,22 @@ class StageConfig:
     part_timeout: float = 10.0
     result_timeout: float = 20.0
     commit_timeout: float = 3.0
-    # The direct data path (protocol/pipeline/direct.py): forward/backward frames over a plain TCP listener, encrypted and
-    # authenticated with a key handed out over libp2p. False: every hop goes through libp2p streams only.
+    # The direct data path (protocol/pipeline/direct.py): forward/backward frames over a plain TCP listener, encrypted
+    # and authenticated with a key handed out over libp2p. False: every hop goes through libp2p streams only.
     direct: bool = True
     direct_host: str | None = None  # the address to listen on; default: the IP of the libp2p listen address
     direct_sessions: int = 256  # offered sessions not yet used by a connection, at most (the oldest dropped)
     direct_session_ttl: float = 60.0  # an offered session must be used within this many seconds
     direct_idle: float = 600.0  # a direct connection with no request for this long is closed
     direct_connections: int = 1024  # open direct connections at most (a new one beyond is closed at once)
+
+    def optimizer_for(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """This stage's optimizer over ``params`` (foreach=False: the same float order on every replica)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                   foreach=False)
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                                 foreach=False)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -56,8 +66,8 @@ class StageConfig:
 
 @dataclass
 class StageHooks:
-    """Hook points (tests, node/devtools/stage_peer.py): ``before(kind, step, n)`` runs before the n-th (from 1) forward /
-    backward / end_step of a step is served (a fault hook may freeze the process there); ``after_step``
+    """Hook points (tests, node/devtools/stage_peer.py): ``before(kind, step, n)`` runs before the n-th (from 1)
+    forward / backward / end_step of a step is served (a fault hook may freeze the process there); ``after_step``
     receives every end_step reply."""
 
     before: Callable[[str, int, int], Awaitable[None]] | None = None

@@ -12,9 +12,9 @@ Protocols (protocol/pipeline/control.py names them and holds the messages; one s
                                         -> reply | ControlError
     .../pipe/{pipeline}/state           StateRequest -> StateHead + chunks (this stage, or a backup held here)
     .../pipe/{pipeline}/backup          StateHead + chunks -> BackupAck (another stage's state, kept in memory)
-    direct TCP (StageConfig.direct)     sealed frames (protocol/pipeline/direct.py): forward / backward request -> reply,
-                                        many per persistent connection; a session (DirectOpen -> DirectOffer on
-                                        the control stream) is handed out only over authenticated libp2p
+    direct TCP (StageConfig.direct)     sealed frames (protocol/pipeline/direct.py): forward / backward request ->
+                                        reply, many per persistent connection; a session (DirectOpen -> DirectOffer
+                                        on the control stream) is handed out only over authenticated libp2p
 
 A step, as one replica sees it:
     forward(mb)    keeps (input, output) under (mb, requesting peer); the input requires grad unless token ids
@@ -42,13 +42,7 @@ Why it is built this way -- the races it handles:
     snapshot never sees half a step and no forward reads parameters while the optimizer writes them.
   * A malformed frame (bad msgpack, wrong dtype/shape, NaN, oversize length prefix): ErrorReply with a one-line
     reason before anything is allocated from it (protocol/pipeline/activations.py); the host keeps serving.
-  * The direct path (a plain TCP listener beside p2pd, which relays every libp2p byte through a unix socket):
-    the listener accepts anyone, but a connection serves nothing until its first frame names a session this
-    host offered over libp2p (to the peer that asked: its frames act as that peer's) and opens under that
-    session's key; any refused frame (unknown or reused session, wrong session id, replayed or reordered
-    sequence number, bad tag, a declared length over the bound) closes the connection with a log line, and a
-    session is bound to the first connection that uses it. Frames are encrypted and authenticated
-    (AES-256-GCM); offers not yet used are bounded (``direct_sessions``, oldest dropped) and expire.
+  * The direct path (a plain TCP listener beside p2pd): node/jobs/pipeline/direct_server.py says what it refuses.
   * State from a peer (takeover, resync, backups): size bounded by this stage's own parameter count before a
     byte is read, sha256-checked, then every tensor name, shape and dtype checked against this stage and
     optimizer, and the parameters' hash against the sender's claim.
@@ -62,8 +56,8 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,25 +65,63 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from node.ml.models import params_sha256
 from node.jobs.pipeline.direct_server import DirectServer
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
-from node.jobs.pipeline.stage_state import (OPTIMIZERS, Refused, fetch_state, receive_body, send_state, state_bound,
-                              state_from_bytes, state_to_bytes)
+from node.jobs.pipeline.stage_state import (
+    OPTIMIZERS,
+    Refused,
+    fetch_state,
+    receive_body,
+    send_state,
+    state_bound,
+    state_from_bytes,
+    state_to_bytes,
+)
+from node.ml.models import params_sha256
 from node.ml.stages import Stage
-from protocol.pipeline.activations import (BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor, ForwardReply,
-                                  ForwardRequest, activation_from_wire, activation_to_wire, max_frame_bytes)
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
-from protocol.pipeline.control import (CONTROL_BOUND, Advance, BackupAck, Commit, CommitReply, ControlError,
-                                        DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync,
-                                        StateHead, StateRequest, Status, StatusReply, control_from_wire,
-                                        control_to_wire, member_record_from_wire, member_record_to_wire, one_line,
-                                        pipe_protocol, stage_key, stage_protocol)
 from protocol.allreduce.rounds import RoundConfig
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.pipeline.activations import (
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ExpectedTensor,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+    max_frame_bytes,
+)
+from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    Advance,
+    BackupAck,
+    Commit,
+    CommitReply,
+    ControlError,
+    DirectOffer,
+    DirectOpen,
+    Discard,
+    EndStep,
+    EndStepReply,
+    MemberRecord,
+    Resync,
+    StateHead,
+    StateRequest,
+    Status,
+    StatusReply,
+    control_from_wire,
+    control_to_wire,
+    member_record_to_wire,
+    one_line,
+    pipe_protocol,
+    stage_key,
+    stage_protocol,
+)
 from protocol.streams import Stream, open_stream, serve_on, stop_serving
 from protocol.wire import WireError
 
@@ -116,8 +148,9 @@ class StageHost:
     averaging (a stage with this one replica), for tests."""
 
     def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, index: int, stage: Stage,
-                 config: StageConfig = StageConfig(), hooks: StageHooks | None = None, manifest=None,
+                 config: StageConfig | None = None, hooks: StageHooks | None = None, manifest=None,
                  clock: Clock = SYSTEM_CLOCK):
+        config = config or StageConfig()
         self.p2p, self.dht, self.pipeline_id, self.index, self.stage = p2p, dht, pipeline_id, index, stage
         self.config, self.hooks, self.manifest, self.clock = config, hooks or StageHooks(), manifest, clock
         self.me = p2p.peer_id.to_base58()
@@ -125,7 +158,7 @@ class StageHost:
         self._named = [(n, p) for n, p in stage.named_parameters()]
         self._params = [p for _, p in self._named]
         self.size = sum(p.numel() for p in self._params)
-        self._optimizer = self._make_optimizer()
+        self._optimizer = config.optimizer_for(self._params)
         self._sparsifier = ErrorFeedbackSparsifier(self.size, config.density, "exact", seed=index)
         self.step = 0  # the step being accumulated = optimizer steps completed
         self.params_hash = params_sha256(stage)
@@ -140,8 +173,7 @@ class StageHost:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"stage{index}")
         self._heartbeat: asyncio.Task | None = None
         self._direct = DirectServer(config, self._serve, self._bound, f"stage {index}", clock)
-        max_seq = config.max_seq or int(getattr(stage.config, "n_positions", 0)
-                                         or stage.config.max_position_embeddings)
+        max_seq = config.max_seq or int(getattr(stage.config, "n_positions", 0) or stage.config.max_position_embeddings)
         h = stage.hidden_size
         if stage.is_first:
             self._in = ExpectedTensor.token_ids(config.max_batch, max_seq, int(stage.config.vocab_size))
@@ -159,14 +191,6 @@ class StageHost:
                              value_codec=config.value_codec, result_value_codec="fp32")
             self._averager = Averager(p2p, dht, rc, clock=clock)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(self._params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                   foreach=False)
-        return torch.optim.AdamW(self._params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
-                                 foreach=False)
-
     # ---- life cycle ----------------------------------------------------------------------------------------
 
     def _names(self) -> dict[str, Callable]:
@@ -182,15 +206,15 @@ class StageHost:
         if self._averager is not None:
             await self._averager.start()
         if self.dht is not None:
-            await self._announce()
-            self._heartbeat = asyncio.create_task(self._beat(), name=f"stage{self.index}-heartbeat")
+            await self._announce(self.dht)
+            self._heartbeat = asyncio.create_task(self._beat(self.dht), name=f"stage{self.index}-heartbeat")
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
+        if self._heartbeat is not None and self.dht is not None:  # (a heartbeat runs only with a DHT node)
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
             try:  # shadow our record so trainers stop routing here before it expires
-                await asyncio.wait_for(self._announce("gone"), 2.0)
+                await asyncio.wait_for(self._announce(self.dht, "gone"), 2.0)
             except Exception as e:
                 logger.debug("could not withdraw the replica record: %s", e)
         self.stop_direct()
@@ -199,21 +223,20 @@ class StageHost:
             await self._averager.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    async def _announce(self, role: str = "replica") -> None:
+    async def _announce(self, dht: DHTNode, role: str = "replica") -> None:
         expires, now = get_dht_time() + self.config.ttl, self.clock.time()
         rec = MemberRecord(role, self.config.throughput, self.step, now)
-        await self.dht.store(stage_key(self.config.swarm, self.pipeline_id, self.index), member_record_to_wire(rec),
-                             expires, subkey=self.me)
+        await dht.store(stage_key(self.config.swarm, self.pipeline_id, self.index), member_record_to_wire(rec), expires,
+                        subkey=self.me)
         for stage, (head, _) in list(self.backups.items()):
-            await self.dht.store(stage_key(self.config.swarm, self.pipeline_id, stage),
-                                 member_record_to_wire(MemberRecord("backup", 0.0, head.step, now)), expires,
-                                 subkey=self.me)
+            await dht.store(stage_key(self.config.swarm, self.pipeline_id, stage),
+                            member_record_to_wire(MemberRecord("backup", 0.0, head.step, now)), expires, subkey=self.me)
 
-    async def _beat(self) -> None:
+    async def _beat(self, dht: DHTNode) -> None:
         while True:
             await self.clock.sleep(self.config.heartbeat)
             try:
-                await self._announce()
+                await self._announce(dht)
             except Exception as e:
                 logger.warning("heartbeat failed: %s", e)
 
@@ -252,16 +275,18 @@ class StageHost:
             if kind == "forward":
                 req = activation_from_wire(data, ForwardRequest, self._in)
                 mb = req.micro_batch
+                if not isinstance(req, ForwardRequest):  # activation_from_wire gives the type asked for
+                    raise Refused(f"a {type(req).__name__} is not a forward request")
                 if req.pipeline != self.pipeline_id or req.stage != self.index:
                     raise Refused(f"this is stage {self.index} of {self.pipeline_id}, not {req.stage} of "
                                   f"{req.pipeline}")
                 await self._hook("forward", req.step)
                 return activation_to_wire(ForwardReply(mb, await self._exec(self._forward, req, peer)),
                                           self.config.wire_dtype)
-            req = activation_from_wire(data, BackwardRequest, self._out)
-            mb = req.micro_batch
+            back = activation_from_wire(data, BackwardRequest, self._out)
+            mb = back.micro_batch
             await self._hook("backward", self.step)
-            return activation_to_wire(BackwardReply(mb, await self._exec(self._backward, req, peer)),
+            return activation_to_wire(BackwardReply(mb, await self._exec(self._backward, back, peer)),
                                       self.config.wire_dtype)
         except (ValueError, RuntimeError) as e:  # WireError, Refused, a torch error from odd input
             return activation_to_wire(ErrorReply(mb, f"{kind} refused: {one_line(e)}"))
@@ -277,7 +302,7 @@ class StageHost:
         """Close the direct listener and every direct connection (hops go on over libp2p)."""
         self._direct.stop()
 
-    def _expire(self) -> None:
+    def _expire(self) -> None:  # an activation or pending gradient past activation_ttl is gone for every request
         now = self.clock.monotonic()
         for table in (self._acts, self._pending):
             for key in [k for k, v in table.items() if v.expires < now]:
@@ -302,8 +327,8 @@ class StageHost:
         return out.detach()
 
     def _backward(self, req: BackwardRequest, peer: str) -> torch.Tensor | None:
-        key = (req.micro_batch, peer)
-        act = self._acts.get(key)
+        self._expire()
+        act = self._acts.get(key := (req.micro_batch, peer))
         if act is None:
             raise Refused(f"no forward of micro-batch {req.micro_batch:016x} from this peer in step {self.step}")
         if req.grad.shape != act.out.shape:
@@ -324,21 +349,18 @@ class StageHost:
             data = await stream.receive(CONTROL_BOUND, self.config.io_timeout)
             msg = control_from_wire(data, (Status, Commit, EndStep, Resync, Advance, Discard, DirectOpen))
             if isinstance(msg, DirectOpen):
-                reply = self._direct.offer(peer)
-            elif isinstance(msg, Status):
-                reply = StatusReply(self.step, len(self._committed), self.params_hash)
-            elif isinstance(msg, Discard):
-                await self._exec(self._discard, msg, peer)
-                reply = StatusReply(self.step, len(self._committed), self.params_hash)
+                reply: DirectOffer | StatusReply | EndStepReply | ControlError = self._direct.offer(peer)
             elif isinstance(msg, Commit):
                 reply = await self._exec(self._commit, msg, peer)
             elif isinstance(msg, EndStep):
                 reply = await self.end_step(msg, peer)
-            elif isinstance(msg, Advance):
-                await self.advance(msg.step)
-                reply = StatusReply(self.step, len(self._committed), self.params_hash)
-            else:
-                await self.resync(msg.source, msg.step)
+            else:  # Status, Discard, Advance, Resync: each answered with the status after it
+                if isinstance(msg, Discard):
+                    await self._exec(self._discard, msg, peer)
+                elif isinstance(msg, Advance):
+                    await self.advance(msg.step)
+                elif isinstance(msg, Resync):
+                    await self.resync(msg.source, msg.step)
                 reply = StatusReply(self.step, len(self._committed), self.params_hash)
         except (ValueError, RuntimeError) as e:
             reply = ControlError(one_line(e))
@@ -347,6 +369,7 @@ class StageHost:
     def _commit(self, msg: Commit, peer: str) -> CommitReply:
         if msg.step != self.step:
             raise Refused(f"stage is at step {self.step}, not {msg.step}")
+        self._expire()
         committed, missing = [], []
         for mb in msg.micro_batches:
             key = (mb, peer)
@@ -382,12 +405,12 @@ class StageHost:
             await self._hook("end_step", msg.step)
             mean, committed, discarded = await self._exec(self._take, msg, peer)
             error, members = "", len(msg.group)
-            if members > 1 and self._averager is None:
-                raise Refused("this replica has no DHT node to average with its group")
             if members == 1:  # alone: the mean, plus whatever error feedback still holds from earlier rounds
                 avg, weight, members = self._with_residual(mean), float(committed), 1
+            elif self._averager is None:
+                raise Refused("this replica has no DHT node to average with its group")
             else:
-                avg, weight, error = await self._average(msg, mean, committed)
+                avg, weight, error = await self._average(self._averager, msg, mean, committed)
             await self._exec(self._apply, avg)
             backup_ok = None if msg.backup is None else await self._push_backup(msg.backup)
             reply = EndStepReply(msg.step, avg is not None, weight, committed, discarded, members, self.params_hash,
@@ -409,8 +432,10 @@ class StageHost:
             return None, 0, len(committed)
         if not committed:
             return None, 0, 0
+        if acc is None:  # every commit adds to it
+            raise RuntimeError(f"step {msg.step}: {len(committed)} commits and no gradient sum")
         mean = (acc / len(committed)).numpy()  # (N,) float32
-        if not np.isfinite(mean).all():  # a diverged loss: withheld, as node/jobs/federated/runner.py withholds a NaN update
+        if not np.isfinite(mean).all():  # diverged: withheld, as node/jobs/federated/runner.py withholds a NaN update
             logger.warning("step %d: non-finite gradient withheld", msg.step)
             return None, 0, len(committed)
         return mean, len(committed), 0
@@ -427,17 +452,18 @@ class StageHost:
         out[held] += values
         return out
 
-    async def _average(self, msg: EndStep, mean: np.ndarray | None, committed: int):
+    async def _average(self, averager: Averager, msg: EndStep, mean: np.ndarray | None, committed: int):
         """The group's weighted average (N,) float32, or None when the round applied nothing."""
-        self._averager.config = dataclasses.replace(self._averager.config, expected_group=len(msg.group),
-                                                    min_group=2, max_group=max(2, len(msg.group)))
+        averager.config = dataclasses.replace(averager.config, expected_group=len(msg.group), min_group=2,
+                                              max_group=max(2, len(msg.group)))
+        update: SparseUpdate | Callable[[], SparseUpdate]
         if mean is None:  # nothing to contribute, but we must apply what the others apply
             update, weight = SparseUpdate(np.zeros(0, np.int64), np.zeros(0, np.float32), self.size), ZERO_WEIGHT
         else:
             codec = self.config.value_codec
             update = lambda: self._sparsifier.select(mean, quantize=lambda v: quantize_values(v, codec))  # noqa: E731
             weight = float(committed)
-        outcome = await self._averager.step(f"{self.pipeline_id}/s{self.index}/step{msg.step}", update, weight)
+        outcome = await averager.step(f"{self.pipeline_id}/s{self.index}/step{msg.step}", update, weight)
         if mean is not None:  # (a zero-weight member's returned mass is in units of its 1e-9 weight: meaningless)
             self._sparsifier.restore(outcome.returned)
         rep = outcome.report
@@ -488,8 +514,7 @@ class StageHost:
         with torch.no_grad():
             for n, p in self._named:
                 p.copy_(params[n])
-        self._optimizer.load_state_dict({"state": state,
-                                         "param_groups": self._optimizer.state_dict()["param_groups"]})
+        self._optimizer.load_state_dict({"state": state, "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
         self.step, self._last_end = head.step, None
         self._drop_step_work()
@@ -555,7 +580,7 @@ class StageHost:
             ack = BackupAck(False, one_line(e))
         await stream.send(control_to_wire(ack))
         if ack.ok and self.dht is not None:
-            await self._announce()
+            await self._announce(self.dht)
 
     async def _push_backup(self, target: str) -> bool:
         head, data = await self._exec(self.snapshot)
@@ -572,20 +597,4 @@ class StageHost:
             return False
 
 
-async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:
-    """(step, peer) of every replica or backup holder announced for ``stages``: the newest step first, and among
-    equal steps the latest heartbeat first (a replica just killed still has a record, but an old beat)."""
-    found = []
-    for stage in stages:
-        got = await dht.get(stage_key(swarm, pipeline, stage), latest=True)
-        for peer, item in (got.value.items() if got is not None and isinstance(got.value, dict) else ()):
-            try:
-                rec = member_record_from_wire(item.value)
-            except ValueError:
-                continue
-            if rec.role in ("replica", "backup") and isinstance(peer, str):
-                found.append((-rec.step, -rec.beat, peer))
-    return [(-step, peer) for step, _, peer in sorted(found)]
-
-
-__all__ = ["StageConfig", "StageHooks", "StageHost", "holders"]
+__all__ = ["StageHost"]

@@ -6,9 +6,9 @@
     await send_state(stream, head, data)             # a StateHead frame, then the bytes in 1-MiB frames
     data = await receive_body(stream, head, bound, timeout)
 
-node/jobs/pipeline/stage_host.py StageHost snapshots, loads, serves and pushes these states (resyncs, takeovers, backups);
-node/devtools/stage_peer.py fetches one before a takeover. The messages (StateRequest, StateHead, BackupAck) are in
-protocol/pipeline/control.py.
+node/jobs/pipeline/stage_host.py StageHost snapshots, loads, serves and pushes these states (resyncs, takeovers,
+backups); node/devtools/stage_peer.py fetches one before a takeover. The messages (StateRequest, StateHead,
+BackupAck) are in protocol/pipeline/control.py.
 
 Why it is built this way -- what a peer's state could do to us:
   * A huge or endless body: refused before a byte of it is read when StateHead.size exceeds the receiver's
@@ -27,15 +27,25 @@ import asyncio
 import collections
 import hashlib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import safetensors
 import safetensors.torch
 import torch
+from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from protocol.pipeline.control import (CONTROL_BOUND, ControlError, StateHead, StateRequest, control_from_wire,
-                                        control_to_wire, one_line)
+from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    ControlError,
+    StateHead,
+    StateRequest,
+    control_from_wire,
+    control_to_wire,
+    member_record_from_wire,
+    one_line,
+    stage_key,
+)
 from protocol.streams import Stream, open_stream
 
 STATE_CHUNK = 1 << 20
@@ -88,8 +98,8 @@ def state_from_bytes(head: StateHead, data: bytes, stage: int, named: Sequence[t
         elif kind != "param":
             raise Refused(f"state: unexpected tensor {name[:80]!r}")
     for n, p in named:
-        t = tensors.get(f"param/{n}")
-        if t is None or t.shape != p.shape or t.dtype != p.dtype:
+        given = tensors.get(f"param/{n}")
+        if given is None or given.shape != p.shape or given.dtype != p.dtype:
             raise Refused(f"state: parameter {n!r} missing or of the wrong shape/dtype")
     if len(tensors) != len(named) + sum(len(s) for s in state.values()):
         raise Refused("state: unexpected tensors")
@@ -142,5 +152,21 @@ async def fetch_state(p2p: P2P, peers: Iterable[str], protocol: str, stage: int,
     raise Refused(f"no peer served the state of stage {stage}: {'; '.join(errors) or 'no peers'}")
 
 
-__all__ = ["OPTIMIZERS", "STATE_CHUNK", "Refused", "fetch_state", "receive_body", "send_state", "state_bound",
-           "state_from_bytes", "state_to_bytes"]
+async def holders(dht: DHTNode, swarm: str, pipeline: str, stages) -> list[tuple[int, str]]:
+    """(step, peer) of every replica or backup holder announced for ``stages``: the newest step first, and among
+    equal steps the latest heartbeat first (a replica just killed still has a record, but an old beat)."""
+    found = []
+    for stage in stages:
+        got = await dht.get(stage_key(swarm, pipeline, stage), latest=True)
+        for peer, item in (got.value.items() if got is not None and isinstance(got.value, dict) else ()):
+            try:
+                rec = member_record_from_wire(item.value)
+            except ValueError:
+                continue
+            if rec.role in ("replica", "backup") and isinstance(peer, str):
+                found.append((-rec.step, -rec.beat, peer))
+    return [(-step, peer) for step, _, peer in sorted(found)]
+
+
+__all__ = ["OPTIMIZERS", "STATE_CHUNK", "Refused", "fetch_state", "holders", "receive_body", "send_state",
+           "state_bound", "state_from_bytes", "state_to_bytes"]

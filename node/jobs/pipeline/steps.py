@@ -39,7 +39,7 @@ class TrainerConfig:
     replica_wait: float = 60.0  # how long a hop waits for a replica of a stage to appear
     backup_every: int = 1  # push each stage's state to a replica of the next stage every N steps (0: never)
     seed: int = 0  # replica choice
-    direct: bool = True  # hops over the replicas' direct TCP paths when offered (node/jobs/pipeline/stage_host.py; encrypted)
+    direct: bool = True  # hops over the replicas' direct TCP paths when offered (encrypted; see stage_host.py)
     direct_retry: float = 60.0  # after a direct failure, a replica is reached over libp2p only for this long
     direct_connect_timeout: float = 5.0  # opening a direct connection (a firewalled one falls back to libp2p)
 

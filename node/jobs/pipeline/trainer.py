@@ -10,8 +10,8 @@ One step (SWARM parallelism, Ryabinin et al. 2023, with top-k averaging inside e
      random weighted by the replicas' announced throughput; the trainer computes the causal-LM loss (mean
      cross-entropy of logits[:, t] against y[:, t]) on the last stage's logits and sends d loss / d logits
      back through the same replicas in reverse;
-  2. the trainer commits the micro-batch on each replica of its path (node/jobs/pipeline/stage_host.py: the gradient moves
-     from the micro-batch's pending slot into the step's accumulator);
+  2. the trainer commits the micro-batch on each replica of its path (node/jobs/pipeline/stage_host.py: the gradient
+     moves from the micro-batch's pending slot into the step's accumulator);
   3. once every micro-batch is counted at every stage, it asks every replica for its status and sends each
      replica of each stage end_step naming the micro-batches counted there; the replicas of a stage average
      their gradients (protocol/allreduce/averager.py) and take the same optimizer step.
@@ -36,10 +36,10 @@ Why it is built this way -- the races it handles (the host's side is in node/job
   * A replica that failed once but lives (slow, partitioned): skipped until it heartbeats again; a replica
     that missed a step end (behind; or one that was ready only after the first step began) reloads the step's
     state from a live replica of its stage during the status round and takes part in that step's end.
-  * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to
-    appear in the DHT (a takeover: node/devtools/stage_peer.py, or the daemon's reassignment in node/jobs/pipeline/pipeline_jobs.py),
-    then the step fails. A stage whose only live replicas failed earlier in the step (a transient error, or a
-    host that moved there from another stage) fails the step at once instead.
+  * No live replica of a stage (the last one died): a hop waits up to ``replica_wait`` seconds for one to appear
+    in the DHT (a takeover: node/devtools/stage_peer.py, or the daemon's reassignment in
+    node/jobs/pipeline/pipeline_jobs.py), then the step fails. A stage whose only live replicas failed earlier in
+    the step (a transient error, or a host that moved there from another stage) fails the step at once instead.
   * A failed step is retried by the caller with new micro-batch ids; before the retry every replica is told to
     Discard what the abandoned attempt committed there, so a single replica holding those commits is not
     failed by every later status round (it would wedge the pipeline). Their replies also give each replica's
@@ -77,17 +77,46 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from node.ml.splitter import read_manifest
-from protocol.pipeline.activations import (FLOAT_DTYPES, BackwardReply, BackwardRequest, ErrorReply, ExpectedTensor,
-                                  ForwardReply, ForwardRequest, activation_from_wire, activation_to_wire,
-                                  max_frame_bytes, new_micro_batch_id)
-from protocol.pipeline.control import (CONTROL_BOUND, Advance, Commit, CommitReply, ControlError, DirectOffer,
-                                        DirectOpen, Discard, EndStep, EndStepReply, MemberRecord, Resync, Status,
-                                        StatusReply, check_peer_id, control_from_wire, control_to_wire,
-                                        member_record_from_wire, one_line, stage_key, stage_protocol)
 from node.jobs.pipeline.direct_client import DirectFailure, DirectPool
 from node.jobs.pipeline.steps import HopError, PipelineError, StageStep, StepReport, TrainerConfig, causal_lm_loss
+from node.ml.splitter import read_manifest
 from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.pipeline.activations import (
+    FLOAT_DTYPES,
+    BackwardReply,
+    BackwardRequest,
+    ErrorReply,
+    ExpectedTensor,
+    ForwardReply,
+    ForwardRequest,
+    activation_from_wire,
+    activation_to_wire,
+    max_frame_bytes,
+    new_micro_batch_id,
+)
+from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    Advance,
+    Commit,
+    CommitReply,
+    ControlError,
+    DirectOffer,
+    DirectOpen,
+    Discard,
+    EndStep,
+    EndStepReply,
+    MemberRecord,
+    Resync,
+    Status,
+    StatusReply,
+    check_peer_id,
+    control_from_wire,
+    control_to_wire,
+    member_record_from_wire,
+    one_line,
+    stage_key,
+    stage_protocol,
+)
 from protocol.streams import request
 
 logger = logging.getLogger(__name__)
@@ -121,9 +150,10 @@ class _Step:
 
 def _first(group: BaseExceptionGroup) -> BaseException:
     """The first leaf exception of a (possibly nested) exception group."""
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 class PipelineTrainer:
@@ -131,8 +161,9 @@ class PipelineTrainer:
     replaces the DHT lookup, for tests; otherwise replicas are read from the records their hosts keep."""
 
     def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, stages_directory,
-                 config: TrainerConfig = TrainerConfig(), replicas: dict[int, list[str]] | None = None,
+                 config: TrainerConfig | None = None, replicas: dict[int, list[str]] | None = None,
                  trusted_signers=None, clock: Clock = SYSTEM_CLOCK):
+        config = TrainerConfig() if config is None else config
         self.p2p, self.dht, self.pipeline_id, self.config, self.clock = p2p, dht, pipeline_id, config, clock
         self.manifest = read_manifest(stages_directory, trusted_signers=trusted_signers)
         if self.manifest.arch not in CAUSAL_LMS:
@@ -157,7 +188,7 @@ class PipelineTrainer:
         self.step_no: int | None = None  # the step being trained; learned from the replicas on first use
         self.direct = DirectPool(p2p, lambda peer, stage: self._control(peer, stage, DirectOpen(), DirectOffer),
                                  config.direct_retry, config.direct_connect_timeout, clock)
-        self.hops = collections.Counter()  # "direct" / "libp2p": hops that got a reply over each path
+        self.hops: collections.Counter[str] = collections.Counter()  # "direct" / "libp2p": hops answered over each path
 
     # ---- replicas ------------------------------------------------------------------------------------------
 
@@ -165,8 +196,11 @@ class PipelineTrainer:
         if self._explicit is not None:
             self._records[stage] = {p: MemberRecord("replica", 1.0, 0, 0.0) for p in self._explicit.get(stage, [])}
             return
+        if self.dht is None:  # __init__ requires one when no explicit replicas map is given
+            raise RuntimeError("no DHT node to read the replica records from")
         found = await self.dht.get(stage_key(self.config.swarm, self.pipeline_id, stage), latest=True)
-        records, backups = {}, {}
+        records: dict[str, MemberRecord] = {}
+        backups: dict[str, MemberRecord] = {}
         if found is not None and isinstance(found.value, dict):
             for peer, item in found.value.items():
                 try:
@@ -272,7 +306,7 @@ class PipelineTrainer:
         for stage, peer in enumerate(path):
             width = self.vocab if stage == self.num_stages - 1 else self.hidden
             expect = ExpectedTensor(FLOAT_DTYPES, (b, t, width), "float32")
-            request = ForwardRequest(self.pipeline_id, stage, mb, self.step_no, h, train)
+            request = ForwardRequest(self.pipeline_id, stage, mb, self._step_no(), h, train)
             h = (await self._hop(peer, stage, "forward", request, ForwardReply, expect, mb)).tensor
         return h  # (b, T, V) logits
 
@@ -294,6 +328,11 @@ class PipelineTrainer:
         return await self._forward_path(path, new_micro_batch_id(), x, train=False)
 
     # ---- a step --------------------------------------------------------------------------------------------
+
+    def _step_no(self) -> int:
+        if self.step_no is None:  # _ensure_step sets it before any step's work
+            raise RuntimeError("the trainer does not know the replicas' step yet")
+        return self.step_no
 
     async def _ensure_step(self) -> None:
         """Learn the step the replicas are at (a restarted trainer resumes where they are)."""
@@ -331,6 +370,8 @@ class PipelineTrainer:
                     logits = (await self._forward_path(path, mb, m.x)).requires_grad_(True)
                     loss = causal_lm_loss(logits, m.y)
                     loss.backward()
+                    if logits.grad is None:  # set by loss.backward(): logits is a leaf that requires grad
+                        raise RuntimeError("no gradient of the loss with respect to the logits")
                     await self._backward_path(path, mb, logits.grad)
                 except HopError as e:
                     self._fail(st, e.peer, e.reason)
@@ -339,7 +380,7 @@ class PipelineTrainer:
                 if m.loss is None:
                     m.loss = loss.detach().item()
                 stages = sorted(m.needs)  # commit only where this micro-batch is not counted yet
-                results = await asyncio.gather(*(self._control(path[s], s, Commit(self.step_no, (mb,)), CommitReply)
+                results = await asyncio.gather(*(self._control(path[s], s, Commit(self._step_no(), (mb,)), CommitReply)
                                                  for s in stages), return_exceptions=True)
                 for s, res in zip(stages, results):
                     peer = path[s]
@@ -360,8 +401,8 @@ class PipelineTrainer:
             records = self._records.get(stage, {})
             peers = sorted({p for p, rec in records.items() if p in st.failed or self._usable(p, rec)}
                            | {p for p in st.commits if st.stage_of[p] == stage})  # (even if its record lapsed)
-            results = await asyncio.gather(*(self._control(p, stage, Status(self.step_no), StatusReply) for p in peers),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(self._control(p, stage, Status(self._step_no()), StatusReply)
+                                             for p in peers), return_exceptions=True)
             st.alive[stage], behind = [], []
             for peer, res in zip(peers, results):
                 st.stage_of[peer] = stage
@@ -369,7 +410,7 @@ class PipelineTrainer:
                     self._fail(st, peer, getattr(res, "reason", repr(res)))
                 elif res.step != self.step_no:
                     self._fail(st, peer, f"at step {res.step}, the trainer at {self.step_no}")
-                    if res.step < self.step_no:
+                    if res.step < self._step_no():
                         behind.append((peer, res.step))
                 else:
                     if peer not in st.failed and res.committed != len(st.commits.get(peer, {})):
@@ -378,7 +419,7 @@ class PipelineTrainer:
                     st.alive[stage].append(peer)  # alive: it must average (with nothing, if failed) and step
                     self._dead.pop(peer, None)
             if behind and st.alive[stage]:
-                steps = {p: self.step_no for p in st.alive[stage]} | {p: step for p, step in behind}
+                steps = {p: self._step_no() for p in st.alive[stage]} | {p: step for p, step in behind}
                 for peer in await self._realign(stage, steps):  # reloaded: nothing held, may serve reruns
                     st.alive[stage].append(peer)
                     st.failed.discard(peer)
@@ -396,7 +437,8 @@ class PipelineTrainer:
         stage loses the updates in between) and the others reload from them. A replica that fails to catch up is
         left alone for REALIGN_BACKOFF_S (the step ends without it)."""
         now = self.clock.monotonic()
-        behind = sorted(p for p, step in steps.items() if step < self.step_no and self._realign_after.get(p, 0) <= now)
+        behind = sorted(p for p, step in steps.items()
+                        if step < self._step_no() and self._realign_after.get(p, 0) <= now)
         at = sorted(p for p, step in steps.items() if step == self.step_no)
         if not behind:
             return []
@@ -408,7 +450,7 @@ class PipelineTrainer:
                 return []
             newest = max(steps[p] for p in behind)
             leaders = [p for p in behind if steps[p] == newest]
-            replies = await asyncio.gather(*(self._control(p, stage, Advance(self.step_no), StatusReply,
+            replies = await asyncio.gather(*(self._control(p, stage, Advance(self._step_no()), StatusReply,
                                                            self.config.end_step_timeout) for p in leaders),
                                            return_exceptions=True)
             at = [p for p, res in zip(leaders, replies) if isinstance(res, StatusReply) and res.step == self.step_no]
@@ -418,7 +460,7 @@ class PipelineTrainer:
             if not at:
                 return []
             source = at[0]
-        replies = await asyncio.gather(*(self._control(p, stage, Resync(self.step_no, source), StatusReply,
+        replies = await asyncio.gather(*(self._control(p, stage, Resync(self._step_no(), source), StatusReply,
                                                        self.config.end_step_timeout) for p in behind),
                                        return_exceptions=True)
         for peer, res in zip(behind, replies):
@@ -469,8 +511,8 @@ class PipelineTrainer:
         replies show behind the trainer's step are brought to it (_realign) -- a failed attempt is how the
         trainer learns that a stage's only replicas missed a step end."""
         peers = [(s, p) for s in range(self.num_stages) for p in self._records.get(s, {})]
-        results = await asyncio.gather(*(self._control(p, s, Discard(self.step_no), StatusReply) for s, p in peers),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._control(p, s, Discard(self._step_no()), StatusReply)
+                                         for s, p in peers), return_exceptions=True)
         steps: dict[int, dict[str, int]] = collections.defaultdict(dict)
         unknown = set()  # stages with a replica record that did not answer: alive or not, its step is unknown
         for (s, p), res in zip(peers, results):
@@ -487,7 +529,7 @@ class PipelineTrainer:
 
     async def end_step(self, st: _Step) -> tuple[StageStep, ...]:
         """end_step on every live replica of every stage, at once; the step number moves on."""
-        step, groups = self.step_no, {s: tuple(st.alive[s]) for s in range(self.num_stages)}
+        step, groups = self._step_no(), {s: tuple(st.alive[s]) for s in range(self.num_stages)}
         backup = bool(self.config.backup_every) and self.num_stages > 1 and step % self.config.backup_every == 0
         calls, keys = [], []
         for s, group in groups.items():
@@ -528,7 +570,7 @@ class PipelineTrainer:
             if r.params_hash != majority:
                 logger.warning("stage %d: replica %s diverged; resyncing it from %s", stage, peer[-8:], source[-8:])
                 try:
-                    await self._control(peer, stage, Resync(self.step_no, source), StatusReply,
+                    await self._control(peer, stage, Resync(self._step_no(), source), StatusReply,
                                         self.config.end_step_timeout)
                 except HopError as e:
                     logger.warning("resync of %s failed: %s", peer[-8:], e.reason)
@@ -541,9 +583,11 @@ class PipelineTrainer:
         except PipelineError:
             self._abandoned = self.step_no
             raise
-        step = self.step_no
+        step = self._step_no()
         stages = await self.end_step(st)
-        losses = [m.loss for m in st.micros]
+        losses = [m.loss for m in st.micros if m.loss is not None]
+        if len(losses) != len(st.micros):  # each was counted: it went forward and backward once at least
+            raise RuntimeError(f"step {step}: a counted micro-batch has no loss")
         return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages)
 
 
