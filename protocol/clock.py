@@ -5,14 +5,19 @@
     while clock.monotonic() < deadline:
         ...
         await clock.sleep(poll)
-    plan = await clock.wait_for(plan_future, timeout)   # a component's own deadline on something it awaits
+    plan = await clock.wait_for(plan_future, timeout)   # a wait inside such a deadline loop
     record.updated_at = clock.time()   # wall time, for what other nodes read (records, heartbeats)
 
 A test passes its own Clock (tests/clocks.py: a virtual clock whose sleep moves time forward at once, as trio's
 autojump clock does), so a component's 60-second deadline is reached in microseconds and its decisions at
-every deadline are checked exactly. Reading from the network (a stream's receive timeout) stays on the event
-loop's own clock: the injected clock drives a component's own deadlines, polls, waits and expiries, not the
-network's.
+every deadline are checked exactly.
+
+What the injected clock drives, and what it does not: a component's own decisions in time -- deadlines it
+polls toward (a replica to appear, a state to be announced, a step to succeed, a plan to arrive), its retry
+and back-off windows, the expiry of what it holds (activations, sessions, old rounds) and the times it writes
+into records. Waiting for one reply or frame from a peer (a stream's receive timeout, a part, a commit vote)
+stays on the event loop's own clock, as do the expiry times handed to the DHT (hivemind's get_dht_time): those
+are the network's time, not the component's.
 """
 
 from __future__ import annotations

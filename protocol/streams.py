@@ -11,11 +11,14 @@ caller's bound *before* reading the body, so a peer cannot make us buffer more t
     await stop_serving(p2p, [protocol], logger)
 
 Why one helper, one rule: the caller ends every conversation. A caller closes its stream as soon as it is done
-with it (it has read the last reply it wants, or written a last frame nobody answers). A served stream that
-sent anything is closed only after the caller has hung up (bounded in time and bytes): closing our end right
-after writing a reply lets p2pd's stream relay reset the stream with the reply's tail still unsent, and under
-load the caller then reads a truncated frame. A served stream that sent nothing is closed at once, so a caller
-waiting for a reply that will never come learns it without waiting for its own timeout.
+with it (it has read the last reply it wants, or written a last frame nobody answers). A served stream whose
+handler finished after sending something is closed only after the caller has hung up (bounded in time and
+bytes): closing our end right after writing a reply lets p2pd's stream relay reset the stream with the reply's
+tail still unsent, and under load the caller then reads a truncated frame (seen on stage hosts' 1 MiB
+replies). A served stream that sent nothing, or whose handler was broken off (a bad frame, a timeout, an
+error), is closed at once, so a caller waiting for more learns it without waiting for its own timeout. The one
+conversation a caller ends by writing (a leader's group plan, sent on each invite stream) closes at once, as
+it always did: it is small, and a member that misses it only sits the round out (NoGroup, its update kept).
 """
 
 from __future__ import annotations
@@ -143,24 +146,26 @@ Handler = Callable[[Stream], Awaitable[None]]
 def serve(handler: Handler, log: logging.Logger, what: str = "stream handler") -> Callable:
     """``handler`` as a hivemind binary stream handler that keeps the module docstring's rule: the handler gets
     a Stream from the authenticated remote peer; a peer hanging up, stalling or sending a bad frame ends it with
-    a debug line, a cancellation (this node shutting down) quietly, any other failure with a traceback; the
-    stream is closed after the caller hung up if anything was sent on it, else (or when cancelled) at once."""
+    a debug line, a cancellation (this node shutting down) quietly, any other failure with a traceback. A
+    handler that returned after sending something has its stream closed once the caller hung up; a stream
+    that sent nothing, or whose handler was broken off, is closed at once."""
 
     async def run(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = Stream(info.peer_id.to_base58(), reader, writer)
-        linger = True
+        finished = False  # the handler returned: the conversation is over and its last word was ours
         try:
             await handler(stream)
+            finished = True
         except STREAM_ENDINGS as e:
             log.debug("stream from %s ended: %s", stream.peer[-8:], e or type(e).__name__)
-        except asyncio.CancelledError:  # this node shutting down mid-request: end quietly, and at once
-            linger = False
+        except asyncio.CancelledError:  # this node shutting down mid-request: end quietly
+            pass
         except Exception:
             log.exception("%s failed", what)
         finally:
-            if linger and stream.frames_sent and not stream.closed:
+            if finished and stream.frames_sent and not stream.closed:
                 await close_after_peer(reader, writer)
-            else:
+            else:  # broken off (or nothing sent): a caller waiting for more learns it at once
                 close_quietly(writer)
 
     return run

@@ -8,8 +8,8 @@ overhead, churn. Every figure comes from real node processes on loopback.
     .venv/bin/python scripts/bench_federated.py --part text --text-arch llama   # same budget, untied LLaMA
     .venv/bin/python scripts/bench_federated.py --part convergence --rounds 20 --keep-dir /tmp/bf  # homes kept
 
-How: node/localswarm.LocalSwarm starts 4 `swarmnode run` processes (each its own p2pd, its own home, its own
-label-skewed slice of the dataset under --data, written by node/datasets.write_node_data). Jobs are submitted
+How: node/devtools/localswarm.py LocalSwarm starts 4 `swarmnode run` processes (each its own p2pd, its own home, its own
+label-skewed slice of the dataset under --data, written by node/ml/datasets.py write_node_data). Jobs are submitted
 from node 0 with the CLI (`python -m node.cli submit FILE --json --home HOME`) and followed with
 `python -m node.cli job ID --follow --json` (one JSON line per change, timestamped here on arrival). When the
 job is done, every surviving participant's export is read: <home>/jobs/<id>/report.json (one RoundResult per

@@ -92,10 +92,8 @@ class FederatedConfig:
 
     def round_config(self) -> RoundConfig:
         """The RoundConfig node/jobs/federated/runner.py's JobRunner builds from the job's round_timeout_s."""
-        t = self.round_timeout_s
-        return RoundConfig(swarm="sim", tensor=TensorSpec("sim", self.params), min_group=self.min_group,
-                           max_group=self.max_group, matchmaking_time=min(5.0, t / 6), part_timeout=t / 4,
-                           result_timeout=t / 2, commit_timeout=min(3.0, t / 10), result_density=self.result_density)
+        return RoundConfig.for_job("sim", TensorSpec("sim", self.params), self.round_timeout_s, self.min_group,
+                                   self.max_group, result_density=self.result_density)
 
 
 class Member:

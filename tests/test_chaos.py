@@ -9,7 +9,7 @@ SIGCONT). After a bounded time the schedule stops and the test asserts:
   * no process leaked: a SIGKILLed node's p2pd exits on its own (parent-death signal), and the fixtures
     leave no p2pd behind;
   * no file is half-written: every JSON file and key in every node's home parses (all are written through
-    node/files.atomic_write: temporary file, fsync, rename).
+    node/runtime/files.py atomic_write: temporary file, fsync, rename).
 Gradient conservation under freezes and network cuts is checked by the second test on standalone
 all-reduce peers (node/devtools/reduce_peer.py), which record every gradient they produce, hold and apply.
 

@@ -7,8 +7,8 @@ hands over, and logs "Unhandled exception in client_connected_cb ... IncompleteR
 first. A node starting in another network namespace on the same machine (the netns testbed, `ip netns exec`)
 sees none of our sockets in its /proc/net/unix and used to probe them all with a connection when it swept /tmp
 for stale sockets: one traceback per live node per such start, found in every log at the node's stop. While
-the nodes run, this test does that sweep (node/p2pd.sweep_stale_sockets, as every node runs at start-up) from a
-fresh network namespace, over these nodes' sockets only, aged past the sweep's 60 s; it must remove none of them
+the nodes run, this test does that sweep (node/runtime/p2pd.py sweep_stale_sockets, as every node runs at start-up) from
+a fresh network namespace, over these nodes' sockets only, aged past the sweep's 60 s; it must remove none of them
 and disturb none of the nodes. Without root (no `unshare --net`) that step is left out.
 """
 

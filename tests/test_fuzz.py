@@ -450,7 +450,8 @@ def test_decode_tensor():
          bound=lambda obj: 2 * raw_len(obj) + SLACK)
 
 
-# ---- protocol/records/jobs.py, job_validation.py ---------------------------------------------------------------------
+# ---- protocol/records/job_spec.py, job_records.py, job_validation.py
+# ---------------------------------------------------------------------
 
 SPECS = [
     JobSpec(name="digits-demo", model=ModelSpec("mlp", {"hidden": 128}), dataset="digits", task="classification",

@@ -1,5 +1,6 @@
-"""protocol/records/jobs.py: job spec / record / progress round trips, WireError on every malformed input, job ids, and
-SignedJobRecordValidator with real Ed25519 keys (records built as hivemind's DHTNode.store_many builds them)."""
+"""protocol/records/job_spec.py and job_records.py: job spec / record / progress round trips, WireError on every
+malformed input, job ids, and SignedJobRecordValidator with real Ed25519 keys (records built as hivemind's
+DHTNode.store_many builds them)."""
 
 from __future__ import annotations
 

@@ -34,10 +34,10 @@ import pytest
 import torch
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from node.jobs.board import JobBoard, JobView
+from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.pipeline.direct_client import DirectPool
 from node.jobs.pipeline.direct_server import DirectServer
-from node.jobs.pipeline.pipeline_jobs import POLL_S, RECOVERY_TIMEOUTS, PipelineJobs
+from node.jobs.pipeline.pipeline_jobs import RECOVERY_TIMEOUTS, PipelineJobs
 from node.jobs.pipeline.stage_config import StageConfig
 from node.jobs.pipeline.stage_host import StageHost
 from node.jobs.pipeline.stage_state import Refused

@@ -15,8 +15,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from node.jobs.board import JobBoard, JobView
-from node.jobs.federated.federated_jobs import POLL_S, FederatedJobs
+from node.jobs.board import POLL_S, JobBoard, JobView
+from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.federated.runner import RoundResult
 from node.ml.datasets import write_node_data
 from node.ml.job_model import build_job_model
@@ -105,7 +105,7 @@ class ScriptedRunner:
     """JobRunner's interface (what FederatedJobs uses), with each round's outcome taken from ``script``."""
 
     def __init__(self, p2p, dht, swarm, job_id, spec, data, *, script: list, bandwidth=0.0, hooks=None,
-                 after_round=None):
+                 after_round=None, clock=None):
         self.job_id, self.spec = job_id, spec
         self.bundle = build_job_model(spec)
         self.params = flatten_params(self.bundle.module)

@@ -512,7 +512,7 @@ CASES: dict[str, Case] = {
     # declaration)
     "matchmaking/declaration": Case(lambda: 1.25e8, declaration_to_wire, declaration_from_wire),
     "matchmaking/started": Case(lambda: tuple(sorted((ID_A, ID_B, ID_C))), started_to_wire, started_from_wire),
-    # protocol/records/jobs.py
+    # protocol/records/job_spec.py, job_records.py
     "jobs/spec_federated": Case(lambda: FED_SPEC, job_spec_to_wire, job_spec_from_wire),
     "jobs/spec_pipeline": Case(lambda: PIPE_SPEC, job_spec_to_wire, job_spec_from_wire),
     "jobs/record_federated": Case(fed_record, job_record_to_wire, job_record_from_wire),

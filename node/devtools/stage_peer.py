@@ -182,7 +182,7 @@ class StagePeerProcess(PeerProcess):
 
     def __init__(self, out: pathlib.Path, args: list[str], prefix: list[str] | None = None):
         super().__init__(out, args, prefix, module="node.devtools.stage_peer",
-                         cwd=pathlib.Path(__file__).resolve().parents[1])
+                         cwd=pathlib.Path(__file__).resolve().parents[2])  # the repository root
 
     def steps(self) -> dict[int, dict]:
         with self._lock:

@@ -6,7 +6,7 @@
     await board.publish(progress)          # this node's progress in a job
     await board.decline(job_id, reason)    # this node's signed reason for not taking part
 
-DHT layout and signatures: protocol/records/jobs.py. Every job kind (node/jobs/federated/, node/jobs/pipeline/)
+DHT layout and signatures: protocol/records/job_records.py. Every job kind (node/jobs/federated/, node/jobs/pipeline/)
 reads and writes jobs through this one class; node/jobs/manager.py polls it and dispatches each job by kind.
 """
 
@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
 
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.records.job_records import (
@@ -34,7 +35,9 @@ from protocol.records.job_records import (
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
+POLL_S = 1.0  # how often a node reads the board (the manager's poll; the job kinds' own waits on it)
 JOB_TTL_S = 24 * 3600.0  # a job record outlives any node; the submitter and participants refresh it
+# (expiry times are on the DHT's clock, get_dht_time; the records' own times on the injected clock)
 
 
 @dataclass
@@ -115,12 +118,12 @@ class JobBoard:
         """Store a record this node submitted (a new job, a cancellation, done, moved hosts); False if no peer
         accepted it."""
         return bool(await self.dht.store(jobs_key(self.swarm), job_record_to_wire(record),
-                                         self.clock.time() + JOB_TTL_S, subkey=record.job_id))
+                                         get_dht_time() + JOB_TTL_S, subkey=record.job_id))
 
     async def publish(self, progress: JobProgress) -> None:
         """Store this node's progress in a job (a warning if no peer took it) and show it here at once."""
         ok = await self.dht.store(progress_key(self.swarm, progress.job_id), job_progress_to_wire(progress),
-                                  self.clock.time() + JOB_TTL_S, subkey=progress_subkey(progress.job_id, self.peer_id))
+                                  get_dht_time() + JOB_TTL_S, subkey=progress_subkey(progress.job_id, self.peer_id))
         if not ok:
             logger.warning("progress of job %s was not stored", progress.job_id)
         view = self.views.get(progress.job_id)
@@ -133,6 +136,6 @@ class JobBoard:
         decline = JobProgress(job_id, self.peer_id, 0, "", "declined", updated_at=self.clock.time(),
                               reason="".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON])
         ok = await self.dht.store(progress_key(self.swarm, job_id), job_progress_to_wire(decline),
-                                  self.clock.time() + JOB_TTL_S, subkey=progress_subkey(job_id, self.peer_id))
+                                  get_dht_time() + JOB_TTL_S, subkey=progress_subkey(job_id, self.peer_id))
         if not ok:
             logger.warning("the decline of job %s was not stored", job_id)

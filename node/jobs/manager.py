@@ -25,7 +25,7 @@ from typing import Protocol
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
-from node.jobs.board import JobBoard, JobView
+from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
 from node.jobs.spec import job_spec_from_text
@@ -36,7 +36,6 @@ from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.records.job_records import JobRecord
 
 logger = logging.getLogger(__name__)
-POLL_S = 1.0
 
 
 class JobKind(Protocol):

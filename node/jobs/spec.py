@@ -46,7 +46,7 @@ node/jobs/pipeline/pipeline_jobs.py):
     [model]                       # gpt2 or llama with tie_word_embeddings = false; [inner] as above (per stage)
 
 Every problem is a NodeError (exit code 2) with one line naming the file and the dotted field, e.g.
-``job.toml: inner.lr: must be > 0, got -1``. Range and type rules live in protocol/records/jobs.py (the same rules
+``job.toml: inner.lr: must be > 0, got -1``. Range and type rules live in protocol/records/values.py (the same rules
 apply to specs that arrive from peers); this module adds file reading, unknown keys and required fields.
 """
 

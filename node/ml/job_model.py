@@ -4,7 +4,7 @@
     bundle = build_job_model(spec)           # what every participant builds: same config, same seed, same hash
     reason = data_misfit(spec, cfg, data)    # "" when this node's slice fits the model, else why not
 
-Sizes come from the dataset's public schema (node/datasets.DATASETS), never from one node's files, so every
+Sizes come from the dataset's public schema (node/ml/datasets.py DATASETS), never from one node's files, so every
 participant builds the same model: a classifier's head has the dataset's number of classes, an mlp takes its
 number of features and a cnn its images (in_channels x side x side values; side = sqrt(features) unless
 overridden). Token models (gpt2, llama, bert, minilm) need a token dataset whose ids fit their vocabulary and

@@ -13,8 +13,8 @@ non-persistent buffers, in safetensors format (no pickle). The manifest (protoco
 shard's layer range, byte size and sha256, the architecture and config, the tied weights and the model hash
 (node/ml/models.py params_sha256 of the unsplit model), signed by the splitter's Ed25519 key.
 
-Crash safety: every file is written with node/files.atomic_write (temporary file, fsync, rename), the manifest
-last. A split interrupted half-way leaves the old manifest beside some new shards, whose hashes it does not
+Crash safety: every file is written with node/runtime/files.py atomic_write (temporary file, fsync, rename), the
+manifest last. A split interrupted half-way leaves the old manifest beside some new shards, whose hashes it does not
 match, so they are refused rather than mixed.
 
 Loading never trusts a byte before checking it: the manifest's signature (and, when given, its signer and

@@ -328,7 +328,7 @@ def cut_stage(model: nn.Module, start: int, end: int, attention: str = DEFAULT_A
     """The stage for layers [start, end) of ``model``. It holds the model's own submodules (training the stage
     trains the model; cut a copy.deepcopy to keep the model apart), except: the rotary embedding is copied per
     stage, and a tied tensor whose source lives in another stage is a fresh copy (see the module docstring).
-    ``attention`` ("sdpa" or "eager") is pinned on ``model`` (node/attention_masks.pin_attention), so the model
+    ``attention`` ("sdpa" or "eager") is pinned on ``model`` (node/ml/attention_masks.py pin_attention), so the model
     and its stages attend the same way."""
     arch = arch_of(model)
     pin_attention(model, attention)

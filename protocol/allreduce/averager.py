@@ -42,6 +42,7 @@ from typing import Any, cast
 import numpy as np
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
 
 from protocol.allreduce.codecs import CodecError, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.matchmaking import (
@@ -241,7 +242,7 @@ class Averager:
     async def _matchmake(self, state: _Round) -> GroupPlan:
         cfg = self.config
         key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
-        expiry = self.clock.time() + self._round_budget()
+        expiry = get_dht_time() + self._round_budget()  # on the DHT's clock, whatever this component's
 
         async def store() -> bool:
             return bool(await self.dht.store(key, declaration_to_wire(cfg.bandwidth), expiry, subkey=self.peer_id))
@@ -263,7 +264,11 @@ class Averager:
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
                                                      poll=0.02, clock=self.clock.monotonic, sleep=self.clock.sleep))
         racers: set[asyncio.Future[Any]] = {discovery, state.offer}  # Task[Seen], Future[plan]: no common type
-        await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the round itself was cancelled: stop polling the DHT for it
+            discovery.cancel()
+            raise
         if state.offer.done():  # a leader invited us while we were still looking
             discovery.cancel()
             return self._checked_plan(await self._await_plan(state, read))
@@ -366,7 +371,8 @@ class Averager:
 
     async def _on_invite(self, stream: Stream) -> None:
         remote = stream.peer
-        invite = message_from_wire(await stream.receive(MAX_CONTROL_FRAME), MAX_CONTROL_FRAME, Invite)
+        invite = message_from_wire(await stream.receive(MAX_CONTROL_FRAME, self.config.invite_timeout),
+                                   MAX_CONTROL_FRAME, Invite)
         state = self._rounds.get(invite.round_id)
         ok = (state is not None and invite.leader == remote and invite.tensor == self.config.tensor
               and state.match.accept_invite_from(remote))
@@ -438,11 +444,12 @@ class Averager:
     async def _on_part(self, stream: Stream) -> None:
         remote, wait = stream.peer, self.config.part_timeout
         round_id = (await stream.receive(MAX_ROUND_ID, wait)).decode(errors="replace")
-        deadline = self.clock.monotonic() + wait
+        loop = asyncio.get_running_loop()  # waiting on a peer's frame: the network's time, as the reads around it
+        deadline = loop.time() + wait
         while (state := self._rounds.get(round_id)) is None or state.plan is None:
-            if self.clock.monotonic() > deadline:  # a round we are not in, or whose plan never reached us
+            if loop.time() > deadline:  # a round we are not in, or whose plan never reached us
                 return
-            await self.clock.sleep(0.005)  # the part may beat our own copy of the plan by a few ms
+            await asyncio.sleep(0.005)  # the part may beat our own copy of the plan by a few ms
         plan = state.plan
         if remote not in plan.members:
             return

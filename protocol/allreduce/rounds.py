@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from protocol.allreduce.messages import PartFrame, TensorSpec
 from protocol.allreduce.sparsify import SparseUpdate, check_density
@@ -48,6 +49,16 @@ class RoundConfig:
             raise ValueError("bandwidth must be >= 0")
         if self.result_density is not None:
             check_density(self.result_density, "result_density")
+
+    @classmethod
+    def for_job(cls, swarm: str, tensor: TensorSpec, round_timeout_s: float, min_group: int, max_group: int,
+                **options: Any) -> RoundConfig:
+        """The rounds of a federated job, timed from its round_timeout_s (node/jobs/federated/runner.py runs them;
+        simulations/federated.py models them with the same numbers)."""
+        t = round_timeout_s
+        return cls(swarm=swarm, tensor=tensor, min_group=min_group, max_group=max_group,
+                   matchmaking_time=min(5.0, t / 6), part_timeout=t / 4, result_timeout=t / 2,
+                   commit_timeout=min(3.0, t / 10), **options)
 
 
 @dataclass

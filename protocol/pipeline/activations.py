@@ -50,7 +50,7 @@ from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
 ACTIVATION_PROTOCOL_VERSION = 2  # 2: ForwardRequest.train
 MAX_DIMS = 8
-MAX_PIPELINE_ID = 128  # characters; a job id (protocol/records/jobs.py) or job id + pipeline index
+MAX_PIPELINE_ID = 128  # characters; a job id (protocol/records/job_spec.py) or job id + pipeline index
 MAX_STAGE = 4096  # protocol/transfer/shards.py MAX_SHARDS: one stage per shard at most
 MAX_MICRO_BATCH = 2**64 - 1
 MAX_STEP = 2**63 - 1

@@ -3,7 +3,7 @@
     policy = RoundPolicy()
     decision = policy.after_round(ok=True, members=4, paused=False)   # decision.expected_group == 4
     decision = policy.after_round(ok=True, members=3, paused=False)   # the group shrank: expected_group None
-    next_id = meeting_round(own_next, [peer.next_round for peer in paused_peers_on_this_model])
+    next_id = meeting_round(own_next, [p.next_round for p in peers_at_this_round_and_model])
     majority = outvoted(own_hash, {peer: hash, ...}, last_members, me)  # a hash to re-sync to, or None
 
 node/jobs/federated/federated_jobs.py runs one RoundPolicy per job it takes part in; simulations/federated.py
@@ -19,7 +19,8 @@ The rules, and why:
     its id is tried again. The participant says "paused" once per pause (not on every retry) and "resumed"
     when a round is applied again.
   * Meeting round: paused members retry their own next id; members that drifted apart (one retried an id the
-    other already gave up) meet on the largest id any paused peer with the same model published.
+    other already gave up) meet on the largest next round id that any peer at the same round with the same
+    model published (a paused peer publishes the id it retries).
   * Outvoted: a member whose model hash after a round differs from what more participants published re-syncs
     to the majority's. A tie counts only once every member of the last round has reported (then the larger
     hash wins, so two nodes that disagree never both switch): a half-known vote must not move a node off the
@@ -39,7 +40,7 @@ class RoundDecision:
     announce_pause: bool = False  # the job just paused here: say so (once)
     resumed: bool = False  # a round applied after a pause
     publish: bool = False  # an applied round: publish its progress
-    align: bool = False  # paused: meet paused peers on the largest next round id (meeting_round)
+    align: bool = False  # paused: meet the peers at this round and model on their largest next id (meeting_round)
 
 
 class RoundPolicy:
@@ -65,9 +66,10 @@ class RoundPolicy:
         return RoundDecision(expected, resumed=resumed, publish=True)
 
 
-def meeting_round(own_next: int, paused_peers_next: Iterable[int]) -> int:
-    """The round id to try next while paused: the largest a paused peer on the same model published, if later."""
-    return max([own_next, *paused_peers_next])
+def meeting_round(own_next: int, peers_next: Iterable[int]) -> int:
+    """The round id to try next while paused: the largest next id that a peer at this node's round with its model
+    published, if later than its own."""
+    return max([own_next, *peers_next])
 
 
 def outvoted(own_hash: str, reports: Mapping[str, str], last_members: Iterable[str], me: str) -> str | None:

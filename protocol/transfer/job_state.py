@@ -108,7 +108,8 @@ async def fetch_job_state(p2p: P2P, peer: str, swarm: str, job_id: str, size: in
                           dial_timeout: float = 10.0) -> tuple[StateHeader, JobState]:
     """The state of job ``job_id`` (``size`` parameters) from ``peer``: the header is checked (``check`` raises
     WireError to refuse it, before anything else is read), each part is bounded by the header, and the
-    parameters' bytes must hash to the header's model hash. Every read within ``timeout``."""
+    parameters' bytes must hash to the header's model hash. Every read within ``timeout``; the stream opened within
+    ``dial_timeout`` (a participant may have died since its last progress)."""
     async with open_stream(p2p, peer, job_state_protocol(swarm), dial_timeout=dial_timeout) as stream:
         await stream.send(job_id.encode())
         header = state_header_from_wire(await stream.receive(MAX_STATE_HEADER_BYTES, timeout))

@@ -56,7 +56,7 @@ from typing import Any
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
-from protocol.streams import Stream, open_stream, peer_id, serve, stop_serving
+from protocol.streams import Stream, open_stream, peer_id, serve_on, stop_serving
 from protocol.transfer.shards import MAX_SHARD_BYTES, ShardError, ShardInfo
 from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
@@ -228,8 +228,7 @@ class ShardServer:
         self._active = 0
 
     async def start(self) -> None:
-        await self.p2p.add_binary_stream_handler(self.protocol_name,
-                                                 serve(self._handle, logger, "shard stream handler"))
+        await serve_on(self.p2p, {self.protocol_name: self._handle}, logger, "shard stream handler")
 
     async def stop(self) -> None:
         await stop_serving(self.p2p, [self.protocol_name], logger)

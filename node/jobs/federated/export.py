@@ -1,8 +1,8 @@
 """What a finished (or running) job leaves on disk: the model as safetensors, its manifest, a JSON report of
 every round, and a PNG of the loss and metric curves.
 
-A round's report entry is the dict form of node/jobs.RoundResult. A node that joined mid-job, or a node
-that never took part and only exports, gets the rounds before its own from the participant it downloaded
+A round's report entry is the dict form of node/jobs/federated/runner.py RoundResult. A node that joined mid-job, or a
+node that never took part and only exports, gets the rounds before its own from the participant it downloaded
 the state from (``merge_history``), so every report covers the whole job.
 """
 

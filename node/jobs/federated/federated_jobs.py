@@ -36,7 +36,7 @@ import numpy as np
 import psutil
 from hivemind.p2p import P2P
 
-from node.jobs.board import JobBoard, JobView
+from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
 from node.ml.datasets import NoLocalData, load_node_data
@@ -59,8 +59,6 @@ from protocol.transfer.job_state import (
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
-POLL_S = 1.0
-DIAL_TIMEOUT_S = 10.0  # opening a stream to a participant that may have died since its last progress
 
 
 @dataclass
@@ -135,7 +133,8 @@ class FederatedJobs:
         record, spec = view.record, view.record.spec
         data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
         runner = self.runner_factory(self.p2p, self.board.dht, self.board.swarm, record.job_id, spec, data,
-                                     bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round)
+                                     bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round,
+                                     clock=self.clock)
         self._runners[record.job_id] = runner
         rounds = self.rounds.setdefault(record.job_id, Rounds())
         await runner.start()
@@ -260,7 +259,7 @@ class FederatedJobs:
         for peer in peers:
             try:
                 header, state = await fetch_job_state(self.p2p, peer, self.board.swarm, view.job_id, size, timeout,
-                                                      check, DIAL_TIMEOUT_S)
+                                                      check)
                 history = history_from_json(state.history) if state.history else []
                 return header, state, history
             except Exception as e:  # try the next participant

@@ -40,6 +40,7 @@ from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
+from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.records.job_spec import JobSpec
 from protocol.transfer.job_state import params_hash
 
@@ -67,7 +68,7 @@ class RoundResult:
 class JobRunner:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
                  expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
-                 after_round: Callable[[int, np.ndarray], None] | None = None):
+                 after_round: Callable[[int, np.ndarray], None] | None = None, clock: Clock = SYSTEM_CLOCK):
         misfit = data_misfit(spec, job_model_config(spec), data)
         if misfit:
             raise ValueError(f"job {job_id}: {misfit}")
@@ -82,11 +83,9 @@ class JobRunner:
         # each node draws its own minibatch order from its own slice
         self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index))
         tensor = TensorSpec(f"job-{job_id}", size)
-        self.averager = Averager(p2p, dht, RoundConfig(
-            swarm=swarm, tensor=tensor, min_group=spec.min_participants, max_group=spec.max_participants,
-            expected_group=expected_group, matchmaking_time=min(5.0, spec.round_timeout_s / 6),
-            part_timeout=spec.round_timeout_s / 4, result_timeout=spec.round_timeout_s / 2,
-            commit_timeout=min(3.0, spec.round_timeout_s / 10), bandwidth=bandwidth), hooks)
+        self.averager = Averager(p2p, dht, RoundConfig.for_job(
+            swarm, tensor, spec.round_timeout_s, spec.min_participants, spec.max_participants,
+            expected_group=expected_group, bandwidth=bandwidth), hooks, clock)
         self.in_sync = True
         self.after_round = after_round  # fault injection for tests: may modify the new parameters in place
         self._version = 0  # bumped whenever self.params changes

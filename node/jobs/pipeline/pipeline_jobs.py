@@ -51,7 +51,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P
 
-from node.jobs.board import JobBoard, JobView
+from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
 from node.jobs.pipeline.stage_host import StageHost
 from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
@@ -73,7 +73,6 @@ from protocol.transfer.shards import MANIFEST_FILE, ShardError, ShardInfo
 
 logger = logging.getLogger(__name__)
 PIPELINE_ARCHS = ("gpt2", "llama")
-POLL_S = 1.0
 PLAN_FILE = "plan.json"
 EVAL_ITEMS, EVAL_BATCH = 64, 32  # test windows per evaluation; rows per evaluation pass (<= the hosts' max_batch)
 RETRY_S = 5.0  # a host that could not start its stage (shard or state unavailable) tries again after this
