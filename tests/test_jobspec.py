@@ -181,7 +181,7 @@ BAD = [
     ({"task": "regression"}, "task: must be one of 'classification', 'causal-lm', got 'regression'"),
     ({"task": "causal-lm"}, "task: arch 'mlp' trains for 'classification', got 'causal-lm'"),
     ({"model.arch": "resnet"},
-     "model.arch: must be one of 'gpt2', 'llama', 'bert', 'minilm', 'mlp', 'cnn', got 'resnet'"),
+     "model.arch: must be one of 'gpt2', 'llama', 'bert', 'minilm', 'mlp', 'cnn', 'hf', got 'resnet'"),
     ({"model.hidden": [128, 64]}, "model.hidden: must be a number, string or boolean, got [128, 64]"),
     ({"model.config": {"hidden": 1}}, "model.config: must be a number, string or boolean"),
     ({"model.dropout": float("nan")}, "model.dropout: must be finite, got nan"),

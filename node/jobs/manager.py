@@ -30,6 +30,7 @@ from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
 from node.jobs.spec import job_spec_from_text
 from node.ml.job_model import job_model_config
+from node.ml.model_folder import folder_manifest
 from node.runtime.errors import EXIT_USAGE, NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -89,7 +90,10 @@ class JobManager:
     # ---- what the control API calls ----------------------------------------------------------------------
 
     async def submit(self, toml_text: str, source: str) -> str:
-        spec = job_spec_from_text(toml_text, source)  # bad TOML, nesting, 64-bit ints: NodeError
+        def model_folder(path: str):  # [model] path, relative to the job file; read and hashed off the event loop
+            return folder_manifest(pathlib.Path(source).expanduser().parent / pathlib.Path(path).expanduser())
+
+        spec = await asyncio.to_thread(job_spec_from_text, toml_text, source, None, model_folder)  # NodeError if bad
         try:
             job_model_config(spec)  # unknown dataset or config name, a model that cannot take the data: here
         except ValueError as e:

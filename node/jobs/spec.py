@@ -23,6 +23,21 @@
     weight_decay = 0.0            # default 0
     momentum = 0.9                # default 0 (sgd only)
 
+    precision = "fp32"            # default "fp32": or "bf16" / "fp16" (autocast on the node's device)
+
+    [data]                        # optional: the participants' own data (``swarmnode data add NAME PATH``)
+    kind = "tabular"              # "tabular" (features + label columns), "text" or "image" (class subfolders)
+    features = ["a", "b"]         # tabular: numeric feature columns, in order
+    label = "y"                   # tabular: the label column (text: a label field for classification)
+    classes = ["no", "yes"]       # classification: label values, in class-index order
+    block_size = 128              # text: tokens per window; tokenizer = "bytes" (default) or "model"
+    side = 32                     # image: resized to side x side, channels = 1 or 3
+
+    [model] path = "./my-model"   # instead of arch: a local Hugging Face folder (config.json + safetensors),
+                                  # relative to the job file; its manifest (sha256 of every file) is signed
+    [adapter]                     # optional: train a LoRA adapter on the frozen model (peft)
+    r = 8                         # default 8; alpha = 16.0, dropout = 0.0, target_modules = [] (peft's default)
+
     [outer]                       # optional: the step after each round's average
     kind = "fedavg"               # default "fedavg" (lr 1, no momentum); "diloco" defaults to lr 0.7,
                                   # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105)
@@ -60,6 +75,7 @@ from typing import Any
 
 from node.runtime.config import check_toml_ints, parse_toml
 from node.runtime.errors import EXIT_USAGE, NodeError
+from protocol.records.job_inputs import AdapterSpec, DataSpec, ModelFile
 from protocol.records.job_spec import JOB_KINDS, InnerOpt, JobSpec, ModelSpec, OuterOpt, PipelineSpec
 
 REQUIRED = ("name", "dataset", "task", "rounds", "model", "inner")
@@ -89,18 +105,20 @@ def load_job_file(path: str | os.PathLike, check_model: Callable[[ModelSpec], No
 
 
 def job_spec_from_text(text: str | bytes, label: str = "job file",
-                       check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
+                       check_model: Callable[[ModelSpec], None] | None = None,
+                       model_folder: Callable[[str], tuple[ModelFile, ...]] | None = None) -> JobSpec:
     """A job file's text (bytes: UTF-8) parsed (node/runtime/config.py parse_toml: not UTF-8, not TOML, nested too
     deeply for tomllib, integers beyond 64 bits) and built into a JobSpec; NodeError "<label>: ..." if not."""
-    return job_spec_from_toml(parse_toml(text, label), label, check_model)
+    return job_spec_from_toml(parse_toml(text, label), label, check_model, model_folder)
 
 
 def job_spec_from_toml(data: dict[str, Any], label: str = "job file",
-                       check_model: Callable[[ModelSpec], None] | None = None) -> JobSpec:
+                       check_model: Callable[[ModelSpec], None] | None = None,
+                       model_folder: Callable[[str], tuple[ModelFile, ...]] | None = None) -> JobSpec:
     """Build a JobSpec from parsed TOML; NodeError "<label>: <dotted field>: <problem>" on the first problem."""
     check_toml_ints(data, label)  # tomllib reads integers of any size; float fields cannot hold them all
     try:
-        return _build(data, check_model)
+        return _build(data, check_model, model_folder)
     except ValueError as e:
         raise NodeError(f"{label}: {e}", EXIT_USAGE) from None
 
@@ -124,7 +142,8 @@ def _pipeline_fields(data: dict[str, Any]) -> dict[str, Any]:
             "batch_size": pipeline.micro_batch * pipeline.micro_batches, "min_participants": 1}
 
 
-def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None) -> JobSpec:
+def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None,
+           model_folder: Callable[[str], tuple[ModelFile, ...]] | None = None) -> JobSpec:
     _known(data, "", _names(JobSpec))
     if "kind" in data and data["kind"] not in JOB_KINDS:
         raise ValueError(f"kind: must be one of {', '.join(map(repr, JOB_KINDS))}, got {data['kind']!r:.40}")
@@ -153,19 +172,44 @@ def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None
             raise ValueError(f"{name}: must be a table ([{name}]), got {table!r:.40}")
         tables[name] = table
     model, inner, outer = tables["model"], tables["inner"], dict(tables["outer"])
-    if "arch" not in model:
-        raise ValueError("model.arch: missing, required")
     _known(inner, "inner.", _names(InnerOpt))
     if "lr" not in inner:
         raise ValueError("inner.lr: missing, required")
     _known(outer, "outer.", _names(OuterOpt))
     if outer.get("kind") == "diloco":
         outer = DILOCO_DEFAULTS | outer
-    model_spec = ModelSpec(model["arch"], tuple((k, v) for k, v in model.items() if k != "arch"))  # sorted there
+    model_spec = _model(model, model_folder)
     if check_model is not None:
         check_model(model_spec)
     fields = {k: v for k, v in data.items() if k not in _TABLES}
+    for name, kind in (("data", DataSpec), ("adapter", AdapterSpec)):
+        if name in fields:
+            table = fields[name]
+            if not isinstance(table, dict):
+                raise ValueError(f"{name}: must be a table ([{name}]), got {table!r:.40}")
+            _known(table, f"{name}.", _names(kind))
+            if name == "data" and "kind" not in table:
+                raise ValueError("data.kind: missing, required (tabular, text or image)")
+            fields[name] = kind(**table)
     return JobSpec(model=model_spec, inner=InnerOpt(**{"kind": "sgd"} | inner), outer=OuterOpt(**outer), **fields)
+
+
+def _model(model: dict[str, Any], model_folder: Callable[[str], tuple[ModelFile, ...]] | None) -> ModelSpec:
+    """[model]: an arch with overrides, or ``path`` = a local model folder, read into its signed manifest."""
+    if "path" in model:
+        if set(model) != {"path"}:
+            extra = sorted(set(model) - {"path"})[0]
+            raise ValueError(f"model.{extra}: a model folder (model.path) takes no other keys; edit its config.json")
+        if not isinstance(model["path"], str) or not model["path"]:
+            raise ValueError(f"model.path: must be a folder path, got {model['path']!r:.40}")
+        if model_folder is None:
+            raise ValueError("model.path: a model folder can only be submitted through a node (swarmnode submit)")
+        return ModelSpec("hf", files=model_folder(model["path"]))
+    if "arch" not in model:
+        raise ValueError("model.arch: missing, required (or model.path, a local model folder)")
+    if model["arch"] == "hf":
+        raise ValueError("model.arch: 'hf' is written by the node; name the folder with model.path")
+    return ModelSpec(model["arch"], tuple((k, v) for k, v in model.items() if k != "arch"))  # sorted there
 
 
 def _known(table: dict[str, Any], prefix: str, names: list[str]) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.allreduce.messages import MAX_GROUP_SIZE
+from protocol.records.job_inputs import PRECISIONS, AdapterSpec, DataSpec, ModelFile, check_model_files
 from protocol.records.values import (
     JOB_ID_HEX,
     MAX_NAME,
@@ -30,12 +31,14 @@ from protocol.records.values import (
     set_field,
     show,
 )
-from protocol.wire import fields_of, from_map, pack, unpack_bounded
+from protocol.wire import WireError, fields_of, from_map, pack, unpack_bounded
 
 JOB_SCHEMA_VERSION = 1  # the "v" of every job spec, record, progress and state header map
-ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn")  # node/ml/models.py builds each
+ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn", "hf")  # node/ml/models.py builds each; hf: a model folder
 TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification",),
-                 "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",)}
+                 "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",),
+                 "hf": ("causal-lm", "classification")}
+ADAPTABLE_ARCHS = ("gpt2", "llama", "bert", "minilm", "hf")  # transformers models peft can wrap
 INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
 JOB_KINDS = ("federated", "pipeline")
@@ -50,7 +53,8 @@ MAX_LOCAL_STEPS = 1_000_000
 MAX_BATCH_SIZE = 65_536
 MAX_ROUND_TIMEOUT_S = 86_400.0
 MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_JOB_SPEC_BYTES = 8 * 1024
+MAX_MODEL_FILES_ON_WIRE = 64  # decoded before ModelSpec checks MAX_MODEL_FILES
+MAX_JOB_SPEC_BYTES = 16 * 1024  # the record (MAX_JOB_RECORD_BYTES) holds it
 
 # ---- the job spec ----------------------------------------------------------------------------------------
 
@@ -91,13 +95,22 @@ class PipelineSpec:
 class ModelSpec:
     """An architecture plus config overrides (e.g. n_layer, n_embd, hidden); names are checked by the node's
     model builder, which knows each architecture's config. ``overrides`` accepts a mapping and is stored as
-    sorted (name, value) pairs so that the spec stays hashable and its wire form canonical."""
+    sorted (name, value) pairs so that the spec stays hashable and its wire form canonical. Arch "hf" is a model
+    folder (config.json, safetensors weights, maybe a tokenizer) named by ``files``, its signed manifest
+    (protocol/records/job_inputs.py), and takes no overrides."""
 
     arch: str
     overrides: tuple[tuple[str, Scalar], ...] = ()
+    files: tuple[ModelFile, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("model.arch", self.arch, ARCHS)
+        if self.arch == "hf":
+            set_field(self, "files", check_model_files(self.files))
+            if self.overrides:
+                raise ValueError("model: a model folder takes no config overrides (edit its config.json)")
+        elif self.files:
+            raise ValueError(f"model.files: only for a model folder (model.path), not arch {self.arch!r}")
         pairs = list(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
         if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
             raise ValueError(f"model: overrides must be a mapping of names to values, got {show(self.overrides)}")
@@ -190,6 +203,9 @@ class JobSpec:
     eval_every: int = 1  # rounds between evaluations
     kind: str = "federated"  # or "pipeline": one model cut into stages hosted by different nodes
     pipeline: PipelineSpec | None = None  # required for (and only for) kind "pipeline"
+    precision: str = "fp32"  # compute precision of local steps and stage compute: fp32, bf16 or fp16 (autocast)
+    data: DataSpec | None = None  # the declared schema of the participants' own data (None: a bundled dataset)
+    adapter: AdapterSpec | None = None  # train a LoRA adapter on the frozen model instead of the whole model
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
@@ -209,6 +225,8 @@ class JobSpec:
                 raise ValueError(f"{field}: must be a {kind.__name__}, got {show(getattr(self, field))}")
         check_name("dataset", self.dataset)
         check_choice("task", self.task, ("classification", "causal-lm"))
+        check_choice("precision", self.precision, PRECISIONS)
+        self._check_inputs()
         if self.task not in TASKS_BY_ARCH[self.model.arch]:
             supported = " or ".join(map(repr, TASKS_BY_ARCH[self.model.arch]))
             raise ValueError(f"task: arch {self.model.arch!r} trains for {supported}, got {self.task!r}")
@@ -225,6 +243,31 @@ class JobSpec:
                                                     le=MAX_ROUND_TIMEOUT_S))
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("eval_every", self.eval_every, 1, MAX_ROUNDS)
+
+    def _check_inputs(self) -> None:
+        if self.data is not None:
+            if not isinstance(self.data, DataSpec):
+                raise ValueError(f"data: must be a [data] table, got {show(self.data)}")
+            if self.data.task != self.task:
+                raise ValueError(f"data: declares a {self.data.task} dataset ({'with' if self.data.classes else 'no'}"
+                                 f" classes), the job's task is {self.task!r}")
+            if self.data.tokenizer == "model" and self.model.arch != "hf":
+                raise ValueError("data.tokenizer: 'model' needs a model folder (model.path) that ships a tokenizer")
+            if self.kind == "pipeline" and self.data.kind != "text":
+                raise ValueError(f"data.kind: a pipeline job trains on text, got {self.data.kind!r}")
+        if self.adapter is not None:
+            if not isinstance(self.adapter, AdapterSpec):
+                raise ValueError(f"adapter: must be an [adapter] table, got {show(self.adapter)}")
+            if self.model.arch not in ADAPTABLE_ARCHS:
+                raise ValueError(f"adapter: LoRA adapts a transformers model ({', '.join(ADAPTABLE_ARCHS)}), "
+                                 f"not arch {self.model.arch!r}")
+            if self.kind == "pipeline":
+                raise ValueError("adapter: pipeline jobs train every weight of their stages; use kind 'federated'")
+        if self.data is not None or self.model.files:
+            size = len(pack(spec_to_map(self)))
+            if size > MAX_JOB_SPEC_BYTES:
+                raise ValueError(f"job spec: {size} bytes on the wire, at most {MAX_JOB_SPEC_BYTES} (fewer "
+                                 f"features, classes or model files)")
 
     def replace(self, **changes) -> JobSpec:
         return dataclasses.replace(self, **changes)
@@ -253,22 +296,50 @@ def optional(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def spec_to_map(spec: JobSpec) -> dict:
     """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
     unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
-    not know them refuses its record as having unknown fields, i.e. does not take part."""
-    model = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
+    not know them refuses its record as having unknown fields, i.e. does not take part. The same holds for
+    ``precision``, ``data``, ``adapter`` and the model's ``files``: present only when not their default."""
+    model: dict[str, Any] = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
+    if spec.model.files:
+        model["files"] = [fields_of(f) for f in spec.model.files]
     out = {"v": JOB_SCHEMA_VERSION, **fields_of(spec), "model": model, "inner": fields_of(spec.inner),
-           "outer": fields_of(spec.outer), "pipeline": None if spec.pipeline is None else fields_of(spec.pipeline)}
+           "outer": fields_of(spec.outer), "pipeline": None if spec.pipeline is None else fields_of(spec.pipeline),
+           "data": None if spec.data is None else fields_of(spec.data),
+           "adapter": None if spec.adapter is None else fields_of(spec.adapter)}
     if spec.kind == "federated":
         del out["kind"], out["pipeline"]
+    for name, default in OPTIONAL_FIELDS.items():
+        if out[name] == default:
+            del out[name]
     return out
+
+
+OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None}  # left out of the wire map when default
+
+
+def _model_from_map(obj: Any) -> ModelSpec:
+    if isinstance(obj, dict) and "files" in obj:
+        files = obj["files"]
+        if not isinstance(files, list) or len(files) > MAX_MODEL_FILES_ON_WIRE:
+            raise WireError("job spec.model.files: must be a list of at most "
+                            f"{MAX_MODEL_FILES_ON_WIRE} files, got {show(files)}")
+        decoded = [from_map(ModelFile, f, "job spec.model.files") for f in files]
+        return from_map(ModelSpec, {**obj, "files": decoded}, "job spec.model")
+    if isinstance(obj, dict):
+        obj = {**obj, "files": ()}
+    return from_map(ModelSpec, obj, "job spec.model")
 
 
 def spec_from_map(obj: Any) -> JobSpec:
     nested: dict[str, Callable[[Any], Any]] = {
         name: functools.partial(from_map, kind, where=f"job spec.{name}")
-        for name, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt))}
-    nested["pipeline"] = optional(functools.partial(from_map, PipelineSpec, where="job spec.pipeline"))
+        for name, kind in (("inner", InnerOpt), ("outer", OuterOpt))}
+    nested["model"] = _model_from_map
+    for name, kind in (("pipeline", PipelineSpec), ("data", DataSpec), ("adapter", AdapterSpec)):
+        nested[name] = optional(functools.partial(from_map, kind, where=f"job spec.{name}"))
     if isinstance(obj, dict) and "kind" not in obj and "pipeline" not in obj:
         obj = {**obj, "kind": "federated", "pipeline": None}  # the schema-1 federated form (see spec_to_map)
+    if isinstance(obj, dict):
+        obj = {**OPTIONAL_FIELDS, **obj}
     return from_map(JobSpec, obj, "job spec", version=JOB_SCHEMA_VERSION, decode=nested)
 
 
