@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
@@ -25,9 +26,11 @@ import node
 from node.api.server import start_control_server
 from node.api.service import JobSummary, NodeStatus
 from node.jobs.manager import JobManager
+from node.ml.user_data import sync_config_sources
 from node.runtime import capability as capability_mod
 from node.runtime.backoff import retry
 from node.runtime.config import NodeConfig
+from node.runtime.device import resolve_device
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
@@ -138,6 +141,7 @@ class Daemon:
         self.peer_id = ""
         self.addrs: tuple[str, ...] = ()
         self.capability: Capability | None = None
+        self.device: torch.device | None = None  # where this node trains (config.device resolved at start)
         self.p2p: P2P | None = None
         self.p2pd: OwnedP2PDaemon | None = None
         self.dht: DHTNode | None = None
@@ -154,7 +158,17 @@ class Daemon:
         cfg = self.config
         joins = [parse_join_addr(a) for a in cfg.join]
         check_listen_addrs(cfg.listen)
+        try:
+            self.device = device = resolve_device(cfg.device)
+        except ValueError as e:
+            raise NodeError(str(e), EXIT_USAGE) from None
         self._lock.acquire()
+        if cfg.datasets:  # the config's own-data sources, checked by reading them (a bad one stops the start)
+            try:
+                bound = await asyncio.to_thread(sync_config_sources, cfg.data_dir, cfg.datasets)
+            except (ValueError, OSError) as e:
+                raise NodeError(f"config: datasets: {e}", EXIT_USAGE) from None
+            logger.info("own data from the config: %s", ", ".join(bound))
         key, created = load_or_create_key(cfg.identity_path)
         self.peer_id = peer_id_of(key.public_key())
         logger.info("%s identity %s (%s)", "created" if created else "loaded", self.peer_id, cfg.identity_path)
@@ -164,7 +178,7 @@ class Daemon:
                                         SignedJobRecordValidator(cfg.swarm, key)])
 
         bench = asyncio.create_task(
-            asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds), name="capability"
+            asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds, device), name="capability"
         )
         try:
             self.p2p, self.dht = await self._join(joins, str(p2p_identity), validator)
@@ -172,6 +186,8 @@ class Daemon:
             bench.cancel()
             raise
         self.capability = await bench
+        logger.info("training device %s (%.1f GiB free)", self.capability.train_device,
+                    (self.capability.device_free_bytes or 0) / 2**30)
         maddrs = await self.p2p.get_visible_maddrs()
         self.addrs = tuple(str(a) for a in maddrs)
 
@@ -182,7 +198,7 @@ class Daemon:
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir, cfg.data_dir,
                                hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
-                               key=key, peers=self.membership.peers)
+                               key=key, peers=self.membership.peers, device=device)
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self, cfg)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
@@ -270,6 +286,8 @@ class Daemon:
     def _own_record(self) -> PeerRecord:
         if self.capability is None:  # set (benchmark done) before membership or the control API calls this
             raise RuntimeError("the daemon has not started: no capability yet")
+        if self.device is not None:  # the free memory where it trains, as of this heartbeat
+            self.capability = capability_mod.refresh_free(self.capability, self.device)
         return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time())
 
     def own_view(self) -> PeerView:
@@ -313,8 +331,8 @@ class Daemon:
     async def cancel(self, job_id: str) -> bool:
         return await self._jobs().cancel(job_id)
 
-    async def export(self, job_id: str, out: pathlib.Path) -> list[pathlib.Path]:
-        return await self._jobs().export(job_id, out)
+    async def export(self, job_id: str, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
+        return await self._jobs().export(job_id, out, merge)
 
     async def leave(self) -> bool:
         withdrawn = await self._membership().withdraw()

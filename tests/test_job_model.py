@@ -47,7 +47,7 @@ def test_cnn_takes_square_images_and_refuses_feature_vectors():
 @pytest.mark.parametrize("job,needle", [
     (spec(inputs=13), "override inputs=13 disagrees with the dataset's 64 features"),
     (spec(classes=3), "disagrees with the dataset's 10 classes"),
-    (spec(dataset="digitz"), "dataset: unknown dataset 'digitz'; known: digits, wine"),
+    (spec(dataset="digitz"), "dataset: unknown dataset 'digitz'; bundled: digits, wine"),
     (spec("minilm"), "model.arch: 'minilm' takes token ids; dataset 'digits' holds float feature vectors"),
     (spec("bert"), "'bert' takes token ids"),
     (spec("gpt2", dataset="digits", task="causal-lm"), "task: dataset 'digits' is for classification"),

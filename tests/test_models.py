@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from node.ml.analyze import estimate_memory_bytes
 from node.ml.models import (
     ARCHS,
     CAUSAL_LM,
     CLASSIFICATION,
     build_model,
-    estimate_memory_bytes,
     flatten_params,
     load_flat_params,
     minilm_path,
@@ -233,7 +233,7 @@ def test_memory_estimate_covers_state_and_grows_with_size():
     assert widths == sorted(widths) and len(set(widths)) == 3
     assert estimate_memory_bytes("cnn", {}, batch_size=64) > estimate_memory_bytes("cnn", {}, batch_size=8)
     assert estimate_memory_bytes("minilm", {}, seq_len=128) > 7 * 4 * 22_000_000
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match="seq must be"):
         estimate_memory_bytes("gpt2", {}, seq_len=10_000)
     with pytest.raises(ValueError, match="unknown override"):
         estimate_memory_bytes("gpt2", {"width": 3})

@@ -84,9 +84,9 @@ class ControlClient:
     def cancel(self, job_id: str) -> pb.CancelResponse:
         return self._call("Cancel", pb.CancelRequest(job_id=job_id))
 
-    def export(self, job_id: str, out_dir: str, timeout: float = 300.0) -> pb.ExportResponse:
+    def export(self, job_id: str, out_dir: str, timeout: float = 300.0, merge: bool = False) -> pb.ExportResponse:
         """The daemon may first download the model from a participant: allow it minutes, not seconds."""
-        return self._call("Export", pb.ExportRequest(job_id=job_id, out_dir=out_dir), timeout)
+        return self._call("Export", pb.ExportRequest(job_id=job_id, out_dir=out_dir, merge=merge), timeout)
 
     def job(self, job_id: str, follow: bool = False):
         """Job states as they change (one if not following); the stream ends with the job."""

@@ -36,9 +36,12 @@ def capability_to_proto(cap: Capability) -> pb.Capability:
         disk_free_bytes=cap.disk_free_bytes,
         tflops_fp32=cap.tflops_fp32,
         platform=cap.platform,
+        train_device=cap.train_device,
     )
     if cap.tflops_bf16 is not None:
         msg.tflops_bf16 = cap.tflops_bf16
+    if cap.device_free_bytes is not None:
+        msg.device_free_bytes = cap.device_free_bytes
     return msg
 
 
@@ -109,6 +112,8 @@ def capability_json(cap: pb.Capability) -> dict:
         "tflops_fp32": cap.tflops_fp32,
         "tflops_bf16": cap.tflops_bf16 if cap.HasField("tflops_bf16") else None,
         "platform": cap.platform,
+        "train_device": cap.train_device or None,
+        "device_free_bytes": cap.device_free_bytes if cap.HasField("device_free_bytes") else None,
     }
 
 

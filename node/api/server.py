@@ -91,7 +91,7 @@ class ControlServicer(pb_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"export directory must be absolute, got {str(out)!r:.200}")
         try:
-            files = await self.service.export(request.job_id, out)
+            files = await self.service.export(request.job_id, out, request.merge)
         except NodeError as e:
             await context.abort(_status(e), str(e))
         except OSError as e:

@@ -3,5 +3,6 @@
     main.py      the argument parser and the dispatch; every expected failure one line, exit 1 or 2
     commands.py  run, status/peers/leave, submit/jobs/job/cancel, data, split
     dev.py       dev-swarm and the demo job that ``make demo`` runs
+    analyze.py   ``swarmnode analyze``: parameters, FLOPs and training memory of a model (node/ml/analyze.py)
     format.py    tables and progress lines for people (``--json`` prints node/api/serde.py's dicts instead)
 """

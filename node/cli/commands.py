@@ -19,7 +19,14 @@ import sys
 import time
 
 from node.api.serde import export_json, job_json, peers_json, status_json
-from node.cli.format import format_data_table, format_job_line, format_jobs_table, format_peers_table, format_status
+from node.cli.format import (
+    format_data_table,
+    format_job_line,
+    format_jobs_table,
+    format_peers_table,
+    format_sources_table,
+    format_status,
+)
 from node.runtime.config import NodeConfig, resolve
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
@@ -36,7 +43,8 @@ def read_job_file(path: pathlib.Path) -> str:
 
 def config_from(args: argparse.Namespace) -> NodeConfig:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "json", "config", "job_file", "job_id",
-                                                          "follow", "export", "model", "stages", "strategy", "host",
+                                                          "follow", "export", "merge", "model", "stages", "strategy",
+                                                          "host",
                                                           "out", "data_command", "dataset", "slice", "scheme", "seed")}
     return resolve(flags, config_file=args.config)
 
@@ -136,10 +144,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(json.dumps([job_json(j) for j in resp.jobs]) if args.json else format_jobs_table(resp))
             return 0
         if args.command == "job":
+            if args.merge and args.export is None:
+                raise NodeError("--merge goes with --export DIR (the merged model is written there)", EXIT_USAGE)
             code = follow_job(client, args.job_id, args.follow, args.json)
             if args.export is None or code != 0:
                 return code
-            written = client.export(args.job_id, str(args.export.expanduser().resolve()))
+            written = client.export(args.job_id, str(args.export.expanduser().resolve()), merge=args.merge)
             print(json.dumps(export_json(written)) if args.json else
                   f"wrote job {args.job_id} after {written.round} rounds (model {written.model_hash[:16]}...): "
                   + ", ".join(written.files), flush=True)
@@ -181,16 +191,25 @@ def _parse_slice(text: str) -> tuple[int, int]:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from node.ml.datasets import DATASETS, list_node_data, write_node_data
+    from node.ml.user_data import config_sources, list_sources
 
     config = config_from(args)
     data_dir = config.data_dir
     if args.data_command == "list":
         try:
-            entries = list_node_data(data_dir)
-        except OSError as e:
-            raise NodeError(f"cannot read data directory {data_dir}: {e.strerror}", EXIT_USAGE) from None
-        print(json.dumps(entries) if args.json else format_data_table(entries, data_dir))
+            configured = config_sources(config.datasets, "config")
+            own = list_sources(data_dir, configured)
+            entries = [e for e in list_node_data(data_dir) if e["name"] not in {o["name"] for o in own}]
+        except (OSError, ValueError) as e:
+            raise NodeError(f"cannot read data directory {data_dir}: {getattr(e, 'strerror', None) or e}",
+                            EXIT_USAGE) from None
+        tables = [format_data_table(entries, data_dir)] if entries or not own else []
+        print(json.dumps(entries + own) if args.json else "\n".join(tables + [format_sources_table(own)] * bool(own)))
         return 0
+    if args.path is not None:
+        return _add_own_data(args, data_dir)
+    if args.format or args.label or args.text_field:
+        raise NodeError("--format, --label and --text-field describe your own files: give their PATH", EXIT_USAGE)
     if args.dataset not in DATASETS:
         raise NodeError(f"unknown dataset {args.dataset!r}; bundled: {', '.join(DATASETS)}", EXIT_USAGE)
     index, count = _parse_slice(args.slice)
@@ -208,6 +227,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     else:
         print(f"wrote slice {entry['slice']} ({args.scheme}) of {args.dataset}: {entry['train']} train items, "
               f"{entry['test']} test items, to {data_dir / args.dataset}; it never leaves this node")
+    return 0
+
+
+def _add_own_data(args: argparse.Namespace, data_dir: pathlib.Path) -> int:
+    from node.ml.user_data import add_source
+
+    if args.format is None:
+        raise NodeError("data add NAME PATH: --format is required (csv, parquet, jsonl, text or imagefolder)",
+                        EXIT_USAGE)
+    try:
+        entry = add_source(data_dir, args.dataset, args.path, args.format, label=args.label,
+                           text_field=args.text_field)
+    except ValueError as e:
+        raise NodeError(f"data add {args.dataset}: {e}", EXIT_USAGE) from None
+    except OSError as e:
+        raise NodeError(f"data add {args.dataset}: cannot read {args.path} or write {data_dir}: "
+                        f"{e.strerror or e}", EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps(entry))
+    else:
+        columns = ", ".join(f"{k} ({v})" for k, v in list(entry["schema"].items())[:8])
+        print(f"bound {args.dataset} to {entry['path']} ({args.format}): {entry['rows']} rows; {columns}; schema "
+              f"{entry['schema_sha256'][:12]}; read in place, it never leaves this node")
     return 0
 
 

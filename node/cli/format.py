@@ -30,7 +30,8 @@ def table(header: list[str], rows: list[list[str]], footer: str) -> str:
 
 
 def format_peers_table(resp) -> str:
-    header = ["PEER ID", "ADDRESS", "GPU", "VRAM", "CORES", "RAM", "TFLOPS fp32/bf16", "VERSION", "LAST SEEN"]
+    header = ["PEER ID", "ADDRESS", "GPU", "VRAM", "CORES", "RAM", "TRAINS ON", "TFLOPS fp32/bf16", "VERSION",
+              "LAST SEEN"]
     rows = []
     for p in resp.peers:
         cap = p.capability
@@ -44,8 +45,16 @@ def format_peers_table(resp) -> str:
         addr = ((p.addrs[0].split("/p2p/")[0] if p.addrs else "-")
                 + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else ""))
         rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
-                     f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
+                     train_device(cap), f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
     return table(header, rows, f"{len(rows)} node(s); * = this node")
+
+
+def train_device(cap) -> str:
+    """The device a node trains on and its free memory there, e.g. "cuda:0 (71.2 GiB free)"; "-" when unknown."""
+    if not cap.train_device:
+        return "-"
+    free = f" ({_gib(cap.device_free_bytes)} free)" if cap.HasField("device_free_bytes") else ""
+    return cap.train_device + free
 
 
 def format_job_line(info) -> str:
@@ -71,7 +80,8 @@ def format_status(s) -> str:
              f"uptime     {s.uptime_s:.0f} s", f"peers      {s.peers_seen} at last read",
              f"heartbeat  {s.last_heartbeat_age_s:.1f} s ago",
              f"hardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
-             f"{cap['tflops_fp32']:.3f} TFLOPS fp32", "addresses", *(f"  {a}" for a in s.addrs)]
+             f"{cap['tflops_fp32']:.3f} TFLOPS fp32", f"trains on  {train_device(s.capability)}",
+             "addresses", *(f"  {a}" for a in s.addrs)]
     return "\n".join(lines)
 
 
@@ -86,3 +96,17 @@ def format_data_table(entries: list[dict], data_dir: pathlib.Path) -> str:
         rows.append([e["name"], e["task"], str(e["train"]), str(e["test"]), item, str(e["classes"] or "-"),
                      e["slice"], e["scheme"]])
     return table(header, rows, f"{len(rows)} dataset(s) in {data_dir}")
+
+
+def format_sources_table(entries: list[dict]) -> str:
+    """This node's own data sources (node/ml/user_data.py list_sources)."""
+    header = ["NAME", "FORMAT", "ROWS", "SCHEMA", "HASH", "PATH"]
+    rows = []
+    for e in entries:
+        if e["error"]:
+            rows.append([e["name"], e.get("format", ""), "unusable: " + e["error"], "", "", e.get("path", "")])
+            continue
+        schema = ", ".join(f"{k}: {v}" for k, v in list(e["schema"].items())[:4])
+        schema += f" (+{len(e['schema']) - 4})" if len(e["schema"]) > 4 else ""
+        rows.append([e["name"], e["format"], str(e["rows"]), schema, e["schema_sha256"][:12], e["path"]])
+    return table(header, rows, f"{len(rows)} own data source(s), read in place")

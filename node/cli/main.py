@@ -5,8 +5,10 @@
     swarmnode status | peers | leave  [--json]               # ask the running daemon (same --home)
     swarmnode dev-swarm --nodes 4 [--demo]                   # N nodes on loopback
     swarmnode data add digits --slice 0/4 | data list     # this node's own slice of a dataset (never shared)
-    swarmnode submit job.toml --follow | jobs | job ID [--follow] [--export DIR] | cancel ID
+    swarmnode data add churn ./churn.csv --format csv --label churned   # or your own files, read in place
+    swarmnode submit job.toml --follow | jobs | job ID [--follow] [--export DIR [--merge]] | cancel ID
     swarmnode split MODEL_DIR --stages 3 --strategy balanced --out DIR   # plan stages, write signed shards
+    swarmnode analyze gpt2|MODEL_DIR --batch 8 --seq 128 --precision bf16   # params, FLOPs, training memory
 
 Every expected failure prints one line ``swarmnode: error: ...`` and exits 1 (run time) or 2 (bad input).
 """
@@ -17,6 +19,8 @@ import argparse
 import pathlib
 import sys
 
+from node.cli.analyze import add_parser as add_analyze_parser
+from node.cli.analyze import cmd_analyze
 from node.cli.commands import cmd_client, cmd_data, cmd_jobs, cmd_run, cmd_split, config_from
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     run.add_argument("--data", help="directory of this node's datasets (<data>/<dataset>/, default <home>/data; "
                                     "fill it with `swarmnode data add`); never shared")
+    run.add_argument("--device", help="where this node trains: auto (the first CUDA device torch sees, else cpu; "
+                                      "default), cpu, cuda or cuda:N (SWARMNODE_DEVICE)")
 
     for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
                        ("leave", "withdraw from the swarm and stop the daemon")]:
@@ -66,16 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--follow", action="store_true", help="show progress until the job ends")
     job.add_argument("--export", metavar="DIR", type=pathlib.Path,
                      help="write the job's model, manifest, report and curve into DIR (after --follow, if given)")
+    job.add_argument("--merge", action="store_true",
+                     help="with --export, an adapter job's merged model too (DIR/merged: base + adapter)")
     cancel = sub.add_parser("cancel", help="cancel a job you submitted")
     _add_common(cancel)
     cancel.add_argument("job_id")
 
-    data = sub.add_parser("data", help="this node's own datasets: add a slice of a bundled dataset, list them")
+    data = sub.add_parser("data", help="this node's own datasets: bind its files to a name, or add a slice of a "
+                                       "bundled dataset; list them")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    data_add = data_sub.add_parser("add", help="write this node's slice of a bundled dataset into its data directory")
+    data_add = data_sub.add_parser("add", help="bind NAME to this node's own files at PATH (read in place, never "
+                                               "copied or shared), or write its slice of a bundled dataset")
     _add_common(data_add)
     data_add.add_argument("--data", help="the node's data directory (default <home>/data; as `run --data`)")
-    data_add.add_argument("dataset", help="a bundled dataset: digits, wine, breast_cancer or pystdlib-bytes")
+    data_add.add_argument("dataset", metavar="NAME",
+                          help="the dataset name jobs use; without PATH a bundled dataset: digits, wine, "
+                               "breast_cancer or pystdlib-bytes")
+    data_add.add_argument("path", nargs="?", type=pathlib.Path, metavar="PATH",
+                          help="a file or folder of this node's own data (with --format)")
+    data_add.add_argument("--format", choices=("csv", "parquet", "jsonl", "text", "imagefolder"),
+                          help="PATH's format: csv, parquet, jsonl (a file or a folder of them), text (a folder, one "
+                               "document per file) or imagefolder (one subfolder per class)")
+    data_add.add_argument("--label", default="", help="the label column (csv, parquet, jsonl)")
+    data_add.add_argument("--text-field", default="", help="the text column of csv/parquet/jsonl text data")
     data_add.add_argument("--slice", default="0/1", metavar="I/N",
                           help="this node's part I of N equal-sized parts (0-based; default 0/1: the whole train "
                                "split)")
@@ -97,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--host", action="append", metavar="MEM_GIB:TFLOPS",
                        help="memory_aware: one per stage, in stage order, e.g. --host 8:20 --host 24:80")
     split.add_argument("--out", type=pathlib.Path, required=True, help="directory for the shards and manifest")
+
+    add_analyze_parser(sub)
 
     dev = sub.add_parser("dev-swarm", help="start N local nodes on loopback; Ctrl-C stops them all")
     dev.add_argument("--nodes", type=int, default=4)
@@ -133,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dev_swarm(args)
         if args.command == "split":
             return cmd_split(args)
+        if args.command == "analyze":
+            return cmd_analyze(args)
         if args.command == "data":
             return cmd_data(args)
         from node.runtime.home import check_home_readable

@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
@@ -54,18 +55,20 @@ class JobKind(Protocol):
 
     def local_state(self, job_id: str) -> tuple[int, str] | None: ...
 
-    async def export(self, view: JobView, out: pathlib.Path) -> list[pathlib.Path]: ...
+    async def export(self, view: JobView, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]: ...
 
 
 class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
                  data_dir: pathlib.Path, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
                  after_round=None, key=None, peers: Callable[[], Awaitable[list]] | None = None,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None):
         self.board = JobBoard(dht, swarm, peer_id, clock)
         self.peer_id, self.clock = peer_id, clock
-        self.federated = FederatedJobs(p2p, self.board, home, data_dir, bandwidth, hooks, after_round, clock)
-        self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock)
+        device = torch.device("cpu") if device is None else device  # where this node trains (the daemon's --device)
+        self.federated = FederatedJobs(p2p, self.board, home, data_dir, bandwidth, hooks, after_round, clock,
+                                       device=device)
+        self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock, device=device)
         self.kinds: dict[str, JobKind] = {"federated": self.federated, "pipeline": self.pipeline}
         self._tasks: dict[str, asyncio.Task] = {}
         self._poller: asyncio.Task | None = None
@@ -90,8 +93,15 @@ class JobManager:
     # ---- what the control API calls ----------------------------------------------------------------------
 
     async def submit(self, toml_text: str, source: str) -> str:
-        def model_folder(path: str):  # [model] path, relative to the job file; read and hashed off the event loop
-            return folder_manifest(pathlib.Path(source).expanduser().parent / pathlib.Path(path).expanduser())
+        def model_folder(path: str):  # [model] path, relative to the job file; read and hashed off the event loop,
+            folder = pathlib.Path(source).expanduser().parent / pathlib.Path(path).expanduser()
+            files = folder_manifest(folder)
+            try:  # then linked (or copied) into this node's model store, which serves it (node/jobs/model_files.py)
+                self.federated.models.put(folder, files)
+            except OSError as e:
+                raise ValueError(f"model.path: cannot put {folder} into this node's model store: "
+                                 f"{e.strerror or e}") from None
+            return files
 
         spec = await asyncio.to_thread(job_spec_from_text, toml_text, source, None, model_folder)  # NodeError if bad
         try:
@@ -124,10 +134,11 @@ class JobManager:
         kind = self.kinds.get(view.record.spec.kind) if view is not None else None
         return None if kind is None else kind.local_state(job_id)
 
-    async def export(self, job_id: str, out: pathlib.Path) -> list[pathlib.Path]:
-        """Write the job's current model, manifest, report and curve under ``out`` (the kind says how)."""
+    async def export(self, job_id: str, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
+        """Write the job's current model, manifest, report and curve under ``out`` (the kind says how); ``merge``:
+        an adapter job's merged model too."""
         view = await self._view(job_id)
-        return await self.kinds[view.record.spec.kind].export(view, out)
+        return await self.kinds[view.record.spec.kind].export(view, out, merge=merge)
 
     async def _view(self, job_id: str) -> JobView:
         await self.board.refresh()
@@ -154,12 +165,16 @@ class JobManager:
                 self._consider(view)
 
     def _consider(self, view: JobView) -> None:
+        self._tasks[view.job_id] = asyncio.create_task(self._decide(view), name=f"job-{view.job_id}")
+
+    async def _decide(self, view: JobView) -> None:
+        """Ask the job's kind whether this node can take part (off the event loop: it reads this node's data and
+        sizes the model), then decline with the reason or run the job."""
         kind = self.kinds[view.record.spec.kind]
-        reason, hint = kind.why_not(view)
+        reason, hint = await asyncio.to_thread(kind.why_not, view)
         if reason:
             view.declined = f"{reason}{'; ' + hint if hint else ''}"
             logger.info("declining job %s: %s", view.job_id, view.declined)
-            self._tasks[view.job_id] = asyncio.create_task(self.board.decline(view.job_id, reason),
-                                                           name=f"decline-{view.job_id}")
+            await self.board.decline(view.job_id, reason)
             return
-        self._tasks[view.job_id] = asyncio.create_task(kind.run(view), name=f"job-{view.job_id}")
+        await kind.run(view)

@@ -21,8 +21,9 @@ Batches are (x, y) pairs of tensors:
   - bert, minilm:     x int64 token ids (B, T), 0 = pad y int64 (B,)
   - gpt2, llama:      x int64 token ids (B, T)          y int64 next tokens (B, T)
 
-Parameter vectors are the module's parameters in ``named_parameters()`` order (shared/tied tensors once),
-as float32. None of these architectures has learned buffers (no BatchNorm), so the vector is the whole
+Parameter vectors are the module's trainable parameters in ``named_parameters()`` order (shared/tied tensors
+once; frozen ones, a LoRA adapter's base weights, left out), as float32. None of these architectures has learned
+buffers (no BatchNorm), so the vector is the whole
 trainable state; HF's non-learned buffers (position ids, rotary frequencies) are rebuilt by the config.
 """
 
@@ -147,11 +148,13 @@ def _size_input(arch: str, cfg: dict[str, Scalar], overrides: Mapping[str, Any],
 
 def takes_tokens(arch: str) -> bool:
     """True for the transformers models (int64 token ids), False for mlp and cnn (float feature vectors)."""
-    return _spec(arch).name not in ("mlp", "cnn")
+    return arch == "hf" or _spec(arch).name not in ("mlp", "cnn")  # hf: a model folder (node/ml/hf_models.py)
 
 
 def token_limits(arch: str, cfg: Mapping[str, Scalar]) -> tuple[int, int]:
     """(vocabulary size, longest sequence) of a token model's resolved config ``cfg``."""
+    if arch == "hf":  # node/ml/hf_models.py hf_job_config read them from the folder's config.json
+        return _ints(cfg)["vocab_size"], _ints(cfg)["context"]
     config = _hf_config(arch, cfg)
     context = getattr(config, "n_positions", None) or config.max_position_embeddings
     return int(config.vocab_size), int(context)
@@ -440,7 +443,8 @@ def build_model(arch: str, overrides: Mapping[str, Any] | None, seed: int,
 # ------------------------------------------------------------------------------------------ parameter vectors
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
-    return [p for _, p in model.named_parameters()]  # named_parameters skips tied duplicates
+    # named_parameters skips tied duplicates; frozen ones (a LoRA adapter's base weights) are not the job's to train
+    return [p for _, p in model.named_parameters() if p.requires_grad]
 
 
 def param_count(model: nn.Module) -> int:
@@ -448,13 +452,13 @@ def param_count(model: nn.Module) -> int:
 
 
 def flatten_params(model: nn.Module) -> np.ndarray:
-    """All parameters concatenated in named_parameters() order: float32 (N,), a copy."""
+    """All parameters concatenated in named_parameters() order: float32 (N,) on the CPU, a copy (from any device)."""
     params = _params(model)
     if not params:
         return np.zeros(0, dtype=np.float32)
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in params])  # (N,)
-    return flat.numpy().copy()
+    return flat.cpu().numpy().copy()
 
 
 def load_flat_params(model: nn.Module, vec: np.ndarray) -> None:
@@ -480,7 +484,7 @@ def params_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for p in _params(model):
-            h.update(p.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
+            h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().astype("<f4", copy=False).tobytes())
     return h.hexdigest()
 
 
@@ -489,48 +493,17 @@ def params_sha256(model: nn.Module) -> str:
 # fp32 copies of the parameter vector a federated participant keeps: weights, gradients, AdamW's exp_avg
 # and exp_avg_sq (torch.optim.AdamW state), the round-start snapshot the pseudo-gradient is taken against
 # and the outer Nesterov momentum (DiLoCo, Douillard et al. 2023), and the top-k error-feedback buffer
-# (Stich et al. 2018, "Sparsified SGD with Memory").
+# (Stich et al. 2018, "Sparsified SGD with Memory"). The estimate with activations, per layer and per precision,
+# is node/ml/analyze.py's (what a node checks before taking a job, and the memory_aware splitter).
 STATE_COPIES = 7
 FP32_BYTES = 4
-# Transformer activations kept for backward, per layer: s*b*h*(34 + 5*a*s/h) bytes at 16-bit
-# (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1);
-# fp32 doubles it.
-_KORTHIKANTI_LINEAR, _KORTHIKANTI_ATTN, _FP32_OVER_FP16 = 34, 5, 2
 
 
-def estimate_memory_bytes(arch: str, overrides: Mapping[str, Any] | None, batch_size: int = 32,
-                          seq_len: int | None = None, num_classes: int | None = None) -> int:
-    """Upper-bound bytes one node needs to train ``arch``: STATE_COPIES fp32 copies of the parameters plus the
-    activations of one forward/backward at ``batch_size`` (and ``seq_len`` tokens, default the model's
-    maximum). Built on torch's meta device: nothing is allocated and no checkpoint is read."""
-    cfg = resolve_overrides(arch, overrides, num_classes)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def meta_module(arch: str, cfg: Mapping[str, Scalar]) -> nn.Module:
+    """``arch`` built from its resolved config ``cfg`` on torch's meta device: shapes only, nothing allocated and
+    no checkpoint read (node/ml/analyze.py traces it)."""
     with torch.device("meta"):
-        n_params = param_count(_construct(arch, cfg, pretrained=False))
-    b = batch_size
-    if arch == "mlp":
-        n = _ints(cfg)
-        widths = [n["inputs"]] + [n["hidden"]] * n["layers"] + [n["classes"]]
-        acts = 2 * b * sum(widths) * FP32_BYTES  # each layer's output and its gradient
-    elif arch == "cnn":
-        n = _ints(cfg)
-        side, c, elems = n["side"], n["channels"], n["in_channels"] * n["side"] ** 2
-        for _ in range(n["blocks"]):
-            elems += 2 * c * side ** 2 + c * (side // 2) ** 2  # conv out, relu out, pooled
-            side, c = side // 2, c * 2
-        acts = 2 * b * (elems + n["hidden"] + n["classes"]) * FP32_BYTES
-    else:
-        config = _hf_config(arch, cfg)
-        max_len = getattr(config, "n_positions", None) or config.max_position_embeddings
-        s = max_len if seq_len is None else seq_len
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= max_len:
-            raise ValueError(f"seq_len must be an integer in [1, {max_len}], got {seq_len!r}")
-        h, a, n_layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-        per_layer = s * b * h * (_KORTHIKANTI_LINEAR + _KORTHIKANTI_ATTN * a * s / h) * _FP32_OVER_FP16
-        out_width = config.vocab_size * s if ARCHS[arch].task == CAUSAL_LM else _ints(cfg)["classes"]
-        acts = int(n_layers * per_layer) + 2 * b * out_width * FP32_BYTES  # + logits and their gradient
-    return int(n_params * FP32_BYTES * STATE_COPIES + acts)
+        return _construct(arch, cfg, pretrained=False)
 
 
 def describe(bundle: ModelBundle) -> str:
@@ -539,5 +512,5 @@ def describe(bundle: ModelBundle) -> str:
 
 
 __all__ = ["ARCHS", "ArchSpec", "CAUSAL_LM", "CLASSIFICATION", "ModelBundle", "build_model", "describe",
-           "estimate_memory_bytes", "flatten_params", "load_flat_params", "minilm_path", "param_count",
+           "flatten_params", "load_flat_params", "meta_module", "minilm_path", "param_count",
            "params_sha256", "resolve_overrides", "takes_tokens", "token_limits"]

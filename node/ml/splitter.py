@@ -98,28 +98,52 @@ def load_model_dir(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
         return getattr(transformers, archs[0]).from_pretrained(str(path), local_files_only=True, dtype=dtype)
 
 
-def plan_for_model(model: nn.Module, stages: int | Sequence[Host], strategy: str | None = None) -> StagePlan:
-    """Cut ``model`` by parameter count: ``stages`` is a count (layer_wise / balanced) or the hosts, in stage
-    order, for memory_aware, which also needs each stage's training memory (STATE_COPIES fp32 copies of its
-    parameters: weights, grads, optimizer state, round-start snapshot; node/ml/models.py)."""
+def stage_memory(model: nn.Module, micro_batch: int = 1, seq: int | None = None) -> tuple[list[float], float, float]:
+    """(bytes per layer, extra bytes of the first stage, of the last) a stage host needs to train ``model``'s layers:
+    STATE_COPIES fp32 copies of their parameters (weights, gradients, optimizer state, accumulator, error feedback;
+    node/ml/models.py) plus the activations one micro-batch of ``micro_batch`` x ``seq`` tokens saves for backward
+    in each (default: the model's context), as node/ml/analyze.py (``swarmnode analyze``) counts them; the last
+    stage also holds the gradient of its logits."""
+    from node.ml.analyze import analyze_module
     from node.ml.stages import layer_costs
 
     costs = layer_costs(model)
     per_param = costs.bytes_per_param * STATE_COPIES
+    config: Any = model.config
+    seq = seq or int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    a = analyze_module(model, micro_batch, seq)
+    blocks = [float(r.activation_bytes) for r in a.rows[1:-1]]
+    if len(blocks) != costs.num_layers:  # the traced stack is not the stage layout's: spread its activations evenly
+        blocks = [sum(blocks) / costs.num_layers] * costs.num_layers
+    return ([c * per_param + act for c, act in zip(costs.layer_params, blocks)],
+            costs.embed_params * per_param + a.rows[0].activation_bytes,
+            costs.head_params * per_param + a.rows[-1].activation_bytes + a.largest_saved)
+
+
+def plan_for_model(model: nn.Module, stages: int | Sequence[Host], strategy: str | None = None,
+                   memory: tuple[list[float], float, float] | None = None) -> StagePlan:
+    """Cut ``model`` by parameter count: ``stages`` is a count (layer_wise / balanced) or the hosts, in stage
+    order, for memory_aware, which also needs each stage's training memory (``memory``: stage_memory's, computed
+    here at one micro-batch when not given)."""
+    from node.ml.stages import layer_costs
+
+    costs = layer_costs(model)
     options: dict = {"first_extra": float(costs.embed_params), "last_extra": float(costs.head_params)}
     if not isinstance(stages, int):
-        options |= {"layer_bytes": [c * per_param for c in costs.layer_params],
-                    "first_extra_bytes": costs.embed_params * per_param,
-                    "last_extra_bytes": costs.head_params * per_param}
+        layer_bytes, first, last = memory or stage_memory(model)
+        options |= {"layer_bytes": layer_bytes, "first_extra_bytes": first, "last_extra_bytes": last}
     return plan_stages([float(c) for c in costs.layer_params], stages, strategy=strategy, **options)
 
 
-def memory_aware_plan(model: nn.Module, nodes: Sequence[NodeSpec], stages: int,
-                      replicas: int) -> tuple[StagePlan, list[list[NodeSpec]]]:
+def memory_aware_plan(model: nn.Module, nodes: Sequence[NodeSpec], stages: int, replicas: int,
+                      micro_batch: int = 1) -> tuple[StagePlan, list[list[NodeSpec]]]:
     """(plan, groups) for ``model`` on ``stages * replicas`` nodes: replica groups by memory, in the order along
     the pipeline whose memory_aware plan has the smallest slowest stage (protocol/planning/stage_assign.py
-    best_group_order); ValueError naming why when the model fits no order."""
-    return best_group_order(lambda hosts: plan_for_model(model, hosts, "memory_aware"), nodes, stages, replicas)
+    best_group_order), each stage sized by stage_memory at ``micro_batch``; ValueError naming why when the model
+    fits no order."""
+    memory = stage_memory(model, micro_batch)
+    return best_group_order(lambda hosts: plan_for_model(model, hosts, "memory_aware", memory), nodes, stages,
+                            replicas)
 
 
 def split_model(model_or_dir: nn.Module | str | os.PathLike, spans: Sequence[Span], out_dir: str | os.PathLike,
@@ -221,4 +245,5 @@ def _build(manifest: ShardManifest, index: int, data: bytes) -> Stage:
         raise ShardError(f"{where}: {e}") from None
 
 
-__all__ = ["load_model_dir", "load_stage", "read_manifest", "shard_file_name", "split_model", "stage_from_bytes"]
+__all__ = ["load_model_dir", "load_stage", "memory_aware_plan", "plan_for_model", "read_manifest", "shard_file_name",
+           "split_model", "stage_from_bytes", "stage_memory"]

@@ -6,6 +6,7 @@
     p2pd.py        OwnedP2PDaemon: hivemind's go-libp2p daemon as a child this node fully owns
     membership.py  Membership: this node's signed peer record on a heartbeat; PeerView, the live peer list
     capability.py  what this machine brings (GPUs, cores, memory, a matmul benchmark)
+    device.py      the device a node trains on (--device), its free memory, mixed precision (autocast, scaler)
     backoff.py     retry with exponential backoff (injected sleep)
     files.py       atomic_write: temporary file, fsync, rename, fsync the directory
     errors.py      NodeError and the exit codes

@@ -1,11 +1,14 @@
 """Detect what this machine brings (torch for CUDA devices, psutil for CPU/RAM/disk) and measure it.
 
-The micro-benchmark times square matmuls for a fixed time budget and reports the best rate:
-fp32 always (on GPU 0 when there is one, else on the CPU) and bf16 on the GPU.
+The micro-benchmark times square matmuls for a fixed time budget and reports the best rate on the device the
+node trains on (node/runtime/device.py; GPU 0 under the default ``auto`` when there is one): fp32 always, and bf16
+on a GPU that computes it natively. The record also names that device and its free memory (refresh_free updates
+it at each heartbeat).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import platform
 import time
@@ -13,6 +16,7 @@ import time
 import psutil
 import torch
 
+from node.runtime.device import device_label, memory_of, precision_refusal, resolve_device
 from protocol.records.peer import Capability, GpuInfo
 
 
@@ -45,15 +49,18 @@ def detect_gpus() -> tuple[GpuInfo, ...]:
     return tuple(gpus)
 
 
-def detect(home: pathlib.Path, benchmark_seconds: float = 0.3) -> Capability:
+def detect(home: pathlib.Path, benchmark_seconds: float = 0.3, device: torch.device | None = None) -> Capability:
+    """The capability of this machine training on ``device`` (default: resolve_device("auto"))."""
     gpus = detect_gpus()
     home = pathlib.Path(home).expanduser()
-    if gpus:
+    device = resolve_device("auto") if device is None else device
+    label = device_label(device)
+    if device.type == "cuda":
         # TF32 would report tensor-core rates as "fp32"; measure true fp32.
         torch.backends.cuda.matmul.allow_tf32 = False
-        fp32 = matmul_tflops("cuda:0", torch.float32, 4096, benchmark_seconds / 2)
-        bf16 = (matmul_tflops("cuda:0", torch.bfloat16, 4096, benchmark_seconds / 2)
-                if torch.cuda.is_bf16_supported() else None)
+        fp32 = matmul_tflops(label, torch.float32, 4096, benchmark_seconds / 2)
+        bf16 = (matmul_tflops(label, torch.bfloat16, 4096, benchmark_seconds / 2)
+                if not precision_refusal(device, "bf16") else None)
     else:
         fp32, bf16 = matmul_tflops("cpu", torch.float32, 512, benchmark_seconds), None
     return Capability(
@@ -64,4 +71,11 @@ def detect(home: pathlib.Path, benchmark_seconds: float = 0.3) -> Capability:
         tflops_fp32=round(fp32, 4),
         tflops_bf16=None if bf16 is None else round(bf16, 4),
         platform=f"{platform.system()}-{platform.machine()} / torch {torch.__version__}"[:128],
+        train_device=label,
+        device_free_bytes=memory_of(device)[0],
     )
+
+
+def refresh_free(cap: Capability, device: torch.device) -> Capability:
+    """``cap`` with the free memory of ``device`` measured now (what the node publishes at each heartbeat)."""
+    return dataclasses.replace(cap, device_free_bytes=memory_of(device)[0])

@@ -8,6 +8,11 @@ The TOML file is ``--config PATH`` (or SWARMNODE_CONFIG); its keys are the field
     join = ["/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."]
     heartbeat = 10.0
 
+    [datasets.churn]              # own data under a dataset name (as `swarmnode data add churn ...`)
+    path = "/srv/churn.csv"
+    format = "csv"                # csv, parquet, jsonl, text or imagefolder
+    label = "churned"             # optional: the label column (text_field: a text column)
+
 List fields take a comma-separated string in the environment (SWARMNODE_JOIN=addr1,addr2).
 """
 
@@ -17,6 +22,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ from typing import Any
 from node.runtime.errors import EXIT_USAGE, NodeError
 
 ENV_PREFIX = "SWARMNODE_"
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # as node/runtime/device.py (which imports torch)
 DEFAULT_HOME = pathlib.Path("~/.swarmnode")
 
 
@@ -44,6 +51,9 @@ class NodeConfig:
     benchmark_seconds: float = 0.3  # budget of the matmul micro-benchmark
     log_level: str = "INFO"
     data: pathlib.Path | None = None  # local datasets, <data>/<dataset>/ (`swarmnode data add`); default <home>/data
+    # own data bound to dataset names ([datasets.NAME] tables: path, format, label, text_field; node/ml/user_data.py)
+    datasets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "auto"  # where training runs: auto (the first CUDA device, else cpu), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
@@ -61,6 +71,8 @@ class NodeConfig:
             raise ValueError(f"swarm name must be 1-64 characters of [A-Za-z0-9._-], got {self.swarm!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if not DEVICE_NAME.fullmatch(self.device):  # the form only; node/runtime/device.py resolves it at start
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r:.40}")
         if self.control != "unix" and not self.control.startswith("tcp://"):
             raise ValueError(f"control must be 'unix' or 'tcp://HOST:PORT', got {self.control!r}")
         if self.control.startswith("tcp://"):
@@ -101,6 +113,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 def _convert(name: str, value: Any, source: str) -> Any:
     kind = FIELDS[name].type
     try:
+        if "Mapping" in kind:
+            if not isinstance(value, Mapping):
+                raise TypeError("expected a table of [datasets.NAME] tables")
+            return dict(value)
         if "tuple" in kind:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]

@@ -7,6 +7,7 @@ acceptance rules are in protocol/records/validation.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ CAPABILITY_SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # signed value as stored in the DHT; anything larger is rejected by every node
 MAX_ADDRS = 16
 MAX_GPUS = 16
+TRAIN_DEVICE = re.compile(r"cpu|cuda:[0-9]{1,3}")  # a capability's train_device
 
 
 def swarm_key(swarm: str, what: str) -> str:
@@ -41,6 +43,10 @@ class Capability:
     tflops_fp32: float  # measured matmul throughput (GPU 0 if any, else CPU)
     tflops_bf16: float | None  # measured on GPU only; None on CPU-only nodes
     platform: str  # e.g. "Linux-6.1-x86_64 / torch 2.13.0+cpu"
+    # The device the node trains on and its free memory there (bytes, at the last heartbeat). Both are left out of
+    # the wire map at their defaults, so records of nodes that predate them read as a CPU node of unknown free memory.
+    train_device: str = "cpu"  # "cpu" or "cuda:N" (node/runtime/device.py)
+    device_free_bytes: int | None = None
 
     @property
     def device_kind(self) -> str:
@@ -75,7 +81,8 @@ def capability_to_wire(cap: Capability) -> dict:
         "tflops_fp32": cap.tflops_fp32,
         "tflops_bf16": cap.tflops_bf16,
         "platform": cap.platform,
-    }
+    } | ({"device": cap.train_device} if cap.train_device != "cpu" else {}) | (
+        {"device_free": cap.device_free_bytes} if cap.device_free_bytes is not None else {})
 
 
 def capability_from_wire(obj: Any) -> Capability:
@@ -99,7 +106,19 @@ def capability_from_wire(obj: Any) -> Capability:
         tflops_fp32=rate(field(obj, "tflops_fp32", (int, float), "capability"), "capability.tflops_fp32"),
         tflops_bf16=None if bf16 is None else rate(bf16, "capability.tflops_bf16"),
         platform=text(obj, "platform", "capability"),
+        train_device=_train_device(obj),
+        device_free_bytes=count(obj, "device_free", "capability") if "device_free" in obj else None,
     )
+
+
+def _train_device(obj: dict) -> str:
+    """The optional "device" of a capability map: "cpu" when absent, else "cpu" or "cuda:N"."""
+    if "device" not in obj:
+        return "cpu"
+    device = text(obj, "device", "capability", limit=16)
+    if not TRAIN_DEVICE.fullmatch(device):
+        raise WireError(f"capability.device: expected 'cpu' or 'cuda:N', got {device!r}")
+    return device
 
 
 def peer_record_to_wire(record: PeerRecord) -> bytes:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarmnode/v1/control.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdd\x01\n\x0eStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\r\n\x05swarm\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x12\n\npeers_seen\x18\x06 \x01(\r\x12\x1c\n\x14last_heartbeat_age_s\x18\x07 \x01(\x01\x12,\n\ncapability\x18\x08 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x0c\n\x04home\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\"\xbd\x01\n\nCapability\x12\x1f\n\x04gpus\x18\x01 \x03(\x0b\x32\x11.swarmnode.v1.Gpu\x12\x11\n\tcpu_cores\x18\x02 \x01(\r\x12\x11\n\tram_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btflops_fp32\x18\x05 \x01(\x01\x12\x18\n\x0btflops_bf16\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08platform\x18\x07 \x01(\tB\x0e\n\x0c_tflops_bf16\"M\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\r\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\r\"\x0e\n\x0cPeersRequest\"2\n\rPeersResponse\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.swarmnode.v1.Peer\"\x9d\x01\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\ncapability\x18\x04 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0f\n\x07is_self\x18\x07 \x01(\x08\"\x0e\n\x0cLeaveRequest\"\"\n\rLeaveResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\"1\n\rSubmitRequest\x12\x10\n\x08job_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\r\n\x0bJobsRequest\"3\n\x0cJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.swarmnode.v1.JobInfo\",\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xa3\x03\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tsubmitter\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nmodel_hash\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x13\n\x0b\x65val_metric\x18\n \x01(\x01\x12\x17\n\x0f\x62ytes_exchanged\x18\x0b \x01(\x04\x12\x14\n\x0cround_time_s\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x0e \x01(\t\x12\x13\n\x0blocal_round\x18\x0f \x01(\r\x12\x18\n\x10local_model_hash\x18\x10 \x01(\t\x12\x13\n\x0bstage_hosts\x18\x11 \x03(\t\x12\'\n\x08\x64\x65\x63lines\x18\x12 \x03(\x0b\x32\x15.swarmnode.v1.Decline\x12\x0e\n\x06takers\x18\x13 \x01(\r\x12\x17\n\x0fround_timeout_s\x18\x14 \x01(\x01\"*\n\x07\x44\x65\x63line\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"0\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\"B\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nmodel_hash\x18\x03 \x01(\t2\x9a\x04\n\x07\x43ontrol\x12\x43\n\x06Status\x12\x1b.swarmnode.v1.StatusRequest\x1a\x1c.swarmnode.v1.StatusResponse\x12@\n\x05Peers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x1b.swarmnode.v1.PeersResponse\x12@\n\x05Leave\x12\x1a.swarmnode.v1.LeaveRequest\x1a\x1b.swarmnode.v1.LeaveResponse\x12\x43\n\x06Submit\x12\x1b.swarmnode.v1.SubmitRequest\x1a\x1c.swarmnode.v1.SubmitResponse\x12=\n\x04Jobs\x12\x19.swarmnode.v1.JobsRequest\x1a\x1a.swarmnode.v1.JobsResponse\x12\x38\n\x03Job\x12\x18.swarmnode.v1.JobRequest\x1a\x15.swarmnode.v1.JobInfo0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.swarmnode.v1.CancelRequest\x1a\x1c.swarmnode.v1.CancelResponse\x12\x43\n\x06\x45xport\x12\x1b.swarmnode.v1.ExportRequest\x1a\x1c.swarmnode.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarmnode/v1/control.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdd\x01\n\x0eStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\r\n\x05swarm\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x12\n\npeers_seen\x18\x06 \x01(\r\x12\x1c\n\x14last_heartbeat_age_s\x18\x07 \x01(\x01\x12,\n\ncapability\x18\x08 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x0c\n\x04home\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\"\x89\x02\n\nCapability\x12\x1f\n\x04gpus\x18\x01 \x03(\x0b\x32\x11.swarmnode.v1.Gpu\x12\x11\n\tcpu_cores\x18\x02 \x01(\r\x12\x11\n\tram_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btflops_fp32\x18\x05 \x01(\x01\x12\x18\n\x0btflops_bf16\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x14\n\x0ctrain_device\x18\x08 \x01(\t\x12\x1e\n\x11\x64\x65vice_free_bytes\x18\t \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_tflops_bf16B\x14\n\x12_device_free_bytes\"M\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\r\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\r\"\x0e\n\x0cPeersRequest\"2\n\rPeersResponse\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.swarmnode.v1.Peer\"\x9d\x01\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\ncapability\x18\x04 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0f\n\x07is_self\x18\x07 \x01(\x08\"\x0e\n\x0cLeaveRequest\"\"\n\rLeaveResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\"1\n\rSubmitRequest\x12\x10\n\x08job_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\r\n\x0bJobsRequest\"3\n\x0cJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.swarmnode.v1.JobInfo\",\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xa3\x03\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tsubmitter\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nmodel_hash\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x13\n\x0b\x65val_metric\x18\n \x01(\x01\x12\x17\n\x0f\x62ytes_exchanged\x18\x0b \x01(\x04\x12\x14\n\x0cround_time_s\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x0e \x01(\t\x12\x13\n\x0blocal_round\x18\x0f \x01(\r\x12\x18\n\x10local_model_hash\x18\x10 \x01(\t\x12\x13\n\x0bstage_hosts\x18\x11 \x03(\t\x12\'\n\x08\x64\x65\x63lines\x18\x12 \x03(\x0b\x32\x15.swarmnode.v1.Decline\x12\x0e\n\x06takers\x18\x13 \x01(\r\x12\x17\n\x0fround_timeout_s\x18\x14 \x01(\x01\"*\n\x07\x44\x65\x63line\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"?\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\"B\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nmodel_hash\x18\x03 \x01(\t2\x9a\x04\n\x07\x43ontrol\x12\x43\n\x06Status\x12\x1b.swarmnode.v1.StatusRequest\x1a\x1c.swarmnode.v1.StatusResponse\x12@\n\x05Peers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x1b.swarmnode.v1.PeersResponse\x12@\n\x05Leave\x12\x1a.swarmnode.v1.LeaveRequest\x1a\x1b.swarmnode.v1.LeaveResponse\x12\x43\n\x06Submit\x12\x1b.swarmnode.v1.SubmitRequest\x1a\x1c.swarmnode.v1.SubmitResponse\x12=\n\x04Jobs\x12\x19.swarmnode.v1.JobsRequest\x1a\x1a.swarmnode.v1.JobsResponse\x12\x38\n\x03Job\x12\x18.swarmnode.v1.JobRequest\x1a\x15.swarmnode.v1.JobInfo0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.swarmnode.v1.CancelRequest\x1a\x1c.swarmnode.v1.CancelResponse\x12\x43\n\x06\x45xport\x12\x1b.swarmnode.v1.ExportRequest\x1a\x1c.swarmnode.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRESPONSE']._serialized_start=62
   _globals['_STATUSRESPONSE']._serialized_end=283
   _globals['_CAPABILITY']._serialized_start=286
-  _globals['_CAPABILITY']._serialized_end=475
-  _globals['_GPU']._serialized_start=477
-  _globals['_GPU']._serialized_end=554
-  _globals['_PEERSREQUEST']._serialized_start=556
-  _globals['_PEERSREQUEST']._serialized_end=570
-  _globals['_PEERSRESPONSE']._serialized_start=572
-  _globals['_PEERSRESPONSE']._serialized_end=622
-  _globals['_PEER']._serialized_start=625
-  _globals['_PEER']._serialized_end=782
-  _globals['_LEAVEREQUEST']._serialized_start=784
-  _globals['_LEAVEREQUEST']._serialized_end=798
-  _globals['_LEAVERESPONSE']._serialized_start=800
-  _globals['_LEAVERESPONSE']._serialized_end=834
-  _globals['_SUBMITREQUEST']._serialized_start=836
-  _globals['_SUBMITREQUEST']._serialized_end=885
-  _globals['_SUBMITRESPONSE']._serialized_start=887
-  _globals['_SUBMITRESPONSE']._serialized_end=919
-  _globals['_JOBSREQUEST']._serialized_start=921
-  _globals['_JOBSREQUEST']._serialized_end=934
-  _globals['_JOBSRESPONSE']._serialized_start=936
-  _globals['_JOBSRESPONSE']._serialized_end=987
-  _globals['_JOBREQUEST']._serialized_start=989
-  _globals['_JOBREQUEST']._serialized_end=1033
-  _globals['_JOBINFO']._serialized_start=1036
-  _globals['_JOBINFO']._serialized_end=1455
-  _globals['_DECLINE']._serialized_start=1457
-  _globals['_DECLINE']._serialized_end=1499
-  _globals['_CANCELREQUEST']._serialized_start=1501
-  _globals['_CANCELREQUEST']._serialized_end=1532
-  _globals['_CANCELRESPONSE']._serialized_start=1534
-  _globals['_CANCELRESPONSE']._serialized_end=1569
-  _globals['_EXPORTREQUEST']._serialized_start=1571
-  _globals['_EXPORTREQUEST']._serialized_end=1619
-  _globals['_EXPORTRESPONSE']._serialized_start=1621
-  _globals['_EXPORTRESPONSE']._serialized_end=1687
-  _globals['_CONTROL']._serialized_start=1690
-  _globals['_CONTROL']._serialized_end=2228
+  _globals['_CAPABILITY']._serialized_end=551
+  _globals['_GPU']._serialized_start=553
+  _globals['_GPU']._serialized_end=630
+  _globals['_PEERSREQUEST']._serialized_start=632
+  _globals['_PEERSREQUEST']._serialized_end=646
+  _globals['_PEERSRESPONSE']._serialized_start=648
+  _globals['_PEERSRESPONSE']._serialized_end=698
+  _globals['_PEER']._serialized_start=701
+  _globals['_PEER']._serialized_end=858
+  _globals['_LEAVEREQUEST']._serialized_start=860
+  _globals['_LEAVEREQUEST']._serialized_end=874
+  _globals['_LEAVERESPONSE']._serialized_start=876
+  _globals['_LEAVERESPONSE']._serialized_end=910
+  _globals['_SUBMITREQUEST']._serialized_start=912
+  _globals['_SUBMITREQUEST']._serialized_end=961
+  _globals['_SUBMITRESPONSE']._serialized_start=963
+  _globals['_SUBMITRESPONSE']._serialized_end=995
+  _globals['_JOBSREQUEST']._serialized_start=997
+  _globals['_JOBSREQUEST']._serialized_end=1010
+  _globals['_JOBSRESPONSE']._serialized_start=1012
+  _globals['_JOBSRESPONSE']._serialized_end=1063
+  _globals['_JOBREQUEST']._serialized_start=1065
+  _globals['_JOBREQUEST']._serialized_end=1109
+  _globals['_JOBINFO']._serialized_start=1112
+  _globals['_JOBINFO']._serialized_end=1531
+  _globals['_DECLINE']._serialized_start=1533
+  _globals['_DECLINE']._serialized_end=1575
+  _globals['_CANCELREQUEST']._serialized_start=1577
+  _globals['_CANCELREQUEST']._serialized_end=1608
+  _globals['_CANCELRESPONSE']._serialized_start=1610
+  _globals['_CANCELRESPONSE']._serialized_end=1645
+  _globals['_EXPORTREQUEST']._serialized_start=1647
+  _globals['_EXPORTREQUEST']._serialized_end=1710
+  _globals['_EXPORTRESPONSE']._serialized_start=1712
+  _globals['_EXPORTRESPONSE']._serialized_end=1778
+  _globals['_CONTROL']._serialized_start=1781
+  _globals['_CONTROL']._serialized_end=2319
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,7 @@ class StatusResponse(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., peers_seen: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., home: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class Capability(_message.Message):
-    __slots__ = ("gpus", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops_fp32", "tflops_bf16", "platform")
+    __slots__ = ("gpus", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops_fp32", "tflops_bf16", "platform", "train_device", "device_free_bytes")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     RAM_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class Capability(_message.Message):
     TFLOPS_FP32_FIELD_NUMBER: _ClassVar[int]
     TFLOPS_BF16_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     cpu_cores: int
     ram_bytes: int
@@ -50,7 +52,9 @@ class Capability(_message.Message):
     tflops_fp32: float
     tflops_bf16: float
     platform: str
-    def __init__(self, gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops_fp32: _Optional[float] = ..., tflops_bf16: _Optional[float] = ..., platform: _Optional[str] = ...) -> None: ...
+    train_device: str
+    device_free_bytes: int
+    def __init__(self, gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops_fp32: _Optional[float] = ..., tflops_bf16: _Optional[float] = ..., platform: _Optional[str] = ..., train_device: _Optional[str] = ..., device_free_bytes: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("name", "memory_bytes", "cc_major", "cc_minor")
@@ -199,12 +203,14 @@ class CancelResponse(_message.Message):
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("job_id", "out_dir")
+    __slots__ = ("job_id", "out_dir", "merge")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     out_dir: str
-    def __init__(self, job_id: _Optional[str] = ..., out_dir: _Optional[str] = ...) -> None: ...
+    merge: bool
+    def __init__(self, job_id: _Optional[str] = ..., out_dir: _Optional[str] = ..., merge: _Optional[bool] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
     __slots__ = ("files", "round", "model_hash")

@@ -97,27 +97,36 @@ def curve_png(history: list[dict], metric: str, title: str) -> bytes:
 
 
 def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, model_hash: str, rounds: int,
-               own_rounds: int, history: list[dict], metric: str) -> list[pathlib.Path]:
+               own_rounds: int, history: list[dict], metric: str,
+               model_files: dict[str, bytes] | None = None) -> list[pathlib.Path]:
     """Write FILES under ``out`` (each atomically: temporary file, fsync, rename; manifest.json last, so a
-    reader that sees it finds the others); return their paths."""
+    reader that sees it finds the others); return their paths. ``model_files`` (relative name -> bytes: a model
+    folder job's adapter in peft's format, or its model folder; node/ml/hf_models.py export_files) take the
+    place of model.safetensors, and the manifest's tensors are the trained ones."""
     # clone: tied weights (GPT-2's lm_head / wte) share storage, which safetensors refuses; each name gets
     # its own copy, and load_state_dict puts them back into the one shared parameter
-    tensors = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}
-    blob = save(tensors)
+    if model_files is None:
+        tensors = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}
+        model_files = {"model.safetensors": save(tensors)}
+    else:
+        tensors = {n: p.detach().cpu().clone().contiguous() for n, p in module.named_parameters() if p.requires_grad}
     manifest = {
         "job_id": record.job_id, "name": record.spec.name, "model_hash": model_hash,
         "rounds": rounds,  # rounds of the job this model has been through
         "rounds_this_node": own_rounds,  # of those, rounds the exporting node took part in
-        "file_sha256": hashlib.sha256(blob).hexdigest(),
+        **({"file_sha256": hashlib.sha256(model_files["model.safetensors"]).hexdigest()}
+           if list(model_files) == ["model.safetensors"] else
+           {"files_sha256": {n: hashlib.sha256(b).hexdigest() for n, b in model_files.items()}}),
         "tensors": {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in tensors.items()},
         "spec": dataclasses.asdict(record.spec),
     }
     contents = {
-        "model.safetensors": blob,
+        **model_files,
         "manifest.json": json.dumps(manifest, indent=1).encode(),
         "report.json": json.dumps(history, indent=1, default=str).encode(),
         "curve.png": curve_png(history, metric, record.spec.name),
     }
-    for name in FILES:
+    names = [*model_files, *(n for n in FILES if n != "model.safetensors")]  # manifest.json last
+    for name in names:
         atomic_write(out / name, contents[name])
-    return [out / name for name in FILES]
+    return [out / name for name in names]

@@ -28,20 +28,26 @@ from stale parameters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pathlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
+import torch
 from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
-from node.ml.datasets import NoLocalData, load_node_data
-from node.ml.job_model import build_job_model, data_misfit, job_model_config
-from node.ml.models import estimate_memory_bytes, flatten_params, load_flat_params
+from node.jobs.model_files import ModelFetchError, ModelStore
+from node.ml.analyze import analyze_arch, job_memory
+from node.ml.datasets import NodeData, NoLocalData
+from node.ml.hf_models import ModelFilesMissing, export_files, memory_bytes
+from node.ml.job_model import build_job_model, data_misfit, job_model_config, load_job_data
+from node.ml.models import flatten_params, load_flat_params
+from node.ml.user_data import DataMismatch
+from node.runtime.device import device_label, memory_shortfall, precision_refusal
 from node.runtime.errors import NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -76,13 +82,17 @@ class Rounds:
 class FederatedJobs:
     def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
                  bandwidth: float = 12.5e6, hooks: RoundHooks | None = None, after_round=None,
-                 clock: Clock = SYSTEM_CLOCK, runner_factory=JobRunner):
+                 clock: Clock = SYSTEM_CLOCK, runner_factory=None, device: torch.device | None = None):
         self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
         self.bandwidth, self.hooks, self.clock = bandwidth, hooks, clock
         self.after_round = after_round  # fault injection for tests (JobRunner's after_round)
-        self.runner_factory = runner_factory  # tests pass a scripted runner (same interface as JobRunner)
+        self.device = torch.device("cpu") if device is None else device  # where local steps run (--device)
+        # tests pass a scripted runner (same interface as JobRunner)
+        self.runner_factory = runner_factory or functools.partial(JobRunner, device=self.device)
         self.rounds: dict[str, Rounds] = {}
         self._runners: dict[str, JobRunner] = {}
+        self._data: dict[str, NodeData] = {}  # read by why_not for run(), per job id
+        self.models = ModelStore(p2p, home, board.swarm)  # job model folders: fetched, verified, served
 
     @property
     def peer_id(self) -> str:
@@ -91,9 +101,11 @@ class FederatedJobs:
     async def start(self) -> None:
         await serve_on(self.p2p, {job_state_protocol(self.board.swarm): self._serve_state}, logger,
                        "job state handler")
+        await self.models.start()
 
     async def stop(self) -> None:
         await stop_serving(self.p2p, [job_state_protocol(self.board.swarm)], logger)
+        await self.models.stop()
 
     def local_state(self, job_id: str) -> tuple[int, str] | None:
         """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
@@ -105,33 +117,58 @@ class FederatedJobs:
     def why_not(self, view: JobView) -> tuple[str, str]:
         """("", "") if this node can take part, else (the reason it tells the swarm, a hint for its own user)."""
         spec = view.record.spec
+        cfg: dict | None = None  # a model folder not fetched yet: its fit is checked after the fetch (run)
         try:
             cfg = job_model_config(spec)
+        except ModelFilesMissing:
+            pass
         except ValueError as e:  # a dataset or model this version does not know, a model that cannot fit it
             return f"this node cannot train the job's model: {e}"[:MAX_REASON], ""
         try:
-            data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+            data = self._data.pop(view.job_id, None) or load_job_data(spec, self.data_dir)
         except NoLocalData:
+            formats = {"tabular": "csv|parquet|jsonl", "text": "text|jsonl", "image": "imagefolder"}
+            how = f"{spec.dataset} PATH --format {formats[spec.data.kind]}" if spec.data else spec.dataset
             return (f"no local data for dataset {spec.dataset!r}",
-                    f"add it with `swarmnode data add {spec.dataset} --home {self.home}`")
+                    f"add it with `swarmnode data add {how} --home {self.home}`")
+        except DataMismatch as e:  # its own data does not hold what the job declares
+            return str(e)[:MAX_REASON], ""
+        except ModelFilesMissing:  # text read with the model folder's tokenizer: after the fetch (run)
+            data = None
         except (ValueError, OSError) as e:
             return f"its local data for dataset {spec.dataset!r} is unusable", str(e)
-        misfit = data_misfit(spec, cfg, data)
+        misfit = data_misfit(spec, cfg, data) if cfg is not None and data is not None else ""
         if misfit:
             return misfit[:MAX_REASON], ""
-        try:
-            need = estimate_memory_bytes(spec.model.arch, cfg, batch_size=spec.batch_size)
+        refusal = precision_refusal(self.device, spec.precision)  # the device it trains on (--device)
+        if refusal:
+            return f"{device_label(self.device)} cannot train in {spec.precision}: {refusal}"[:MAX_REASON], ""
+        try:  # training memory where it trains, the round's vectors in host RAM (node/ml/analyze.py)
+            on_device, on_host = ((memory_bytes(spec.model.files, spec.adapter), 0) if spec.model.arch == "hf" else
+                                  job_memory(analyze_arch(spec.model.arch, cfg, spec.batch_size), spec.precision,
+                                             spec.inner.kind, spec.inner.momentum))
         except ValueError as e:
             return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
-        available = psutil.virtual_memory().available
-        if need > available:
-            return f"the model needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available", ""
+        short = memory_shortfall(self.device, on_device, on_host)
+        if short:
+            return short[:MAX_REASON], ""
+        if data is not None:
+            self._data[view.job_id] = data  # read once: run() takes it
         return "", ""
 
     async def run(self, view: JobView) -> None:
         """Take part in the job until its last round (or its cancellation); then write the export."""
         record, spec = view.record, view.record.spec
-        data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        if spec.model.arch == "hf" and not await self._fetch_model(view):
+            return  # declined, with the reason
+        data = self._data.pop(record.job_id, None)
+        if data is None:  # text read with the fetched folder's tokenizer, or a run without why_not
+            try:
+                data = await asyncio.to_thread(load_job_data, spec, self.data_dir)
+            except (ValueError, OSError) as e:  # DataMismatch, NoLocalData: the reason to decline
+                return await self._decline(view, str(e))
+        if spec.model.arch == "hf" and (misfit := data_misfit(spec, job_model_config(spec), data)):
+            return await self._decline(view, misfit)
         runner = self.runner_factory(self.p2p, self.board.dht, self.board.swarm, record.job_id, spec, data,
                                      bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round,
                                      clock=self.clock)
@@ -189,6 +226,27 @@ class FederatedJobs:
             if runner.completed < spec.rounds:  # a finished job's final state stays servable for late nodes
                 self._runners.pop(record.job_id, None)
             await runner.stop()
+
+    def _model_holders(self, view: JobView) -> list[str]:
+        """Who can serve a job's model folder: its submitter, then every node that announced taking part."""
+        peers = [view.record.submitter, *view.holders, *(view.progress.participants if view.progress else ())]
+        return [p for p in dict.fromkeys(peers) if p != self.peer_id]
+
+    async def _fetch_model(self, view: JobView) -> bool:
+        """A model folder job: fetch and verify its files (node/jobs/model_files.py), then check that the model
+        takes the job's data; False after declining with the reason."""
+        try:
+            await self.models.ensure(view.record.spec.model.files, self._model_holders(view))
+            await asyncio.to_thread(job_model_config, view.record.spec)
+        except (ModelFetchError, ValueError) as e:
+            await self._decline(view, f"the job's model folder: {e}")
+            return False
+        return True
+
+    async def _decline(self, view: JobView, reason: str) -> None:
+        view.declined = reason[:MAX_REASON]
+        logger.info("declining job %s: %s", view.job_id, view.declined)
+        await self.board.decline(view.job_id, reason)
 
     def _progress(self, runner: JobRunner, result: RoundResult, state: str) -> JobProgress:
         return JobProgress(
@@ -277,9 +335,17 @@ class FederatedJobs:
 
     # ---- export ------------------------------------------------------------------------------------------
 
-    async def export(self, view: JobView, out: pathlib.Path) -> list[pathlib.Path]:
+    async def export(self, view: JobView, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
         """Write the job's current model, manifest, report and curve under ``out``: from this node's own copy
-        if it takes part, else downloaded from a participant and checked like a joiner's."""
+        if it takes part, else downloaded from a participant and checked like a joiner's (a model folder job's
+        files too). ``merge``: an adapter job's merged model as well (node/ml/hf_models.py export_files)."""
+        if merge and view.record.spec.adapter is None:
+            raise NodeError(f"--merge: job {view.job_id} trains no adapter; its export is the whole model")
+        if view.record.spec.model.arch == "hf":
+            try:
+                await self.models.ensure(view.record.spec.model.files, self._model_holders(view))
+            except (ModelFetchError, ValueError) as e:
+                raise NodeError(f"the job's model folder: {e}") from None
         runner = self._runners.get(view.job_id)
         if runner is not None:
             params, _, completed, _ = runner.snapshot()
@@ -294,11 +360,13 @@ class FederatedJobs:
             rounds = self.rounds.setdefault(view.job_id, Rounds())
             params, completed = state.params, header.completed
             rounds.inherited = merge_history(rounds.inherited, history)
-        return await asyncio.to_thread(self._write_export, out, view, params, completed)
+        return await asyncio.to_thread(self._write_export, out, view, params, completed, merge)
 
-    def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int) -> list[pathlib.Path]:
+    def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int,
+                      merge: bool = False) -> list[pathlib.Path]:
         bundle = build_job_model(view.record.spec)
         load_flat_params(bundle.module, params)
         rounds = self.rounds.get(view.job_id, Rounds())
+        folder = export_files(bundle.module, merge) if view.record.spec.model.arch == "hf" else None
         return export_job(out, view.record, bundle.module, params_hash(params), completed,
-                          sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric)
+                          sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric, folder)

@@ -14,6 +14,12 @@ Round r on node i, every participant starting from the same global parameters th
 The outer step is plain float32 numpy in a fixed order, so every participant that applies the same
 delta_bar (bit-identical by the all-reduce's construction) to the same theta_r and the same momentum
 buffer gets bit-identical theta_r+1. The inner optimizer's state stays on the node (as in DiLoCo).
+
+The local steps run on the node's device (node/runtime/device.py: --device) under autocast in the job's
+precision, with a GradScaler for fp16 (a step whose scaled gradient overflows is skipped, the scale halves; the
+pseudo-gradient is still theta_r minus whatever parameters the steps left). Parameters stay float32 on the device
+and come back as CPU float32 numpy, so theta_i, delta_i and everything after are the same kind of vector on every
+node, whatever device or precision each one trained with.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from node.ml.models import ModelBundle, flatten_params, load_flat_params
+from node.runtime.device import autocast, check_precision, grad_scaler, to_device
 from protocol.allreduce.sparsify import SparseUpdate
 
 OUTER_KINDS = ("fedavg", "diloco")
@@ -93,10 +100,17 @@ def make_inner_optimizer(module: torch.nn.Module, kind: str, lr: float, momentum
 
 
 class LocalTrainer:
-    """Runs the inner loop on this node's minibatches; the optimizer state persists across rounds."""
+    """Runs the inner loop on this node's minibatches; the optimizer state persists across rounds. The module
+    moves to ``device`` (its parameters in place, so ``optimizer`` keeps them); ValueError (one line) when the
+    device cannot train at ``precision``."""
 
-    def __init__(self, bundle: ModelBundle, optimizer: torch.optim.Optimizer, batches: Iterator):
-        self.bundle, self.optimizer, self.batches = bundle, optimizer, batches
+    def __init__(self, bundle: ModelBundle, optimizer: torch.optim.Optimizer, batches: Iterator,
+                 device: torch.device | None = None, precision: str = "fp32"):
+        self.device = torch.device("cpu") if device is None else device
+        check_precision(self.device, precision)
+        self.bundle, self.optimizer, self.batches, self.precision = bundle, optimizer, batches, precision
+        bundle.module.to(self.device)
+        self.scaler = grad_scaler(self.device, precision)  # fp16 only; its scale persists across rounds
 
     def run(self, params: np.ndarray, steps: int) -> LocalResult:
         if steps < 1:
@@ -106,13 +120,19 @@ class LocalTrainer:
         model.train()
         losses, samples = [], 0
         for _ in range(steps):
-            batch = next(self.batches)
-            loss = self.bundle.loss(model, batch)
+            batch = to_device(next(self.batches), self.device)
+            with autocast(self.device, self.precision):
+                loss = self.bundle.loss(model, batch)
             if not torch.isfinite(loss):
                 return LocalResult(params, samples, float("nan"), False)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:  # fp16: scaled backward; the step is skipped when a gradient overflowed
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
             losses.append(loss.item())
             samples += int(batch[0].shape[0])
         new = flatten_params(model)

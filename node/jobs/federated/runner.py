@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
@@ -35,6 +36,7 @@ from node.jobs.federated.local_training import LocalTrainer, OuterOptimizer, mak
 from node.ml.datasets import NodeData, batches, eval_batches
 from node.ml.job_model import build_job_model, data_misfit, job_model_config
 from node.ml.models import flatten_params, load_flat_params
+from node.runtime.device import autocast, to_device
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
@@ -68,7 +70,8 @@ class RoundResult:
 class JobRunner:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, data: NodeData,
                  expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
-                 after_round: Callable[[int, np.ndarray], None] | None = None, clock: Clock = SYSTEM_CLOCK):
+                 after_round: Callable[[int, np.ndarray], None] | None = None, clock: Clock = SYSTEM_CLOCK,
+                 device: torch.device | None = None):
         misfit = data_misfit(spec, job_model_config(spec), data)
         if misfit:
             raise ValueError(f"job {job_id}: {misfit}")
@@ -81,7 +84,9 @@ class JobRunner:
         inner = make_inner_optimizer(self.bundle.module, spec.inner.kind, spec.inner.lr, spec.inner.momentum,
                                      spec.inner.weight_decay)
         # each node draws its own minibatch order from its own slice
-        self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index))
+        # local steps and evaluation on this node's device, in the job's precision (ValueError if it cannot)
+        self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index),
+                                    device, spec.precision)
         tensor = TensorSpec(f"job-{job_id}", size)
         self.averager = Averager(p2p, dht, RoundConfig.for_job(
             swarm, tensor, spec.round_timeout_s, spec.min_participants, spec.max_participants,
@@ -142,7 +147,10 @@ class JobRunner:
 
     def evaluate(self) -> dict:
         load_flat_params(self.bundle.module, self.params)
-        return self.bundle.evaluate(self.bundle.module, eval_batches(self.data, 256, EVAL_ITEMS))
+        device = self.trainer.device
+        with autocast(device, self.spec.precision):
+            return self.bundle.evaluate(self.bundle.module, (to_device(b, device) for b in
+                                                             eval_batches(self.data, 256, EVAL_ITEMS)))
 
     async def run_round(self) -> RoundResult:
         """Run round ``next_round``; on success the global model advances and ``completed`` counts it."""

@@ -6,6 +6,7 @@
     steps.py          TrainerConfig, StepReport, StageStep, PipelineError, HopError, causal_lm_loss
     stage_host.py     StageHost: one replica of one stage (forward, backward, commit, step end, state)
     stage_config.py   StageConfig, StageHooks
+    stage_device.py   StageCompute: a stage's forward/backward on the node's device, in the job's precision
     stage_state.py    a stage's state as safetensors bytes, its checks and its transfer
     direct_server.py  DirectServer: the host's side of the direct TCP data path
     direct_client.py  DirectPool: the trainer's side of it

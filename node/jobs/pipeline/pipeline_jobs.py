@@ -57,9 +57,11 @@ from node.jobs.pipeline.stage_host import StageHost
 from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
 from node.jobs.pipeline.steps import HopError, PipelineError, StepReport, TrainerConfig, causal_lm_loss
 from node.jobs.pipeline.trainer import PipelineTrainer
-from node.ml.datasets import DATASETS, NoLocalData, eval_batches, load_node_data
+from node.ml.datasets import DATASETS, NoLocalData, eval_batches
+from node.ml.job_model import declared_info, load_job_data
 from node.ml.models import build_model, params_sha256, resolve_overrides
 from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
+from node.runtime.device import device_label, precision_refusal
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -101,17 +103,19 @@ def check_pipeline_spec(spec: JobSpec) -> None:
     layers = layers_of(cfg)
     if _pipeline(spec).stages > layers:
         raise ValueError(f"pipeline.stages: must be <= the model's {layers} layers, got {_pipeline(spec).stages}")
-    info = DATASETS.get(spec.dataset)
+    info = DATASETS.get(spec.dataset) if spec.data is None else declared_info(spec.dataset, spec.data)
     if info is None or info.task != "causal-lm":
         known = [n for n, d in DATASETS.items() if d.task == "causal-lm"]
-        raise ValueError(f"dataset: a pipeline job trains on a byte corpus ({', '.join(map(repr, known))}), "
-                         f"got {spec.dataset!r}")
+        raise ValueError(f"dataset: a pipeline job trains on a byte corpus ({', '.join(map(repr, known))}) or your "
+                         f"own text ([data] kind = \"text\"), got {spec.dataset!r}")
 
 
 def node_spec(view) -> NodeSpec:
-    """A live peer (node/runtime/membership.py PeerView) as the stage assignment sees it: fp32 TFLOPS and RAM."""
+    """A live peer (node/runtime/membership.py PeerView) as the stage assignment sees it: fp32 TFLOPS and the free
+    memory of the device it trains on (its total RAM when its record predates that field)."""
     cap = view.record.capability
-    return NodeSpec(view.record.peer_id, max(cap.tflops_fp32, 1e-6), float(cap.ram_bytes))
+    memory = cap.device_free_bytes if cap.device_free_bytes is not None else cap.ram_bytes
+    return NodeSpec(view.record.peer_id, max(cap.tflops_fp32, 1e-6), float(memory))
 
 
 def combined_hash(stage_hashes: list[str]) -> str:
@@ -128,7 +132,7 @@ def stage_config(spec: JobSpec, swarm: str) -> StageConfig:
     return StageConfig(swarm=swarm, optimizer=spec.inner.kind, lr=spec.inner.lr, momentum=spec.inner.momentum,
                        weight_decay=spec.inner.weight_decay, density=spec.density,
                        max_batch=max(64, _pipeline(spec).micro_batch), part_timeout=min(10.0, spec.round_timeout_s),
-                       result_timeout=min(20.0, 2 * spec.round_timeout_s))
+                       result_timeout=min(20.0, 2 * spec.round_timeout_s), precision=spec.precision)
 
 
 class PipelineJobs:
@@ -137,9 +141,10 @@ class PipelineJobs:
 
     def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
                  key: Ed25519PrivateKey | None, peers: Callable[[], Awaitable[list]] | None,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None):
         self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
         self.key, self.peers, self.clock = key, peers, clock
+        self.device = torch.device("cpu") if device is None else device  # stage compute and the trainer's loss
         self._files: dict[str, pathlib.Path] = {}  # sha256 -> file this node serves (shards, manifests)
         self._server: ShardServer | None = None
         self._hosts: dict[str, StageHost] = {}
@@ -182,7 +187,7 @@ class PipelineJobs:
         if self.key is None or self.peers is None:
             raise NodeError("this node cannot submit pipeline jobs (no signing key or peer view)")
         try:
-            load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+            await asyncio.to_thread(load_job_data, spec, self.data_dir)
         except NoLocalData:
             raise NodeError(f"{source}: dataset: the submitting node trains on its own data and has none of "
                             f"{spec.dataset!r}; add it with `swarmnode data add {spec.dataset} --home {self.home}`",
@@ -200,7 +205,8 @@ class PipelineJobs:
         nodes = sorted(map(node_spec, views), key=lambda x: (-x.throughput, x.node_id))[:need]
         if p.strategy == "memory_aware":
             try:
-                plan, groups = await asyncio.to_thread(memory_aware_plan, model, nodes, p.stages, p.replicas)
+                plan, groups = await asyncio.to_thread(memory_aware_plan, model, nodes, p.stages, p.replicas,
+                                                       p.micro_batch)
             except ValueError as e:  # "the model does not fit: ..."
                 raise NodeError(f"{source}: pipeline.strategy: memory_aware on the {need} fastest live peers: {e}",
                                 EXIT_USAGE) from None
@@ -224,6 +230,9 @@ class PipelineJobs:
         record = view.record
         if record.assignment is None:
             return "the pipeline job has no stage assignment", ""
+        refusal = precision_refusal(self.device, record.spec.precision)  # stage compute runs on this device
+        if refusal:
+            return f"{device_label(self.device)} cannot train in {record.spec.precision}: {refusal}"[:200], ""
         if record.submitter == self.peer_id:
             if not (self._dir(record.job_id) / "shards" / MANIFEST_FILE).exists():
                 return "this node submitted the job but holds no shards of it (restarted?)", ""
@@ -233,7 +242,7 @@ class PipelineJobs:
         """(steps, the parameter hash of the stage held here; the trainer: of every stage) if this node takes part."""
         return self.local.get(job_id)
 
-    async def export(self, view: JobView, out: pathlib.Path) -> list[pathlib.Path]:
+    async def export(self, view: JobView, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
         raise NodeError(f"job {view.job_id} is a pipeline job: its trained shards are under "
                         f"<home>/jobs/{view.job_id}/trained on the submitting node", EXIT_USAGE)
 
@@ -317,7 +326,7 @@ class PipelineJobs:
             self.local[job_id] = (reply.step, reply.params_hash)
 
         host = StageHost(self.p2p, self.board.dht, job_id, index, stage, stage_config(spec, self.board.swarm),
-                         StageHooks(after_step=after_step), manifest, clock=self.clock)
+                         StageHooks(after_step=after_step), manifest, clock=self.clock, device=self.device)
         source = await self._load_latest_state(view, index, host, carried)
         self.local[job_id] = (host.step, host.params_hash)
         await host.start()
@@ -370,14 +379,15 @@ class PipelineJobs:
         record, spec = view.record, view.record.spec
         job_id, p = record.job_id, spec.pipeline
         shard_dir = self._dir(job_id) / "shards"
-        data = load_node_data(self.data_dir / spec.dataset, dataset=spec.dataset)
+        data = await asyncio.to_thread(load_job_data, spec, self.data_dir)
         cfg = resolve_overrides(spec.model.arch, spec.model.config())
         t = min(data.x.shape[1] - 1, int(cfg.get("n_positions") or cfg["max_position_embeddings"]))
         tokens = torch.from_numpy(np.ascontiguousarray(data.x[:, : t + 1]).astype(np.int64))  # (n, T + 1)
         timeout = spec.round_timeout_s
         trainer = PipelineTrainer(self.p2p, self.board.dht, job_id, shard_dir, TrainerConfig(
             swarm=self.board.swarm, micro_batch_size=p.micro_batch, hop_timeout=timeout, end_step_timeout=2 * timeout,
-            replica_wait=timeout, seed=spec.seed), trusted_signers=[self.peer_id], clock=self.clock)
+            replica_wait=timeout, seed=spec.seed, device=str(self.device)), trusted_signers=[self.peer_id],
+            clock=self.clock)
         rng = np.random.default_rng(spec.seed)
         follower = asyncio.create_task(self._follow(view), name=f"follow-{job_id}")
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from node.jobs.pipeline.stage_state import OPTIMIZERS
+from node.runtime.device import check_precision_name
 from protocol.allreduce.sparsify import check_density
 from protocol.pipeline.control import EndStepReply
 
@@ -27,6 +28,7 @@ class StageConfig:
     density: float = 0.01  # top-k fraction of the stage's gradient each replica sends per step
     value_codec: str = "fp16"  # gradient values in the averaging round ("fp32": exact)
     wire_dtype: str | None = None  # activations/gradients sent back as float16/bfloat16
+    precision: str = "fp32"  # autocast of forward/backward on the node's device (node/jobs/pipeline/stage_device.py)
     max_batch: int = 64  # the largest micro-batch accepted
     max_seq: int | None = None  # default: the model's position count
     max_inflight: int = 256  # activations + pending slots held at once
@@ -60,6 +62,7 @@ class StageConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
         check_density(self.density)
+        check_precision_name(self.precision)
         if self.max_batch < 1 or self.max_inflight < 1 or min(self.heartbeat, self.ttl, self.io_timeout) <= 0:
             raise ValueError("max_batch, max_inflight, heartbeat, ttl and io_timeout must be positive")
 

@@ -25,6 +25,7 @@ A step, as one replica sees it:
                    error feedback, weight = micro-batches committed here) and apply the same optimizer step
                    (torch SGD/AdamW, foreach=False, on CPU: deterministic), so their parameters stay
                    bit-identical; stale activations and uncommitted slots are dropped; the step counter moves on.
+                   Forward and backward run on the node's device (node/jobs/pipeline/stage_device.py).
 
 Why it is built this way -- the races it handles:
   * A micro-batch retried after a replica died mid-backward: every attempt has its own id and its gradient
@@ -67,6 +68,7 @@ from hivemind.utils import get_dht_time
 
 from node.jobs.pipeline.direct_server import DirectServer
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
+from node.jobs.pipeline.stage_device import StageCompute
 from node.jobs.pipeline.stage_state import (
     OPTIMIZERS,
     Refused,
@@ -149,7 +151,7 @@ class StageHost:
 
     def __init__(self, p2p: P2P, dht: DHTNode | None, pipeline_id: str, index: int, stage: Stage,
                  config: StageConfig | None = None, hooks: StageHooks | None = None, manifest=None,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None):
         config = config or StageConfig()
         self.p2p, self.dht, self.pipeline_id, self.index, self.stage = p2p, dht, pipeline_id, index, stage
         self.config, self.hooks, self.manifest, self.clock = config, hooks or StageHooks(), manifest, clock
@@ -159,6 +161,7 @@ class StageHost:
         self._params = [p for _, p in self._named]
         self.size = sum(p.numel() for p in self._params)
         self._optimizer = config.optimizer_for(self._params)
+        self._compute = StageCompute(stage, device, config.precision)  # forward/backward on the node's device
         self._sparsifier = ErrorFeedbackSparsifier(self.size, config.density, "exact", seed=index)
         self.step = 0  # the step being accumulated = optimizer steps completed
         self.params_hash = params_sha256(stage)
@@ -312,19 +315,16 @@ class StageHost:
         if req.step != self.step:
             raise Refused(f"stage is at step {self.step}, not {req.step}")
         if not req.train:  # evaluation: nothing kept for a backward
-            with torch.no_grad():
-                return self.stage(req.tensor)
+            return self._compute.evaluate(req.tensor)
         key = (req.micro_batch, peer)
         if key in self._acts or key in self._pending or key in self._committed:
             raise Refused(f"micro-batch {req.micro_batch:016x} was already forwarded")
         self._expire()
         if len(self._acts) + len(self._pending) >= self.config.max_inflight:
             raise Refused(f"busy: {self.config.max_inflight} micro-batches in flight")
-        x = req.tensor if self.stage.is_first else req.tensor.requires_grad_(True)
-        with torch.enable_grad():
-            out = self.stage(x)  # (b, T, H) or logits (b, T, V)
+        x, out = self._compute.forward(req.tensor)  # on the node's device: (b, T, H) or logits (b, T, V)
         self._acts[key] = _Act(x, out, self.clock.monotonic() + self.config.activation_ttl)
-        return out.detach()
+        return self._compute.to_wire(out)
 
     def _backward(self, req: BackwardRequest, peer: str) -> torch.Tensor | None:
         self._expire()
@@ -334,12 +334,9 @@ class StageHost:
         if req.grad.shape != act.out.shape:
             raise Refused(f"gradient of shape {tuple(req.grad.shape)} for an output of {tuple(act.out.shape)}")
         del self._acts[key]
-        inputs = self._params + ([act.x] if act.x.requires_grad else [])
-        grads = torch.autograd.grad(act.out, inputs, grad_outputs=req.grad.to(act.out.dtype), allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for g, p in zip(grads, self._params)])  # (N,)
+        flat, grad_in = self._compute.backward(act.x, act.out, req.grad)  # (N,) float32, the input's: on the CPU
         self._pending[key] = _Slot(flat, self.clock.monotonic() + self.config.activation_ttl)
-        return grads[-1].detach() if act.x.requires_grad else None
+        return grad_in
 
     # ---- control -------------------------------------------------------------------------------------------
 
@@ -482,6 +479,7 @@ class StageHost:
                 p.grad = g[offset:offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
             self._optimizer.step()
+            self._compute.sync()
             for p in self._params:
                 p.grad = None
         self.step += 1
@@ -514,6 +512,7 @@ class StageHost:
         with torch.no_grad():
             for n, p in self._named:
                 p.copy_(params[n])
+        self._compute.sync()
         self._optimizer.load_state_dict({"state": state, "param_groups": self._optimizer.state_dict()["param_groups"]})
         self.params_hash = params_sha256(self.stage)
         self.step, self._last_end = head.step, None

@@ -42,6 +42,7 @@ class TrainerConfig:
     direct: bool = True  # hops over the replicas' direct TCP paths when offered (encrypted; see stage_host.py)
     direct_retry: float = 60.0  # after a direct failure, a replica is reached over libp2p only for this long
     direct_connect_timeout: float = 5.0  # opening a direct connection (a firewalled one falls back to libp2p)
+    device: str = "cpu"  # where the trainer computes the loss and its gradient (the node's --device, resolved)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.max_attempts < 1 or self.max_inflight < 1 or self.backup_every < 0:

@@ -165,6 +165,7 @@ class PipelineTrainer:
                  trusted_signers=None, clock: Clock = SYSTEM_CLOCK):
         config = TrainerConfig() if config is None else config
         self.p2p, self.dht, self.pipeline_id, self.config, self.clock = p2p, dht, pipeline_id, config, clock
+        self.device = torch.device(config.device)  # the loss on the logits; everything on the wire is CPU float32
         self.manifest = read_manifest(stages_directory, trusted_signers=trusted_signers)
         if self.manifest.arch not in CAUSAL_LMS:
             raise ValueError(f"pipeline training takes a causal LM ({', '.join(CAUSAL_LMS)}), not {self.manifest.arch}")
@@ -367,12 +368,12 @@ class PipelineTrainer:
                 path = [await self._choose(s, st) for s in range(self.num_stages)]
                 mb = new_micro_batch_id()  # a fresh id per attempt: a late reply of an old one cannot pass
                 try:
-                    logits = (await self._forward_path(path, mb, m.x)).requires_grad_(True)
-                    loss = causal_lm_loss(logits, m.y)
+                    logits = (await self._forward_path(path, mb, m.x)).to(self.device).requires_grad_(True)
+                    loss = causal_lm_loss(logits, m.y.to(self.device))
                     loss.backward()
                     if logits.grad is None:  # set by loss.backward(): logits is a leaf that requires grad
                         raise RuntimeError("no gradient of the loss with respect to the logits")
-                    await self._backward_path(path, mb, logits.grad)
+                    await self._backward_path(path, mb, logits.grad.cpu())
                 except HopError as e:
                     self._fail(st, e.peer, e.reason)
                     st.retries += 1

@@ -1,0 +1,115 @@
+"""Model folder jobs through the real CLI and daemons: a LoRA fine-tune of a tiny GPT-2 saved with save_pretrained
+(2 participants; the base fetched and verified by the non-submitter), ending with one adapter hash on both and
+an eval loss below the start, exported in peft's format (PeftModel.from_pretrained on the base folder) and merged;
+a third node that never took part exports it too, refusing the submitter's tampered store copy with the file's
+name and fetching it from the other participant; a folder asking for remote code refused at submit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from node.devtools.localswarm import wait_for
+from node.ml.datasets import write_node_data
+from tests.conftest import run_cli
+from tests.test_bad_input import assert_one_line_error
+from tests.test_hf_models import tiny_gpt2
+from tests.test_model_files import flip_a_byte
+
+LORA_JOB = """
+name = "lora-test"
+dataset = "pystdlib-bytes"
+task = "causal-lm"
+rounds = 3
+local_steps = 8
+batch_size = 8
+density = 0.5
+min_participants = 2
+round_timeout_s = 30
+[model]
+path = "./base"
+[adapter]
+r = 4
+alpha = 8.0
+[inner]
+kind = "adamw"
+lr = 0.01
+"""
+
+
+def start(node_factory, tmp_path, n: int, with_data: int):
+    nodes = []
+    for i in range(n):
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "lora"]
+        if i < with_data:
+            write_node_data("pystdlib-bytes", tmp_path / f"data{i}" / "pystdlib-bytes", n_nodes=with_data,
+                            node_index=i, scheme="shards", seed=0)
+            args += ["--data", str(tmp_path / f"data{i}")]
+        if nodes:
+            args += ["--join", nodes[0].addr]
+        nodes.append(node_factory(f"n{i}", args).wait_ready() if not nodes else node_factory(f"n{i}", args))
+    for node in nodes[1:]:
+        node.wait_ready()
+    return nodes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft reads it on load
+def test_a_lora_fine_tune_of_a_model_folder(node_factory, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    nodes = start(node_factory, tmp_path, 3, with_data=2)
+    tiny_gpt2(tmp_path / "base")
+    (tmp_path / "job.toml").write_text(LORA_JOB)
+    result = run_cli("submit", str(tmp_path / "job.toml"), "--follow", "--json", "--home", str(nodes[0].home),
+                     timeout=150)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    job_id, last = events[0]["job_id"], events[-1]
+    assert last["state"] == "done" and last["round"] == 3 and len(last["participants"]) == 2
+    paths = [n.home / "jobs" / job_id / "manifest.json" for n in nodes[:2]]
+    wait_for(lambda: all(p.exists() for p in paths), 30, "both participants' exports")  # written after the follow
+    manifests = [json.loads(p.read_text()) for p in paths]
+    assert manifests[0]["model_hash"] == manifests[1]["model_hash"] == last["model_hash"]  # one adapter hash
+    assert all("lora_" in name for name in manifests[0]["tensors"])  # only the adapter trained and travelled
+    report = json.loads((nodes[0].home / "jobs" / job_id / "report.json").read_text())
+    losses = [r["metrics"]["loss"] for r in report if r["ok"] and r["metrics"]]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert "refused" not in nodes[1].log_path.read_text(errors="replace")  # n1 fetched the base intact
+    # the exported adapter is peft's: it loads on the base folder
+    exported = nodes[0].home / "jobs" / job_id
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", local_files_only=True, use_safetensors=True)
+    model = PeftModel.from_pretrained(base, exported).eval()
+    with torch.no_grad():
+        assert math.isfinite(model(input_ids=torch.arange(16)[None]).logits.sum().item())
+    # a node that never took part exports it: the submitter's store copy was altered, so it is refused with the
+    # file's name and the base comes from the other participant; --merge writes the merged model too
+    store_copy = next((nodes[0].home / "models").glob("[0-9a-f]*")) / "model.safetensors"
+    flip_a_byte(store_copy)
+    out = tmp_path / "exported"
+    written = run_cli("job", job_id, "--export", str(out), "--merge", "--json", "--home", str(nodes[2].home),
+                      timeout=120)
+    assert written.returncode == 0, written.stderr[-1500:]
+    assert json.loads(written.stdout.splitlines()[-1])["model_hash"] == last["model_hash"]
+    log = nodes[2].log_path.read_text(errors="replace")
+    assert f"model file model.safetensors from {nodes[0].peer_id} refused" in log
+    assert {"adapter_config.json", "adapter_model.safetensors", "merged"} <= {p.name for p in out.iterdir()}
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True, use_safetensors=True)
+    assert merged.config.n_layer == 2
+    assert_one_line_error(run_cli("job", job_id, "--merge", "--home", str(nodes[2].home)), 2, "--merge goes with")
+
+
+def test_a_model_folder_asking_for_remote_code_is_refused_at_submit(node_factory, tmp_path):
+    node = node_factory("n0", ["--listen", "/ip4/127.0.0.1/tcp/0"]).wait_ready()
+    folder = tiny_gpt2(tmp_path / "base")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+    (tmp_path / "job.toml").write_text(LORA_JOB)
+    assert_one_line_error(run_cli("submit", str(tmp_path / "job.toml"), "--home", str(node.home)), 2,
+                          "job.toml", "config.json names remote code ('auto_map')", "trust_remote_code")
+    assert not (node.home / "models").exists() or not list((node.home / "models").iterdir())
