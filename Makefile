@@ -62,9 +62,10 @@ test-latest:
 	    rm -rf $(LATEST); exit $$status
 
 # 8 real nodes under a seeded kill/restart/freeze/network-cut schedule, conservation under freezes, pipeline
-# replicas killed mid-step, and the simulator's round time against real nodes in network namespaces (root) (~15 min)
+# replicas killed mid-step, the simulator's round time against real nodes in network namespaces (root), and the
+# other long real-process tests (marked slow: the LoRA fine-tune of a model folder) (~16 min)
 chaos: $(STAMP)
-	$(PY) -m pytest -m "chaos or netns" -q -s
+	$(PY) -m pytest -m "chaos or netns or slow" -q -s
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,5 +1,6 @@
 """Model folder jobs through the real CLI and daemons: a LoRA fine-tune of a tiny GPT-2 saved with save_pretrained
-(2 participants; the base fetched and verified by the non-submitter), ending with one adapter hash on both and
+(2 participants, each on its own text files bound with `swarmnode data add --format text`; the base fetched
+and verified by the non-submitter), ending with one adapter hash on both and
 an eval loss below the start, exported in peft's format (PeftModel.from_pretrained on the base folder) and merged;
 a third node that never took part exports it too, refusing the submitter's tampered store copy with the file's
 name and fetching it from the other participant; a folder asking for remote code refused at submit."""
@@ -9,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from node.devtools.localswarm import wait_for
-from node.ml.datasets import write_node_data
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 from tests.test_hf_models import tiny_gpt2
@@ -21,7 +22,7 @@ from tests.test_model_files import flip_a_byte
 
 LORA_JOB = """
 name = "lora-test"
-dataset = "pystdlib-bytes"
+dataset = "notes"
 task = "causal-lm"
 rounds = 3
 local_steps = 8
@@ -29,6 +30,9 @@ batch_size = 8
 density = 0.5
 min_participants = 2
 round_timeout_s = 30
+[data]
+kind = "text"
+block_size = 64
 [model]
 path = "./base"
 [adapter]
@@ -40,17 +44,28 @@ lr = 0.01
 """
 
 
+def write_notes(folder, seed: int, documents: int = 12):
+    """Plain-text notes: sentences over a small vocabulary, so a byte-level model has something to learn."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "node", "trains", "a", "model", "on", "its", "own", "text", "and", "shares", "only", "updates"]
+    folder.mkdir(parents=True)
+    for d in range(documents):
+        sentences = [" ".join(rng.choice(words, size=rng.integers(4, 9))) + "." for _ in range(30)]
+        (folder / f"note{d:02d}.txt").write_text(" ".join(sentences).capitalize() + "\n")
+
+
 def start(node_factory, tmp_path, n: int, with_data: int):
     nodes = []
     for i in range(n):
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "lora"]
-        if i < with_data:
-            write_node_data("pystdlib-bytes", tmp_path / f"data{i}" / "pystdlib-bytes", n_nodes=with_data,
-                            node_index=i, scheme="shards", seed=0)
-            args += ["--data", str(tmp_path / f"data{i}")]
         if nodes:
             args += ["--join", nodes[0].addr]
         nodes.append(node_factory(f"n{i}", args).wait_ready() if not nodes else node_factory(f"n{i}", args))
+        if i < with_data:  # this node's own text files: one document per file, bound with `data add`
+            write_notes(tmp_path / f"notes{i}", seed=i)
+            added = run_cli("data", "add", "notes", str(tmp_path / f"notes{i}"), "--format", "text",
+                            "--home", str(nodes[-1].home))
+            assert added.returncode == 0, added.stderr
     for node in nodes[1:]:
         node.wait_ready()
     return nodes
