@@ -128,3 +128,57 @@ def test_a_model_folder_asking_for_remote_code_is_refused_at_submit(node_factory
     assert_one_line_error(run_cli("submit", str(tmp_path / "job.toml"), "--home", str(node.home)), 2,
                           "job.toml", "config.json names remote code ('auto_map')", "trust_remote_code")
     assert not (node.home / "models").exists() or not list((node.home / "models").iterdir())
+
+
+PIPE_JOB = """
+kind = "pipeline"
+name = "folder-pipe"
+dataset = "notes"
+round_timeout_s = 20
+[data]
+kind = "text"
+block_size = 32
+[pipeline]
+stages = 2
+micro_batch = 4
+micro_batches = 2
+steps = 4
+[model]
+path = "./base"
+[inner]
+kind = "adamw"
+lr = 0.003
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_pipeline_job_cuts_a_model_folder_with_its_pretrained_weights(node_factory, tmp_path):
+    """The submitter's own text files and a GPT-2 folder (untied head, as stages need): the stage shards are cut
+    from the folder's pretrained weights (the shard manifest's model hash is the folder's), trained over two hosts;
+    a folder of a class the stage code cannot cut (tied weights here) is refused naming the field."""
+    from node.jobs.pipeline.pipeline_jobs import PIPELINE_CLASSES
+    from node.ml.models import params_sha256
+    from node.ml.splitter import load_model_dir, read_manifest
+
+    assert "GPT2LMHeadModel" in PIPELINE_CLASSES
+    nodes = start(node_factory, tmp_path, 3, with_data=1)
+    folder = tiny_gpt2(tmp_path / "base", seed=7, tie_word_embeddings=False)
+    pretrained = params_sha256(load_model_dir(folder))
+    (tmp_path / "job.toml").write_text(PIPE_JOB)
+    result = run_cli("submit", str(tmp_path / "job.toml"), "--follow", "--json", "--home", str(nodes[0].home),
+                     timeout=200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    job_id, last = events[0]["job_id"], events[-1]
+    assert last["state"] == "done" and last["round"] == 4, last
+    submitter = nodes[0].peer_id
+    initial = read_manifest(nodes[0].home / "jobs" / job_id / "shards", trusted_signers=[submitter])
+    assert initial.model_hash == pretrained and len(initial.shards) == 2
+    trained = read_manifest(nodes[0].home / "jobs" / job_id / "trained", trusted_signers=[submitter])
+    assert trained.model_hash != pretrained
+    tied = tiny_gpt2(tmp_path / "tied" / "base")  # tie_word_embeddings defaults to true
+    (tmp_path / "tied" / "job.toml").write_text(PIPE_JOB)
+    assert_one_line_error(run_cli("submit", str(tmp_path / "tied" / "job.toml"), "--home", str(nodes[0].home)), 2,
+                          "model.tie_word_embeddings")
+    assert tied.is_dir()

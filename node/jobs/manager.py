@@ -68,7 +68,8 @@ class JobManager:
         device = torch.device("cpu") if device is None else device  # where this node trains (the daemon's --device)
         self.federated = FederatedJobs(p2p, self.board, home, data_dir, bandwidth, hooks, after_round, clock,
                                        device=device)
-        self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock, device=device)
+        self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock, device=device,
+                                     models=self.federated.models)
         self.kinds: dict[str, JobKind] = {"federated": self.federated, "pipeline": self.pipeline}
         self._tasks: dict[str, asyncio.Task] = {}
         self._poller: asyncio.Task | None = None

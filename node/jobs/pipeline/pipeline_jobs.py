@@ -52,15 +52,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
+from node.jobs.model_files import ModelStore
 from node.jobs.pipeline.stage_config import StageConfig, StageHooks
 from node.jobs.pipeline.stage_host import StageHost
 from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
 from node.jobs.pipeline.steps import HopError, PipelineError, StepReport, TrainerConfig, causal_lm_loss
 from node.jobs.pipeline.trainer import PipelineTrainer
 from node.ml.datasets import DATASETS, NoLocalData, eval_batches
+from node.ml.hf_models import read_config, verified_folder
 from node.ml.job_model import declared_info, load_job_data
 from node.ml.models import build_model, params_sha256, resolve_overrides
-from node.ml.splitter import load_stage, memory_aware_plan, plan_for_model, read_manifest, split_model
+from node.ml.splitter import (
+    load_model_dir,
+    load_stage,
+    memory_aware_plan,
+    plan_for_model,
+    read_manifest,
+    split_model,
+)
 from node.runtime.device import device_label, precision_refusal
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
@@ -75,6 +84,7 @@ from protocol.transfer.shards import MANIFEST_FILE, ShardError, ShardInfo
 
 logger = logging.getLogger(__name__)
 PIPELINE_ARCHS = ("gpt2", "llama")
+PIPELINE_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM")  # a model folder's class (config.json architectures)
 PLAN_FILE = "plan.json"
 EVAL_ITEMS, EVAL_BATCH = 64, 32  # test windows per evaluation; rows per evaluation pass (<= the hosts' max_batch)
 RETRY_S = 5.0  # a host that could not start its stage (shard or state unavailable) tries again after this
@@ -92,11 +102,33 @@ def _pipeline(spec: JobSpec) -> PipelineSpec:
     return spec.pipeline
 
 
+def pipeline_model_config(spec: JobSpec) -> dict:
+    """The config of a pipeline job's model: the arch's (with overrides), or a model folder's config.json (its
+    verified copy in this node's model store: the submitter's, which put it there at submission)."""
+    if spec.model.arch != "hf":
+        return resolve_overrides(spec.model.arch, spec.model.config())
+    config = read_config(verified_folder(spec.model.files))
+    archs = list(getattr(config, "architectures", None) or ())
+    if not archs or archs[0] not in PIPELINE_CLASSES:
+        raise ValueError(f"model.path: a pipeline job cuts {' or '.join(PIPELINE_CLASSES)} folders, this one holds "
+                         f"{archs[0] if archs else config.model_type!r}")
+    return config.to_dict()
+
+
+def pipeline_model(spec: JobSpec) -> torch.nn.Module:
+    """The whole model a pipeline job cuts: built from the arch and the job's seed, or a model folder's
+    pretrained weights."""
+    if spec.model.arch == "hf":
+        return load_model_dir(verified_folder(spec.model.files))
+    return build_model(spec.model.arch, spec.model.config(), spec.seed).module
+
+
 def check_pipeline_spec(spec: JobSpec) -> None:
     """ValueError naming the field when a pipeline spec cannot run: the model, the stage count, the data."""
-    if spec.model.arch not in PIPELINE_ARCHS:
-        raise ValueError(f"model.arch: a pipeline job takes {' or '.join(PIPELINE_ARCHS)}, got {spec.model.arch!r}")
-    cfg = resolve_overrides(spec.model.arch, spec.model.config())
+    if spec.model.arch not in (*PIPELINE_ARCHS, "hf"):
+        raise ValueError(f"model.arch: a pipeline job takes {' or '.join(PIPELINE_ARCHS)} or a model folder "
+                         f"(model.path), got {spec.model.arch!r}")
+    cfg = pipeline_model_config(spec)
     if cfg.get("tie_word_embeddings", True):
         raise ValueError("model.tie_word_embeddings: must be false for a pipeline job (the embedding and the LM "
                          "head live in different stages)")
@@ -141,8 +173,9 @@ class PipelineJobs:
 
     def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
                  key: Ed25519PrivateKey | None, peers: Callable[[], Awaitable[list]] | None,
-                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None):
+                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None, models: ModelStore | None = None):
         self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
+        self.models = models  # model folders (the submitter's own, put there at submission)
         self.key, self.peers, self.clock = key, peers, clock
         self.device = torch.device("cpu") if device is None else device  # stage compute and the trainer's loss
         self._files: dict[str, pathlib.Path] = {}  # sha256 -> file this node serves (shards, manifests)
@@ -201,7 +234,7 @@ class PipelineJobs:
             raise NodeError(f"{source}: pipeline.replicas: {p.stages} stages x {p.replicas} replicas need {need} "
                             f"hosts, the swarm has {len(views)} live peers besides this node", EXIT_USAGE)
         job_id = job_id_for(spec, self.peer_id, nonce)
-        model = (await asyncio.to_thread(build_model, spec.model.arch, spec.model.config(), spec.seed)).module
+        model = await asyncio.to_thread(pipeline_model, spec)
         nodes = sorted(map(node_spec, views), key=lambda x: (-x.throughput, x.node_id))[:need]
         if p.strategy == "memory_aware":
             try:
@@ -379,8 +412,10 @@ class PipelineJobs:
         record, spec = view.record, view.record.spec
         job_id, p = record.job_id, spec.pipeline
         shard_dir = self._dir(job_id) / "shards"
+        if spec.model.arch == "hf" and self.models is not None:  # a restarted trainer: hashed again, registered
+            await self.models.ensure(spec.model.files, [])
         data = await asyncio.to_thread(load_job_data, spec, self.data_dir)
-        cfg = resolve_overrides(spec.model.arch, spec.model.config())
+        cfg = await asyncio.to_thread(pipeline_model_config, spec)
         t = min(data.x.shape[1] - 1, int(cfg.get("n_positions") or cfg["max_position_embeddings"]))
         tokens = torch.from_numpy(np.ascontiguousarray(data.x[:, : t + 1]).astype(np.int64))  # (n, T + 1)
         timeout = spec.round_timeout_s
@@ -510,7 +545,7 @@ class PipelineJobs:
         """Fetch every stage's final state, check it, write the trained shards (signed) and pipeline.json."""
         record, spec = view.record, view.record.spec
         job_id, out = record.job_id, self._dir(record.job_id)
-        model = (await asyncio.to_thread(build_model, spec.model.arch, spec.model.config(), spec.seed)).module
+        model = await asyncio.to_thread(pipeline_model, spec)
         named = dict(model.named_parameters())
         cfg = stage_config(spec, self.board.swarm)
         stages = []
