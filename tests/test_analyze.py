@@ -88,17 +88,19 @@ def test_a_folder_naming_remote_code_is_refused(tmp_path):
 
 
 def test_the_cli_prints_a_table_json_and_one_line_errors(tmp_path):
+    from tests.conftest import cli_in_process  # here: this file also runs as a script (the peak-memory probe)
+
     def run(*args):
         return subprocess.run([sys.executable, "-m", "node.cli", "analyze", *args], capture_output=True, text=True,
                               cwd=REPO, timeout=120)
     ok = run("gpt2", "--set", "n_layer=2", "--batch", "2", "--seq", "32", "--precision", "bf16")
     assert ok.returncode == 0, ok.stderr
     assert "transformer.h.1" in ok.stdout and "training memory bf16" in ok.stdout
-    out = run("mlp", "--json")
+    out = cli_in_process("analyze", "mlp", "--json")  # the rest in this process (no interpreter start each)
     assert out.returncode == 0 and json.loads(out.stdout)["params"] == param_count(build_model("mlp", {}, 0).module)
-    bad = run("gpt2", "--seq", "100000")
+    bad = cli_in_process("analyze", "gpt2", "--seq", "100000")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("swarmnode: error: analyze:")
-    bad = run("gpt2", "--set", "n_layer")
+    bad = cli_in_process("analyze", "gpt2", "--set", "n_layer")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
 
 

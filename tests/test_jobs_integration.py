@@ -226,7 +226,7 @@ def test_a_model_too_large_for_this_node_is_declined_with_the_reason(node_factor
     from node.devtools.localswarm import wait_for
 
     reason = wait_for(declined, 30, "the node to decline the job", interval=0.3)
-    assert "the model needs about" in reason and "GiB available" in reason, reason
+    assert "training needs about" in reason and "GiB available" in reason, reason
     assert node.proc.poll() is None and not (node.home / "jobs").exists()
 
 

@@ -41,7 +41,7 @@ from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
 from node.jobs.model_files import ModelFetchError, ModelStore
-from node.ml.analyze import analyze_arch, job_memory
+from node.ml.analyze import analyze_arch, analyze_folder, job_memory
 from node.ml.datasets import NodeData, NoLocalData
 from node.ml.hf_models import ModelFilesMissing, export_files, memory_bytes
 from node.ml.job_model import build_job_model, data_misfit, job_model_config, load_job_data
@@ -235,13 +235,31 @@ class FederatedJobs:
     async def _fetch_model(self, view: JobView) -> bool:
         """A model folder job: fetch and verify its files (node/jobs/model_files.py), then check that the model
         takes the job's data; False after declining with the reason."""
+        spec = view.record.spec
         try:
-            await self.models.ensure(view.record.spec.model.files, self._model_holders(view))
-            await asyncio.to_thread(job_model_config, view.record.spec)
+            folder = await self.models.ensure(spec.model.files, self._model_holders(view))
+            cfg = await asyncio.to_thread(job_model_config, spec)
+            short = await asyncio.to_thread(self._folder_shortfall, folder, spec, cfg)
         except (ModelFetchError, ValueError) as e:
             await self._decline(view, f"the job's model folder: {e}")
             return False
+        if short:
+            await self._decline(view, short)
+            return False
         return True
+
+    def _folder_shortfall(self, folder: pathlib.Path, spec, cfg: dict) -> str:
+        """The memory check of a model folder job, now that its config is here (why_not could only size the
+        weights): the training memory of its model (node/ml/analyze.py) on this node's device. With an adapter the
+        base is frozen: its weights and the activations stay, its gradients and optimizer state do not."""
+        seq = None if spec.data is None else min(spec.data.block_size, int(cfg["context"]))
+        analysis = analyze_folder(folder, spec.batch_size, seq, task=spec.task)
+        on_device, on_host = job_memory(analysis, spec.precision, spec.inner.kind, spec.inner.momentum)
+        if spec.adapter is not None:
+            memory = analysis.memory(spec.precision, spec.inner.kind, spec.inner.momentum)
+            on_device = memory.weights + memory.activations + memory.workspace
+            on_host = 0  # the adapter's vectors: a small fraction of the base's weights
+        return memory_shortfall(self.device, on_device, on_host)
 
     async def _decline(self, view: JobView, reason: str) -> None:
         view.declined = reason[:MAX_REASON]
