@@ -4,7 +4,7 @@ this machine (scikit-learn's bundled datasets, this Python's own documentation s
     python examples/prepare_data.py tables --nodes 3      # examples/data/wine-<i>.csv: each node's own rows
     python examples/prepare_data.py images --nodes 3      # examples/data/digits-<i>/<digit>/*.png
     python examples/prepare_data.py text --nodes 2        # examples/data/docs-<i>/*.txt: one document per file
-    python examples/prepare_data.py gpt2                  # examples/data/tiny-gpt2/: a local causal-LM folder
+    python examples/prepare_data.py gpt2                  # examples/data/tiny-gpt2/: a small pretrained causal LM
 
 Then bind each node's part to the job's dataset name (its files stay where they are) and submit, e.g.
 
@@ -81,15 +81,33 @@ def text(nodes: int, out: pathlib.Path) -> None:
         print(f"wrote {folder} ({len(docs[i::nodes])} documents)")
 
 
-def gpt2(out: pathlib.Path) -> None:
-    """A small GPT-2 (byte vocabulary, 4 layers) saved with save_pretrained: the shape of any local causal-LM
-    folder. Its weights are a seeded init; point [model] path at your own pretrained folder for real work."""
+def gpt2(out: pathlib.Path, steps: int) -> None:
+    """A small GPT-2 (byte vocabulary, 4 layers) pretrained for ``steps`` AdamW steps on this Python's standard
+    library sources (the bundled pystdlib-bytes corpus), saved with save_pretrained: a stand-in for your own
+    pretrained causal-LM folder, so that the LoRA example fine-tunes a model that already knows some text."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    from node.ml.datasets import load_dataset
+
+    hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=128, n_embd=128, n_layer=4, n_head=4,
+                                       bos_token_id=None, eos_token_id=None))
+    windows = torch.from_numpy(load_dataset("pystdlib-bytes", seed=0).x).long()  # (N, 129) byte windows
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        batch = windows[rng.integers(0, len(windows), 16)]
+        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"pretraining step {step + 1}/{steps}: loss {loss.item():.3f} nats/byte")
     folder = out / "tiny-gpt2"
+    hf_logging.disable_progress_bar()
     model.save_pretrained(folder, safe_serialization=True)
     print(f"wrote {folder} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
@@ -99,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", choices=("tables", "images", "text", "gpt2"))
     parser.add_argument("--nodes", type=int, default=3, help="how many nodes' parts to write (default 3)")
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"where (default {OUT})")
+    parser.add_argument("--steps", type=int, default=300, help="gpt2: pretraining steps (default 300)")
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "gpt2":
-        gpt2(args.out)
+        gpt2(args.out, args.steps)
     else:
         {"tables": tables, "images": images, "text": text}[args.what](args.nodes, args.out)
     return 0

@@ -42,7 +42,7 @@ def test_prepared_parts_match_the_example_jobs(tmp_path, job, what, bind):
 
 
 def test_the_lora_example_names_a_model_folder_and_text(tmp_path):
-    prepare("gpt2", tmp_path / "data")
+    prepare("gpt2", tmp_path / "data", "--steps", "2")
     prepare("text", tmp_path / "data", "--nodes", "2")
     shutil.copy(EXAMPLES / "lora_text.toml", tmp_path / "lora_text.toml")
     spec = job_spec_from_text((tmp_path / "lora_text.toml").read_text(), "lora_text.toml",
