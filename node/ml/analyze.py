@@ -52,6 +52,71 @@ HOST_COPIES = 5  # federated round vectors kept on the CPU (see the module docst
 # CPU autocast (bf16 and fp16; peak RSS of a training step, tests/test_analyze.py), rounded up to 5/8.
 HALF_ACTIVATIONS = 0.625
 BEFORE, AFTER = "(before the blocks)", "(after the blocks)"
+# The deepest model a node builds or traces: 32x the deepest released LLMs (Llama 3.1 405B: 126 layers). A peer's
+# job may name any depth (a 120,000-layer MLP froze every daemon for ~120 s before this bound), so size_bound
+# computes parameters and depth from the config alone, before a module exists.
+MAX_BLOCKS = 4096
+MINILM_PARAMS, MINILM_LAYERS = 22_713_216, 6  # all-MiniLM-L6-v2 (the package's model/config.json) without a head
+
+
+@dataclass(frozen=True)
+class SizeBound:
+    """A model's size from its config alone (no module built): parameters (within a few percent; tied weights
+    once) and its depth (blocks: layers of a stack, conv blocks)."""
+
+    params: int
+    blocks: int
+
+    def training_bytes(self, optimizer: str = "adamw", momentum: float = 0.0) -> int:
+        """A lower bound of its fp32 training memory: weights, gradients, optimizer state (no activations)."""
+        return self.params * FP32_BYTES * (2 + _optimizer_copies(optimizer, momentum))
+
+
+def size_bound(arch: str, cfg: Mapping[str, Any]) -> SizeBound:
+    """Parameters and depth of ``arch`` with the resolved config ``cfg`` (node/ml/models.py resolve_overrides),
+    by formula: instant for any config a peer may send."""
+    c = {k: int(v) for k, v in cfg.items() if isinstance(v, int) and not isinstance(v, bool)}
+    untied = not cfg.get("tie_word_embeddings", True)
+    if arch == "mlp":
+        h, layers = c["hidden"], c["layers"]
+        width = c["inputs"] if layers == 0 else h
+        stack = c["inputs"] * h + h + (layers - 1) * (h * h + h) if layers else 0
+        params = stack + width * c["classes"] + c["classes"]
+        return SizeBound(params, layers + 1)
+    if arch == "cnn":
+        params, c_in, c_out = 0, c["in_channels"], c["channels"]
+        for _ in range(c["blocks"]):
+            params += c_in * c_out * 9 + c_out
+            c_in, c_out = c_out, c_out * 2
+        flat = c_in * (c["side"] >> c["blocks"]) ** 2
+        params += flat * c["hidden"] + c["hidden"] + c["hidden"] * c["classes"] + c["classes"]
+        return SizeBound(params, c["blocks"] + 2)
+    if arch == "gpt2":
+        d, v, layers = c["n_embd"], c["vocab_size"], c["n_layer"]
+        params = v * d + c["n_positions"] * d + layers * (12 * d * d + 13 * d) + 2 * d + (v * d if untied else 0)
+        return SizeBound(params, layers)
+    if arch == "llama":
+        d, v, layers, ff = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"], c["intermediate_size"]
+        kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+        params = v * d + layers * (2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d) + d + (v * d if untied else 0)
+        return SizeBound(params, layers)
+    if arch == "bert":
+        d, layers, ff = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+        embeddings = (c["vocab_size"] + c["max_position_embeddings"] + 2) * d + 2 * d
+        block = 4 * d * d + 4 * d + 2 * d * ff + ff + d + 4 * d
+        return SizeBound(embeddings + layers * block + d * d + d + d * c["classes"] + c["classes"], layers)
+    if arch == "minilm":
+        return SizeBound(MINILM_PARAMS + 384 * c["classes"] + c["classes"], MINILM_LAYERS)
+    raise ValueError(f"no size formula for arch {arch!r}")
+
+
+def check_buildable(arch: str, cfg: Mapping[str, Any]) -> SizeBound:
+    """The bound of ``arch``/``cfg``; ValueError (one line) when it is deeper than MAX_BLOCKS, before anything is
+    built or traced."""
+    bound = size_bound(arch, cfg)
+    if bound.blocks > MAX_BLOCKS:
+        raise ValueError(f"model {arch!r} has {bound.blocks:,} layers; a node builds at most {MAX_BLOCKS:,}")
+    return bound
 
 
 @dataclass(frozen=True)
@@ -273,6 +338,7 @@ def analyze_arch(arch: str, overrides: Mapping[str, Any] | None = None, batch: i
     again for every job it sees at every poll."""
     cfg = resolve_overrides(arch, overrides, num_classes, num_features)
     _check_size("batch", batch)
+    check_buildable(arch, cfg)  # by formula, before a module is built
     return _analyze_arch(arch, tuple(sorted(cfg.items())), batch, seq)
 
 

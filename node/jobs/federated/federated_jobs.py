@@ -41,7 +41,7 @@ from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
 from node.jobs.model_files import ModelFetchError, ModelStore
-from node.ml.analyze import analyze_arch, analyze_folder, job_memory
+from node.ml.analyze import analyze_arch, analyze_folder, check_buildable, job_memory
 from node.ml.datasets import NodeData, NoLocalData
 from node.ml.hf_models import ModelFilesMissing, export_files, memory_bytes
 from node.ml.job_model import build_job_model, data_misfit, job_model_config, load_job_data
@@ -65,6 +65,7 @@ from protocol.transfer.job_state import (
 from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
+REDO_EXPORT_RETRY_S = 10.0  # between attempts to redo an interrupted export (no participant served the state yet)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class FederatedJobs:
         self._runners: dict[str, JobRunner] = {}
         self._data: dict[str, NodeData] = {}  # read by why_not for run(), per job id
         self.models = ModelStore(p2p, home, board.swarm)  # job model folders: fetched, verified, served
+        self.export_hook = None  # fault injection for tests: called with each export file's name before it is written
 
     @property
     def peer_id(self) -> str:
@@ -106,6 +108,13 @@ class FederatedJobs:
     async def stop(self) -> None:
         await stop_serving(self.p2p, [job_state_protocol(self.board.swarm)], logger)
         await self.models.stop()
+
+    def halt(self, job_id: str | None = None) -> None:
+        """Stop the local training of one job (cancelled) or of all (the node is stopping) at its next step; a
+        round halted in its local steps sends nothing and the job's run ends."""
+        for jid, runner in list(self._runners.items()):
+            if job_id is None or jid == job_id:
+                runner.halt()
 
     def local_state(self, job_id: str) -> tuple[int, str] | None:
         """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
@@ -124,6 +133,14 @@ class FederatedJobs:
             pass
         except ValueError as e:  # a dataset or model this version does not know, a model that cannot fit it
             return f"this node cannot train the job's model: {e}"[:MAX_REASON], ""
+        if cfg is not None and spec.model.arch != "hf":  # its size by formula, before reading data or building
+            try:
+                bound = check_buildable(spec.model.arch, cfg)
+            except ValueError as e:
+                return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
+            short = memory_shortfall(self.device, bound.training_bytes(spec.inner.kind, spec.inner.momentum), 0)
+            if short:
+                return f"{short} ({bound.params:,} parameters)"[:MAX_REASON], ""
         try:
             data = self._data.pop(view.job_id, None) or load_job_data(spec, self.data_dir)
         except NoLocalData:
@@ -194,6 +211,9 @@ class FederatedJobs:
                 if runner.completed >= spec.rounds:
                     break
                 result = await runner.run_round()
+                if view.record.state == "cancelled":  # seen mid-round (the manager halted the local steps)
+                    logger.info("job %s was cancelled; round %d abandoned", record.job_id, result.round)
+                    return
                 await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
                 rounds.own.append(result)
                 decision = policy.after_round(result.ok, len(result.participants), result.paused)
@@ -387,4 +407,26 @@ class FederatedJobs:
         rounds = self.rounds.get(view.job_id, Rounds())
         folder = export_files(bundle.module, merge) if view.record.spec.model.arch == "hf" else None
         return export_job(out, view.record, bundle.module, params_hash(params), completed,
-                          sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric, folder)
+                          sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric, folder,
+                          before_write=self.export_hook)
+
+    def export_unfinished(self, view: JobView) -> bool:
+        """True if this node's own export of a finished job was interrupted (SIGKILL, power cut): its folder
+        under the home is there, its manifest (written last) is not."""
+        folder = self.home / "jobs" / view.job_id
+        return view.record.spec.kind == "federated" and folder.is_dir() and not (folder / "manifest.json").exists()
+
+    async def redo_export(self, view: JobView) -> None:
+        """Redo an interrupted export (node/jobs/federated/export.py export_job clears the torn ``.tmp`` files):
+        from the job's final state, downloaded and checked as ``swarmnode job ID --export`` does; retried until a
+        participant serves it."""
+        folder = self.home / "jobs" / view.job_id
+        logger.warning("job %s: the export in %s was interrupted; redoing it", view.job_id, folder)
+        while True:
+            try:
+                await self.export(view, folder)
+                logger.info("job %s: export redone in %s", view.job_id, folder)
+                return
+            except (NodeError, OSError, ValueError) as e:
+                logger.warning("job %s: cannot redo the export yet: %s", view.job_id, e)
+            await self.clock.sleep(REDO_EXPORT_RETRY_S)
