@@ -14,6 +14,7 @@ import os
 import pathlib
 import signal
 import socket
+import threading
 import time
 
 import torch
@@ -36,6 +37,7 @@ from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
 from node.runtime.membership import Membership, PeerView
 from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
+from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.rounds import Phase, RoundHooks
 from protocol.records.job_validation import SignedJobRecordValidator
 from protocol.records.peer import Capability, PeerRecord
@@ -85,7 +87,40 @@ def stop_at_phase_hooks(spec: str) -> RoundHooks | None:
             os.kill(os.getpid(), signal.SIGSTOP)
 
     return RoundHooks(on_phase=on_phase)
+
+
+EXPORT_STOP_ENV = "SWARMNODE_FAULT_STOP_EXPORT"  # fault injection for tests: "NAME", e.g. "report.json"
+
+
+def stop_before_export_file(spec: str):
+    """An export hook that freezes this process (SIGSTOP) just before it writes the export file NAME, so that a
+    test can SIGKILL it strictly mid-export; None for an empty spec."""
+    if not spec:
+        return None
+
+    def hook(name: str) -> None:
+        if name == spec:
+            logger.warning("fault injection: stopping before writing %s of an export", name)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    return hook
+
+
 SHUTDOWN_BUDGET_S = 5.0
+
+
+def exit_after(seconds: float) -> threading.Timer:
+    """The backstop of a hard stop: end the process ``seconds`` from now even if a worker thread is still busy
+    (asyncio.run waits for the default executor's threads, and a step of a large model can outlast the budget)."""
+    def hard_exit() -> None:
+        logger.warning("still busy %.1f s after the stop request: exiting now", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class BootstrapError(Exception):
@@ -175,7 +210,7 @@ class Daemon:
         p2p_identity = cfg.home_dir / "p2p.key"
         write_p2p_identity(key, p2p_identity)
         validator = CompositeValidator([SignedPeerRecordValidator(cfg.swarm, key),
-                                        SignedJobRecordValidator(cfg.swarm, key)])
+                                        SignedJobRecordValidator(cfg.swarm, key), SignedMatchmakingValidator(key)])
 
         bench = asyncio.create_task(
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds, device), name="capability"
@@ -199,6 +234,7 @@ class Daemon:
                                hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
                                key=key, peers=self.membership.peers, device=device)
+        self.jobs.federated.export_hook = stop_before_export_file(os.environ.get(EXPORT_STOP_ENV, ""))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self, cfg)
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
@@ -245,12 +281,18 @@ class Daemon:
         self._withdrawn = self._withdrawn or withdrawn
         self._stop.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
     async def stop(self) -> None:
         """Withdraw the record (unless done already), then stop the control API, DHT and p2pd."""
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S - 0.5
+        if self.jobs is not None:
+            self.jobs.halt()  # local training stops at its next step, not at the round's end
         if self.membership is not None and not self._withdrawn:
             await self.membership.withdraw(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
         if self._server is not None:
@@ -340,8 +382,9 @@ class Daemon:
         return withdrawn
 
 
-async def run_daemon(config: NodeConfig, on_ready=None) -> None:
-    """Run until SIGINT/SIGTERM or a Leave call; always stop p2pd on the way out."""
+async def run_daemon(config: NodeConfig, on_ready=None, hard_exit: bool = False) -> None:
+    """Run until SIGINT/SIGTERM or a Leave call; always stop p2pd on the way out. ``hard_exit`` (the CLI's
+    daemon process): the process ends within SHUTDOWN_BUDGET_S of the stop request, whatever is still running."""
     daemon = Daemon(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -359,6 +402,8 @@ async def run_daemon(config: NodeConfig, on_ready=None) -> None:
             start.cancel()
             await asyncio.gather(start, return_exceptions=True)
     finally:
+        if hard_exit and daemon.stop_requested:  # not after a failed start: its error and exit code stand
+            exit_after(SHUTDOWN_BUDGET_S - 0.8)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await asyncio.wait_for(daemon.stop(), SHUTDOWN_BUDGET_S)

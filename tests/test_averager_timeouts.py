@@ -23,7 +23,13 @@ import pytest
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 
 from protocol.allreduce.averager import Averager
-from protocol.allreduce.matchmaking import STARTED, declaration_to_wire, round_key, started_to_wire
+from protocol.allreduce.matchmaking import (
+    declaration_to_wire,
+    declared_subkey,
+    round_key,
+    started_subkey,
+    started_to_wire,
+)
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig, RoundOutcome
 from protocol.allreduce.sparsify import SparseUpdate
@@ -52,6 +58,7 @@ class NoStreamsP2P:
 @dataclasses.dataclass
 class Item:
     value: bytes
+    expiration_time: float = 0.0  # long past on the DHT's clock: matchmaking bounds only how far ahead it is
 
 
 @dataclasses.dataclass
@@ -104,7 +111,7 @@ def assert_no_group(outcome: RoundOutcome) -> None:
 
 
 def test_a_leader_that_sends_no_plan_ends_the_round_without_a_group_after_the_plan_wait():
-    avg, clock, dht, p2p = averager({LEADER: declaration_to_wire(1e6)})  # declared, then died
+    avg, clock, dht, p2p = averager({declared_subkey(LEADER): declaration_to_wire(1e6)})  # declared, then died
     outcome, took, discovery = asyncio.run(timed_step(avg, clock, "r1"))
     assert_no_group(outcome)
     assert outcome.report.error == "no group: no leader sent a plan in time"
@@ -112,12 +119,13 @@ def test_a_leader_that_sends_no_plan_ends_the_round_without_a_group_after_the_pl
     # then waited for the leader's plan for matchmaking_time + 2 * invite_timeout, and not a moment longer
     assert took - discovery == pytest.approx(CONFIG.matchmaking_time + 2 * CONFIG.invite_timeout)
     assert took <= BUDGET  # within the round's own window
-    assert dht.stored[round_key(CONFIG.swarm, TENSOR.name, "r1")] == {ME: declaration_to_wire(CONFIG.bandwidth)}
+    mine = {declared_subkey(ME): declaration_to_wire(CONFIG.bandwidth)}
+    assert dht.stored[round_key(CONFIG.swarm, TENSOR.name, "r1")] == mine
     assert p2p.dialed == []
 
 
 def test_a_retry_of_the_round_skips_the_leader_that_sent_no_plan():
-    avg, clock, dht, p2p = averager({LEADER: declaration_to_wire(1e6)})  # its declaration outlives it
+    avg, clock, dht, p2p = averager({declared_subkey(LEADER): declaration_to_wire(1e6)})  # it outlives its peer
 
     async def scenario():
         first = await timed_step(avg, clock, "r1")
@@ -136,8 +144,9 @@ def test_a_retry_of_the_round_skips_the_leader_that_sent_no_plan():
 
 def test_a_round_that_ran_blocks_its_id_until_its_budget_has_passed():
     # every round here finds a group already started without this member: it fails at once, having run
-    avg, clock, _, p2p = averager({LEADER: declaration_to_wire(1e6), LATE: declaration_to_wire(1e6),
-                                   STARTED: started_to_wire([LEADER, LATE])})
+    avg, clock, _, p2p = averager({declared_subkey(LEADER): declaration_to_wire(1e6),
+                                   declared_subkey(LATE): declaration_to_wire(1e6),
+                                   started_subkey(LEADER): started_to_wire([LEADER, LATE])})
 
     async def scenario():
         ran = await avg.step("r1", update())

@@ -68,10 +68,15 @@ from protocol.allreduce.codecs import (
     encode_indices,
     extract_update,
 )
+from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.matchmaking import (
     declaration_from_wire,
     declaration_to_wire,
+    declared_subkey,
+    round_key,
+    seen_from_entries,
     started_from_wire,
+    started_subkey,
     started_to_wire,
 )
 from protocol.allreduce.messages import (
@@ -583,6 +588,39 @@ def test_signed_job_record_validator(caplog):
     fuzz(validator.validate, cases, errors=(), bound=validator_bound(MAX_JOB_RECORD_BYTES + 96),
          accept=lambda c, ok: isinstance(ok, bool) or pytest.fail(f"validate returned {ok!r}"))
     assert all(validator.validate(c) for c in cases[:len(seeds)])
+
+
+def test_signed_matchmaking_validator_and_reader(caplog):
+    """validate() never raises for declarations and started markers, and the matchmaking reader takes any of them
+    (as the DHT hands them over: stripped) without raising. Bound: 2 x 80 B per byte of <= 64 KiB."""
+    caplog.set_level(logging.ERROR, logger="protocol.records.validation")
+    key = key_id(round_key(SWARM, "grads", "r1"))
+    seeds = []
+    for i, p in enumerate(PEERS[:3]):
+        for subkey, payload in ((declared_subkey(p), declaration_to_wire(1e6 * i)),
+                                (started_subkey(p), started_to_wire(PEERS[:i + 1]))):
+            seeds.append((DHTRecord(key, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(payload), 1.7e9 + 30),
+                          payload, KEY_OF[p]))
+    validator = SignedMatchmakingValidator(KEYS[3], now=lambda: 1.7e9)
+    cases = _validator_cases("matchmaking_validator", seeds)
+    fuzz(validator.validate, cases, errors=(), bound=validator_bound(64 * 1024 + 96),
+         accept=lambda c, ok: isinstance(ok, bool) or pytest.fail(f"validate returned {ok!r}"))
+    assert all(validator.validate(c) for c in cases[:len(seeds)])
+
+    class Item:  # what hivemind's DHT hands over per subkey: ValueWithExpiration
+        def __init__(self, value: object, expiration_time: object):
+            self.value, self.expiration_time = value, expiration_time
+
+    def read(record: DHTRecord):
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value[:-64])
+        except Exception:
+            subkey, value = record.subkey, record.value
+        return seen_from_entries({subkey if isinstance(subkey, (str, bytes, int)) else repr(subkey):
+                                  Item(value, record.expiration_time)}, 1.7e9)
+
+    fuzz(read, cases, errors=(), bound=validator_bound(64 * 1024 + 96))
 
 
 # ---- protocol/transfer/shards.py, shard_transfer.py, matchmaking.py

@@ -112,7 +112,10 @@ def test_a_lone_node_pauses_on_the_same_round_then_resumes_sending_its_kept_upda
 def test_a_dead_leaders_declaration_is_skipped_when_the_round_is_retried(tmp_path):
     """A declaration outlives its peer in the DHT. Here one that sorts before every real peer id (so it would
     lead) sits under round 0's key: the live nodes wait for its plan in vain once, then skip it."""
-    from protocol.allreduce.matchmaking import declaration_to_wire, round_key
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocol.allreduce.matchmaking import declaration_to_wire, declared_subkey, round_key
+    from protocol.records.peer_keys import peer_id_of
 
     job = dataclasses.replace(spec(OuterOpt("fedavg")), round_timeout_s=12.0)
 
@@ -121,10 +124,13 @@ def test_a_dead_leaders_declaration_is_skipped_when_the_round_is_retried(tmp_pat
         try:
             for i in range(2):
                 runners.append(await start_node(tmp_path, i, job, daemons, dhts))
-            ghost = "0ghost-of-a-dead-leader"  # smaller than any "12D3KooW..." id
+            ghost = "~"  # a real peer id (readers ignore any other) that sorts before both live ones
+            while ghost > min(r.averager.peer_id for r in runners):
+                ghost = peer_id_of(Ed25519PrivateKey.generate().public_key())
             round_id = f"job1/r0/{runners[0].model_hash[:16]}"
             key = round_key("jobtest", runners[0].averager.config.tensor.name, round_id)
-            assert await dhts[0].store(key, declaration_to_wire(1e6), get_dht_time() + 60, subkey=ghost)
+            assert await dhts[0].store(key, declaration_to_wire(1e6), get_dht_time() + 60,
+                                       subkey=declared_subkey(ghost))
             first = await asyncio.gather(*(r.run_round() for r in runners))
             second = await asyncio.gather(*(r.run_round() for r in runners))
             return first, second

@@ -43,12 +43,15 @@ from hivemind.utils import MSGPackSerializer
 
 import protocol.pipeline.control as pipeline_messages
 from protocol.allreduce.codecs import DenseCodec, EncodedUpdate, SparseCodec
+from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.matchmaking import (
     STARTED,
     declaration_from_wire,
     declaration_to_wire,
+    declared_subkey,
     round_key,
     started_from_wire,
+    started_subkey,
     started_to_wire,
 )
 from protocol.allreduce.messages import (
@@ -435,7 +438,21 @@ def dht_progress() -> DHTRecord:
                      MSGPackSerializer.dumps(job_progress_to_wire(item)), EXPIRATION)
 
 
-def signed_case(validator_class: type, signer: Ed25519PrivateKey) -> tuple[Callable, Callable]:
+def dht_declaration() -> DHTRecord:
+    return DHTRecord(key_id(round_key(SWARM, "grads", ROUND)), MSGPackSerializer.dumps(declared_subkey(ID_A)),
+                     MSGPackSerializer.dumps(declaration_to_wire(1.25e8)), EXPIRATION)
+
+
+def dht_started() -> DHTRecord:
+    return DHTRecord(key_id(round_key(SWARM, "grads", ROUND)), MSGPackSerializer.dumps(started_subkey(ID_A)),
+                     MSGPackSerializer.dumps(started_to_wire(sorted((ID_A, ID_B, ID_C)))), EXPIRATION)
+
+
+def matchmaking_validator(swarm: str, signer: Ed25519PrivateKey) -> SignedMatchmakingValidator:
+    return SignedMatchmakingValidator(signer, now=lambda: EXPIRATION - 60.0)
+
+
+def signed_case(validator_class: Callable, signer: Ed25519PrivateKey) -> tuple[Callable, Callable]:
     def encode(record: DHTRecord) -> bytes:
         return validator_class(SWARM, signer).sign_value(record)
 
@@ -492,6 +509,7 @@ _dense_fp16 = codec_case(DenseCodec("fp16"))
 _signed_peer = signed_case(SignedPeerRecordValidator, KEY_A)
 _signed_job, _signed_progress = signed_case(SignedJobRecordValidator, KEY_A), signed_case(SignedJobRecordValidator,
                                                                                           KEY_B)
+_signed_entry = signed_case(matchmaking_validator, KEY_A)
 
 CASES: dict[str, Case] = {
     # protocol/wire.py
@@ -591,6 +609,9 @@ CASES: dict[str, Case] = {
     "dht/signed_peer_record": Case(dht_peer_record, *_signed_peer, decode_needs_object=True),
     "dht/signed_job_record": Case(dht_job_record, *_signed_job, decode_needs_object=True),
     "dht/signed_job_progress": Case(dht_progress, *_signed_progress, decode_needs_object=True),
+    # protocol/allreduce/entry_validation.py: matchmaking entries (subkeys "!declared/<peer>", "!started/<peer>")
+    "dht/signed_declaration": Case(dht_declaration, *_signed_entry, decode_needs_object=True),
+    "dht/signed_started_marker": Case(dht_started, *_signed_entry, decode_needs_object=True),
     # protocol/records/peer_keys.py: the key file p2pd reads; and the names of keys and protocols
     "peer_keys/libp2p_private_key": Case(lambda: KEY_A, libp2p_private_key),
     "names/dht_keys_and_protocols": Case(names, lambda lines: "\n".join(lines).encode()),
@@ -612,7 +633,9 @@ GOLDEN: dict[str, tuple[str, int]] = {
     "codecs/sparse_fp16_auto": ("c2636f5e3d240b800c9f739e07a0d5af90d33581b31e3eb500b0e20fe9a08a97", 37),
     "codecs/sparse_fp32_bitmap": ("4051501e1537e3fc15687111441810509e9169290a1a31b0642fe77f728e0599", 72),
     "codecs/sparse_fp32_delta_varint": ("7b7b9b79649f35651ca13f4b63166e7b8261afb6bd3c39d052ecb5951d9e50d1", 45),
+    "dht/signed_declaration": ("10c615c4595df59ee55db24a184938d60019073cce4d616f038c6ad2b81a600e", 79),
     "dht/signed_job_progress": ("e7158cd1e4dabb042e775e7bc57a3863c4586747ce7c5f4b19e473cb8dd28a7a", 490),
+    "dht/signed_started_marker": ("c249cc3b4d53c8d0fd4e0eda1eb23fa330e28f8d60d479ca19b788c7dcaa5f88", 238),
     "dht/signed_job_record": ("e1b6f08eb8bf7881c7b5954796fa42eec10996530eb1e7571a2a3190a9572c49", 763),
     "dht/signed_peer_record": ("c52746186b50a1d0e625c9a1b3d28c19746f8bb3ca9ce84088f955e706804ac5", 594),
     "direct/backward_seq1": ("75462228a75ecc13ad87f333ac4d94f477449b634ca3faeaa51f967766f2d282", 144),

@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {me} run --home {other} --swarm {config.swarm} --join {addr}")
         print(f"talk to it:  {me} status|peers|jobs|leave --home {shlex.quote(str(config.home_dir))}", flush=True)
 
-    asyncio.run(run_daemon(config, on_ready=on_ready))
+    asyncio.run(run_daemon(config, on_ready=on_ready, hard_exit=True))
     return 0
 
 

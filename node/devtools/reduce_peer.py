@@ -26,12 +26,15 @@ import threading
 import time
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.node import DHTNode
 
 from node.devtools.localswarm import wait_for
+from node.runtime.identity import write_p2p_identity
 from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
+from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.faults import Fault, mangle_part
 from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
@@ -100,8 +103,11 @@ async def resolve_start(spec: str, timeout: float = 120.0) -> float:
 async def main(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     daemon = OwnedP2PDaemon()
-    p2p = await daemon.start(identity_path=None, host_maddrs=[args.listen], bootstrap=args.join)
-    dht = await DHTNode.create(p2p=p2p, initial_peers=args.join or None, ensure_bootstrap_success=bool(args.join))
+    key = Ed25519PrivateKey.generate()  # as a daemon's: its libp2p identity signs its matchmaking entries
+    write_p2p_identity(key, args.out / "p2p.key")
+    p2p = await daemon.start(identity_path=str(args.out / "p2p.key"), host_maddrs=[args.listen], bootstrap=args.join)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=args.join or None, ensure_bootstrap_success=bool(args.join),
+                               record_validator=SignedMatchmakingValidator(key))
     me = p2p.peer_id.to_base58()
 
     async def on_phase(phase: Phase, round_id: str) -> None:

@@ -83,7 +83,12 @@ class JobManager:
             await kind.start()
         self._poller = asyncio.create_task(self._poll_forever(), name="jobs-poll")
 
+    def halt(self) -> None:
+        """The node is stopping: local training stops at its next step (stop() then ends every job's task)."""
+        self.federated.halt()
+
     async def stop(self) -> None:
+        self.halt()
         tasks = [t for t in [self._poller, *self._tasks.values()] if t is not None]
         for task in tasks:
             task.cancel()
@@ -123,6 +128,7 @@ class JobManager:
         if view.record.submitter != self.peer_id:
             raise NodeError(f"only the submitter ({view.record.submitter}) can cancel job {job_id}", EXIT_USAGE)
         view.record = view.record.replace(state="cancelled", updated_at=self.clock.time())
+        self.federated.halt(job_id)  # this node's own local steps stop now; the others' at their next poll
         return await self.board.store_record(view.record)
 
     async def refresh(self) -> None:
@@ -159,11 +165,16 @@ class JobManager:
             await self.clock.sleep(POLL_S)
 
     async def poll(self) -> None:
-        """Read the board and consider every running job not decided on yet."""
+        """Read the board and consider every running job not decided on yet; halt the local training of a job
+        cancelled since; redo this node's export of a finished job that a kill interrupted."""
         await self.board.refresh()
         for job_id, view in list(self.board.views.items()):
             if view.state in ("running", "paused") and job_id not in self._tasks and not view.declined:
                 self._consider(view)
+            elif view.state == "cancelled" and job_id in self._tasks:
+                self.federated.halt(job_id)
+            elif view.state == "done" and job_id not in self._tasks and self.federated.export_unfinished(view):
+                self._tasks[job_id] = asyncio.create_task(self.federated.redo_export(view), name=f"export-{job_id}")
 
     def _consider(self, view: JobView) -> None:
         self._tasks[view.job_id] = asyncio.create_task(self._decide(view), name=f"job-{view.job_id}")

@@ -2,6 +2,7 @@
 
     averager.py     Averager: one member's side of a round (matchmaking, butterfly, commit), RoundFailed, NoGroup
     matchmaking.py  group formation through the DHT: declarations, started markers, make_plan, choose_leader
+    entry_validation.py  SignedMatchmakingValidator: matchmaking DHT entries signed by the peer they name
     messages.py     the round's messages (Invite, GroupPlan, PartFrame, ResultFrame, CommitFrame) and their wire form
     rounds.py       RoundConfig, RoundHooks, RoundReport, RoundOutcome, Phase
     settle.py       what a member applies after a round and what goes back into its error feedback (pure)

@@ -46,16 +46,17 @@ from hivemind.utils import get_dht_time
 
 from protocol.allreduce.codecs import CodecError, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.matchmaking import (
-    STARTED,
+    MAX_ENTRY_TTL_S,
     MatchState,
     Seen,
     choose_leader,
-    declaration_from_wire,
     declaration_to_wire,
+    declared_subkey,
     discover,
     make_plan,
     round_key,
-    started_from_wire,
+    seen_from_entries,
+    started_subkey,
     started_to_wire,
 )
 from protocol.allreduce.messages import (
@@ -242,24 +243,16 @@ class Averager:
     async def _matchmake(self, state: _Round) -> GroupPlan:
         cfg = self.config
         key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
-        expiry = get_dht_time() + self._round_budget()  # on the DHT's clock, whatever this component's
+        # on the DHT's clock, whatever this component's; signed by the DHT's validator (entry_validation.py)
+        expiry = get_dht_time() + min(self._round_budget(), MAX_ENTRY_TTL_S)
+        mine = declaration_to_wire(cfg.bandwidth)
 
         async def store() -> bool:
-            return bool(await self.dht.store(key, declaration_to_wire(cfg.bandwidth), expiry, subkey=self.peer_id))
+            return bool(await self.dht.store(key, mine, expiry, subkey=declared_subkey(self.peer_id)))
 
-        async def read() -> Seen:
+        async def read() -> Seen:  # re-checks every entry, whatever the DHT's validator did
             found = await self.dht.get(key, latest=True)
-            declared, started = {}, None
-            if found is not None and isinstance(found.value, dict):
-                for peer, item in found.value.items():
-                    try:
-                        if peer == STARTED:
-                            started = started_from_wire(item.value)
-                        else:
-                            declared[peer] = declaration_from_wire(item.value)
-                    except WireError as e:
-                        logger.debug("ignoring entry %s of round %s: %s", peer, state.round_id, e)
-            return Seen(declared, started)
+            return seen_from_entries(None if found is None else found.value, get_dht_time())
 
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
                                                      poll=0.02, clock=self.clock.monotonic, sleep=self.clock.sleep))
@@ -289,7 +282,7 @@ class Averager:
         plan = await self._lead(state, {p: bw for p, bw in candidates.items() if p != self.peer_id})
         if plan is not None:  # in the background: only late joiners read it, the round need not wait
             self._background.add(task := asyncio.ensure_future(
-                self.dht.store(key, started_to_wire(plan.members), expiry, subkey=STARTED)))
+                self.dht.store(key, started_to_wire(plan.members), expiry, subkey=started_subkey(self.peer_id))))
             task.add_done_callback(self._background.discard)
         return self._checked_plan(plan)
 

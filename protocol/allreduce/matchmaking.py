@@ -14,6 +14,12 @@ Why it is built this way -- the races it handles:
     out this round without harm, and takes part from the next round id.
   * Invites that arrive before a peer started matchmaking for that round are declined, never queued,
     so a stale invite cannot pull a peer into a round it is not ready for.
+  * Forged entries (a stranger writing declarations or started markers for the next round ids to stall
+    them): every entry's subkey names the peer that wrote it ("!declared/<peer>", "!started/<leader>"),
+    and protocol/allreduce/entry_validation.py makes every node's DHT reject an entry not signed by that
+    peer or expiring later than MAX_ENTRY_TTL_S (+ clock skew) from now. The reader re-checks what it can
+    (seen_from_entries): a valid peer id in the subkey, a leader inside its own started group, bounded
+    expiry; anything else under a round's key is ignored.
 The planning pieces (leader choice, the final plan) are pure functions, reused by simulations/.
 """
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 from protocol.allreduce.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
 from protocol.planning.partition import plan_spans
+from protocol.records.peer_keys import public_key_from_peer_id
 from protocol.wire import WireError, pack, unpack_bounded
 
 logger = logging.getLogger(__name__)
@@ -101,7 +108,30 @@ class MatchState:
         return True
 
 
-STARTED = "!started"  # subkey under which a leader records the members of a round it started
+STARTED = "!started"  # "!started/<leader>": the members of a round that leader started
+DECLARED = "!declared"  # "!declared/<peer>": that peer's declaration (its bandwidth)
+MAX_ENTRY_TTL_S = 300.0  # a matchmaking entry lives min(round budget, this); it is only read during matchmaking
+CLOCK_SKEW_S = 60.0  # validators accept expiries up to MAX_ENTRY_TTL_S + this from their own DHT time
+MAX_STARTED_BYTES = 64 * 1024
+
+
+def declared_subkey(peer: str) -> str:
+    return f"{DECLARED}/{peer}"
+
+
+def started_subkey(leader: str) -> str:
+    return f"{STARTED}/{leader}"
+
+
+def parse_entry_subkey(subkey: object) -> tuple[str, str]:
+    """(DECLARED or STARTED, the peer id it names) of a matchmaking subkey; WireError if it is not one. The peer
+    id's form is checked by whoever verifies a signature with it (peer_keys.public_key_from_peer_id)."""
+    if not isinstance(subkey, str) or len(subkey) > 128:
+        raise WireError(f"not a matchmaking subkey: {subkey!r:.80}")
+    kind, _, peer = subkey.partition("/")
+    if kind not in (DECLARED, STARTED) or not 40 <= len(peer) <= 60:
+        raise WireError(f"not a matchmaking subkey: {subkey!r:.80}")
+    return kind, peer
 
 
 def started_to_wire(members: Sequence[str]) -> bytes:
@@ -111,7 +141,7 @@ def started_to_wire(members: Sequence[str]) -> bytes:
 def started_from_wire(data: object) -> tuple[str, ...]:
     if not isinstance(data, bytes):
         raise WireError("started marker is not bytes")
-    obj = unpack_bounded(data, 64 * 1024)
+    obj = unpack_bounded(data, MAX_STARTED_BYTES)
     members = obj.get("members") if isinstance(obj, dict) else None
     if not isinstance(members, list) or not all(isinstance(m, str) and len(m) <= 64 for m in members):
         raise WireError("started marker has no member list")
@@ -124,6 +154,34 @@ class Seen:
 
     declared: dict[str, float]
     started: tuple[str, ...] | None = None  # members of the group a leader already started
+
+
+def seen_from_entries(entries: object, now: float) -> Seen:
+    """What a round's DHT dictionary (subkey -> item with .value and .expiration_time) says, re-checked here
+    whatever the DHT's validator did: entries under other subkeys, naming an invalid peer id, expiring too late,
+    malformed, or a started marker whose leader is not in its own group are ignored. Several started markers
+    (leaders blind to each other) count as one started round: the union of their groups."""
+    declared: dict[str, float] = {}
+    started: set[str] | None = None
+    if not isinstance(entries, dict):
+        return Seen(declared)
+    for subkey, item in entries.items():
+        try:
+            kind, peer = parse_entry_subkey(subkey)
+            expiration = getattr(item, "expiration_time", None)
+            if not isinstance(expiration, (int, float)) or not expiration <= now + MAX_ENTRY_TTL_S + CLOCK_SKEW_S:
+                raise WireError(f"expiry {expiration!r:.20} is too far ahead")
+            public_key_from_peer_id(peer)  # PeerIdError (a ValueError) if it names no Ed25519 peer
+            if kind == DECLARED:
+                declared[peer] = declaration_from_wire(item.value)
+                continue
+            members = started_from_wire(item.value)
+            if peer not in members:
+                raise WireError("leader outside its own group")
+            started = (started or set()) | set(members)
+        except ValueError as e:  # WireError, PeerIdError
+            logger.debug("ignoring matchmaking entry %.80r: %s", subkey, e)
+    return Seen(declared, None if started is None else tuple(sorted(started)))
 
 
 async def discover(

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from safetensors.torch import save
@@ -25,6 +25,15 @@ from protocol.records.job_records import JobRecord
 from protocol.transfer.job_state import MAX_HISTORY_BYTES
 
 FILES = ("model.safetensors", "report.json", "curve.png", "manifest.json")  # manifest last: then all are there
+
+
+def remove_torn_writes(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Delete the temporary files (node/runtime/files.py atomic_write: ``.NAME.XXXX.tmp``) that a write
+    interrupted by SIGKILL or a power cut left in ``folder``; return them."""
+    torn = sorted(folder.rglob(".*.tmp")) if folder.is_dir() else []
+    for path in torn:
+        path.unlink(missing_ok=True)
+    return torn
 
 
 def round_entry(result: RoundResult, reporter: str) -> dict:
@@ -98,9 +107,13 @@ def curve_png(history: list[dict], metric: str, title: str) -> bytes:
 
 def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, model_hash: str, rounds: int,
                own_rounds: int, history: list[dict], metric: str,
-               model_files: dict[str, bytes] | None = None) -> list[pathlib.Path]:
+               model_files: dict[str, bytes] | None = None,
+               before_write: Callable[[str], None] | None = None) -> list[pathlib.Path]:
     """Write FILES under ``out`` (each atomically: temporary file, fsync, rename; manifest.json last, so a
-    reader that sees it finds the others); return their paths. ``model_files`` (relative name -> bytes: a model
+    reader that sees it finds the others, and a folder without it is an interrupted export, which the node
+    redoes: node/jobs/federated/federated_jobs.py redo_export); return their paths. The ``.tmp`` files an
+    interrupted write left in ``out`` are removed first; ``before_write`` (fault injection for tests) is called
+    with each name before its write. ``model_files`` (relative name -> bytes: a model
     folder job's adapter in peft's format, or its model folder; node/ml/hf_models.py export_files) take the
     place of model.safetensors, and the manifest's tensors are the trained ones."""
     # clone: tied weights (GPT-2's lm_head / wte) share storage, which safetensors refuses; each name gets
@@ -127,6 +140,9 @@ def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, mo
         "curve.png": curve_png(history, metric, record.spec.name),
     }
     names = [*model_files, *(n for n in FILES if n != "model.safetensors")]  # manifest.json last
+    remove_torn_writes(out)
     for name in names:
+        if before_write is not None:
+            before_write(name)
         atomic_write(out / name, contents[name])
     return [out / name for name in names]

@@ -25,6 +25,7 @@ node, whatever device or precision each one trained with.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class LocalResult:
     samples: int  # examples seen: the node's weight in the average
     mean_loss: float  # nan if any step's loss was not finite
     finite: bool  # False: the update must not be sent (the node re-syncs instead)
+    stopped: bool = False  # the stop flag was set between two steps: nothing to send (job cancelled, node stopping)
 
 
 def make_inner_optimizer(module: torch.nn.Module, kind: str, lr: float, momentum: float = 0.0,
@@ -112,7 +114,9 @@ class LocalTrainer:
         bundle.module.to(self.device)
         self.scaler = grad_scaler(self.device, precision)  # fp16 only; its scale persists across rounds
 
-    def run(self, params: np.ndarray, steps: int) -> LocalResult:
+    def run(self, params: np.ndarray, steps: int, stop: threading.Event | None = None) -> LocalResult:
+        """``steps`` inner steps from ``params``; ``stop`` is checked before each step (set by another thread when
+        the job is cancelled or the node stops): once set, the run returns at once with ``stopped``."""
         if steps < 1:
             raise ValueError(f"local steps must be >= 1, got {steps}")
         model = self.bundle.module
@@ -120,6 +124,8 @@ class LocalTrainer:
         model.train()
         losses, samples = [], 0
         for _ in range(steps):
+            if stop is not None and stop.is_set():
+                return LocalResult(params, samples, float("nan"), False, stopped=True)
             batch = to_device(next(self.batches), self.device)
             with autocast(self.device, self.precision):
                 loss = self.bundle.loss(model, batch)

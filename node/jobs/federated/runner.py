@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ class JobRunner:
         self._boundary_next = 0  # next_round as of the last round boundary (what snapshot() serves)
         self.idle = asyncio.Event()  # set between rounds: the state may be copied out
         self.idle.set()
+        self.halted = threading.Event()  # set by halt(): local training stops at its next step, no update is sent
 
     def expect(self, group_size: int | None) -> None:
         """End matchmaking as soon as this many peers declared (else it waits its full window)."""
@@ -117,7 +119,13 @@ class JobRunner:
         await self.averager.start()
 
     async def stop(self) -> None:
+        self.halt()
         await self.averager.stop()
+
+    def halt(self) -> None:
+        """Stop for good (the job was cancelled, the node is stopping): local training, in its worker thread,
+        returns before its next step, and a round not yet past its local steps sends nothing."""
+        self.halted.set()
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray | None, int, int]:
         """The state as of the last round boundary, consistent at any moment (even mid-round, when
@@ -175,8 +183,12 @@ class JobRunner:
             samples, loss, _ = self._unsent  # resend the update already in error feedback; do not train again
             delta, local_seconds = np.zeros_like(start), 0.0
         else:
-            local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps)  # keeps the loop serving
+            local = await asyncio.to_thread(self.trainer.run, start, self.spec.local_steps,  # keeps the loop serving
+                                            self.halted)
             local_seconds = time.perf_counter() - t0
+            if local.stopped or self.halted.is_set():  # halted mid-training: no update leaves this node
+                return RoundResult(r, False, "halted: the job was cancelled or the node is stopping", (), float("nan"),
+                                   0, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
             samples, loss = local.samples, local.mean_loss
             if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
                 self.in_sync = False
