@@ -129,7 +129,8 @@ FAULTS = ["garbage", "wrong_shape", "nan", "inf", "oversize", "wrong_round", "ou
           "truncated"]
 
 
-@pytest.mark.slow  # ~28 s: in `make chaos` (CI's own step); the frame decoders it relies on are fuzzed in tests/test_fuzz.py
+# ~28 s: in `make chaos` (CI's own step); the frame decoders it relies on are fuzzed in tests/test_fuzz.py
+@pytest.mark.slow
 def test_bad_frames_exclude_the_sender_and_the_round_goes_on(peers):
     schedule = ",".join(FAULTS)
     procs, *_ = peers(4, rounds=len(FAULTS), period=2.5, extra={3: ["--fault-schedule", schedule]})
