@@ -195,12 +195,13 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
 
 
 def add_source(data_dir: str | os.PathLike, name: str, path: str | os.PathLike, fmt: str, *, label: str = "",
-               text_field: str = "") -> dict[str, Any]:
-    """Bind ``name`` to the files at ``path`` (checked by reading them): writes <data_dir>/<name>/source.json."""
+               text_field: str = "", origin: str = "") -> dict[str, Any]:
+    """Bind ``name`` to the files at ``path`` (checked by reading them): writes <data_dir>/<name>/source.json
+    (``origin``: "config" for a binding the node's config made)."""
     source = LocalSource(name, pathlib.Path(path).expanduser().resolve(), fmt, label, text_field)
     stats = inspect_source(source)
     entry = {"format": SOURCE_FORMAT, "name": name, "path": str(source.path), "source_format": fmt, "label": label,
-             "text_field": text_field, **stats}
+             "text_field": text_field, **stats, **({"origin": origin} if origin else {})}
     out = pathlib.Path(data_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", *(p.name for p in out.glob("data-*.npz"))):  # a bundled slice it replaces
@@ -248,9 +249,8 @@ def sync_config_sources(data_dir: str | os.PathLike, tables: Mapping[str, Any], 
         if was_config and stale.parent.name not in sources:
             stale.unlink(missing_ok=True)
     for name, source in sources.items():
-        entry = add_source(root, name, source.path, source.format, label=source.label, text_field=source.text_field)
-        entry["origin"] = origin
-        atomic_write(root / name / SOURCE_FILE, (json.dumps(entry, indent=2, sort_keys=True) + "\n").encode())
+        add_source(root, name, source.path, source.format, label=source.label, text_field=source.text_field,
+                   origin=origin)
     return sorted(sources)
 
 

@@ -274,12 +274,12 @@ class FederatedJobs:
         base is frozen: its weights and the activations stay, its gradients and optimizer state do not."""
         seq = None if spec.data is None else min(spec.data.block_size, int(cfg["context"]))
         analysis = analyze_folder(folder, spec.batch_size, seq, task=spec.task)
-        on_device, on_host = job_memory(analysis, spec.precision, spec.inner.kind, spec.inner.momentum)
-        if spec.adapter is not None:
-            memory = analysis.memory(spec.precision, spec.inner.kind, spec.inner.momentum)
-            on_device = memory.weights + memory.activations + memory.workspace
-            on_host = 0  # the adapter's vectors: a small fraction of the base's weights
-        return memory_shortfall(self.device, on_device, on_host)
+        if spec.adapter is None:
+            return memory_shortfall(self.device, *job_memory(analysis, spec.precision, spec.inner.kind,
+                                                             spec.inner.momentum))
+        memory = analysis.memory(spec.precision, spec.inner.kind, spec.inner.momentum)
+        # the adapter's own vectors (host RAM, optimizer state) are a small fraction of the base's weights
+        return memory_shortfall(self.device, memory.weights + memory.activations + memory.workspace, 0)
 
     async def _decline(self, view: JobView, reason: str) -> None:
         view.declined = reason[:MAX_REASON]
