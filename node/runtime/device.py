@@ -133,6 +133,12 @@ def precision_refusal(device: torch.device, precision: str) -> str:
     return refusal_for(device.type, precision, bf16_native)
 
 
+def precision_decline(device: torch.device, precision: str) -> str:
+    """"" when ``device`` can train at ``precision``, else the reason a node declines a job for it."""
+    reason = precision_refusal(device, precision)
+    return f"{device_label(device)} cannot train in {precision}: {reason}" if reason else ""
+
+
 def check_precision(device: torch.device, precision: str) -> None:
     """ValueError with precision_refusal's reason when ``device`` cannot train at ``precision``."""
     reason = precision_refusal(device, precision)
@@ -175,4 +181,4 @@ def synchronize(device: torch.device) -> None:
 
 __all__ = ["AUTOCAST_DTYPES", "BYTES_PER_VALUE", "PRECISIONS", "autocast", "autocast_dtype", "check_device_name",
            "check_precision", "check_precision_name", "device_label", "grad_scaler", "memory_of", "memory_shortfall",
-           "precision_refusal", "refusal_for", "resolve_device", "synchronize", "to_device"]
+           "precision_decline", "precision_refusal", "refusal_for", "resolve_device", "synchronize", "to_device"]

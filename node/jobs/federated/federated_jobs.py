@@ -47,7 +47,7 @@ from node.ml.hf_models import ModelFilesMissing, export_files, memory_bytes
 from node.ml.job_model import build_job_model, data_misfit, job_model_config, load_job_data
 from node.ml.models import flatten_params, load_flat_params
 from node.ml.user_data import DataMismatch
-from node.runtime.device import device_label, memory_shortfall, precision_refusal
+from node.runtime.device import memory_shortfall, precision_decline
 from node.runtime.errors import NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -157,9 +157,9 @@ class FederatedJobs:
         misfit = data_misfit(spec, cfg, data) if cfg is not None and data is not None else ""
         if misfit:
             return misfit[:MAX_REASON], ""
-        refusal = precision_refusal(self.device, spec.precision)  # the device it trains on (--device)
+        refusal = precision_decline(self.device, spec.precision)  # the device it trains on (--device)
         if refusal:
-            return f"{device_label(self.device)} cannot train in {spec.precision}: {refusal}"[:MAX_REASON], ""
+            return refusal[:MAX_REASON], ""
         try:  # training memory where it trains, the round's vectors in host RAM (node/ml/analyze.py)
             on_device, on_host = ((memory_bytes(spec.model.files, spec.adapter), 0) if spec.model.arch == "hf" else
                                   job_memory(analyze_arch(spec.model.arch, cfg, spec.batch_size), spec.precision,

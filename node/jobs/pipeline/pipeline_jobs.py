@@ -70,7 +70,7 @@ from node.ml.splitter import (
     read_manifest,
     split_model,
 )
-from node.runtime.device import device_label, precision_refusal
+from node.runtime.device import precision_decline
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -263,9 +263,9 @@ class PipelineJobs:
         record = view.record
         if record.assignment is None:
             return "the pipeline job has no stage assignment", ""
-        refusal = precision_refusal(self.device, record.spec.precision)  # stage compute runs on this device
+        refusal = precision_decline(self.device, record.spec.precision)  # stage compute runs on this device
         if refusal:
-            return f"{device_label(self.device)} cannot train in {record.spec.precision}: {refusal}"[:200], ""
+            return refusal[:200], ""
         if record.submitter == self.peer_id:
             if not (self._dir(record.job_id) / "shards" / MANIFEST_FILE).exists():
                 return "this node submitted the job but holds no shards of it (restarted?)", ""
