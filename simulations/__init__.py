@@ -9,6 +9,8 @@ Public names, by module:
                 protocol.allreduce.codecs)
   - federated:  FederatedConfig, FederatedSim, RoundRecord (groups running rounds:
                                                           protocol.allreduce.matchmaking plans)
+  - byzantine:  judge, Verdict                            (hostile members against protocol.allreduce.robust's
+                                                          aggregators and the runner's EXCLUDE_AFTER)
   - pipeline:   PipelineConfig, PipelineSim               (protocol.planning.stage_plan cuts,
                                                           protocol.planning.stage_assign incremental vs from-scratch
                                                           assignment)

@@ -32,6 +32,10 @@ Mass accounting, in units of one member's update of one round: each member's err
 ``delayed`` units that churn kept from being applied (the top-k remainder that error feedback keeps by design
 is not counted); a round contributes delayed + 1 (+ 0 when resending) and applies the fraction of spans that
 survived. A node that leaves takes its buffer with it (``lost``).
+Hostile members (``byzantine``, ``aggregator``): simulations/byzantine.py's rules, applied per round to the plan's
+members. Under a robust aggregator a hostile owner's span is applied by nobody (``kept`` loses its share, like a
+dead owner's, with no wait), its part is dropped, and after EXCLUDE_AFTER such rounds it leaves its group; under
+"mean" every round it takes part in is poisoned. A group with a hostile member never repeats rounds as steady.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from protocol.allreduce.messages import TensorSpec
 from protocol.allreduce.rounds import RoundConfig
 from protocol.allreduce.sparsify import check_density
 from protocol.planning.round_policy import RoundPolicy
+from simulations.byzantine import CLEAN, Verdict, check_aggregator, check_fraction, judge, strike
 from simulations.engine import Engine
 from simulations.roundtime import Butterfly, Phases, butterfly, dht_hops, phases
 
@@ -69,6 +74,8 @@ class FederatedConfig:
     # fits it
     round_timeout_s: float = 120.0
     grouping: str = "gpu"
+    byzantine: float = 0.0  # fraction of federated nodes that are hostile (drawn per node, simulations/swarm.py)
+    aggregator: str = "centered_clip"  # the job's RoundConfig.aggregator (JobSpec's default; robust.AGGREGATORS)
 
     def __post_init__(self) -> None:
         check_density(self.density)
@@ -78,6 +85,8 @@ class FederatedConfig:
             raise ValueError(f"need 1 <= min_group <= max_group, got {self.min_group}, {self.max_group}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        check_fraction(self.byzantine)
+        check_aggregator(self.aggregator)
         self.round_config()  # validates the timeouts
 
     @property
@@ -99,14 +108,20 @@ class FederatedConfig:
 class Member:
     """A node as the federated simulation sees it (created by simulations/swarm.py)."""
 
-    __slots__ = ("nid", "bw", "lat", "tflops", "gpu", "depart", "group", "sync_until", "resend", "delayed")
+    __slots__ = ("nid", "bw", "lat", "tflops", "gpu", "depart", "group", "sync_until", "resend", "delayed", "hostile",
+                 "strikes", "first_round", "excluded")
 
-    def __init__(self, nid: str, bw: float, lat: float, tflops: float, gpu: int, depart: float, sync_until: float):
+    def __init__(self, nid: str, bw: float, lat: float, tflops: float, gpu: int, depart: float, sync_until: float,
+                 hostile: bool = False):
         self.nid, self.bw, self.lat, self.tflops, self.gpu, self.depart = nid, bw, lat, tflops, gpu, depart
         self.group: Group | None = None
         self.sync_until = sync_until  # the model is downloaded by then: it can take part in a round
         self.resend = False  # the last round failed: the next one resends the update instead of training
         self.delayed = 0.0  # units of update mass churn left in this member's error-feedback buffer
+        self.hostile = hostile  # simulations/byzantine.py: holds no honest mass (delayed stays 0)
+        self.strikes = 0  # consecutive rounds with evidence against it (its group's count)
+        self.first_round: tuple[int, float] | None = None  # (group round, start time) of the first it took part in
+        self.excluded = False  # excluded from the job: in no group from then on
 
 
 class Group:
@@ -148,6 +163,12 @@ class RoundRecord:
     mass_delayed: float  # units it handed back to error-feedback buffers (offered, not applied)
     sync_bytes: float = 0.0  # model downloads of members left out (re-sync)
     count: int = 1  # identical undisturbed rounds this record stands for (bytes, duration, mass are totals)
+    poisoned: bool = False  # applied an undefended hostile part or span (simulations/byzantine.py): the model is ruined
+    vetoed_mass: float = 0.0  # of mass_delayed: honest mass in hostile owners' spans, voted missing
+    dropped_parts: int = 0  # hostile parts the owners dropped as outliers (not applied, not counted as mass)
+    excluded: int = 0  # hostile members excluded after this round
+    exclusion_rounds: int = 0  # sum over them: group rounds from the first they took part in to this one
+    exclusion_s: float = 0.0  # sum over them: seconds from the start of that first round to this round's end
 
 
 class FederatedSim:
@@ -165,6 +186,8 @@ class FederatedSim:
         self.delayed_total = 0.0  # sum of members' delayed mass
         self.lost_total = 0.0  # mass that left with departing members
         self.late_total = 0
+        self.hostile: list[Member] = []  # every hostile member ever added
+        self.poisoned_groups: set[int] = set()  # gids of groups that applied a poisoned round
 
     # ---- membership ---------------------------------------------------------------------------------------
 
@@ -179,6 +202,8 @@ class FederatedSim:
     def add(self, m: Member) -> None:
         """Place a member in the smallest group of its kind that has room (a new group if none)."""
         key, cap = self._key(m), self.config.max_group
+        if m.hostile:
+            self.hostile.append(m)
         buckets = self._by_size.setdefault(key, [set() for _ in range(cap + 1)])
         size = next((s for s in range(1, cap) if buckets[s]), None)
         if size is None:
@@ -246,8 +271,8 @@ class FederatedSim:
         """How many copies of the group's last undisturbed round can run from t0 with nothing changing: none
         if the group changed since, and only rounds that end before any member's departure (sessions are
         drawn when nodes join, so departures are known) and, where possible, before the next sample."""
-        if g.steady is None or g.steady[0] != g.version:
-            return 0
+        if g.steady is None or g.steady[0] != g.version or any(m.hostile for m in g.members.values()):
+            return 0  # (a hostile member still in the group makes every round it takes part in different)
         duration = g.steady[1]
         first_leave = min(m.depart for m in g.members.values())
         cap = 1 << 30
@@ -327,22 +352,26 @@ class FederatedSim:
         members = [by_id[p] for p in plan.members]
         if exchange > rc.result_timeout:
             end = t_bs + rc.result_timeout + rc.commit_timeout + ph.overhead_s
-            return self._finish(g, parts, late, t0, end, "timeout", b.total_bytes, plan, close, members=members)
+            return self._finish(g, parts, late, t0, end, "timeout", b.total_bytes, plan, close, members=members,
+                                verdict=judge([m.hostile for m in members], (), cfg.aggregator))
         lost = [i for i, m in enumerate(members) if m.depart <= t_ag]
+        verdict = judge([m.hostile for m in members], lost, cfg.aggregator)
+        vetoed = sum(b.spans[i] for i in verdict.vetoed)  # spans members vote missing at once: no wait for them
         if lost:
             wait = max(exchange, rc.part_timeout + ph.all_gather_s + ph.cpu_s, rc.result_timeout)
             end = t_bs + wait + ph.commit_s + rc.commit_timeout + ph.overhead_s
-            kept = 1.0 - sum(b.spans[i] for i in lost) / cfg.params
+            kept = 1.0 - (sum(b.spans[i] for i in lost) + vetoed) / cfg.params
             outcome = "partial" if kept > 0 else "aborted"
-        elif any(m.depart <= nominal_end for m in members):
-            end, kept, outcome = nominal_end + rc.commit_timeout, 1.0, "ok"
         else:
-            end, kept, outcome = nominal_end, 1.0, "ok"
+            end = nominal_end + rc.commit_timeout if any(m.depart <= nominal_end for m in members) else nominal_end
+            kept = 1.0 - vetoed / cfg.params
+            outcome = "ok" if not vetoed else "partial" if kept > 0 else "aborted"
         # nothing disturbed it and nothing carried over: the same round repeats until the group changes
-        clean = (outcome == "ok" and end == nominal_end and close == last and not late
+        clean = (outcome == "ok" and end == nominal_end and close == last and not late and not verdict.hostile
                  and len(members) == len(g.members) and all(not m.resend and m.delayed == 0 for m in members))
         self._finish(g, parts, late, t0, end, outcome, b.total_bytes, plan, close, members=members, kept=kept,
-                     nominal_end=nominal_end, clean=g.version if clean else None)
+                     nominal_end=nominal_end, clean=g.version if clean else None, verdict=verdict,
+                     veto=vetoed / cfg.params)
 
     def _model(self, g: Group, plan, group: list, hops: int) -> tuple[Butterfly, Phases]:
         """The butterfly of this plan, cached while the group's plan stays the same."""
@@ -360,24 +389,34 @@ class FederatedSim:
 
     def _finish(self, g: Group, parts: list, late: list, t0: float, end: float, outcome: str, nbytes: float,
                 plan, close: float, members: list | None = None, kept: float = 0.0,
-                nominal_end: float | None = None, clean: int | None = None) -> None:
+                nominal_end: float | None = None, clean: int | None = None, verdict: Verdict = CLEAN,
+                veto: float = 0.0) -> None:
         """Settle the round's effects at its end time; the next round starts there."""
         self.engine.at(end, self._settle, g, parts, late, t0, outcome, nbytes, members or [], kept, close,
-                       nominal_end, clean)
+                       nominal_end, clean, verdict, veto)
 
     def _settle(self, g: Group, parts, late, t0, outcome, nbytes, members, kept, close, nominal_end,
-                clean) -> None:
+                clean, verdict: Verdict, veto: float) -> None:
         now, cfg = self.engine.now(), self.config
         if clean is not None and clean == g.version:  # the group did not change while the round ran
             g.steady = (clean, now - t0, nbytes, len(members))
-        recovery = applied = delayed = 0.0
+        recovery = applied = delayed = vetoed = 0.0
         alive = [m for m in members if m.group is g]  # those still in the swarm
         ok = outcome in ("ok", "partial")
         for m in alive:
+            if m.hostile:  # its part: dropped or poison, never honest mass (simulations/byzantine.py)
+                m.resend = not ok
+                continue
             contrib = self._offered(m)
             keep = contrib * (1.0 - kept) if ok else contrib
             applied += contrib - keep
+            if ok and veto:
+                vetoed += contrib * veto
             delayed += self._keep(m, keep, resend=not ok)
+        poisoned = verdict.poisoned(ok)
+        if poisoned:
+            self.poisoned_groups.add(g.gid)
+        excluded = self._weigh_evidence(g, [m for m in alive if m.hostile], verdict, t0)
         if ok and nominal_end is not None and now > nominal_end:
             recovery += (now - nominal_end) * len(alive)
         if not ok:  # everyone who declared waited for nothing (their update is kept, not lost)
@@ -396,8 +435,31 @@ class FederatedSim:
             self._wake(g, m.sync_until)
         g.after_round(ok, len(members))
         self.on_round(RoundRecord(now, outcome, len(members), len(late), nbytes, recovery, now - t0, applied,
-                                  delayed, sync * len(late)))
+                                  delayed, sync * len(late), poisoned=poisoned, vetoed_mass=vetoed,
+                                  dropped_parts=len(verdict.hostile) if ok and verdict.defended else 0,
+                                  excluded=len(excluded), exclusion_rounds=sum(r for r, _ in excluded),
+                                  exclusion_s=sum(s for _, s in excluded)))
         self._start_round(g)
+
+    def _weigh_evidence(self, g: Group, hostile: list[Member], verdict: Verdict, t0: float) -> list[tuple[int, float]]:
+        """A defended round is evidence against each hostile member in it; EXCLUDE_AFTER in a row exclude it from
+        the job (node/jobs/federated/runner.py): it leaves its group. Returns (group rounds, seconds) from the first
+        round each excluded member took part in."""
+        now, out = self.engine.now(), []
+        for m in hostile:
+            first = m.first_round = m.first_round or (g.round_no, t0)
+            if not verdict.defended:  # no evidence against it this round: the runner's count starts again
+                m.strikes = 0
+                continue
+            m.strikes, excluded = strike(m.strikes)
+            if excluded:
+                out.append((g.round_no - first[0] + 1, now - first[1]))
+                m.excluded = True
+                g.members.pop(m.nid)
+                self._resize(g, len(g.members) + 1)
+                m.group = None
+                self._changed(g)
+        return out
 
     @staticmethod
     def _offered(m: Member) -> float:
@@ -405,7 +467,11 @@ class FederatedSim:
         return m.delayed + (0.0 if m.resend else 1.0)
 
     def _keep(self, m: Member, keep: float, resend: bool) -> float:
-        """The member's buffer now holds ``keep`` units the round did not apply; returns keep."""
+        """The member's buffer now holds ``keep`` units the round did not apply; returns keep (0 for a hostile
+        member: it holds no honest mass)."""
+        if m.hostile:
+            m.resend = resend
+            return 0.0
         self.delayed_total += keep - m.delayed
         m.delayed, m.resend = keep, resend
         return keep

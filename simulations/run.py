@@ -4,6 +4,8 @@
     .venv/bin/python -m simulations.run --nodes 200 --hours 1 --out /tmp/sim        # a quick look
     .venv/bin/python -m simulations.run --nodes 2000 --churn 0.5 --max-group 32 --result-density 0.01
     .venv/bin/python -m simulations.run --nodes 1000 --churn 0.2 --grouping random  # mixed GPUs per group
+    .venv/bin/python -m simulations.run --nodes 2000 --hours 2 --byzantine 0.1      # 10% hostile (centered_clip)
+    .venv/bin/python -m simulations.run --nodes 2000 --hours 2 --byzantine 0.1 --aggregator mean   # no defence
 
 Writes into --out (default simulations/out/): report.json (configuration, summary, one row per --sample-minutes
 interval, and the round-time model checked against the testbed), timeline.png (the six figures over time) and
@@ -20,6 +22,7 @@ import sys
 import time
 from typing import NoReturn
 
+from protocol.allreduce.robust import AGGREGATORS
 from simulations.churn import FAMILIES, ChurnConfig
 from simulations.federated import GPT2_SMALL_PARAMS, GROUPINGS, FederatedConfig
 from simulations.model import PopulationConfig
@@ -44,6 +47,10 @@ PANELS = (  # (timeline key, title, y label)
     ("recovery_fraction", "node-time lost to recovery", "fraction"),
     ("pipeline_ratio", "pipeline throughput / reference assignment", "ratio"),
 )
+
+BYZANTINE_KEYS = ("hostile_members", "hostile_took_part", "hostile_excluded", "mean_rounds_until_exclusion",
+                  "mean_minutes_until_exclusion", "poisoned_rounds", "poisoned_fraction", "groups_poisoned",
+                  "vetoed_fraction", "dropped_parts")  # printed with --byzantine > 0 (report.json always has them)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=_int_in(1, 1_000_000), default=20)
     p.add_argument("--round-timeout", type=_float_in(0, 86_400, lo_open=True), default=120.0)
     p.add_argument("--grouping", choices=GROUPINGS, default="gpu")
+    p.add_argument("--byzantine", type=_float_in(0, 1), default=0.0, metavar="FRACTION",
+                   help="fraction of federated nodes that are hostile (simulations/byzantine.py)")
+    p.add_argument("--aggregator", choices=AGGREGATORS, default="centered_clip", help="the jobs' span aggregator")
     p.add_argument("--stages", type=_int_in(1, 32), default=16, help="pipeline stages (LLaMA-2-7B shapes)")
     p.add_argument("--pipeline-nodes", type=_int_in(0, MAX_NODES), default=None)
     p.add_argument("--no-pipeline", action="store_true")
@@ -114,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> SwarmConfig:
         federated=FederatedConfig(params=args.params, density=args.density, result_density=args.result_density,
                                   select=args.select, min_group=args.min_group, max_group=args.max_group,
                                   local_steps=args.local_steps, round_timeout_s=args.round_timeout,
-                                  grouping=args.grouping),
+                                  grouping=args.grouping, byzantine=args.byzantine, aggregator=args.aggregator),
         pipeline=None if args.no_pipeline else PipelineConfig(stages=args.stages),
         pipeline_nodes=args.pipeline_nodes)
 
@@ -197,12 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         written += plot(report, args.out)
     s = report["summary"]
-    print(f"{config.nodes} nodes, churn {config.churn.rate_per_hour:g}/h, {config.hours:g} h simulated in "
+    fed = config.federated
+    hostile = f", byzantine {fed.byzantine:g} ({fed.aggregator})" if fed.byzantine > 0 else ""
+    print(f"{config.nodes} nodes, churn {config.churn.rate_per_hour:g}/h{hostile}, {config.hours:g} h simulated in "
           f"{time.perf_counter() - t0:.1f} s ({report['events']} events)")
     for key in ("rounds_per_hour", "updates_applied_per_hour", "failed_fraction", "aborted_fraction",
                 "delayed_mass_per_node_mean", "returned_fraction", "wire_mb_per_node_h", "sync_mb_per_node_h",
                 "recovery_fraction", "idle_fraction", "churn_per_hour_measured", "pipeline_time_ratio",
-                "pipeline_ratio_mean"):
+                "pipeline_ratio_mean", *(BYZANTINE_KEYS if fed.byzantine > 0 else ())):
         if key in s and s[key] is not None:
             print(f"  {key:28s} {s[key]:.4g}")
     for path in written:

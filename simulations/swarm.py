@@ -16,6 +16,9 @@ and one row per interval:
   recovery_fraction    node-time lost to failures (timeouts waited, failed attempts, re-syncs of members left
                        out) / federated node-time; idle_fraction: node-time in groups below min_group
   pipeline_ratio       pipeline samples/s of the incremental assignment / the reference assignment
+  poisoned_rounds      rounds that applied an undefended hostile member's part or span; hostile_excluded: hostile
+                       members excluded (FederatedConfig.byzantine, simulations/byzantine.py; the summary adds the
+                       vetoed honest mass, the dropped hostile parts and the mean rounds until exclusion)
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class SwarmConfig:
 
 class _Interval:
     __slots__ = ("rounds_ok", "rounds_failed", "rounds_aborted", "bytes", "sync_bytes", "recovery_s", "idle_s",
-                 "round_s", "departures", "arrivals", "late", "applied", "returned", "pipe_integral")
+                 "round_s", "departures", "arrivals", "late", "applied", "returned", "pipe_integral", "poisoned",
+                 "vetoed", "dropped", "excluded", "exclusion_rounds", "exclusion_s")
     rounds_ok: float
     rounds_failed: float
     rounds_aborted: float
@@ -83,6 +87,12 @@ class _Interval:
     applied: float
     returned: float
     pipe_integral: float
+    poisoned: float
+    vetoed: float
+    dropped: float
+    excluded: float
+    exclusion_rounds: float
+    exclusion_s: float
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -93,8 +103,8 @@ class Swarm:
     def __init__(self, config: SwarmConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.engine = Engine(clock)
-        seeds = np.random.SeedSequence(config.seed).spawn(3)
-        self.rng_nodes, self.rng_churn, self.rng_pool = (np.random.default_rng(s) for s in seeds)
+        seeds = np.random.SeedSequence(config.seed).spawn(4)  # a 4th stream: the first three draw as before it
+        self.rng_nodes, self.rng_churn, self.rng_pool, self.rng_hostile = (np.random.default_rng(s) for s in seeds)
         self.churn = ChurnProcess(config.churn, self.rng_churn)
         self.fed = FederatedSim(config.federated, self.engine, self._alive_count, self._on_round, self._on_idle,
                                 config.sample_s)
@@ -138,6 +148,12 @@ class Swarm:
         iv.late += r.late
         iv.applied += r.mass_applied
         iv.returned += r.mass_delayed
+        iv.poisoned += r.poisoned
+        iv.vetoed += r.vetoed_mass
+        iv.dropped += r.dropped_parts
+        iv.excluded += r.excluded
+        iv.exclusion_rounds += r.exclusion_rounds
+        iv.exclusion_s += r.exclusion_s
 
     def _on_idle(self, seconds: float, members: int) -> None:
         self._interval(self.engine.now()).idle_s += seconds * members
@@ -184,7 +200,9 @@ class Swarm:
         sync = 0.0 if synced else self.config.federated.state_bytes / d.bandwidth
         if not synced and pool == "fed":
             self._interval(now).sync_bytes += self.config.federated.state_bytes
-        m = Member(nid, d.bandwidth, d.latency, d.tflops, d.gpu, now + remaining, now + sync)
+        byzantine = self.config.federated.byzantine  # simulations/byzantine.py: a hostile federated member
+        hostile = pool == "fed" and byzantine > 0 and bool(self.rng_hostile.random() < byzantine)
+        m = Member(nid, d.bandwidth, d.latency, d.tflops, d.gpu, now + remaining, now + sync, hostile)
         self.alive[nid] = (pool, m)
         if math.isfinite(m.depart):
             self.engine.at(m.depart, self._depart, nid)
@@ -289,6 +307,7 @@ class Swarm:
                 recovery_fraction=iv.recovery_s / 3600 / node_h if node_h > 0 else 0.0,
                 idle_fraction=iv.idle_s / 3600 / node_h if node_h > 0 else 0.0,
                 returned_fraction=iv.returned / (iv.returned + iv.applied) if iv.returned + iv.applied else 0.0,
+                poisoned_rounds=int(iv.poisoned), hostile_excluded=int(iv.excluded),
                 departures=int(iv.departures), arrivals=int(iv.arrivals), late=int(iv.late),
                 churn_per_hour=iv.departures / (s["alive"] * dt_h) if dt_h > 0 and s["alive"] else 0.0)
             if self.pipe is not None:
@@ -338,6 +357,7 @@ def _summary(swarm: Swarm, rows: list[dict]) -> dict:
         "mean_alive": alive_mean,
         "groups": len(swarm.fed.groups),
     }
+    out.update(_byzantine_summary(swarm, total_ok, applied + returned))
     if swarm.pipe is not None and rows:
         ratios = [r["pipeline_ratio"] for r in rows if r["pipeline_ratio"] is not None]
         refs = [r["pipeline_reference"] for r in rows]
@@ -351,3 +371,24 @@ def _summary(swarm: Swarm, rows: list[dict]) -> dict:
             pipeline_reference_proven=float(np.mean([r["pipeline_reference_optimal"] for r in rows])),
             pipeline_moves=swarm.pipe.moves, pipeline_stalls=swarm.pipe.stalls)
     return out
+
+
+def _byzantine_summary(swarm: Swarm, rounds_ok: float, offered: float) -> dict:
+    """The hostile members' effect (simulations/byzantine.py): all zero without any."""
+    ivs, fed = swarm.intervals, swarm.fed
+    poisoned = sum(iv.poisoned for iv in ivs)
+    excluded = sum(iv.excluded for iv in ivs)
+    vetoed = sum(iv.vetoed for iv in ivs)
+    return {
+        "hostile_members": len(fed.hostile),  # federated nodes drawn hostile (at the start and among joiners)
+        "hostile_took_part": sum(1 for m in fed.hostile if m.first_round is not None),  # in at least one plan
+        "hostile_excluded": int(excluded),
+        "poisoned_rounds": int(poisoned),
+        "poisoned_fraction": poisoned / rounds_ok if rounds_ok else 0.0,
+        "groups_poisoned": len(fed.poisoned_groups),
+        "vetoed_mass": vetoed,  # honest mass of hostile owners' spans, handed back to error feedback
+        "vetoed_fraction": vetoed / offered if offered else 0.0,
+        "dropped_parts": int(sum(iv.dropped for iv in ivs)),
+        "mean_rounds_until_exclusion": sum(iv.exclusion_rounds for iv in ivs) / excluded if excluded else None,
+        "mean_minutes_until_exclusion": sum(iv.exclusion_s for iv in ivs) / 60 / excluded if excluded else None,
+    }
