@@ -8,10 +8,12 @@ SIGINT/SIGTERM or a Leave call withdraw the record and stop everything, p2pd inc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import threading
@@ -27,19 +29,24 @@ import node
 from node.api.server import start_control_server
 from node.api.service import JobSummary, NodeStatus
 from node.jobs.manager import JobManager
+from node.jobs.policy import JobLimits
 from node.ml.user_data import sync_config_sources
 from node.runtime import capability as capability_mod
+from node.runtime.admission import Admission, keep_out_of_routing
 from node.runtime.backoff import retry
 from node.runtime.config import NodeConfig
-from node.runtime.device import resolve_device
+from node.runtime.device import apply_compute_limits, resolve_device
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
 from node.runtime.membership import Membership, PeerView
 from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
+from node.runtime.private_swarm import node_certificate
 from protocol.allreduce.entry_validation import SignedMatchmakingValidator
+from protocol.allreduce.faults import RESULT_FAULTS, Fault, mangle_part, mangle_result
 from protocol.allreduce.rounds import Phase, RoundHooks
 from protocol.records.job_validation import SignedJobRecordValidator
+from protocol.records.membership_validation import MembershipValidator
 from protocol.records.peer import Capability, PeerRecord
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records.validation import SignedPeerRecordValidator
@@ -87,6 +94,38 @@ def stop_at_phase_hooks(spec: str) -> RoundHooks | None:
             os.kill(os.getpid(), signal.SIGSTOP)
 
     return RoundHooks(on_phase=on_phase)
+
+
+BYZANTINE_ENV = "SWARMNODE_FAULT_BYZANTINE"  # fault injection for tests: "FAULT:ROUND", e.g. "huge:5"
+
+
+def byzantine_hooks(spec: str, hooks: RoundHooks | None) -> RoundHooks | None:
+    """``hooks`` made hostile from job round ROUND on: its parts (or, as an owner, its results) replaced by FAULT's
+    bytes (protocol/allreduce/faults.py); ``hooks`` unchanged for an empty spec."""
+    if not spec:
+        return hooks
+    fault_name, _, round_text = spec.partition(":")
+    try:
+        fault, start = Fault(fault_name), int(round_text)
+    except ValueError:
+        raise NodeError(f"{BYZANTINE_ENV}={spec!r}: expected FAULT:ROUND with FAULT one of "
+                        f"{', '.join(f.value for f in Fault)}", EXIT_USAGE) from None
+
+    def hostile(round_id: str) -> bool:
+        found = re.search(r"/r(\d+)/", round_id)
+        return found is not None and int(found.group(1)) >= start
+
+    def part(frame, data: bytes) -> bytes:
+        return mangle_part(fault, frame, data, seed=len(data)) if hostile(frame.round_id) else data
+
+    def result(frame, data: bytes) -> bytes:
+        return mangle_result(fault, frame, data) if hostile(frame.round_id) else data
+
+    logger.warning("fault injection: byzantine %s from round %d", fault.value, start)
+    base = hooks or RoundHooks()
+    if fault in RESULT_FAULTS:
+        return dataclasses.replace(base, outgoing_result=result)
+    return dataclasses.replace(base, outgoing_part=part)
 
 
 EXPORT_STOP_ENV = "SWARMNODE_FAULT_STOP_EXPORT"  # fault injection for tests: "NAME", e.g. "report.json"
@@ -182,6 +221,7 @@ class Daemon:
         self.dht: DHTNode | None = None
         self.membership: Membership | None = None
         self.jobs: JobManager | None = None
+        self.admission: Admission | None = None  # who counts as a member; in a private swarm, whom to serve
         self._server = None
         self._lock = HomeLock(config.home_dir)
         self._stop = asyncio.Event()
@@ -197,6 +237,14 @@ class Daemon:
             self.device = device = resolve_device(cfg.device)
         except ValueError as e:
             raise NodeError(str(e), EXIT_USAGE) from None
+        try:
+            limits = JobLimits(cfg.accept_jobs_from, cfg.max_jobs, cfg.max_job_memory, cfg.max_job_steps,
+                               cfg.max_job_hours, cfg.cpu_threads, cfg.gpu_memory_fraction)
+        except ValueError as e:
+            raise NodeError(f"bad configuration: {e}", EXIT_USAGE) from None
+        bounded = apply_compute_limits(device, cfg.cpu_threads, cfg.gpu_memory_fraction)
+        if bounded:
+            logger.info("jobs get at most %s", " and ".join(bounded))
         self._lock.acquire()
         if cfg.datasets:  # the config's own-data sources, checked by reading them (a bad one stops the start)
             try:
@@ -209,8 +257,15 @@ class Daemon:
         logger.info("%s identity %s (%s)", "created" if created else "loaded", self.peer_id, cfg.identity_path)
         p2p_identity = cfg.home_dir / "p2p.key"
         write_p2p_identity(key, p2p_identity)
-        validator = CompositeValidator([SignedPeerRecordValidator(cfg.swarm, key),
-                                        SignedJobRecordValidator(cfg.swarm, key), SignedMatchmakingValidator(key)])
+        validators: list = [SignedPeerRecordValidator(cfg.swarm, key), SignedJobRecordValidator(cfg.swarm, key),
+                            SignedMatchmakingValidator(key)]
+        cert = node_certificate(cfg, self.peer_id)  # None: an open swarm
+        members = None if cert is None else MembershipValidator(cfg.swarm, cert.owner, cert, key)
+        if cert is not None and members is not None:  # every record carries and needs a certificate of the swarm
+            validators.append(members)
+            logger.info("private swarm %r of owner %s; this node's certificate expires at %s", cfg.swarm, cert.owner,
+                        cert.expires)
+        validator = CompositeValidator(validators)
 
         bench = asyncio.create_task(
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds, device), name="capability"
@@ -230,10 +285,18 @@ class Daemon:
         if not await self.membership.publish() and joins:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
+        self.admission = admission = Admission(self.peer_id, self.membership, members and members.certified)
+        if admission.private and self.p2pd is not None:  # strangers' streams are closed unread, every service's
+            self.p2pd.set_admission(admission.admit_stream)
+            await admission.refresh()  # the live members' certificates, read before the routing table is pruned
+            keep_out_of_routing(self.dht, admission.admit)  # the DHT routes among members only
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir, cfg.data_dir,
-                               hooks=stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, "")),
+                               hooks=byzantine_hooks(os.environ.get(BYZANTINE_ENV, ""),
+                                                     stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, ""))),
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
-                               key=key, peers=self.membership.peers, device=device)
+                               key=key, peers=self.membership.peers, device=device, limits=limits,
+                               is_member=admission.is_member, admit=admission.admit if admission.private else None,
+                               private=admission.private)
         self.jobs.federated.export_hook = stop_before_export_file(os.environ.get(EXPORT_STOP_ENV, ""))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self, cfg)

@@ -40,7 +40,7 @@ LEADER, ME, LATE = sorted([ID_A, ID_B, ID_C])  # the smallest id leads (matchmak
 TENSOR = TensorSpec("grads", 100)
 CONFIG = RoundConfig(swarm="timeouts", tensor=TENSOR, matchmaking_time=3.0, invite_timeout=1.5, result_timeout=10.0,
                      commit_timeout=2.0)
-BUDGET = 3.0 + 2 * 1.5 + 10.0 + 2.0 + 5.0  # a round's state is kept this long (Averager._round_budget)
+BUDGET = 3.0 + 2 * 1.5 + 10.0 + 2.0 + 5.0  # a round's state is kept this long (RoundConfig.round_budget)
 
 
 class NoStreamsP2P:

@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from node.daemon import EXPORT_STOP_ENV
+from node.daemon import EXPORT_STOP_ENV, STOP_AT_ENV
 from node.devtools.localswarm import wait_for
 from node.jobs.federated.export import FILES
 from node.ml.datasets import write_node_data
@@ -92,6 +92,29 @@ def test_sigterm_in_the_middle_of_local_training_exits_within_5s_and_withdraws_t
     assert not alive, "p2pd outlived its node"
     assert b.peer_id not in a.peer_ids(), "the stopped node's record was not withdrawn"
     assert "Traceback" not in b.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("phase", ["matchmaking", "reduce_scatter", "commit"])
+def test_sigterm_in_the_middle_of_an_all_reduce_round_exits_within_5s(node_factory, tmp_path, phase):
+    """The node freezes itself (SIGSTOP) at PHASE of round 1, gets SIGTERM while frozen, and is let go: from that
+    moment it has 5 s to exit with its record withdrawn, mid-round, while its peer waits on it."""
+    a, b = start_nodes(node_factory, tmp_path, ["digits", "digits"], envs={1: {STOP_AT_ENV: f"{phase}:1"}})
+    submit(a, tmp_path, JOB)
+    wait_for(lambda: psutil.Process(b.proc.pid).status() == psutil.STATUS_STOPPED, 60, f"{b.home.name} to freeze")
+    p2pds = [p for p in b.descendants() if p.name() == "p2pd"]
+    b.send(signal.SIGTERM)
+    t0 = time.monotonic()
+    b.send(signal.SIGCONT)
+    try:
+        code = b.proc.wait(EXIT_WITHIN_S)
+    except Exception:
+        pytest.fail(f"{b.home.name} did not exit within {EXIT_WITHIN_S:.0f} s of SIGTERM at {phase}: {b.log_tail()}")
+    assert code == 0 and time.monotonic() - t0 < EXIT_WITHIN_S, b.log_tail()
+    _, alive = psutil.wait_procs(p2pds, timeout=EXIT_WITHIN_S)
+    assert not alive, "p2pd outlived its node"
+    wait_for(lambda: b.peer_id not in a.peer_ids(), 5, "the stopped node's record to be withdrawn")
+    assert "Traceback" not in b.log_path.read_text(errors="replace")
+    assert a.proc.poll() is None
 
 
 def test_cancel_stops_local_work_on_every_participant_within_a_step(node_factory, tmp_path):

@@ -57,7 +57,10 @@ def test_a_strangers_absurd_jobs_are_declined_by_formula_without_stalling_any_no
     nodes = []
     for i in range(2):
         write_node_data("digits", tmp_path / f"data{i}" / "digits", n_nodes=2, node_index=i, seed=0)
-        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", SWARM, "--data", str(tmp_path / f"data{i}")]
+        # nodes that accept anyone's jobs (the default, members, declines the stranger before sizing anything:
+        # tests/test_admission.py): the formula must protect them too
+        args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", SWARM, "--data", str(tmp_path / f"data{i}"),
+                "--accept-jobs-from", "anyone"]
         nodes.append(node_factory(f"n{i}", args + (["--join", nodes[0].addr] if nodes else [])).wait_ready())
     job_ids = asyncio.run(store_as_stranger(nodes[0].addr, [DEEP, WIDE]))
     expected = {job_ids[0]: "has 120,001 layers; a node builds at most 4,096",

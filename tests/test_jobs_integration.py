@@ -6,6 +6,7 @@ a model that cannot take the data) / cancels refused with one line."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -33,8 +34,9 @@ momentum = 0.9
 """
 
 
-def start_nodes(node_factory, tmp_path, datasets: list[str]):
-    """One node per entry, each holding a slice of that dataset in its own --data directory."""
+def start_nodes(node_factory, tmp_path, datasets: list[str], envs: dict[int, dict] | None = None):
+    """One node per entry, each holding a slice of that dataset in its own --data directory; ``envs``: node index
+    -> extra environment (fault injection)."""
     nodes = []
     for i, dataset in enumerate(datasets):
         args = ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "jobs"]
@@ -43,7 +45,8 @@ def start_nodes(node_factory, tmp_path, datasets: list[str]):
         args += ["--data", str(tmp_path / f"data{i}")]
         if nodes:
             args += ["--join", nodes[0].addr]
-        nodes.append(node_factory(f"n{i}", args).wait_ready() if not nodes else node_factory(f"n{i}", args))
+        env = {**os.environ, **envs[i]} if envs and i in envs else None
+        nodes.append(node_factory(f"n{i}", args, env).wait_ready() if not nodes else node_factory(f"n{i}", args, env))
     for node in nodes[1:]:
         node.wait_ready()
     return nodes

@@ -148,3 +148,15 @@ def test_the_reader_unites_the_groups_of_several_leaders():
     entries = {started_subkey(ID_A): Item(started_to_wire([ID_A])), started_subkey(ID_B): Item(started_to_wire([ID_B,
                                                                                                               ID_C]))}
     assert seen_from_entries(entries, NOW).started == tuple(sorted((ID_A, ID_B, ID_C)))
+
+
+def test_the_reader_ignores_entries_of_peers_it_refuses():
+    """A stranger's (or an excluded member's) own, correctly signed started marker listing only itself would tell
+    every honest reader that the round started without it; a reader that refuses that peer ignores the marker and
+    the stranger's declaration, and still sees everyone else's."""
+    entries = {started_subkey(ID_C): Item(started_to_wire([ID_C])),
+               declared_subkey(ID_C): Item(declaration_to_wire(1.0)),
+               declared_subkey(ID_A): Item(declaration_to_wire(5.0))}
+    assert seen_from_entries(entries, NOW).started == (ID_C,)  # without the rule: the round "started without" A
+    seen = seen_from_entries(entries, NOW, refuses=lambda peer: peer == ID_C)
+    assert seen.started is None and seen.declared == {ID_A: 5.0}

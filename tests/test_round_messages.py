@@ -10,7 +10,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol.allreduce.averager import part_frame_bound
 from protocol.allreduce.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.faults import Fault, mangle_part
 from protocol.allreduce.messages import (
@@ -28,6 +27,7 @@ from protocol.allreduce.messages import (
     TensorSpec,
     message_from_wire,
     message_to_wire,
+    part_frame_bound,
 )
 from protocol.allreduce.sparsify import SparseUpdate
 from protocol.planning.partition import plan_spans

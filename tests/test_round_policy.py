@@ -117,6 +117,7 @@ class ScriptedRunner:
         self.idle.set()
         self.outcomes = list(script)
         self.on_round = None  # a test's hook, called after each round with the result
+        self.excluded: dict[str, str] = {}  # members excluded on evidence (none here)
 
     @property
     def model_hash(self) -> str:

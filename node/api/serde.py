@@ -86,6 +86,8 @@ def job_to_proto(summary: JobSummary) -> pb.JobInfo:
         summary=f"{record.spec.model.arch} on {record.spec.dataset}", declined=view.declined,
         declines=[pb.Decline(peer_id=peer, reason=reason) for peer, reason in sorted(view.declines.items())],
         takers=view.takers, round_timeout_s=record.spec.round_timeout_s,
+        exclusions=[pb.Exclusion(peer_id=peer, by=by, evidence=why)
+                    for (peer, by), why in sorted(view.exclusions.items())],
     )
     if record.assignment is not None:
         info.stage_hosts.extend(",".join(group) for group in record.assignment.hosts)
@@ -141,7 +143,8 @@ def job_json(info: pb.JobInfo) -> dict:
             "local_round": info.local_round if info.local_model_hash else None,
             "local_model_hash": info.local_model_hash or None,
             "stage_hosts": [group.split(",") for group in info.stage_hosts] or None,
-            "declines": [{"peer_id": d.peer_id, "reason": d.reason} for d in info.declines], "takers": info.takers}
+            "declines": [{"peer_id": d.peer_id, "reason": d.reason} for d in info.declines], "takers": info.takers,
+            "exclusions": [{"peer_id": x.peer_id, "by": x.by, "evidence": x.evidence} for x in info.exclusions]}
 
 
 def export_json(resp: pb.ExportResponse) -> dict:

@@ -4,5 +4,6 @@
     commands.py  run, status/peers/leave, submit/jobs/job/cancel, data, split
     dev.py       dev-swarm and the demo job that ``make demo`` runs
     analyze.py   ``swarmnode analyze``: parameters, FLOPs and training memory of a model (node/ml/analyze.py)
+    swarm.py     ``swarmnode swarm``: a private swarm's owner key and membership certificates
     format.py    tables and progress lines for people (``--json`` prints node/api/serde.py's dicts instead)
 """

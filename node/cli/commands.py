@@ -106,8 +106,8 @@ def job_updates(client, job_id: str, follow: bool, as_json: bool = False, clock=
     start, last, seen = clock(), None, set()
     for info in client.job(job_id, follow=follow):
         line = json.dumps(job_json(info)) if as_json else format_job_line(info)
-        new = [d for d in info.declines if d.peer_id not in seen]
-        seen |= {d.peer_id for d in new}
+        new = [d for d in [*info.declines, *info.exclusions] if (d.peer_id, getattr(d, "by", "")) not in seen]
+        seen |= {(d.peer_id, getattr(d, "by", "")) for d in new}
         yield info, (line if line != last else None), new
         last = line
         if follow and nobody_takes(info, clock() - start):
@@ -125,8 +125,9 @@ def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
         state = info.state
         if line is not None:
             print(line, flush=True)
-        for d in new if not as_json else ():  # JSON lines carry them in "declines"
-            print(f"  declined by {d.peer_id}: {d.reason}", flush=True)
+        for d in new if not as_json else ():  # JSON lines carry them in "declines" and "exclusions"
+            print(f"  excluded {d.peer_id} (by {d.by[-8:]}): {d.evidence}" if hasattr(d, "evidence") else
+                  f"  declined by {d.peer_id}: {d.reason}", flush=True)
     return 0 if state != "cancelled" else 1
 
 

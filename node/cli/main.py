@@ -9,6 +9,8 @@
     swarmnode submit job.toml --follow | jobs | job ID [--follow] [--export DIR [--merge]] | cancel ID
     swarmnode split MODEL_DIR --stages 3 --strategy balanced --out DIR   # plan stages, write signed shards
     swarmnode analyze gpt2|MODEL_DIR --batch 8 --seq 128 --precision bf16   # params, FLOPs, training memory
+    swarmnode swarm create lab | id | invite PEER_ID --out F | join-cert F    # a private swarm: members only
+    swarmnode run --accept-jobs-from self|members|anyone|PEER_IDS --max-jobs 1 --max-job-memory 4GiB  # whose jobs
 
 Every expected failure prints one line ``swarmnode: error: ...`` and exits 1 (run time) or 2 (bad input).
 """
@@ -22,6 +24,8 @@ import sys
 from node.cli.analyze import add_parser as add_analyze_parser
 from node.cli.analyze import cmd_analyze
 from node.cli.commands import cmd_client, cmd_data, cmd_jobs, cmd_run, cmd_split, config_from
+from node.cli.swarm import add_parser as add_swarm_parser
+from node.cli.swarm import cmd_swarm
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 
 
@@ -55,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "fill it with `swarmnode data add`); never shared")
     run.add_argument("--device", help="where this node trains: auto (the first CUDA device torch sees, else cpu; "
                                       "default), cpu, cuda or cuda:N (SWARMNODE_DEVICE)")
+    limits = run.add_argument_group("whose jobs this node runs, and its limits (a declined job says why)")
+    limits.add_argument("--accept-jobs-from", metavar="WHO",
+                        help="'members' (default: submitters with a live peer record in the swarm, or a certificate "
+                             "of a private swarm), 'self' (only this node's own jobs), 'anyone', or peer ids; "
+                             "comma-separated")
+    limits.add_argument("--max-jobs", type=int, help="jobs taken part in at once (default 2)")
+    limits.add_argument("--max-job-memory", metavar="SIZE",
+                        help="most training memory one job may need by its estimate, e.g. 8GiB (default: the "
+                             "device's free memory)")
+    limits.add_argument("--max-job-steps", type=int,
+                        help="most local steps a job may ask (rounds x local_steps; default 1000000, 0: no bound)")
+    limits.add_argument("--max-job-hours", type=float,
+                        help="decline a job whose rounds x round_timeout_s exceeds this, leave one running longer "
+                             "(default 0: no bound)")
+    limits.add_argument("--cpu-threads", type=int, help="torch threads of a job's local training (default: all cores)")
+    limits.add_argument("--gpu-memory-fraction", type=float,
+                        help="share of the CUDA device's memory jobs may allocate, e.g. 0.5 (default: all)")
+    limits.add_argument("--swarm-cert", help="this node's membership certificate of a private swarm "
+                                             "(default <home>/swarm.cert; see `swarmnode swarm`)")
 
     for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
                        ("leave", "withdraw from the swarm and stop the daemon")]:
@@ -118,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=pathlib.Path, required=True, help="directory for the shards and manifest")
 
     add_analyze_parser(sub)
+    add_swarm_parser(sub, _add_common)
 
     dev = sub.add_parser("dev-swarm", help="start N local nodes on loopback; Ctrl-C stops them all")
     dev.add_argument("--nodes", type=int, default=4)
@@ -158,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "swarm":
+            return cmd_swarm(args)
         from node.runtime.home import check_home_readable
 
         check_home_readable(config_from(args).home_dir)

@@ -151,11 +151,12 @@ class LocalSwarm:
     """N nodes on loopback: the first starts the swarm, the others join it by its multiaddr."""
 
     def __init__(self, root: pathlib.Path, n: int, swarm: str = "dev", extra_args: Sequence[str] = (),
-                 dataset: str | None = None, scheme: str = "label-skew"):
+                 dataset: str | None = None, scheme: str = "label-skew", envs: dict[int, dict] | None = None):
         if n < 1:
             raise ValueError(f"a swarm needs at least one node, got {n}")
         self.root, self.n, self.swarm, self.extra_args = pathlib.Path(root), n, swarm, list(extra_args)
         self.dataset, self.scheme = dataset, scheme  # give node i slice i of n of this dataset (non-IID by default)
+        self.envs = envs or {}  # node index -> extra environment (fault injection of the byzantine suite)
         self.nodes: list[NodeProcess] = []
 
     def node_args(self, join: Sequence[str] = ()) -> list[str]:
@@ -178,7 +179,8 @@ class LocalSwarm:
                 write_node_data(self.dataset, home / "data" / self.dataset, n_nodes=self.n, node_index=index,
                                 scheme=self.scheme, seed=0)
             args += ["--data", str(home / "data")]
-        node = NodeProcess(home, args).start()
+        env = self.envs.get(len(self.nodes))
+        node = NodeProcess(home, args, None if env is None else {**os.environ, **env}).start()
         self.nodes.append(node)
         return node
 

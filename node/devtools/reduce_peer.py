@@ -35,8 +35,9 @@ from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.entry_validation import SignedMatchmakingValidator
-from protocol.allreduce.faults import Fault, mangle_part
+from protocol.allreduce.faults import RESULT_FAULTS, Fault, mangle_part, mangle_result
 from protocol.allreduce.messages import TensorSpec
+from protocol.allreduce.robust import AGGREGATORS
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
 
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--value-codec", default="fp16")
     p.add_argument("--result-value-codec", default="fp16")
     p.add_argument("--result-density", type=float, default=None, help="global top-k of each span's average")
+    p.add_argument("--aggregator", choices=AGGREGATORS, default="mean", help="how owners aggregate their span")
+    p.add_argument("--max-weight", type=float, default=None, help="cap on a part's claimed weight")
     p.add_argument("--stop-at", choices=[ph.value for ph in Phase], default=None)
     p.add_argument("--fault", choices=[f.value for f in Fault], default=None)
     p.add_argument("--fault-round", type=int, default=0)
@@ -120,8 +123,13 @@ async def main(args: argparse.Namespace) -> None:
         schedule[f"r{args.fault_round}"] = args.fault
 
     def outgoing_part(frame, data: bytes) -> bytes:
-        if frame.round_id in schedule:
+        if frame.round_id in schedule and Fault(schedule[frame.round_id]) not in RESULT_FAULTS:
             return mangle_part(Fault(schedule[frame.round_id]), frame, data, seed=args.seed)
+        return data
+
+    def outgoing_result(frame, data: bytes) -> bytes:  # a byzantine owner: the same bad bytes to every member
+        if frame.round_id in schedule and Fault(schedule[frame.round_id]) in RESULT_FAULTS:
+            return mangle_result(Fault(schedule[frame.round_id]), frame, data)
         return data
 
     config = RoundConfig(
@@ -129,8 +137,10 @@ async def main(args: argparse.Namespace) -> None:
         expected_group=args.expected_group, matchmaking_time=args.matchmaking_time, part_timeout=args.part_timeout,
         result_timeout=args.result_timeout, commit_timeout=args.commit_timeout, bandwidth=args.bandwidth,
         value_codec=args.value_codec, result_value_codec=args.result_value_codec, result_density=args.result_density,
+        aggregator=args.aggregator, max_weight=args.max_weight,
     )
-    averager = Averager(p2p, dht, config, RoundHooks(on_phase=on_phase, outgoing_part=outgoing_part))
+    averager = Averager(p2p, dht, config, RoundHooks(on_phase=on_phase, outgoing_part=outgoing_part,
+                                                     outgoing_result=outgoing_result))
     await averager.start()
     addr = str((await p2p.get_visible_maddrs())[0])
     emit(event="ready", peer_id=me, addr=addr, pid=os.getpid())
@@ -177,6 +187,7 @@ async def main(args: argparse.Namespace) -> None:
             emit(event="round", round=r, ok=rep.ok, error=rep.error, leader=rep.leader, members=list(rep.members),
                  excluded=list(rep.excluded), spans=[list(s) for s in rep.spans], spans_applied=list(rep.spans_applied),
                  span_weights=list(rep.span_weights), votes_missing=list(rep.votes_missing), hash=digest,
+                 evidence=rep.evidence,
                  sent=rep.total_sent, received=rep.total_received,
                  select_s=timing.get("select"), round_s=t_round, phases=rep.phase_seconds)
     finally:

@@ -51,6 +51,7 @@ class JobView:
     declines: dict[str, str] = field(default_factory=dict)  # writer -> reason, every node's signed decline
     takers: int = 0  # nodes that announced they take part (any non-declined progress)
     announced: set[tuple[int, str]] = field(default_factory=set)  # (round, model hash) in signed progress
+    exclusions: dict[tuple[str, str], str] = field(default_factory=dict)  # (excluded, by writer) -> evidence
 
     @property
     def job_id(self) -> str:
@@ -95,6 +96,7 @@ class JobBoard:
             view.declines = {p.writer: p.reason for p in entries if p.state == "declined"}
             progress = [p for p in entries if p.state != "declined"]
             view.takers = len({p.writer for p in progress})
+            view.exclusions = {(peer, p.writer): why for p in progress for peer, why in zip(p.excluded, p.evidence)}
             if progress:
                 view.announced |= {(p.round, p.model_hash) for p in progress}
                 view.progress = max(progress, key=lambda p: (p.round, p.updated_at))

@@ -11,6 +11,12 @@ node/jobs/pipeline/pipeline_jobs.py PipelineJobs (kind = "pipeline"). The kind s
 take part (``why_not``); if it cannot, the manager publishes the node's signed decline with the reason
 (``swarmnode jobs`` on this node shows it with a hint), else it runs the kind's ``run(view)`` as a task
 until the job ends.
+
+Before asking the kind, the manager applies the node owner's rule (node/jobs/policy.py JobLimits): whose jobs
+it runs (accept_jobs_from), how many at once (max_jobs: a job declined for that is considered again once a
+slot frees, its later progress replacing the decline), how long a job may be (max_job_steps, max_job_hours:
+a job still running here after max_job_hours is left, with a decline saying so); the kind applies the per-job
+memory bound (max_job_memory, gpu_memory_fraction) to its own estimate.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from hivemind.p2p import P2P
 from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
+from node.jobs.policy import JobLimits, concurrency_refusal, job_refusal, memory_refusal
 from node.jobs.spec import job_spec_from_text
 from node.ml.job_model import job_model_config
 from node.ml.model_folder import folder_manifest
+from node.runtime.device import device_label, memory_of
 from node.runtime.errors import EXIT_USAGE, NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
@@ -62,17 +70,27 @@ class JobManager:
     def __init__(self, p2p: P2P, dht: DHTNode, swarm: str, peer_id: str, home: pathlib.Path,
                  data_dir: pathlib.Path, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
                  after_round=None, key=None, peers: Callable[[], Awaitable[list]] | None = None,
-                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None):
+                 clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None, limits: JobLimits | None = None,
+                 is_member: Callable[[str], Awaitable[bool]] | None = None, admit: Callable[[str], bool] | None = None,
+                 private: bool = False):
         self.board = JobBoard(dht, swarm, peer_id, clock)
         self.peer_id, self.clock = peer_id, clock
         device = torch.device("cpu") if device is None else device  # where this node trains (the daemon's --device)
+        # the node owner's rule (node/jobs/policy.py); is_member: whether a submitter is a member of the swarm
+        # (node/runtime/admission.py); admit, private: the private swarm's admission rule, applied to every round
+        self.limits, self.is_member, self.private = limits or JobLimits(), is_member, private
+        total = memory_of(device)[1] if self.limits.gpu_memory_fraction else 0
+        memory_limit = lambda on_device, on_host: memory_refusal(  # noqa: E731
+            self.limits, on_device, on_host, device.type, total, device_label(device))
         self.federated = FederatedJobs(p2p, self.board, home, data_dir, bandwidth, hooks, after_round, clock,
-                                       device=device)
+                                       device=device, admit=admit, memory_limit=memory_limit)
         self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock, device=device,
                                      models=self.federated.models)
         self.kinds: dict[str, JobKind] = {"federated": self.federated, "pipeline": self.pipeline}
         self._tasks: dict[str, asyncio.Task] = {}
         self._poller: asyncio.Task | None = None
+        self.running: set[str] = set()  # jobs this node takes part in (accepted and not ended): max_jobs counts them
+        self._busy: set[str] = set()  # jobs declined only because max_jobs were running: considered again later
 
     @property
     def views(self) -> dict[str, JobView]:
@@ -168,6 +186,12 @@ class JobManager:
         """Read the board and consider every running job not decided on yet; halt the local training of a job
         cancelled since; redo this node's export of a finished job that a kill interrupted."""
         await self.board.refresh()
+        for job_id in list(self._busy):  # declined while max_jobs ran: again, once a slot is free
+            view = self.board.views[job_id]
+            if view.state not in ("running", "paused") or not concurrency_refusal(self.limits, len(self.running)):
+                self._busy.discard(job_id)
+                if self._tasks.pop(job_id, None) is not None and view.state in ("running", "paused"):
+                    view.declined = ""
         for job_id, view in list(self.board.views.items()):
             if view.state in ("running", "paused") and job_id not in self._tasks and not view.declined:
                 self._consider(view)
@@ -180,13 +204,58 @@ class JobManager:
         self._tasks[view.job_id] = asyncio.create_task(self._decide(view), name=f"job-{view.job_id}")
 
     async def _decide(self, view: JobView) -> None:
-        """Ask the job's kind whether this node can take part (off the event loop: it reads this node's data and
-        sizes the model), then decline with the reason or run the job."""
-        kind = self.kinds[view.record.spec.kind]
-        reason, hint = await asyncio.to_thread(kind.why_not, view)
+        """Apply the node owner's rule (node/jobs/policy.py), then ask the job's kind whether this node can take
+        part (off the event loop: it reads this node's data and sizes the model); decline with the reason or
+        run the job, within max_job_hours."""
+        kind, record = self.kinds[view.record.spec.kind], view.record
+        member = record.submitter == self.peer_id or ("members" in self.limits.accept_from and
+                                                       self.is_member is not None and
+                                                       await self.is_member(record.submitter))
+        reason, hint = job_refusal(self.limits, record.spec, record.submitter, self.peer_id, member,
+                                   len(self.running), self.private), ""
+        if reason and concurrency_refusal(self.limits, len(self.running)) == reason:
+            self._busy.add(view.job_id)
+        if not reason:
+            self.running.add(view.job_id)  # counted before the await: jobs deciding at once share max_jobs
+            reason, hint = await asyncio.to_thread(kind.why_not, view)
         if reason:
-            view.declined = f"{reason}{'; ' + hint if hint else ''}"
-            logger.info("declining job %s: %s", view.job_id, view.declined)
-            await self.board.decline(view.job_id, reason)
+            self.running.discard(view.job_id)
+            await self._decline(view, reason, hint)
             return
-        await kind.run(view)
+        try:
+            if not await self._run_within(kind, view):
+                hours = self.limits.max_job_hours
+                self.federated.halt(view.job_id)
+                await self._decline(view, f"left the job after {hours:g} h on this node (max_job_hours = {hours:g})")
+        except Exception as e:  # a bug or a ruined model: say so, loudly, instead of a job task dying in silence
+            logger.exception("job %s failed on this node", view.job_id)
+            self.federated.halt(view.job_id)
+            await self._decline(view, f"this node's run of the job failed: {type(e).__name__}: {e}")
+        finally:
+            self.running.discard(view.job_id)
+
+    async def _decline(self, view: JobView, reason: str, hint: str = "") -> None:
+        view.declined = f"{reason}{'; ' + hint if hint else ''}"
+        logger.info("declining job %s: %s", view.job_id, view.declined)
+        await self.board.decline(view.job_id, reason)
+
+    async def _run_within(self, kind: JobKind, view: JobView) -> bool:
+        """Run the job on this node; False if max_job_hours ran out first (its run is cancelled)."""
+        limit = self.limits.max_job_seconds
+        if limit is None:
+            await kind.run(view)
+            return True
+        run = asyncio.ensure_future(kind.run(view))
+        timer = asyncio.ensure_future(self.clock.sleep(limit))
+        try:
+            done, _ = await asyncio.wait({run, timer}, return_when=asyncio.FIRST_COMPLETED)
+            if run in done:
+                run.result()
+                return True
+            logger.warning("job %s ran past max_job_hours (%g h) on this node: leaving it", view.job_id,
+                           self.limits.max_job_hours)
+            return False
+        finally:
+            for task in (run, timer):
+                task.cancel()
+            await asyncio.gather(run, timer, return_exceptions=True)

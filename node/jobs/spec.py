@@ -24,6 +24,8 @@
     momentum = 0.9                # default 0 (sgd only)
 
     precision = "fp32"            # default "fp32": or "bf16" / "fp16" (autocast on the node's device)
+    aggregator = "centered_clip"  # default: span owners clip hostile parts (protocol/allreduce/robust.py);
+                                  # or "trimmed_mean", "median", "mean" (no defence)
 
     [data]                        # optional: the participants' own data (``swarmnode data add NAME PATH``)
     kind = "tabular"              # "tabular" (features + label columns), "text" or "image" (class subfolders)

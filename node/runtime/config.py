@@ -7,6 +7,8 @@ The TOML file is ``--config PATH`` (or SWARMNODE_CONFIG); its keys are the field
     listen = ["/ip4/0.0.0.0/tcp/31337"]
     join = ["/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW..."]
     heartbeat = 10.0
+    accept_jobs_from = "members"  # or "self", "anyone", or a list: ["self", "12D3KooW..."]
+    max_jobs = 2                  # and max_job_memory = "8GiB", max_job_steps, max_job_hours, cpu_threads, ...
 
     [datasets.churn]              # own data under a dataset name (as `swarmnode data add churn ...`)
     path = "/srv/churn.csv"
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.runtime.errors import EXIT_USAGE, NodeError
+from protocol.records.peer_keys import PeerIdError, public_key_from_peer_id
 
 ENV_PREFIX = "SWARMNODE_"
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # as node/runtime/device.py (which imports torch)
@@ -54,6 +57,15 @@ class NodeConfig:
     # own data bound to dataset names ([datasets.NAME] tables: path, format, label, text_field; node/ml/user_data.py)
     datasets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "auto"  # where training runs: auto (the first CUDA device, else cpu), cpu, cuda, cuda:N
+    # whose jobs this node runs and how much of the machine each gets (node/jobs/policy.py)
+    accept_jobs_from: tuple[str, ...] = ("members",)  # "self", "members", "anyone" and/or peer ids
+    max_jobs: int = 2  # jobs this node takes part in at once
+    max_job_memory: int = 0  # bytes of a job's estimated training memory ("8GiB" in TOML/flags); 0: free memory
+    max_job_steps: int = 1_000_000  # local steps a job may ask of this node (rounds x local_steps); 0: no bound
+    max_job_hours: float = 0.0  # the longest one job may keep this node busy; 0: no bound
+    cpu_threads: int = 0  # torch threads of each job's local training; 0: torch's default (one per core)
+    gpu_memory_fraction: float = 0.0  # share of a CUDA device's memory jobs may allocate; 0: all of it
+    swarm_cert: pathlib.Path | None = None  # membership certificate of a private swarm; default <home>/swarm.cert
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
@@ -73,6 +85,14 @@ class NodeConfig:
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if not DEVICE_NAME.fullmatch(self.device):  # the form only; node/runtime/device.py resolves it at start
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r:.40}")
+        object.__setattr__(self, "accept_jobs_from", check_accept_jobs_from(self.accept_jobs_from))
+        for name in ("max_jobs", "max_job_memory", "max_job_steps", "cpu_threads"):
+            if getattr(self, name) < (1 if name == "max_jobs" else 0):
+                raise ValueError(f"{name} must be >= {1 if name == 'max_jobs' else 0}, got {getattr(self, name)}")
+        if not (math.isfinite(self.max_job_hours) and self.max_job_hours >= 0):
+            raise ValueError(f"max_job_hours must be a finite number >= 0 (0: no bound), got {self.max_job_hours}")
+        if not (math.isfinite(self.gpu_memory_fraction) and 0 <= self.gpu_memory_fraction <= 1):
+            raise ValueError(f"gpu_memory_fraction must be in [0, 1] (0: no bound), got {self.gpu_memory_fraction}")
         if self.control != "unix" and not self.control.startswith("tcp://"):
             raise ValueError(f"control must be 'unix' or 'tcp://HOST:PORT', got {self.control!r}")
         if self.control.startswith("tcp://"):
@@ -88,6 +108,11 @@ class NodeConfig:
     def data_dir(self) -> pathlib.Path:
         """Where this node's datasets live: --data, or <home>/data."""
         return self.data.expanduser() if self.data is not None else self.home_dir / "data"
+
+    @property
+    def swarm_cert_path(self) -> pathlib.Path:
+        """Where this node's membership certificate of a private swarm is: --swarm-cert, or <home>/swarm.cert."""
+        return (self.swarm_cert or self.home_dir / "swarm.cert").expanduser()
 
     @property
     def identity_path(self) -> pathlib.Path:
@@ -108,6 +133,35 @@ class NodeConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+ACCEPT_WORDS = ("self", "members", "anyone")  # accept_jobs_from's words (node/jobs/policy.py says what they mean)
+SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+              "gb": 10**9, "tb": 10**12}
+SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def check_accept_jobs_from(entries: Any) -> tuple[str, ...]:
+    """``entries`` (a list of "self", "members", "anyone" and peer ids) without repeats; ValueError naming the
+    first entry that is neither a word nor an Ed25519 peer id."""
+    if isinstance(entries, str) or not isinstance(entries, (list, tuple)) or not entries:
+        raise ValueError(f"accept_jobs_from must list one or more of {', '.join(ACCEPT_WORDS)} or peer ids, "
+                         f"got {entries!r:.60}")
+    for entry in entries:
+        if entry in ACCEPT_WORDS:
+            continue
+        try:
+            public_key_from_peer_id(entry)
+        except PeerIdError:
+            raise ValueError(f"accept_jobs_from: {entry!r:.60} is neither {', '.join(ACCEPT_WORDS)} nor a peer id "
+                             "(12D3KooW...)") from None
+    return tuple(dict.fromkeys(entries))
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "8GiB", "512 MiB", "1.5GB" or a plain number of bytes; ValueError otherwise."""
+    match = SIZE.fullmatch(text)
+    if match is None or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"expected a size such as 8GiB, 512MiB or a number of bytes, got {text!r:.40}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -132,6 +186,8 @@ def _convert(name: str, value: Any, source: str) -> Any:
                 raise TypeError("expected a number")
             return float(value)
         if kind == "int":
+            if name == "max_job_memory" and isinstance(value, str):
+                return parse_size(value)
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError("expected an integer")
             return int(value)

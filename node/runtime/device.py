@@ -6,6 +6,7 @@
     with autocast(device, "bf16"):               # torch.autocast with the precision's dtype (fp32: a no-op)
         loss = bundle.loss(module, batch)
     scaler = grad_scaler(device, "fp16")         # torch.amp.GradScaler for fp16, None otherwise
+    apply_compute_limits(device, 4, 0.5)         # torch threads per job; a CUDA device's memory share (the daemon)
 
 Device names: ``auto`` (the first CUDA device when torch sees one, else the CPU), ``cpu``, ``cuda`` (the current
 CUDA device, normally 0) and ``cuda:N``. A name torch cannot serve is a one-line ValueError.
@@ -97,6 +98,21 @@ def memory_shortfall(device: torch.device, on_device: int, on_host: int) -> str:
     if on_host > ram:
         return f"the round's vectors need about {on_host / gib:.1f} GiB of RAM, {ram / gib:.1f} GiB available"
     return ""
+
+
+def apply_compute_limits(device: torch.device, cpu_threads: int, gpu_memory_fraction: float) -> list[str]:
+    """Bound what this process's training may take of the machine (the daemon calls it once, at start): torch's
+    intra-op threads (process-wide, so each job's local steps and stage compute run their ops on at most
+    ``cpu_threads``; 0 leaves torch's default) and, on a CUDA device, the share of its memory torch's caching
+    allocator may hold (torch.cuda.set_per_process_memory_fraction; 0 leaves it all). The lines say what was set."""
+    done = []
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+        done.append(f"{cpu_threads} torch thread(s) per job")
+    if gpu_memory_fraction and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction, device)
+        done.append(f"{gpu_memory_fraction:g} of {device_label(device)}'s memory")
+    return done
 
 
 def check_precision_name(precision: str) -> str:

@@ -7,7 +7,8 @@ import pathlib
 import tempfile
 
 
-def atomic_write(path: pathlib.Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: pathlib.Path, data: bytes | memoryview, mode: int = 0o600) -> None:
+    """``data`` may be a memoryview (of a numpy array: written without a copy, the GIL released meanwhile)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

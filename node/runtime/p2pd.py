@@ -30,7 +30,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
@@ -117,14 +117,24 @@ def sweep_stale_sockets(patterns=SOCKET_PATTERNS, older_than: float = STALE_AFTE
 
 class _HandlerTrackingP2P(P2P):
     """hivemind's P2P (``P2P.replicate`` builds ``cls()``) that remembers its registered stream handlers, so
-    that OwnedP2PDaemon.stop can withdraw them from p2pd before it closes the client's unix socket."""
+    that OwnedP2PDaemon.stop can withdraw them from p2pd before it closes the client's unix socket; and puts
+    ``admit`` (OwnedP2PDaemon.set_admission: a private swarm's node/runtime/admission.py) in front of every
+    one of them: a stream from a peer it refuses is closed unread. (The DHT's own RPCs are unary handlers, not
+    stream handlers: strangers' records are the validators' to refuse.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.stream_handlers: set[str] = set()
+        self.admit: Callable[[str], Awaitable[bool]] | None = None
 
     async def add_binary_stream_handler(self, name: str, handler, balanced: bool = False) -> None:
-        await super().add_binary_stream_handler(name, handler, balanced)
+        async def gated(info, reader, writer) -> None:
+            if self.admit is not None and not await self.admit(info.peer_id.to_base58()):
+                writer.close()
+                return
+            await handler(info, reader, writer)
+
+        await super().add_binary_stream_handler(name, gated, balanced)
         self.stream_handlers.add(name)
 
     async def remove_binary_stream_handler(self, name: str) -> None:
@@ -182,6 +192,12 @@ class OwnedP2PDaemon:
                 raise P2PDaemonStartError(f"p2pd did not start within {startup_timeout:.0f} s") from None
             raise
         return self.p2p
+
+    def set_admission(self, admit: Callable[[str], Awaitable[bool]] | None) -> None:
+        """Serve streams only to peers ``admit`` accepts (None: everyone), the handlers already there included."""
+        if self.p2p is None:
+            raise RuntimeError("p2pd has not started")
+        self.p2p.admit = admit
 
     async def _read_output(self, ready: asyncio.Future) -> None:
         stdout = self.child.stdout if self.child is not None else None

@@ -1,31 +1,31 @@
 """The top-k all-reduce round: matchmaking, then a butterfly (reduce-scatter + all-gather), then a commit.
 
 Why it is built this way -- the races it handles:
-  * One owner per span computes that span's aggregate once, encodes it once, and sends the *same bytes*
-    to every member (and decodes those bytes itself): survivors of a round apply bit-identical results
-    by construction, whatever the float summation order would otherwise do.
-  * A member dies during reduce-scatter: its owner stops waiting at the part timeout and aggregates
-    the parts it has; the result lists who was included, so every other member knows whether its own
-    part was applied.
-  * An owner dies before or during all-gather: some members may hold its span and others not. A commit
-    exchange follows: each member tells every other which spans it holds, and a span is applied only if
-    every member that answered holds it. Spans not applied are handed back to the caller's
-    error-feedback buffer, so no gradient mass is lost. (A member alive but silent through the commit
-    timeout is treated as dead; that timing failure is the one case where survivors can disagree, and the
-    report's votes_missing names the members a decision was made without.)
-  * A bad frame (wrong round, shape, span, codec, NaN/Inf, out-of-range indices, oversize, garbage):
-    the owner rejects that sender's part and excludes it from the span; the sender still receives the
-    result, sees it was not included, and keeps its part. The receiver never allocates more than the
-    frame size bound it computed from its own plan.
-  * The sender of every frame is the libp2p-authenticated remote peer of the stream; a frame claiming
-    another sender is rejected.
-  * Nothing is lost to rounding: a part's fp16 rounding error goes back to its sender, and an owner's
-    rounding of the aggregate goes back into the owner's own buffer (server-side error feedback).
-  * Too few peers ready: matchmaking fails with NoGroup before any plan exists, so nobody ran that round
-    id; the caller may step() the same id again. Members of a paused job retry one id together instead
-    of each consuming ids on its own and never meeting again. A leader that sent no plan (dead: its
-    declaration outlives it in the DHT) is skipped on the retries of that id, by each peer that waited
-    for it; a peer that has not noticed yet still accepts the next leader's invite.
+  * One owner per span computes that span's aggregate once, encodes it once, and sends the *same bytes* to every member
+    (and decodes those bytes itself): survivors of a round apply bit-identical results by construction, whatever the
+    float summation order would otherwise do.
+  * A member dies during reduce-scatter: its owner stops waiting at the part timeout and aggregates the parts it has;
+    the result lists who was included, so every other member knows whether its own part was applied.
+  * An owner dies before or during all-gather: some members may hold its span and others not. A commit exchange follows:
+    each member tells every other which spans it holds, and a span is applied only if every member that answered holds
+    it. Spans not applied are handed back to the caller's error-feedback buffer, so no gradient mass is lost. (A member
+    alive but silent through the commit timeout is treated as dead; that timing failure is the one case where survivors
+    can disagree, and the report's votes_missing names the members a decision was made without.)
+  * A bad frame (wrong round, shape, span, codec, NaN/Inf, out-of-range indices, oversize, garbage): the owner rejects
+    that sender's part and excludes it from the span; the sender still receives the result, sees it was not included,
+    and keeps its part. The receiver never allocates more than the frame size bound it computed from its own plan.
+  * The sender of every frame is the libp2p-authenticated remote peer of the stream; a frame claiming another sender is
+    rejected.
+  * Nothing is lost to rounding: a part's fp16 rounding error goes back to its sender, and an owner's rounding of the
+    aggregate goes back into the owner's own buffer (server-side error feedback).
+  * Too few peers ready: matchmaking fails with NoGroup before any plan exists, so nobody ran that round id; the caller
+    may step() the same id again. Members of a paused job retry one id together instead of each consuming ids on its own
+    and never meeting again. A leader that sent no plan (dead: its declaration outlives it in the DHT) is skipped on the
+    retries of that id, by each peer that waited for it; a peer that has not noticed yet still accepts the next leader's
+    invite.
+  * Hostile members (RoundConfig.aggregator other than "mean"): an owner aggregates its span robustly and names the
+    outliers, members check each owner's result and vote a suspicious one missing (protocol/allreduce/robust.py); peers
+    the caller refuses (excluded from the job, not admitted: ``excluded``, hooks.admit) take no part in any phase.
 Matchmaking races are described in protocol/allreduce/matchmaking.py.
 """
 
@@ -34,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -70,7 +68,10 @@ from protocol.allreduce.messages import (
     ResultFrame,
     message_from_wire,
     message_to_wire,
+    part_frame_bound,
 )
+from protocol.allreduce.robust import aggregate_span, check_owner_result
+from protocol.allreduce.round_state import RoundState
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks, RoundOutcome, RoundReport
 from protocol.allreduce.settle import settle, span_of
 from protocol.allreduce.sparsify import SparseUpdate, topk_exact
@@ -78,7 +79,7 @@ from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.streams import Stream, open_stream, request, serve_on, stop_serving
 from protocol.wire import WireError
 
-__all__ = ["Averager", "NoGroup", "RoundFailed", "part_frame_bound"]
+__all__ = ["Averager", "NoGroup", "RoundFailed"]
 logger = logging.getLogger(__name__)
 MAX_WEIGHT = 1e12
 
@@ -91,55 +92,6 @@ class NoGroup(RoundFailed):
     """Matchmaking found fewer than min_group ready peers and formed no group: the round id is still unused."""
 
 
-@dataclass
-class _Round:
-    round_id: str
-    update: SparseUpdate | None  # None until a deferred selection finishes
-    weight: float
-    match: MatchState
-    plan: GroupPlan | None = None
-    parts: dict[str, tuple[np.ndarray, np.ndarray, float]] = field(default_factory=dict)
-    rejected: set[str] = field(default_factory=set)
-    parts_in: asyncio.Event = field(default_factory=asyncio.Event)
-    result_bytes: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    have: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    commits: dict[str, tuple[bool, ...]] = field(default_factory=dict)
-    commits_in: asyncio.Event = field(default_factory=asyncio.Event)
-    first_result_served: bool = False
-    rounding: tuple[SparseUpdate, SparseUpdate, float] | None = None  # (exact, decoded, total weight) of our span
-    results: list | None = None  # per span: (ResultFrame, decoded SparseUpdate) or None
-    sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    expires: float = 0.0
-    no_group: bool = False  # ended in matchmaking without a group: step() may run this round id again
-    suspects: set[str] = field(default_factory=set)  # leaders this id waited for in vain (dead, or cut off)
-    votes_missing: tuple[str, ...] = ()  # members whose commit vote this member decided without
-
-    @property
-    def offer(self) -> asyncio.Future[GroupPlan | None]:
-        """match.plan, which step() creates with the round: the leader's plan, None if it sent no usable one."""
-        if self.match.plan is None:
-            raise RuntimeError(f"round {self.round_id}: no plan future")
-        return self.match.plan
-
-    def group(self) -> GroupPlan:
-        """The plan, for the phases after matchmaking (step() sets it before any of them runs)."""
-        if self.plan is None:
-            raise RuntimeError(f"round {self.round_id}: no plan yet")
-        return self.plan
-
-    def selected(self) -> SparseUpdate:
-        """The update, for the phases after matchmaking (step() awaits a deferred selection before them)."""
-        if self.update is None:
-            raise RuntimeError(f"round {self.round_id}: no update yet")
-        return self.update
-
-
-def part_frame_bound(span_len: int) -> int:
-    """Largest honest part/result frame for a span: header + worst-case indices (9-byte varints) + fp32."""
-    return 4096 + span_len * 13
-
-
 class Averager:
     """One member's side of all-reduce rounds over one flat tensor; register once, then step() per round."""
 
@@ -148,10 +100,14 @@ class Averager:
         self.p2p, self.dht, self.config, self.clock = p2p, dht, config, clock
         self.hooks = hooks or RoundHooks()
         self.peer_id = p2p.peer_id.to_base58()
-        self._rounds: dict[str, _Round] = {}
+        self._rounds: dict[str, RoundState] = {}
         self._background: set[asyncio.Future] = set()
         prefix = f"swarmnode/{config.swarm}/allreduce/{config.tensor.name}"
         self._names = {"invite": f"{prefix}/invite", "part": f"{prefix}/part", "commit": f"{prefix}/commit"}
+        self.excluded: set[str] = set()  # peers the caller excluded: never rounded with, as hooks.admit refusals
+
+    def refuses(self, peer: str) -> bool:
+        return peer in self.excluded or (self.hooks.admit is not None and not self.hooks.admit(peer))
 
     async def start(self) -> None:
         handlers = {"invite": self._on_invite, "part": self._on_part, "commit": self._on_commit}
@@ -178,9 +134,9 @@ class Averager:
             raise ValueError(f"round {round_id!r} already ran on this member")
         loop = asyncio.get_running_loop()
         pending = asyncio.ensure_future(asyncio.to_thread(update)) if callable(update) else None
-        state = _Round(round_id, None if callable(update) else update, float(weight),
+        state = RoundState(round_id, None if callable(update) else update, float(weight),
                        MatchState(round_id, cfg.tensor, plan=loop.create_future()))
-        state.expires = self.clock.monotonic() + self._round_budget()
+        state.expires = self.clock.monotonic() + self.config.round_budget
         if round_id in self._rounds:  # a retry: a dead leader's declaration outlives it in the DHT, skip it
             state.suspects = self._rounds[round_id].suspects
         self._rounds[round_id] = state
@@ -229,10 +185,6 @@ class Averager:
         if self.hooks.on_phase is not None:
             await self.hooks.on_phase(phase, round_id)
 
-    def _round_budget(self) -> float:
-        c = self.config
-        return c.matchmaking_time + c.invite_timeout * 2 + c.result_timeout + c.commit_timeout + 5.0
-
     def _forget_old_rounds(self) -> None:
         now = self.clock.monotonic()
         for rid in [rid for rid, s in self._rounds.items() if s.expires < now]:
@@ -240,11 +192,11 @@ class Averager:
 
     # ---- matchmaking --------------------------------------------------------------------------------
 
-    async def _matchmake(self, state: _Round) -> GroupPlan:
+    async def _matchmake(self, state: RoundState) -> GroupPlan:
         cfg = self.config
         key = round_key(cfg.swarm, cfg.tensor.name, state.round_id)
         # on the DHT's clock, whatever this component's; signed by the DHT's validator (entry_validation.py)
-        expiry = get_dht_time() + min(self._round_budget(), MAX_ENTRY_TTL_S)
+        expiry = get_dht_time() + min(self.config.round_budget, MAX_ENTRY_TTL_S)
         mine = declaration_to_wire(cfg.bandwidth)
 
         async def store() -> bool:
@@ -252,7 +204,7 @@ class Averager:
 
         async def read() -> Seen:  # re-checks every entry, whatever the DHT's validator did
             found = await self.dht.get(key, latest=True)
-            return seen_from_entries(None if found is None else found.value, get_dht_time())
+            return seen_from_entries(None if found is None else found.value, get_dht_time(), self.refuses)
 
         discovery = asyncio.ensure_future(discover(store, read, self.peer_id, cfg.expected_group, cfg.matchmaking_time,
                                                      poll=0.02, clock=self.clock.monotonic, sleep=self.clock.sleep))
@@ -269,7 +221,7 @@ class Averager:
         if seen.started is not None and self.peer_id not in seen.started and state.match.accepting:
             state.match.accepting = False
             raise RoundFailed("the round started without this peer (it declared too late); next round")
-        candidates = {p: bw for p, bw in seen.declared.items() if p not in state.suspects}
+        candidates = {p: bw for p, bw in seen.declared.items() if p not in state.suspects and not self.refuses(p)}
         leader = choose_leader(list(candidates), self.peer_id)
         if leader != self.peer_id or not state.match.accepting:
             try:
@@ -286,7 +238,7 @@ class Averager:
             task.add_done_callback(self._background.discard)
         return self._checked_plan(plan)
 
-    async def _await_plan(self, state: _Round, read: Callable[[], Awaitable[Seen]]) -> GroupPlan | None:
+    async def _await_plan(self, state: RoundState, read: Callable[[], Awaitable[Seen]]) -> GroupPlan | None:
         """Wait for the leader's plan (None: it sent none usable); give up early if the DHT shows the round started
         without us."""
         cfg = self.config
@@ -312,7 +264,7 @@ class Averager:
             raise RoundFailed("the round started without this peer (the leader's group is full); next round")
         return plan
 
-    async def _lead(self, state: _Round, candidates: dict[str, float]) -> GroupPlan | None:
+    async def _lead(self, state: RoundState, candidates: dict[str, float]) -> GroupPlan | None:
         cfg = self.config
         invite = message_to_wire(Invite(state.round_id, self.peer_id, cfg.tensor))
         accepted: dict[str, float] = {}  # candidates that accepted within invite_timeout: their bandwidth
@@ -349,7 +301,7 @@ class Averager:
                 if peer not in group:
                     task.cancel()
             group[self.peer_id] = cfg.bandwidth
-            plan = make_plan(state.round_id, self.peer_id, group, cfg.tensor, self.clock.time() + self._round_budget(),
+            plan = make_plan(state.round_id, self.peer_id, group, cfg.tensor, self.clock.time() + cfg.round_budget,
                              cfg.min_group, cfg.max_group)
             # members get the plan; a plan without them (too few, or over max_group) tells them to give up
             body.set_result(message_to_wire(plan if plan is not None else
@@ -368,7 +320,7 @@ class Averager:
                                    MAX_CONTROL_FRAME, Invite)
         state = self._rounds.get(invite.round_id)
         ok = (state is not None and invite.leader == remote and invite.tensor == self.config.tensor
-              and state.match.accept_invite_from(remote))
+              and not self.refuses(remote) and state.match.accept_invite_from(remote))
         await stream.send(message_to_wire(InviteReply(invite.round_id, self.peer_id, ok, self.config.bandwidth)))
         if state is None or not ok:
             return
@@ -385,7 +337,7 @@ class Averager:
 
     # ---- butterfly ------------------------------------------------------------------------------------
 
-    async def _butterfly(self, state: _Round) -> list[tuple[ResultFrame, SparseUpdate] | None]:
+    async def _butterfly(self, state: RoundState) -> list[tuple[ResultFrame, SparseUpdate] | None]:
         plan, cfg = state.group(), self.config
         me = plan.members.index(self.peer_id)
         pieces = [span_of(state.selected(), s) for s in plan.spans]
@@ -403,9 +355,11 @@ class Averager:
         results = iter(await asyncio.gather(*exchanges))
         return [own if owner == self.peer_id else next(results) for owner in plan.members]
 
-    async def _exchange_part(self, state: _Round, owner: str, piece: SparseUpdate, span: tuple[int, int]):
+    async def _exchange_part(self, state: RoundState, owner: str, piece: SparseUpdate, span: tuple[int, int]):
         """Send our part of ``owner``'s span and read back its aggregate on the same stream."""
         cfg = self.config
+        if self.refuses(owner):  # an excluded owner gets no part, and its span is not applied by anyone
+            return None
         frame = PartFrame(state.round_id, self.peer_id, cfg.tensor, span, state.weight,
                           piece.nnz / max(1, piece.size), smallest_encoding(piece, cfg.value_codec))
         data = message_to_wire(frame)
@@ -419,20 +373,26 @@ class Averager:
                     state.sent[owner] += len(data) + len(state.round_id) + 8
                     raw = await stream.receive(part_frame_bound(span[1] - span[0]))
                     state.received[owner] += len(raw) + 4
-            return self._check_result(state, owner, span, raw)
+            return self._check_result(state, owner, span, raw, piece)
         except Exception as e:  # timeouts, hang-ups, bad frames, p2pd "peer unreachable": no result from it
             logger.info("round %s: no result for the span of %s (%s: %s)", state.round_id, owner[-8:],
                         type(e).__name__, e)
             return None
 
-    def _check_result(self, state: _Round, owner: str, span: tuple[int, int], raw: bytes):
+    def _check_result(self, state: RoundState, owner: str, span: tuple[int, int], raw: bytes, piece: SparseUpdate):
         result = message_from_wire(raw, len(raw), ResultFrame)
-        plan = state.group()
+        plan, cfg = state.group(), self.config
         if (result.round_id != state.round_id or result.sender != owner or result.span != span
-                or result.tensor != self.config.tensor or not set(result.included) <= set(plan.members)
+                or result.tensor != cfg.tensor or not set(result.included) <= set(plan.members)
                 or (result.included and not 0 < result.total_weight <= MAX_WEIGHT * len(plan.members))):
             raise WireError(f"result from {owner[-8:]} does not match the plan")
-        return result, extract_update(result.payload, span[1] - span[0])
+        decoded = extract_update(result.payload, span[1] - span[0])
+        if cfg.aggregator != "mean":  # robust rounds: is the owner's aggregate plausible? (robust.py)
+            why = check_owner_result(result, decoded, piece, self.peer_id, cfg.value_codec)
+            if why:
+                state.evidence[owner] = f"its result for its span: {why}"
+                raise WireError(why)
+        return result, decoded
 
     async def _on_part(self, stream: Stream) -> None:
         remote, wait = stream.peer, self.config.part_timeout
@@ -446,6 +406,8 @@ class Averager:
         plan = state.plan
         if remote not in plan.members:
             return
+        if self.refuses(remote):
+            state.rejected.add(remote)
         span = plan.spans[plan.members.index(self.peer_id)]
         try:
             data = await stream.receive(part_frame_bound(span[1] - span[0]), wait)  # the bound checked before the body
@@ -453,6 +415,8 @@ class Averager:
             self._accept_part(state, remote, span, data)
         except (WireError, CodecError, ValueError) as e:
             state.rejected.add(remote)
+            if not state.result_bytes.done():  # a part that only came late is no evidence of hostility
+                state.evidence.setdefault(remote, f"its part was rejected: {e}"[:160])
             logger.warning("round %s: rejected the part from %s: %s", state.round_id, remote[-8:], e)
         except (TimeoutError, asyncio.IncompleteReadError) as e:
             state.rejected.add(remote)
@@ -467,7 +431,7 @@ class Averager:
             state.first_result_served = True
             await self._phase(Phase.ALL_GATHER, state.round_id)
 
-    def _accept_part(self, state: _Round, remote: str, span: tuple[int, int], data: bytes) -> None:
+    def _accept_part(self, state: RoundState, remote: str, span: tuple[int, int], data: bytes) -> None:
         part = message_from_wire(data, len(data), PartFrame)
         if part.round_id != state.round_id:
             raise WireError(f"part for round {part.round_id!r:.40}, expected {state.round_id!r}")
@@ -478,14 +442,17 @@ class Averager:
                             f"expected {self.config.tensor.name}{list(span)}")
         if not part.weight <= MAX_WEIGHT:
             raise WireError(f"weight {part.weight} exceeds {MAX_WEIGHT:g}")
-        if remote in state.parts or remote in state.rejected:
+        if remote in state.rejected:
+            raise WireError("this member is excluded from the job or not admitted")
+        if remote in state.parts:
             raise WireError("second part from the same sender")
         if state.result_bytes.done():
             raise WireError("part arrived after the span was aggregated")
         piece = extract_update(part.payload, span[1] - span[0])  # validates indices and finiteness
-        state.parts[remote] = (piece.indices, piece.values, part.weight)
+        cap = self.config.max_weight  # what the job allows one member per round, whatever it claims
+        state.parts[remote] = (piece.indices, piece.values, part.weight if cap is None else min(part.weight, cap))
 
-    async def _aggregate_my_span(self, state: _Round) -> tuple[ResultFrame, SparseUpdate]:
+    async def _aggregate_my_span(self, state: RoundState) -> tuple[ResultFrame, SparseUpdate]:
         plan, cfg = state.group(), self.config
         try:
             await asyncio.wait_for(state.parts_in.wait(), cfg.part_timeout)
@@ -494,14 +461,11 @@ class Averager:
                         len(plan.members) - len(state.parts) - len(state.rejected))
         span = plan.spans[plan.members.index(self.peer_id)]
         length = span[1] - span[0]
-        included = tuple(sorted(state.parts))  # fixed order: the sum is computed once, here
-        total = np.zeros(length, np.float32)
-        weight = 0.0
-        for sender in included:
-            idx, vals, w = state.parts[sender]
-            total[idx] += np.float32(w) * vals
-            weight += w
-        average = total / np.float32(weight)
+        included = tuple(sorted(state.parts))  # fixed order: the aggregate is computed once, here
+        agg = aggregate_span([state.parts[p] for p in included], length, cfg.aggregator)
+        for i in agg.outliers:
+            state.evidence.setdefault(included[i], "its part lay far outside the others' (an outlier of the span)")
+        average, weight = agg.values, agg.total_weight
         support = np.flatnonzero(average)
         exact = SparseUpdate(support.astype(np.int64), average[support], length)  # (nnz,) of this span's average
         sent = exact
@@ -511,8 +475,10 @@ class Averager:
                 keep = np.sort(topk_exact(exact.values, k))
                 sent = SparseUpdate(exact.indices[keep], exact.values[keep], length)
         payload = smallest_encoding(sent, cfg.result_value_codec)
-        frame = ResultFrame(state.round_id, self.peer_id, cfg.tensor, span, included, weight, payload)
-        state.result_bytes.set_result(message_to_wire(frame))
+        kept = agg.kept if min(agg.kept, default=1.0) < 1.0 else ()
+        frame = ResultFrame(state.round_id, self.peer_id, cfg.tensor, span, included, weight, payload, kept)
+        hook = self.hooks.outgoing_result  # fault injection: a byzantine owner's bytes
+        state.result_bytes.set_result(message_to_wire(frame) if hook is None else hook(frame, message_to_wire(frame)))
         await self._phase(Phase.AGGREGATE, state.round_id)
         decoded = extract_update(payload, length)
         state.rounding = (exact, decoded, weight)  # server-side error feedback, applied if committed
@@ -520,7 +486,7 @@ class Averager:
 
     # ---- commit ----------------------------------------------------------------------------------------
 
-    async def _commit(self, state: _Round, have: tuple[bool, ...]) -> tuple[bool, ...]:
+    async def _commit(self, state: RoundState, have: tuple[bool, ...]) -> tuple[bool, ...]:
         plan, cfg = state.group(), self.config
         body = message_to_wire(CommitFrame(state.round_id, self.peer_id, have))
         others = [m for m in plan.members if m != self.peer_id]
@@ -545,14 +511,14 @@ class Averager:
             final = [a and b for a, b in zip(final, votes)]
         return tuple(final)
 
-    async def _all_commits(self, state: _Round, others: list[str]) -> None:
+    async def _all_commits(self, state: RoundState, others: list[str]) -> None:
         while not set(others) <= set(state.commits):
             await state.commits_in.wait()
             state.commits_in.clear()
 
-    def _record_commit(self, state: _Round, peer: str, raw: bytes) -> None:
+    def _record_commit(self, state: RoundState, peer: str, raw: bytes) -> None:
         commit = message_from_wire(raw, MAX_CONTROL_FRAME, CommitFrame)
-        if (commit.round_id == state.round_id and commit.sender == peer
+        if (commit.round_id == state.round_id and commit.sender == peer and not self.refuses(peer)
                 and len(commit.have) == len(state.group().members)):
             state.commits[peer] = commit.have
             state.commits_in.set()
@@ -572,13 +538,13 @@ class Averager:
 
     # ---- outcome ---------------------------------------------------------------------------------------
 
-    def _apply(self, state: _Round, plan: GroupPlan, results, final: tuple[bool, ...]):
+    def _apply(self, state: RoundState, plan: GroupPlan, results, final: tuple[bool, ...]):
         """The average to apply, and everything the caller must put back into its error feedback."""
         return settle(state.selected(), plan, self.peer_id, [r[1] if r is not None else None for r in results],
                       [r[0].included if r is not None else () for r in results], final, state.rounding, state.weight,
-                      self.config.value_codec)
+                      self.config.value_codec, [r[0].kept if r is not None else () for r in results])
 
-    def _report(self, state: _Round, ok: bool, error, final, times) -> RoundReport:
+    def _report(self, state: RoundState, ok: bool, error, final, times) -> RoundReport:
         plan = state.plan
         members = plan.members if plan else ()
         excluded = (tuple(sorted((set(members) - set(state.parts)) | state.rejected))
@@ -587,4 +553,4 @@ class Averager:
                         for ok_span, r in zip(final, state.results or [None] * len(final)))
         return RoundReport(state.round_id, ok, error, plan.leader if plan else None, members, excluded,
                            plan.spans if plan else (), tuple(final), weights, dict(state.sent), dict(state.received),
-                           times, state.no_group, state.votes_missing)
+                           times, state.no_group, state.votes_missing, dict(state.evidence))

@@ -156,11 +156,13 @@ class Seen:
     started: tuple[str, ...] | None = None  # members of the group a leader already started
 
 
-def seen_from_entries(entries: object, now: float) -> Seen:
+def seen_from_entries(entries: object, now: float, refuses: Callable[[str], bool] | None = None) -> Seen:
     """What a round's DHT dictionary (subkey -> item with .value and .expiration_time) says, re-checked here
     whatever the DHT's validator did: entries under other subkeys, naming an invalid peer id, expiring too late,
     malformed, or a started marker whose leader is not in its own group are ignored. Several started markers
-    (leaders blind to each other) count as one started round: the union of their groups."""
+    (leaders blind to each other) count as one started round: the union of their groups. Entries of a peer the
+    reader ``refuses`` (excluded from the job, not admitted to a private swarm) are ignored too: a stranger's own
+    signed started marker cannot fail the honest peers' round."""
     declared: dict[str, float] = {}
     started: set[str] | None = None
     if not isinstance(entries, dict):
@@ -172,6 +174,8 @@ def seen_from_entries(entries: object, now: float) -> Seen:
             if not isinstance(expiration, (int, float)) or not expiration <= now + MAX_ENTRY_TTL_S + CLOCK_SKEW_S:
                 raise WireError(f"expiry {expiration!r:.20} is too far ahead")
             public_key_from_peer_id(peer)  # PeerIdError (a ValueError) if it names no Ed25519 peer
+            if refuses is not None and refuses(peer):
+                raise WireError("an entry of a refused peer")
             if kind == DECLARED:
                 declared[peer] = declaration_from_wire(item.value)
                 continue

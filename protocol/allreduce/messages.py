@@ -89,6 +89,9 @@ class ResultFrame:
     included: tuple[str, ...]  # members whose parts were summed, sorted
     total_weight: float
     payload: EncodedUpdate  # indices relative to the span start
+    # per included member, the fraction of its part the aggregate holds (a robust aggregator's clip factor,
+    # protocol/allreduce/robust.py); () when every part was taken whole. Absent from the wire when empty.
+    kept: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ class CommitFrame:
 _MESSAGE_TAGS = {Invite: "invite", InviteReply: "invite_reply", GroupPlan: "plan", PartFrame: "part",
                  ResultFrame: "result", CommitFrame: "commit"}
 MAX_CONTROL_FRAME = 64 * 1024  # invites, plans, commits
+
+
+def part_frame_bound(span_len: int) -> int:
+    """Largest honest part/result frame for a span: header + worst-case indices (9-byte varints) + fp32."""
+    return 4096 + span_len * 13
 # msgpack values in a round message: a plan's members and [start, end] spans (4 per member) are the most, plus
 # ~30 for the fields and a payload map; twice that, so an oversized group reaches its field check. A part or
 # result frame is bounded by its own length only: this keeps its Python objects to ~150 KB.
@@ -176,6 +184,8 @@ def message_to_wire(msg) -> bytes:
     elif isinstance(msg, ResultFrame):
         body.update(sender=msg.sender, tensor=_tensor_to_wire(msg.tensor), span=list(msg.span),
                     included=list(msg.included), total_weight=msg.total_weight, payload=_sparse_to_wire(msg.payload))
+        if msg.kept:
+            body["kept"] = list(msg.kept)
     else:
         body.update(sender=msg.sender, have=list(msg.have))
     return pack(body)
@@ -228,5 +238,9 @@ def message_from_wire(data: bytes, max_bytes: int, expect: type):
             raise WireError(f"{where}: weight must be > 0 and density <= 1")
         return PartFrame(round_id, sender, tensor, span, weight, density, payload)
     included = _peer_list(obj.get("included"), f"{where}.included")
+    kept = obj.get("kept", [])
+    if (not isinstance(kept, list) or (kept and len(kept) != len(included))
+            or not all(type(k) is float and 0.0 <= k <= 1.0 for k in kept)):
+        raise WireError(f"{where}.kept: expected one fraction in [0, 1] per included member")
     return ResultFrame(round_id, sender, tensor, span, included, rate(obj.get("total_weight"), f"{where}.total_weight"),
-                       payload)
+                       payload, tuple(kept))

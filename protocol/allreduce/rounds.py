@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.allreduce.messages import PartFrame, TensorSpec
+from protocol.allreduce.messages import PartFrame, ResultFrame, TensorSpec
+from protocol.allreduce.robust import AGGREGATORS
 from protocol.allreduce.sparsify import SparseUpdate, check_density
 
 
@@ -38,6 +39,10 @@ class RoundConfig:
     # keeps the rest in its own error-feedback buffer, so the mass is delayed, not lost.
     result_density: float | None = None
     bandwidth: float = 12.5e6  # advertised bytes/s (100 Mbit/s); sizes this member's span
+    # how an owner aggregates its span (protocol/allreduce/robust.py): "mean" (no defence; exact conservation),
+    # "centered_clip", "trimmed_mean" or "median"; with any but "mean", members also check owners' results
+    aggregator: str = "mean"
+    max_weight: float | None = None  # a part's claimed weight is capped here (a job: its samples per round)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group <= self.max_group:
@@ -49,6 +54,15 @@ class RoundConfig:
             raise ValueError("bandwidth must be >= 0")
         if self.result_density is not None:
             check_density(self.result_density, "result_density")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        if self.max_weight is not None and not self.max_weight > 0:
+            raise ValueError("max_weight must be > 0")
+
+    @property
+    def round_budget(self) -> float:
+        """How long a round may take at most, matchmaking to commit (and how long its DHT entries live)."""
+        return self.matchmaking_time + self.invite_timeout * 2 + self.result_timeout + self.commit_timeout + 5.0
 
     @classmethod
     def for_job(cls, swarm: str, tensor: TensorSpec, round_timeout_s: float, min_group: int, max_group: int,
@@ -63,10 +77,14 @@ class RoundConfig:
 
 @dataclass
 class RoundHooks:
-    """Fault-injection points (see protocol/allreduce/faults.py); all optional."""
+    """Fault-injection points (see protocol/allreduce/faults.py) and the caller's admission rule; all optional."""
 
     on_phase: Callable[[Phase, str], Awaitable[None]] | None = None
     outgoing_part: Callable[[PartFrame, bytes], bytes] | None = None  # may replace a part's wire bytes
+    outgoing_result: Callable[[ResultFrame, bytes], bytes] | None = None  # may replace an owner's result bytes
+    # False for a peer this member must not round with (not admitted to a private swarm): its declarations,
+    # invites, parts, results and commit votes are ignored, as those of a member the job excluded
+    admit: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,9 @@ class RoundReport:
     # members whose commit vote did not arrive within the commit timeout: this member decided without them, so
     # its spans_applied may differ from theirs (the one timing case where survivors can disagree; empty otherwise)
     votes_missing: tuple[str, ...] = ()
+    # evidence against members seen in this round, peer -> reason: a part this member's span rejected or found an
+    # outlier (protocol/allreduce/robust.py), an owner's result that failed this member's check
+    evidence: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_sent(self) -> int:

@@ -38,12 +38,13 @@ def owner_residual(exact: SparseUpdate, decoded: SparseUpdate) -> tuple[np.ndarr
 def settle(update: SparseUpdate, plan: GroupPlan, me: str, decoded: Sequence[SparseUpdate | None],
            included: Sequence[tuple[str, ...]], final: Sequence[bool],
            rounding: tuple[SparseUpdate, SparseUpdate, float] | None, weight: float,
-           value_codec: str) -> tuple[SparseUpdate, SparseUpdate]:
+           value_codec: str, kept: Sequence[tuple[float, ...]] = ()) -> tuple[SparseUpdate, SparseUpdate]:
     """(the average to apply, everything to put back into error feedback), both over the whole tensor.
 
     ``decoded[i]`` / ``included[i]``: span i's decoded average and who its owner included (for spans this member
     got a result of); ``rounding``: (exact, decoded, total weight) of this member's own span aggregate, if any;
-    ``weight``: this member's weight in the round."""
+    ``weight``: this member's weight in the round; ``kept[i]``: per member of ``included[i]``, the fraction of its
+    part span i's robust aggregate holds (() or missing: whole) -- the rest of this member's part comes back."""
     size = update.size
     avg_idx, avg_val = [], []
     back_idx, back_val = [], []
@@ -55,8 +56,10 @@ def settle(update: SparseUpdate, plan: GroupPlan, me: str, decoded: Sequence[Spa
                 raise RuntimeError(f"span {i} is final but has no decoded average")
             avg_idx.append(got.indices + span[0])
             avg_val.append(got.values)
-        if ok and me in included[i]:  # applied: only the wire rounding comes back
-            back_val.append(piece.values - quantize_values(piece.values, value_codec))
+        if ok and me in included[i]:  # applied: only the wire rounding (and what a robust aggregate clipped) comes back
+            fractions = kept[i] if i < len(kept) else ()
+            share = np.float32(fractions[included[i].index(me)]) if fractions else np.float32(1.0)
+            back_val.append(piece.values - share * quantize_values(piece.values, value_codec))
         else:
             back_val.append(piece.values)
         back_idx.append(piece.indices + span[0])

@@ -9,4 +9,6 @@
     job_records.py     JobRecord, PipelineAssignment, JobProgress, their DHT keys and wire form
     job_validation.py  SignedJobRecordValidator
     values.py          the value checks every job record field passes (ValueError naming the field)
+    certificates.py    MembershipCert: a private swarm owner's signature admitting a member; issue, check, wire
+    membership_validation.py  MembershipValidator: a private swarm's records carry their writer's certificate
 """

@@ -62,6 +62,7 @@ PROGRESS_BUCKETS = "0123456789abcdef"
 # 16.3 KiB (tests/test_job_records.py::test_largest_record_fits); the limit leaves room for a schema change.
 MAX_JOB_RECORD_BYTES = 32 * 1024
 MAX_JOB_PROGRESS_BYTES = 32 * 1024
+MAX_EXCLUDED = 32  # members one progress record names as excluded (with 256 participants it stays under 32 KiB)
 
 
 def jobs_key(swarm: str) -> str:
@@ -202,6 +203,10 @@ class JobProgress:
     updated_at: float = 0.0
     next_round: int = 0  # the round id this writer will try next (paused writers align on the largest)
     reason: str = ""  # state "declined" only: why this writer does not take part (no local data, no memory, ...)
+    # members this writer excluded from the job (protocol/allreduce/robust.py's evidence in consecutive rounds), and
+    # per excluded member the evidence, one line each; absent from the wire when empty
+    excluded: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_job_id("job_id", self.job_id)
@@ -211,6 +216,11 @@ class JobProgress:
         if (self.state == "declined") != bool(self.reason):
             raise ValueError("reason: a declined writer gives one, and only a declined writer")
         check_int("next_round", self.next_round, 0, 2**31)
+        set_field(self, "excluded", check_peers("excluded", self.excluded, MAX_EXCLUDED))
+        if (not isinstance(self.evidence, (tuple, list)) or len(self.evidence) != len(self.excluded)
+                or not all(isinstance(e, str) and len(e) <= MAX_REASON and e.isprintable() for e in self.evidence)):
+            raise ValueError(f"evidence: one line of at most {MAX_REASON} printable characters per excluded member")
+        set_field(self, "evidence", tuple(self.evidence))
         check_int("round", self.round, 0, MAX_ROUNDS)
         check_model_hash("model_hash", self.model_hash)
         check_choice("state", self.state, PROGRESS_STATES)
@@ -255,13 +265,14 @@ def job_record_from_wire(data: bytes) -> JobRecord:
 
 def job_progress_to_wire(progress: JobProgress) -> bytes:
     out = {"v": JOB_SCHEMA_VERSION, **fields_of(progress)}
-    if not progress.reason:
-        del out["reason"]  # a participant's progress keeps its schema-1 bytes
+    for name in ("reason", "excluded", "evidence"):
+        if not out[name]:
+            del out[name]  # a participant's progress keeps its schema-1 bytes
     return pack(out)
 
 
 def job_progress_from_wire(data: bytes) -> JobProgress:
     obj = unpack_bounded(data, MAX_JOB_PROGRESS_BYTES)
-    if isinstance(obj, dict) and "reason" not in obj:
-        obj = {**obj, "reason": ""}
+    if isinstance(obj, dict):
+        obj = {"reason": "", "excluded": (), "evidence": (), **obj}
     return from_map(JobProgress, obj, "job progress", version=JOB_SCHEMA_VERSION)

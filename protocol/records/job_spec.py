@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.allreduce.messages import MAX_GROUP_SIZE
+from protocol.allreduce.robust import AGGREGATORS
 from protocol.records.job_inputs import PRECISIONS, AdapterSpec, DataSpec, ModelFile, check_model_files
 from protocol.records.values import (
     JOB_ID_HEX,
@@ -206,6 +207,9 @@ class JobSpec:
     precision: str = "fp32"  # compute precision of local steps and stage compute: fp32, bf16 or fp16 (autocast)
     data: DataSpec | None = None  # the declared schema of the participants' own data (None: a bundled dataset)
     adapter: AdapterSpec | None = None  # train a LoRA adapter on the frozen model instead of the whole model
+    # how a federated round's span owners aggregate members' parts (protocol/allreduce/robust.py); "mean" has no
+    # defence against a hostile member
+    aggregator: str = "centered_clip"
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
@@ -226,6 +230,7 @@ class JobSpec:
         check_name("dataset", self.dataset)
         check_choice("task", self.task, ("classification", "causal-lm"))
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("aggregator", self.aggregator, AGGREGATORS)
         self._check_inputs()
         if self.task not in TASKS_BY_ARCH[self.model.arch]:
             supported = " or ".join(map(repr, TASKS_BY_ARCH[self.model.arch]))
@@ -297,7 +302,8 @@ def spec_to_map(spec: JobSpec) -> dict:
     """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
     unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
     not know them refuses its record as having unknown fields, i.e. does not take part. The same holds for
-    ``precision``, ``data``, ``adapter`` and the model's ``files``: present only when not their default."""
+    ``precision``, ``data``, ``adapter``, ``aggregator`` and the model's ``files``: present only when not their
+    default."""
     model: dict[str, Any] = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
     if spec.model.files:
         model["files"] = [fields_of(f) for f in spec.model.files]
@@ -313,7 +319,8 @@ def spec_to_map(spec: JobSpec) -> dict:
     return out
 
 
-OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None}  # left out of the wire map when default
+# left out of the wire map when default
+OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None, "aggregator": "centered_clip"}
 
 
 def _model_from_map(obj: Any) -> ModelSpec:

@@ -139,7 +139,7 @@ class JobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash", "stage_hosts", "declines", "takers", "round_timeout_s")
+    __slots__ = ("job_id", "name", "submitter", "state", "round", "rounds", "model_hash", "participants", "train_loss", "eval_metric", "bytes_exchanged", "round_time_s", "summary", "declined", "local_round", "local_model_hash", "stage_hosts", "declines", "takers", "round_timeout_s", "exclusions")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class JobInfo(_message.Message):
     DECLINES_FIELD_NUMBER: _ClassVar[int]
     TAKERS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIONS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     submitter: str
@@ -180,7 +181,18 @@ class JobInfo(_message.Message):
     declines: _containers.RepeatedCompositeFieldContainer[Decline]
     takers: int
     round_timeout_s: float
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ..., stage_hosts: _Optional[_Iterable[str]] = ..., declines: _Optional[_Iterable[_Union[Decline, _Mapping]]] = ..., takers: _Optional[int] = ..., round_timeout_s: _Optional[float] = ...) -> None: ...
+    exclusions: _containers.RepeatedCompositeFieldContainer[Exclusion]
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., submitter: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., rounds: _Optional[int] = ..., model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., train_loss: _Optional[float] = ..., eval_metric: _Optional[float] = ..., bytes_exchanged: _Optional[int] = ..., round_time_s: _Optional[float] = ..., summary: _Optional[str] = ..., declined: _Optional[str] = ..., local_round: _Optional[int] = ..., local_model_hash: _Optional[str] = ..., stage_hosts: _Optional[_Iterable[str]] = ..., declines: _Optional[_Iterable[_Union[Decline, _Mapping]]] = ..., takers: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exclusions: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ...) -> None: ...
+
+class Exclusion(_message.Message):
+    __slots__ = ("peer_id", "by", "evidence")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    by: str
+    evidence: str
+    def __init__(self, peer_id: _Optional[str] = ..., by: _Optional[str] = ..., evidence: _Optional[str] = ...) -> None: ...
 
 class Decline(_message.Message):
     __slots__ = ("peer_id", "reason")

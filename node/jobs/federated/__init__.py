@@ -5,4 +5,5 @@
     runner.py          JobRunner: one node's model replica, private data and rounds (Averager underneath)
     local_training.py  local steps, the pseudo-gradient, the outer step (FedAvg, DiLoCo)
     export.py          the model, manifest, per-round report and curve a job leaves on disk
+    checkpoints.py     per-round checkpoints (atomic, sha256-verified, pruned) and the power-cut resume rule
 """

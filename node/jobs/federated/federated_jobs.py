@@ -23,14 +23,21 @@ succeeded), downloads the current global model, outer momentum and round history
 (protocol/transfer/job_state.py), served between rounds, and checks the parameters against their sha256 and
 that sha256 against the swarm's signed progress before adopting them: it never contributes an update computed
 from stale parameters.
+
+After every applied round (and every download) the node checkpoints its state to disk, off the event loop
+(node/jobs/federated/checkpoints.py). Restarted on the same home after a kill or a whole-swarm power cut, it goes
+on from its newest valid checkpoint, and the submitter puts the job's record back on the board; nodes one round
+apart converge on the later round (the rule and why: checkpoints.py's docstring).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +45,14 @@ import torch
 from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
+from node.jobs.federated.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    CheckpointWriter,
+    checkpoint_dir,
+    survivors_back,
+    unfinished_records,
+)
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
 from node.jobs.model_files import ModelFetchError, ModelStore
@@ -52,7 +67,7 @@ from node.runtime.errors import NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.planning.round_policy import RoundPolicy, meeting_round, outvoted
-from protocol.records.job_records import MAX_REASON, JobProgress
+from protocol.records.job_records import MAX_EXCLUDED, MAX_REASON, JobProgress, JobRecord
 from protocol.streams import serve_on, stop_serving
 from protocol.transfer.job_state import (
     JobState,
@@ -83,9 +98,13 @@ class Rounds:
 class FederatedJobs:
     def __init__(self, p2p: P2P, board: JobBoard, home: pathlib.Path, data_dir: pathlib.Path,
                  bandwidth: float = 12.5e6, hooks: RoundHooks | None = None, after_round=None,
-                 clock: Clock = SYSTEM_CLOCK, runner_factory=None, device: torch.device | None = None):
+                 clock: Clock = SYSTEM_CLOCK, runner_factory=None, device: torch.device | None = None,
+                 admit: Callable[[str], bool] | None = None, memory_limit: Callable[[int, int], str] | None = None):
         self.p2p, self.board, self.home, self.data_dir = p2p, board, home, data_dir
-        self.bandwidth, self.hooks, self.clock = bandwidth, hooks, clock
+        # admit: the private swarm's admission rule (node/runtime/admission.py), which every round applies
+        self.bandwidth, self.clock = bandwidth, clock
+        self.hooks = hooks if admit is None else dataclasses.replace(hooks or RoundHooks(), admit=admit)
+        self.memory_limit = memory_limit  # this node's per-job memory bound (node/jobs/policy.py): "" or why not
         self.after_round = after_round  # fault injection for tests (JobRunner's after_round)
         self.device = torch.device("cpu") if device is None else device  # where local steps run (--device)
         # tests pass a scripted runner (same interface as JobRunner)
@@ -95,6 +114,8 @@ class FederatedJobs:
         self._data: dict[str, NodeData] = {}  # read by why_not for run(), per job id
         self.models = ModelStore(p2p, home, board.swarm)  # job model folders: fetched, verified, served
         self.export_hook = None  # fault injection for tests: called with each export file's name before it is written
+        self._writers: dict[str, CheckpointWriter] = {}  # per job: its per-round checkpoints (checkpoints.py)
+        self._restorer: asyncio.Task | None = None
 
     @property
     def peer_id(self) -> str:
@@ -104,8 +125,14 @@ class FederatedJobs:
         await serve_on(self.p2p, {job_state_protocol(self.board.swarm): self._serve_state}, logger,
                        "job state handler")
         await self.models.start()
+        records = await asyncio.to_thread(unfinished_records, self.home, self.peer_id)
+        if records:
+            self._restorer = asyncio.create_task(self._restore_records(records), name="restore-job-records")
 
     async def stop(self) -> None:
+        if self._restorer is not None:
+            self._restorer.cancel()
+            await asyncio.gather(self._restorer, return_exceptions=True)
         await stop_serving(self.p2p, [job_state_protocol(self.board.swarm)], logger)
         await self.models.stop()
 
@@ -138,7 +165,7 @@ class FederatedJobs:
                 bound = check_buildable(spec.model.arch, cfg)
             except ValueError as e:
                 return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
-            short = memory_shortfall(self.device, bound.training_bytes(spec.inner.kind, spec.inner.momentum), 0)
+            short = self._shortfall(bound.training_bytes(spec.inner.kind, spec.inner.momentum), 0)
             if short:
                 return f"{short} ({bound.params:,} parameters)"[:MAX_REASON], ""
         try:
@@ -166,7 +193,7 @@ class FederatedJobs:
                                              spec.inner.kind, spec.inner.momentum))
         except ValueError as e:
             return f"cannot build model {spec.model.arch!r}: {e}"[:MAX_REASON], ""
-        short = memory_shortfall(self.device, on_device, on_host)
+        short = self._shortfall(on_device, on_host)
         if short:
             return short[:MAX_REASON], ""
         if data is not None:
@@ -191,16 +218,21 @@ class FederatedJobs:
                                      clock=self.clock)
         self._runners[record.job_id] = runner
         rounds = self.rounds.setdefault(record.job_id, Rounds())
+        resumed = await self._resume(view, runner, rounds)
         await runner.start()
         logger.info("taking part in job %s (%s) at round %d", record.job_id, spec.name, view.round)
-        if view.progress is None:  # the first taker: tell followers the job has a participant
+        if view.progress is None or resumed is not None:  # the first taker, or back from a checkpoint: say so
             await self.board.publish(JobProgress(record.job_id, self.peer_id, runner.completed, runner.model_hash,
-                                                 "running", updated_at=self.clock.time()))
+                                                 "running", updated_at=self.clock.time(),
+                                                 next_round=runner.next_round))
         policy = RoundPolicy()
         try:
+            if resumed is not None:
+                await self._await_survivors(view, runner, len(resumed.participants))
             while runner.completed < spec.rounds:
                 if view.record.state == "cancelled":
                     logger.info("job %s was cancelled", record.job_id)
+                    await asyncio.to_thread(CheckpointStore(checkpoint_dir(self.home, record.job_id)).forget)
                     return
                 try:
                     await self._resync_if_needed(view, runner)
@@ -213,9 +245,12 @@ class FederatedJobs:
                 result = await runner.run_round()
                 if view.record.state == "cancelled":  # seen mid-round (the manager halted the local steps)
                     logger.info("job %s was cancelled; round %d abandoned", record.job_id, result.round)
+                    await asyncio.to_thread(CheckpointStore(checkpoint_dir(self.home, record.job_id)).forget)
                     return
                 await asyncio.sleep(0)  # state requests waiting for a round boundary are served here
                 rounds.own.append(result)
+                if result.ok:
+                    self._checkpoint(view, runner, result.participants)
                 decision = policy.after_round(result.ok, len(result.participants), result.paused)
                 runner.expect(decision.expected_group)
                 if decision.announce_pause:
@@ -237,6 +272,8 @@ class FederatedJobs:
                                              updated_at=self.clock.time())
                 await self.board.store_record(view.record)
             params, _, completed, _ = runner.snapshot()
+            if record.job_id in self._writers:  # the last round's checkpoint on disk before the export
+                await self._writers[record.job_id].flush()
             await asyncio.to_thread(self._write_export, self.home / "jobs" / record.job_id, view, params, completed)
         except asyncio.CancelledError:
             raise
@@ -275,11 +312,15 @@ class FederatedJobs:
         seq = None if spec.data is None else min(spec.data.block_size, int(cfg["context"]))
         analysis = analyze_folder(folder, spec.batch_size, seq, task=spec.task)
         if spec.adapter is None:
-            return memory_shortfall(self.device, *job_memory(analysis, spec.precision, spec.inner.kind,
-                                                             spec.inner.momentum))
+            return self._shortfall(*job_memory(analysis, spec.precision, spec.inner.kind, spec.inner.momentum))
         memory = analysis.memory(spec.precision, spec.inner.kind, spec.inner.momentum)
         # the adapter's own vectors (host RAM, optimizer state) are a small fraction of the base's weights
-        return memory_shortfall(self.device, memory.weights + memory.activations + memory.workspace, 0)
+        return self._shortfall(memory.weights + memory.activations + memory.workspace, 0)
+
+    def _shortfall(self, on_device: int, on_host: int) -> str:
+        """Why a job needing these bytes cannot train here: the device's free memory, then this node's limits."""
+        short = memory_shortfall(self.device, on_device, on_host)
+        return short or (self.memory_limit(on_device, on_host) if self.memory_limit is not None else "")
 
     async def _decline(self, view: JobView, reason: str) -> None:
         view.declined = reason[:MAX_REASON]
@@ -290,7 +331,8 @@ class FederatedJobs:
         return JobProgress(
             runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
             result.train_loss if result.ok else None, (result.metrics or {}).get(runner.bundle.metric),
-            result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round)
+            result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round,
+            excluded=tuple(runner.excluded)[-MAX_EXCLUDED:], evidence=tuple(runner.excluded.values())[-MAX_EXCLUDED:])
 
     async def _resync_if_needed(self, view: JobView, runner: JobRunner) -> None:
         """Before a round: never contribute an update computed from parameters the swarm does not hold
@@ -320,6 +362,75 @@ class FederatedJobs:
                 return
             await self.clock.sleep(POLL_S / 2)  # the manager's poll refreshes view.progress
         runner.in_sync = True
+
+    # ---- checkpoints: a restart goes on from the last round on disk (node/jobs/federated/checkpoints.py) ---------
+
+    def _checkpoint(self, view: JobView, runner: JobRunner, participants: tuple[str, ...]) -> None:
+        """Hand the state just applied to the job's checkpoint writer: copied here, written in a worker thread."""
+        params, momentum, completed, next_round = runner.snapshot()
+        writer = self._writers.get(view.job_id)
+        if writer is None:
+            writer = self._writers[view.job_id] = CheckpointWriter(
+                CheckpointStore(checkpoint_dir(self.home, view.job_id), clock=self.clock))
+        now = self.rounds.get(view.job_id, Rounds())
+        rounds, model_hash, record = Rounds(list(now.own), list(now.inherited)), runner.model_hash, view.record
+
+        def make() -> Checkpoint:  # in the writer's thread: a long job's round report is built off the event loop
+            return Checkpoint(view.job_id, completed, next_round, model_hash, params, momentum, tuple(participants),
+                              rounds.report(self.peer_id), record)
+
+        writer.submit(make)
+
+    async def _resume(self, view: JobView, runner: JobRunner, rounds: Rounds) -> Checkpoint | None:
+        """Adopt this node's newest valid checkpoint of the job, if it has one (restarted after a kill or a power
+        cut): the job goes on from the last round this node applied, not from round 0."""
+        store = CheckpointStore(checkpoint_dir(self.home, view.job_id), clock=self.clock)
+        try:
+            ckpt = await asyncio.to_thread(store.load_latest, runner.params.size)
+        except OSError as e:  # an unreadable checkpoint folder: start as a joiner would
+            logger.warning("job %s: cannot read its checkpoints: %s", view.job_id, e)
+            return None
+        if ckpt is None or ckpt.completed <= runner.completed:
+            return None
+        try:
+            runner.load_state(ckpt.params, ckpt.momentum, ckpt.completed, ckpt.next_round, ckpt.model_hash)
+        except ValueError as e:  # e.g. the job's outer optimizer keeps no momentum but the checkpoint has one
+            logger.warning("job %s: checkpoint of round %d not usable: %s", view.job_id, ckpt.completed, e)
+            return None
+        rounds.inherited = merge_history(rounds.inherited, ckpt.history)
+        logger.info("job %s: resumed from this node's checkpoint at round %d (hash %s..., next round id %d)",
+                    view.job_id, ckpt.completed, ckpt.model_hash[:12], ckpt.next_round)
+        return ckpt
+
+    async def _await_survivors(self, view: JobView, runner: JobRunner, last_members: int) -> None:
+        """Before a resumed node's first round: wait, one round timeout at most, until the members of its last round
+        are back on the board or one of them is ahead (checkpoints.py survivors_back; the manager's poll refreshes
+        the view), so that nodes one round apart converge on the later round instead of forking."""
+        deadline = self.clock.monotonic() + runner.spec.round_timeout_s
+        while not survivors_back(view.takers, last_members, view.progress.round if view.progress else 0,
+                                 runner.completed):
+            if self.clock.monotonic() >= deadline:
+                logger.info("job %s: %d of the last round's %d members are back; going on", view.job_id,
+                            view.takers, last_members)
+                return
+            await self.clock.sleep(POLL_S / 2)
+
+    async def _restore_records(self, records: list[JobRecord]) -> None:
+        """After a restart: put back on the board the unfinished jobs this node submitted (after a whole-swarm power
+        cut no DHT copy of their records is left, and only the submitter's key can sign one), until the board shows
+        each; a record still on the board (cancelled or done since the checkpoint) is never overwritten."""
+        pending = {r.job_id: r for r in records}
+        while pending:
+            try:
+                await self.board.refresh()
+                for job_id, record in list(pending.items()):
+                    if job_id in self.board.views:
+                        del pending[job_id]
+                    elif await self.board.store_record(record):
+                        logger.info("job %s: its record is back on the board (from this node's checkpoint)", job_id)
+            except Exception as e:  # a DHT hiccup: try again at the next poll
+                logger.warning("restoring job records failed: %s", e)
+            await self.clock.sleep(POLL_S)
 
     # ---- state transfer ----------------------------------------------------------------------------------
 
@@ -370,6 +481,7 @@ class FederatedJobs:
         rounds = self.rounds.setdefault(view.job_id, Rounds())
         rounds.inherited = merge_history(rounds.inherited, history)
         logger.info("job %s: synced to round %d (hash %s...)", view.job_id, header.completed, header.model_hash[:12])
+        self._checkpoint(view, runner, view.progress.participants if view.progress else ())
 
     # ---- export ------------------------------------------------------------------------------------------
 

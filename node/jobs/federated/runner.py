@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +42,15 @@ from node.runtime.device import autocast, to_device
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
+from protocol.allreduce.robust import EXCLUDE_AFTER
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
 from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.records.job_records import MAX_REASON
 from protocol.records.job_spec import JobSpec
 from protocol.transfer.job_state import params_hash
 
+logger = logging.getLogger(__name__)
 EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
 VALUE_CODEC = "fp16"
 
@@ -89,9 +93,13 @@ class JobRunner:
         self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index),
                                     device, spec.precision)
         tensor = TensorSpec(f"job-{job_id}", size)
+        # a part's weight (samples seen) is capped at what the job allows one member per round
         self.averager = Averager(p2p, dht, RoundConfig.for_job(
             swarm, tensor, spec.round_timeout_s, spec.min_participants, spec.max_participants,
-            expected_group=expected_group, bandwidth=bandwidth), hooks, clock)
+            expected_group=expected_group, bandwidth=bandwidth, aggregator=spec.aggregator,
+            max_weight=float(spec.local_steps * spec.batch_size)), hooks, clock)
+        self.strikes: dict[str, int] = {}  # member -> consecutive rounds with evidence against it
+        self.excluded: dict[str, str] = {}  # member -> the evidence it was excluded on (the averager refuses it)
         self.in_sync = True
         self.after_round = after_round  # fault injection for tests: may modify the new parameters in place
         self._version = 0  # bumped whenever self.params changes
@@ -104,6 +112,17 @@ class JobRunner:
         self.idle = asyncio.Event()  # set between rounds: the state may be copied out
         self.idle.set()
         self.halted = threading.Event()  # set by halt(): local training stops at its next step, no update is sent
+
+    def _weigh_evidence(self, r: int, members: tuple[str, ...], evidence: dict[str, str]) -> None:
+        """Count each member's consecutive rounds with evidence against it; exclude it after EXCLUDE_AFTER."""
+        for peer in members:
+            if peer == self.averager.peer_id or peer in self.excluded:
+                continue
+            self.strikes[peer] = self.strikes.get(peer, 0) + 1 if peer in evidence else 0
+            if self.strikes[peer] >= EXCLUDE_AFTER:
+                self.excluded[peer] = f"rounds {r - EXCLUDE_AFTER + 1}-{r}: {evidence[peer]}"[:MAX_REASON]
+                self.averager.excluded.add(peer)
+                logger.warning("job %s: excluded member %s (%s)", self.job_id, peer, self.excluded[peer])
 
     def expect(self, group_size: int | None) -> None:
         """End matchmaking as soon as this many peers declared (else it waits its full window)."""
@@ -200,6 +219,7 @@ class JobRunner:
         outcome = await self.averager.step(f"{self.job_id}/r{r}/{self.model_hash[:16]}", select, weight=float(samples))
         self.sparsifier.restore(outcome.returned)
         report = outcome.report
+        self._weigh_evidence(r, report.members, report.evidence)
         if outcome.ok:
             if outcome.average is None:  # an ok round always applied an average (protocol/allreduce/averager.py)
                 raise RuntimeError(f"round {r} of job {self.job_id} succeeded without an average")
