@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from protocol.allreduce.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
-from protocol.allreduce.faults import Fault, mangle_part
+from protocol.allreduce.faults import MALFORMED_FAULTS, Fault, mangle_part
 from protocol.allreduce.messages import (
     MAX_CONTROL_FRAME,
     MAX_GROUP_SIZE,
@@ -465,9 +465,9 @@ def test_honest_parts_are_accepted(frame):
     assert len(message_to_wire(frame)) <= part_frame_bound(frame.span[1] - frame.span[0])
 
 
-@pytest.mark.parametrize("fault", list(Fault), ids=lambda f: f.value)
+@pytest.mark.parametrize("fault", MALFORMED_FAULTS, ids=lambda f: f.value)
 @pytest.mark.parametrize("frame", HONEST, ids=lambda f: f"{f.tensor.name}{list(f.span)}-{f.payload.index_codec}")
-def test_every_fault_is_rejected(fault, frame):
+def test_every_malformed_fault_is_rejected(fault, frame):
     honest = message_to_wire(frame)
     for seed in range(4):
         for other_peer in ("", A):
@@ -490,8 +490,10 @@ FAULT_TARGETS = {  # the receiver check each fault is built to fail
 }
 
 
-def test_fault_table_covers_every_fault():
-    assert set(FAULT_TARGETS) == set(Fault)
+def test_fault_table_covers_every_malformed_fault():
+    # the well-formed hostile ones (HUGE, FLIP100, NOISE, HEAVY, RESULT_*) pass the receiver's checks by design:
+    # robust aggregation bounds them (tests/test_robust_aggregation.py)
+    assert set(FAULT_TARGETS) == set(MALFORMED_FAULTS)
 
 
 @pytest.mark.parametrize("fault, reason", FAULT_TARGETS.items(), ids=lambda x: getattr(x, "value", x))

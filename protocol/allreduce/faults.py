@@ -41,8 +41,9 @@ class Fault(enum.Enum):
     RESULT_FLIPPED = "result_flipped"  # the honest aggregate sign-flipped
 
 
-PART_FAULTS = tuple(f for f in Fault if not f.value.startswith("result_"))
 RESULT_FAULTS = (Fault.RESULT_SCALED, Fault.RESULT_FLIPPED)
+HOSTILE_PART_FAULTS = (Fault.HUGE, Fault.FLIP100, Fault.NOISE, Fault.HEAVY)  # well-formed: a receiver accepts them
+MALFORMED_FAULTS = tuple(f for f in Fault if f not in HOSTILE_PART_FAULTS + RESULT_FAULTS)  # a receiver rejects them
 
 
 def _recoded(frame, values: np.ndarray, indices: np.ndarray | None = None):
