@@ -59,11 +59,13 @@ def run(work: pathlib.Path, fault: str, aggregator: str, nodes: int, hostile: in
         hostile = 0
     envs = {i: {"SWARMNODE_FAULT_BYZANTINE": f"{fault}:{args.from_round}"} for i in range(nodes - hostile, nodes)}
     name = f"{fault}-{aggregator}-{nodes}-{hostile}"
-    swarm = LocalSwarm(work / name, nodes, swarm=f"byz-{name}"[:60], dataset="digits", scheme="iid", envs=envs)
+    short = name.replace("centered_clip", "cc").replace("trimmed_mean", "tm").replace("result_", "r")
+    # a short folder: each node's control socket path must fit a unix socket's 107 bytes
+    swarm = LocalSwarm(work / short, nodes, swarm=f"byz-{name}"[:60], dataset="digits", scheme="iid", envs=envs)
     try:
         swarm.start(120)
         swarm.wait_converged(60)
-        path = work / f"{name}.toml"
+        path = work / f"{short}.toml"
         path.write_text(job_toml(aggregator, args.rounds, nodes - hostile, args.seed))
         t0 = time.monotonic()
         try:

@@ -257,3 +257,12 @@ def test_unknown_control_scheme(control):
     with pytest.raises(NodeError) as excinfo:
         resolve({"control": control}, env={})
     assert_usage_error(excinfo, "control must be")
+
+
+def test_a_home_too_deep_for_a_unix_socket_is_a_one_line_error(tmp_path):
+    """grpc would fail to bind <home>/control.sock with a traceback (a unix socket path holds 107 bytes)."""
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path))))
+    with pytest.raises(NodeError) as excinfo:
+        resolve({"home": str(deep)}, env={})
+    assert_usage_error(excinfo, "over the 107 a unix socket path allows", "--control tcp://127.0.0.1:PORT")
+    assert resolve({"home": str(deep), "control": "tcp://127.0.0.1:5000"}, env={}).home == deep  # tcp: no socket

@@ -111,12 +111,17 @@ async def stranger_requests(bootstrap: str, member: str, job_id: str) -> list[st
         except STREAM_ENDINGS as e:
             refused.append(f"job state: {type(e).__name__}")
         for name in (model_file_protocol(SWARM), f"swarmnode/{SWARM}/allreduce/job-{job_id}/invite"):
-            async with open_stream(p2p, member, name, dial_timeout=5.0) as stream:
-                await stream.send(b"\x80")  # any first frame: it is never read
-                try:
-                    await stream.receive(1 << 20, 5.0)
-                except STREAM_ENDINGS as e:
-                    refused.append(f"{name.rsplit('/', 1)[-1]}: {type(e).__name__}")
+            try:
+                async with open_stream(p2p, member, name, dial_timeout=5.0) as stream:
+                    await stream.send(b"\x80")  # any first frame: it is never read
+                    try:
+                        await stream.receive(1 << 20, 5.0)
+                    except STREAM_ENDINGS as e:
+                        refused.append(f"{name.rsplit('/', 1)[-1]}: {type(e).__name__}")
+            except Exception as e:  # p2pd's ControlFailure: the job's all-reduce handler left with its runner (done)
+                if "protocols not supported" not in str(e):
+                    raise
+                refused.append(f"{name.rsplit('/', 1)[-1]}: not served")
         return refused
     finally:
         await daemon.stop()
@@ -163,8 +168,9 @@ def test_an_uninvited_node_is_refused_by_every_service_and_an_invited_one_works(
     assert outsiders_job is None or jobs_of(c) == {outsiders_job}  # and it cannot read the members' job
     assert "rejected a record in private swarm 'lab'" in a.log_path.read_text()
     refused = asyncio.run(stranger_requests(a.addr, a.peer_id, members_job))
-    assert refused == ["job state: IncompleteReadError", "model-file: IncompleteReadError",
-                       "invite: IncompleteReadError"], refused
+    # the invite handler lives while the job's runner does: refused by the gate, or already gone with the job
+    assert refused[:2] == ["job state: IncompleteReadError", "model-file: IncompleteReadError"], refused
+    assert refused[2] in ("invite: IncompleteReadError", "invite: not served"), refused
     assert "refused a stream from" in a.log_path.read_text()
 
 

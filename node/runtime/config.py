@@ -36,6 +36,7 @@ from protocol.records.peer_keys import PeerIdError, public_key_from_peer_id
 ENV_PREFIX = "SWARMNODE_"
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # as node/runtime/device.py (which imports torch)
 DEFAULT_HOME = pathlib.Path("~/.swarmnode")
+MAX_UNIX_PATH = 107  # bytes of a unix socket path (the kernel's sun_path holds 108 with its terminating NUL)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,10 @@ class NodeConfig:
             raise ValueError(f"gpu_memory_fraction must be in [0, 1] (0: no bound), got {self.gpu_memory_fraction}")
         if self.control != "unix" and not self.control.startswith("tcp://"):
             raise ValueError(f"control must be 'unix' or 'tcp://HOST:PORT', got {self.control!r}")
+        if self.control == "unix" and len(os.fsencode(self.socket_path)) > MAX_UNIX_PATH:  # else grpc's traceback
+            raise ValueError(f"control socket {self.socket_path} is {len(os.fsencode(self.socket_path))} bytes, over "
+                             f"the {MAX_UNIX_PATH} a unix socket path allows: use a shorter --home, or --control "
+                             "tcp://127.0.0.1:PORT")
         if self.control.startswith("tcp://"):
             host = self.control[len("tcp://") :].rpartition(":")[0]
             if host not in ("127.0.0.1", "localhost", "[::1]"):

@@ -210,6 +210,8 @@ class JobRunner:
                                    0, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
             samples, loss = local.samples, local.mean_loss
             if not local.finite:  # NaN/Inf loss: this node's update is not sent; it sits the round out
+                logger.warning("job %s round %d: this node's local loss is not finite (%s): update withheld; "
+                               "waiting for a participant to re-sync from", self.job_id, r, local.mean_loss)
                 self.in_sync = False
                 return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), loss,
                                    samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
