@@ -289,6 +289,7 @@ def wait_report(node, job_id: str):
     return node.home / "jobs" / job_id / "report.json"
 
 
+@pytest.mark.slow  # ~25 s: in `make chaos` (CI's own step), keeping `make test` under 10 minutes
 @pytest.mark.timeout(240)
 def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it(node_factory, tmp_path):
     """n1 freezes itself inside round 2's exchange (fault injection) and is SIGKILLed there: n0 finishes or
@@ -340,6 +341,7 @@ def test_a_participant_killed_mid_round_pauses_the_job_until_a_joiner_resumes_it
     assert "fault injection: stopping at reduce_scatter" in n1.log_path.read_text()
 
 
+@pytest.mark.slow  # ~20 s: in `make chaos` (CI's own step), keeping `make test` under 10 minutes
 @pytest.mark.timeout(180)
 def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_path):
     """n2's parameters are perturbed after round 2 (fault injection): the model hash in every round id keeps it
