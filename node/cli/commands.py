@@ -101,13 +101,16 @@ def nobody_takes(info, waited_s: float) -> bool:
 
 
 def job_updates(client, job_id: str, follow: bool, as_json: bool = False, clock=time.monotonic):
-    """(info, the line to print or None when it says what the last one said, declines not seen before) for each
-    state the daemon sends; with ``follow``, a NodeError (exit 1) once nobody_takes the job, naming the declines."""
+    """(info, the line to print or None when it says what the last one said, a line per decline or exclusion not
+    seen before) for each state the daemon sends; with ``follow``, a NodeError (exit 1) once nobody_takes the job,
+    naming the declines."""
     start, last, seen = clock(), None, set()
     for info in client.job(job_id, follow=follow):
         line = json.dumps(job_json(info)) if as_json else format_job_line(info)
-        new = [d for d in [*info.declines, *info.exclusions] if (d.peer_id, getattr(d, "by", "")) not in seen]
-        seen |= {(d.peer_id, getattr(d, "by", "")) for d in new}
+        notes = [f"  declined by {d.peer_id}: {d.reason}" for d in info.declines]
+        notes += [f"  excluded {x.peer_id} (by {x.by[-8:]}): {x.evidence}" for x in info.exclusions]
+        new = [n for n in notes if n not in seen]
+        seen |= set(new)
         yield info, (line if line != last else None), new
         last = line
         if follow and nobody_takes(info, clock() - start):
@@ -125,9 +128,8 @@ def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
         state = info.state
         if line is not None:
             print(line, flush=True)
-        for d in new if not as_json else ():  # JSON lines carry them in "declines" and "exclusions"
-            print(f"  excluded {d.peer_id} (by {d.by[-8:]}): {d.evidence}" if hasattr(d, "evidence") else
-                  f"  declined by {d.peer_id}: {d.reason}", flush=True)
+        for note in new if not as_json else ():  # JSON lines carry them in "declines" and "exclusions"
+            print(note, flush=True)
     return 0 if state != "cancelled" else 1
 
 

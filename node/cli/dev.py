@@ -34,8 +34,8 @@ def run_demo_job(client, job_file: pathlib.Path, swarm, churn: bool) -> bool:
     for info, line, new in job_updates(client, job_id, True):
         if line is not None:
             print(line, flush=True)
-        for d in new:
-            print(f"  declined by {d.peer_id}: {d.reason}", flush=True)
+        for note in new:
+            print(note, flush=True)
         if not churned and info.round >= max(1, info.rounds // 3):
             victim = swarm.nodes[-1]
             victim.kill_hard()

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from node.runtime.config import check_accept_jobs_from
 from protocol.records.job_records import MAX_REASON
 from protocol.records.job_spec import JobSpec
+from protocol.records.values import short
 
 GIB = 2**30
 
@@ -67,10 +68,6 @@ class JobLimits:
     def max_job_seconds(self) -> float | None:
         """The wall-clock bound of one job on this node, None when unbounded."""
         return self.max_job_hours * 3600.0 if self.max_job_hours else None
-
-
-def short(peer: str) -> str:
-    return f"...{peer[-8:]}"
 
 
 def _line(text: str) -> str:

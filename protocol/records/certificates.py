@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
+from protocol.records.values import short
 from protocol.wire import WireError, exact_map, field, pack, text, unpack_bounded
 
 CERT_DOMAIN = "swarmnode/membership-certificate/v1"
@@ -76,10 +77,6 @@ def issue_cert(owner_key: Ed25519PrivateKey, swarm: str, member: str, expires_at
     MembershipCert(swarm, owner, member, float(expires_at), bytes(SIGNATURE_BYTES))  # the fields' checks first
     return MembershipCert(swarm, owner, member, float(expires_at),
                           owner_key.sign(cert_payload(swarm, owner, member, expires_at)))
-
-
-def short(peer: str) -> str:
-    return f"...{peer[-8:]}"
 
 
 def check_cert(cert: MembershipCert, swarm: str, owner: str, member: str | None = None, now: float = 0.0) -> None:

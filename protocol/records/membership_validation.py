@@ -39,11 +39,11 @@ from protocol.records.certificates import (
     cert_from_wire,
     cert_to_wire,
     check_cert,
-    short,
 )
 from protocol.records.job_records import MAX_JOB_RECORD_BYTES, job_record_from_wire, jobs_key
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records.validation import key_id
+from protocol.records.values import short
 from protocol.wire import WireError, pack, unpack_bounded
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,11 @@ def show(value: Any) -> str:
     return f"{value!r:.40}"
 
 
+def short(peer: str) -> str:
+    """A peer id as a one-line message shows it: its last 8 characters."""
+    return f"...{peer[-8:]}"
+
+
 def check_int(field: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field}: must be an integer, got {show(value)}")
