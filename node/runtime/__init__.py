@@ -10,6 +10,6 @@
     capability.py  what this machine brings (GPUs, cores, memory, a matmul benchmark)
     device.py      the device a node trains on (--device), its free memory, mixed precision (autocast, scaler)
     backoff.py     retry with exponential backoff (injected sleep)
-    files.py       atomic_write: temporary file, fsync, rename, fsync the directory
+    files.py       atomic_write: temporary file, fsync, rename, fsync the directory; fsync_dir
     errors.py      NodeError and the exit codes
 """

@@ -22,8 +22,13 @@ def atomic_write(path: pathlib.Path, data: bytes | memoryview, mode: int = 0o600
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    """Make a folder's entries (a rename, a new or removed file) durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)

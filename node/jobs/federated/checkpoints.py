@@ -43,7 +43,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import re
 import shutil
@@ -53,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from node.jobs.federated.export import history_from_json, history_to_json
-from node.runtime.files import atomic_write
+from node.runtime.files import atomic_write, fsync_dir
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.records.job_records import JobRecord, job_record_from_wire, job_record_to_wire
 from protocol.transfer.job_state import params_hash
@@ -101,14 +100,6 @@ def _sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     """The checkpoints of one job in ``root`` (see the module docstring). ``before_write`` (fault injection for
     tests) is called with each step's name (STEPS) before that write."""
@@ -148,9 +139,9 @@ class CheckpointStore:
         folder = self.root / f"{seq:08d}.c{ckpt.completed}"
         new_root = not self.root.is_dir()
         folder.mkdir(parents=True)
-        _fsync_dir(self.root)  # the new folder's own entry (and the job's folder's, the first time)
+        fsync_dir(self.root)  # the new folder's own entry (and the job's folder's, the first time)
         if new_root:
-            _fsync_dir(self.root.parent)
+            fsync_dir(self.root.parent)
         for name in STEPS[:-1]:
             if name in contents:
                 self._step(name)
