@@ -78,6 +78,7 @@ def job_on(node, job_id: str) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # ~40 s with its teardown: in `make chaos` (CI's own step), keeping `make test` under 10 minutes
 @pytest.mark.timeout(420)
 def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
     nodes = start_pipeline_swarm(node_factory, tmp_path, 6)  # the trainer, 4 hosts, one left out
