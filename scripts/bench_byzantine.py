@@ -10,13 +10,15 @@ A scenario is FAULT:AGGREGATOR[:NODES:HOSTILE]: NODES daemons (default --nodes),
 they behave honestly for the first rounds and then, in every round: ``huge`` parts of 1e30, ``flip100`` their part
 sign-flipped x100, ``noise`` N(0, 1) in every entry, ``heavy`` a claimed weight of 1e12, ``nan`` a NaN value, and as
 span owners ``result_scaled`` (their aggregate x100) or ``result_flipped`` (sign-flipped) to every member.
-``honest`` runs no fault. The job is the demo's (examples/digits.toml: an MLP on digits, top-k density 0.01,
-SGD 0.1 momentum 0.9, FedAvg) with --rounds rounds and min_participants = the honest count, on an IID split (so
-that excluding a member costs no classes: the figure measures the attack, not lost data). Accuracy is the mean
-held-out accuracy the honest participants report after the last round (report.json); the round time is the median
-wall time of their completed rounds; exclusions are the signed ones in the honest nodes' progress records. A job not
-done after --stall-s (a ruined model whose rounds no longer complete) is reported stalled, with the round and the
-last accuracy its progress records showed.
+``honest`` runs no fault; ``crash`` SIGKILLs the last HOSTILE members once a round of --from is reported (they are
+simply lost, with their data: the floor any defence can reach, since an excluded member's samples are lost too). The
+job is the demo's (examples/digits.toml: an MLP on digits, top-k density 0.01, SGD 0.1 momentum 0.9, FedAvg) with
+--rounds rounds and min_participants = the honest count, on an IID split (so that excluding a member costs no
+classes; the members' samples are still a quarter fewer once one is excluded, which the ``crash`` row measures).
+Accuracy is the mean held-out accuracy the honest participants report after the last round (report.json); the round
+time is the median wall time of their completed rounds; exclusions are the signed ones in the honest nodes' progress
+records. A job not done after --stall-s (a ruined model whose rounds no longer complete) is reported stalled, with
+the round and the last accuracy its progress records showed.
 
 Threads: OMP_NUM_THREADS=1 for every node and this process (nodes share 2 cores).
 """
@@ -34,6 +36,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +60,8 @@ def job_toml(aggregator: str, rounds: int, honest: int, seed: int) -> str:
 def run(work: pathlib.Path, fault: str, aggregator: str, nodes: int, hostile: int, args) -> dict:
     if fault == "honest":
         hostile = 0
-    envs = {i: {"SWARMNODE_FAULT_BYZANTINE": f"{fault}:{args.from_round}"} for i in range(nodes - hostile, nodes)}
+    envs = {} if fault == "crash" else {
+        i: {"SWARMNODE_FAULT_BYZANTINE": f"{fault}:{args.from_round}"} for i in range(nodes - hostile, nodes)}
     name = f"{fault}-{aggregator}-{nodes}-{hostile}"
     short = name.replace("centered_clip", "cc").replace("trimmed_mean", "tm").replace("result_", "r")
     # a short folder: each node's control socket path must fit a unix socket's 107 bytes
@@ -68,19 +72,16 @@ def run(work: pathlib.Path, fault: str, aggregator: str, nodes: int, hostile: in
         path = work / f"{short}.toml"
         path.write_text(job_toml(aggregator, args.rounds, nodes - hostile, args.seed))
         t0 = time.monotonic()
-        try:
-            out = subprocess.run([*CLI, "submit", str(path), "--follow", "--json", "--home",
-                                  str(swarm.nodes[0].home)], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=args.stall_s)
-        except subprocess.TimeoutExpired as e:  # stalled (a ruined model): what it reached by then
-            lines = (e.output.decode() if isinstance(e.output, bytes) else e.output or "").splitlines()
+        crashed = swarm.nodes[nodes - hostile:] if fault == "crash" else []
+        lines, code, stderr = follow(swarm, path, args, crashed)
+        if code is None:  # stalled (a ruined model): what it reached by then
             last = json.loads(lines[-1]) if lines else {}
             return {"scenario": name, "fault": fault, "aggregator": aggregator, "nodes": nodes, "hostile": hostile,
                     "stalled_at_round": last.get("round", 0), "accuracy": last.get("eval_metric") or 0.0,
                     "wall_s": round(time.monotonic() - t0, 1)}
-        if out.returncode != 0:
-            raise RuntimeError(f"{name}: submit --follow failed: {out.stderr.strip()[-500:]}")
-        events = [json.loads(line) for line in out.stdout.splitlines()]
+        if code != 0:
+            raise RuntimeError(f"{name}: submit --follow failed: {stderr.strip()[-500:]}")
+        events = [json.loads(line) for line in lines]
         job_id, final = events[0]["job_id"], events[-1]
         honest_nodes = swarm.nodes[:nodes - hostile]
         homes = [n.home / "jobs" / job_id for n in honest_nodes]
@@ -101,6 +102,30 @@ def run(work: pathlib.Path, fault: str, aggregator: str, nodes: int, hostile: in
                 "honest_excluded": sorted({peer[-8:] for peer, _ in excluded if peer not in hostile_ids})}
     finally:
         swarm.stop()
+
+
+def follow(swarm: LocalSwarm, path: pathlib.Path, args, crash: list) -> tuple[list[str], int | None, str]:
+    """`submit --follow --json` from the first node: its lines, exit code (None: stalled past --stall-s) and stderr.
+    The nodes in `crash` are SIGKILLed as soon as a line reports round --from."""
+    proc = subprocess.Popen([*CLI, "submit", str(path), "--follow", "--json", "--home", str(swarm.nodes[0].home)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(args.stall_s, proc.kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if crash and json.loads(line).get("round", 0) >= args.from_round:
+                for node in crash:
+                    node.kill_hard()
+                crash = []
+        stderr = proc.stderr.read() if proc.stderr else ""
+        proc.wait()
+    finally:
+        stalled = not timer.is_alive() and proc.returncode != 0
+        timer.cancel()
+    return lines, None if stalled else proc.returncode, stderr
 
 
 def aggregation_cost(repeats: int = 5) -> None:

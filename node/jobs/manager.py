@@ -25,6 +25,7 @@ import asyncio
 import logging
 import pathlib
 import secrets
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -34,6 +35,7 @@ from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
 from node.jobs.federated.federated_jobs import FederatedJobs
+from node.jobs.federated.script_runs import ParameterLayout, ScriptBridge, canonical, is_script_run, script_layout
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
 from node.jobs.policy import JobLimits, concurrency_refusal, job_refusal, memory_refusal
 from node.jobs.spec import job_spec_from_text
@@ -44,6 +46,7 @@ from node.runtime.errors import EXIT_USAGE, NodeError
 from protocol.allreduce.rounds import RoundHooks
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.records.job_records import JobRecord
+from protocol.records.job_spec import SCRIPT_LAYOUT, JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,65 @@ class JobManager:
     async def refresh(self) -> None:
         await self.board.refresh()
 
+    # ---- script runs (node/jobs/federated/script_runs.py; swarmnode.Optimizer calls these) ----------------------
+
+    def _script_run(self, name: str) -> str | None:
+        return canonical(j for j, v in self.board.views.items() if is_script_run(v.record.spec)
+                         and v.record.spec.name == name and v.state in ("running", "paused"))
+
+    async def join_script_run(self, spec: JobSpec, layout: ParameterLayout, bridge: ScriptBridge) -> JobView:
+        """Take part in the running script run named ``spec.name`` (stored from ``spec`` if there is none), its local
+        steps the script's through ``bridge``; NodeError (one line) if the run trains a model of another layout."""
+        def put() -> None:  # this node serves the layout file, like a model folder (node/jobs/model_files.py)
+            self.federated.models.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.federated.models.root) as tmp:
+                (pathlib.Path(tmp) / SCRIPT_LAYOUT).write_bytes(layout.to_bytes())
+                self.federated.models.put(tmp, (layout.file,))
+
+        await asyncio.to_thread(put)
+        await self.board.refresh()
+        job_id = self._script_run(spec.name)
+        if job_id is None:
+            record = JobRecord.create(spec, self.peer_id, secrets.token_hex(8), self.clock.time())
+            if not await self.board.store_record(record):
+                raise NodeError("the run could not be stored in the DHT (no peer accepted it)")
+            self.board.views[record.job_id] = JobView(record)
+            logger.info("started run %r (job %s)", spec.name, record.job_id)
+            await self.clock.sleep(2 * POLL_S)  # another script starting the same run id now: one of them stays
+            await self.board.refresh()
+            job_id = self._script_run(spec.name) or record.job_id
+            if job_id != record.job_id:
+                logger.info("run %r: job %s was stored at the same time; withdrawing %s", spec.name, job_id,
+                            record.job_id)
+                await self.board.store_record(record.replace(state="cancelled", updated_at=self.clock.time()))
+        view = self.board.views[job_id]
+        theirs = view.record.spec.model.files[0]
+        if theirs != layout.file:
+            try:
+                jobs = self.federated
+                folder = await jobs.models.ensure(view.record.spec.model.files, jobs.model_holders(view))
+                other = await asyncio.to_thread(script_layout, view.record.spec, folder)
+                why = other.difference(layout) if other is not None else ""
+            except (RuntimeError, ValueError, OSError) as e:
+                why = f"its layout file (sha256 {theirs.sha256[:12]}...) differs from this script's ({e})"
+            raise NodeError(f"run {spec.name!r} (job {job_id}) trains another model: {why}", EXIT_USAGE)
+        self.federated.scripts[job_id] = bridge
+        if job_id in self._tasks and view.declined:  # considered before the script attached: again
+            self._tasks.pop(job_id)
+            view.declined = ""
+        return view
+
+    async def leave_script_run(self, job_id: str) -> None:
+        """The script stops training in the run: its node's rounds end (no update leaves after this)."""
+        bridge = self.federated.scripts.get(job_id)
+        self.federated.halt(job_id)
+        if bridge is not None:
+            bridge.end("the script left the run")
+        task = self._tasks.get(job_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=5.0)
+        self.federated.scripts.pop(job_id, None)
+
     def local_state(self, job_id: str) -> tuple[int, str] | None:
         """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part (a pipeline
         job: steps, and the hash of the stage held here)."""
@@ -193,6 +255,8 @@ class JobManager:
                 if self._tasks.pop(job_id, None) is not None and view.state in ("running", "paused"):
                     view.declined = ""
         for job_id, view in list(self.board.views.items()):
+            if is_script_run(view.record.spec) and job_id not in self.federated.scripts:
+                continue  # only the scripts running it take part; daemons neither run nor decline it
             if view.state in ("running", "paused") and job_id not in self._tasks and not view.declined:
                 self._consider(view)
             elif view.state == "cancelled" and job_id in self._tasks:
@@ -213,6 +277,8 @@ class JobManager:
                                                        await self.is_member(record.submitter))
         reason, hint = job_refusal(self.limits, record.spec, record.submitter, self.peer_id, member,
                                    len(self.running), self.private), ""
+        if view.job_id in self.federated.scripts:  # the node's own script asked to train in it
+            reason = ""
         if reason and concurrency_refusal(self.limits, len(self.running)) == reason:
             self._busy.add(view.job_id)
         if not reason:

@@ -211,6 +211,8 @@ def _model(model: dict[str, Any], model_folder: Callable[[str], tuple[ModelFile,
         raise ValueError("model.arch: missing, required (or model.path, a local model folder)")
     if model["arch"] == "hf":
         raise ValueError("model.arch: 'hf' is written by the node; name the folder with model.path")
+    if model["arch"] == "script":
+        raise ValueError("model.arch: 'script' is a Python script's own model; start its run with swarmnode.Optimizer")
     return ModelSpec(model["arch"], tuple((k, v) for k, v in model.items() if k != "arch"))  # sorted there
 
 

@@ -35,10 +35,14 @@ from protocol.records.values import (
 from protocol.wire import WireError, fields_of, from_map, pack, unpack_bounded
 
 JOB_SCHEMA_VERSION = 1  # the "v" of every job spec, record, progress and state header map
-ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn", "hf")  # node/ml/models.py builds each; hf: a model folder
+# node/ml/models.py builds each; hf: a model folder; script: a Python script's own model (swarmnode.Optimizer), named
+# by the layout of its parameters (SCRIPT_LAYOUT: names, shapes), which only the scripts running it train
+ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn", "hf", "script")
 TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification",),
                  "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",),
-                 "hf": ("causal-lm", "classification")}
+                 "hf": ("causal-lm", "classification"), "script": ("custom",)}
+TASKS = ("classification", "causal-lm", "custom")  # custom: a script's own loss
+SCRIPT_LAYOUT = "layout.json"  # a script run's one model file
 ADAPTABLE_ARCHS = ("gpt2", "llama", "bert", "minilm", "hf")  # transformers models peft can wrap
 INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
@@ -110,6 +114,13 @@ class ModelSpec:
             set_field(self, "files", check_model_files(self.files))
             if self.overrides:
                 raise ValueError("model: a model folder takes no config overrides (edit its config.json)")
+        elif self.arch == "script":
+            if (not isinstance(self.files, (list, tuple)) or len(self.files) != 1
+                    or not isinstance(self.files[0], ModelFile) or self.files[0].name != SCRIPT_LAYOUT):
+                raise ValueError(f"model.files: a script's run names one file, its {SCRIPT_LAYOUT}")
+            set_field(self, "files", tuple(self.files))
+            if self.overrides:
+                raise ValueError("model: a script's run takes no config overrides (its model is the script's)")
         elif self.files:
             raise ValueError(f"model.files: only for a model folder (model.path), not arch {self.arch!r}")
         pairs = list(self.overrides.items()) if isinstance(self.overrides, Mapping) else self.overrides
@@ -228,7 +239,7 @@ class JobSpec:
             if not isinstance(getattr(self, field), kind):
                 raise ValueError(f"{field}: must be a {kind.__name__}, got {show(getattr(self, field))}")
         check_name("dataset", self.dataset)
-        check_choice("task", self.task, ("classification", "causal-lm"))
+        check_choice("task", self.task, TASKS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("aggregator", self.aggregator, AGGREGATORS)
         self._check_inputs()

@@ -6,4 +6,6 @@
     local_training.py  local steps, the pseudo-gradient, the outer step (FedAvg, DiLoCo)
     export.py          the model, manifest, per-round report and curve a job leaves on disk
     checkpoints.py     per-round checkpoints (atomic, sha256-verified, pruned) and the power-cut resume rule
+    script_runs.py     runs whose local steps are a Python script's own (swarmnode.Optimizer): the parameter
+                       layout a run binds, the hand-over between the script and ScriptRunner
 """

@@ -105,7 +105,8 @@ def curve_png(history: list[dict], metric: str, title: str) -> bytes:
     return buffer.getvalue()
 
 
-def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, model_hash: str, rounds: int,
+def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module | dict[str, torch.Tensor],
+               model_hash: str, rounds: int,
                own_rounds: int, history: list[dict], metric: str,
                model_files: dict[str, bytes] | None = None,
                before_write: Callable[[str], None] | None = None) -> list[pathlib.Path]:
@@ -115,10 +116,14 @@ def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module, mo
     interrupted write left in ``out`` are removed first; ``before_write`` (fault injection for tests) is called
     with each name before its write. ``model_files`` (relative name -> bytes: a model
     folder job's adapter in peft's format, or its model folder; node/ml/hf_models.py export_files) take the
-    place of model.safetensors, and the manifest's tensors are the trained ones."""
+    place of model.safetensors, and the manifest's tensors are the trained ones. ``module`` may be the named
+    tensors themselves (a script run's parameters: node/jobs/federated/script_runs.py)."""
     # clone: tied weights (GPT-2's lm_head / wte) share storage, which safetensors refuses; each name gets
     # its own copy, and load_state_dict puts them back into the one shared parameter
-    if model_files is None:
+    if isinstance(module, dict):
+        tensors = module
+        model_files = {"model.safetensors": save(tensors)}
+    elif model_files is None:
         tensors = {name: t.detach().clone().contiguous() for name, t in module.state_dict().items()}
         model_files = {"model.safetensors": save(tensors)}
     else:

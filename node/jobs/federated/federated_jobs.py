@@ -36,6 +36,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from node.jobs.federated.checkpoints import (
 )
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
+from node.jobs.federated.script_runs import ParameterLayout, ScriptBridge, ScriptRunner, is_script_run, script_layout
 from node.jobs.model_files import ModelFetchError, ModelStore
 from node.ml.analyze import analyze_arch, analyze_folder, check_buildable, job_memory
 from node.ml.datasets import NodeData, NoLocalData
@@ -115,6 +117,7 @@ class FederatedJobs:
         self.models = ModelStore(p2p, home, board.swarm)  # job model folders: fetched, verified, served
         self.export_hook = None  # fault injection for tests: called with each export file's name before it is written
         self._writers: dict[str, CheckpointWriter] = {}  # per job: its per-round checkpoints (checkpoints.py)
+        self.scripts: dict[str, ScriptBridge] = {}  # script runs this node takes part in (script_runs.py)
         self._restorer: asyncio.Task | None = None
 
     @property
@@ -153,6 +156,9 @@ class FederatedJobs:
     def why_not(self, view: JobView) -> tuple[str, str]:
         """("", "") if this node can take part, else (the reason it tells the swarm, a hint for its own user)."""
         spec = view.record.spec
+        if is_script_run(spec):
+            return ("", "") if view.job_id in self.scripts else ("a script's run: only the scripts running it "
+                                                                 "take part", "")
         cfg: dict | None = None  # a model folder not fetched yet: its fit is checked after the fetch (run)
         try:
             cfg = job_model_config(spec)
@@ -203,6 +209,8 @@ class FederatedJobs:
     async def run(self, view: JobView) -> None:
         """Take part in the job until its last round (or its cancellation); then write the export."""
         record, spec = view.record, view.record.spec
+        if record.job_id in self.scripts:
+            return await self._run_script(view, self.scripts[record.job_id])
         if spec.model.arch == "hf" and not await self._fetch_model(view):
             return  # declined, with the reason
         data = self._data.pop(record.job_id, None)
@@ -216,6 +224,24 @@ class FederatedJobs:
         runner = self.runner_factory(self.p2p, self.board.dht, self.board.swarm, record.job_id, spec, data,
                                      bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round,
                                      clock=self.clock)
+        await self._run_rounds(view, runner)
+
+    async def _run_script(self, view: JobView, bridge: ScriptBridge) -> None:
+        """A script's run: the script does the local steps (script_runs.py); it hears when the run is over."""
+        runner = ScriptRunner(self.p2p, self.board.dht, self.board.swarm, view.job_id, view.record.spec, bridge,
+                              bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round,
+                              clock=self.clock)
+        try:
+            await self._run_rounds(view, runner)
+        finally:
+            params, _, completed, _ = runner.snapshot()
+            done = completed >= view.record.spec.rounds
+            bridge.end(f"run {view.record.spec.name!r} finished after {completed} rounds" if done else
+                       f"run {view.record.spec.name!r} stopped on this node after {completed} rounds "
+                       f"({view.record.state})", (params, completed) if done else None)
+
+    async def _run_rounds(self, view: JobView, runner: JobRunner) -> None:
+        record, spec = view.record, view.record.spec
         self._runners[record.job_id] = runner
         rounds = self.rounds.setdefault(record.job_id, Rounds())
         resumed = await self._resume(view, runner, rounds)
@@ -243,6 +269,9 @@ class FederatedJobs:
                 if runner.completed >= spec.rounds:
                     break
                 result = await runner.run_round()
+                if runner.halted.is_set() and view.record.state != "cancelled":  # the node stops, the script left
+                    logger.info("job %s: halted after %d rounds", record.job_id, runner.completed)
+                    return
                 if view.record.state == "cancelled":  # seen mid-round (the manager halted the local steps)
                     logger.info("job %s was cancelled; round %d abandoned", record.job_id, result.round)
                     await asyncio.to_thread(CheckpointStore(checkpoint_dir(self.home, record.job_id)).forget)
@@ -274,7 +303,9 @@ class FederatedJobs:
             params, _, completed, _ = runner.snapshot()
             if record.job_id in self._writers:  # the last round's checkpoint on disk before the export
                 await self._writers[record.job_id].flush()
-            await asyncio.to_thread(self._write_export, self.home / "jobs" / record.job_id, view, params, completed)
+            script = self.scripts.get(record.job_id)
+            await asyncio.to_thread(self._write_export, self.home / "jobs" / record.job_id, view, params, completed,
+                                    False, script.layout if script else None)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -284,7 +315,7 @@ class FederatedJobs:
                 self._runners.pop(record.job_id, None)
             await runner.stop()
 
-    def _model_holders(self, view: JobView) -> list[str]:
+    def model_holders(self, view: JobView) -> list[str]:
         """Who can serve a job's model folder: its submitter, then every node that announced taking part."""
         peers = [view.record.submitter, *view.holders, *(view.progress.participants if view.progress else ())]
         return [p for p in dict.fromkeys(peers) if p != self.peer_id]
@@ -294,7 +325,7 @@ class FederatedJobs:
         takes the job's data; False after declining with the reason."""
         spec = view.record.spec
         try:
-            folder = await self.models.ensure(spec.model.files, self._model_holders(view))
+            folder = await self.models.ensure(spec.model.files, self.model_holders(view))
             cfg = await asyncio.to_thread(job_model_config, spec)
             short = await asyncio.to_thread(self._folder_shortfall, folder, spec, cfg)
         except (ModelFetchError, ValueError) as e:
@@ -330,7 +361,8 @@ class FederatedJobs:
     def _progress(self, runner: JobRunner, result: RoundResult, state: str) -> JobProgress:
         return JobProgress(
             runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
-            result.train_loss if result.ok else None, (result.metrics or {}).get(runner.bundle.metric),
+            result.train_loss if result.ok and math.isfinite(result.train_loss) else None,
+            (result.metrics or {}).get(runner.metric),
             result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round,
             excluded=tuple(runner.excluded)[-MAX_EXCLUDED:], evidence=tuple(runner.excluded.values())[-MAX_EXCLUDED:])
 
@@ -339,12 +371,22 @@ class FederatedJobs:
         (joining mid-job or behind: download; left out of a round: wait for who moved on; outvoted: re-sync)."""
         if view.state == "done" or (view.progress and view.progress.round > runner.completed):
             await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
+        elif (start := self._submitters_start(view, runner)) is not None:
+            await self._sync(view, runner, want_hash=start)  # a script's own initial parameters: start from the run's
         elif not runner.in_sync:
             await self._catch_up_if_behind(view, runner)
         elif (majority := self._outvoted(view, runner)) is not None:
             logger.warning("job %s: this node's model after round %d differs from the other participants'; "
                            "re-syncing to %s...", view.record.job_id, runner.completed, majority[:12])
             await self._sync(view, runner, avoid_hash=runner.model_hash)
+
+    def _submitters_start(self, view: JobView, runner: JobRunner) -> str | None:
+        """Before round 0: the submitter's initial model hash, if it differs from this node's (a script run: each
+        script starts from its own parameters; the run starts from its submitter's)."""
+        if runner.completed or view.record.submitter == self.peer_id:
+            return None
+        return next((p.model_hash for p in view.at_best if p.writer == view.record.submitter and p.round == 0
+                     and p.model_hash != runner.model_hash), None)
 
     def _outvoted(self, view: JobView, runner: JobRunner) -> str | None:
         reports = {p.writer: p.model_hash for p in view.at_best if p.round == runner.completed}
@@ -440,7 +482,10 @@ class FederatedJobs:
         runner, view = self._runners.get(job_id), self.board.views.get(job_id)
         if runner is None or view is None:
             return None
-        await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)  # best effort: fresh state
+        try:  # best effort: fresh state (a script's local steps may outlast it; the last boundary's is consistent)
+            await asyncio.wait_for(runner.idle.wait(), runner.spec.round_timeout_s)
+        except TimeoutError:
+            pass
         params, momentum, completed, next_round = runner.snapshot()
         report = self.rounds.get(job_id, Rounds()).report(self.peer_id)
         return JobState(completed, next_round, params, momentum, history_to_json(report))
@@ -448,7 +493,8 @@ class FederatedJobs:
     async def _serve_state(self, stream) -> None:
         await serve_job_state(stream, self._state_of)
 
-    async def _download(self, view: JobView, size: int, timeout: float, avoid_hash: str | None = None):
+    async def _download(self, view: JobView, size: int, timeout: float, avoid_hash: str | None = None,
+                        want_hash: str | None = None):
         """(header, state, history) from the first participant that serves a state whose hash checks out, both
         against the bytes and against the signed progress the swarm published for that round; RuntimeError
         naming every peer's failure if none does."""
@@ -458,6 +504,8 @@ class FederatedJobs:
         def check(header: StateHeader) -> None:
             if header.model_hash == avoid_hash:
                 raise WireError(f"serves the model {avoid_hash[:12]}... this node is moving away from")
+            if want_hash is not None and header.model_hash != want_hash:
+                raise WireError(f"serves the model {header.model_hash[:12]}..., not {want_hash[:12]}...")
             announced = {h for r, h in view.announced if r == header.completed}
             if announced and header.model_hash not in announced:
                 raise WireError(f"model hash for round {header.completed} differs from the swarm's signed progress")
@@ -473,10 +521,11 @@ class FederatedJobs:
                 errors.append(f"{peer[-8:]}: {type(e).__name__}: {e}")
         raise RuntimeError(f"could not download the state of job {view.job_id}: {'; '.join(errors) or 'no peers'}")
 
-    async def _sync(self, view: JobView, runner: JobRunner, avoid_hash: str | None = None) -> None:
+    async def _sync(self, view: JobView, runner: JobRunner, avoid_hash: str | None = None,
+                    want_hash: str | None = None) -> None:
         """Adopt the current state of a participant; raise if none can provide a verified one."""
         header, state, history = await self._download(view, runner.params.size, runner.spec.round_timeout_s * 2,
-                                                      avoid_hash)
+                                                      avoid_hash, want_hash)
         runner.load_state(state.params, state.momentum, header.completed, header.next_round, header.model_hash)
         rounds = self.rounds.setdefault(view.job_id, Rounds())
         rounds.inherited = merge_history(rounds.inherited, history)
@@ -491,9 +540,11 @@ class FederatedJobs:
         files too). ``merge``: an adapter job's merged model as well (node/ml/hf_models.py export_files)."""
         if merge and view.record.spec.adapter is None:
             raise NodeError(f"--merge: job {view.job_id} trains no adapter; its export is the whole model")
-        if view.record.spec.model.arch == "hf":
+        layout = None
+        if view.record.spec.model.arch in ("hf", "script"):
             try:
-                await self.models.ensure(view.record.spec.model.files, self._model_holders(view))
+                folder = await self.models.ensure(view.record.spec.model.files, self.model_holders(view))
+                layout = await asyncio.to_thread(script_layout, view.record.spec, folder)
             except (ModelFetchError, ValueError) as e:
                 raise NodeError(f"the job's model folder: {e}") from None
         runner = self._runners.get(view.job_id)
@@ -502,7 +553,7 @@ class FederatedJobs:
         else:
             if view.progress is None:
                 raise NodeError(f"job {view.job_id} has no participant yet: nothing to export")
-            size = flatten_params(build_job_model(view.record.spec).module).size
+            size = layout.size if layout else flatten_params(build_job_model(view.record.spec).module).size
             try:
                 header, state, history = await self._download(view, size, view.record.spec.round_timeout_s * 2)
             except RuntimeError as e:
@@ -510,13 +561,18 @@ class FederatedJobs:
             rounds = self.rounds.setdefault(view.job_id, Rounds())
             params, completed = state.params, header.completed
             rounds.inherited = merge_history(rounds.inherited, history)
-        return await asyncio.to_thread(self._write_export, out, view, params, completed, merge)
+        return await asyncio.to_thread(self._write_export, out, view, params, completed, merge, layout)
 
     def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int,
-                      merge: bool = False) -> list[pathlib.Path]:
+                      merge: bool = False, layout: ParameterLayout | None = None) -> list[pathlib.Path]:
+        rounds = self.rounds.get(view.job_id, Rounds())
+        if layout is not None:  # a script's run: its parameters under the script's names
+            return export_job(out, view.record, layout.tensors_of(params), params_hash(params), completed,
+                              sum(r.ok for r in rounds.own), rounds.report(self.peer_id), self.scripts[
+                                  view.job_id].metric if view.job_id in self.scripts else "accuracy",
+                              before_write=self.export_hook)
         bundle = build_job_model(view.record.spec)
         load_flat_params(bundle.module, params)
-        rounds = self.rounds.get(view.job_id, Rounds())
         folder = export_files(bundle.module, merge) if view.record.spec.model.arch == "hf" else None
         return export_job(out, view.record, bundle.module, params_hash(params), completed,
                           sum(r.ok for r in rounds.own), rounds.report(self.peer_id), bundle.metric, folder,

@@ -80,18 +80,26 @@ class JobRunner:
         misfit = data_misfit(spec, job_model_config(spec), data)
         if misfit:
             raise ValueError(f"job {job_id}: {misfit}")
-        self.job_id, self.spec, self.data = job_id, spec, data
+        self.data = data
         self.bundle = build_job_model(spec)  # sizes from the dataset's schema: the same model on every node
-        self.params = flatten_params(self.bundle.module)  # (N,) float32, the global model at round start
-        size = self.params.size
-        self.sparsifier = ErrorFeedbackSparsifier(size, spec.density, "exact", seed=spec.seed)
-        self.outer = OuterOptimizer(spec.outer.kind, size, spec.outer.lr, spec.outer.momentum, spec.outer.nesterov)
         inner = make_inner_optimizer(self.bundle.module, spec.inner.kind, spec.inner.lr, spec.inner.momentum,
                                      spec.inner.weight_decay)
         # each node draws its own minibatch order from its own slice
         # local steps and evaluation on this node's device, in the job's precision (ValueError if it cannot)
-        self.trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index),
-                                    device, spec.precision)
+        trainer = LocalTrainer(self.bundle, inner, batches(data, spec.batch_size, spec.seed + data.node_index),
+                               device, spec.precision)
+        self._setup(p2p, dht, swarm, job_id, spec, flatten_params(self.bundle.module), trainer, expected_group,
+                    bandwidth, hooks, after_round, clock)
+
+    def _setup(self, p2p: P2P, dht: DHTNode, swarm: str, job_id: str, spec: JobSpec, params: np.ndarray, trainer,
+               expected_group: int | None = None, bandwidth: float = 12.5e6, hooks: RoundHooks | None = None,
+               after_round: Callable[[int, np.ndarray], None] | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+        """What every runner holds, whoever does its local steps (``trainer``: LocalTrainer's run and device)."""
+        self.job_id, self.spec, self.trainer = job_id, spec, trainer
+        self.params = params  # (N,) float32, the global model at round start
+        size = self.params.size
+        self.sparsifier = ErrorFeedbackSparsifier(size, spec.density, "exact", seed=spec.seed)
+        self.outer = OuterOptimizer(spec.outer.kind, size, spec.outer.lr, spec.outer.momentum, spec.outer.nesterov)
         tensor = TensorSpec(f"job-{job_id}", size)
         # a part's weight (samples seen) is capped at what the job allows one member per round
         self.averager = Averager(p2p, dht, RoundConfig.for_job(
@@ -123,6 +131,11 @@ class JobRunner:
                 self.excluded[peer] = f"rounds {r - EXCLUDE_AFTER + 1}-{r}: {evidence[peer]}"[:MAX_REASON]
                 self.averager.excluded.add(peer)
                 logger.warning("job %s: excluded member %s (%s)", self.job_id, peer, self.excluded[peer])
+
+    @property
+    def metric(self) -> str:
+        """The evaluation metric progress records show."""
+        return self.bundle.metric
 
     def expect(self, group_size: int | None) -> None:
         """End matchmaking as soon as this many peers declared (else it waits its full window)."""
