@@ -104,6 +104,7 @@ def main() -> None:
             local_steps=args.local_steps, rounds=args.rounds, outer=args.outer, density=args.density,
             min_peers=args.min_peers, batch_size=16, round_timeout=60.0, aggregator=args.aggregator,
             evaluate=lambda: {"accuracy": accuracy(model, xv, yv)})
+        opt.load_state_from_peers()  # as hivemind scripts do; the Optimizer has loaded the run's parameters already
         print(json.dumps({"joined": opt.job_id, "round": opt.rounds_done}), flush=True)
         loss_fn = torch.nn.CrossEntropyLoss()
         for i in batch_order(len(yt), args.seed):
@@ -125,3 +126,5 @@ if __name__ == "__main__":
         main()
     except (swarmnode.NodeError, ValueError) as e:  # a bad setting, an unreachable peer, a run of another model
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the Swarm's `with` has left the run and stopped the node
+        sys.exit("interrupted: left the run")

@@ -100,7 +100,8 @@ class Optimizer:
         self._steps = self._samples = 0
         self._losses: list[float] = []
         self.finished = False
-        self.load_state_from_peers(join_timeout)
+        self._start: np.ndarray | None = None  # the current window's start: the run's parameters as of its round
+        self._next_window(join_timeout)
 
     # ---- the torch.optim.Optimizer surface ------------------------------------------------------------------
 
@@ -141,21 +142,27 @@ class Optimizer:
             self.bridge.deliver(flatten(self._params), self._samples, float(np.mean(finite)) if finite else math.nan)
             self._steps = self._samples = 0
             self._losses = []
-            self.load_state_from_peers(None)
+            self._next_window(None)
 
     # ---- the run ------------------------------------------------------------------------------------------------
 
     def load_state_from_peers(self, timeout: float | None = None) -> None:
-        """Wait until the node wants the next local window and load its parameters (the run's current ones) into the
-        model; at the end of the run, its final parameters (``finished``)."""
+        """Load the run's current parameters into the model (the constructor did, and every round does; for
+        hivemind users' scripts, which call it after joining). ``timeout``: unused, kept for their signature."""
+        if self._start is not None and not self.finished:
+            load_into(self._params, self._start)
+
+    def _next_window(self, timeout: float | None) -> None:
+        """Wait until the node wants the next local window and load its start parameters into the model; at the end
+        of the run, its final parameters (``finished``)."""
         try:
-            start = self.bridge.next_start(timeout)
+            self._start = self.bridge.next_start(timeout)
         except RunEnded:
             self.finished = True
             if self.bridge.final is not None:
                 load_into(self._params, self.bridge.final[0])
             return
-        load_into(self._params, start)
+        load_into(self._params, self._start)
 
     @property
     def local_step(self) -> int:

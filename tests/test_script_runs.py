@@ -5,7 +5,8 @@ processes (examples/own_script.py, each a whole node in the script; a `swarmnode
 two scripts with density 1.0 and the mean end exactly where plain FedAvg computed in this process ends (to the
 fp16 values' tolerance); a script whose model differs is refused with the first difference; the run is listed by
 the daemon, which takes no part in it, and exported there with the script's parameter names. In `make chaos`:
-three scripts, one SIGKILLed mid-run and started again on its home, all end on one hash above the start.
+three scripts, one SIGKILLed mid-run and started again on its home, all end on one hash above the start; Ctrl-C
+leaves cleanly (record withdrawn, p2pd gone); a Hugging Face Trainer takes the run's rounds through the callback.
 """
 
 from __future__ import annotations
@@ -275,20 +276,40 @@ def test_two_scripts_with_dense_updates_end_where_plain_fedavg_ends(node_factory
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_ctrl_c_leaves_the_run_cleanly(node_factory, scripts, tmp_path):
+    daemon = node_factory("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "scripts"]).wait_ready()
+    script = scripts("s0", csvs(tmp_path, 1)[0], "--join", daemon.addr, "--run-id", "alone")  # waits for a 2nd
+    peer = script.first("addrs", 90)["peer_id"]
+    script.first("joined", 60)
+    wait_for(lambda: peer in {p["peer_id"] for p in json.loads(run_cli("peers", "--json", "--home",
+                                                                         str(daemon.home)).stdout)}, 30, "its record")
+    children = psutil.Process(script.proc.pid).children(recursive=True)
+    t0 = time.monotonic()
+    script.proc.send_signal(signal.SIGINT)  # Ctrl-C, while it waits for the run's round
+    assert script.proc.wait(10) == 1 and time.monotonic() - t0 < 5.0
+    assert "interrupted: left the run" in script.stderr_tail()
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # p2pd went with it
+    peers = {p["peer_id"] for p in json.loads(run_cli("peers", "--json", "--home", str(daemon.home)).stdout)}
+    assert peer not in peers  # its record was withdrawn, not left to expire
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_three_scripts_one_killed_and_restarted_end_on_one_hash(node_factory, scripts, tmp_path):
     daemon = node_factory("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "scripts"]).wait_ready()
     paths = csvs(tmp_path, 3)
-    common = ["--join", daemon.addr, "--rounds", "8", "--local-steps", "10", "--run-id", "churn", "--min-peers", "2"]
+    common = ["--join", daemon.addr, "--rounds", "20", "--local-steps", "50", "--run-id", "churn", "--min-peers", "2"]
     runs = [scripts("s0", paths[0], *common, "--seed", "0")]
     job_id = runs[0].first("joined", 90)["joined"]
     runs += [scripts(f"s{i}", paths[i], *common, "--seed", str(i)) for i in (1, 2)]
     for s in runs[1:]:
         assert s.first("joined", 90)["joined"] == job_id
-    wait_for(lambda: any(x.get("round", 0) >= 2 for x in runs[2].lines if "hash" in x), 120, "round 2")
+    wait_for(lambda: any(x.get("round", 0) >= 3 for x in runs[2].lines if "hash" in x), 120, "round 3")
     victim = runs[2]
     p2pd = [p for p in psutil.Process(victim.proc.pid).children(recursive=True)]
     victim.proc.send_signal(signal.SIGKILL)  # mid-run: its local steps or its round
+    ran = max(x["round"] for x in victim.lines if "hash" in x)
     victim.proc.wait(10)
     wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in p2pd), 10,
              "the killed script's p2pd to go")
@@ -297,11 +318,13 @@ def test_three_scripts_one_killed_and_restarted_end_on_one_hash(node_factory, sc
     assert again.first("joined", 120)["joined"] == job_id
     ends = [s.first("done", 240) for s in (runs[0], runs[1], again)]
     assert len({e["model_hash"] for e in ends}) == 1, ends
-    assert all(e["rounds"] == 8 and e["accuracy_after"] > e["accuracy_before"] + 0.1 for e in ends), ends
+    assert ran < 20, "the script was killed after the run had ended"
+    assert all(e["rounds"] == 20 and e["accuracy_after"] > e["accuracy_before"] + 0.1 for e in ends), ends
     jobs = json.loads(run_cli("jobs", "--json", "--home", str(daemon.home)).stdout)
     assert next(j for j in jobs if j["job_id"] == job_id)["state"] in ("running", "done")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_hugging_face_trainer_takes_the_runs_rounds_through_the_callback(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments

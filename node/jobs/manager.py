@@ -34,6 +34,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
+from node.jobs.federated.checkpoints import checkpoint_dir
 from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.federated.script_runs import ParameterLayout, ScriptBridge, canonical, is_script_run, script_layout
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
@@ -77,7 +78,7 @@ class JobManager:
                  is_member: Callable[[str], Awaitable[bool]] | None = None, admit: Callable[[str], bool] | None = None,
                  private: bool = False):
         self.board = JobBoard(dht, swarm, peer_id, clock)
-        self.peer_id, self.clock = peer_id, clock
+        self.peer_id, self.clock, self.home = peer_id, clock, home
         device = torch.device("cpu") if device is None else device  # where this node trains (the daemon's --device)
         # the node owner's rule (node/jobs/policy.py); is_member: whether a submitter is a member of the swarm
         # (node/runtime/admission.py); admit, private: the private swarm's admission rule, applied to every round
@@ -158,8 +159,11 @@ class JobManager:
     # ---- script runs (node/jobs/federated/script_runs.py; swarmnode.Optimizer calls these) ----------------------
 
     def _script_run(self, name: str) -> str | None:
-        return canonical(j for j, v in self.board.views.items() if is_script_run(v.record.spec)
-                         and v.record.spec.name == name and v.state in ("running", "paused"))
+        """The running run of this name; else one that ended while this node (restarted) was away from it."""
+        runs = {j: v for j, v in self.board.views.items()
+                if is_script_run(v.record.spec) and v.record.spec.name == name}
+        return (canonical(j for j, v in runs.items() if v.state in ("running", "paused")) or
+                canonical(j for j, v in runs.items() if v.state == "done" and checkpoint_dir(self.home, j).is_dir()))
 
     async def join_script_run(self, spec: JobSpec, layout: ParameterLayout, bridge: ScriptBridge) -> JobView:
         """Take part in the running script run named ``spec.name`` (stored from ``spec`` if there is none), its local
@@ -257,7 +261,8 @@ class JobManager:
         for job_id, view in list(self.board.views.items()):
             if is_script_run(view.record.spec) and job_id not in self.federated.scripts:
                 continue  # only the scripts running it take part; daemons neither run nor decline it
-            if view.state in ("running", "paused") and job_id not in self._tasks and not view.declined:
+            active = view.state in ("running", "paused") or job_id in self.federated.scripts  # a script's: to its end
+            if active and job_id not in self._tasks and not view.declined:
                 self._consider(view)
             elif view.state == "cancelled" and job_id in self._tasks:
                 self.federated.halt(job_id)

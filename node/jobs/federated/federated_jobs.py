@@ -46,6 +46,7 @@ import torch
 from hivemind.p2p import P2P
 
 from node.jobs.board import POLL_S, JobBoard, JobView
+from node.jobs.federated import script_runs
 from node.jobs.federated.checkpoints import (
     Checkpoint,
     CheckpointStore,
@@ -56,7 +57,6 @@ from node.jobs.federated.checkpoints import (
 )
 from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
 from node.jobs.federated.runner import JobRunner, RoundResult
-from node.jobs.federated.script_runs import ParameterLayout, ScriptBridge, ScriptRunner, is_script_run, script_layout
 from node.jobs.model_files import ModelFetchError, ModelStore
 from node.ml.analyze import analyze_arch, analyze_folder, check_buildable, job_memory
 from node.ml.datasets import NodeData, NoLocalData
@@ -117,7 +117,8 @@ class FederatedJobs:
         self.models = ModelStore(p2p, home, board.swarm)  # job model folders: fetched, verified, served
         self.export_hook = None  # fault injection for tests: called with each export file's name before it is written
         self._writers: dict[str, CheckpointWriter] = {}  # per job: its per-round checkpoints (checkpoints.py)
-        self.scripts: dict[str, ScriptBridge] = {}  # script runs this node takes part in (script_runs.py)
+        self.scripts: dict[str, script_runs.ScriptBridge] = {}  # script runs this node takes part in
+        self._halted: set[str] = set()  # jobs whose local work was halted: their rounds end
         self._restorer: asyncio.Task | None = None
 
     @property
@@ -145,6 +146,7 @@ class FederatedJobs:
         for jid, runner in list(self._runners.items()):
             if job_id is None or jid == job_id:
                 runner.halt()
+                self._halted.add(jid)
 
     def local_state(self, job_id: str) -> tuple[int, str] | None:
         """(rounds completed, model hash) of this node's own copy of a job's model, if it takes part."""
@@ -156,7 +158,7 @@ class FederatedJobs:
     def why_not(self, view: JobView) -> tuple[str, str]:
         """("", "") if this node can take part, else (the reason it tells the swarm, a hint for its own user)."""
         spec = view.record.spec
-        if is_script_run(spec):
+        if script_runs.is_script_run(spec):
             return ("", "") if view.job_id in self.scripts else ("a script's run: only the scripts running it "
                                                                  "take part", "")
         cfg: dict | None = None  # a model folder not fetched yet: its fit is checked after the fetch (run)
@@ -226,11 +228,11 @@ class FederatedJobs:
                                      clock=self.clock)
         await self._run_rounds(view, runner)
 
-    async def _run_script(self, view: JobView, bridge: ScriptBridge) -> None:
+    async def _run_script(self, view: JobView, bridge: script_runs.ScriptBridge) -> None:
         """A script's run: the script does the local steps (script_runs.py); it hears when the run is over."""
-        runner = ScriptRunner(self.p2p, self.board.dht, self.board.swarm, view.job_id, view.record.spec, bridge,
-                              bandwidth=self.bandwidth, hooks=self.hooks, after_round=self.after_round,
-                              clock=self.clock)
+        runner = script_runs.ScriptRunner(self.p2p, self.board.dht, self.board.swarm, view.job_id, view.record.spec,
+                                          bridge, bandwidth=self.bandwidth, hooks=self.hooks,
+                                          after_round=self.after_round, clock=self.clock)
         try:
             await self._run_rounds(view, runner)
         finally:
@@ -243,6 +245,7 @@ class FederatedJobs:
     async def _run_rounds(self, view: JobView, runner: JobRunner) -> None:
         record, spec = view.record, view.record.spec
         self._runners[record.job_id] = runner
+        self._halted.discard(record.job_id)
         rounds = self.rounds.setdefault(record.job_id, Rounds())
         resumed = await self._resume(view, runner, rounds)
         await runner.start()
@@ -269,7 +272,7 @@ class FederatedJobs:
                 if runner.completed >= spec.rounds:
                     break
                 result = await runner.run_round()
-                if runner.halted.is_set() and view.record.state != "cancelled":  # the node stops, the script left
+                if record.job_id in self._halted and view.record.state != "cancelled":  # node stops, script left
                     logger.info("job %s: halted after %d rounds", record.job_id, runner.completed)
                     return
                 if view.record.state == "cancelled":  # seen mid-round (the manager halted the local steps)
@@ -362,7 +365,8 @@ class FederatedJobs:
         return JobProgress(
             runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
             result.train_loss if result.ok and math.isfinite(result.train_loss) else None,
-            (result.metrics or {}).get(runner.metric),
+            (result.metrics or {}).get(script.metric if (script := self.scripts.get(runner.job_id)) else
+                                       runner.bundle.metric),
             result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round,
             excluded=tuple(runner.excluded)[-MAX_EXCLUDED:], evidence=tuple(runner.excluded.values())[-MAX_EXCLUDED:])
 
@@ -371,7 +375,8 @@ class FederatedJobs:
         (joining mid-job or behind: download; left out of a round: wait for who moved on; outvoted: re-sync)."""
         if view.state == "done" or (view.progress and view.progress.round > runner.completed):
             await self._sync(view, runner)  # the others moved on without us: catch up, don't pollute
-        elif (start := self._submitters_start(view, runner)) is not None:
+        elif not runner.completed and (start := script_runs.submitters_start(view, self.peer_id,
+                                                                              runner.model_hash)):
             await self._sync(view, runner, want_hash=start)  # a script's own initial parameters: start from the run's
         elif not runner.in_sync:
             await self._catch_up_if_behind(view, runner)
@@ -379,14 +384,6 @@ class FederatedJobs:
             logger.warning("job %s: this node's model after round %d differs from the other participants'; "
                            "re-syncing to %s...", view.record.job_id, runner.completed, majority[:12])
             await self._sync(view, runner, avoid_hash=runner.model_hash)
-
-    def _submitters_start(self, view: JobView, runner: JobRunner) -> str | None:
-        """Before round 0: the submitter's initial model hash, if it differs from this node's (a script run: each
-        script starts from its own parameters; the run starts from its submitter's)."""
-        if runner.completed or view.record.submitter == self.peer_id:
-            return None
-        return next((p.model_hash for p in view.at_best if p.writer == view.record.submitter and p.round == 0
-                     and p.model_hash != runner.model_hash), None)
 
     def _outvoted(self, view: JobView, runner: JobRunner) -> str | None:
         reports = {p.writer: p.model_hash for p in view.at_best if p.round == runner.completed}
@@ -544,7 +541,7 @@ class FederatedJobs:
         if view.record.spec.model.arch in ("hf", "script"):
             try:
                 folder = await self.models.ensure(view.record.spec.model.files, self.model_holders(view))
-                layout = await asyncio.to_thread(script_layout, view.record.spec, folder)
+                layout = await asyncio.to_thread(script_runs.script_layout, view.record.spec, folder)
             except (ModelFetchError, ValueError) as e:
                 raise NodeError(f"the job's model folder: {e}") from None
         runner = self._runners.get(view.job_id)
@@ -564,7 +561,7 @@ class FederatedJobs:
         return await asyncio.to_thread(self._write_export, out, view, params, completed, merge, layout)
 
     def _write_export(self, out: pathlib.Path, view: JobView, params: np.ndarray, completed: int,
-                      merge: bool = False, layout: ParameterLayout | None = None) -> list[pathlib.Path]:
+                      merge: bool = False, layout: script_runs.ParameterLayout | None = None) -> list[pathlib.Path]:
         rounds = self.rounds.get(view.job_id, Rounds())
         if layout is not None:  # a script's run: its parameters under the script's names
             return export_job(out, view.record, layout.tensors_of(params), params_hash(params), completed,

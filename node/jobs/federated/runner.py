@@ -132,11 +132,6 @@ class JobRunner:
                 self.averager.excluded.add(peer)
                 logger.warning("job %s: excluded member %s (%s)", self.job_id, peer, self.excluded[peer])
 
-    @property
-    def metric(self) -> str:
-        """The evaluation metric progress records show."""
-        return self.bundle.metric
-
     def expect(self, group_size: int | None) -> None:
         """End matchmaking as soon as this many peers declared (else it waits its full window)."""
         self.averager.config = dataclasses.replace(self.averager.config, expected_group=group_size)

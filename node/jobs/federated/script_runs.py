@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from node.jobs.board import JobView
 from node.jobs.federated.local_training import LocalResult
 from node.jobs.federated.runner import JobRunner
 from protocol.records.job_inputs import ModelFile
@@ -145,6 +146,15 @@ def script_layout(spec: JobSpec, folder: pathlib.Path) -> ParameterLayout | None
     return layout
 
 
+def submitters_start(view: JobView, peer_id: str, model_hash: str) -> str | None:
+    """Before round 0: the submitter's initial model hash, if it differs from this node's ``model_hash`` (a script
+    run: each script starts from its own weights; the run starts from its submitter's, downloaded)."""
+    if view.record.submitter == peer_id:
+        return None
+    return next((p.model_hash for p in view.at_best if p.writer == view.record.submitter and p.round == 0
+                 and p.model_hash != model_hash), None)
+
+
 def canonical(job_ids: Iterable[str]) -> str | None:
     """The one run every node takes among several stored for one run id at once: the lowest job id."""
     return min(job_ids, default=None)
@@ -235,10 +245,6 @@ class ScriptRunner(JobRunner):
         kwargs.pop("device", None)
         self.bridge = bridge
         self._setup(p2p, dht, swarm, job_id, spec, bridge.initial.copy(), bridge, **kwargs)
-
-    @property
-    def metric(self) -> str:
-        return self.bridge.metric
 
     def evaluate(self) -> dict:
         return self.bridge.evaluate(self.params.copy())
