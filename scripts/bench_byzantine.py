@@ -158,7 +158,7 @@ def aggregation_cost(repeats: int = 5) -> None:
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            result_suspicion(agg.values, own, True)
+            result_suspicion(agg.values, own, 1.0, members)
             times.append(time.perf_counter() - t)
         print(f"| {members} | {span:,} | " + " | ".join(cells) + f" | {statistics.median(times) * 1e3:.1f} ms |")
 

@@ -59,6 +59,12 @@ def p2pd_written(pid: int) -> int:
     return total
 
 
+def wait_for_go(go: pathlib.Path) -> None:
+    """Every process starts training together, once all are up (else the first trains its rounds alone)."""
+    while not go.exists():
+        time.sleep(0.05)
+
+
 def worker(args) -> None:
     torch.manual_seed(args.part)
     x, y = own_script.read_csv(args.csv)
@@ -74,6 +80,7 @@ def worker(args) -> None:
         swarm = swarmnode.Swarm(join=args.join, home=args.home, swarm="bench", listen=["/ip4/127.0.0.1/tcp/0"],
                                 device="cpu")
         print(json.dumps({"addrs": list(swarm.addrs)}), flush=True)
+        wait_for_go(args.go)
         opt = swarmnode.Optimizer(inner, swarm=swarm, run_id="bench", model=model, local_steps=args.local_steps,
                                   rounds=args.rounds, outer="fedavg", min_peers=args.peers, batch_size=BATCH,
                                   density=1.0 if args.system.endswith("dense") else 0.01, round_timeout=60.0)
@@ -96,6 +103,7 @@ def worker(args) -> None:
 
     dht = hivemind.DHT(start=True, initial_peers=args.join, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     print(json.dumps({"addrs": [str(a) for a in dht.get_visible_maddrs()]}), flush=True)
+    wait_for_go(args.go)
     opt = hivemind.Optimizer(dht=dht, run_id="bench", optimizer=inner, target_batch_size=args.peers *
                              args.local_steps * BATCH, batch_size_per_step=BATCH, use_local_updates=True,
                              matchmaking_time=2.0, averaging_timeout=30.0, verbose=False)
@@ -125,13 +133,15 @@ def run_system(system: str, work: pathlib.Path, args) -> dict:
         for i in range(args.peers):
             cmd = [sys.executable, __file__, "--worker", system, "--part", str(i), "--csv", str(csvs[i]),
                    "--home", str(work / f"{system}-{i}"), "--rounds", str(args.rounds), "--local-steps",
-                   str(args.local_steps), "--peers", str(args.peers), *[a for j in join for a in ("--join", j)]]
+                   str(args.local_steps), "--peers", str(args.peers), "--go", str(work / f"{system}.go"),
+                   *[a for j in join for a in ("--join", j)]]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(work / f"{system}-{i}.err", "w"),
                                     text=True, cwd=ROOT)
             procs.append(proc)
             first = json.loads(proc.stdout.readline() or "{}")  # its address
             if not join:
                 join = first.get("addrs", [])[:1]
+        (work / f"{system}.go").touch()  # all are up: go
         results: list[dict] = []
 
         def read(p: subprocess.Popen) -> None:
@@ -173,6 +183,7 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=20)
+    ap.add_argument("--go", type=pathlib.Path, help="(worker) start training once this file exists")
     ap.add_argument("--only", default=",".join(SYSTEMS))
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "bench_script_optimizer.json")

@@ -156,12 +156,29 @@ def test_result_check_catches_scaled_flipped_and_spares_honest():
     honest = aggregate_span(parts, L, "centered_clip").values
     own = np.zeros(L, np.float32)
     own[parts[0][0]] = parts[0][1]
-    assert result_suspicion(honest, own, True) == ""
-    assert "over" in result_suspicion(honest * (2 * RESULT_NORM_BOUND), own, True)
-    assert "against" in result_suspicion(-honest, own, True)
-    assert result_suspicion(-honest, own, False) == ""  # not included: a sign says nothing
-    assert result_suspicion(honest * 1e3, np.zeros(L, np.float32), True) == ""  # no part here: no judgement
-    assert result_suspicion(np.full(L, np.inf, np.float32), own, True) != ""
+    assert result_suspicion(honest, own, 1.0, 4) == ""
+    assert "over" in result_suspicion(honest * (2 * RESULT_NORM_BOUND), own, 1.0, 4)
+    assert "against" in result_suspicion(-honest, own, 1.0, 4)
+    assert result_suspicion(-honest, own, 0.0, 4) == ""  # not included: a sign says nothing
+    assert result_suspicion(-honest, own, 0.5, 4) == ""  # mostly clipped: the result may well point elsewhere
+    assert result_suspicion(honest * 1e3, np.zeros(L, np.float32), 1.0, 4) == ""  # no part here: no judgement
+    assert result_suspicion(np.full(L, np.inf, np.float32), own, 1.0, 4) != ""
+
+
+@pytest.mark.parametrize("method", ["mean", "centered_clip"])
+def test_honest_parts_that_cancel_at_fedavgs_fixed_point_are_not_suspected(method):
+    """Members with different local optima, long local training: the weighted parts sum to ~0 (the FedAvg fixed
+    point), so the result is ~0 and points against some parts; no member may take that for a flipped result (a
+    dense AdamW run excluded honest owners so before the margin)."""
+    rng = np.random.default_rng(11)
+    for trial in range(50):
+        dense = rng.normal(size=(4, L)).astype(np.float32)
+        dense[3] = -dense[:3].sum(axis=0) + 0.3 * rng.normal(size=L).astype(np.float32)  # ~cancel, with noise
+        parts = [(np.arange(L), dense[i], 160.0) for i in range(4)]
+        agg = aggregate_span(parts, L, method)
+        kept = agg.kept if agg.kept else (1.0,) * 4
+        for i in range(4):
+            assert result_suspicion(agg.values, dense[i], kept[i], 4) == "", (trial, i)
 
 
 def result_frame(kept=()):

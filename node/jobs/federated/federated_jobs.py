@@ -234,6 +234,7 @@ class FederatedJobs:
                                           bridge, bandwidth=self.bandwidth, hooks=self.hooks,
                                           after_round=self.after_round, clock=self.clock)
         try:
+            await script_runs.await_submitter(view, self.peer_id, self.clock)  # its weights, not this script's
             await self._run_rounds(view, runner)
         finally:
             params, _, completed, _ = runner.snapshot()

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from node.jobs.board import JobView
+from node.jobs.board import POLL_S, JobView
 from node.jobs.federated.local_training import LocalResult
 from node.jobs.federated.runner import JobRunner
+from protocol.clock import Clock
 from protocol.records.job_inputs import ModelFile
 from protocol.records.job_spec import SCRIPT_LAYOUT, InnerOpt, JobSpec, ModelSpec, OuterOpt
 from protocol.records.values import check_name
@@ -153,6 +154,16 @@ def submitters_start(view: JobView, peer_id: str, model_hash: str) -> str | None
         return None
     return next((p.model_hash for p in view.at_best if p.writer == view.record.submitter and p.round == 0
                  and p.model_hash != model_hash), None)
+
+
+async def await_submitter(view: JobView, peer_id: str, clock: Clock) -> None:
+    """Before a joiner's first round: wait (a round timeout at most) until the submitter's progress is on the board
+    or the run is past round 0, so that the joiner starts from the run's weights instead of announcing its own
+    (scripts starting at the same moment would otherwise run round 0 from as many models and re-sync)."""
+    deadline = clock.monotonic() + view.record.spec.round_timeout_s
+    while (view.record.submitter != peer_id and view.round == 0 and clock.monotonic() < deadline
+           and not any(p.writer == view.record.submitter for p in view.at_best)):
+        await clock.sleep(POLL_S / 2)
 
 
 def canonical(job_ids: Iterable[str]) -> str | None:
