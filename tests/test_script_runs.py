@@ -352,3 +352,24 @@ def test_a_hugging_face_trainer_takes_the_runs_rounds_through_the_callback(tmp_p
         tensors = load_file(str(export))
         assert "classifier.weight" in tensors and "bert.embeddings.word_embeddings.weight" in tensors
         assert torch.equal(tensors["classifier.weight"], model.classifier.weight.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_federated_trainer_trains_a_run_in_one_call(tmp_path):
+    from swarmnode import FederatedTrainer, Swarm
+
+    path = csvs(tmp_path, 1)[0]
+    xv, yv, xt, yt = own_script.split(*own_script.read_csv(path))
+    model = own_script.make_model(30, 2, 32, 0)
+    before = own_script.accuracy(model, xv, yv)
+    with Swarm(home=tmp_path / "home", swarm="trainer", listen=["/ip4/127.0.0.1/tcp/0"], device="cpu") as swarm:
+        trainer = FederatedTrainer(model, swarm=swarm, run_id="one-call", rounds=3, local_epochs=1, batch_size=32,
+                                   lr=1e-2, min_peers=1)
+        history = trainer.train((xt, yt), (xv, yv))
+        assert [h["round"] for h in history] == [1, 2, 3] and trainer.optimizer is not None
+        assert trainer.optimizer.finished and trainer.optimizer.spec.local_steps == -(-len(yt) // 32)
+        assert history[-1]["accuracy"] == pytest.approx(own_script.accuracy(model, xv, yv))
+        assert history[-1]["accuracy"] > before + 0.2 and history[-1]["loss"] < history[0]["loss"]
+        with pytest.raises(ValueError, match="Dataset"):
+            FederatedTrainer(model, swarm=swarm, run_id="x").train([1, 2, 3])
