@@ -107,24 +107,24 @@ def run(work: pathlib.Path, fault: str, aggregator: str, nodes: int, hostile: in
 def follow(swarm: LocalSwarm, path: pathlib.Path, args, crash: list) -> tuple[list[str], int | None, str]:
     """`submit --follow --json` from the first node: its lines, exit code (None: stalled past --stall-s) and stderr.
     The nodes in `crash` are SIGKILLed as soon as a line reports round --from."""
-    proc = subprocess.Popen([*CLI, "submit", str(path), "--follow", "--json", "--home", str(swarm.nodes[0].home)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(args.stall_s, proc.kill)
-    timer.start()
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if crash and json.loads(line).get("round", 0) >= args.from_round:
-                for node in crash:
-                    node.kill_hard()
-                crash = []
-        stderr = proc.stderr.read() if proc.stderr else ""
-        proc.wait()
-    finally:
-        stalled = not timer.is_alive() and proc.returncode != 0
-        timer.cancel()
+    with subprocess.Popen([*CLI, "submit", str(path), "--follow", "--json", "--home", str(swarm.nodes[0].home)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        timer = threading.Timer(args.stall_s, proc.kill)
+        timer.start()
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if crash and json.loads(line).get("round", 0) >= args.from_round:
+                    for node in crash:
+                        node.kill_hard()
+                    crash = []
+            stderr = proc.stderr.read() if proc.stderr else ""
+            proc.wait()
+        finally:
+            stalled = not timer.is_alive() and proc.returncode != 0
+            timer.cancel()
     return lines, None if stalled else proc.returncode, stderr
 
 
