@@ -362,12 +362,15 @@ class FederatedJobs:
         logger.info("declining job %s: %s", view.job_id, view.declined)
         await self.board.decline(view.job_id, reason)
 
+    def _metric(self, job_id: str) -> str:  # what progress and curve show: a script run's script's, else the model's
+        runner = self._runners.get(job_id)
+        return self.scripts[job_id].metric if job_id in self.scripts else runner.bundle.metric if runner else "accuracy"
+
     def _progress(self, runner: JobRunner, result: RoundResult, state: str) -> JobProgress:
         return JobProgress(
             runner.job_id, self.peer_id, runner.completed, runner.model_hash, state, result.participants,
             result.train_loss if result.ok and math.isfinite(result.train_loss) else None,
-            (result.metrics or {}).get(script.metric if (script := self.scripts.get(runner.job_id)) else
-                                       runner.bundle.metric),
+            (result.metrics or {}).get(self._metric(runner.job_id)),
             result.bytes_sent + result.bytes_received, result.seconds, self.clock.time(), runner.next_round,
             excluded=tuple(runner.excluded)[-MAX_EXCLUDED:], evidence=tuple(runner.excluded.values())[-MAX_EXCLUDED:])
 
@@ -566,8 +569,7 @@ class FederatedJobs:
         rounds = self.rounds.get(view.job_id, Rounds())
         if layout is not None:  # a script's run: its parameters under the script's names
             return export_job(out, view.record, layout.tensors_of(params), params_hash(params), completed,
-                              sum(r.ok for r in rounds.own), rounds.report(self.peer_id), self.scripts[
-                                  view.job_id].metric if view.job_id in self.scripts else "accuracy",
+                              sum(r.ok for r in rounds.own), rounds.report(self.peer_id), self._metric(view.job_id),
                               before_write=self.export_hook)
         bundle = build_job_model(view.record.spec)
         load_flat_params(bundle.module, params)

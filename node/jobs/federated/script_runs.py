@@ -253,7 +253,6 @@ class ScriptRunner(JobRunner):
     """JobRunner whose local steps are the script's (through its ScriptBridge) and whose model is its layout."""
 
     def __init__(self, p2p, dht, swarm: str, job_id: str, spec: JobSpec, bridge: ScriptBridge, **kwargs):
-        kwargs.pop("device", None)
         self.bridge = bridge
         self._setup(p2p, dht, swarm, job_id, spec, bridge.initial.copy(), bridge, **kwargs)
 
