@@ -113,8 +113,8 @@ async def stranger_requests(bootstrap: str, member: str, job_id: str) -> list[st
         for name in (model_file_protocol(SWARM), f"swarmnode/{SWARM}/allreduce/job-{job_id}/invite"):
             try:
                 async with open_stream(p2p, member, name, dial_timeout=5.0) as stream:
-                    await stream.send(b"\x80")  # any first frame: it is never read
-                    try:
+                    try:  # the member may hang up before this first frame is even written
+                        await stream.send(b"\x80")  # any first frame: it is never read
                         await stream.receive(1 << 20, 5.0)
                     except STREAM_ENDINGS as e:
                         refused.append(f"{name.rsplit('/', 1)[-1]}: {type(e).__name__}")
@@ -169,8 +169,11 @@ def test_an_uninvited_node_is_refused_by_every_service_and_an_invited_one_works(
     assert "rejected a record in private swarm 'lab'" in a.log_path.read_text()
     refused = asyncio.run(stranger_requests(a.addr, a.peer_id, members_job))
     # the invite handler lives while the job's runner does: refused by the gate, or already gone with the job
-    assert refused[:2] == ["job state: IncompleteReadError", "model-file: IncompleteReadError"], refused
-    assert refused[2] in ("invite: IncompleteReadError", "invite: not served"), refused
+    # a hang-up reads as an incomplete frame, or as a reset when it beats our first frame out
+    hung_up = ("IncompleteReadError", "ConnectionResetError")
+    assert [line.split(": ")[0] for line in refused] == ["job state", "model-file", "invite"], refused
+    assert all(line.split(": ")[1] in hung_up for line in refused[:2]), refused
+    assert refused[2].split(": ")[1] in (*hung_up, "not served"), refused
     assert "refused a stream from" in a.log_path.read_text()
 
 
