@@ -36,12 +36,14 @@ from node.runtime.admission import Admission, keep_out_of_routing
 from node.runtime.backoff import retry
 from node.runtime.config import NodeConfig
 from node.runtime.device import apply_compute_limits, resolve_device
+from node.runtime.doctor import Report, diagnose
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.runtime.identity import HomeLock, load_or_create_key, write_p2p_identity
 from node.runtime.membership import Membership, PeerView
 from node.runtime.p2pd import OwnedP2PDaemon, P2PBootstrapError, P2PDaemonStartError
 from node.runtime.private_swarm import node_certificate
+from node.runtime.reachability import Reachability, start_relaying
 from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.faults import RESULT_FAULTS, Fault, mangle_part, mangle_result
 from protocol.allreduce.rounds import Phase, RoundHooks
@@ -50,6 +52,7 @@ from protocol.records.membership_validation import MembershipValidator
 from protocol.records.peer import Capability, PeerRecord
 from protocol.records.peer_keys import PeerIdError, peer_id_of, public_key_from_peer_id
 from protocol.records.validation import SignedPeerRecordValidator
+from protocol.relay.circuits import RelayService
 
 logger = logging.getLogger(__name__)
 STOP_AT_ENV = "SWARMNODE_FAULT_STOP_AT"  # fault injection for tests: "PHASE:ROUND", e.g. "reduce_scatter:3"
@@ -222,6 +225,9 @@ class Daemon:
         self.membership: Membership | None = None
         self.jobs: JobManager | None = None
         self.admission: Admission | None = None  # who counts as a member; in a private swarm, whom to serve
+        self.reach: Reachability | None = None  # reachable or behind a NAT; a private node's relays
+        self.relay: RelayService | None = None  # this node's relay service and dial-back check
+        self._views: list[PeerView] = []  # the last read of the swarm's records (relay upkeep)
         self._server = None
         self._lock = HomeLock(config.home_dir)
         self._stop = asyncio.Event()
@@ -271,7 +277,7 @@ class Daemon:
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds, device), name="capability"
         )
         try:
-            self.p2p, self.dht = await self._join(joins, str(p2p_identity), validator)
+            self.p2p, self.dht = await self._join(joins, str(p2p_identity), validator, key)
         except BaseException:
             bench.cancel()
             raise
@@ -282,6 +288,9 @@ class Daemon:
         self.addrs = tuple(str(a) for a in maddrs)
 
         self.membership = Membership(self.dht, cfg.swarm, self._own_record, cfg.heartbeat, cfg.ttl)
+        reach = self._reach()
+        if reach.private:  # relays before the first record, which tells others how to reach this node
+            await reach.fill_relays([str(a).rsplit("/p2p/", 1)[-1] for a in joins])
         if not await self.membership.publish() and joins:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
@@ -290,13 +299,16 @@ class Daemon:
             self.p2pd.set_admission(admission.admit_stream)
             await admission.refresh()  # the live members' certificates, read before the routing table is pruned
             keep_out_of_routing(self.dht, admission.admit)  # the DHT routes among members only
+            self._relay().admit = admission.admit  # relays for members only
+        reach.start(self._relay_candidates, self._private_routes, self.membership.publish)
         self.jobs = JobManager(self.p2p, self.dht, cfg.swarm, self.peer_id, cfg.home_dir, cfg.data_dir,
                                hooks=byzantine_hooks(os.environ.get(BYZANTINE_ENV, ""),
                                                      stop_at_phase_hooks(os.environ.get(STOP_AT_ENV, ""))),
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
                                key=key, peers=self.membership.peers, device=device, limits=limits,
                                is_member=admission.is_member, admit=admission.admit if admission.private else None,
-                               private=admission.private)
+                               private=admission.private,
+                               bandwidth=12.5e6 * (cfg.relayed_span_share if reach.private else 1.0))
         self.jobs.federated.export_hook = stop_before_export_file(os.environ.get(EXPORT_STOP_ENV, ""))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self, cfg)
@@ -305,9 +317,10 @@ class Daemon:
         atomic_write(cfg.state_path, json.dumps(state, indent=2).encode(), mode=0o600)
         logger.info("node %s is up in swarm %r; control API at %s", self.peer_id, cfg.swarm, endpoint)
 
-    async def _join(self, joins: list[Multiaddr], identity: str, validator) -> tuple[P2P, DHTNode]:
+    async def _join(self, joins: list[Multiaddr], identity: str, validator, key) -> tuple[P2P, DHTNode]:
         cfg = self.config
         initial = [str(a) for a in joins] or None
+        join_peers = [str(a).rsplit("/p2p/", 1)[-1] for a in joins]
 
         async def attempt(i: int) -> tuple[P2P, DHTNode]:
             daemon = OwnedP2PDaemon()
@@ -318,9 +331,12 @@ class Daemon:
                 raise BootstrapError(str(e)) from None
             except P2PDaemonStartError as e:
                 raise NodeError(f"the libp2p daemon did not start: {e}", EXIT_FAILURE) from None
-            try:
+            try:  # a node others cannot reach serves no DHT requests (hivemind's client mode)
+                self.reach, self.relay = await start_relaying(p2p, key, self.peer_id, cfg.swarm, cfg.reachability,
+                                                              cfg.relay_service, join_peers)
                 dht = await DHTNode.create(
-                    p2p=p2p, initial_peers=initial, record_validator=validator, ensure_bootstrap_success=bool(initial)
+                    p2p=p2p, initial_peers=initial, record_validator=validator, ensure_bootstrap_success=bool(initial),
+                    client_mode=self.reach.private,
                 )
             except RuntimeError as e:  # hivemind: "bootstrap failed: none of the initial_peers responded"
                 await daemon.stop()
@@ -362,6 +378,8 @@ class Daemon:
             await self._server.stop(grace=0.2)
         if self.jobs is not None:
             await self.jobs.stop()
+        if self.reach is not None:
+            await self.reach.stop()
         if self.dht is not None:
             try:
                 await asyncio.wait_for(self.dht.shutdown(), max(0.1, deadline - time.monotonic()))
@@ -393,7 +411,28 @@ class Daemon:
             raise RuntimeError("the daemon has not started: no capability yet")
         if self.device is not None:  # the free memory where it trains, as of this heartbeat
             self.capability = capability_mod.refresh_free(self.capability, self.device)
-        return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time())
+        reach, relay = self._reach(), self._relay()
+        return PeerRecord(self.peer_id, self.addrs, node.__version__, self.capability, time.time(),
+                          reachability=reach.detection.state, relays=reach.router.relays, relay_service=relay.relay)
+
+    def _reach(self) -> Reachability:
+        if self.reach is None:
+            raise RuntimeError("the daemon has not joined: no reachability yet")
+        return self.reach
+
+    def _relay(self) -> RelayService:
+        if self.relay is None:
+            raise RuntimeError("the daemon has not joined: no relay service yet")
+        return self.relay
+
+    async def _private_routes(self) -> dict[str, tuple[str, ...]]:
+        """Private peers and their relays, from a fresh read of the swarm's records (kept for _relay_candidates)."""
+        self._views = await self._membership().peers()
+        return {v.record.peer_id: v.record.relays for v in self._views if v.record.reachability == "private"}
+
+    async def _relay_candidates(self) -> list[str]:
+        return [v.record.peer_id for v in self._views if v.record.reachability == "public"
+                and v.record.relay_service and v.record.peer_id != self.peer_id]
 
     def own_view(self) -> PeerView:
         return PeerView(self._own_record(), time.time() + self.config.ttl)
@@ -438,6 +477,9 @@ class Daemon:
 
     async def export(self, job_id: str, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
         return await self._jobs().export(job_id, out, merge)
+
+    async def doctor(self) -> Report:
+        return await diagnose(self._reach(), self._relay(), self.p2p, self.addrs, await self.peers(), self.peer_id)
 
     async def leave(self) -> bool:
         withdrawn = await self._membership().withdraw()

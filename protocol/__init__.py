@@ -9,6 +9,7 @@ role; the modules at the top serve them all:
     pipeline/   pipeline frames and control messages, the sealed direct path
     planning/   pure planning the simulator shares: spans, the federated round policy, stage plans and assignment
     transfer/   bulk transfers: shard manifests and downloads, a federated job's state
+    relay/      reaching peers behind NATs: relays run by reachable peers, sealed end to end; the dial-back check
 
 Every public name below also resolves as ``protocol.<name>``, lazily (PEP 562), so importing one light module
 (e.g. protocol.wire from the CLI) does not pull in torch or hivemind.

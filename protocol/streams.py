@@ -87,8 +87,9 @@ async def close_after_peer(reader: asyncio.StreamReader, writer: asyncio.StreamW
 class Stream:
     """One libp2p stream, on either side: ``peer`` is the remote peer id libp2p authenticated."""
 
-    def __init__(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, addr: str = ""):
         self.peer, self.reader, self.writer = peer, reader, writer
+        self.addr = addr  # the remote address libp2p reports (a served stream's; "/p2p/R/p2p-circuit/..." relayed)
         self.frames_sent = 0
         self.closed = False
 
@@ -151,7 +152,7 @@ def serve(handler: Handler, log: logging.Logger, what: str = "stream handler") -
     that sent nothing, or whose handler was broken off, is closed at once."""
 
     async def run(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stream = Stream(info.peer_id.to_base58(), reader, writer)
+        stream = Stream(info.peer_id.to_base58(), reader, writer, str(info.addr))
         finished = False  # the handler returned: the conversation is over and its last word was ours
         try:
             await handler(stream)

@@ -105,8 +105,8 @@ def swarm_factory(tmp_path, request):
 def node_factory(tmp_path, request):
     nodes: list[NodeProcess] = []
 
-    def make(name: str, args=(), env=None, fast: bool = True) -> NodeProcess:
-        n = NodeProcess(tmp_path / name, [*(FAST_ARGS if fast else []), *args], env=env)
+    def make(name: str, args=(), env=None, fast: bool = True, prefix=()) -> NodeProcess:
+        n = NodeProcess(tmp_path / name, [*(FAST_ARGS if fast else []), *args], env=env, prefix=prefix)
         nodes.append(n)
         return n.start()
 

@@ -75,6 +75,9 @@ class ControlClient:
     def peers(self) -> pb.PeersResponse:
         return self._call("Peers", pb.PeersRequest())
 
+    def doctor(self) -> pb.DoctorResponse:
+        return self._call("Doctor", pb.DoctorRequest())
+
     def submit(self, job_toml: str, source: str) -> pb.SubmitResponse:
         return self._call("Submit", pb.SubmitRequest(job_toml=job_toml, source=source))
 

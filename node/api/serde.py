@@ -18,6 +18,7 @@ from node.api.rpc import control_pb2 as pb
 
 if TYPE_CHECKING:  # the CLI imports this module: no hivemind or torch at its start
     from node.api.service import JobSummary, NodeStatus
+    from node.runtime.doctor import Report
     from node.runtime.membership import PeerView
     from protocol.records.peer import Capability
 
@@ -65,6 +66,9 @@ def peers_to_proto(views: list[PeerView], own: str) -> pb.PeersResponse:
                 last_seen=v.record.updated_at,
                 expires_at=v.expires_at,
                 is_self=v.record.peer_id == own,
+                reachability=v.record.reachability,
+                relays=list(v.record.relays),
+                relay_service=v.record.relay_service,
             )
             for v in sorted(views, key=lambda v: v.record.peer_id)
         ]
@@ -129,9 +133,23 @@ def peers_json(resp: pb.PeersResponse) -> list[dict]:
     return [
         {"peer_id": p.peer_id, "addrs": list(p.addrs), "version": p.version,
          "capability": capability_json(p.capability), "last_seen": p.last_seen, "expires_at": p.expires_at,
-         "is_self": p.is_self}
+         "is_self": p.is_self, "reachability": p.reachability, "relays": list(p.relays),
+         "relay_service": p.relay_service}
         for p in resp.peers
     ]
+
+
+def doctor_json(resp: pb.DoctorResponse) -> dict:
+    r = resp.relay
+    return {"reachability": resp.reachability, "how": resp.how, "seen_as": list(resp.seen_as),
+            "ports": list(resp.ports), "open_ports": list(resp.open_ports), "asked": list(resp.asked),
+            "addrs": list(resp.addrs), "relays": list(resp.relays), "relay_errors": list(resp.relay_errors),
+            "relay_service": resp.relay_service,
+            "relay": {"reservations": r.reservations, "circuits": r.circuits, "circuits_total": r.circuits_total,
+                      "bytes_relayed": r.bytes_relayed, "cut": r.cut, "refused": r.refused},
+            "peers": [{"peer_id": c.peer_id, "reachability": c.reachability, "route": c.route, "rtt_ms": c.rtt_ms,
+                       "throughput_bytes_s": c.throughput_bytes_s, "error": c.error or None} for c in resp.peers],
+            "advice": list(resp.advice)}
 
 
 def job_json(info: pb.JobInfo) -> dict:
@@ -149,3 +167,18 @@ def job_json(info: pb.JobInfo) -> dict:
 
 def export_json(resp: pb.ExportResponse) -> dict:
     return {"files": list(resp.files), "round": resp.round, "model_hash": resp.model_hash}
+
+
+def doctor_to_proto(report: Report) -> pb.DoctorResponse:
+    d, stats = report.detection, report.relay_stats
+    return pb.DoctorResponse(
+        reachability=d.state, how=d.how, seen_as=d.seen_as, ports=report.ports, open_ports=d.open_ports,
+        asked=d.asked, addrs=report.addrs, relays=report.relays, relay_errors=report.relay_errors,
+        relay_service=report.relay_service,
+        relay=pb.RelayCounters(reservations=stats.reservations, circuits=stats.circuits,
+                               circuits_total=stats.circuits_total, bytes_relayed=stats.bytes_relayed, cut=stats.cut,
+                               refused=sum(stats.refused.values())),
+        peers=[pb.PeerCheck(peer_id=c.peer_id, reachability=c.reachability, route=c.route, rtt_ms=c.rtt_ms,
+                            throughput_bytes_s=c.throughput_bytes_s, error=c.error) for c in report.peers],
+        advice=report.advice,
+    )

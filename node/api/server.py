@@ -23,7 +23,7 @@ import grpc
 
 from node.api.rpc import control_pb2 as pb
 from node.api.rpc import control_pb2_grpc as pb_grpc
-from node.api.serde import job_to_proto, peers_to_proto, status_to_proto
+from node.api.serde import doctor_to_proto, job_to_proto, peers_to_proto, status_to_proto
 from node.api.service import TOKEN_METADATA, NodeService
 from node.runtime.config import NodeConfig
 from node.runtime.errors import EXIT_USAGE, NodeError
@@ -54,6 +54,9 @@ class ControlServicer(pb_grpc.ControlServicer):
 
     async def Peers(self, request: pb.PeersRequest, context: _Context) -> pb.PeersResponse:
         return peers_to_proto(await self.service.peers(), self.service.peer_id)
+
+    async def Doctor(self, request: pb.DoctorRequest, context: _Context) -> pb.DoctorResponse:
+        return doctor_to_proto(await self.service.doctor())
 
     async def Submit(self, request: pb.SubmitRequest, context: _Context) -> pb.SubmitResponse:
         try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # the CLI imports this module: no hivemind or torch at its start
     from node.jobs.board import JobView
+    from node.runtime.doctor import Report
     from node.runtime.membership import PeerView
     from protocol.records.peer import Capability
 
@@ -72,6 +73,10 @@ class NodeService(Protocol):
     async def cancel(self, job_id: str) -> bool: ...
 
     async def export(self, job_id: str, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]: ...
+
+    async def doctor(self) -> Report:
+        """This node's reachability checked afresh, its relays and every live peer (node/runtime/doctor.py)."""
+        ...
 
     async def leave(self) -> bool:
         """Withdraw this node's record (True if the DHT took the tombstone), then stop the daemon."""

@@ -18,9 +18,10 @@ import shutil
 import sys
 import time
 
-from node.api.serde import export_json, job_json, peers_json, status_json
+from node.api.serde import doctor_json, export_json, job_json, peers_json, status_json
 from node.cli.format import (
     format_data_table,
+    format_doctor,
     format_job_line,
     format_jobs_table,
     format_peers_table,
@@ -173,6 +174,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         elif args.command == "peers":
             resp = client.peers()
             print(json.dumps(peers_json(resp)) if args.json else format_peers_table(resp))
+        elif args.command == "doctor":
+            report = client.doctor()
+            print(json.dumps(doctor_json(report)) if args.json else format_doctor(report))
         else:
             resp = client.leave()
             print(json.dumps({"withdrawn": resp.withdrawn}) if args.json else

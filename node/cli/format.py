@@ -44,6 +44,8 @@ def format_peers_table(resp) -> str:
         bf16 = f"{cap.tflops_bf16:.2f}" if cap.HasField("tflops_bf16") else "-"
         addr = ((p.addrs[0].split("/p2p/")[0] if p.addrs else "-")
                 + (f" (+{len(p.addrs) - 1})" if len(p.addrs) > 1 else ""))
+        if p.reachability == "private":  # its own addresses are behind a NAT: how others reach it instead
+            addr = "NAT'd, via " + (", ".join(r[-8:] for r in p.relays) or "no relay")
         rows.append([p.peer_id + (" *" if p.is_self else ""), addr, gpu, vram, str(cap.cpu_cores), _gib(cap.ram_bytes),
                      train_device(cap), f"{cap.tflops_fp32:.3f}/{bf16}", p.version, _age(p.last_seen)])
     return table(header, rows, f"{len(rows)} node(s); * = this node")
@@ -110,3 +112,28 @@ def format_sources_table(entries: list[dict]) -> str:
         schema += f" (+{len(e['schema']) - 4})" if len(e["schema"]) > 4 else ""
         rows.append([e["name"], e["format"], str(e["rows"]), schema, e["schema_sha256"][:12], e["path"]])
     return table(header, rows, f"{len(rows)} own data source(s), read in place")
+
+
+def format_doctor(resp) -> str:
+    """`swarmnode doctor`'s report: this node, its relays, every peer, then what to do."""
+    how = {"checked": "checked by peers dialling back", "assumed": "assumed: nobody could check",
+           "set": "set with --reachability"}.get(resp.how, resp.how)
+    lines = [f"reachability   {resp.reachability} ({how})",
+             f"seen as        {', '.join(resp.seen_as) or '-'}",
+             f"listening on   TCP {', '.join(map(str, resp.ports)) or '-'}; open from outside: "
+             f"{', '.join(map(str, resp.open_ports)) or 'none'}",
+             f"announces      {', '.join(resp.addrs) or '-'}"]
+    lines += [f"asked          {line}" for line in resp.asked]
+    if resp.relays or resp.reachability == "private":
+        lines.append(f"relayed via    {', '.join(resp.relays) or 'no relay'}")
+    lines += [f"relay dropped  {line}" for line in resp.relay_errors]
+    r = resp.relay
+    lines.append(f"relay service  {'on' if resp.relay_service else 'off'}: {r.reservations} reservation(s), "
+                 f"{r.circuits} open / {r.circuits_total} circuit(s), {r.bytes_relayed} bytes relayed, "
+                 f"{r.cut} cut, {r.refused} refused")
+    rows = [[c.peer_id, c.reachability, c.route or "-", f"{c.rtt_ms:.1f}" if not c.error else "-",
+             f"{c.throughput_bytes_s * 8 / 1e6:.1f}" if not c.error else "-", c.error or "ok"] for c in resp.peers]
+    lines += ["", table(["PEER ID", "REACH", "ROUTE", "RTT ms", "Mbit/s", "STATUS"], rows,
+                        f"{len(rows)} peer(s) checked")]
+    lines += ["", *(f"- {line}" for line in resp.advice)]
+    return "\n".join(lines)

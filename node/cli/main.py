@@ -2,7 +2,7 @@
 
     swarmnode run --listen /ip4/0.0.0.0/tcp/31337            # first node of a new swarm
     swarmnode run --join /ip4/198.51.100.7/tcp/31337/p2p/12D3KooW...   # a volunteer joining it
-    swarmnode status | peers | leave  [--json]               # ask the running daemon (same --home)
+    swarmnode status | peers | doctor | leave  [--json]      # ask the running daemon (same --home)
     swarmnode dev-swarm --nodes 4 [--demo]                   # N nodes on loopback
     swarmnode data add digits --slice 0/4 | data list     # this node's own slice of a dataset (never shared)
     swarmnode data add churn ./churn.csv --format csv --label churned   # or your own files, read in place
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     run.add_argument("--data", help="directory of this node's datasets (<data>/<dataset>/, default <home>/data; "
                                     "fill it with `swarmnode data add`); never shared")
+    run.add_argument("--reachability", choices=("auto", "public", "private"),
+                     help="whether peers can open connections to this node: auto (default: peers dial back to "
+                          "check), public, or private (behind a NAT: reached through relays)")
+    run.add_argument("--no-relay-service", dest="relay_service", action="store_false", default=None,
+                     help="do not relay for peers behind NATs (a reachable node does by default, within bounds)")
     run.add_argument("--device", help="where this node trains: auto (the first CUDA device torch sees, else cpu; "
                                       "default), cpu, cuda or cuda:N (SWARMNODE_DEVICE)")
     limits = run.add_argument_group("whose jobs this node runs, and its limits (a declined job says why)")
@@ -80,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default <home>/swarm.cert; see `swarmnode swarm`)")
 
     for name, text in [("status", "show the local node"), ("peers", "list the swarm's live nodes"),
+                       ("doctor", "check this node's reachability, relays and every peer, and say what to do"),
                        ("leave", "withdraw from the swarm and stop the daemon")]:
         _add_common(sub.add_parser(name, help=text))
 

@@ -38,10 +38,12 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
 
 
 class NodeProcess:
-    def __init__(self, home: pathlib.Path, args: Sequence[str] = (), env: dict | None = None):
+    def __init__(self, home: pathlib.Path, args: Sequence[str] = (), env: dict | None = None,
+                 prefix: Sequence[str] = ()):
         self.home = pathlib.Path(home)
         self.args = list(args)
         self.env = env
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", NS]: a command that execs the node (same pid)
         self.proc: subprocess.Popen | None = None
         self.state: dict = {}
 
@@ -56,7 +58,7 @@ class NodeProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--home", str(self.home), *self.args],
+            [*self.prefix, sys.executable, "-m", "node.cli", "run", "--home", str(self.home), *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         log.close()

@@ -67,6 +67,10 @@ class NodeConfig:
     cpu_threads: int = 0  # torch threads of each job's local training; 0: torch's default (one per core)
     gpu_memory_fraction: float = 0.0  # share of a CUDA device's memory jobs may allocate; 0: all of it
     swarm_cert: pathlib.Path | None = None  # membership certificate of a private swarm; default <home>/swarm.cert
+    # behind a NAT (node/runtime/reachability.py): auto (checked by peers dialling back), public or private
+    reachability: str = "auto"
+    relay_service: bool = True  # a reachable node relays for private ones, within RelayLimits (--no-relay-service)
+    relayed_span_share: float = 0.0  # all-reduce span of a private member, as a share of a reachable one's (0: none)
 
     def __post_init__(self) -> None:
         for name in ("heartbeat", "ttl", "join_backoff", "benchmark_seconds"):
@@ -94,6 +98,10 @@ class NodeConfig:
             raise ValueError(f"max_job_hours must be a finite number >= 0 (0: no bound), got {self.max_job_hours}")
         if not (math.isfinite(self.gpu_memory_fraction) and 0 <= self.gpu_memory_fraction <= 1):
             raise ValueError(f"gpu_memory_fraction must be in [0, 1] (0: no bound), got {self.gpu_memory_fraction}")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ValueError(f"reachability must be auto, public or private, got {self.reachability!r:.40}")
+        if not (math.isfinite(self.relayed_span_share) and 0 <= self.relayed_span_share <= 1):
+            raise ValueError(f"relayed_span_share must be in [0, 1], got {self.relayed_span_share}")
         if self.control != "unix" and not self.control.startswith("tcp://"):
             raise ValueError(f"control must be 'unix' or 'tcp://HOST:PORT', got {self.control!r}")
         if self.control == "unix" and len(os.fsencode(self.socket_path)) > MAX_UNIX_PATH:  # else grpc's traceback
@@ -186,6 +194,12 @@ def _convert(name: str, value: Any, source: str) -> Any:
             if not isinstance(value, (str, os.PathLike)):
                 raise TypeError("expected a path")
             return pathlib.Path(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
+                return value.strip().lower() in ("1", "true", "yes")
+            if not isinstance(value, bool):
+                raise TypeError("expected true or false")
+            return value
         if kind == "float":
             if isinstance(value, bool):
                 raise TypeError("expected a number")

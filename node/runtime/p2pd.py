@@ -33,7 +33,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
 from hivemind.utils.multiaddr import Multiaddr
+
+from protocol.relay.routes import RelayRouter
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -124,8 +127,9 @@ class _HandlerTrackingP2P(P2P):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stream_handlers: set[str] = set()
+        self.stream_handlers: dict[str, Callable] = {}  # protocol -> the gated handler (relayed streams use it too)
         self.admit: Callable[[str], Awaitable[bool]] | None = None
+        self.router: RelayRouter | None = None  # set: streams to private peers go through their relays
 
     async def add_binary_stream_handler(self, name: str, handler, balanced: bool = False) -> None:
         async def gated(info, reader, writer) -> None:
@@ -135,11 +139,24 @@ class _HandlerTrackingP2P(P2P):
             await handler(info, reader, writer)
 
         await super().add_binary_stream_handler(name, gated, balanced)
-        self.stream_handlers.add(name)
+        self.stream_handlers[name] = gated
 
     async def remove_binary_stream_handler(self, name: str) -> None:
         await super().remove_binary_stream_handler(name)
-        self.stream_handlers.discard(name)
+        self.stream_handlers.pop(name, None)
+
+    async def call_binary_stream_handler(self, peer_id: PeerID, handler_name: str):
+        """A stream to ``peer_id``: through the router (a private peer: over a relay) when one is set."""
+        if self.router is None:
+            return await self.raw_stream(peer_id.to_base58(), handler_name)
+        return await self.router.dial(peer_id.to_base58(), handler_name)
+
+    async def raw_stream(self, peer: str, handler_name: str):
+        """A stream over libp2p itself, never relayed by swarmnode."""
+        return await super().call_binary_stream_handler(PeerID.from_base58(peer), handler_name)
+
+    async def connected_peers(self) -> set[str]:
+        return {info.peer_id.to_base58() for info in await self.list_peers()}
 
 
 class OwnedP2PDaemon:

@@ -17,6 +17,8 @@ CAPABILITY_SCHEMA_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # signed value as stored in the DHT; anything larger is rejected by every node
 MAX_ADDRS = 16
 MAX_GPUS = 16
+MAX_RELAYS = 4
+REACHABILITY = ("public", "private")
 TRAIN_DEVICE = re.compile(r"cpu|cuda:[0-9]{1,3}")  # a capability's train_device
 
 
@@ -64,6 +66,11 @@ class PeerRecord:
     updated_at: float  # unix time when the node signed this record
     leaving: bool = False  # True in the tombstone a node publishes on graceful exit
     schema_version: int = CAPABILITY_SCHEMA_VERSION
+    # How others reach it (node/runtime/reachability.py). Left out of the wire map at their defaults, so records of
+    # nodes that predate them read as a reachable node offering the relay service.
+    reachability: str = "public"  # "public" or "private" (behind a NAT: reached through ``relays``)
+    relays: tuple[str, ...] = ()  # a private node's relays (peer ids), at most MAX_RELAYS
+    relay_service: bool = True  # a public node relays for private ones (False: --no-relay-service)
 
     def replace(self, **changes) -> PeerRecord:
         return dataclasses.replace(self, **changes)
@@ -132,6 +139,9 @@ def peer_record_to_wire(record: PeerRecord) -> bytes:
             "updated_at": record.updated_at,
             "leaving": record.leaving,
         }
+        | ({"reach": record.reachability} if record.reachability != "public" else {})
+        | ({"relays": list(record.relays)} if record.relays else {})
+        | ({"relay_service": False} if not record.relay_service else {})
     )
 
 
@@ -151,4 +161,21 @@ def peer_record_from_wire(data: bytes) -> PeerRecord:
         updated_at=rate(field(obj, "updated_at", (int, float), "peer record"), "peer record.updated_at"),
         leaving=field(obj, "leaving", bool, "peer record"),
         schema_version=schema,
+        reachability=_reachability(obj),
+        relays=_relays(obj),
+        relay_service=field(obj, "relay_service", bool, "peer record") if "relay_service" in obj else True,
     )
+
+
+def _reachability(obj: dict) -> str:
+    reach = text(obj, "reach", "peer record", limit=16) if "reach" in obj else "public"
+    if reach not in REACHABILITY:
+        raise WireError(f"peer record.reach: expected one of {', '.join(REACHABILITY)}, got {reach!r}")
+    return reach
+
+
+def _relays(obj: dict) -> tuple[str, ...]:
+    relays = field(obj, "relays", list, "peer record") if "relays" in obj else []
+    if len(relays) > MAX_RELAYS or not all(isinstance(r, str) and 0 < len(r) <= 64 for r in relays):
+        raise WireError(f"peer record.relays: expected at most {MAX_RELAYS} peer ids")
+    return tuple(relays)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarmnode/v1/control.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdd\x01\n\x0eStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\r\n\x05swarm\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x12\n\npeers_seen\x18\x06 \x01(\r\x12\x1c\n\x14last_heartbeat_age_s\x18\x07 \x01(\x01\x12,\n\ncapability\x18\x08 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x0c\n\x04home\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\"\x89\x02\n\nCapability\x12\x1f\n\x04gpus\x18\x01 \x03(\x0b\x32\x11.swarmnode.v1.Gpu\x12\x11\n\tcpu_cores\x18\x02 \x01(\r\x12\x11\n\tram_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btflops_fp32\x18\x05 \x01(\x01\x12\x18\n\x0btflops_bf16\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x14\n\x0ctrain_device\x18\x08 \x01(\t\x12\x1e\n\x11\x64\x65vice_free_bytes\x18\t \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_tflops_bf16B\x14\n\x12_device_free_bytes\"M\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\r\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\r\"\x0e\n\x0cPeersRequest\"2\n\rPeersResponse\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.swarmnode.v1.Peer\"\x9d\x01\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\ncapability\x18\x04 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0f\n\x07is_self\x18\x07 \x01(\x08\"\x0e\n\x0cLeaveRequest\"\"\n\rLeaveResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\"1\n\rSubmitRequest\x12\x10\n\x08job_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\r\n\x0bJobsRequest\"3\n\x0cJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.swarmnode.v1.JobInfo\",\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xd0\x03\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tsubmitter\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nmodel_hash\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x13\n\x0b\x65val_metric\x18\n \x01(\x01\x12\x17\n\x0f\x62ytes_exchanged\x18\x0b \x01(\x04\x12\x14\n\x0cround_time_s\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x0e \x01(\t\x12\x13\n\x0blocal_round\x18\x0f \x01(\r\x12\x18\n\x10local_model_hash\x18\x10 \x01(\t\x12\x13\n\x0bstage_hosts\x18\x11 \x03(\t\x12\'\n\x08\x64\x65\x63lines\x18\x12 \x03(\x0b\x32\x15.swarmnode.v1.Decline\x12\x0e\n\x06takers\x18\x13 \x01(\r\x12\x17\n\x0fround_timeout_s\x18\x14 \x01(\x01\x12+\n\nexclusions\x18\x15 \x03(\x0b\x32\x17.swarmnode.v1.Exclusion\":\n\tExclusion\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\n\n\x02\x62y\x18\x02 \x01(\t\x12\x10\n\x08\x65vidence\x18\x03 \x01(\t\"*\n\x07\x44\x65\x63line\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"?\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\"B\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nmodel_hash\x18\x03 \x01(\t2\x9a\x04\n\x07\x43ontrol\x12\x43\n\x06Status\x12\x1b.swarmnode.v1.StatusRequest\x1a\x1c.swarmnode.v1.StatusResponse\x12@\n\x05Peers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x1b.swarmnode.v1.PeersResponse\x12@\n\x05Leave\x12\x1a.swarmnode.v1.LeaveRequest\x1a\x1b.swarmnode.v1.LeaveResponse\x12\x43\n\x06Submit\x12\x1b.swarmnode.v1.SubmitRequest\x1a\x1c.swarmnode.v1.SubmitResponse\x12=\n\x04Jobs\x12\x19.swarmnode.v1.JobsRequest\x1a\x1a.swarmnode.v1.JobsResponse\x12\x38\n\x03Job\x12\x18.swarmnode.v1.JobRequest\x1a\x15.swarmnode.v1.JobInfo0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.swarmnode.v1.CancelRequest\x1a\x1c.swarmnode.v1.CancelResponse\x12\x43\n\x06\x45xport\x12\x1b.swarmnode.v1.ExportRequest\x1a\x1c.swarmnode.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarmnode/v1/control.proto\x12\x0cswarmnode.v1\"\x0f\n\rStatusRequest\"\xdd\x01\n\x0eStatusResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\r\n\x05swarm\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\x12\x12\n\npeers_seen\x18\x06 \x01(\r\x12\x1c\n\x14last_heartbeat_age_s\x18\x07 \x01(\x01\x12,\n\ncapability\x18\x08 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x0c\n\x04home\x18\t \x01(\t\x12\x0b\n\x03pid\x18\n \x01(\r\"\x89\x02\n\nCapability\x12\x1f\n\x04gpus\x18\x01 \x03(\x0b\x32\x11.swarmnode.v1.Gpu\x12\x11\n\tcpu_cores\x18\x02 \x01(\r\x12\x11\n\tram_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btflops_fp32\x18\x05 \x01(\x01\x12\x18\n\x0btflops_bf16\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08platform\x18\x07 \x01(\t\x12\x14\n\x0ctrain_device\x18\x08 \x01(\t\x12\x1e\n\x11\x64\x65vice_free_bytes\x18\t \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_tflops_bf16B\x14\n\x12_device_free_bytes\"M\n\x03Gpu\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\r\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\r\"\x0e\n\x0cPeersRequest\"2\n\rPeersResponse\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.swarmnode.v1.Peer\"\xda\x01\n\x04Peer\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64rs\x18\x02 \x03(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12,\n\ncapability\x18\x04 \x01(\x0b\x32\x18.swarmnode.v1.Capability\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x0f\n\x07is_self\x18\x07 \x01(\x08\x12\x14\n\x0creachability\x18\x08 \x01(\t\x12\x0e\n\x06relays\x18\t \x03(\t\x12\x15\n\rrelay_service\x18\n \x01(\x08\"\x0f\n\rDoctorRequest\"\xa6\x02\n\x0e\x44octorResponse\x12\x14\n\x0creachability\x18\x01 \x01(\t\x12\x0b\n\x03how\x18\x02 \x01(\t\x12\x0f\n\x07seen_as\x18\x03 \x03(\t\x12\r\n\x05ports\x18\x04 \x03(\x05\x12\x12\n\nopen_ports\x18\x05 \x03(\x05\x12\r\n\x05\x61sked\x18\x06 \x03(\t\x12\r\n\x05\x61\x64\x64rs\x18\x07 \x03(\t\x12\x0e\n\x06relays\x18\x08 \x03(\t\x12\x14\n\x0crelay_errors\x18\t \x03(\t\x12\x15\n\rrelay_service\x18\n \x01(\x08\x12*\n\x05relay\x18\x0b \x01(\x0b\x32\x1b.swarmnode.v1.RelayCounters\x12&\n\x05peers\x18\x0c \x03(\x0b\x32\x17.swarmnode.v1.PeerCheck\x12\x0e\n\x06\x61\x64vice\x18\r \x03(\t\"\x84\x01\n\rRelayCounters\x12\x14\n\x0creservations\x18\x01 \x01(\x05\x12\x10\n\x08\x63ircuits\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ircuits_total\x18\x03 \x01(\x03\x12\x15\n\rbytes_relayed\x18\x04 \x01(\x03\x12\x0b\n\x03\x63ut\x18\x05 \x01(\x03\x12\x0f\n\x07refused\x18\x06 \x01(\x03\"|\n\tPeerCheck\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0creachability\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x0e\n\x06rtt_ms\x18\x04 \x01(\x01\x12\x1a\n\x12throughput_bytes_s\x18\x05 \x01(\x01\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x0e\n\x0cLeaveRequest\"\"\n\rLeaveResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\"1\n\rSubmitRequest\x12\x10\n\x08job_toml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\" \n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\r\n\x0bJobsRequest\"3\n\x0cJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.swarmnode.v1.JobInfo\",\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xd0\x03\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tsubmitter\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\r\x12\x0e\n\x06rounds\x18\x06 \x01(\r\x12\x12\n\nmodel_hash\x18\x07 \x01(\t\x12\x14\n\x0cparticipants\x18\x08 \x03(\t\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x13\n\x0b\x65val_metric\x18\n \x01(\x01\x12\x17\n\x0f\x62ytes_exchanged\x18\x0b \x01(\x04\x12\x14\n\x0cround_time_s\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x10\n\x08\x64\x65\x63lined\x18\x0e \x01(\t\x12\x13\n\x0blocal_round\x18\x0f \x01(\r\x12\x18\n\x10local_model_hash\x18\x10 \x01(\t\x12\x13\n\x0bstage_hosts\x18\x11 \x03(\t\x12\'\n\x08\x64\x65\x63lines\x18\x12 \x03(\x0b\x32\x15.swarmnode.v1.Decline\x12\x0e\n\x06takers\x18\x13 \x01(\r\x12\x17\n\x0fround_timeout_s\x18\x14 \x01(\x01\x12+\n\nexclusions\x18\x15 \x03(\x0b\x32\x17.swarmnode.v1.Exclusion\":\n\tExclusion\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\n\n\x02\x62y\x18\x02 \x01(\t\x12\x10\n\x08\x65vidence\x18\x03 \x01(\t\"*\n\x07\x44\x65\x63line\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"?\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\x12\r\n\x05merge\x18\x03 \x01(\x08\"B\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nmodel_hash\x18\x03 \x01(\t2\xdf\x04\n\x07\x43ontrol\x12\x43\n\x06Status\x12\x1b.swarmnode.v1.StatusRequest\x1a\x1c.swarmnode.v1.StatusResponse\x12@\n\x05Peers\x12\x1a.swarmnode.v1.PeersRequest\x1a\x1b.swarmnode.v1.PeersResponse\x12\x43\n\x06\x44octor\x12\x1b.swarmnode.v1.DoctorRequest\x1a\x1c.swarmnode.v1.DoctorResponse\x12@\n\x05Leave\x12\x1a.swarmnode.v1.LeaveRequest\x1a\x1b.swarmnode.v1.LeaveResponse\x12\x43\n\x06Submit\x12\x1b.swarmnode.v1.SubmitRequest\x1a\x1c.swarmnode.v1.SubmitResponse\x12=\n\x04Jobs\x12\x19.swarmnode.v1.JobsRequest\x1a\x1a.swarmnode.v1.JobsResponse\x12\x38\n\x03Job\x12\x18.swarmnode.v1.JobRequest\x1a\x15.swarmnode.v1.JobInfo0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.swarmnode.v1.CancelRequest\x1a\x1c.swarmnode.v1.CancelResponse\x12\x43\n\x06\x45xport\x12\x1b.swarmnode.v1.ExportRequest\x1a\x1c.swarmnode.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERSRESPONSE']._serialized_start=648
   _globals['_PEERSRESPONSE']._serialized_end=698
   _globals['_PEER']._serialized_start=701
-  _globals['_PEER']._serialized_end=858
-  _globals['_LEAVEREQUEST']._serialized_start=860
-  _globals['_LEAVEREQUEST']._serialized_end=874
-  _globals['_LEAVERESPONSE']._serialized_start=876
-  _globals['_LEAVERESPONSE']._serialized_end=910
-  _globals['_SUBMITREQUEST']._serialized_start=912
-  _globals['_SUBMITREQUEST']._serialized_end=961
-  _globals['_SUBMITRESPONSE']._serialized_start=963
-  _globals['_SUBMITRESPONSE']._serialized_end=995
-  _globals['_JOBSREQUEST']._serialized_start=997
-  _globals['_JOBSREQUEST']._serialized_end=1010
-  _globals['_JOBSRESPONSE']._serialized_start=1012
-  _globals['_JOBSRESPONSE']._serialized_end=1063
-  _globals['_JOBREQUEST']._serialized_start=1065
-  _globals['_JOBREQUEST']._serialized_end=1109
-  _globals['_JOBINFO']._serialized_start=1112
-  _globals['_JOBINFO']._serialized_end=1576
-  _globals['_EXCLUSION']._serialized_start=1578
-  _globals['_EXCLUSION']._serialized_end=1636
-  _globals['_DECLINE']._serialized_start=1638
-  _globals['_DECLINE']._serialized_end=1680
-  _globals['_CANCELREQUEST']._serialized_start=1682
-  _globals['_CANCELREQUEST']._serialized_end=1713
-  _globals['_CANCELRESPONSE']._serialized_start=1715
-  _globals['_CANCELRESPONSE']._serialized_end=1750
-  _globals['_EXPORTREQUEST']._serialized_start=1752
-  _globals['_EXPORTREQUEST']._serialized_end=1815
-  _globals['_EXPORTRESPONSE']._serialized_start=1817
-  _globals['_EXPORTRESPONSE']._serialized_end=1883
-  _globals['_CONTROL']._serialized_start=1886
-  _globals['_CONTROL']._serialized_end=2424
+  _globals['_PEER']._serialized_end=919
+  _globals['_DOCTORREQUEST']._serialized_start=921
+  _globals['_DOCTORREQUEST']._serialized_end=936
+  _globals['_DOCTORRESPONSE']._serialized_start=939
+  _globals['_DOCTORRESPONSE']._serialized_end=1233
+  _globals['_RELAYCOUNTERS']._serialized_start=1236
+  _globals['_RELAYCOUNTERS']._serialized_end=1368
+  _globals['_PEERCHECK']._serialized_start=1370
+  _globals['_PEERCHECK']._serialized_end=1494
+  _globals['_LEAVEREQUEST']._serialized_start=1496
+  _globals['_LEAVEREQUEST']._serialized_end=1510
+  _globals['_LEAVERESPONSE']._serialized_start=1512
+  _globals['_LEAVERESPONSE']._serialized_end=1546
+  _globals['_SUBMITREQUEST']._serialized_start=1548
+  _globals['_SUBMITREQUEST']._serialized_end=1597
+  _globals['_SUBMITRESPONSE']._serialized_start=1599
+  _globals['_SUBMITRESPONSE']._serialized_end=1631
+  _globals['_JOBSREQUEST']._serialized_start=1633
+  _globals['_JOBSREQUEST']._serialized_end=1646
+  _globals['_JOBSRESPONSE']._serialized_start=1648
+  _globals['_JOBSRESPONSE']._serialized_end=1699
+  _globals['_JOBREQUEST']._serialized_start=1701
+  _globals['_JOBREQUEST']._serialized_end=1745
+  _globals['_JOBINFO']._serialized_start=1748
+  _globals['_JOBINFO']._serialized_end=2212
+  _globals['_EXCLUSION']._serialized_start=2214
+  _globals['_EXCLUSION']._serialized_end=2272
+  _globals['_DECLINE']._serialized_start=2274
+  _globals['_DECLINE']._serialized_end=2316
+  _globals['_CANCELREQUEST']._serialized_start=2318
+  _globals['_CANCELREQUEST']._serialized_end=2349
+  _globals['_CANCELRESPONSE']._serialized_start=2351
+  _globals['_CANCELRESPONSE']._serialized_end=2386
+  _globals['_EXPORTREQUEST']._serialized_start=2388
+  _globals['_EXPORTREQUEST']._serialized_end=2451
+  _globals['_EXPORTRESPONSE']._serialized_start=2453
+  _globals['_EXPORTRESPONSE']._serialized_end=2519
+  _globals['_CONTROL']._serialized_start=2522
+  _globals['_CONTROL']._serialized_end=3129
 # @@protoc_insertion_point(module_scope)

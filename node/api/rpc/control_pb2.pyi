@@ -79,7 +79,7 @@ class PeersResponse(_message.Message):
     def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("peer_id", "addrs", "version", "capability", "last_seen", "expires_at", "is_self")
+    __slots__ = ("peer_id", "addrs", "version", "capability", "last_seen", "expires_at", "is_self", "reachability", "relays", "relay_service")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,9 @@ class Peer(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     IS_SELF_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_SERVICE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addrs: _containers.RepeatedScalarFieldContainer[str]
     version: str
@@ -94,7 +97,76 @@ class Peer(_message.Message):
     last_seen: float
     expires_at: float
     is_self: bool
-    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., last_seen: _Optional[float] = ..., expires_at: _Optional[float] = ..., is_self: _Optional[bool] = ...) -> None: ...
+    reachability: str
+    relays: _containers.RepeatedScalarFieldContainer[str]
+    relay_service: bool
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., version: _Optional[str] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., last_seen: _Optional[float] = ..., expires_at: _Optional[float] = ..., is_self: _Optional[bool] = ..., reachability: _Optional[str] = ..., relays: _Optional[_Iterable[str]] = ..., relay_service: _Optional[bool] = ...) -> None: ...
+
+class DoctorRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DoctorResponse(_message.Message):
+    __slots__ = ("reachability", "how", "seen_as", "ports", "open_ports", "asked", "addrs", "relays", "relay_errors", "relay_service", "relay", "peers", "advice")
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    SEEN_AS_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_PORTS_FIELD_NUMBER: _ClassVar[int]
+    ASKED_FIELD_NUMBER: _ClassVar[int]
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    reachability: str
+    how: str
+    seen_as: _containers.RepeatedScalarFieldContainer[str]
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    open_ports: _containers.RepeatedScalarFieldContainer[int]
+    asked: _containers.RepeatedScalarFieldContainer[str]
+    addrs: _containers.RepeatedScalarFieldContainer[str]
+    relays: _containers.RepeatedScalarFieldContainer[str]
+    relay_errors: _containers.RepeatedScalarFieldContainer[str]
+    relay_service: bool
+    relay: RelayCounters
+    peers: _containers.RepeatedCompositeFieldContainer[PeerCheck]
+    advice: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reachability: _Optional[str] = ..., how: _Optional[str] = ..., seen_as: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[int]] = ..., open_ports: _Optional[_Iterable[int]] = ..., asked: _Optional[_Iterable[str]] = ..., addrs: _Optional[_Iterable[str]] = ..., relays: _Optional[_Iterable[str]] = ..., relay_errors: _Optional[_Iterable[str]] = ..., relay_service: _Optional[bool] = ..., relay: _Optional[_Union[RelayCounters, _Mapping]] = ..., peers: _Optional[_Iterable[_Union[PeerCheck, _Mapping]]] = ..., advice: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RelayCounters(_message.Message):
+    __slots__ = ("reservations", "circuits", "circuits_total", "bytes_relayed", "cut", "refused")
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUITS_FIELD_NUMBER: _ClassVar[int]
+    CIRCUITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RELAYED_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    reservations: int
+    circuits: int
+    circuits_total: int
+    bytes_relayed: int
+    cut: int
+    refused: int
+    def __init__(self, reservations: _Optional[int] = ..., circuits: _Optional[int] = ..., circuits_total: _Optional[int] = ..., bytes_relayed: _Optional[int] = ..., cut: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class PeerCheck(_message.Message):
+    __slots__ = ("peer_id", "reachability", "route", "rtt_ms", "throughput_bytes_s", "error")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_BYTES_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reachability: str
+    route: str
+    rtt_ms: float
+    throughput_bytes_s: float
+    error: str
+    def __init__(self, peer_id: _Optional[str] = ..., reachability: _Optional[str] = ..., route: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., throughput_bytes_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ()

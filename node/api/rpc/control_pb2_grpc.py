@@ -45,6 +45,11 @@ class ControlStub:
                 request_serializer=swarmnode_dot_v1_dot_control__pb2.PeersRequest.SerializeToString,
                 response_deserializer=swarmnode_dot_v1_dot_control__pb2.PeersResponse.FromString,
                 _registered_method=True)
+        self.Doctor = channel.unary_unary(
+                '/swarmnode.v1.Control/Doctor',
+                request_serializer=swarmnode_dot_v1_dot_control__pb2.DoctorRequest.SerializeToString,
+                response_deserializer=swarmnode_dot_v1_dot_control__pb2.DoctorResponse.FromString,
+                _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/swarmnode.v1.Control/Leave',
                 request_serializer=swarmnode_dot_v1_dot_control__pb2.LeaveRequest.SerializeToString,
@@ -90,6 +95,13 @@ class ControlServicer:
 
     def Peers(self, request, context):
         """Every live node of the swarm as seen in the DHT, this node included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Doctor(self, request, context):
+        """This node's reachability, relays and a check of every live peer (swarmnode doctor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +163,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Peers,
                     request_deserializer=swarmnode_dot_v1_dot_control__pb2.PeersRequest.FromString,
                     response_serializer=swarmnode_dot_v1_dot_control__pb2.PeersResponse.SerializeToString,
+            ),
+            'Doctor': grpc.unary_unary_rpc_method_handler(
+                    servicer.Doctor,
+                    request_deserializer=swarmnode_dot_v1_dot_control__pb2.DoctorRequest.FromString,
+                    response_serializer=swarmnode_dot_v1_dot_control__pb2.DoctorResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
@@ -238,6 +255,33 @@ class Control:
             '/swarmnode.v1.Control/Peers',
             swarmnode_dot_v1_dot_control__pb2.PeersRequest.SerializeToString,
             swarmnode_dot_v1_dot_control__pb2.PeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Doctor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarmnode.v1.Control/Doctor',
+            swarmnode_dot_v1_dot_control__pb2.DoctorRequest.SerializeToString,
+            swarmnode_dot_v1_dot_control__pb2.DoctorResponse.FromString,
             options,
             channel_credentials,
             insecure,
