@@ -450,6 +450,8 @@ class Daemon:
             capability=self.capability,
             home=str(self.config.home_dir),
             pid=os.getpid(),
+            reachability=self.reach.detection.state if self.reach is not None else "public",
+            relay=self.relay.stats if self.relay is not None else None,
         )
 
     async def peers(self) -> list[PeerView]:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the CLI imports this module: no hivemind or torch at its st
     from node.runtime.doctor import Report
     from node.runtime.membership import PeerView
     from protocol.records.peer import Capability
+    from protocol.relay.circuits import RelayStats
 
 # ---- daemon -> proto ---------------------------------------------------------------------------------------
 
@@ -51,8 +52,15 @@ def status_to_proto(status: NodeStatus) -> pb.StatusResponse:
         peer_id=status.peer_id, addrs=list(status.addrs), swarm=status.swarm, version=status.version,
         uptime_s=status.uptime_s, peers_seen=status.peers_seen, last_heartbeat_age_s=status.last_heartbeat_age_s,
         capability=capability_to_proto(status.capability) if status.capability is not None else None,
-        home=status.home, pid=status.pid,
+        home=status.home, pid=status.pid, reachability=status.reachability,
+        relay=relay_counters(status.relay) if status.relay is not None else None,
     )
+
+
+def relay_counters(stats: RelayStats) -> pb.RelayCounters:
+    return pb.RelayCounters(reservations=stats.reservations, circuits=stats.circuits,
+                            circuits_total=stats.circuits_total, bytes_relayed=stats.bytes_relayed, cut=stats.cut,
+                            refused=sum(stats.refused.values()))
 
 
 def peers_to_proto(views: list[PeerView], own: str) -> pb.PeersResponse:
@@ -126,7 +134,11 @@ def capability_json(cap: pb.Capability) -> dict:
 def status_json(s: pb.StatusResponse) -> dict:
     return {"peer_id": s.peer_id, "addrs": list(s.addrs), "swarm": s.swarm, "version": s.version,
             "uptime_s": s.uptime_s, "peers_seen": s.peers_seen, "last_heartbeat_age_s": s.last_heartbeat_age_s,
-            "home": s.home, "pid": s.pid, "capability": capability_json(s.capability)}
+            "home": s.home, "pid": s.pid, "capability": capability_json(s.capability),
+            "reachability": s.reachability,
+            "relay": {"reservations": s.relay.reservations, "circuits": s.relay.circuits,
+                      "circuits_total": s.relay.circuits_total, "bytes_relayed": s.relay.bytes_relayed,
+                      "cut": s.relay.cut, "refused": s.relay.refused}}
 
 
 def peers_json(resp: pb.PeersResponse) -> list[dict]:
@@ -175,9 +187,7 @@ def doctor_to_proto(report: Report) -> pb.DoctorResponse:
         reachability=d.state, how=d.how, seen_as=d.seen_as, ports=report.ports, open_ports=d.open_ports,
         asked=d.asked, addrs=report.addrs, relays=report.relays, relay_errors=report.relay_errors,
         relay_service=report.relay_service,
-        relay=pb.RelayCounters(reservations=stats.reservations, circuits=stats.circuits,
-                               circuits_total=stats.circuits_total, bytes_relayed=stats.bytes_relayed, cut=stats.cut,
-                               refused=sum(stats.refused.values())),
+        relay=relay_counters(stats),
         peers=[pb.PeerCheck(peer_id=c.peer_id, reachability=c.reachability, route=c.route, rtt_ms=c.rtt_ms,
                             throughput_bytes_s=c.throughput_bytes_s, error=c.error) for c in report.peers],
         advice=report.advice,

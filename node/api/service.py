@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the CLI imports this module: no hivemind or torch at its st
     from node.runtime.doctor import Report
     from node.runtime.membership import PeerView
     from protocol.records.peer import Capability
+    from protocol.relay.circuits import RelayStats
 
 TOKEN_METADATA = "x-swarmnode-token"  # gRPC metadata key of the control token (TCP mode)
 
@@ -39,6 +40,8 @@ class NodeStatus:
     capability: Capability | None
     home: str
     pid: int
+    reachability: str = "public"
+    relay: RelayStats | None = None  # this node's relay service counters
 
 
 @dataclass(frozen=True)

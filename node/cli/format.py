@@ -75,6 +75,9 @@ def format_jobs_table(resp) -> str:
     return table(header, rows, f"{len(rows)} job(s)")
 
 
+NATTED = "no: behind a NAT, reached through relays (swarmnode doctor)"
+
+
 def format_status(s) -> str:
     cap = capability_json(s.capability)
     gpus = ", ".join(f"{g['name']} ({_gib(g['memory_bytes'])}, cc {g['compute_capability']})" for g in cap["gpus"])
@@ -83,6 +86,8 @@ def format_status(s) -> str:
              f"heartbeat  {s.last_heartbeat_age_s:.1f} s ago",
              f"hardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
              f"{cap['tflops_fp32']:.3f} TFLOPS fp32", f"trains on  {train_device(s.capability)}",
+             f"reachable  {NATTED if s.reachability == 'private' else 'yes'}; relayed {s.relay.bytes_relayed} "
+             "bytes for others",
              "addresses", *(f"  {a}" for a in s.addrs)]
     return "\n".join(lines)
 

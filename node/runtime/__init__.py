@@ -6,6 +6,7 @@
     p2pd.py        OwnedP2PDaemon: hivemind's go-libp2p daemon as a child this node fully owns
     membership.py  Membership: this node's signed peer record on a heartbeat; PeerView, the live peer list
     reachability.py  Reachability: reachable or behind a NAT (peers dial back), a private node's relays
+    doctor.py      diagnose: reachability checked afresh, relays, every peer's route, RTT and throughput; advice
     admission.py   Admission: who is a member of the swarm; in a private swarm, whom to serve and round with
     private_swarm.py  a private swarm on disk: the owner key, certificate files, this node's certificate
     capability.py  what this machine brings (GPUs, cores, memory, a matmul benchmark)
