@@ -2,7 +2,8 @@
 testbed at 100 Mbit/s, in one run; and the relays' own traffic.
 
     sudo .venv/bin/python scripts/bench_nat.py                   # the README's table (about 6 minutes)
-    sudo .venv/bin/python scripts/bench_nat.py --rounds 6 --hidden 512 --json docs/bench_nat.json
+    sudo .venv/bin/python scripts/bench_nat.py --density 1.0 --json docs/bench_nat_dense.json   # dense parts
+    .venv/bin/python scripts/bench_nat.py --hop 256        # the relay hop alone: one stream, direct vs relayed
 
 Each case builds scripts/nat_testbed.py with 4 - k public hosts and k home hosts (each home behind its own
 masquerading router with no inbound port; tc tbf at --rate-mbit on every leg), starts real nodes (`swarmnode run`
@@ -118,6 +119,67 @@ def run_case(root: pathlib.Path, k: int, share: float, args) -> dict:
                 n.stop()
 
 
+async def relay_hop(total_mb: int, frame_kib: int = 1024) -> dict:
+    """Throughput of one stream on loopback, direct and through a relay (real p2pd daemons, the relay's copy and
+    both ends' sealing included): what the relay's hop costs per byte, with no link limit in the way."""
+    import logging
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from node.runtime.identity import write_p2p_identity
+    from node.runtime.p2pd import OwnedP2PDaemon
+    from protocol.records.peer_keys import peer_id_of
+    from protocol.relay.circuits import RelayNames, RelayService
+    from protocol.relay.routes import RelayRouter
+    from protocol.streams import open_stream, serve_on
+
+    log = logging.getLogger("bench")
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    ids = [peer_id_of(k.public_key()) for k in keys]
+    names, daemons, p2ps = RelayNames("bench"), [], []
+    frame, frames = bytes(frame_kib * 1024), total_mb * 1024 // frame_kib
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for i in range(3):  # 0 relay, 1 target, 2 origin
+                path = pathlib.Path(tmp) / f"{i}.key"
+                write_p2p_identity(keys[i], path)
+                boot = [f"{(await p2ps[0].get_visible_maddrs())[0]}/p2p/{ids[0]}"] if i else []
+                daemon = OwnedP2PDaemon()
+                p2ps.append(await daemon.start(identity_path=str(path), host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                                               bootstrap=boot))
+                daemons.append(daemon)
+            service = RelayService(ids[0], p2ps[0].raw_stream, names)
+            await serve_on(p2ps[0], service.handlers(), log)
+
+            async def sink(stream) -> None:
+                for _ in range(frames):
+                    await stream.receive(len(frame) + 16, 60.0)
+                await stream.send(b"done")
+
+            await serve_on(p2ps[1], {"swarmnode/bench/sink": sink}, log)
+            routers = [RelayRouter(ids[i], keys[i], names, p2ps[i].raw_stream, p2ps[i].stream_handlers.get)
+                       for i in (1, 2)]
+            await p2ps[1].add_binary_stream_handler(names.stop, routers[0].on_stop)
+            await routers[0].reserve(ids[0])
+            routers[0].relays = (ids[0],)
+            out = {}
+            for route in ("direct", "relayed", "direct", "relayed"):  # interleaved, the second pass counts
+                p2ps[2].router = routers[1] if route == "relayed" else None
+                routers[1].set_routes({ids[1]: (ids[0],)} if route == "relayed" else {})
+                start = time.perf_counter()
+                async with open_stream(p2ps[2], ids[1], "swarmnode/bench/sink") as stream:
+                    for _ in range(frames):
+                        await stream.send(frame)
+                    assert await stream.receive(16, 60.0) == b"done"
+                out[route] = total_mb * 2**20 / (time.perf_counter() - start)
+            out["relay_s_per_byte"] = 1 / out["relayed"] - 1 / out["direct"]
+            out["relayed_bytes_counted"] = service.stats.bytes_relayed
+            return out
+        finally:
+            for daemon in reversed(daemons):
+                await daemon.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
@@ -126,7 +188,19 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows here")
+    parser.add_argument("--hop", type=int, metavar="MB", help="only the relay hop on loopback: MB through one stream, "
+                        "direct and relayed (no root needed)")
     args = parser.parse_args()
+    if args.hop:
+        import asyncio
+
+        hop = asyncio.run(relay_hop(args.hop))
+        print(f"{args.hop} MB in 1 MiB frames on loopback: direct {hop['direct'] / 2**20:.1f} MiB/s, relayed "
+              f"{hop['relayed'] / 2**20:.1f} MiB/s ({hop['direct'] / hop['relayed']:.2f}x the time); the hop costs "
+              f"{hop['relay_s_per_byte']:.2e} s per byte")
+        if args.json:
+            args.json.write_text(json.dumps(hop, indent=1))
+        return
     reason = missing()
     if reason:
         raise SystemExit(f"cannot build the NAT testbed: {reason}")

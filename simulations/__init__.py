@@ -11,6 +11,7 @@ Public names, by module:
                                                           protocol.allreduce.matchmaking plans)
   - byzantine:  judge, Verdict                            (hostile members against protocol.allreduce.robust's
                                                           aggregators and the runner's EXCLUDE_AFTER)
+  - relays:     planning_bandwidths, with_relays, relay_cpu_s   (members behind NATs: spans, the relay hop, copying)
   - pipeline:   PipelineConfig, PipelineSim               (protocol.planning.stage_plan cuts,
                                                           protocol.planning.stage_assign incremental vs from-scratch
                                                           assignment)

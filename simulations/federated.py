@@ -36,10 +36,13 @@ Hostile members (``byzantine``, ``aggregator``): simulations/byzantine.py's rule
 members. Under a robust aggregator a hostile owner's span is applied by nobody (``kept`` loses its share, like a
 dead owner's, with no wait), its part is dropped, and after EXCLUDE_AFTER such rounds it leaves its group; under
 "mean" every round it takes part in is poisoned. A group with a hostile member never repeats rounds as steady.
+Members behind NATs (``natted``, ``relayed_span_share``): simulations/relays.py -- spans sized by their scaled
+bandwidth, the relay hop in the round trip and the relays' copying when two of them must exchange parts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ from protocol.allreduce.sparsify import check_density
 from protocol.planning.round_policy import RoundPolicy
 from simulations.byzantine import CLEAN, Verdict, check_aggregator, check_fraction, judge, strike
 from simulations.engine import Engine
+from simulations.relays import check_share, planning_bandwidths, relay_cpu_s, with_relays
 from simulations.roundtime import Butterfly, Phases, butterfly, dht_hops, phases
 
 GPT2_SMALL_PARAMS = 124_439_808  # GPT-2 small (Radford et al. 2019), as counted by transformers' GPT2LMHeadModel
@@ -76,6 +80,9 @@ class FederatedConfig:
     grouping: str = "gpu"
     byzantine: float = 0.0  # fraction of federated nodes that are hostile (drawn per node, simulations/swarm.py)
     aggregator: str = "centered_clip"  # the job's RoundConfig.aggregator (JobSpec's default; robust.AGGREGATORS)
+    natted: float = 0.0  # fraction of federated nodes behind NATs, reached through relays (simulations/relays.py)
+    relayed_span_share: float = 0.0  # a private member's span as a share of a public one's (the node's default 0)
+    relay_lat: float = 0.020  # one-way latency of a relay hop (s): the population's median (simulations/model.py)
 
     def __post_init__(self) -> None:
         check_density(self.density)
@@ -87,6 +94,10 @@ class FederatedConfig:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
         check_fraction(self.byzantine)
         check_aggregator(self.aggregator)
+        check_fraction(self.natted)
+        check_share(self.relayed_span_share)
+        if not self.relay_lat >= 0:
+            raise ValueError(f"relay_lat must be >= 0 seconds, got {self.relay_lat}")
         self.round_config()  # validates the timeouts
 
     @property
@@ -109,10 +120,11 @@ class Member:
     """A node as the federated simulation sees it (created by simulations/swarm.py)."""
 
     __slots__ = ("nid", "bw", "lat", "tflops", "gpu", "depart", "group", "sync_until", "resend", "delayed", "hostile",
-                 "strikes", "first_round", "excluded")
+                 "strikes", "first_round", "excluded", "natted")
 
     def __init__(self, nid: str, bw: float, lat: float, tflops: float, gpu: int, depart: float, sync_until: float,
-                 hostile: bool = False):
+                 hostile: bool = False, natted: bool = False):
+        self.natted = natted  # behind a NAT: reached through relays (simulations/relays.py)
         self.nid, self.bw, self.lat, self.tflops, self.gpu, self.depart = nid, bw, lat, tflops, gpu, depart
         self.group: Group | None = None
         self.sync_until = sync_until  # the model is downloaded by then: it can take part in a round
@@ -339,7 +351,8 @@ class FederatedSim:
         if len(group) < cfg.min_group:
             end = close + rc.matchmaking_time + 2 * rc.invite_timeout
             return self._finish(g, parts, late, t0, end, "aborted", 0.0, None, close)
-        plan = make_plan(f"g{g.gid}/r{g.round_no}", leader, {m.nid: m.bw for m in group}, self.tensor,
+        spans_bw = planning_bandwidths([m.bw for m in group], [m.natted for m in group], cfg.relayed_span_share)
+        plan = make_plan(f"g{g.gid}/r{g.round_no}", leader, dict(zip((m.nid for m in group), spans_bw)), self.tensor,
                          t_plan + rc.result_timeout, cfg.min_group, cfg.max_group)
         if plan is None:  # unreachable: the group has at least min_group members
             raise RuntimeError(f"group {g.gid}: no plan for {len(group)} members")
@@ -383,7 +396,11 @@ class FederatedSim:
         ms = [by_id[p] for p in plan.members]
         b = butterfly([m.bw for m in ms], [m.lat for m in ms], cfg.params, cfg.density,
                       result_density=cfg.result_density, spans=[e - s for s, e in plan.spans])
+        natted = [m.natted for m in ms]
+        b = with_relays(b, natted, [m.lat for m in ms], cfg.relay_lat)
         ph = phases(b, cfg.params, select=cfg.select, swarm_size=self.swarm_size())
+        if sum(natted) >= 2:  # the relays' copying of parts and results between private members
+            ph = dataclasses.replace(ph, cpu_s=ph.cpu_s + relay_cpu_s(b, natted))
         g.cache = (key, b, ph)
         return b, ph
 

@@ -186,6 +186,8 @@ class Butterfly:
     stream_entries: np.ndarray  # (n,) codec work that streams with the transfers: encode parts, decode parts
     #                             as they arrive, decode the other owners' results
     gap_entries: np.ndarray  # (n,) codec work between the phases: sum the parts, encode and decode the own result
+    part_bytes: np.ndarray | None = None  # (n,) bytes of one member's part for owner j (frame included)
+    result_bytes: np.ndarray | None = None  # (n,) bytes of owner j's result frame to one member
 
     @property
     def total_bytes(self) -> float:
@@ -237,7 +239,7 @@ def butterfly(bandwidths: Sequence[float], latencies: Sequence[float], params: i
         stream, gap = np.zeros(1), np.zeros(1)
     top2 = np.sort(lat)[-2:] if n > 1 else np.zeros(1)
     return Butterfly(sizes, sent, received, rs_s, ag_s, float((stream + gap).max()),
-                     float(2 * top2.sum()) if n > 1 else 0.0, bw, burst, rs_wire, ag_wire, stream, gap)
+                     float(2 * top2.sum()) if n > 1 else 0.0, bw, burst, rs_wire, ag_wire, stream, gap, part, result)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
     .venv/bin/python -m simulations.run --nodes 1000 --churn 0.2 --grouping random  # mixed GPUs per group
     .venv/bin/python -m simulations.run --nodes 2000 --hours 2 --byzantine 0.1      # 10% hostile (centered_clip)
     .venv/bin/python -m simulations.run --nodes 2000 --hours 2 --byzantine 0.1 --aggregator mean   # no defence
+    .venv/bin/python -m simulations.run --nodes 2000 --hours 2 --natted 0.6        # 60% behind NATs, relayed
 
 Writes into --out (default simulations/out/): report.json (configuration, summary, one row per --sample-minutes
 interval, and the round-time model checked against the testbed), timeline.png (the six figures over time) and
@@ -107,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--byzantine", type=_float_in(0, 1), default=0.0, metavar="FRACTION",
                    help="fraction of federated nodes that are hostile (simulations/byzantine.py)")
     p.add_argument("--aggregator", choices=AGGREGATORS, default="centered_clip", help="the jobs' span aggregator")
+    p.add_argument("--natted", type=_float_in(0, 1), default=0.0, metavar="FRACTION",
+                   help="fraction of federated nodes behind NATs, reached through relays (simulations/relays.py)")
+    p.add_argument("--relayed-span-share", type=_float_in(0, 1), default=0.0, metavar="SHARE",
+                   help="a NAT'd member's all-reduce span as a share of a reachable one's (0: none, the default)")
     p.add_argument("--stages", type=_int_in(1, 32), default=16, help="pipeline stages (LLaMA-2-7B shapes)")
     p.add_argument("--pipeline-nodes", type=_int_in(0, MAX_NODES), default=None)
     p.add_argument("--no-pipeline", action="store_true")
@@ -124,7 +129,8 @@ def config_from_args(args: argparse.Namespace) -> SwarmConfig:
         federated=FederatedConfig(params=args.params, density=args.density, result_density=args.result_density,
                                   select=args.select, min_group=args.min_group, max_group=args.max_group,
                                   local_steps=args.local_steps, round_timeout_s=args.round_timeout,
-                                  grouping=args.grouping, byzantine=args.byzantine, aggregator=args.aggregator),
+                                  grouping=args.grouping, byzantine=args.byzantine, aggregator=args.aggregator,
+                                  natted=args.natted, relayed_span_share=args.relayed_span_share),
         pipeline=None if args.no_pipeline else PipelineConfig(stages=args.stages),
         pipeline_nodes=args.pipeline_nodes)
 

@@ -103,14 +103,16 @@ class Swarm:
     def __init__(self, config: SwarmConfig, clock: Clock | None = None) -> None:
         self.config = config
         self.engine = Engine(clock)
-        seeds = np.random.SeedSequence(config.seed).spawn(4)  # a 4th stream: the first three draw as before it
-        self.rng_nodes, self.rng_churn, self.rng_pool, self.rng_hostile = (np.random.default_rng(s) for s in seeds)
+        seeds = np.random.SeedSequence(config.seed).spawn(5)  # streams 4 and 5: the first ones draw as before them
+        self.rng_nodes, self.rng_churn, self.rng_pool, self.rng_hostile, self.rng_nat = (
+            np.random.default_rng(s) for s in seeds)
         self.churn = ChurnProcess(config.churn, self.rng_churn)
         self.fed = FederatedSim(config.federated, self.engine, self._alive_count, self._on_round, self._on_idle,
                                 config.sample_s)
         self.pipe = PipelineSim(config.pipeline) if config.pipeline is not None else None
         self.alive: dict[str, tuple[str, Member]] = {}  # id -> (pool, member)
         self.n_fed = 0
+        self.n_natted = 0  # federated nodes drawn behind NATs, all session long
         self._next_id = 0
         self._draws: list[NodeDraw] = []
         self.intervals: list[_Interval] = []
@@ -202,7 +204,10 @@ class Swarm:
             self._interval(now).sync_bytes += self.config.federated.state_bytes
         byzantine = self.config.federated.byzantine  # simulations/byzantine.py: a hostile federated member
         hostile = pool == "fed" and byzantine > 0 and bool(self.rng_hostile.random() < byzantine)
-        m = Member(nid, d.bandwidth, d.latency, d.tflops, d.gpu, now + remaining, now + sync, hostile)
+        natted = pool == "fed" and self.config.federated.natted > 0 and \
+            bool(self.rng_nat.random() < self.config.federated.natted)  # simulations/relays.py
+        m = Member(nid, d.bandwidth, d.latency, d.tflops, d.gpu, now + remaining, now + sync, hostile, natted)
+        self.n_natted += natted
         self.alive[nid] = (pool, m)
         if math.isfinite(m.depart):
             self.engine.at(m.depart, self._depart, nid)
@@ -356,6 +361,7 @@ def _summary(swarm: Swarm, rows: list[dict]) -> dict:
         "churn_per_hour_measured": swarm.departures / (alive_mean * hours) if alive_mean else 0.0,
         "mean_alive": alive_mean,
         "groups": len(swarm.fed.groups),
+        "natted_members": swarm.n_natted,  # federated nodes drawn behind NATs (simulations/relays.py)
     }
     out.update(_byzantine_summary(swarm, total_ok, applied + returned))
     if swarm.pipe is not None and rows:

@@ -14,6 +14,8 @@ from node.ml.datasets import write_node_data
 from scripts.nat_testbed import missing, nat_testbed
 from tests.conftest import run_cli
 from tests.test_jobs_integration import JOB
+from tests.test_pipeline_jobs import JOB as PIPE_JOB
+from tests.test_pipeline_jobs import STEPS
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(420)]
 SWARM = "nat"
@@ -97,3 +99,32 @@ def test_home_nodes_behind_nat_join_train_and_fail_over_between_relays(node_fact
                  and len(record_of(a, h0.peer_id)["relays"]) == 2, 90, "h0 to replace its dead relay")
         checks = {p["peer_id"]: p for p in doctor(h1)["peers"]}
         assert checks[h0.peer_id]["error"] is None and checks[h0.peer_id]["route"].startswith("relay "), checks
+
+
+def test_home_nodes_host_the_pipeline_stages_a_reachable_trainer_uses(node_factory, tmp_path):
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    with nat_testbed(1, 2, rate_mbit=100) as (public, homes):
+        data = tmp_path / "data0"
+        write_node_data("pystdlib-bytes", data / "pystdlib-bytes", n_nodes=1, node_index=0, seed=0)
+        trainer = node_factory("trainer", ["--listen", f"/ip4/{public[0].ip}/tcp/0", "--swarm", "pipe", "--data",
+                                           str(data)], prefix=public[0].prefix()).wait_ready(60)
+        hosts = [node_factory(f"h{i}", ["--listen", f"/ip4/{h.ip}/tcp/0", "--swarm", "pipe", "--join", trainer.addr],
+                              prefix=h.prefix()) for i, h in enumerate(homes)]
+        for h in hosts:
+            h.wait_ready(60)
+        ids = {n.peer_id for n in (trainer, *hosts)}
+        wait_for(lambda: trainer.peer_ids() == ids, 60, "the trainer to list both home nodes")
+        for h in hosts:
+            wait_for(lambda h=h: (record_of(trainer, h.peer_id) or {}).get("relays"), 60, "a home node's relay")
+        job_file = tmp_path / "pipe.toml"
+        job_file.write_text(PIPE_JOB.replace("replicas = 2", "replicas = 1"))
+        result = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(trainer.home), timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert events[-1]["state"] == "done" and events[-1]["round"] == STEPS, events[-1]
+        stage_hosts = {p for group in events[-1]["stage_hosts"] for p in group}
+        assert stage_hosts == {h.peer_id for h in hosts}, events[-1]  # both stages on NAT'd nodes
+        losses = {e["round"]: e["train_loss"] for e in events[1:] if e.get("train_loss") is not None}
+        assert losses[STEPS] < losses[min(losses)], losses
