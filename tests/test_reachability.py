@@ -126,3 +126,19 @@ def test_doctor_says_what_to_do():
     down = advise(report("public", peers=[PeerCheck(ID_C, "private", error="could not reach private peer")]),
                   acting_as="public")
     assert down == [f"peer {ID_C} (private) is unreachable from here: could not reach private peer"]
+
+
+def test_no_relay_service_serves_the_dial_back_check_and_nothing_else():
+    from node.cli.main import build_parser
+    from protocol.relay.circuits import RelayNames, RelayService
+
+    args = build_parser().parse_args(["run", "--no-relay-service", "--reachability", "public"])
+    assert (args.relay_service, args.reachability) == (False, "public")
+    assert build_parser().parse_args(["run"]).relay_service is None  # not given: the config decides (default on)
+
+    async def dial(peer, protocol):
+        raise AssertionError("never dialled")
+
+    names = RelayNames("s")
+    assert set(RelayService(ID_A, dial, names, relay=False).handlers()) == {names.dialback, names.probe}
+    assert set(RelayService(ID_A, dial, names).handlers()) == {names.dialback, names.probe, names.reserve, names.hop}
