@@ -78,8 +78,8 @@ async def close_after_peer(reader: asyncio.StreamReader, writer: asyncio.StreamW
             if not chunk:  # EOF: the other side has everything and closed
                 break
             left -= len(chunk)
-    except (TimeoutError, ConnectionError, OSError):
-        pass
+    except (TimeoutError, ConnectionError, OSError, EOFError, WireError):  # the last two: a relayed stream's
+        pass  # truncated or forged record (protocol/relay/seal.py), ending it like a hang-up
     finally:
         close_quietly(writer)
 

@@ -73,6 +73,7 @@ class Pipe:
     def __init__(self) -> None:
         self.reader = asyncio.StreamReader()
         self.data = bytearray()
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -85,6 +86,7 @@ class Pipe:
         return False
 
     def close(self) -> None:
+        self.closed = True
         self.reader.feed_eof()
 
 
@@ -121,6 +123,23 @@ def test_sealed_records_round_trip_and_refuse_tampering_replay_and_reordering():
             got = SealedReader(raw, key, side)
             with pytest.raises(WireError, match="failed authentication"):
                 await got.readexactly(len(b"firstsecond"))
+
+    asyncio.run(main())
+
+
+def test_a_truncated_or_forged_record_ends_a_lingering_relayed_stream_like_a_hang_up():
+    from protocol.streams import close_after_peer
+
+    async def main() -> None:
+        _, _, key, _ = handshake()
+        for wire in (b"\x00\x00\x01\x00" + b"x" * 10, b"\x00\x00\x00\x20" + b"y" * 32):  # cut short; bad tag
+            raw = asyncio.StreamReader()
+            raw.feed_data(wire)
+            raw.feed_eof()
+            pipe = Pipe()
+            await asyncio.wait_for(close_after_peer(SealedReader(raw, key, "target"), SealedWriter(pipe, key,
+                                                                                                  "target")), 5)
+            assert pipe.closed  # closed, and no exception escaped
 
     asyncio.run(main())
 
