@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -38,6 +39,10 @@ CODECS: list[Codec] = [
     SparseCodec("fp16", "auto"),
     DenseCodec("fp32"),
     DenseCodec("fp16"),
+    SparseCodec("int8", "auto"),
+    SparseCodec("int4", "delta-varint"),
+    SparseCodec("int2", "bitmap"),
+    SparseCodec("int2", "auto"),
 ]
 
 
@@ -316,7 +321,7 @@ def test_malformed_values(codec: object, payload: object, nnz: object, match: st
         (np.array([np.inf], np.float32), "fp32"),
         (np.array([1.0], np.float64), "fp16"),
         (np.array([[1.0]], np.float32), "fp16"),
-        (np.array([1.0], np.float32), "int8"),
+        (np.array([1.0], np.float32), "int16"),
     ],
 )
 def test_encode_values_rejects_bad_arguments(values: np.ndarray, codec: str) -> None:
@@ -356,3 +361,57 @@ def test_codec_constructors_and_extract_validate() -> None:
         extract_update({"nnz": 0}, 10)  # type: ignore[arg-type]
     ok = EncodedUpdate("delta-varint", "fp16", 0, b"", b"")
     assert extract_update(ok, 10).nnz == 0
+
+
+# ---- integer value codecs (protocol/allreduce/quantize.py) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("codec, bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_int_codecs_put_each_value_on_its_nearest_level_with_the_chunk_max_exact(codec: str, bits: int) -> None:
+    from protocol.allreduce.quantize import CHUNK, int_payload_bytes
+
+    rng = np.random.default_rng(bits)
+    v = (rng.standard_normal(3 * CHUNK + 5) * 10).astype(np.float32)  # 4 chunks, the last one partial
+    got = quantize_values(v, codec)
+    np.testing.assert_array_equal(got, decode_values(codec, encode_values(v, codec), v.size))
+    half = 2 ** (bits - 1)
+    for c in range(4):
+        block, q = v[c * CHUNK:(c + 1) * CHUNK], got[c * CHUNK:(c + 1) * CHUNK]
+        scale = np.float32(np.abs(block).max() / np.float32(half - 0.5))
+        i = int(np.argmax(np.abs(block)))
+        assert q[i] == pytest.approx(block[i], rel=1e-6)  # the largest magnitude sits on the top level
+        assert np.all(np.abs(q - block) <= scale / 2 * (1 + 1e-5))  # nearest of levels scale apart
+        assert len(np.unique(np.round(q / scale - 0.5))) <= 2**bits and np.all(q != 0)  # no zero level
+    assert len(encode_values(v, codec)) == int_payload_bytes(codec, v.size) == 4 * 4 + math.ceil(v.size * bits / 8)
+
+
+def test_int_codecs_are_a_few_bits_per_entry_at_one_percent() -> None:
+    u = random_update(0.01, 11, size=1_000_000)
+    per_entry = {c: SparseCodec(c).nbytes(u) / u.nnz for c in ("fp16", "int8", "int4", "int2")}
+    assert per_entry["int2"] < per_entry["int4"] < per_entry["int8"] < per_entry["fp16"]
+    assert per_entry["int2"] < 0.6 * per_entry["fp16"]  # the indices (~1.3 B) now cost more than the values
+    assert smallest_encoding(random_update(1.0, 12), "int4").index_codec == "dense"  # full support: no index bytes
+
+
+@pytest.mark.parametrize(
+    "codec, payload, nnz, match",
+    [
+        ("int4", b"\x00\x00\x80\x3f" + b"\x12", 3, "payload of 5 bytes"),  # 3 codes need 2 bytes
+        ("int4", b"\x00\x00\x80\x3f" + b"\x12\xf0", 3, "unused bits"),  # a 4th code in the padding
+        ("int2", b"\x00\x00\xc0\x7f" + b"\x00", 2, "scales must be finite"),  # NaN scale
+        ("int2", b"\x00\x00\x80\xbf" + b"\x00", 2, "scales must be finite, >= 0"),  # -1.0
+        ("int8", b"\xff\xff\x7f\x7f" + b"\x00", 1, "<= "),  # float32 max: the top level would overflow
+        ("int8", b"", 1, "payload of 0 bytes"),
+    ],
+)
+def test_malformed_int_values(codec: str, payload: bytes, nnz: int, match: str) -> None:
+    with pytest.raises(CodecError, match=match):
+        decode_values(codec, payload, nnz)
+
+
+def test_int_codecs_refuse_dense_vectors_and_values_too_large() -> None:
+    with pytest.raises(ValueError, match="sparse updates only"):
+        DenseCodec("int4")
+    with pytest.raises(ValueError, match="too large for int8"):
+        encode_values(np.array([3e38], np.float32), "int8")
+    assert decode_values("int2", b"", 0).size == 0 and encode_values(np.zeros(0, np.float32), "int2") == b""

@@ -307,7 +307,8 @@ def _updates(rng: random.Random) -> list[tuple[EncodedUpdate, int]]:
     for size, density in ((1, 1.0), (7, 0.3), (64, 0.05), (300, 0.2), (1000, 0.01), (129, 0.9), (2**20, 2**-16)):
         u = _sparse(rng, size, density)
         for codec in (SparseCodec("fp16"), SparseCodec("fp32", "delta-varint"), SparseCodec("fp16", "bitmap"),
-                      DenseCodec("fp16")):
+                      DenseCodec("fp16"), SparseCodec("int8"), SparseCodec("int4", "delta-varint"),
+                      SparseCodec("int2", "bitmap")):
             if codec.nbytes(u) < 1 << 16:
                 out.append((codec.compress(u), size))
     return out
@@ -331,8 +332,8 @@ def _mutate_encoded(m: Mutator, enc: EncodedUpdate, size: int) -> tuple[EncodedU
                                        np.uint64(3), np.uint64(2**62), np.uint64(2**64 - 1), np.int64(-1), "3",
                                        None))
         else:
-            fields[name] = rng.choice(("dense", "bitmap", "delta-varint", "fp16", "fp32", "auto", "", None, 3,
-                                       b"fp16"))
+            fields[name] = rng.choice(("dense", "bitmap", "delta-varint", "fp16", "fp32", "int8", "int4", "int2",
+                                       "auto", "", None, 3, b"fp16"))
     if rng.random() < 0.05:  # NaN / Inf / -0 values in an otherwise valid payload
         vals = bytearray(enc.values)
         if len(vals) >= 4:

@@ -37,6 +37,7 @@ from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.faults import RESULT_FAULTS, Fault, mangle_part, mangle_result
 from protocol.allreduce.messages import TensorSpec
+from protocol.allreduce.quantize import INT_BITS
 from protocol.allreduce.robust import AGGREGATORS
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
@@ -165,7 +166,10 @@ async def main(args: argparse.Namespace) -> None:
                        selected: dict[str, SparseUpdate] = selected) -> SparseUpdate:
                 # runs in a thread while matchmaking proceeds; the defaults bind this round's grad and dicts
                 t = time.perf_counter()
-                update = sparsifier.select(grad, quantize=lambda v: quantize_values(v, args.value_codec))
+                # integer values are quantized per span piece on the wire (their scales are per chunk of a piece),
+                # and settle() puts that rounding back: select() leaves them exact
+                update = sparsifier.select(grad, quantize=None if args.value_codec in INT_BITS else
+                                           lambda v: quantize_values(v, args.value_codec))
                 timing["select"] = time.perf_counter() - t
                 selected["update"] = update
                 return update

@@ -10,5 +10,6 @@
     settle.py       what a member applies after a round and what goes back into its error feedback (pure)
     sparsify.py     top-k selection with error feedback (ErrorFeedbackSparsifier), check_density
     codecs.py       byte encodings of sparse updates (index and value codecs)
+    quantize.py     int8 / int4 / int2 values with a scale per chunk (the integer value codecs codecs.py uses)
     faults.py       fault injection for tests (Fault, mangle_part)
 """

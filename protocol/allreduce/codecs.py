@@ -5,6 +5,8 @@
                   "dense"         no bytes: every index 0..size-1 (nnz == size)
     value codecs  "fp16"          little-endian IEEE half, clipped to +-65504 (the default)
                   "fp32"          little-endian IEEE single
+                  "int8", "int4", "int2"   b-bit codes with a float32 scale per 128 entries (quantize.py):
+                                  sparse parts only (no zero level), 8.25 / 4.25 / 2.25 bits per entry
     Codec         compress(update) -> EncodedUpdate; extract(encoded, size) -> SparseUpdate; ratio(update)
     SparseCodec   index codec (or "auto": the smallest) + value codec
     DenseCodec    the full vector ("dense" indices) + value codec
@@ -30,10 +32,12 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
+from protocol.allreduce.quantize import INT_BITS, decode_int, encode_int, int_payload_bytes
 from protocol.allreduce.sparsify import SparseUpdate
 
 INDEX_CODECS = ("delta-varint", "bitmap", "dense")
-VALUE_CODECS: dict[str, np.dtype[np.floating[Any]]] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+FLOAT_CODECS: dict[str, np.dtype[np.floating[Any]]] = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+VALUE_CODECS = (*FLOAT_CODECS, *INT_BITS)  # every value codec's name
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 MAX_SIZE = 1 << 62  # vector length bound: varints stay <= 9 bytes and every index fits int64
 DENSE_FP32_BYTES = 4  # the baseline of ratio(): a dense float32 vector
@@ -226,10 +230,18 @@ def decode_indices(codec: object, payload: object, size: int, nnz: object) -> np
 # ---- value codecs -------------------------------------------------------------------------------------
 
 
+def value_bytes(codec: str, nnz: int) -> int:
+    """Bytes of ``nnz`` values in ``codec``."""
+    _check_value_codec(codec)
+    return int_payload_bytes(codec, nnz) if codec in INT_BITS else nnz * FLOAT_CODECS[codec].itemsize
+
+
 def quantize_values(values: np.ndarray, codec: str = "fp16") -> np.ndarray:
     """(nnz,) float32: exactly what ``decode_values(codec, encode_values(values, codec), nnz)`` returns."""
-    if codec not in VALUE_CODECS:
-        raise ValueError(f"unknown value codec {codec!r}; expected one of {tuple(VALUE_CODECS)}")
+    _check_value_codec(codec)
+    if codec in INT_BITS:
+        return decode_int(np.frombuffer(encode_values(np.asarray(values, np.float32), codec), np.uint8), codec,
+                          len(values))
     if codec == "fp32":
         return np.array(values, np.float32)
     return np.clip(values, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
@@ -237,15 +249,16 @@ def quantize_values(values: np.ndarray, codec: str = "fp16") -> np.ndarray:
 
 def encode_values(values: np.ndarray, codec: str = "fp16") -> bytes:
     """Little-endian bytes of finite float32 ``values``; fp16 clips to +-65504 (see module docstring)."""
-    if codec not in VALUE_CODECS:
-        raise ValueError(f"unknown value codec {codec!r}; expected one of {tuple(VALUE_CODECS)}")
+    _check_value_codec(codec)
     if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype != np.float32:
         raise ValueError("values must be a 1-D float32 array")
     if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
         raise ValueError("values hold NaN or Inf")
+    if codec in INT_BITS:
+        return encode_int(values, codec)
     if codec == "fp16":
         values = np.clip(values, -FP16_MAX, FP16_MAX)
-    return values.astype(VALUE_CODECS[codec], copy=False).tobytes()
+    return values.astype(FLOAT_CODECS[codec], copy=False).tobytes()
 
 
 def decode_values(codec: object, payload: object, nnz: object) -> np.ndarray:
@@ -256,7 +269,12 @@ def decode_values(codec: object, payload: object, nnz: object) -> np.ndarray:
         raise CodecError(f"nnz must be an int in [0, {MAX_SIZE}], got {nnz!r:.40}")
     nnz = int(nnz)
     buf = _as_buffer(payload, "value")
-    dtype = VALUE_CODECS[codec]
+    if codec in INT_BITS:
+        try:
+            return decode_int(buf, codec, nnz)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+    dtype = FLOAT_CODECS[codec]
     if buf.size != nnz * dtype.itemsize:
         raise CodecError(f"{codec} payload of {buf.size} bytes for nnz={nnz} (expected {nnz * dtype.itemsize})")
     out = buf.view(dtype).astype(np.float32)  # a fresh, writable copy
@@ -347,7 +365,7 @@ class SparseCodec(Codec):
             index_bytes = (update.size + 7) // 8
         else:
             index_bytes = 0
-        return index_bytes + update.nnz * VALUE_CODECS[self.value_codec].itemsize
+        return index_bytes + value_bytes(self.value_codec, update.nnz)
 
     def __repr__(self) -> str:
         return f"SparseCodec({self.value_codec!r}, {self.index_codec!r})"
@@ -358,16 +376,23 @@ class DenseCodec(Codec):
 
     def __init__(self, value_codec: str = "fp32") -> None:
         self.value_codec = _check_value_codec(value_codec)
+        if value_codec in INT_BITS:  # no zero level: every zero of the vector would come back as +-scale/2
+            raise ValueError(f"{value_codec} values are for sparse updates only (a dense vector's zeros have no "
+                             "level)")
 
     def compress(self, update: SparseUpdate) -> EncodedUpdate:
         values = encode_values(update.to_dense(), self.value_codec)
         return EncodedUpdate("dense", self.value_codec, update.size, b"", values)
 
     def nbytes(self, update: SparseUpdate) -> int:
-        return update.size * VALUE_CODECS[self.value_codec].itemsize
+        return value_bytes(self.value_codec, update.size)
 
 
 def smallest_encoding(update: SparseUpdate, value_codec: str = "fp16") -> EncodedUpdate:
-    """``update`` sparse (smallest index codec) or dense, whichever payload is smaller; ties go sparse."""
-    sparse, dense = SparseCodec(value_codec), DenseCodec(value_codec)
+    """``update`` sparse (smallest index codec) or dense, whichever payload is smaller; ties go sparse. Integer
+    value codecs always go sparse (a full support costs no index bytes: the "dense" index codec)."""
+    sparse = SparseCodec(value_codec)
+    if value_codec in INT_BITS:
+        return sparse.compress(update)
+    dense = DenseCodec(value_codec)
     return (dense if dense.nbytes(update) < sparse.nbytes(update) else sparse).compress(update)
