@@ -1,4 +1,5 @@
-"""Top-k sparsifier and sparse-codec throughput on one core, and wire bytes at 1% density (issue 3, items 1, 4).
+"""Top-k sparsifier and sparse-codec throughput on one core, and wire bytes at 1% density (issue 3, items 1, 4;
+the int8 / int4 / int2 values of issue 17).
 
     .venv/bin/python scripts/bench_sparsifier.py                        # 10M params, 1%, prints the tables
     .venv/bin/python scripts/bench_sparsifier.py --size 1000000 --repeats 3
@@ -130,7 +131,7 @@ def main() -> None:
         td = timed(lambda name=name, payload=payload: decode_indices(name, payload, size, k), reps)
         print(f"{'indices ' + name:<32} {len(payload):11,} {te * 1e3:7.2f} {td * 1e3:7.2f} "
               f"{k / (te + td) / 1e6:20.1f} {size / (te + td) / 1e6:11.1f}")
-    for name in ("fp16", "fp32"):
+    for name in ("fp16", "fp32", "int8", "int4", "int2"):
         payload = encode_values(vals, name)
         te = timed(lambda name=name: encode_values(vals, name), reps)
         td = timed(lambda name=name, payload=payload: decode_values(name, payload, k), reps)
@@ -149,6 +150,11 @@ def main() -> None:
     mean = statistics.mean(sent)
     print(f"butterfly, {MEMBERS} members, sent per member: sparse fp16 {mean:,.0f} B (max {max(sent):,}) vs dense "
           f"fp32 {dense_bf:,} B: ratio {mean / dense_bf:.4f} ({mean / dense_bf:.2%}; target <= 2.5%)")
+    for name in ("int8", "int4", "int2"):  # parts and results in the job's `values` (issue 17)
+        member = len(idx_bytes) + len(encode_values(vals, name))
+        mean = statistics.mean(butterfly_bytes(grads, k, name))
+        print(f"values {name}: one member's update {member:,} B ({member / k:.2f} B/entry, {dense / member:.0f}x fewer "
+              f"than dense fp32); butterfly sent per member {mean:,.0f} B ({dense_bf / mean:.0f}x fewer)")
 
 
 if __name__ == "__main__":

@@ -72,12 +72,12 @@ def conservation_gap(dirs, rounds, events, weights) -> float:
 @pytest.mark.parametrize("result_density, aggregator, values", [
     (None, "mean", "fp16"), (0.05, "mean", "fp16"), (None, "mean", "int2"),
     pytest.param(None, "centered_clip", "fp16", marks=pytest.mark.slow),
-    pytest.param(None, "centered_clip", "int4", marks=pytest.mark.slow)],
+    pytest.param(None, "centered_clip", "int4", marks=pytest.mark.slow)],  # int: parts and results alike
     ids=["whole-average", "global-topk", "int2-parts", "centered-clip", "centered-clip-int4"])
 def test_rounds_complete_bit_identical_weighted_and_conserve_mass(peers, result_density, aggregator, values):
     weights = [1.0, 2.0, 3.0, 4.0]
     gtopk = ["--result-density", str(result_density)] if result_density else []
-    gtopk += ["--aggregator", aggregator, "--value-codec", values]
+    gtopk += ["--aggregator", aggregator, "--value-codec", values, "--result-value-codec", values]
     procs, *_ = peers(4, rounds=3, period=2.5, extra={i: ["--weight", str(w), *gtopk] for i, w in enumerate(weights)})
     wait_done(procs, 40)
     per_peer = [p.rounds() for p in procs]

@@ -373,3 +373,26 @@ def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_p
     assert report[-1]["ok"] and nodes[2].peer_id in report[-1]["participants"]  # it came back, in sync
     assert all(set(r["participants"]) == {nodes[0].peer_id, nodes[1].peer_id} for r in report if r["round"] == 3
                and r["ok"])
+
+
+@pytest.mark.timeout(180)
+def test_int2_values_end_on_one_model_in_fewer_bytes_than_fp16(node_factory, tmp_path):
+    """The job field ``values``: the same job with fp16 and with int2 parts (a scale per 128 entries, the rounding in
+    error feedback) on two nodes; both end on one model hash per job and learn, int2 sends fewer bytes."""
+    nodes = start_nodes(node_factory, tmp_path, ["digits", "digits"])
+    results = {}
+    for values in ("fp16", "int2"):
+        job_file = tmp_path / f"{values}.toml"
+        job_file.write_text(JOB.replace('name = "digits-test"', f'name = "digits-{values}"')
+                            .replace("density = 0.05", f'density = 0.05\nvalues = "{values}"'))
+        result = run_cli("submit", str(job_file), "--follow", "--json", "--home", str(nodes[0].home), timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        assert events[-1]["state"] == "done" and events[-1]["round"] == 5, events[-1]
+        manifests = [manifest(n, events[0]["job_id"]) for n in nodes]
+        assert manifests[0]["model_hash"] == manifests[1]["model_hash"] == events[-1]["model_hash"]
+        results[values] = events[-1]
+    print("last round's bytes and eval:", {v: (r["bytes_exchanged"], round(r["eval_metric"], 3))
+                                          for v, r in results.items()})
+    assert results["int2"]["eval_metric"] > 0.5 and results["fp16"]["eval_metric"] > 0.5
+    assert results["int2"]["bytes_exchanged"] < 0.8 * results["fp16"]["bytes_exchanged"], results

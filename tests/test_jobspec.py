@@ -273,3 +273,17 @@ def test_pipeline_job(tmp_path):
 ])
 def test_pipeline_job_errors(tmp_path, change, field):
     assert field in load_error(write(tmp_path, PIPELINE_JOB.replace(*change)))
+
+
+def test_values_choose_the_parts_value_codec_and_travel_only_when_not_fp16():
+    from protocol.records.job_spec import job_spec_from_wire, job_spec_to_wire
+    from protocol.wire import unpack_bounded
+
+    plain = job_spec_from_toml(job())
+    assert plain.values == "fp16" and "values" not in unpack_bounded(job_spec_to_wire(plain), 1 << 14)
+    for values in ("int8", "int4", "int2"):
+        spec = job_spec_from_toml(job(values=values))
+        assert job_spec_from_wire(job_spec_to_wire(spec)) == spec and spec.values == values
+    for bad in ("fp32", "int3", "bf16"):
+        with pytest.raises(NodeError, match="values: must be one of 'fp16', 'int8', 'int4', 'int2'"):
+            job_spec_from_toml(job(values=bad))

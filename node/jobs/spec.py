@@ -26,6 +26,8 @@
     precision = "fp32"            # default "fp32": or "bf16" / "fp16" (autocast on the node's device)
     aggregator = "centered_clip"  # default: span owners clip hostile parts (protocol/allreduce/robust.py);
                                   # or "trimmed_mean", "median", "mean" (no defence)
+    values = "fp16"               # default: how round parts carry values; or "int8", "int4", "int2" (a scale per
+                                  # 128 entries; the rounding stays in error feedback)
 
     [data]                        # optional: the participants' own data (``swarmnode data add NAME PATH``)
     kind = "tabular"              # "tabular" (features + label columns), "text" or "image" (class subfolders)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.allreduce.messages import MAX_GROUP_SIZE
+from protocol.allreduce.quantize import INT_BITS
 from protocol.allreduce.robust import AGGREGATORS
 from protocol.records.job_inputs import PRECISIONS, AdapterSpec, DataSpec, ModelFile, check_model_files
 from protocol.records.values import (
@@ -221,6 +222,9 @@ class JobSpec:
     # how a federated round's span owners aggregate members' parts (protocol/allreduce/robust.py); "mean" has no
     # defence against a hostile member
     aggregator: str = "centered_clip"
+    # how a federated round's parts carry their values (protocol/allreduce/codecs.py): fp16, or int8 / int4 / int2
+    # with a scale per 128 entries (protocol/allreduce/quantize.py; the rounding stays in error feedback)
+    values: str = "fp16"
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
@@ -242,6 +246,10 @@ class JobSpec:
         check_choice("task", self.task, TASKS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("aggregator", self.aggregator, AGGREGATORS)
+        check_choice("values", self.values, JOB_VALUE_CODECS)
+        if self.kind == "pipeline" and self.values != "fp16":
+            raise ValueError(f"values: only for federated jobs (a pipeline's stages average fp16), got "
+                             f"{self.values!r}")
         self._check_inputs()
         if self.task not in TASKS_BY_ARCH[self.model.arch]:
             supported = " or ".join(map(repr, TASKS_BY_ARCH[self.model.arch]))
@@ -304,6 +312,9 @@ def job_id_for(spec: JobSpec, submitter: str, nonce: str) -> str:
 # ---- wire form: msgpack maps keyed by the dataclass field names (plus "v" at the top) ---------------------
 
 
+JOB_VALUE_CODECS = ("fp16", *INT_BITS)  # a job's `values` (fp32 parts would only cost twice the bytes of fp16)
+
+
 def optional(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``decode`` for a value that may be None (nil on the wire)."""
     return lambda obj: None if obj is None else decode(obj)
@@ -313,8 +324,8 @@ def spec_to_map(spec: JobSpec) -> dict:
     """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
     unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
     not know them refuses its record as having unknown fields, i.e. does not take part. The same holds for
-    ``precision``, ``data``, ``adapter``, ``aggregator`` and the model's ``files``: present only when not their
-    default."""
+    ``precision``, ``data``, ``adapter``, ``aggregator``, ``values`` and the model's ``files``: present only when
+    not their default."""
     model: dict[str, Any] = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
     if spec.model.files:
         model["files"] = [fields_of(f) for f in spec.model.files]
@@ -331,7 +342,8 @@ def spec_to_map(spec: JobSpec) -> dict:
 
 
 # left out of the wire map when default
-OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None, "aggregator": "centered_clip"}
+OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None, "aggregator": "centered_clip",
+                   "values": "fp16"}
 
 
 def _model_from_map(obj: Any) -> ModelSpec:

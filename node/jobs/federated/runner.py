@@ -42,6 +42,7 @@ from node.runtime.device import autocast, to_device
 from protocol.allreduce.averager import Averager
 from protocol.allreduce.codecs import quantize_values
 from protocol.allreduce.messages import TensorSpec
+from protocol.allreduce.quantize import INT_BITS
 from protocol.allreduce.robust import EXCLUDE_AFTER
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
@@ -52,7 +53,6 @@ from protocol.transfer.job_state import params_hash
 
 logger = logging.getLogger(__name__)
 EVAL_ITEMS = 2048  # test items per evaluation: all of digits' 450; an even sample of the text test split
-VALUE_CODEC = "fp16"
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ class JobRunner:
         self.averager = Averager(p2p, dht, RoundConfig.for_job(
             swarm, tensor, spec.round_timeout_s, spec.min_participants, spec.max_participants,
             expected_group=expected_group, bandwidth=bandwidth, aggregator=spec.aggregator,
+            value_codec=spec.values, result_value_codec=spec.values,
             max_weight=float(spec.local_steps * spec.batch_size)), hooks, clock)
         self.strikes: dict[str, int] = {}  # member -> consecutive rounds with evidence against it
         self.excluded: dict[str, str] = {}  # member -> the evidence it was excluded on (the averager refuses it)
@@ -224,7 +225,9 @@ class JobRunner:
                 return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), loss,
                                    samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
             delta = pseudo_gradient(start, local.params)  # (N,) float32
-        select = lambda: self.sparsifier.select(delta, quantize=lambda v: quantize_values(v, VALUE_CODEC))  # noqa: E731
+        # integer values are quantized per span piece on the wire and settle() puts that rounding back; fp16 here
+        quantize = None if self.spec.values in INT_BITS else lambda v: quantize_values(v, self.spec.values)
+        select = lambda: self.sparsifier.select(delta, quantize=quantize)  # noqa: E731
         # the model hash in the round id: members holding different parameters never average together
         outcome = await self.averager.step(f"{self.job_id}/r{r}/{self.model_hash[:16]}", select, weight=float(samples))
         self.sparsifier.restore(outcome.returned)
