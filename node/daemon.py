@@ -238,6 +238,7 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         joins = [parse_join_addr(a) for a in cfg.join]
+        join_peers = [a["p2p"] for a in joins]  # who checks this node's reachability, and its first relays
         check_listen_addrs(cfg.listen)
         try:
             self.device = device = resolve_device(cfg.device)
@@ -277,7 +278,7 @@ class Daemon:
             asyncio.to_thread(capability_mod.detect, cfg.home_dir, cfg.benchmark_seconds, device), name="capability"
         )
         try:
-            self.p2p, self.dht = await self._join(joins, str(p2p_identity), validator, key)
+            self.p2p, self.dht = await self._join(joins, join_peers, str(p2p_identity), validator, key)
         except BaseException:
             bench.cancel()
             raise
@@ -290,7 +291,7 @@ class Daemon:
         self.membership = Membership(self.dht, cfg.swarm, self._own_record, cfg.heartbeat, cfg.ttl)
         reach = self._reach()
         if reach.private:  # relays before the first record, which tells others how to reach this node
-            await reach.fill_relays([str(a).rsplit("/p2p/", 1)[-1] for a in joins])
+            await reach.fill_relays(join_peers)
         if not await self.membership.publish() and joins:
             logger.warning("first record store was not acknowledged; the heartbeat will retry")
         self.membership.start()
@@ -317,10 +318,10 @@ class Daemon:
         atomic_write(cfg.state_path, json.dumps(state, indent=2).encode(), mode=0o600)
         logger.info("node %s is up in swarm %r; control API at %s", self.peer_id, cfg.swarm, endpoint)
 
-    async def _join(self, joins: list[Multiaddr], identity: str, validator, key) -> tuple[P2P, DHTNode]:
+    async def _join(self, joins: list[Multiaddr], join_peers: list[str], identity: str, validator,
+                    key) -> tuple[P2P, DHTNode]:
         cfg = self.config
         initial = [str(a) for a in joins] or None
-        join_peers = [str(a).rsplit("/p2p/", 1)[-1] for a in joins]
 
         async def attempt(i: int) -> tuple[P2P, DHTNode]:
             daemon = OwnedP2PDaemon()

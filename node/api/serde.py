@@ -136,9 +136,7 @@ def status_json(s: pb.StatusResponse) -> dict:
             "uptime_s": s.uptime_s, "peers_seen": s.peers_seen, "last_heartbeat_age_s": s.last_heartbeat_age_s,
             "home": s.home, "pid": s.pid, "capability": capability_json(s.capability),
             "reachability": s.reachability,
-            "relay": {"reservations": s.relay.reservations, "circuits": s.relay.circuits,
-                      "circuits_total": s.relay.circuits_total, "bytes_relayed": s.relay.bytes_relayed,
-                      "cut": s.relay.cut, "refused": s.relay.refused}}
+            "relay": relay_json(s.relay)}
 
 
 def peers_json(resp: pb.PeersResponse) -> list[dict]:
@@ -151,14 +149,17 @@ def peers_json(resp: pb.PeersResponse) -> list[dict]:
     ]
 
 
+def relay_json(r: pb.RelayCounters) -> dict:
+    return {"reservations": r.reservations, "circuits": r.circuits, "circuits_total": r.circuits_total,
+            "bytes_relayed": r.bytes_relayed, "cut": r.cut, "refused": r.refused}
+
+
 def doctor_json(resp: pb.DoctorResponse) -> dict:
-    r = resp.relay
     return {"reachability": resp.reachability, "how": resp.how, "seen_as": list(resp.seen_as),
             "ports": list(resp.ports), "open_ports": list(resp.open_ports), "asked": list(resp.asked),
             "addrs": list(resp.addrs), "relays": list(resp.relays), "relay_errors": list(resp.relay_errors),
             "relay_service": resp.relay_service,
-            "relay": {"reservations": r.reservations, "circuits": r.circuits, "circuits_total": r.circuits_total,
-                      "bytes_relayed": r.bytes_relayed, "cut": r.cut, "refused": r.refused},
+            "relay": relay_json(resp.relay),
             "peers": [{"peer_id": c.peer_id, "reachability": c.reachability, "route": c.route, "rtt_ms": c.rtt_ms,
                        "throughput_bytes_s": c.throughput_bytes_s, "error": c.error or None} for c in resp.peers],
             "advice": list(resp.advice)}

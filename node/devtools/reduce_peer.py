@@ -33,11 +33,10 @@ from node.devtools.localswarm import wait_for
 from node.runtime.identity import write_p2p_identity
 from node.runtime.p2pd import OwnedP2PDaemon
 from protocol.allreduce.averager import Averager
-from protocol.allreduce.codecs import quantize_values
+from protocol.allreduce.codecs import select_quantizer
 from protocol.allreduce.entry_validation import SignedMatchmakingValidator
 from protocol.allreduce.faults import RESULT_FAULTS, Fault, mangle_part, mangle_result
 from protocol.allreduce.messages import TensorSpec
-from protocol.allreduce.quantize import INT_BITS
 from protocol.allreduce.robust import AGGREGATORS
 from protocol.allreduce.rounds import Phase, RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier, SparseUpdate
@@ -166,10 +165,7 @@ async def main(args: argparse.Namespace) -> None:
                        selected: dict[str, SparseUpdate] = selected) -> SparseUpdate:
                 # runs in a thread while matchmaking proceeds; the defaults bind this round's grad and dicts
                 t = time.perf_counter()
-                # integer values are quantized per span piece on the wire (their scales are per chunk of a piece),
-                # and settle() puts that rounding back: select() leaves them exact
-                update = sparsifier.select(grad, quantize=None if args.value_codec in INT_BITS else
-                                           lambda v: quantize_values(v, args.value_codec))
+                update = sparsifier.select(grad, quantize=select_quantizer(args.value_codec))
                 timing["select"] = time.perf_counter() - t
                 selected["update"] = update
                 return update

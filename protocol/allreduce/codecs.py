@@ -25,8 +25,10 @@ the rounding error stay in the error-feedback residual rather than being lost.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -245,6 +247,14 @@ def quantize_values(values: np.ndarray, codec: str = "fp16") -> np.ndarray:
     if codec == "fp32":
         return np.array(values, np.float32)
     return np.clip(values, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+
+
+def select_quantizer(codec: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """What ErrorFeedbackSparsifier.select should round the selected values to before the wire: fp16/fp32 as
+    sent (the rounding stays in the residual); None for integer values, whose scales are per chunk of each span
+    piece on the wire -- settle() puts that per-piece rounding back instead, so they are rounded once."""
+    _check_value_codec(codec)
+    return None if codec in INT_BITS else functools.partial(quantize_values, codec=codec)
 
 
 def encode_values(values: np.ndarray, codec: str = "fp16") -> bytes:

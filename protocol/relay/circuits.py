@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from protocol.clock import SYSTEM_CLOCK, Clock
+from protocol.pipeline.direct import maddr_ips
 from protocol.streams import Handler, Stream, close_quietly, write_frame
 from protocol.wire import WireError, as_map, count, pack, text, unpack_bounded
 from protocol.wire import field as wire_field
@@ -117,13 +118,11 @@ def control_reply(data: bytes, what: str) -> dict:
 
 def observed_host(addr: str) -> str | None:
     """The IP of a libp2p remote address (/ip4/1.2.3.4/tcp/5 or /ip6/...), None for anything else (a circuit)."""
-    parts = str(addr).split("/")
-    if len(parts) >= 3 and parts[1] in ("ip4", "ip6"):
-        try:
-            return str(ipaddress.ip_address(parts[2]))
-        except ValueError:
-            return None
-    return None
+    ips = maddr_ips([addr]) if str(addr).startswith(("/ip4/", "/ip6/")) else []
+    try:
+        return str(ipaddress.ip_address(ips[0])) if ips else None
+    except ValueError:
+        return None
 
 
 async def tcp_open(host: str, port: int, timeout: float) -> bool:

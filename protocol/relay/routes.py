@@ -54,7 +54,7 @@ from protocol.relay.seal import (
     session_key,
 )
 from protocol.streams import STREAM_ENDINGS, close_quietly, read_frame, write_frame
-from protocol.wire import WireError, as_map, pack, text, unpack_bounded
+from protocol.wire import as_map, pack, text, unpack_bounded
 
 logger = logging.getLogger(__name__)
 CONNECTED_TTL_S = 2.0  # how long one read of the peers this node is connected to is trusted
@@ -164,7 +164,7 @@ class RelayRouter:
             handed = True
             await handler(StreamInfo(PeerID.from_base58(origin), circuit_addr(relay, origin), hello.protocol),
                           SealedReader(reader, key, "target"), SealedWriter(writer, key, "target"))
-        except (*STREAM_ENDINGS, WireError) as e:
+        except STREAM_ENDINGS as e:
             logger.info("relayed stream via %s ended: %s", relay[-8:], str(e) or type(e).__name__)
         finally:
             if not handed:

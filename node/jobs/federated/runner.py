@@ -40,9 +40,8 @@ from node.ml.job_model import build_job_model, data_misfit, job_model_config
 from node.ml.models import flatten_params, load_flat_params
 from node.runtime.device import autocast, to_device
 from protocol.allreduce.averager import Averager
-from protocol.allreduce.codecs import quantize_values
+from protocol.allreduce.codecs import select_quantizer
 from protocol.allreduce.messages import TensorSpec
-from protocol.allreduce.quantize import INT_BITS
 from protocol.allreduce.robust import EXCLUDE_AFTER
 from protocol.allreduce.rounds import RoundConfig, RoundHooks
 from protocol.allreduce.sparsify import ErrorFeedbackSparsifier
@@ -225,9 +224,7 @@ class JobRunner:
                 return RoundResult(r, False, "non-finite loss: update withheld, node must re-sync", (), loss,
                                    samples, {}, 0, 0, time.perf_counter() - t0, local_seconds, self.model_hash)
             delta = pseudo_gradient(start, local.params)  # (N,) float32
-        # integer values are quantized per span piece on the wire and settle() puts that rounding back; fp16 here
-        quantize = None if self.spec.values in INT_BITS else lambda v: quantize_values(v, self.spec.values)
-        select = lambda: self.sparsifier.select(delta, quantize=quantize)  # noqa: E731
+        select = lambda: self.sparsifier.select(delta, quantize=select_quantizer(self.spec.values))  # noqa: E731
         # the model hash in the round id: members holding different parameters never average together
         outcome = await self.averager.step(f"{self.job_id}/r{r}/{self.model_hash[:16]}", select, weight=float(samples))
         self.sparsifier.restore(outcome.returned)
