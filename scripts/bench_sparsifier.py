@@ -125,7 +125,7 @@ def main() -> None:
     vals = x[idx]
     print(f"\n{'codec (1 core), on the k entries':<32} {'bytes':>11} {'enc ms':>7} {'dec ms':>7} "
           f"{'enc+dec M entries/s':>20} {'M params/s':>11}")
-    for name in ("delta-varint", "bitmap"):
+    for name in ("rice", "delta-varint", "bitmap"):
         _, payload = encode_indices(idx, size, name)
         te = timed(lambda name=name: encode_indices(idx, size, name), reps)
         td = timed(lambda name=name, payload=payload: decode_indices(name, payload, size, k), reps)
@@ -139,22 +139,20 @@ def main() -> None:
               f"{k / (te + td) / 1e6:20.1f} {size / (te + td) / 1e6:11.1f}")
 
     # ---- bytes per member ----
-    _, idx_bytes = encode_indices(idx, size, "delta-varint")
-    sparse = len(idx_bytes) + len(encode_values(vals, "fp16"))
     dense = DENSE_BYTES_PER_PARAM * size
-    print(f"\none member's update, delta-varint + fp16: {sparse:,} B "
-          f"({sparse / k:.2f} B/entry) vs dense fp32 {dense:,} B: ratio {sparse / dense:.4f} ({sparse / dense:.2%})")
-    grads = [np.random.default_rng(10 + m).standard_normal(size).astype(np.float32) for m in range(MEMBERS)]
-    sent = butterfly_bytes(grads, k, "fp16")
     dense_bf = 2 * (MEMBERS - 1) * dense // MEMBERS  # reduce-scatter + all-gather, fp32
-    mean = statistics.mean(sent)
-    print(f"butterfly, {MEMBERS} members, sent per member: sparse fp16 {mean:,.0f} B (max {max(sent):,}) vs dense "
-          f"fp32 {dense_bf:,} B: ratio {mean / dense_bf:.4f} ({mean / dense_bf:.2%}; target <= 2.5%)")
-    for name in ("int8", "int4", "int2"):  # parts and results in the job's `values` (issue 17)
-        member = len(idx_bytes) + len(encode_values(vals, name))
+    grads = [np.random.default_rng(10 + m).standard_normal(size).astype(np.float32) for m in range(MEMBERS)]
+    print(f"\nbytes per member against dense fp32 ({dense:,} B for one update, {dense_bf:,} B sent per member in a "
+          f"{MEMBERS}-member butterfly); the butterfly picks the smallest index codec (rice since issue 17)")
+    print(f"{'values':<7} {'update, varint idx':>19} {'update, rice idx':>17} {'B/entry':>8} {'x fewer':>8} "
+          f"{'butterfly sent':>15} {'x fewer':>8}")
+    for name in ("fp16", "int8", "int4", "int2"):
+        value_len = len(encode_values(vals, name))
+        varint = len(encode_indices(idx, size, "delta-varint")[1]) + value_len
+        rice = len(encode_indices(idx, size, "rice")[1]) + value_len
         mean = statistics.mean(butterfly_bytes(grads, k, name))
-        print(f"values {name}: one member's update {member:,} B ({member / k:.2f} B/entry, {dense / member:.0f}x fewer "
-              f"than dense fp32); butterfly sent per member {mean:,.0f} B ({dense_bf / mean:.0f}x fewer)")
+        print(f"{name:<7} {varint:19,} {rice:17,} {rice / k:8.2f} {dense / rice:8.0f} {mean:15,.0f} "
+              f"{dense_bf / mean:8.0f}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ INTS = (0, 1, -1, 2, 7, 8, 15, 16, 31, 64, 127, 128, 255, 256, 1023, 4095, 4096,
 FLOATS = (0.0, -0.0, 0.5, -1.0, 1.5, 1e-310, 65504.0, 1e15, 1e300, math.inf, -math.inf, math.nan)
 STRS = ("", "a", "t", "v", "x", "\x00", "\n", "é", "😀", "\u2028", "a" * 65, "b" * 129, "c" * 257, "12D3KooW",
         "0" * 64, "f" * 16, "0" * 16 + "/", "float32", "float16", "bfloat16", "int64", "float64", "dense",
-        "bitmap", "delta-varint", "fp16", "fp32", "running", "cancelled", "error", "refused", "chunk", "get")
+        "bitmap", "delta-varint", "rice", "fp16", "fp32", "running", "cancelled", "error", "refused", "chunk", "get")
 BYTES = (b"", b"\x00", b"\xff" * 8, b"\x00" * 63, b"\x00" * 64, b"\x00" * 65, bytes(range(256)))
 # Nesting depths of generated msgpack: below and above unpack_bounded's cap (protocol/wire.py MAX_DEPTH, 32),
 # near Python's recursion limit (~1000, where an error message formatting the value used to crash) and

@@ -43,6 +43,8 @@ CODECS: list[Codec] = [
     SparseCodec("int4", "delta-varint"),
     SparseCodec("int2", "bitmap"),
     SparseCodec("int2", "auto"),
+    SparseCodec("fp16", "rice"),
+    SparseCodec("int2", "rice"),
 ]
 
 
@@ -179,21 +181,51 @@ def test_delta_varint_at_the_largest_sizes() -> None:
 
 
 def test_choose_index_codec_picks_the_smaller() -> None:
-    sparse, denser = UPDATES["density=0.01"], UPDATES["density=0.3"]
-    assert choose_index_codec(sparse.indices, SIZE) == "delta-varint"
+    sparse, denser = UPDATES["density=0.01"], random_update(0.6, 3)  # rice beats a bitmap up to ~40%
+    assert choose_index_codec(sparse.indices, SIZE) == "rice"
     assert choose_index_codec(denser.indices, SIZE) == "bitmap"
     assert choose_index_codec(np.arange(SIZE, dtype=np.int64), SIZE) == "dense"
-    assert choose_index_codec(np.empty(0, np.int64), SIZE) == "delta-varint"
+    assert choose_index_codec(np.empty(0, np.int64), SIZE) == "rice"
     for u in (sparse, denser):
-        sizes = {c: len(encode_indices(u.indices, SIZE, c)[1]) for c in ("delta-varint", "bitmap")}
+        sizes = {c: len(encode_indices(u.indices, SIZE, c)[1]) for c in ("rice", "bitmap")}
         name, payload = encode_indices(u.indices, SIZE)
         assert len(payload) == min(sizes.values()) and name == min(sizes, key=sizes.get)
 
 
 def test_one_percent_costs_under_two_bytes_per_index() -> None:
     u = random_update(0.01, 8, size=1_000_000)
+    name, payload = encode_indices(u.indices, u.size, "delta-varint")
+    assert len(payload) < 2 * u.nnz
+
+
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.05])
+def test_rice_indices_cost_within_two_percent_of_the_gaps_entropy(density: float) -> None:
+    """A random support of nnz in size has log2(C(size, nnz)) bits of entropy, ~log2(e / density) per index."""
+    u = random_update(density, 8, size=1_000_000)
     name, payload = encode_indices(u.indices, u.size)
-    assert name == "delta-varint" and len(payload) < 2 * u.nnz
+    entropy_bits = (math.lgamma(u.size + 1) - math.lgamma(u.nnz + 1) - math.lgamma(u.size - u.nnz + 1)) / math.log(2)
+    assert name == "rice" and 8 * len(payload) <= 1.02 * entropy_bits + 64
+    varint = len(encode_indices(u.indices, u.size, "delta-varint")[1])
+    assert len(payload) < varint  # 1.03 against 1.28 bytes per index at 1%
+    np.testing.assert_array_equal(decode_indices(name, payload, u.size, u.nnz), u.indices)
+
+
+@pytest.mark.parametrize("idx, size", [
+    ([0], 1), ([4], 5), ([0, 1, 2, 3, 4], 5), ([0, 2**61, 2**62 - 1], 2**62), ([2**62 - 1], 2**62),
+    ([3, 700, 701, 702, 9000], 10_007), (list(range(0, 10_007, 2)), 10_007),
+])
+def test_rice_round_trips_at_the_edges(idx: list[int], size: int) -> None:
+    indices = np.array(idx, np.int64)
+    name, payload = encode_indices(indices, size, "rice")
+    np.testing.assert_array_equal(decode_indices(name, payload, size, len(idx)), indices)
+
+
+def _rice(k: int, rems: list[int], quotients: list[int], pad: int = 0) -> bytes:
+    """A hand-built rice payload (see protocol/allreduce/rice.py): k, remainders, unary quotients."""
+    rem_bits = [(r >> j) & 1 for r in rems for j in range(k)] + [1] * pad
+    unary = [b for q in quotients for b in [0] * q + [1]]
+    pack = lambda bits: np.packbits(np.array(bits, np.uint8), bitorder="little").tobytes()  # noqa: E731
+    return bytes([k]) + (pack(rem_bits) if rem_bits else b"") + pack(unary)
 
 
 @pytest.mark.parametrize(
@@ -228,6 +260,18 @@ def test_one_percent_costs_under_two_bytes_per_index() -> None:
         ("dense", b"\x00", 4, 4, "dense"),
         ("dense", b"", 4, 3, "dense"),
         ("gzip", b"", 4, 0, "unknown index codec"),
+        ("rice", b"", 100, 1, "rice payload of 0 bytes"),
+        ("rice", b"\x00", 100, 0, "expected empty"),
+        ("rice", b"\x08\x01", 100, 1, "does not fit size"),  # 2^8 > 99: remainders cannot need 8 bits
+        ("rice", b"\x00\x01\x00", 100, 1, "trailing zero byte"),
+        ("rice", b"\x00\x03", 100, 1, "2 terminators"),
+        ("rice", _rice(0, [], [4]), 100, 2, "1 terminators"),
+        ("rice", _rice(1, [1], [3], pad=1), 100, 1, "unused bits"),
+        ("rice", b"\x04\x00", 100, 20, "too short"),  # 20 remainders of 4 bits need 10 bytes
+        ("rice", _rice(0, [], [100]), 100, 1, "reaches past size"),  # first index 100 == size
+        ("rice", _rice(3, [4], [12]), 100, 1, "gap or first index >= size"),  # 12 * 8 + 4 = 100
+        ("rice", _rice(0, [], [50, 49]), 100, 2, "reach past size"),  # 50, then 50 + 49 + 1 = 100
+        ("rice", b"\x01\x00", 10, 11, "nnz"),
         ("", b"", 4, 0, "unknown index codec"),
         (None, b"", 4, 0, "unknown index codec"),
         (b"bitmap", b"\x00", 4, 0, "unknown index codec"),
@@ -333,8 +377,9 @@ def test_encode_values_rejects_bad_arguments(values: np.ndarray, codec: str) -> 
 
 
 def test_smallest_encoding_is_sparse_or_dense_whichever_is_smaller() -> None:
-    assert smallest_encoding(UPDATES["density=0.01"]).index_codec == "delta-varint"
-    assert smallest_encoding(UPDATES["density=0.3"]).index_codec == "bitmap"
+    assert smallest_encoding(UPDATES["density=0.01"]).index_codec == "rice"
+    assert smallest_encoding(UPDATES["density=0.3"]).index_codec == "rice"
+    assert smallest_encoding(random_update(0.6, 3)).index_codec == "bitmap"
     nearly_full = random_update(0.97, 9)  # bitmap + 97% values > 100% values
     encoded = smallest_encoding(nearly_full)
     assert encoded.index_codec == "dense" and encoded.nbytes == 2 * SIZE

@@ -308,7 +308,7 @@ def _updates(rng: random.Random) -> list[tuple[EncodedUpdate, int]]:
         u = _sparse(rng, size, density)
         for codec in (SparseCodec("fp16"), SparseCodec("fp32", "delta-varint"), SparseCodec("fp16", "bitmap"),
                       DenseCodec("fp16"), SparseCodec("int8"), SparseCodec("int4", "delta-varint"),
-                      SparseCodec("int2", "bitmap")):
+                      SparseCodec("int2", "bitmap"), SparseCodec("fp32", "rice"), SparseCodec("int2", "rice")):
             if codec.nbytes(u) < 1 << 16:
                 out.append((codec.compress(u), size))
     return out
@@ -332,8 +332,8 @@ def _mutate_encoded(m: Mutator, enc: EncodedUpdate, size: int) -> tuple[EncodedU
                                        np.uint64(3), np.uint64(2**62), np.uint64(2**64 - 1), np.int64(-1), "3",
                                        None))
         else:
-            fields[name] = rng.choice(("dense", "bitmap", "delta-varint", "fp16", "fp32", "int8", "int4", "int2",
-                                       "auto", "", None, 3, b"fp16"))
+            fields[name] = rng.choice(("dense", "bitmap", "delta-varint", "rice", "fp16", "fp32", "int8", "int4",
+                                       "int2", "auto", "", None, 3, b"fp16"))
     if rng.random() < 0.05:  # NaN / Inf / -0 values in an otherwise valid payload
         vals = bytearray(enc.values)
         if len(vals) >= 4:

@@ -10,7 +10,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocol.allreduce.codecs import CodecError, EncodedUpdate, extract_update, quantize_values, smallest_encoding
+from protocol.allreduce.codecs import (
+    CodecError,
+    EncodedUpdate,
+    SparseCodec,
+    extract_update,
+    quantize_values,
+    smallest_encoding,
+)
 from protocol.allreduce.faults import MALFORMED_FAULTS, Fault, mangle_part
 from protocol.allreduce.messages import (
     MAX_CONTROL_FRAME,
@@ -51,9 +58,10 @@ def sparse_update(size: int, nnz: int, seed: int) -> SparseUpdate:
     return SparseUpdate(indices, values, size)
 
 
-SPARSE_PAYLOAD = smallest_encoding(sparse_update(SPAN_LEN, 5, seed=1))  # delta-varint indices
+SPARSE_PAYLOAD = smallest_encoding(sparse_update(SPAN_LEN, 5, seed=1))  # rice indices
 DENSE_PAYLOAD = smallest_encoding(sparse_update(SPAN_LEN, 480, seed=2))  # dense is smaller here
-FP32_PAYLOAD = smallest_encoding(sparse_update(SPAN_LEN, 100, seed=3), "fp32")  # bitmap indices
+FP32_PAYLOAD = smallest_encoding(sparse_update(SPAN_LEN, 300, seed=3), "fp32")  # bitmap indices
+VARINT_PAYLOAD = SparseCodec("int2", "delta-varint").compress(sparse_update(SPAN_LEN, 40, seed=4))
 
 INVITE = Invite(ROUND, A, TENSOR)
 REPLY = InviteReply(ROUND, B, True, 12.5e6)
@@ -91,7 +99,8 @@ def rejects(data: bytes, expect: type, max_bytes: int = BIG) -> None:
 
 
 def test_payloads_use_several_codecs():
-    assert SPARSE_PAYLOAD.index_codec == "delta-varint"
+    assert SPARSE_PAYLOAD.index_codec == "rice"
+    assert VARINT_PAYLOAD.index_codec == "delta-varint" and VARINT_PAYLOAD.value_codec == "int2"
     assert DENSE_PAYLOAD.index_codec == "dense"
     assert FP32_PAYLOAD.index_codec == "bitmap" and FP32_PAYLOAD.value_codec == "fp32"
 
@@ -119,6 +128,7 @@ def test_round_trip(msg):
         dataclasses.replace(PART, span=(250, 250), payload=smallest_encoding(sparse_update(0, 0, 0))),
         dataclasses.replace(RESULT, payload=SPARSE_PAYLOAD, included=(), total_weight=0.0),
         dataclasses.replace(RESULT, payload=FP32_PAYLOAD),
+        dataclasses.replace(RESULT, payload=VARINT_PAYLOAD),
         CommitFrame(ROUND, C, ()),
         CommitFrame(ROUND, C, (True,) * MAX_GROUP_SIZE),
         Invite("r" * MAX_ROUND_ID, A, TENSOR),  # the longest round id
@@ -139,7 +149,8 @@ def test_round_trip_group_of_max_size():
     assert rt(result) == result
 
 
-@pytest.mark.parametrize("payload", [SPARSE_PAYLOAD, DENSE_PAYLOAD, FP32_PAYLOAD], ids=["sparse", "dense", "fp32"])
+@pytest.mark.parametrize("payload", [SPARSE_PAYLOAD, DENSE_PAYLOAD, FP32_PAYLOAD, VARINT_PAYLOAD],
+                         ids=["sparse", "dense", "fp32", "varint"])
 def test_payload_survives_the_frame_bit_for_bit(payload):
     out = rt(dataclasses.replace(PART, payload=payload))
     assert out.payload == payload

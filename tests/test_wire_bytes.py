@@ -240,10 +240,12 @@ def peer_record(leaving: bool = False) -> PeerRecord:
 # all-reduce round
 
 UPDATE = SparseUpdate(np.array([3, 10, 11, 250], np.int64), np.array([0.5, -2.0, 1.25, 3.0], np.float32), 300)
+INT2_UPDATE = SparseUpdate(UPDATE.indices, np.array([1.0, -3.0, 3.0, -1.0], np.float32), 300)  # int2 levels exactly
 
 
 def part_frame() -> PartFrame:
-    return PartFrame(ROUND, ID_B, TENSOR, (400, 700), 32.0, 0.01, SparseCodec("fp16").compress(UPDATE))
+    # delta-varint named: the frame's bytes as pinned before issue 17 made "auto" pick rice (pinned on its own below)
+    return PartFrame(ROUND, ID_B, TENSOR, (400, 700), 32.0, 0.01, SparseCodec("fp16", "delta-varint").compress(UPDATE))
 
 
 def result_frame() -> ResultFrame:
@@ -506,6 +508,7 @@ def round_message(build: Callable[[], Any]) -> Case:
 _sparse_auto, _sparse_bitmap = codec_case(SparseCodec("fp16")), codec_case(SparseCodec("fp32", "bitmap"))
 _sparse_dense_index, _dense_fp32 = codec_case(SparseCodec("fp32", "delta-varint")), codec_case(DenseCodec("fp32"))
 _dense_fp16 = codec_case(DenseCodec("fp16"))
+_sparse_int2_rice = codec_case(SparseCodec("int2", "rice"))
 _signed_peer = signed_case(SignedPeerRecordValidator, KEY_A)
 _signed_job, _signed_progress = signed_case(SignedJobRecordValidator, KEY_A), signed_case(SignedJobRecordValidator,
                                                                                           KEY_B)
@@ -594,7 +597,8 @@ CASES: dict[str, Case] = {
     # protocol/transfer/shards.py
     "shards/manifest": Case(manifest, manifest_to_wire, decode_manifest),
     # protocol/allreduce/codecs.py
-    "codecs/sparse_fp16_auto": Case(lambda: UPDATE, *_sparse_auto),
+    "codecs/sparse_fp16_auto": Case(lambda: UPDATE, *_sparse_auto),  # rice indices since issue 17 (a deliberate change)
+    "codecs/sparse_int2_rice": Case(lambda: INT2_UPDATE, *_sparse_int2_rice),
     "codecs/sparse_fp32_bitmap": Case(lambda: UPDATE, *_sparse_bitmap),
     "codecs/sparse_fp32_delta_varint": Case(lambda: UPDATE, *_sparse_dense_index),
     "codecs/dense_fp32": Case(lambda: UPDATE, *_dense_fp32),
@@ -630,7 +634,8 @@ GOLDEN: dict[str, tuple[str, int]] = {
     "activations/forward_request_tokens": ("0c2312e9c3de72b874e72ea95f964e86bb5f5f3e821890aa6f4ac665a3a7aeeb", 161),
     "codecs/dense_fp16": ("581227e1125a7fc12695b21cafed1a20ae8cd3c234d0d93ef21c2679549a4b20", 620),
     "codecs/dense_fp32": ("df78d5ecbd0c163538afab86f8c83001cf80ec0a4d07c586e0fe9022ed7fa8d2", 1220),
-    "codecs/sparse_fp16_auto": ("c2636f5e3d240b800c9f739e07a0d5af90d33581b31e3eb500b0e20fe9a08a97", 37),
+    "codecs/sparse_fp16_auto": ("fe6c5184c4a63b1d837a0a88d0e765ee55785fd41d134fe5261ff2dabf636ed1", 29),  # rice
+    "codecs/sparse_int2_rice": ("8fd3eb60a3972e55e8658d5a65a2c895c87a1befa45365ec3296f21b08b15ba4", 26),
     "codecs/sparse_fp32_bitmap": ("4051501e1537e3fc15687111441810509e9169290a1a31b0642fe77f728e0599", 72),
     "codecs/sparse_fp32_delta_varint": ("7b7b9b79649f35651ca13f4b63166e7b8261afb6bd3c39d052ecb5951d9e50d1", 45),
     "dht/signed_declaration": ("10c615c4595df59ee55db24a184938d60019073cce4d616f038c6ad2b81a600e", 79),

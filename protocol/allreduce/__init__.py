@@ -11,5 +11,6 @@
     sparsify.py     top-k selection with error feedback (ErrorFeedbackSparsifier), check_density
     codecs.py       byte encodings of sparse updates (index and value codecs)
     quantize.py     int8 / int4 / int2 values with a scale per chunk (the integer value codecs codecs.py uses)
+    rice.py         Golomb-Rice coded index gaps (the "rice" index codec, ~log2(e / density) bits per index)
     faults.py       fault injection for tests (Fault, mangle_part)
 """
