@@ -71,12 +71,13 @@ class Optimizer:
                  outer_momentum: float | None = None, density: float = 0.01, min_peers: int = 2, max_peers: int = 8,
                  rounds: int = MAX_ROUNDS, batch_size: int = 1, aggregator: str = "centered_clip",
                  round_timeout: float = 600.0, evaluate: Callable[[], dict] | None = None, metric: str = "accuracy",
-                 join_timeout: float | None = 600.0):
+                 join_timeout: float | None = 600.0, values: str = "fp16", result_density: float = 1.0):
         """``batch_size``: samples per step (a member's weight is the samples it saw; ``step(batch_size=...)`` for
         varying batches). ``evaluate``: called with the model holding each round's new parameters, returns
         metrics (``metric`` names the one progress records show). ``round_timeout``: how long members wait for
-        each other at a round (local steps run at different speeds). ValueError or NodeError (one line) if the
-        settings are unfit or the run trains another model."""
+        each other at a round (local steps run at different speeds). ``values`` ("fp16", "int8", "int4", "int2") and
+        ``result_density``: how compactly a round's parts and results travel (the job fields). ValueError or
+        NodeError (one line) if the settings are unfit or the run trains another model."""
         if outer not in OUTER_DEFAULTS:
             raise ValueError(f"outer: 'fedavg' or 'diloco', got {outer!r}")
         lr, momentum = OUTER_DEFAULTS[outer]
@@ -91,7 +92,7 @@ class Optimizer:
             outer=OuterOpt(outer, lr if outer_lr is None else outer_lr, momentum if outer_momentum is None else
                            outer_momentum, nesterov=outer == "diloco"),
             density=density, min_participants=min_peers, max_participants=max_peers, round_timeout_s=round_timeout,
-            aggregator=aggregator)
+            aggregator=aggregator, values=values, result_density=result_density)
         self._evaluate = evaluate
         self.bridge = ScriptBridge(self.layout, flatten(self._params), metric,
                                    None if evaluate is None else self._evaluate_at)

@@ -287,3 +287,16 @@ def test_values_choose_the_parts_value_codec_and_travel_only_when_not_fp16():
     for bad in ("fp32", "int3", "bf16"):
         with pytest.raises(NodeError, match="values: must be one of 'fp16', 'int8', 'int4', 'int2'"):
             job_spec_from_toml(job(values=bad))
+
+
+def test_result_density_is_global_top_k_and_travels_only_below_one():
+    from protocol.records.job_spec import job_spec_from_wire, job_spec_to_wire
+    from protocol.wire import unpack_bounded
+
+    plain = job_spec_from_toml(job())
+    assert plain.result_density == 1.0 and "result_density" not in unpack_bounded(job_spec_to_wire(plain), 1 << 14)
+    spec = job_spec_from_toml(job(result_density=0.01))
+    assert job_spec_from_wire(job_spec_to_wire(spec)) == spec and spec.result_density == 0.01
+    for bad in (0, 1.5, -0.1, "all"):
+        with pytest.raises(NodeError, match="result_density: must be"):
+            job_spec_from_toml(job(result_density=bad))

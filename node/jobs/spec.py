@@ -28,6 +28,8 @@
                                   # or "trimmed_mean", "median", "mean" (no defence)
     values = "fp16"               # default: how round parts carry values; or "int8", "int4", "int2" (a scale per
                                   # 128 entries; the rounding stays in error feedback)
+    result_density = 1.0          # default: span owners send their whole average; below 1, only its largest
+                                  # entries (global top-k; the rest waits in the owner's error feedback)
 
     [data]                        # optional: the participants' own data (``swarmnode data add NAME PATH``)
     kind = "tabular"              # "tabular" (features + label columns), "text" or "image" (class subfolders)

@@ -225,6 +225,9 @@ class JobSpec:
     # how a federated round's parts carry their values (protocol/allreduce/codecs.py): fp16, or int8 / int4 / int2
     # with a scale per 128 entries (protocol/allreduce/quantize.py; the rounding stays in error feedback)
     values: str = "fp16"
+    # the fraction of each span's average its owner sends back (global top-k; the rest stays in the owner's error
+    # feedback for a later round); 1.0 = the whole average
+    result_density: float = 1.0
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
@@ -258,6 +261,9 @@ class JobSpec:
         check_int("local_steps", self.local_steps, 1, MAX_LOCAL_STEPS)
         check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         set_field(self, "density", check_float("density", self.density, gt=0, le=1))
+        set_field(self, "result_density", check_float("result_density", self.result_density, gt=0, le=1))
+        if self.kind == "pipeline" and self.result_density != 1.0:
+            raise ValueError(f"result_density: only for federated jobs, got {self.result_density}")
         check_int("min_participants", self.min_participants, 1, MAX_GROUP_SIZE)
         check_int("max_participants", self.max_participants, 1, MAX_GROUP_SIZE)
         if self.max_participants < self.min_participants:
@@ -324,8 +330,8 @@ def spec_to_map(spec: JobSpec) -> dict:
     """Federated specs keep the schema-1 form without ``kind`` and ``pipeline`` (their job ids and wire bytes are
     unchanged, so nodes of earlier versions still read them); a pipeline spec carries both, and a node that does
     not know them refuses its record as having unknown fields, i.e. does not take part. The same holds for
-    ``precision``, ``data``, ``adapter``, ``aggregator``, ``values`` and the model's ``files``: present only when
-    not their default."""
+    ``precision``, ``data``, ``adapter``, ``aggregator``, ``values``, ``result_density`` and the model's ``files``:
+    present only when not their default."""
     model: dict[str, Any] = {"arch": spec.model.arch, "overrides": dict(spec.model.overrides)}
     if spec.model.files:
         model["files"] = [fields_of(f) for f in spec.model.files]
@@ -343,7 +349,7 @@ def spec_to_map(spec: JobSpec) -> dict:
 
 # left out of the wire map when default
 OPTIONAL_FIELDS = {"precision": "fp32", "data": None, "adapter": None, "aggregator": "centered_clip",
-                   "values": "fp16"}
+                   "values": "fp16", "result_density": 1.0}
 
 
 def _model_from_map(obj: Any) -> ModelSpec:

@@ -105,6 +105,7 @@ class JobRunner:
             swarm, tensor, spec.round_timeout_s, spec.min_participants, spec.max_participants,
             expected_group=expected_group, bandwidth=bandwidth, aggregator=spec.aggregator,
             value_codec=spec.values, result_value_codec=spec.values,
+            result_density=None if spec.result_density == 1.0 else spec.result_density,
             max_weight=float(spec.local_steps * spec.batch_size)), hooks, clock)
         self.strikes: dict[str, int] = {}  # member -> consecutive rounds with evidence against it
         self.excluded: dict[str, str] = {}  # member -> the evidence it was excluded on (the averager refuses it)

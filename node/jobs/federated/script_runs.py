@@ -124,13 +124,14 @@ class ParameterLayout:
 
 def script_spec(run_id: str, layout: ParameterLayout, *, rounds: int, local_steps: int, batch_size: int,
                 inner: InnerOpt, outer: OuterOpt, density: float, min_participants: int, max_participants: int,
-                round_timeout_s: float, aggregator: str) -> JobSpec:
+                round_timeout_s: float, aggregator: str, values: str = "fp16", result_density: float = 1.0) -> JobSpec:
     """The signed spec of a script run (ValueError naming the field if unfit)."""
     check_name("run_id", run_id)
     return JobSpec(name=run_id, model=ModelSpec("script", files=(layout.file,)), dataset=SCRIPT_DATASET,
                    task="custom", rounds=rounds, inner=inner, local_steps=local_steps, batch_size=batch_size,
                    outer=outer, density=density, min_participants=min_participants,
-                   max_participants=max_participants, round_timeout_s=round_timeout_s, aggregator=aggregator)
+                   max_participants=max_participants, round_timeout_s=round_timeout_s, aggregator=aggregator,
+                   values=values, result_density=result_density)
 
 
 def is_script_run(spec: JobSpec) -> bool:
