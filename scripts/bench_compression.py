@@ -27,6 +27,8 @@ every configuration sees exactly the same tokens:
                  average (global top-k, RoundConfig.result_density; the rest stays in the owner's error feedback)
   ctopk-int2     chunked top-k: the top --density of every block of 4,096 consecutive entries instead of the whole
                  vector's (SparseLoCo's chunk-wise selection), so every tensor sends in proportion to its size
+  stopk-int2     top-k int2, plus every entry of the small tensors (<= 1,024 entries: norm gains, biases) each
+                 round, as DGC leaves small layers uncompressed
   randk-int2     a shared random mask instead of top-k: every member sends the same --density entries, drawn from
                  a seed of the round, so no index bytes at all (DeMo / SparseLoCo's alternative), int2 values
 
@@ -77,7 +79,8 @@ from protocol.planning.partition import span_sizes  # noqa: E402
 
 PEERS = 4  # the issue: "federated over 4 nodes"
 CONFIGS = ("centralized", "sync-dp", "diloco-dense", "topk-fp16", "topk-int8", "topk-int4", "topk-int2", "gtopk-int4",
-           "gtopk-int2", "ctopk-int2", "randk-int2")
+           "gtopk-int2", "ctopk-int2", "stopk-int2", "randk-int2")
+SMALL = 1024  # stopk: tensors of at most this many entries (norm gains, biases) go whole every round
 BLOCK = 4096  # ctopk: entries per block, each block keeps its own top density x BLOCK (SparseLoCo's chunked top-k)
 DEFAULT_CONFIGS = ("centralized", "sync-dp", "diloco-dense", "topk-fp16", "topk-int4", "topk-int2", "gtopk-int2",
                    "randk-int2")
@@ -120,9 +123,11 @@ class CompressedExchange:
     """One round's butterfly over 4 equal spans, with error feedback on both sides (see the module docstring)."""
 
     def __init__(self, size: int, density: float, values: str, shared_mask: bool, seed: int,
-                 result_density: float | None = None, chunked: bool = False) -> None:
+                 result_density: float | None = None, chunked: bool = False,
+                 always: np.ndarray | None = None) -> None:
         self.size, self.values, self.shared_mask, self.seed = size, values, shared_mask, seed
         self.chunked = chunked
+        self.always = always  # (m,) int64 positions sent every round (stopk), or None
         self.result_density = result_density
         self.sparsifiers = [ErrorFeedbackSparsifier(size, density, "exact", seed=m) for m in range(PEERS)]
         self.k = self.sparsifiers[0].k
@@ -131,10 +136,14 @@ class CompressedExchange:
 
     def _select(self, m: int, delta: np.ndarray, rnd: int) -> SparseUpdate:
         sp = self.sparsifiers[m]
-        if not self.shared_mask and not self.chunked:
+        if not self.shared_mask and not self.chunked and self.always is None:
             return sp.select(delta, quantize=select_quantizer(self.values))
         sp.restore(SparseUpdate(np.arange(self.size, dtype=np.int64), delta, self.size))
-        if self.chunked:  # top density x BLOCK of each block of the accumulator (the last block padded with zeros)
+        if self.always is not None:  # the top-k of the rest, plus the small tensors whole
+            mags = np.abs(sp.residual)
+            mags[self.always] = 0.0
+            idx = np.union1d(topk_exact(mags, self.k), self.always)
+        elif self.chunked:  # top density x BLOCK of each block of the accumulator (the last block padded with zeros)
             padded = np.zeros(-(-self.size // BLOCK) * BLOCK, np.float32)
             padded[:self.size] = np.abs(sp.residual)
             blocks = padded.reshape(-1, BLOCK)
@@ -198,6 +207,16 @@ class CompressedExchange:
         return average, sent, whole
 
 
+def small_positions(module: torch.nn.Module) -> np.ndarray:
+    """Positions in the flat parameter vector of the tensors with at most SMALL entries."""
+    out, offset = [], 0
+    for p in (p for p in module.parameters() if p.requires_grad):
+        if p.numel() <= SMALL:
+            out.append(np.arange(offset, offset + p.numel(), dtype=np.int64))
+        offset += p.numel()
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def run_config(config: str, args) -> dict:
     torch.set_num_threads(1)
     data = Data(args)
@@ -228,7 +247,8 @@ def run_config(config: str, args) -> dict:
         values = "fp16" if config == "diloco-dense" else config.split("-")[1]
         exchange = CompressedExchange(size, density, values, config.startswith("randk"), args.seed,
                                       args.density if config.startswith("gtopk") else None,
-                                      chunked=config.startswith("ctopk"))
+                                      chunked=config.startswith("ctopk"), always=small_positions(bundles[0].module)
+                                      if config.startswith("stopk") else None)
         outer = OuterOptimizer("diloco", size, lr=args.outer_lr, momentum=args.outer_momentum,
                                nesterov=args.outer_momentum > 0)
         opts = [torch.optim.AdamW(b.module.parameters(), lr=args.inner_lr, weight_decay=0.0) for b in bundles]

@@ -12,7 +12,7 @@ spans s_j = span_sizes(P, bandwidths)[j] and k = round(density * P):
   result of span j   s_j * (1 - (1 - density)^n) entries: the union of n independent top-k selections, as in
                      scripts/bench_allreduce.py (random vectors); with result_density, at most that share of s_j
   bytes              frame headers from protocol.wire.message_to_wire + payloads from protocol.allreduce.codecs'
-                     smallest_encoding (sparse delta-varint / bitmap or dense, fp16 values), measured once per
+                     smallest_encoding (sparse rice / bitmap or dense, fp16 values), measured once per
                      density on a synthetic update of 2**20 entries and scaled to the span length
   member i sends     sum_{j != i} part_j + (n - 1) * result_i;  receives (n - 1) * part_i + sum_{j != i} result_j
 A round's time is latency + link + CPU, phase by phase:
