@@ -187,6 +187,9 @@ def _decode_bitmap(buf: np.ndarray, size: int, nnz: int) -> np.ndarray:
 
 
 def _index_bytes(name: str, indices: np.ndarray, size: int) -> int:
+    """Payload bytes of ``indices`` in index codec ``name`` ("auto": the smallest)."""
+    if name == "auto":
+        return 0 if indices.size == size else min(rice_bytes(indices), (size + 7) // 8)
     if name == "rice":
         return rice_bytes(indices)
     if name == "delta-varint":
@@ -204,10 +207,12 @@ def choose_index_codec(indices: np.ndarray, size: int) -> str:
 
 def encode_indices(indices: np.ndarray, size: int, codec: str = "auto") -> tuple[str, bytes]:
     """(codec name, payload) for sorted unique int64 ``indices`` < size; codec "auto" picks the smallest."""
-    if codec == "auto":
-        codec = choose_index_codec(indices, size)
-    else:
-        _check_indices(indices, size)
+    _check_indices(indices, size)
+    if codec == "auto":  # rice unless every index is there (dense) or a bitmap is smaller: one encoding either way
+        if indices.size == size:
+            return "dense", b""
+        payload = encode_rice(indices)
+        return ("rice", payload) if len(payload) <= (size + 7) // 8 else encode_indices(indices, size, "bitmap")
     if codec == "rice":
         return codec, encode_rice(indices)
     if codec == "delta-varint":
@@ -384,8 +389,7 @@ class SparseCodec(Codec):
         return EncodedUpdate(name, self.value_codec, update.nnz, idx, encode_values(update.values, self.value_codec))
 
     def nbytes(self, update: SparseUpdate) -> int:
-        name = choose_index_codec(update.indices, update.size) if self.index_codec == "auto" else self.index_codec
-        return _index_bytes(name, update.indices, update.size) + value_bytes(self.value_codec, update.nnz)
+        return _index_bytes(self.index_codec, update.indices, update.size) + value_bytes(self.value_codec, update.nnz)
 
     def __repr__(self) -> str:
         return f"SparseCodec({self.value_codec!r}, {self.index_codec!r})"
