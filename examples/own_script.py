@@ -85,6 +85,7 @@ def main() -> None:
                                                                        "median"])
     ap.add_argument("--seed", type=int, default=0, help="this script's own initial weights and batch order")
     ap.add_argument("--hidden", type=int, default=32, help="a different width is a different model (refused)")
+    ap.add_argument("--round-timeout", type=float, default=60.0, help="seconds members wait for each other")
     ap.add_argument("--linger", type=float, default=0.0,
                     help="seconds to stay up after the run, serving its final model to exporters and late nodes")
     args = ap.parse_args()
@@ -102,12 +103,14 @@ def main() -> None:
         opt = swarmnode.Optimizer(
             torch.optim.AdamW(model.parameters(), lr=1e-2), swarm=swarm, run_id=args.run_id, model=model,
             local_steps=args.local_steps, rounds=args.rounds, outer=args.outer, density=args.density,
-            min_peers=args.min_peers, batch_size=16, round_timeout=60.0, aggregator=args.aggregator,
+            min_peers=args.min_peers, batch_size=16, round_timeout=args.round_timeout, aggregator=args.aggregator,
             evaluate=lambda: {"accuracy": accuracy(model, xv, yv)})
         opt.load_state_from_peers()  # as hivemind scripts do; the Optimizer has loaded the run's parameters already
         print(json.dumps({"joined": opt.job_id, "round": opt.rounds_done}), flush=True)
         loss_fn = torch.nn.CrossEntropyLoss()
         for i in batch_order(len(yt), args.seed):
+            if opt.finished:  # the run is over (it may have been when this script joined: opt.ended says why)
+                break
             loss = loss_fn(model(xt[i]), yt[i])
             loss.backward()
             opt.step(batch_size=len(i), loss=loss)
@@ -117,7 +120,8 @@ def main() -> None:
             if opt.local_step == 0:  # a round just ended
                 print(json.dumps({"round": opt.rounds_done, "hash": opt.model_hash[:16]}), flush=True)
         print(json.dumps({"done": True, "job_id": opt.job_id, "rounds": opt.rounds_done, "model_hash": opt.model_hash,
-                          "accuracy_before": before, "accuracy_after": accuracy(model, xv, yv)}), flush=True)
+                          "accuracy_before": before, "accuracy_after": accuracy(model, xv, yv), "ended": opt.ended}),
+              flush=True)
         time.sleep(args.linger)
 
 

@@ -124,8 +124,9 @@ class CompressedExchange:
 
     def __init__(self, size: int, density: float, values: str, shared_mask: bool, seed: int,
                  result_density: float | None = None, chunked: bool = False,
-                 always: np.ndarray | None = None) -> None:
+                 always: np.ndarray | None = None, ef_decay: float = 1.0) -> None:
         self.size, self.values, self.shared_mask, self.seed = size, values, shared_mask, seed
+        self.ef_decay = ef_decay  # SparseLoCo's error-feedback decay: the held-back residual x this each round
         self.chunked = chunked
         self.always = always  # (m,) int64 positions sent every round (stopk), or None
         self.result_density = result_density
@@ -169,6 +170,10 @@ class CompressedExchange:
 
     def __call__(self, deltas: list[np.ndarray], rnd: int) -> tuple[np.ndarray, list[int], list[int]]:
         """(the averaged pseudo-gradient (size,), bytes each member sent, bytes of each member's whole update)."""
+        if self.ef_decay < 1.0:  # drop (1 - beta) of what each member held back (no longer conserved, by design)
+            for sp in self.sparsifiers:
+                nz = np.flatnonzero(sp.residual).astype(np.int64)
+                sp.restore(SparseUpdate(nz, -np.float32(1.0 - self.ef_decay) * sp.residual[nz], self.size))
         updates = [self._select(m, d, rnd) for m, d in enumerate(deltas)]
         whole = [smallest_encoding(u, self.values).nbytes for u in updates]
         if self.shared_mask:  # the receivers know the mask: only the values travel
@@ -248,7 +253,7 @@ def run_config(config: str, args) -> dict:
         exchange = CompressedExchange(size, density, values, config.startswith("randk"), args.seed,
                                       args.density if config.startswith("gtopk") else None,
                                       chunked=config.startswith("ctopk"), always=small_positions(bundles[0].module)
-                                      if config.startswith("stopk") else None)
+                                      if config.startswith("stopk") else None, ef_decay=args.ef_decay)
         outer = OuterOptimizer("diloco", size, lr=args.outer_lr, momentum=args.outer_momentum,
                                nesterov=args.outer_momentum > 0)
         opts = [torch.optim.AdamW(b.module.parameters(), lr=args.inner_lr, weight_decay=0.0) for b in bundles]
@@ -303,6 +308,8 @@ def main() -> None:
     ap.add_argument("--warmup-rounds", type=int, default=0,
                     help="density warm-up: from --warmup-density down to --density over this many rounds")
     ap.add_argument("--warmup-density", type=float, default=0.1)
+    ap.add_argument("--ef-decay", type=float, default=1.0,
+                    help="error-feedback decay beta (SparseLoCo): the residual is scaled by it before each selection")
     ap.add_argument("--eval-windows", type=int, default=512)
     ap.add_argument("--eval-every", type=int, default=4, help="rounds between evaluations")
     ap.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,8 @@
     while not opt.finished:
         for batch in loader:
             loss = model(**batch).loss; loss.backward(); opt.step(loss=loss); opt.zero_grad()
+            if opt.finished:
+                break
 
 Each participant runs the same script on its own data and device. ``step`` is your optimizer's step; every
 ``local_steps`` steps it hands the parameters to the node, which averages the pseudo-gradients (start minus local
@@ -169,6 +171,11 @@ class Optimizer:
     def local_step(self) -> int:
         """Steps taken in the current local window (0 right after a round)."""
         return self._steps
+
+    @property
+    def ended(self) -> str | None:
+        """Why the run is over for this script (finished, stopped, or ended while it was behind); None while on."""
+        return self.bridge.ended
 
     @property
     def rounds_done(self) -> int:

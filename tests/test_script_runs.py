@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -299,7 +300,8 @@ def test_ctrl_c_leaves_the_run_cleanly(node_factory, scripts, tmp_path):
 def test_three_scripts_one_killed_and_restarted_end_on_one_hash(node_factory, scripts, tmp_path):
     daemon = node_factory("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "scripts"]).wait_ready()
     paths = csvs(tmp_path, 3)
-    common = ["--join", daemon.addr, "--rounds", "20", "--local-steps", "50", "--run-id", "churn", "--min-peers", "2"]
+    common = ["--join", daemon.addr, "--rounds", "20", "--local-steps", "50", "--run-id", "churn", "--min-peers", "2",
+              "--linger", "240"]  # the others may end the run before s2 is back (CI): they serve it its final state
     runs = [scripts("s0", paths[0], *common, "--seed", "0")]
     job_id = runs[0].first("joined", 90)["joined"]
     runs += [scripts(f"s{i}", paths[i], *common, "--seed", str(i)) for i in (1, 2)]
@@ -322,6 +324,32 @@ def test_three_scripts_one_killed_and_restarted_end_on_one_hash(node_factory, sc
     assert all(e["rounds"] == 20 and e["accuracy_after"] > e["accuracy_before"] + 0.1 for e in ends), ends
     jobs = json.loads(run_cli("jobs", "--json", "--home", str(daemon.home)).stdout)
     assert next(j for j in jobs if j["job_id"] == job_id)["state"] in ("running", "done")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_script_back_after_its_run_ended_and_every_member_left_is_told_so(node_factory, scripts, tmp_path):
+    daemon = node_factory("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "scripts"]).wait_ready()
+    paths = csvs(tmp_path, 3)
+    common = ["--join", daemon.addr, "--rounds", "6", "--local-steps", "30", "--run-id", "gone", "--min-peers", "2",
+              "--round-timeout", "15"]
+    runs = [scripts(f"s{i}", paths[i], *common, "--seed", str(i)) for i in range(3)]
+    job_id = runs[0].first("joined", 90)["joined"]
+    wait_for(lambda: any(x.get("round", 0) >= 2 for x in runs[2].lines if "hash" in x), 120, "round 2")
+    runs[2].proc.send_signal(signal.SIGKILL)
+    ran = max(x["round"] for x in runs[2].lines if "hash" in x)
+    runs[2].proc.wait(10)
+    ends = [s.first("done", 120) for s in runs[:2]]
+    assert all(e["rounds"] == 6 for e in ends) and ran < 6, (ends, ran)
+    for s in runs[:2]:
+        assert s.proc.wait(30) == 0  # every member has left: nobody serves the run's final state
+    again = scripts("s2", paths[2], *common, "--seed", "2")  # its node resumes from its checkpoint, behind
+    t0 = time.monotonic()
+    end = again.first("done", 150)
+    behind = re.search(r"ended at round 6 while this node was behind at round (\d+), and no participant is left",
+                       end["ended"] or "")
+    assert end["job_id"] == job_id and behind and ran <= int(behind[1]) < 6, (end, ran)  # from its checkpoint
+    assert again.proc.wait(30) == 0 and time.monotonic() - t0 < 150
 
 
 @pytest.mark.slow

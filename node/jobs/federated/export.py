@@ -151,3 +151,15 @@ def export_job(out: pathlib.Path, record: JobRecord, module: torch.nn.Module | d
             before_write(name)
         atomic_write(out / name, contents[name])
     return [out / name for name in names]
+
+
+@dataclasses.dataclass
+class Rounds:
+    """What this node keeps of one job's rounds: its own, and the earlier ones of the peer whose state it
+    adopted (so that its report covers the whole job)."""
+
+    own: list[RoundResult] = dataclasses.field(default_factory=list)
+    inherited: list[dict] = dataclasses.field(default_factory=list)
+
+    def report(self, reporter: str) -> list[dict]:
+        return merge_history([round_entry(r, reporter) for r in reversed(self.own)], self.inherited)

@@ -39,7 +39,6 @@ import logging
 import math
 import pathlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ from node.jobs.federated.checkpoints import (
     survivors_back,
     unfinished_records,
 )
-from node.jobs.federated.export import export_job, history_from_json, history_to_json, merge_history, round_entry
+from node.jobs.federated.export import Rounds, export_job, history_from_json, history_to_json, merge_history
 from node.jobs.federated.runner import JobRunner, RoundResult
 from node.jobs.model_files import ModelFetchError, ModelStore
 from node.ml.analyze import analyze_arch, analyze_folder, check_buildable, job_memory
@@ -83,18 +82,6 @@ from protocol.wire import WireError
 
 logger = logging.getLogger(__name__)
 REDO_EXPORT_RETRY_S = 10.0  # between attempts to redo an interrupted export (no participant served the state yet)
-
-
-@dataclass
-class Rounds:
-    """What this node keeps of one job's rounds: its own, and the earlier ones of the peer whose state it
-    adopted (so that its report covers the whole job)."""
-
-    own: list[RoundResult] = field(default_factory=list)
-    inherited: list[dict] = field(default_factory=list)
-
-    def report(self, reporter: str) -> list[dict]:
-        return merge_history([round_entry(r, reporter) for r in reversed(self.own)], self.inherited)
 
 
 class FederatedJobs:
@@ -239,9 +226,12 @@ class FederatedJobs:
         finally:
             params, _, completed, _ = runner.snapshot()
             done = completed >= view.record.spec.rounds
-            bridge.end(f"run {view.record.spec.name!r} finished after {completed} rounds" if done else
-                       f"run {view.record.spec.name!r} stopped on this node after {completed} rounds "
-                       f"({view.record.state})", (params, completed) if done else None)
+            name = view.record.spec.name
+            bridge.end(f"run {name!r} finished after {completed} rounds" if done else
+                       f"run {name!r} ended at round {view.round} while this node was behind at round {completed}, "
+                       "and no participant is left to serve its state" if view.state == "done" else
+                       f"run {name!r} stopped on this node after {completed} rounds ({view.record.state})",
+                       (params, completed) if done else None)
 
     async def _run_rounds(self, view: JobView, runner: JobRunner) -> None:
         record, spec = view.record, view.record.spec
@@ -255,7 +245,7 @@ class FederatedJobs:
             await self.board.publish(JobProgress(record.job_id, self.peer_id, runner.completed, runner.model_hash,
                                                  "running", updated_at=self.clock.time(),
                                                  next_round=runner.next_round))
-        policy = RoundPolicy()
+        policy, stranded = RoundPolicy(), math.inf  # stranded: since when syncs fail (a run that ended: give up)
         try:
             if resumed is not None:
                 await self._await_survivors(view, runner, len(resumed.participants))
@@ -267,9 +257,14 @@ class FederatedJobs:
                 try:
                     await self._resync_if_needed(view, runner)
                 except RuntimeError as e:  # no participant could serve a verified state right now: try again
+                    stranded = min(stranded, self.clock.monotonic())
+                    if view.state == "done" and self.clock.monotonic() - stranded > spec.round_timeout_s:
+                        logger.warning("job %s ended while this node was behind; none serves its state", record.job_id)
+                        return  # a job that ended, whose participants all left: not forever
                     logger.warning("job %s: %s; retrying", record.job_id, e)
                     await self.clock.sleep(POLL_S)
                     continue
+                stranded = math.inf
                 if runner.completed >= spec.rounds:
                     break
                 result = await runner.run_round()
