@@ -256,7 +256,7 @@ def run_swarmnode(args, codec: str, hosts, out: pathlib.Path) -> dict:
     finally:
         for p in procs:
             p.stop()
-    per_round, sent, matchmaking = [], [], []
+    per_round, sent, matchmaking, phases = [], [], [], []
     for r in range(args.rounds):
         events = [peer[r] for peer in rounds]
         if not all(e["ok"] for e in events):
@@ -265,7 +265,11 @@ def run_swarmnode(args, codec: str, hosts, out: pathlib.Path) -> dict:
         per_round.append(max(e["round_s"] for e in events))
         sent.append(max(e["sent"] for e in events))
         matchmaking.append(max((e.get("phases") or {}).get("matchmaking", float("nan")) for e in events))
-    result = {"times": per_round, "sent_max": sent, "ok_rounds": len(per_round), "matchmaking_s": matchmaking}
+        phases.append({k: max((e.get("phases") or {}).get(k, float("nan")) for e in events)
+                       for k in ("matchmaking", "butterfly", "commit")}
+                      | {"select": max((e.get("select_s") or 0.0) for e in events)})
+    result = {"times": per_round, "sent_max": sent, "ok_rounds": len(per_round), "matchmaking_s": matchmaking,
+              "phases": phases}  # per round, each phase's slowest member (select: in a thread, under matchmaking)
     if None not in after and None not in tx.get("before", [None]):
         result["tx"] = max(a - b for a, b in zip(after, tx["before"])) / args.rounds
     return result
@@ -428,7 +432,9 @@ def print_table(args, rows: list[dict]) -> None:
         if row.get("sent"):
             print(f"{ours} wire bytes sent per member: {row['sent']:,.0f} vs dense fp32 butterfly "
                   f"{dense_bytes:,.0f} = {row['sent'] / dense_bytes:.2%}; matchmaking (slowest member) median "
-                  f"{statistics.median(row['matchmaking_s']):.3f} s of the round")
+                  f"{statistics.median(row['matchmaking_s']):.3f} s of the round; phases (slowest member, median): "
+                  + ", ".join(f"{k} {statistics.median(p[k] for p in row['phases']):.3f} s"
+                              for k in ("select", "matchmaking", "butterfly", "commit")))
 
 
 def selected(names: list[str], skip: set[str]) -> list[str]:
