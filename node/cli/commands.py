@@ -123,8 +123,22 @@ def job_updates(client, job_id: str, follow: bool, as_json: bool = False, clock=
                             f"({info.round_timeout_s:.0f} s); {why}", EXIT_FAILURE)
 
 
-def follow_job(client, job_id: str, follow: bool, as_json: bool) -> int:
+def follow_job(client, job_id: str, follow: bool, as_json: bool, console=None) -> int:
+    """Print the job's states: following on a terminal, a live bar with the time left (node/cli/progress.py);
+    else a line per change (JSON with ``as_json``). ``console``: a rich Console (default: stdout's)."""
     state = None  # the last state the daemon sent (None: it sent none)
+    if follow and not as_json:
+        from rich.console import Console
+
+        from node.cli.progress import JobDisplay
+
+        console = console or Console()
+        if console.is_terminal:
+            with JobDisplay(console) as display:
+                for info, _, new in job_updates(client, job_id, follow):
+                    state = info.state
+                    display.show(info, new)
+            return 0 if state != "cancelled" else 1
     for info, line, new in job_updates(client, job_id, follow, as_json):
         state = info.state
         if line is not None:

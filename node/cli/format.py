@@ -59,12 +59,19 @@ def train_device(cap) -> str:
     return cap.train_device + free
 
 
-def format_job_line(info) -> str:
+def job_figures(info, with_round: bool = True) -> str:
+    """A job's state in one line: round, state, participants, loss, metric, bytes and time of the last round."""
     loss = f"{info.train_loss:.4f}" if info.train_loss == info.train_loss else "-"
     metric = f"{info.eval_metric:.4f}" if info.eval_metric == info.eval_metric else "-"
+    return (f"{f'round {info.round}/{info.rounds}  ' if with_round else ''}{info.state:<9} participants "
+            f"{len(info.participants)}  loss {loss}  eval {metric}  {info.bytes_exchanged / 1e3:.1f} kB  "
+            f"{info.round_time_s:.2f} s")
+
+
+def format_job_line(info) -> str:
+    """job_figures behind a text bar: what --follow prints off a terminal (node/cli/progress.py draws it live)."""
     bar = "#" * min(20, max(0, round(20 * info.round / max(1, info.rounds))))  # a peer may claim round > rounds
-    return (f"[{bar:<20}] round {info.round}/{info.rounds}  {info.state:<9} participants {len(info.participants)}  "
-            f"loss {loss}  eval {metric}  {info.bytes_exchanged / 1e3:.1f} kB  {info.round_time_s:.2f} s")
+    return f"[{bar:<20}] {job_figures(info)}"
 
 
 def format_jobs_table(resp) -> str:
