@@ -20,12 +20,14 @@ import threading
 import time
 
 import torch
+from aiohttp import web
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
 from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 import node
+from node.api.dashboard import start_dashboard
 from node.api.server import start_control_server
 from node.api.service import JobSummary, NodeStatus
 from node.jobs.manager import JobManager
@@ -229,6 +231,8 @@ class Daemon:
         self.relay: RelayService | None = None  # this node's relay service and dial-back check
         self._views: list[PeerView] = []  # the last read of the swarm's records (relay upkeep)
         self._server = None
+        self._dashboard: web.AppRunner | None = None
+        self.dashboard_url = ""  # the page's URL once up ("" when --dashboard off)
         self._lock = HomeLock(config.home_dir)
         self._stop = asyncio.Event()
         self._withdrawn = False
@@ -313,10 +317,13 @@ class Daemon:
         self.jobs.federated.export_hook = stop_before_export_file(os.environ.get(EXPORT_STOP_ENV, ""))
         await self.jobs.start()
         self._server, endpoint = await start_control_server(self, cfg)
+        dashboard = await start_dashboard(self, cfg)
+        self._dashboard, self.dashboard_url = dashboard if dashboard is not None else (None, "")
         state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": list(self.addrs), "control": endpoint,
-                 "swarm": cfg.swarm, "version": node.__version__}
+                 "dashboard": self.dashboard_url, "swarm": cfg.swarm, "version": node.__version__}
         atomic_write(cfg.state_path, json.dumps(state, indent=2).encode(), mode=0o600)
-        logger.info("node %s is up in swarm %r; control API at %s", self.peer_id, cfg.swarm, endpoint)
+        logger.info("node %s is up in swarm %r; control API at %s; dashboard at %s", self.peer_id, cfg.swarm,
+                    endpoint, self.dashboard_url or "(off)")
 
     async def _join(self, joins: list[Multiaddr], join_peers: list[str], identity: str, validator,
                     key) -> tuple[P2P, DHTNode]:
@@ -377,6 +384,8 @@ class Daemon:
             await self.membership.withdraw(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
         if self._server is not None:
             await self._server.stop(grace=0.2)
+        if self._dashboard is not None:
+            await self._dashboard.cleanup()
         if self.jobs is not None:
             await self.jobs.stop()
         if self.reach is not None:
@@ -474,6 +483,10 @@ class Daemon:
         await jobs.refresh()
         view = jobs.views.get(job_id)
         return None if view is None else JobSummary(view, jobs.local_state(job_id))
+
+    def job_history(self, job_id: str) -> list[dict]:
+        rounds = self._jobs().federated.rounds.get(job_id)
+        return [] if rounds is None else rounds.report(self.peer_id)
 
     async def cancel(self, job_id: str) -> bool:
         return await self._jobs().cancel(job_id)

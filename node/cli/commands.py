@@ -81,15 +81,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def on_ready(daemon) -> None:
         if args.json:
-            print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm}),
-                  flush=True)
+            print(json.dumps({"peer_id": daemon.peer_id, "addrs": list(daemon.addrs), "swarm": config.swarm,
+                              "dashboard": daemon.dashboard_url}), flush=True)
             return
         me, other = self_command(), shlex.quote(f"{config.home_dir}-2")
         print(f"swarmnode: node {daemon.peer_id} is up in swarm '{config.swarm}'. Others can join with "
               f"(another machine may keep the default --home):")
         for addr in daemon.addrs:
             print(f"  {me} run --home {other} --swarm {config.swarm} --join {addr}")
-        print(f"talk to it:  {me} status|peers|jobs|leave --home {shlex.quote(str(config.home_dir))}", flush=True)
+        print(f"talk to it:  {me} status|peers|jobs|leave --home {shlex.quote(str(config.home_dir))}")
+        if daemon.dashboard_url:
+            print(f"watch it:    {daemon.dashboard_url}  (the page; /metrics for Prometheus)")
+        sys.stdout.flush()
 
     asyncio.run(run_daemon(config, on_ready=on_ready, hard_exit=True))
     return 0

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     run.add_argument("--data", help="directory of this node's datasets (<data>/<dataset>/, default <home>/data; "
                                     "fill it with `swarmnode data add`); never shared")
+    run.add_argument("--dashboard", help="HOST:PORT of this node's dashboard page and /metrics (default "
+                                         "127.0.0.1:0, any free port on loopback; 'off'); off loopback every request "
+                                         "needs the token in <home>/dashboard.token")
     run.add_argument("--reachability", choices=("auto", "public", "private"),
                      help="whether peers can open connections to this node: auto (default: peers dial back to "
                           "check), public, or private (behind a NAT: reached through relays)")

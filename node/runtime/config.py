@@ -21,6 +21,7 @@ List fields take a comma-separated string in the environment (SWARMNODE_JOIN=add
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import pathlib
@@ -48,6 +49,9 @@ class NodeConfig:
     join: tuple[str, ...] = ()  # bootstrap peers: full multiaddrs ending in /p2p/<peer id>
     identity: pathlib.Path | None = None  # Ed25519 key file; default <home>/identity.key
     control: str = "unix"  # "unix" (<home>/control.sock, mode 0600) or "tcp://127.0.0.1:PORT" (token auth)
+    # the dashboard page and GET /metrics (node/api/dashboard.py): HOST:PORT (port 0: any free one) or "off";
+    # bound off loopback, every request needs the token in <home>/dashboard.token
+    dashboard: str = "127.0.0.1:0"
     heartbeat: float = 10.0  # seconds between re-publications of this node's record
     ttl: float = 30.0  # seconds a record lives in the DHT without a refresh
     join_attempts: int = 5  # bootstrap attempts before giving up with exit code 2
@@ -110,8 +114,9 @@ class NodeConfig:
                              "tcp://127.0.0.1:PORT")
         if self.control.startswith("tcp://"):
             host = self.control[len("tcp://") :].rpartition(":")[0]
-            if host not in ("127.0.0.1", "localhost", "[::1]"):
+            if host not in LOOPBACK_HOSTS:
                 raise ValueError(f"the control API listens on loopback only, got {self.control!r}")
+        self.dashboard_address()  # ValueError if malformed
 
     @property
     def home_dir(self) -> pathlib.Path:
@@ -139,6 +144,30 @@ class NodeConfig:
     def token_path(self) -> pathlib.Path:
         return self.home_dir / "control.token"
 
+    def dashboard_address(self) -> tuple[str, int] | None:
+        """(host, port) the dashboard binds, None when "off"; ValueError if ``dashboard`` is neither."""
+        if self.dashboard == "off":
+            return None
+        host, _, port = self.dashboard.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() for c in host):
+            raise ValueError(f"dashboard must be HOST:PORT (port 0: any free one) or 'off', got {self.dashboard!r:.80}")
+        return host, int(port)
+
+    def dashboard_is_loopback(self) -> bool:
+        """Whether the dashboard binds a loopback address only (127.0.0.0/8, ::1, localhost): then it needs no token."""
+        address = self.dashboard_address()
+        if address is None or address[0] == "localhost":
+            return address is not None
+        try:
+            return ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:  # a host name: it may resolve anywhere
+            return False
+
+    @property
+    def dashboard_token_path(self) -> pathlib.Path:
+        return self.home_dir / "dashboard.token"
+
     @property
     def state_path(self) -> pathlib.Path:
         """JSON written once the node is up: pid, peer id, addrs, control endpoint (for scripts)."""
@@ -146,6 +175,7 @@ class NodeConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 ACCEPT_WORDS = ("self", "members", "anyone")  # accept_jobs_from's words (node/jobs/policy.py says what they mean)
 SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
               "gb": 10**9, "tb": 10**12}
