@@ -4,6 +4,7 @@ role; the modules at the top serve them all:
     wire.py     the one place that speaks msgpack (pack, unpack_bounded, checked field readers, from_map)
     streams.py  length-prefixed frames on libp2p streams, and the one way streams are opened, served and closed
     clock.py    Clock: what every component with a timeout reads (SYSTEM_CLOCK, or a test's virtual clock)
+    rejections.py  what this process refused from peers, counted by what and why (the node's /metrics reads it)
     records/    what nodes publish in the DHT (peer records, job specs, records and progress) and its validators
     allreduce/  the top-k all-reduce round (Averager, matchmaking, messages, sparsify, codecs)
     pipeline/   pipeline frames and control messages, the sealed direct path

@@ -159,3 +159,22 @@ def test_a_dashboard_port_in_use_is_a_one_line_error(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(NodeError, match=f"dashboard: cannot listen on 127.0.0.1:{port}"):
             asyncio.run(start_dashboard(None, NodeConfig(home=tmp_path, dashboard=f"127.0.0.1:{port}")))  # type: ignore[arg-type]
+
+
+def test_refusals_are_counted_by_what_and_the_errors_class_and_bounded():
+    from protocol import rejections
+    from protocol.wire import WireError
+
+    before = rejections.counts()
+    rejections.count("test record", WireError("a peer's long and varying text " * 10))
+    rejections.count("test record", WireError("another text"))
+    after = rejections.counts()
+    assert after[("test record", "WireError")] == before.get(("test record", "WireError"), 0) + 2
+    assert all(len(reason) < 40 for _, reason in after)  # class names, never a peer's text
+    for i in range(rejections.MAX_KEYS + 10):
+        rejections.count(f"kind {i}", "X")
+    assert len(rejections.counts()) == rejections.MAX_KEYS
+    text = metrics_text(state([]) | {"rejected": [{"what": "peer record", "reason": "InvalidSignature",
+                                                      "count": 4}]})
+    assert value(families(text)["swarmnode_rejected"], "swarmnode_rejected_total", what="peer record",
+                 reason="InvalidSignature") == 4

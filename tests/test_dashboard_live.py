@@ -15,6 +15,8 @@ from node.devtools.localswarm import wait_for
 from tests.conftest import run_cli
 from tests.test_jobs_integration import JOB, start_nodes
 
+LIVE_JOB = JOB.replace("local_steps = 10", "local_steps = 300").replace("hidden = 64", "hidden = 256")  # ~1 s rounds
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
@@ -53,7 +55,7 @@ def test_the_dashboard_follows_a_job_and_agrees_with_the_cli(node_factory, tmp_p
     events = Events(url + "api/events")
     events.start()
     job_file = tmp_path / "job.toml"
-    job_file.write_text(JOB)
+    job_file.write_text(LIVE_JOB)
     submitted = run_cli("submit", str(job_file), "--json", "--home", str(nodes[0].home))
     assert submitted.returncode == 0, submitted.stderr[-1500:]
     job_id = json.loads(submitted.stdout)["job_id"]

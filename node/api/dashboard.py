@@ -40,6 +40,7 @@ from node.api.service import NodeService
 from node.runtime.config import NodeConfig
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
+from protocol import rejections
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_TTL_S = 1.0  # one snapshot serves every request and event stream within this long
@@ -100,7 +101,9 @@ async def snapshot(service: NodeService) -> dict:
         job["history"] = service.job_history(job["job_id"])[-MAX_HISTORY:]
         jobs.append(job)
     host = await asyncio.to_thread(host_usage)
-    return finite({"status": status, "peers": peers, "jobs": jobs, "host": host, "time": time.time()})
+    refused = [{"what": what, "reason": why, "count": n} for (what, why), n in sorted(rejections.counts().items())]
+    return finite({"status": status, "peers": peers, "jobs": jobs, "host": host, "rejected": refused,
+                   "time": time.time()})
 
 
 class Dashboard:

@@ -72,6 +72,11 @@ class SnapshotCollector(Collector):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], host[key])
             yield gauge
+        refused = CounterMetricFamily("swarmnode_rejected", "What this node refused from peers, by what and why "
+                                      "(the error's class)", labels=["what", "reason"])
+        for r in state.get("rejected", []):
+            refused.add_metric([r["what"], r["reason"]], r["count"])
+        yield refused
         util = GaugeMetricFamily("swarmnode_gpu_utilization_percent", "GPU utilisation (NVML)", labels=["gpu"])
         used = GaugeMetricFamily("swarmnode_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
         for gpu in host["gpus"]:

@@ -42,6 +42,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
+from protocol import rejections
 from protocol.allreduce.codecs import CodecError, extract_update, quantize_values, smallest_encoding
 from protocol.allreduce.matchmaking import (
     MAX_ENTRY_TTL_S,
@@ -375,6 +376,8 @@ class Averager:
                     state.received[owner] += len(raw) + 4
             return self._check_result(state, owner, span, raw, piece)
         except Exception as e:  # timeouts, hang-ups, bad frames, p2pd "peer unreachable": no result from it
+            if isinstance(e, ValueError):  # WireError, CodecError: the owner's result failed its checks
+                rejections.count("all-reduce result", e)
             logger.info("round %s: no result for the span of %s (%s: %s)", state.round_id, owner[-8:],
                         type(e).__name__, e)
             return None
@@ -415,6 +418,7 @@ class Averager:
             self._accept_part(state, remote, span, data)
         except (WireError, CodecError, ValueError) as e:
             state.rejected.add(remote)
+            rejections.count("all-reduce part", e)
             if not state.result_bytes.done():  # a part that only came late is no evidence of hostility
                 state.evidence.setdefault(remote, f"its part was rejected: {e}"[:160])
             logger.warning("round %s: rejected the part from %s: %s", state.round_id, remote[-8:], e)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from protocol import rejections
 from protocol.allreduce.messages import MAX_BANDWIDTH, GroupPlan, TensorSpec
 from protocol.planning.partition import plan_spans
 from protocol.records.peer_keys import public_key_from_peer_id
@@ -185,6 +186,7 @@ def seen_from_entries(entries: object, now: float, refuses: Callable[[str], bool
             started = (started or set()) | set(members)
         except ValueError as e:  # WireError, PeerIdError
             logger.debug("ignoring matchmaking entry %.80r: %s", subkey, e)
+            rejections.count("matchmaking entry", e)
     return Seen(declared, None if started is None else tuple(sorted(started)))
 
 

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
+from protocol import rejections
 from protocol.records.certificates import (
     MAX_CERT_BYTES,
     SIGNATURE_BYTES,
@@ -149,6 +150,7 @@ class MembershipValidator(RecordValidatorBase):
             cert = self.check(record)
         except (ValueError, InvalidSignature) as e:  # WireError and CertError are ValueErrors
             logger.info("rejected a record in private swarm %r: %s", self.swarm, e)
+            rejections.count("record in a private swarm", e)
             return False
         if cert.member not in self._certified and len(self._certified) >= MAX_CERTIFIED:
             del self._certified[min(self._certified, key=self._certified.__getitem__)]

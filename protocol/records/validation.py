@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
+from protocol import rejections
 from protocol.records.peer import MAX_RECORD_BYTES, peer_record_from_wire, swarm_key
 from protocol.records.peer_keys import peer_id_of, public_key_from_peer_id
 from protocol.wire import WireError, pack, unpack_bounded
@@ -60,6 +61,7 @@ class SignedDictionaryValidator(RecordValidatorBase):
             self.check(record)
         except (ValueError, InvalidSignature) as e:
             logger.warning("rejected %s: %s", self.what, e)
+            rejections.count(self.what, e)
             return False
         return True
 

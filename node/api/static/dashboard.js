@@ -64,6 +64,13 @@ function renderHost(state) {
   document.getElementById("node").textContent = `${short(state.status.peer_id)} in swarm ${state.status.swarm}`;
 }
 
+function renderRejected(state) {
+  const rows = (state.rejected || []).map((r) => el("tr", {}, el("td", {}, r.what), el("td", {}, r.reason),
+    el("td", {}, r.count)));
+  document.querySelector("#rejected tbody").replaceChildren(
+    ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 3, class: "muted" }, "nothing"))]));
+}
+
 function renderPeers(state) {
   const now = state.time, ids = new Set(state.peers.map((p) => p.peer_id));
   if (knownPeers) {
@@ -149,6 +156,7 @@ function alerts(state) {
 
 function render(state) {
   renderHost(state);
+  renderRejected(state);
   renderPeers(state);
   document.getElementById("jobs").replaceChildren(...state.jobs.map((j) => renderJob(j, state)));
   alerts(state);
