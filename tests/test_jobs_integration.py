@@ -375,6 +375,7 @@ def test_a_node_whose_model_diverged_resyncs_to_the_majority(node_factory, tmp_p
                and r["ok"])
 
 
+@pytest.mark.slow  # three jobs one after another (~30 s): in `make chaos`, keeping `make test` under 10 minutes
 @pytest.mark.timeout(240)
 def test_int2_values_end_on_one_model_in_fewer_bytes_than_fp16(node_factory, tmp_path):
     """The job fields ``values`` and ``result_density``: the same job with fp16 and with int2 parts (a scale per 128
