@@ -65,9 +65,8 @@ def finite(obj):
 def host_usage() -> dict:
     """This machine's CPU and memory (psutil) and each GPU's utilisation and memory where NVML answers."""
     mem = psutil.virtual_memory()
-    out = {"cpu_percent": psutil.cpu_percent(interval=None), "memory_used_bytes": mem.total - mem.available,
-           "memory_total_bytes": mem.total, "gpus": gpu_usage()}
-    return out
+    return {"cpu_percent": psutil.cpu_percent(interval=None), "memory_used_bytes": mem.total - mem.available,
+            "memory_total_bytes": mem.total, "gpus": gpu_usage()}
 
 
 def gpu_usage() -> list[dict]:
@@ -166,9 +165,13 @@ class Dashboard:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await response.prepare(request)
-        last, sent_at = None, -math.inf
+        last, sent_at, seen = None, -math.inf, None
         while True:
             state = await self.state()
+            if state is seen and time.monotonic() - sent_at < EVENT_HEARTBEAT_S:  # the same snapshot: nothing new
+                await asyncio.sleep(SNAPSHOT_TTL_S)
+                continue
+            seen = state
             body = json.dumps({k: v for k, v in state.items() if k != "time"}, sort_keys=True)
             if body != last or time.monotonic() - sent_at >= EVENT_HEARTBEAT_S:
                 try:
