@@ -134,8 +134,16 @@ def measure(workdir: pathlib.Path, peers: int, size: int, rate_mbit: float, roun
                 ta, ca = time.time(), session_cpu()
                 time.sleep(max(0.0, t0 - 0.02 - time.time()))
                 demands.append(other_demands(ca, session_cpu(), time.time() - ta, ours))
-                deadline = time.monotonic() + period + 120
-                while not all(r in p.rounds() for p in procs) and time.monotonic() < deadline:
+                # a round ends within matchmaking + part + result + commit timeouts (~70 s); a peer that exited
+                # without reporting it fails the run at once, with its stderr
+                deadline = time.monotonic() + period + 90
+                while time.monotonic() < deadline:
+                    missing = [p for p in procs if r not in p.rounds()]
+                    if not missing:
+                        break
+                    for p in missing:
+                        if p.proc is not None and p.proc.poll() is not None:
+                            p.wait_event(5, f"round {r}", event="round", round=r)
                     time.sleep(0.005)
             for p in procs:
                 p.wait_event(120, "done", event="done")

@@ -184,3 +184,16 @@ def test_robust_rounds_bound_hostile_parts_and_catch_a_hostile_owner(peers):
             span = events[0]["members"].index(hostile)
             assert not events[0]["spans_applied"][span] and sum(events[0]["spans_applied"]) == 3, fault
             assert all(hostile in e["evidence"] for e in events[:3]), fault
+
+
+def test_waiting_on_a_peer_that_exited_fails_at_once_with_its_stderr(tmp_path):
+    """A peer that dies (here: refused arguments) fails the wait at once, naming its exit code and stderr, instead
+    of the caller sitting out the whole timeout (a CI run once spent its 20 minutes that way)."""
+    peer = PeerProcess(tmp_path / "p0", ["--size", "not-a-number"]).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"p0 exited with code 2 before ready: .*--size"):
+            peer.wait_event(60, "ready", event="ready")
+        assert time.monotonic() - t0 < 30
+    finally:
+        peer.stop()

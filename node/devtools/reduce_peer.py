@@ -238,11 +238,32 @@ class PeerProcess:
                 self.events.append(event)
 
     def wait_event(self, timeout: float, what: str, **match) -> dict:
-        def find():
+        """The first event matching ``match``; RuntimeError (with the process's stderr tail) as soon as the process
+        has exited without printing it, TimeoutError at the deadline."""
+        def look():
             with self._lock:
                 return next((e for e in self.events if all(e.get(k) == v for k, v in match.items())), None)
 
+        def find():
+            found = look()
+            if found is None and self.proc is not None and self.proc.poll() is not None:
+                self._reader.join(5)  # read its output to the end: an event printed just before exiting counts
+                found = look()
+                if found is None:
+                    self.check_alive(f"before {what}")
+            return found
+
         return wait_for(find, timeout, f"{what} from {self.out.name}")
+
+    def check_alive(self, when: str = "") -> None:
+        """RuntimeError naming the exit code and the end of stderr.log if the process has exited."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        try:
+            tail = " | ".join((self.out / "stderr.log").read_text(errors="replace").strip().splitlines()[-3:])
+        except OSError:
+            tail = ""
+        raise RuntimeError(f"{self.out.name} exited with code {self.proc.returncode} {when}: {tail}")
 
     def rounds(self) -> dict[int, dict]:
         with self._lock:
