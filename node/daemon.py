@@ -462,6 +462,7 @@ class Daemon:
             pid=os.getpid(),
             reachability=self.reach.detection.state if self.reach is not None else "public",
             relay=self.relay.stats if self.relay is not None else None,
+            dashboard=self.dashboard_url,
         )
 
     async def peers(self) -> list[PeerView]:
@@ -485,8 +486,9 @@ class Daemon:
         return None if view is None else JobSummary(view, jobs.local_state(job_id))
 
     def job_history(self, job_id: str) -> list[dict]:
-        rounds = self._jobs().federated.rounds.get(job_id)
-        return [] if rounds is None else rounds.report(self.peer_id)
+        jobs = self._jobs()
+        rounds = jobs.federated.rounds.get(job_id)
+        return list(jobs.pipeline.history.get(job_id, [])) if rounds is None else rounds.report(self.peer_id)
 
     async def cancel(self, job_id: str) -> bool:
         return await self._jobs().cancel(job_id)

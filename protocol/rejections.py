@@ -1,6 +1,7 @@
 """What this process refused from peers, counted by what it was and why, for the node's /metrics and dashboard
 (node/api/metrics.py): DHT records a validator rejected, all-reduce parts and owners' results that failed their
-checks, matchmaking entries ignored.
+checks, matchmaking entries ignored, pipeline frames (activations, control messages, direct-path frames) that did
+not decode.
 
     rejections.count("peer record", error)     # the reason is the error's class name: a small, fixed set
     rejections.counts()                         # {(what, reason): n} since the process started

@@ -29,6 +29,10 @@ def test_first_node_prints_joinable_multiaddr_and_status(node_factory):
     s = json.loads(status.stdout)
     assert s["peer_id"] == node.peer_id and s["swarm"] == "alpha" and s["pid"] == node.proc.pid
     assert s["capability"]["cpu_cores"] >= 1 and s["capability"]["tflops_fp32"] > 0
+    # the dashboard's URL, as the banner and node.json give it, in status and its table
+    assert s["dashboard"] == json.loads((node.home / "node.json").read_text())["dashboard"]
+    assert s["dashboard"].startswith("http://127.0.0.1:")
+    assert f"dashboard  {s['dashboard']}" in run_cli("status", "--home", str(node.home)).stdout
     # the key and the control socket are private to the user
     assert stat.S_IMODE(os.stat(node.home / "identity.key").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(node.home / "control.sock").st_mode) == 0o600

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +131,34 @@ def test_pipeline_job_trains_across_daemons(node_factory, tmp_path):
     listed = json.loads(run_cli("jobs", "--json", "--home", str(next(
         n for n, v in zip(nodes[1:], views) if not v["local_model_hash"]).home)).stdout)
     assert listed[0]["job_id"] == job_id and listed[0]["declined"] == "not assigned"
+    check_the_trainers_dashboard(nodes[0], job_id, summary, losses)
+
+
+def check_the_trainers_dashboard(trainer, job_id: str, summary: dict, losses: dict) -> None:
+    """The trainer's dashboard shows every step's throughput and the bottleneck stage, the same entries as the
+    export's pipeline.json, each step's loss as --follow printed it, and /metrics the last step's figures."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_dashboard_live import dashboard_url, fetch
+
+    url = dashboard_url(trainer)
+    job = next(j for j in json.loads(fetch(url + "api/state"))["jobs"] if j["job_id"] == job_id)
+    steps = job["history"]
+    assert steps == summary["history"] and [e["round"] for e in steps] == list(range(1, STEPS + 1))
+    by_round = {e["round"]: e["train_loss"] for e in steps}  # --follow printed some of the steps (it polls)
+    assert {r: by_round[r] for r in losses} == {r: pytest.approx(v) for r, v in losses.items()}
+    for e in steps:
+        assert e["tokens_per_s"] > 0 and e["tokens"] == 4 * 2 * 32, e  # micro_batch x micro_batches x positions
+        assert e["stage_replicas"] == [2, 2] and len(e["stage_load_s"]) == 2 and min(e["stage_load_s"]) > 0, e
+        assert e["stage_load_s"][e["bottleneck_stage"]] == max(e["stage_load_s"]), e
+    with urllib.request.urlopen(url + "metrics", timeout=20) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    speed = {s.labels["job_id"]: s.value for s in families["swarmnode_pipeline_tokens_per_second"].samples}
+    assert speed[job_id] == pytest.approx(steps[-1]["tokens_per_s"])
+    neck = {s.labels["job_id"]: s.value for s in families["swarmnode_pipeline_bottleneck_stage"].samples}
+    assert neck[job_id] == steps[-1]["bottleneck_stage"]
+    print("tokens/s per step:", [round(e["tokens_per_s"]) for e in steps], "bottleneck:",
+          [e["bottleneck_stage"] for e in steps])
 
 
 CHURN_STEPS = 250  # ~0.1 s each on an idle machine: the job outlasts the joiner and the kill

@@ -59,12 +59,14 @@ class SnapshotCollector(Collector):
             labels = {"job_id": job["job_id"]}
             seconds = histogram("swarmnode_round_seconds", "Wall time of this node's applied rounds", labels,
                                 (e.get("seconds") for e in ok), ROUND_SECONDS_BUCKETS, seconds)
-            bytes_ = histogram("swarmnode_round_bytes", "Bytes sent and received in this node's applied rounds",
-                               labels, ((e.get("bytes_sent") or 0) + (e.get("bytes_received") or 0) for e in ok),
-                               ROUND_BYTES_BUCKETS, bytes_)
+            bytes_ = histogram("swarmnode_round_bytes", "Bytes sent and received in this node's applied rounds "
+                               "(a pipeline step: the activations the trainer relayed)", labels,
+                               (e.get("bytes_exchanged", (e.get("bytes_sent") or 0) + (e.get("bytes_received") or 0))
+                                for e in ok), ROUND_BYTES_BUCKETS, bytes_)
         yield rounds
         yield job_round
         yield from (f for f in (seconds, bytes_) if f is not None)
+        yield from pipeline_gauges(state["jobs"])
         host = state["host"]
         for key, name, doc in (("cpu_percent", "swarmnode_host_cpu_percent", "CPU use of this machine, percent"),
                                ("memory_used_bytes", "swarmnode_host_memory_used_bytes", "Memory in use"),
@@ -84,6 +86,27 @@ class SnapshotCollector(Collector):
             used.add_metric([str(gpu["index"])], gpu["memory_used_bytes"])
         yield util
         yield used
+
+
+def pipeline_gauges(jobs: list[dict]) -> Iterator[Metric]:
+    """The last step of each pipeline job this node trains (node/jobs/pipeline/throughput.py)."""
+    tokens = GaugeMetricFamily("swarmnode_pipeline_tokens_per_second", "Tokens per second of the last pipeline step",
+                               labels=["job_id"])
+    load = GaugeMetricFamily("swarmnode_pipeline_stage_load_seconds", "Seconds of hops per serving replica of each "
+                             "stage in the last step", labels=["job_id", "stage"])
+    neck = GaugeMetricFamily("swarmnode_pipeline_bottleneck_stage", "The most loaded stage of the last step",
+                             labels=["job_id"])
+    for job in jobs:
+        last = next((e for e in reversed(job.get("history", [])) if "stage_load_s" in e), None)
+        if last is None:
+            continue
+        if last.get("tokens_per_s") is not None:
+            tokens.add_metric([job["job_id"]], last["tokens_per_s"])
+        for stage, seconds in enumerate(last["stage_load_s"]):
+            load.add_metric([job["job_id"], str(stage)], seconds)
+        if last.get("bottleneck_stage") is not None:
+            neck.add_metric([job["job_id"]], last["bottleneck_stage"])
+    yield from (tokens, load, neck)
 
 
 def metrics_text(state: dict) -> bytes:

@@ -53,7 +53,7 @@ def status_to_proto(status: NodeStatus) -> pb.StatusResponse:
         uptime_s=status.uptime_s, peers_seen=status.peers_seen, last_heartbeat_age_s=status.last_heartbeat_age_s,
         capability=capability_to_proto(status.capability) if status.capability is not None else None,
         home=status.home, pid=status.pid, reachability=status.reachability,
-        relay=relay_counters(status.relay) if status.relay is not None else None,
+        relay=relay_counters(status.relay) if status.relay is not None else None, dashboard=status.dashboard,
     )
 
 
@@ -136,7 +136,7 @@ def status_json(s: pb.StatusResponse) -> dict:
             "uptime_s": s.uptime_s, "peers_seen": s.peers_seen, "last_heartbeat_age_s": s.last_heartbeat_age_s,
             "home": s.home, "pid": s.pid, "capability": capability_json(s.capability),
             "reachability": s.reachability,
-            "relay": relay_json(s.relay)}
+            "relay": relay_json(s.relay), "dashboard": s.dashboard or None}
 
 
 def peers_json(resp: pb.PeersResponse) -> list[dict]:

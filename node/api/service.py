@@ -42,6 +42,7 @@ class NodeStatus:
     pid: int
     reachability: str = "public"
     relay: RelayStats | None = None  # this node's relay service counters
+    dashboard: str = ""  # the dashboard page's URL ("" when off)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ class NodeService(Protocol):
         ...
 
     def job_history(self, job_id: str) -> list[dict]:
-        """This node's report of a job's rounds, oldest first: the entries of the export's report.json (its own
-        rounds and those it inherited with a downloaded state); [] where it keeps none (pipeline jobs)."""
+        """This node's report of a job's rounds, oldest first: a federated job's are the entries of the export's
+        report.json (its own rounds and those it inherited with a downloaded state); a pipeline job's trainer keeps
+        its steps (node/jobs/pipeline/throughput.py; pipeline.json's "history"); [] where this node keeps none."""
         ...
 
     async def cancel(self, job_id: str) -> bool: ...

@@ -94,7 +94,7 @@ def format_status(s) -> str:
              f"hardware   {gpus or 'CPU only'}; {cap['cpu_cores']} cores, {_gib(cap['ram_bytes'])} RAM, "
              f"{cap['tflops_fp32']:.3f} TFLOPS fp32", f"trains on  {train_device(s.capability)}",
              f"reachable  {NATTED if s.reachability == 'private' else 'yes'}; relayed {s.relay.bytes_relayed} "
-             "bytes for others",
+             "bytes for others", f"dashboard  {s.dashboard or 'off'}",
              "addresses", *(f"  {a}" for a in s.addrs)]
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol import rejections
 from protocol.streams import MAX_FRAME
 from protocol.wire import WireError, exact_map, pack, unpack_bounded
 
@@ -397,11 +398,20 @@ def _wire_int(obj: dict, key: str, hi: int, where: str) -> int:
 
 def activation_from_wire(data: bytes, expect: type, tensor: ExpectedTensor | None, *,
                          micro_batch: int | None = None) -> ActivationFrame:
-    """Decode one frame of type ``expect`` whose tensor must match ``tensor``; WireError on anything else.
+    """Decode one frame of type ``expect`` whose tensor must match ``tensor``; WireError on anything else (counted
+    in protocol/rejections.py as a refused "pipeline <type>" frame).
 
     For a reply type (ForwardReply, BackwardReply) an ErrorReply is accepted in its place, and
     ``micro_batch``, when given, must be the frame's id. ``tensor`` None means no tensor is expected: only
     valid for BackwardReply (the first stage's, which has no input gradient)."""
+    try:
+        return _decode(data, expect, tensor, micro_batch)
+    except WireError as e:
+        rejections.count(f"pipeline {expect.__name__}", e)
+        raise
+
+
+def _decode(data: bytes, expect: type, tensor: ExpectedTensor | None, micro_batch: int | None) -> ActivationFrame:
     tag = _TAGS.get(expect)
     if tag is None or expect is ErrorReply:
         raise TypeError(f"expect must be a request or reply type, got {expect!r:.60}")

@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from protocol import rejections
 from protocol.wire import WireError, pack, unpack_bounded
 
 # ---- names -------------------------------------------------------------------------------------------------
 
 PIPE_PROTOCOL_VERSION = 1
-STAGE_KINDS = ("forward", "backward", "control")
+STAGE_KINDS = ("forward", "backward", "control", "infer")  # infer: a served stage (node/serving/host.py)
 MAX_STEP = 2**63 - 1
 MAX_MB_ID = 2**64 - 1
 MAX_MICRO_BATCHES = 65_536  # per step and replica: far above any batch / micro-batch ratio in use
@@ -335,8 +336,16 @@ def control_to_wire(msg: Any) -> bytes:
 
 
 def control_from_wire(data: bytes, expect: type | tuple[type, ...], bound: int = CONTROL_BOUND):
-    """The message in ``data``, one of the ``expect`` types; WireError (a ValueError) on anything else."""
-    expect = expect if isinstance(expect, tuple) else (expect,)
+    """The message in ``data``, one of the ``expect`` types; WireError (a ValueError) on anything else, counted in
+    protocol/rejections.py as a refused "pipeline control" frame."""
+    try:
+        return _decode(data, expect if isinstance(expect, tuple) else (expect,), bound)
+    except WireError as e:
+        rejections.count("pipeline control", e)
+        raise
+
+
+def _decode(data: bytes, expect: tuple[type, ...], bound: int):
     obj = unpack_bounded(data, bound, max_objects=CONTROL_OBJECTS)
     if not isinstance(obj, dict):
         raise WireError(f"control frame: expected a map, got {type(obj).__name__}")

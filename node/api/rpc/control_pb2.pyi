@@ -11,7 +11,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("peer_id", "addrs", "swarm", "version", "uptime_s", "peers_seen", "last_heartbeat_age_s", "capability", "home", "pid", "reachability", "relay")
+    __slots__ = ("peer_id", "addrs", "swarm", "version", "uptime_s", "peers_seen", "last_heartbeat_age_s", "capability", "home", "pid", "reachability", "relay", "dashboard")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRS_FIELD_NUMBER: _ClassVar[int]
     SWARM_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class StatusResponse(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     REACHABILITY_FIELD_NUMBER: _ClassVar[int]
     RELAY_FIELD_NUMBER: _ClassVar[int]
+    DASHBOARD_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     addrs: _containers.RepeatedScalarFieldContainer[str]
     swarm: str
@@ -36,7 +37,8 @@ class StatusResponse(_message.Message):
     pid: int
     reachability: str
     relay: RelayCounters
-    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., peers_seen: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., home: _Optional[str] = ..., pid: _Optional[int] = ..., reachability: _Optional[str] = ..., relay: _Optional[_Union[RelayCounters, _Mapping]] = ...) -> None: ...
+    dashboard: str
+    def __init__(self, peer_id: _Optional[str] = ..., addrs: _Optional[_Iterable[str]] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., peers_seen: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., capability: _Optional[_Union[Capability, _Mapping]] = ..., home: _Optional[str] = ..., pid: _Optional[int] = ..., reachability: _Optional[str] = ..., relay: _Optional[_Union[RelayCounters, _Mapping]] = ..., dashboard: _Optional[str] = ...) -> None: ...
 
 class Capability(_message.Message):
     __slots__ = ("gpus", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops_fp32", "tflops_bf16", "platform", "train_device", "device_free_bytes")

@@ -120,8 +120,16 @@ function renderJob(job, state) {
   plot(metric, byRound(metrics), "eval metric per round");
   plot(group, applied.map((e, i) => [i + 1, e.participants.length]), "participants per round");
   if (last) {
+    const moved = last.bytes_exchanged ?? last.bytes_sent + last.bytes_received;
     box.append(el("div", { class: "muted" }, `last round here: ${num(last.seconds, 2)} s, ` +
-      `${((last.bytes_sent + last.bytes_received) / 1e3).toFixed(1)} kB sent + received`));
+      `${(moved / 1e3).toFixed(1)} kB ${last.bytes_exchanged == null ? "sent + received" : "of activations relayed"}`));
+  }
+  const steps = applied.filter((e) => e.stage_load_s);  // a pipeline job's steps, trained from this node
+  if (steps.length) {
+    const speed = el("canvas", { class: "throughput", width: 420, height: 140 });
+    box.append(speed, el("div", { class: "throughput-now" },
+      `${num(steps.slice(-1)[0].tokens_per_s, 1)} tokens/s in the last step`));
+    plot(speed, steps.map((e) => [e.round, e.tokens_per_s]), "tokens per second per step");
   }
   if (job.declines.length) {
     box.append(el("h3", {}, "declined"), el("ul", { class: "declines" },
@@ -132,9 +140,14 @@ function renderJob(job, state) {
       ...job.exclusions.map((x) => el("li", {}, `${short(x.peer_id)} by ${short(x.by)}: ${x.evidence}`))));
   }
   if (job.stage_hosts) {
-    const table = el("table", { class: "stages" }, el("tr", {}, el("th", {}, "stage"), el("th", {}, "hosts")));
-    job.stage_hosts.forEach((hosts, i) => table.append(el("tr", {}, el("td", {}, i),
-      el("td", {}, hosts.map(short).join(", ")))));
+    const step = steps.slice(-1)[0];  // load: seconds of hops per serving replica in the last step
+    const table = el("table", { class: "stages" }, el("tr", {}, el("th", {}, "stage"), el("th", {}, "hosts"),
+      el("th", {}, "replicas serving"), el("th", {}, "load (s)")));
+    job.stage_hosts.forEach((hosts, i) => table.append(el("tr", {
+      class: step && step.bottleneck_stage === i ? "bottleneck" : "", "data-stage": i },
+    el("td", {}, step && step.bottleneck_stage === i ? `${i} (bottleneck)` : i),
+    el("td", {}, hosts.map(short).join(", ")), el("td", {}, step ? step.stage_replicas[i] : "-"),
+    el("td", {}, step ? num(step.stage_load_s[i], 3) : "-"))));
     box.append(el("h3", {}, "stages"), table);
   }
   return box;

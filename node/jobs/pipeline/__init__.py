@@ -4,6 +4,7 @@
                       (every node); train and follow the live peers (submitter)
     trainer.py        PipelineTrainer: routes micro-batches through one replica per stage and ends each step
     steps.py          TrainerConfig, StepReport, StageStep, PipelineError, HopError, causal_lm_loss
+    throughput.py     a step's history entry: tokens per second, each stage's load, the bottleneck stage
     stage_host.py     StageHost: one replica of one stage (forward, backward, commit, step end, state)
     stage_config.py   StageConfig, StageHooks
     stage_device.py   StageCompute: a stage's forward/backward on the node's device, in the job's precision

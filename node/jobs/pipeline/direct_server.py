@@ -31,6 +31,7 @@ from hivemind.p2p import P2P
 
 from node.jobs.pipeline.stage_config import StageConfig
 from node.jobs.pipeline.stage_state import Refused
+from protocol import rejections
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.pipeline.control import DirectOffer
 from protocol.pipeline.direct import (
@@ -128,6 +129,7 @@ class DirectServer:
                     body = await asyncio.wait_for(reader.readexactly(head.length), self.config.io_timeout)
                     data = channel.open(header, head, body)
                 except WireError as e:
+                    rejections.count("pipeline direct frame", e)
                     logger.warning("%s: refused a direct frame from %s (%s); connection closed", self.label,
                                    addr if peer is None else f"{addr}, peer {peer[-8:]}", e)
                     return

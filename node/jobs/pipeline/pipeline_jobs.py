@@ -27,7 +27,8 @@ Life cycle of a job ``J`` (swarm ``S``, submitter ``T``):
      elsewhere), and publishes a signed JobProgress per step (round = steps done, the step's mean loss, every
      eval_every steps and at the last the bits per byte on the test split (evaluation passes through the
      pipeline), an estimate of the activation bytes it relayed, the step time; model_hash = sha256 over the
-     stages' parameter hashes in stage order).
+     stages' parameter hashes in stage order), and keeps each step's figures (throughput.py: tokens per second,
+     each stage's load, the bottleneck) as the job's history: the dashboard's and pipeline.json's.
   4. After the last step T fetches every stage's state from its replicas (checked against its header and
      parameter hash), reassembles the model and writes the trained shards, signed, under <home>/jobs/J/trained/
      plus <home>/jobs/J/pipeline.json (each replica's parameter hash per stage), atomically, and only then
@@ -57,6 +58,7 @@ from node.jobs.pipeline.stage_config import StageConfig, StageHooks
 from node.jobs.pipeline.stage_host import StageHost
 from node.jobs.pipeline.stage_state import Refused, fetch_state, holders
 from node.jobs.pipeline.steps import HopError, PipelineError, StepReport, TrainerConfig, causal_lm_loss
+from node.jobs.pipeline.throughput import step_entry
 from node.jobs.pipeline.trainer import PipelineTrainer
 from node.ml.datasets import DATASETS, NoLocalData, eval_batches
 from node.ml.hf_models import read_config, verified_folder
@@ -86,6 +88,7 @@ logger = logging.getLogger(__name__)
 PIPELINE_ARCHS = ("gpt2", "llama")
 PIPELINE_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM")  # a model folder's class (config.json architectures)
 PLAN_FILE = "plan.json"
+MAX_HISTORY = 10_000  # steps of a job's history kept (the newest)
 EVAL_ITEMS, EVAL_BATCH = 64, 32  # test windows per evaluation; rows per evaluation pass (<= the hosts' max_batch)
 RETRY_S = 5.0  # a host that could not start its stage (shard or state unavailable) tries again after this
 RECOVERY_TIMEOUTS = 6  # a failed step (no replica of a stage, out of retries) is retried for this many round
@@ -182,6 +185,7 @@ class PipelineJobs:
         self._server: ShardServer | None = None
         self._hosts: dict[str, StageHost] = {}
         self.local: dict[str, tuple[int, str]] = {}  # job id -> (steps, parameter hash) held here
+        self.history: dict[str, list[dict]] = {}  # job id -> the steps trained from here (throughput.step_entry)
 
     @property
     def peer_id(self) -> str:
@@ -457,16 +461,19 @@ class PipelineJobs:
             completed = min(report.step + 1, spec.rounds)  # the replicas' count: right after a restart too
             model_hash = combined_hash([_majority(st.hashes) for st in report.stages])
             self.local[job_id] = (completed, model_hash)
+            participants = tuple(dict.fromkeys(q for st in report.stages for q, r in st.replies.items() if r))
+            metric = await self._evaluate(view, trainer, data, t) if (
+                completed % spec.eval_every == 0 or completed == spec.rounds) else None
+            sent = self._bytes(trainer, report, t)
+            steps = self.history.setdefault(job_id, [])
+            steps.append(step_entry(report, completed, len(rows) * t, participants, metric, sent, self.peer_id))
+            del steps[:-MAX_HISTORY]
             state = "running"
             if completed == spec.rounds:  # the files first, then "done": --follow ending means they are there
                 await self._export(view, report)
                 state = "done"
-            participants = tuple(dict.fromkeys(q for st in report.stages for q, r in st.replies.items() if r))
-            metric = await self._evaluate(view, trainer, data, t) if (
-                completed % spec.eval_every == 0 or completed == spec.rounds) else None
             await self.board.publish(JobProgress(job_id, self.peer_id, completed, model_hash, state, participants[:256],
-                                              report.loss, metric, self._bytes(trainer, report, t), report.seconds,
-                                              self.clock.time(), completed))
+                                              report.loss, metric, sent, report.seconds, self.clock.time(), completed))
             logger.info("pipeline job %s: step %d/%d loss %.4f (%.2f s, %d retries)", job_id, completed,
                         spec.rounds, report.loss, report.seconds, report.retries)
         view.record = view.record.replace(state="done", round=completed, model_hash=self.local[job_id][1],
@@ -567,5 +574,5 @@ class PipelineJobs:
             raise RuntimeError(f"pipeline job {job_id}: no key to sign the trained shards with")
         manifest = await asyncio.to_thread(split_model, model, record.assignment.spans, out / "trained", self.key)
         summary = {"job_id": job_id, "steps": spec.rounds, "final_loss": report.loss,
-                   "model_hash": manifest.model_hash, "stages": stages}
+                   "model_hash": manifest.model_hash, "stages": stages, "history": self.history.get(job_id, [])}
         atomic_write(out / "pipeline.json", json.dumps(summary, indent=2).encode(), mode=0o644)

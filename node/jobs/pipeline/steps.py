@@ -74,6 +74,7 @@ class StepReport:
     retries: int  # failed attempts + reruns after a replica's commits were lost
     seconds: float
     stages: tuple[StageStep, ...]
+    stage_busy: tuple[float, ...] = ()  # per stage: seconds from request to checked reply of its answered hops
 
 
 def causal_lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
     trainer = PipelineTrainer(p2p, dht, "job1", shard_dir, TrainerConfig(swarm="s", micro_batch_size=4))
     report = await trainer.step(x, y)      # x, y: int64 (B, T) token ids and next tokens
     logits = await trainer.forward(x)      # (B, T, V), forward only
-    # report.loss, report.micro_batches, report.retries, report.seconds, report.stages[i].committed
+    # report.loss, .micro_batches, .retries, .seconds, .stages[i].committed, .stage_busy[i] (s of hops answered)
 
 One step (SWARM parallelism, Ryabinin et al. 2023, with top-k averaging inside each stage):
   1. the batch is cut into micro-batches along B; each goes forward through one replica per stage, chosen at
@@ -190,6 +190,7 @@ class PipelineTrainer:
         self.direct = DirectPool(p2p, lambda peer, stage: self._control(peer, stage, DirectOpen(), DirectOffer),
                                  config.direct_retry, config.direct_connect_timeout, clock)
         self.hops: collections.Counter[str] = collections.Counter()  # "direct" / "libp2p": hops answered over each path
+        self.stage_busy = [0.0] * self.num_stages  # this step's seconds of answered hops per stage (StepReport)
 
     # ---- replicas ------------------------------------------------------------------------------------------
 
@@ -278,14 +279,15 @@ class PipelineTrainer:
         self.direct.close()
 
     async def _hop(self, peer: str, stage: int, kind: str, msg, expect_type, expect: ExpectedTensor | None, mb: int):
-        raw = await self._request(peer, stage, kind, activation_to_wire(msg, self.config.wire_dtype),
-                                  max_frame_bytes(expect))
+        t0, frame = time.perf_counter(), activation_to_wire(msg, self.config.wire_dtype)
+        raw = await self._request(peer, stage, kind, frame, max_frame_bytes(expect))
         try:
             reply = activation_from_wire(raw, expect_type, expect, micro_batch=mb)
         except ValueError as e:
             raise HopError(peer, f"bad {kind} reply: {e}") from None
         if isinstance(reply, ErrorReply):
             raise HopError(peer, reply.reason)
+        self.stage_busy[stage] += time.perf_counter() - t0
         return reply
 
     async def _control(self, peer: str, stage: int, msg, expect: type, timeout: float | None = None):
@@ -578,7 +580,7 @@ class PipelineTrainer:
 
     async def step(self, x: torch.Tensor, y: torch.Tensor) -> StepReport:
         """One optimizer step on the batch (x, y): see the module docstring."""
-        t0 = time.perf_counter()
+        t0, self.stage_busy = time.perf_counter(), [0.0] * self.num_stages
         try:
             st = await self.accumulate(x, y)
         except PipelineError:
@@ -589,7 +591,8 @@ class PipelineTrainer:
         losses = [m.loss for m in st.micros if m.loss is not None]
         if len(losses) != len(st.micros):  # each was counted: it went forward and backward once at least
             raise RuntimeError(f"step {step}: a counted micro-batch has no loss")
-        return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages)
+        return StepReport(step, sum(losses) / len(losses), len(st.micros), st.retries, time.perf_counter() - t0, stages,
+                          tuple(self.stage_busy))
 
 
 __all__ = ["CAUSAL_LMS", "PipelineTrainer"]
