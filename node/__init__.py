@@ -5,6 +5,7 @@ stack (each imports only those below it; protocol/ is below all of node/):
     daemon.py  Daemon: the one composition root (p2pd, DHT, membership, jobs, control API); it is the NodeService
     api/       the local control API: gRPC server over a NodeService, client, proto <-> Python (serde)
     jobs/      jobs on this node: the board (DHT records), the manager, federated/ and pipeline/ kinds
+    serving/   inference over served stages: stage hosts, the client, the OpenAI-compatible HTTP endpoint
     ml/        models, datasets, pipeline stages and the splitter (torch/transformers; no networking)
     runtime/   the daemon's plumbing: config, home, identity, p2pd, membership, capability, files, errors
     devtools/  real node and peer processes for dev-swarm, tests and benchmarks

@@ -115,6 +115,19 @@ def causal_mask(impl: str, hidden: torch.Tensor, attention_mask: torch.Tensor | 
     return _as_format(impl, allowed, hidden.dtype)
 
 
+def continuation_mask(impl: str, hidden: torch.Tensor, past: int) -> torch.Tensor | None:
+    """The causal mask for ``hidden`` (B, T, H) continuing a sequence whose first ``past`` tokens a key/value cache
+    holds: query t attends keys [0, past + t]. One new token attends every key: no mask (as the unsplit model, SDPA
+    then runs without is_causal); T > 1 new tokens: (B, 1, T, past + T)."""
+    check_attention(impl)
+    b, t = hidden.shape[:2]
+    if t == 1:
+        return None
+    keys = torch.arange(past + t, device=hidden.device)
+    allowed = (keys[None, :] <= past + torch.arange(t, device=hidden.device)[:, None])[None, None]  # (1, 1, T, P+T)
+    return _as_format(impl, allowed.expand(b, 1, t, past + t), hidden.dtype)
+
+
 def bidirectional_mask(impl: str, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """The mask BERT blocks take: None without padding (or packing), else every real token of its sequence."""
@@ -125,4 +138,4 @@ def bidirectional_mask(impl: str, hidden: torch.Tensor, attention_mask: torch.Te
 
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "DEFAULT_ATTENTION", "bidirectional_mask", "causal_mask",
-           "check_attention", "packed_sequence_ids", "pin_attention"]
+           "check_attention", "continuation_mask", "packed_sequence_ids", "pin_attention"]

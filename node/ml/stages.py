@@ -22,7 +22,10 @@ Stage.forward(x, attention_mask=None, position_ids=None, token_type_ids=None)
                   metadata, like the token count), and each stage builds its 4-D mask from it
                   (node/ml/attention_masks.py: the format the stage's attention implementation reads, "sdpa" by
                   default or "eager", pinned on the model when it is cut)
-  position_ids:   optional (1 or B, T); GPT-2 and LLaMA default to arange(T) in every stage (no KV cache)
+  position_ids:   optional (1 or B, T); GPT-2 and LLaMA default to arange(T) in every stage, with a cache
+                  to the positions after the cached tokens
+  cache:          GPT-2 and LLaMA: optional transformers DynamicCache, one session's keys and values for this
+                  stage's layers (inference, node/serving/), filled as the stage runs; one unpadded sequence
   returns:        (B, T, H) hidden states, or from the last stage: logits (B, T, V) for causal LMs, the last
                   hidden state (B, T, H) for BertModel, class logits (B, C) for BertForSequenceClassification
 
@@ -57,7 +60,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.ml.attention_masks import DEFAULT_ATTENTION, bidirectional_mask, causal_mask, check_attention, pin_attention
+from node.ml.attention_masks import (
+    DEFAULT_ATTENTION,
+    bidirectional_mask,
+    causal_mask,
+    check_attention,
+    continuation_mask,
+    pin_attention,
+)
 from protocol.transfer.shards import TiedWeight
 
 Span = tuple[int, int]
@@ -156,10 +166,19 @@ def _call_named(fn: Any, *args: Any, **candidates: Any) -> Any:
     return fn(*args, **{k: v for k, v in candidates.items() if k in named})
 
 
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+CACHE_KEYWORDS = ("cache", "past_key_values")  # a block's key/value cache argument: transformers 5.25+, before
+
+
+def _call_layer(layer: nn.Module, hidden: torch.Tensor, cache: Any = None, **kwargs: Any) -> torch.Tensor:
     """Run one block as the unsplit model does: keywords the block's forward takes (all of them if it has
-    **kwargs, as the installed model then passes them too); a tuple output (older versions) gives its [0]."""
+    **kwargs, as the installed model then passes them too); a tuple output (older versions) gives its [0].
+    ``cache`` (a transformers Cache) goes under the name the block's signature gives it, with use_cache."""
     named, var_kw = _accepted(type(layer).forward)
+    if cache is not None:
+        name = next((k for k in CACHE_KEYWORDS if k in named), None)
+        if name is None:
+            raise ValueError(f"{type(layer).__name__}.forward takes no key/value cache ({', '.join(CACHE_KEYWORDS)})")
+        kwargs |= {name: cache, "use_cache": True}
     out = layer(hidden, **(kwargs if var_kw else {k: v for k, v in kwargs.items() if k in named}))
     return out[0] if isinstance(out, tuple) else out
 
@@ -217,7 +236,8 @@ class Stage(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                cache: Any = None) -> torch.Tensor:
         if self.is_first:
             if x.dtype != torch.long or x.dim() != 2:
                 raise ValueError(f"stage [{self.start}, {self.end}) of {self.arch} takes int64 token ids (B, T), got "
@@ -231,36 +251,47 @@ class Stage(nn.Module):
         if token_type_ids is not None and (self.family != "bert" or not self.is_first):
             raise ValueError("token_type_ids go to the first stage of a BERT model only")
         if self.family == "bert":
+            if cache is not None:
+                raise ValueError(f"{self.arch} is an encoder: it keeps no key/value cache")
             return self._forward_bert(x, attention_mask, position_ids, token_type_ids)
-        if position_ids is None:  # what GPT2Model / LlamaModel use without a KV cache
-            position_ids = torch.arange(t, device=x.device).unsqueeze(0)  # (1, T)
+        past = 0 if cache is None else cache.get_seq_length(self.start)  # tokens this stage holds (its first layer)
+        if cache is not None and (attention_mask is not None or position_ids is not None):
+            raise ValueError("with a key/value cache a stage takes one unpadded sequence at consecutive positions")
+        if position_ids is None:  # what GPT2Model / LlamaModel use: the positions after the cached ones
+            position_ids = torch.arange(past, past + t, device=x.device).unsqueeze(0)  # (1, T)
         if self.family == "gpt2":
-            return self._forward_gpt2(x, attention_mask, position_ids)
-        return self._forward_llama(x, attention_mask, position_ids)
+            return self._forward_gpt2(x, attention_mask, position_ids, cache, past)
+        return self._forward_llama(x, attention_mask, position_ids, cache, past)
 
-    def _forward_gpt2(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                      position_ids: torch.Tensor) -> torch.Tensor:
+    def _mask(self, h: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+              past: int) -> torch.Tensor | None:
+        if not past:
+            return causal_mask(self.attention, h, attention_mask, position_ids)
+        return continuation_mask(self.attention, h, past)
+
+    def _forward_gpt2(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                      cache: Any = None, past: int = 0) -> torch.Tensor:
         h = x
         if self.is_first:
             inputs_embeds = self.part("transformer.wte")(x)  # (B, T, H)
             h = inputs_embeds + self.part("transformer.wpe")(position_ids)  # + (1, T, H)
             h = self.part("transformer.drop")(h)
-        mask = causal_mask(self.attention, h, attention_mask, position_ids)
+        mask = self._mask(h, attention_mask, position_ids, past)
         for block in self.blocks():
-            h = _call_layer(block, h, attention_mask=mask, position_ids=position_ids)  # no cache: its default
+            h = _call_layer(block, h, cache, attention_mask=mask, position_ids=position_ids)
         if self.is_last:
             h = self.part("transformer.ln_f")(h)
             h = self.part("lm_head")(h)  # (B, T, V)
         return h
 
-    def _forward_llama(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                       position_ids: torch.Tensor) -> torch.Tensor:
+    def _forward_llama(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                       cache: Any = None, past: int = 0) -> torch.Tensor:
         h = self.part("model.embed_tokens")(x) if self.is_first else x  # (B, T, H)
-        mask = causal_mask(self.attention, h, attention_mask, position_ids)
+        mask = self._mask(h, attention_mask, position_ids, past)
         position_embeddings = self.part("model.rotary_emb")(h, position_ids)  # cos, sin: (1, T, head_dim) each
         for layer in self.blocks():
-            h = _call_layer(layer, h, attention_mask=mask, position_embeddings=position_embeddings,
-                            position_ids=position_ids)  # no cache: its default
+            h = _call_layer(layer, h, cache, attention_mask=mask, position_embeddings=position_embeddings,
+                            position_ids=position_ids)
         if self.is_last:
             h = self.part("model.norm")(h)
             h = self.part("lm_head")(h)  # (B, T, V)
