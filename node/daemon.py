@@ -312,7 +312,7 @@ class Daemon:
                                after_round=perturb_after(os.environ.get(PERTURB_ENV, "")),
                                key=key, peers=self.membership.peers, device=device, limits=limits,
                                is_member=admission.is_member, admit=admission.admit if admission.private else None,
-                               private=admission.private,
+                               private=admission.private, http=cfg.http_address(),
                                bandwidth=12.5e6 * (cfg.relayed_span_share if reach.private else 1.0))
         self.jobs.federated.export_hook = stop_before_export_file(os.environ.get(EXPORT_STOP_ENV, ""))
         await self.jobs.start()

@@ -178,7 +178,8 @@ BAD = [
     ({"name": "x" * 65}, "name: must be 1-64 characters"),
     ({"dataset": ""}, "dataset: must be 1-64 characters"),
     ({"dataset": "../etc"}, "dataset: must be 1-64 characters"),
-    ({"task": "regression"}, "task: must be one of 'classification', 'causal-lm', 'custom', got 'regression'"),
+    ({"task": "regression"},
+     "task: must be one of 'classification', 'causal-lm', 'custom', 'embedding', got 'regression'"),
     ({"task": "causal-lm"}, "task: arch 'mlp' trains for 'classification', got 'causal-lm'"),
     ({"model.arch": "resnet"},
      "model.arch: must be one of 'gpt2', 'llama', 'bert', 'minilm', 'mlp', 'cnn', 'hf', 'script', got 'resnet'"),
@@ -300,3 +301,22 @@ def test_result_density_is_global_top_k_and_travels_only_below_one():
     for bad in (0, 1.5, -0.1, "all"):
         with pytest.raises(NodeError, match="result_density: must be"):
             job_spec_from_toml(job(result_density=bad))
+
+
+
+SERVE = 'kind = "serve"\nname = "tiny"\n[pipeline]\nstages = 2\n[model]\narch = "gpt2"\nn_layer = 2\n'
+
+
+def test_a_served_model_needs_only_its_model_and_stages(tmp_path):
+    from protocol.records.job_spec import job_spec_from_wire, job_spec_to_wire
+
+    spec = load_job_file(write(tmp_path, SERVE))
+    assert spec.kind == "serve" and spec.task == "causal-lm" and spec.pipeline.stages == 2 and spec.rounds == 1
+    assert job_spec_from_wire(job_spec_to_wire(spec)) == spec
+    for text, expected in (('dataset = "digits"\n' + SERVE, "dataset: not used by a served model"),
+                           ('task = "classification"\n' + SERVE, "task: a served model generates"),
+                           (SERVE + '[inner]\nlr = 0.1\n', "inner: not used by a served model"),
+                           (SERVE.replace("stages = 2", "stages = 2\nmicro_batch = 4"),
+                            "pipeline.micro_batch: unknown key")):
+        assert expected in load_error(write(tmp_path, text)), text
+    assert "'embedding' is for served models" in load_error(write(tmp_path, render(job(task="embedding"))))

@@ -5,6 +5,7 @@
     dev.py       dev-swarm and the demo job that ``make demo`` runs
     analyze.py   ``swarmnode analyze``: parameters, FLOPs and training memory of a model (node/ml/analyze.py)
     swarm.py     ``swarmnode swarm``: a private swarm's owner key and membership certificates
+    serve.py     ``swarmnode serve``, ``generate``, ``embed``: serve a model across the swarm, ask its endpoint
     format.py    tables and progress lines for people (``--json`` prints node/api/serde.py's dicts instead)
     progress.py  the live bar with the time left that ``--follow`` draws on a terminal (rich)
 """

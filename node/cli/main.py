@@ -11,6 +11,7 @@
     swarmnode analyze gpt2|MODEL_DIR --batch 8 --seq 128 --precision bf16   # params, FLOPs, training memory
     swarmnode swarm create lab | id | invite PEER_ID --out F | join-cert F    # a private swarm: members only
     swarmnode run --accept-jobs-from self|members|anyone|PEER_IDS --max-jobs 1 --max-job-memory 4GiB  # whose jobs
+    swarmnode serve MODEL_DIR|minilm --stages 2 | generate NAME "prompt" | embed NAME "text" ...  # inference
 
 Every expected failure prints one line ``swarmnode: error: ...`` and exits 1 (run time) or 2 (bad input).
 """
@@ -24,6 +25,8 @@ import sys
 from node.cli.analyze import add_parser as add_analyze_parser
 from node.cli.analyze import cmd_analyze
 from node.cli.commands import cmd_client, cmd_data, cmd_jobs, cmd_run, cmd_split, config_from
+from node.cli.serve import add_parsers as add_serve_parsers
+from node.cli.serve import cmd_embed, cmd_generate, cmd_serve
 from node.cli.swarm import add_parser as add_swarm_parser
 from node.cli.swarm import cmd_swarm
 from node.runtime.errors import EXIT_FAILURE, EXIT_USAGE, NodeError
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dashboard", help="HOST:PORT of this node's dashboard page and /metrics (default "
                                          "127.0.0.1:0, any free port on loopback; 'off'); off loopback every request "
                                          "needs the token in <home>/dashboard.token")
+    run.add_argument("--http", help="HOST:PORT of the HTTP endpoints (OpenAI-compatible) of the models this node "
+                                    "serves (`swarmnode serve`; default 127.0.0.1:0, any free port on loopback); off "
+                                    "loopback every request needs the token in <home>/jobs/JOB/http.token")
     run.add_argument("--reachability", choices=("auto", "public", "private"),
                      help="whether peers can open connections to this node: auto (default: peers dial back to "
                           "check), public, or private (behind a NAT: reached through relays)")
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a job you submitted")
     _add_common(cancel)
     cancel.add_argument("job_id")
+    add_serve_parsers(sub, _add_common)
 
     data = sub.add_parser("data", help="this node's own datasets: bind its files to a name, or add a slice of a "
                                        "bundled dataset; list them")
@@ -198,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         check_home_readable(config_from(args).home_dir)
         if args.command in ("submit", "jobs", "job", "cancel"):
             return cmd_jobs(args)
+        if args.command in ("serve", "generate", "embed"):
+            return {"serve": cmd_serve, "generate": cmd_generate, "embed": cmd_embed}[args.command](args,
+                                                                                                 config_from(args))
         return cmd_client(args)
     except NodeError as e:
         print(f"swarmnode: error: {e}", file=sys.stderr)

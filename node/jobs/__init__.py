@@ -8,4 +8,5 @@
     model_files.py  ModelStore: job model folders in <home>/models, fetched from peers, verified, served
     federated/  FederatedJobs: rounds of local training and top-k all-reduce, state sync, export
     pipeline/   PipelineJobs: a model cut into stages hosted by other nodes, trained by the submitter
+    serve/      ServeJobs: a model's stages hosted by other nodes for inference, the submitter's HTTP endpoint
 """

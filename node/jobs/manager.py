@@ -7,7 +7,8 @@
 
 Every POLL_S the manager reads the swarm's jobs (node/jobs/board.py JobBoard) and hands each running job it has
 not decided on yet to its kind: node/jobs/federated/federated_jobs.py FederatedJobs (kind = "federated") or
-node/jobs/pipeline/pipeline_jobs.py PipelineJobs (kind = "pipeline"). The kind says whether this node can
+node/jobs/pipeline/pipeline_jobs.py PipelineJobs (kind = "pipeline") or node/jobs/serve/serve_jobs.py ServeJobs
+(kind = "serve"). The kind says whether this node can
 take part (``why_not``); if it cannot, the manager publishes the node's signed decline with the reason
 (``swarmnode jobs`` on this node shows it with a hint), else it runs the kind's ``run(view)`` as a task
 until the job ends.
@@ -39,6 +40,7 @@ from node.jobs.federated.federated_jobs import FederatedJobs
 from node.jobs.federated.script_runs import ParameterLayout, ScriptBridge, canonical, is_script_run, script_layout
 from node.jobs.pipeline.pipeline_jobs import PipelineJobs
 from node.jobs.policy import JobLimits, concurrency_refusal, job_refusal, memory_refusal
+from node.jobs.serve.serve_jobs import ServeJobs
 from node.jobs.spec import job_spec_from_text
 from node.ml.job_model import job_model_config
 from node.ml.model_folder import folder_manifest
@@ -76,7 +78,7 @@ class JobManager:
                  after_round=None, key=None, peers: Callable[[], Awaitable[list]] | None = None,
                  clock: Clock = SYSTEM_CLOCK, device: torch.device | None = None, limits: JobLimits | None = None,
                  is_member: Callable[[str], Awaitable[bool]] | None = None, admit: Callable[[str], bool] | None = None,
-                 private: bool = False):
+                 private: bool = False, http: tuple[str, int] = ("127.0.0.1", 0)):
         self.board = JobBoard(dht, swarm, peer_id, clock)
         self.peer_id, self.clock, self.home = peer_id, clock, home
         device = torch.device("cpu") if device is None else device  # where this node trains (the daemon's --device)
@@ -90,7 +92,8 @@ class JobManager:
                                        device=device, admit=admit, memory_limit=memory_limit)
         self.pipeline = PipelineJobs(p2p, self.board, home, data_dir, key, peers, clock, device=device,
                                      models=self.federated.models)
-        self.kinds: dict[str, JobKind] = {"federated": self.federated, "pipeline": self.pipeline}
+        self.serve = ServeJobs(self.pipeline, http, clock, device=device)
+        self.kinds: dict[str, JobKind] = {"federated": self.federated, "pipeline": self.pipeline, "serve": self.serve}
         self._tasks: dict[str, asyncio.Task] = {}
         self._poller: asyncio.Task | None = None
         self.running: set[str] = set()  # jobs this node takes part in (accepted and not ended): max_jobs counts them
@@ -133,11 +136,16 @@ class JobManager:
 
         spec = await asyncio.to_thread(job_spec_from_text, toml_text, source, None, model_folder)  # NodeError if bad
         try:
-            job_model_config(spec)  # unknown dataset or config name, a model that cannot take the data: here
+            if spec.kind != "serve":  # (a served model has no data: ServeJobs.prepare checks its model)
+                job_model_config(spec)  # unknown dataset or config name, a model that cannot take the data: here
         except ValueError as e:
             raise NodeError(f"{source}: {e}", EXIT_USAGE) from None
         nonce = secrets.token_hex(8)
-        assignment = await self.pipeline.prepare(spec, nonce, source) if spec.kind == "pipeline" else None
+        assignment = None  # where other nodes host the stages of a pipeline job or a served model
+        if spec.kind == "pipeline":
+            assignment = await self.pipeline.prepare(spec, nonce, source)
+        elif spec.kind == "serve":
+            assignment = await self.serve.prepare(spec, nonce, source)
         record = JobRecord.create(spec, self.peer_id, nonce, self.clock.time(), assignment)
         if not await self.board.store_record(record):
             raise NodeError("the job could not be stored in the DHT (no peer accepted it)")

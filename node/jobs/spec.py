@@ -66,6 +66,16 @@ node/jobs/pipeline/pipeline_jobs.py):
     steps = 20                    # required: optimizer steps (the job's rounds)
     [model]                       # gpt2 or llama with tie_word_embeddings = false; [inner] as above (per stage)
 
+A served model (its stages hosted by different nodes for inference; node/serving/serve_jobs.py; what
+``swarmnode serve`` writes):
+
+    kind = "serve"
+    name = "my-model"             # the name clients pass as "model"
+    task = "causal-lm"            # default: generate text; or "embedding" (an encoder's sentence vectors)
+    [pipeline]
+    stages = 2                    # required; strategy, replicas and max_replicas as above
+    [model]                       # path = a model folder (a tokenizer beside it, or a byte-level model), or an arch
+
 Every problem is a NodeError (exit code 2) with one line naming the file and the dotted field, e.g.
 ``job.toml: inner.lr: must be > 0, got -1``. Range and type rules live in protocol/records/values.py (the same rules
 apply to specs that arrive from peers); this module adds file reading, unknown keys and required fields.
@@ -148,6 +158,23 @@ def _pipeline_fields(data: dict[str, Any]) -> dict[str, Any]:
             "batch_size": pipeline.micro_batch * pipeline.micro_batches, "min_participants": 1}
 
 
+def _serve_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields a served model implies: [pipeline] (stages, strategy, replicas, max_replicas) read into a
+    PipelineSpec; no data, rounds or optimizer (it trains nothing)."""
+    if "pipeline" not in data or not isinstance(data["pipeline"], dict):
+        raise ValueError("pipeline: missing (a [pipeline] table with stages), required")
+    table = data["pipeline"]
+    _known(table, "pipeline.", ["stages", "strategy", "replicas", "max_replicas"])
+    if "stages" not in table:
+        raise ValueError("pipeline.stages: missing, required")
+    for name in ("dataset", "rounds", "batch_size", "local_steps", "min_participants", "max_participants", "inner",
+                 "outer", "data", "adapter", "eval_every"):
+        if name in data:
+            raise ValueError(f"{name}: not used by a served model (kind = \"serve\" trains nothing)")
+    return {"pipeline": PipelineSpec(**table), "dataset": "served", "rounds": 1, "task": data.get("task", "causal-lm"),
+            "inner": {"kind": "sgd", "lr": 1.0}, "min_participants": 1}
+
+
 def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None,
            model_folder: Callable[[str], tuple[ModelFile, ...]] | None = None) -> JobSpec:
     _known(data, "", _names(JobSpec))
@@ -165,8 +192,10 @@ def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None
             raise ValueError(f"pipeline: {e}") from None
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
             raise ValueError(f"pipeline.steps: must be an integer >= 1, got {rounds!r:.40}")
+    elif data.get("kind") == "serve":
+        data = {**data, **_serve_fields(data)}
     elif "pipeline" in data:
-        raise ValueError("pipeline: only for kind = \"pipeline\"")
+        raise ValueError("pipeline: only for kind = \"pipeline\" or \"serve\"")
     for name in REQUIRED:
         if name not in data:
             table = f" (a [{name}] table)" if name in _TABLES else ""

@@ -40,6 +40,15 @@ DEFAULT_HOME = pathlib.Path("~/.swarmnode")
 MAX_UNIX_PATH = 107  # bytes of a unix socket path (the kernel's sun_path holds 108 with its terminating NUL)
 
 
+def host_port(value: str, what: str, alternatives: str = "") -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); ValueError naming ``what`` if it is not one."""
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        raise ValueError(f"{what} must be HOST:PORT (port 0: any free one){alternatives}, got {value!r:.80}")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     home: pathlib.Path = DEFAULT_HOME  # keys, control socket, state
@@ -52,6 +61,9 @@ class NodeConfig:
     # the dashboard page and GET /metrics (node/api/dashboard.py): HOST:PORT (port 0: any free one) or "off";
     # bound off loopback, every request needs the token in <home>/dashboard.token
     dashboard: str = "127.0.0.1:0"
+    # the HTTP endpoints of the models this node serves (node/jobs/serve/serve_jobs.py): HOST:PORT (port 0: any free
+    # one); off loopback, every request needs the token in <home>/jobs/<job>/http.token
+    http: str = "127.0.0.1:0"
     heartbeat: float = 10.0  # seconds between re-publications of this node's record
     ttl: float = 30.0  # seconds a record lives in the DHT without a refresh
     join_attempts: int = 5  # bootstrap attempts before giving up with exit code 2
@@ -117,6 +129,7 @@ class NodeConfig:
             if host not in LOOPBACK_HOSTS:
                 raise ValueError(f"the control API listens on loopback only, got {self.control!r}")
         self.dashboard_address()  # ValueError if malformed
+        self.http_address()
 
     @property
     def home_dir(self) -> pathlib.Path:
@@ -146,13 +159,11 @@ class NodeConfig:
 
     def dashboard_address(self) -> tuple[str, int] | None:
         """(host, port) the dashboard binds, None when "off"; ValueError if ``dashboard`` is neither."""
-        if self.dashboard == "off":
-            return None
-        host, _, port = self.dashboard.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() for c in host):
-            raise ValueError(f"dashboard must be HOST:PORT (port 0: any free one) or 'off', got {self.dashboard!r:.80}")
-        return host, int(port)
+        return None if self.dashboard == "off" else host_port(self.dashboard, "dashboard", " or 'off'")
+
+    def http_address(self) -> tuple[str, int]:
+        """(host, port) the endpoints of served models bind; ValueError if ``http`` is not HOST:PORT."""
+        return host_port(self.http, "http")
 
     def dashboard_is_loopback(self) -> bool:
         """Whether the dashboard binds a loopback address only (127.0.0.0/8, ::1, localhost): then it needs no token."""

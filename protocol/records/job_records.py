@@ -168,13 +168,13 @@ class JobRecord:
         set_field(self, "participants", check_peers("participants", self.participants, self.spec.max_participants))
         set_field(self, "updated_at", check_float("updated_at", self.updated_at, ge=0))
         if self.assignment is not None:
-            p = self.spec.pipeline  # set exactly when kind is "pipeline" (JobSpec checks it)
-            if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind != "pipeline" or p is None:
-                raise ValueError("assignment: only a pipeline job's record holds one")
+            p = self.spec.pipeline  # set exactly when kind is "pipeline" or "serve" (JobSpec checks it)
+            if not isinstance(self.assignment, PipelineAssignment) or self.spec.kind == "federated" or p is None:
+                raise ValueError("assignment: only a pipeline job's or a served model's record holds one")
             if len(self.assignment.spans) != p.stages or any(len(g) > p.replica_cap for g in self.assignment.hosts):
                 raise ValueError(f"assignment: must give {p.stages} stages 1-{p.replica_cap} hosts each")
             if self.submitter in {p for g in self.assignment.hosts for p in g}:
-                raise ValueError("assignment: the submitter trains; it hosts no stage")
+                raise ValueError("assignment: the submitter trains (or serves the endpoint); it hosts no stage")
 
     @classmethod
     def create(cls, spec: JobSpec, submitter: str, nonce: str, updated_at: float,

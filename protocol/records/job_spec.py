@@ -39,15 +39,16 @@ JOB_SCHEMA_VERSION = 1  # the "v" of every job spec, record, progress and state 
 # node/ml/models.py builds each; hf: a model folder; script: a Python script's own model (swarmnode.Optimizer), named
 # by the layout of its parameters (SCRIPT_LAYOUT: names, shapes), which only the scripts running it train
 ARCHS = ("gpt2", "llama", "bert", "minilm", "mlp", "cnn", "hf", "script")
-TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification",),
-                 "minilm": ("classification",), "mlp": ("classification",), "cnn": ("classification",),
-                 "hf": ("causal-lm", "classification"), "script": ("custom",)}
-TASKS = ("classification", "causal-lm", "custom")  # custom: a script's own loss
+TASKS_BY_ARCH = {"gpt2": ("causal-lm",), "llama": ("causal-lm",), "bert": ("classification", "embedding"),
+                 "minilm": ("classification", "embedding"), "mlp": ("classification",), "cnn": ("classification",),
+                 "hf": ("causal-lm", "classification", "embedding"), "script": ("custom",)}
+# custom: a script's own loss; embedding: a served encoder's sentence vectors (kind "serve" only)
+TASKS = ("classification", "causal-lm", "custom", "embedding")
 SCRIPT_LAYOUT = "layout.json"  # a script run's one model file
 ADAPTABLE_ARCHS = ("gpt2", "llama", "bert", "minilm", "hf")  # transformers models peft can wrap
 INNER_KINDS = ("sgd", "adamw")
 OUTER_KINDS = ("fedavg", "diloco")
-JOB_KINDS = ("federated", "pipeline")
+JOB_KINDS = ("federated", "pipeline", "serve")  # serve: a model's stages hosted for inference (node/serving/)
 PIPELINE_STRATEGIES = ("balanced", "layer_wise", "memory_aware")  # memory_aware: sized for the chosen hosts
 MAX_STAGES = 16
 MAX_STAGE_REPLICAS = 4  # so an assignment (<= 64 peer ids, ~3.5 KiB) keeps the record far below its bound
@@ -214,8 +215,8 @@ class JobSpec:
     round_timeout_s: float = 60.0
     seed: int = 0  # initial parameters and data order
     eval_every: int = 1  # rounds between evaluations
-    kind: str = "federated"  # or "pipeline": one model cut into stages hosted by different nodes
-    pipeline: PipelineSpec | None = None  # required for (and only for) kind "pipeline"
+    kind: str = "federated"  # or "pipeline": one model cut into stages hosted by different nodes; or "serve"
+    pipeline: PipelineSpec | None = None  # required for (and only for) kinds "pipeline" and "serve"
     precision: str = "fp32"  # compute precision of local steps and stage compute: fp32, bf16 or fp16 (autocast)
     data: DataSpec | None = None  # the declared schema of the participants' own data (None: a bundled dataset)
     adapter: AdapterSpec | None = None  # train a LoRA adapter on the frozen model instead of the whole model
@@ -240,8 +241,16 @@ class JobSpec:
             if self.batch_size != self.pipeline.micro_batch * self.pipeline.micro_batches:
                 raise ValueError(f"batch_size: must be pipeline.micro_batch * pipeline.micro_batches "
                                  f"({self.pipeline.micro_batch * self.pipeline.micro_batches}), got {self.batch_size}")
+        elif self.kind == "serve":
+            if not isinstance(self.pipeline, PipelineSpec):
+                raise ValueError(f"pipeline: kind 'serve' needs a [pipeline] table, got {show(self.pipeline)}")
+            if self.task not in ("causal-lm", "embedding"):
+                raise ValueError(f"task: a served model generates ('causal-lm') or embeds ('embedding'), got "
+                                 f"{self.task!r}")
         elif self.pipeline is not None:
-            raise ValueError("pipeline: only for kind 'pipeline'")
+            raise ValueError("pipeline: only for kinds 'pipeline' and 'serve'")
+        elif self.task == "embedding":
+            raise ValueError("task: 'embedding' is for served models (kind 'serve')")
         for field, kind in (("model", ModelSpec), ("inner", InnerOpt), ("outer", OuterOpt)):
             if not isinstance(getattr(self, field), kind):
                 raise ValueError(f"{field}: must be a {kind.__name__}, got {show(getattr(self, field))}")
@@ -250,7 +259,7 @@ class JobSpec:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("aggregator", self.aggregator, AGGREGATORS)
         check_choice("values", self.values, JOB_VALUE_CODECS)
-        if self.kind == "pipeline" and self.values != "fp16":
+        if self.kind != "federated" and self.values != "fp16":
             raise ValueError(f"values: only for federated jobs (a pipeline's stages average fp16), got "
                              f"{self.values!r}")
         self._check_inputs()
@@ -262,7 +271,7 @@ class JobSpec:
         check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         set_field(self, "density", check_float("density", self.density, gt=0, le=1))
         set_field(self, "result_density", check_float("result_density", self.result_density, gt=0, le=1))
-        if self.kind == "pipeline" and self.result_density != 1.0:
+        if self.kind != "federated" and self.result_density != 1.0:
             raise ValueError(f"result_density: only for federated jobs, got {self.result_density}")
         check_int("min_participants", self.min_participants, 1, MAX_GROUP_SIZE)
         check_int("max_participants", self.max_participants, 1, MAX_GROUP_SIZE)
@@ -291,8 +300,9 @@ class JobSpec:
             if self.model.arch not in ADAPTABLE_ARCHS:
                 raise ValueError(f"adapter: LoRA adapts a transformers model ({', '.join(ADAPTABLE_ARCHS)}), "
                                  f"not arch {self.model.arch!r}")
-            if self.kind == "pipeline":
-                raise ValueError("adapter: pipeline jobs train every weight of their stages; use kind 'federated'")
+            if self.kind != "federated":
+                raise ValueError(f"adapter: {self.kind} jobs take every weight of their stages; use kind 'federated' "
+                                 "(a trained adapter is served merged: its export's merged/ folder)")
         if self.data is not None or self.model.files:
             size = len(pack(spec_to_map(self)))
             if size > MAX_JOB_SPEC_BYTES:

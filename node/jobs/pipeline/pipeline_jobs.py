@@ -202,10 +202,10 @@ class PipelineJobs:
             await self._server.stop()
             self._server = None
 
-    def _dir(self, job_id: str) -> pathlib.Path:
+    def job_dir(self, job_id: str) -> pathlib.Path:
         return self.home / "jobs" / job_id
 
-    async def _serve(self, paths: list[pathlib.Path]) -> None:
+    async def serve_files(self, paths: list[pathlib.Path]) -> None:
         for path in paths:
             self._files[hashlib.sha256(path.read_bytes()).hexdigest()] = path
         if self._server is None:
@@ -221,8 +221,6 @@ class PipelineJobs:
             check_pipeline_spec(spec)
         except ValueError as e:
             raise NodeError(f"{source}: {e}", EXIT_USAGE) from None
-        if self.key is None or self.peers is None:
-            raise NodeError("this node cannot submit pipeline jobs (no signing key or peer view)")
         try:
             await asyncio.to_thread(load_job_data, spec, self.data_dir)
         except NoLocalData:
@@ -231,6 +229,12 @@ class PipelineJobs:
                             EXIT_USAGE) from None
         except (ValueError, OSError) as e:
             raise NodeError(f"{source}: dataset: no usable local data for {spec.dataset!r}: {e}", EXIT_USAGE) from None
+        return await self.place(spec, nonce, source)
+
+    async def place(self, spec: JobSpec, nonce: str, source: str) -> PipelineAssignment:
+        """Plan the stages, choose their hosts among the live peers, split and sign the shards, serve them."""
+        if self.key is None or self.peers is None:
+            raise NodeError("this node cannot submit pipeline jobs (no signing key or peer view)")
         p = _pipeline(spec)
         need = p.stages * p.replicas
         views = [v for v in await self.peers() if v.record.peer_id != self.peer_id]
@@ -250,11 +254,11 @@ class PipelineJobs:
         else:
             plan = plan_for_model(model, p.stages, p.strategy)
             groups = even_groups([list(g) for g in assign_nodes(plan, nodes).stages], plan.costs, p.replicas)
-        atomic_write(self._dir(job_id) / PLAN_FILE, plan_to_json(plan), mode=0o644)  # for _follow, restarts too
-        shard_dir = self._dir(job_id) / "shards"
+        atomic_write(self.job_dir(job_id) / PLAN_FILE, plan_to_json(plan), mode=0o644)  # for follow_hosts, restarts too
+        shard_dir = self.job_dir(job_id) / "shards"
         manifest = await asyncio.to_thread(split_model, model, plan.spans, shard_dir, self.key)
         manifest_bytes = (shard_dir / MANIFEST_FILE).read_bytes()
-        await self._serve([shard_dir / MANIFEST_FILE, *(shard_dir / s.file for s in manifest.shards)])
+        await self.serve_files([shard_dir / MANIFEST_FILE, *(shard_dir / s.file for s in manifest.shards)])
         logger.info("pipeline job %s: stages %s on %s", job_id, plan.spans,
                     [[x.node_id[-6:] for x in g] for g in groups])
         return PipelineAssignment(plan.spans, tuple(tuple(x.node_id for x in g) for g in groups),
@@ -271,7 +275,7 @@ class PipelineJobs:
         if refusal:
             return refusal[:200], ""
         if record.submitter == self.peer_id:
-            if not (self._dir(record.job_id) / "shards" / MANIFEST_FILE).exists():
+            if not (self.job_dir(record.job_id) / "shards" / MANIFEST_FILE).exists():
                 return "this node submitted the job but holds no shards of it (restarted?)", ""
         return "", ""  # any other node stands by: the trainer may assign it a stage at any time (_follow)
 
@@ -342,22 +346,8 @@ class PipelineJobs:
         stage; the shard's own parameters only before the first step), then serve it."""
         record, spec = view.record, view.record.spec
         a, job_id = record.assignment, record.job_id
-        shard_dir = self._dir(job_id) / "shards"
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        proto = shard_protocol(self.board.swarm)
         t0 = self.clock.monotonic()
-        # the manifest travels as a "shard" whose sha256 and size the signed record gives
-        manifest_info = ShardInfo(0, 1, MANIFEST_FILE, a.manifest_sha256, a.manifest_size)
-        await fetch_shard(self.p2p, [record.submitter], manifest_info, shard_dir / MANIFEST_FILE, protocol_name=proto)
-        manifest = read_manifest(shard_dir, trusted_signers=[record.submitter])
-        if tuple((s.start, s.end) for s in manifest.shards) != a.spans:
-            raise ShardError(f"the manifest's stages {[(s.start, s.end) for s in manifest.shards]} are not the "
-                             f"record's {list(a.spans)}")
-        info = manifest.shards[index]
-        others = [p for p in a.hosts[index] if p != self.peer_id]
-        await fetch_shard(self.p2p, [record.submitter, *others], info, shard_dir / info.file, protocol_name=proto)
-        stage = await asyncio.to_thread(load_stage, shard_dir, index, trusted_signers=[record.submitter])
-        await self._serve([shard_dir / MANIFEST_FILE, shard_dir / info.file])  # a later replica may fetch here
+        manifest, stage = await self.fetch_stage(view, index)
 
         def after_step(reply) -> None:
             self.local[job_id] = (reply.step, reply.params_hash)
@@ -371,6 +361,27 @@ class PipelineJobs:
         logger.info("pipeline job %s: hosting stage %d (layers %s) at step %d, state from %s, ready in %.1f s",
                     job_id, index, a.spans[index], host.step, source, self.clock.monotonic() - t0)
         return host
+
+    async def fetch_stage(self, view, index: int):
+        """(manifest, stage ``index``): the signed manifest from the submitter, the shard from it or the stage's
+        other hosts (sha256-verified, then load_stage's checks), both served on from here."""
+        record, a = view.record, view.record.assignment
+        shard_dir = self.job_dir(record.job_id) / "shards"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        proto = shard_protocol(self.board.swarm)
+        # the manifest travels as a "shard" whose sha256 and size the signed record gives
+        manifest_info = ShardInfo(0, 1, MANIFEST_FILE, a.manifest_sha256, a.manifest_size)
+        await fetch_shard(self.p2p, [record.submitter], manifest_info, shard_dir / MANIFEST_FILE, protocol_name=proto)
+        manifest = read_manifest(shard_dir, trusted_signers=[record.submitter])
+        if tuple((s.start, s.end) for s in manifest.shards) != a.spans:
+            raise ShardError(f"the manifest's stages {[(s.start, s.end) for s in manifest.shards]} are not the "
+                             f"record's {list(a.spans)}")
+        info = manifest.shards[index]
+        others = [p for p in a.hosts[index] if p != self.peer_id]
+        await fetch_shard(self.p2p, [record.submitter, *others], info, shard_dir / info.file, protocol_name=proto)
+        stage = await asyncio.to_thread(load_stage, shard_dir, index, trusted_signers=[record.submitter])
+        await self.serve_files([shard_dir / MANIFEST_FILE, shard_dir / info.file])  # a later replica may fetch here
+        return manifest, stage
 
     async def _load_latest_state(self, view, index: int, host: StageHost, carried=None) -> str:
         """Load the newest state of stage ``index`` that a replica or backup holder announces, or ``carried``
@@ -415,7 +426,7 @@ class PipelineJobs:
     async def _train(self, view) -> None:
         record, spec = view.record, view.record.spec
         job_id, p = record.job_id, spec.pipeline
-        shard_dir = self._dir(job_id) / "shards"
+        shard_dir = self.job_dir(job_id) / "shards"
         if spec.model.arch == "hf" and self.models is not None:  # a restarted trainer: hashed again, registered
             await self.models.ensure(spec.model.files, [])
         data = await asyncio.to_thread(load_job_data, spec, self.data_dir)
@@ -428,7 +439,7 @@ class PipelineJobs:
             replica_wait=timeout, seed=spec.seed, device=str(self.device)), trusted_signers=[self.peer_id],
             clock=self.clock)
         rng = np.random.default_rng(spec.seed)
-        follower = asyncio.create_task(self._follow(view), name=f"follow-{job_id}")
+        follower = asyncio.create_task(self.follow_hosts(view), name=f"follow-{job_id}")
         try:
             await self._steps(view, trainer, tokens, rng, t, data)
         finally:
@@ -495,14 +506,14 @@ class PipelineJobs:
             return None
         return total / count / math.log(2) if count else None
 
-    async def _follow(self, view) -> None:
+    async def follow_hosts(self, view) -> None:
         """While the job trains: every POLL_S, bring the record's hosts up to date with the live peers
         (protocol/planning/stage_assign.py follow_live: the dead leave, a stage left empty is refilled, newcomers join
         the bottleneck up to pipeline.replica_cap) and store the re-signed record; the hosts follow it (_host).
         A peer counts as dead once its signed peer record expires (the node's ttl)."""
         spec = view.record.spec
         try:  # written at submission, so a restarted trainer has it too
-            plan = plan_from_json((self._dir(view.record.job_id) / PLAN_FILE).read_bytes())
+            plan = plan_from_json((self.job_dir(view.record.job_id) / PLAN_FILE).read_bytes())
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("pipeline job %s: no usable stage plan here (%s); hosts will not be reassigned",
                            view.record.job_id, e)
@@ -551,7 +562,7 @@ class PipelineJobs:
     async def _export(self, view, report: StepReport) -> None:
         """Fetch every stage's final state, check it, write the trained shards (signed) and pipeline.json."""
         record, spec = view.record, view.record.spec
-        job_id, out = record.job_id, self._dir(record.job_id)
+        job_id, out = record.job_id, self.job_dir(record.job_id)
         model = await asyncio.to_thread(pipeline_model, spec)
         named = dict(model.named_parameters())
         cfg = stage_config(spec, self.board.swarm)
