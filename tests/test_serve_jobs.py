@@ -21,6 +21,7 @@ from node.serving.text import ByteText
 from tests.conftest import run_cli
 from tests.test_bad_input import assert_one_line_error
 from tests.test_pipeline_jobs import start_pipeline_swarm
+from tests.test_serving_exports import gpt2_export
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 PROMPT = "def main():\n    "
@@ -46,7 +47,7 @@ def test_serve_generate_and_embed_across_daemons(node_factory, tmp_path):
         expected = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
                                   pad_token_id=0)[0, len(ids):].tolist()
 
-    for args, message in ((["serve", str(tmp_path), "--stages", "2"], "not a model folder"),
+    for args, message in ((["serve", str(tmp_path), "--stages", "2"], "neither a model folder"),
                           (["serve", str(tmp_path / "tiny-gpt2"), "--stages", "9"], "pipeline.stages"),
                           (["serve", str(tmp_path / "tiny-gpt2"), "--stages", "2", "--replicas", "2"],
                            "need 4 hosts"),
@@ -103,3 +104,18 @@ def test_serve_generate_and_embed_across_daemons(node_factory, tmp_path):
 
     wait_for(endpoint_gone, 30, "the cancelled model's endpoint to stop", interval=0.5)
     wait_for(lambda: not (nodes[0].home / "jobs" / info["job_id"] / "serving.json").exists(), 10, "serving.json gone")
+
+    # a federated job's export served directly: the trained model's own greedy tokens
+    trained = gpt2_export(tmp_path)
+    ids = ByteText().encode(PROMPT)
+    with torch.no_grad():
+        expected = trained.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                                    pad_token_id=0)[0, len(ids):].tolist()
+    served = run_cli("serve", str(tmp_path / "export"), "--stages", "2", "--name", "trained", "--json", *home,
+                     timeout=180)
+    assert served.returncode == 0, served.stderr[-2000:]
+    out = run_cli("generate", "trained", PROMPT, "--max-tokens", "16", "--json", *home, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # (a 256-byte vocabulary: bytes that are not UTF-8 come back as U+FFFD, as the endpoint's text decodes them)
+    assert json.loads(out.stdout)["choices"][0]["text"] == ByteText().decode(expected)
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 16

@@ -1,6 +1,6 @@
 """``swarmnode serve``, ``generate`` and ``embed``: serve a model across the swarm's nodes and ask it.
 
-    swarmnode serve ./my-gpt2 --stages 2 [--replicas 2]     # a model folder, or "minilm" (the bundled encoder)
+    swarmnode serve ./my-gpt2 --stages 2 [--replicas 2]     # a model folder, a job's export, or "minilm"
     swarmnode generate my-gpt2 "def main(" --max-tokens 32   # the model's name or its job id
     swarmnode embed minilm "first sentence" "second one"      # JSON: one vector per text
 
@@ -26,19 +26,26 @@ SERVING_FILE = "serving.json"  # what node/jobs/serve/serve_jobs.py writes (the 
 ENCODER_CLASSES = ("BertModel",)
 
 
-def model_folder(model: str) -> pathlib.Path:
-    if model == "minilm":
+def model_folder(model: str, home: pathlib.Path, tokenizer: pathlib.Path | None = None) -> pathlib.Path:
+    """The folder to serve: 'minilm', a model folder, or a job's export turned into one under <home>/served/
+    (node/ml/servable.py: a federated arch job's export, an adapter's merged model, a pipeline job's trained
+    shards)."""
+    if model == "minilm" and tokenizer is None:
         from node.ml.models import minilm_path
 
         try:
             return minilm_path()
         except ValueError as e:
             raise NodeError(str(e), EXIT_USAGE) from None
-    folder = pathlib.Path(model).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise NodeError(f"{model}: not a model folder (no config.json; save the model with save_pretrained, or name "
-                        "'minilm')", EXIT_USAGE)
-    return folder
+    path = pathlib.Path(model).expanduser().resolve()
+    if (path / "config.json").is_file() and tokenizer is None:
+        return path
+    from node.ml.servable import servable_folder
+
+    try:
+        return servable_folder(path, home / "served" / path.name, tokenizer)
+    except ValueError as e:
+        raise NodeError(str(e), EXIT_USAGE) from None  # it names the folder
 
 
 def served_task(folder: pathlib.Path) -> str:
@@ -99,9 +106,9 @@ def post(info: dict, path: str, body: dict, timeout: float) -> dict:
 def cmd_serve(args: argparse.Namespace, config) -> int:
     from node.api.client import ControlClient
 
-    folder = model_folder(args.model)
+    folder = model_folder(args.model, config.home_dir, args.tokenizer)
     task = served_task(folder)
-    name = args.name or ("minilm" if args.model == "minilm" else folder.name)
+    name = args.name or ("minilm" if args.model == "minilm" else pathlib.Path(args.model).name)
     text = serve_toml(name, folder, task, args.stages, args.replicas, args.strategy)
     with ControlClient(config) as client:
         job_id = client.submit(text, "swarmnode serve").job_id
@@ -144,7 +151,10 @@ def add_parsers(sub, add_common) -> None:
     serve = sub.add_parser("serve", help="serve a model across the swarm's nodes (an OpenAI-compatible endpoint)")
     add_common(serve)
     serve.add_argument("model", help="a model folder (config.json + safetensors, its tokenizer beside it, or a "
-                                     "byte-level model) or 'minilm' (the bundled all-MiniLM-L6-v2 encoder)")
+                                     "byte-level model), a job's export (federated, an adapter's with --merge, a "
+                                     "pipeline job's folder) or 'minilm' (the bundled all-MiniLM-L6-v2 encoder)")
+    serve.add_argument("--tokenizer", type=pathlib.Path, help="a folder whose tokenizer to serve the model with (an "
+                                                              "export carries none; byte-level models need none)")
     serve.add_argument("--stages", type=int, required=True, help="stages, each hosted by other nodes")
     serve.add_argument("--replicas", type=int, default=1, help="hosts per stage (default 1)")
     serve.add_argument("--strategy", choices=("layer_wise", "balanced", "memory_aware"), default="balanced")

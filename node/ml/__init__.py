@@ -12,5 +12,6 @@
     stages.py           a model cut into stage modules by layer ranges; their costs
     attention_masks.py  the attention masks stages build themselves
     splitter.py         signed stage shards on disk, and a stage rebuilt from its shard; memory_aware_plan
+    servable.py         a trained job's export (federated, adapter, pipeline shards) as a model folder to serve
     analyze.py          parameters, FLOPs and training memory per block (``swarmnode analyze``; the job memory check)
 """
