@@ -67,9 +67,11 @@ def servable_folder(path: pathlib.Path, work_dir: pathlib.Path, tokenizer: pathl
 
 
 def _save(model: nn.Module, work_dir: pathlib.Path) -> pathlib.Path:
+    """``model`` (a transformers PreTrainedModel) saved with its public save_pretrained."""
     work_dir.mkdir(parents=True, exist_ok=True)
+    save_pretrained = getattr(model, "save_pretrained")  # noqa: B009 (nn.Module's type does not declare it)
     with quiet_transformers():
-        model.save_pretrained(str(work_dir), safe_serialization=True)
+        save_pretrained(str(work_dir), safe_serialization=True)
     return work_dir
 
 
