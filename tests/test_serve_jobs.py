@@ -119,3 +119,35 @@ def test_serve_generate_and_embed_across_daemons(node_factory, tmp_path):
     # (a 256-byte vocabulary: bytes that are not UTF-8 come back as U+FFFD, as the endpoint's text decodes them)
     assert json.loads(out.stdout)["choices"][0]["text"] == ByteText().decode(expected)
     assert json.loads(out.stdout)["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.chaos  # ~60 s, 4 daemons and a SIGKILL: in `make chaos` (CI's own step)
+@pytest.mark.timeout(420)
+def test_a_served_stages_host_killed_is_replaced_and_requests_still_get_the_same_tokens(node_factory, tmp_path):
+    nodes = start_pipeline_swarm(node_factory, tmp_path, 4)  # the serving node, 2 stage hosts and a spare
+    home = ["--home", str(nodes[0].home)]
+    model = tiny_gpt2_folder(tmp_path / "tiny-gpt2")
+    ids = ByteText(128).encode(PROMPT)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+    served = run_cli("serve", str(tmp_path / "tiny-gpt2"), "--stages", "2", "--json", *home, timeout=180)
+    assert served.returncode == 0, served.stderr[-2000:]
+    job_id = json.loads(served.stdout)["job_id"]
+
+    def stage_hosts() -> list[list[str]]:
+        return json.loads(run_cli("job", job_id, "--json", *home).stdout.splitlines()[-1])["stage_hosts"]
+
+    def ask() -> list[int]:
+        out = run_cli("generate", "tiny-gpt2", PROMPT, "--max-tokens", "24", "--json", *home, timeout=240)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return ByteText(128).encode(json.loads(out.stdout)["choices"][0]["text"])
+
+    assert ask() == expected
+    before = stage_hosts()
+    victim = next(n for n in nodes[1:] if n.peer_id == before[1][0])
+    victim.kill_hard()  # SIGKILL: its stage, its sessions and its p2pd go at once
+    assert ask() == expected  # the endpoint waits for the stage's new host and replays
+    after = stage_hosts()
+    assert after[0] == before[0] and after[1] != before[1] and victim.peer_id not in after[1], (before, after)
+    print(f"stage 1 moved from {before[1][0][-8:]} to {after[1][0][-8:]}")
