@@ -213,8 +213,13 @@ async def test_gpt2_over_two_served_stages_generates_what_generate_does(tmp_path
             tokens, reason = await client.generate(PROMPT, 32)
             assert tokens == expected and reason == "length"
             assert [h.cached_tokens() for h in hosts] == [len(PROMPT) + 31] * 2  # the session's cache, per stage
+            assert client.paths["direct"] == client.hops and not client.paths["libp2p"]  # the hosts' direct paths
             uncached, _ = await client.generate(PROMPT, 12, use_cache=False)
             assert uncached == expected[:12]
+            over_libp2p = InferenceClient(p2ps[2], dhts[2], "srv", causal_model(2), ClientConfig(swarm=SWARM,
+                                                                                                 direct=False))
+            assert (await over_libp2p.generate(PROMPT, 8))[0] == expected[:8]
+            assert over_libp2p.paths == {"libp2p": over_libp2p.hops}
             # sampling with a seed: the draws a single process makes with the same generator
             sampled, _ = await client.generate(PROMPT, 10, temperature=0.8, seed=3)
             generator, local, ids = torch.Generator().manual_seed(3), [], list(PROMPT)

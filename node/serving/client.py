@@ -25,6 +25,7 @@ by the throughput each announces.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import secrets
@@ -34,12 +35,19 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from node.jobs.pipeline.direct_client import DirectFailure, DirectPool
 from node.serving.local import ends_with_stop, mean_pool, next_token, seeded_generator
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.pipeline.activations import ExpectedTensor
 from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    ControlError,
+    DirectOffer,
+    DirectOpen,
     MemberRecord,
     check_peer_id,
+    control_from_wire,
+    control_to_wire,
     member_record_from_wire,
     stage_key,
     stage_protocol,
@@ -87,6 +95,9 @@ class ClientConfig:
     max_batch: int = 64
     seed: int | None = None  # replica choice
     wire_dtype: str | None = None
+    direct: bool = True  # hops over the hosts' direct TCP paths when offered (encrypted; libp2p otherwise)
+    direct_retry: float = 60.0  # after a direct failure, a host is reached over libp2p only for this long
+    direct_connect_timeout: float = 5.0
 
 
 class InferenceClient:
@@ -100,8 +111,14 @@ class InferenceClient:
         self._rng = random.Random(config.seed)
         self.replays = 0  # sessions started over after a failed hop (all requests)
         self.path: list[str] = []  # the replicas the latest generation runs through, one per stage
+        self.direct = DirectPool(p2p, self._open_direct, config.direct_retry, config.direct_connect_timeout, clock)
         self.step_seconds: list[float] = []  # the latest generation's: each token's time (the first: the prefill)
         self.hops = 0
+        self.paths: collections.Counter[str] = collections.Counter()  # "direct" / "libp2p": hops answered over each
+
+    def close(self) -> None:
+        """Close the idle direct connections (a hop in flight closes its own when it ends)."""
+        self.direct.close()
 
     # ---- replicas ----------------------------------------------------------------------------------------
 
@@ -144,18 +161,48 @@ class InferenceClient:
         return ExpectedTensor(("float32", "float16", "bfloat16"), (rows, 1 if final and last else tokens, width),
                               "float32")
 
+    async def _open_direct(self, peer: str, stage: int) -> DirectOffer:
+        raw = await request(self.p2p, peer, stage_protocol(self.config.swarm, self.serve_id, stage, "control"),
+                            control_to_wire(DirectOpen()), CONTROL_BOUND)
+        reply = control_from_wire(raw, (DirectOffer, ControlError))
+        if isinstance(reply, ControlError):
+            raise HopFailed(peer, reply.reason)
+        return reply
+
+    async def _send(self, peer: str, stage: int, data: bytes, bound: int) -> bytes:
+        """The reply frame: over the host's direct path when it offers one (and it has not failed lately), else --
+        or after a direct failure, in the time left -- over a libp2p stream. The request keeps its session and
+        start: a host that did serve the direct copy refuses a second one (its cache moved on), and the session
+        is replayed elsewhere -- never continued twice."""
+        timeout = self.config.hop_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            if self.config.direct and self.direct.usable(peer):
+                t0 = loop.time()
+                try:
+                    async with asyncio.timeout(timeout):
+                        raw = await self.direct.exchange(peer, stage, "forward", data, bound)
+                    self.paths["direct"] += 1
+                    return raw
+                except DirectFailure as e:
+                    self.direct.failed(peer, str(e))
+                    timeout = max(timeout - (loop.time() - t0), 0.001)
+            protocol = stage_protocol(self.config.swarm, self.serve_id, stage, "infer")
+            async with asyncio.timeout(timeout):
+                raw = await request(self.p2p, peer, protocol, data, bound)
+            self.paths["libp2p"] += 1
+            return raw
+        except TimeoutError:
+            raise HopFailed(peer, f"no reply within {self.config.hop_timeout:g} s") from None
+        except HopFailed:
+            raise
+        except Exception as e:  # hang-ups, p2pd "peer unreachable", oversized replies
+            raise HopFailed(peer, f"{type(e).__name__}: {e}") from None
+
     async def _hop(self, peer: str, req: InferRequest) -> torch.Tensor:
         rows, tokens = req.tensor.shape[:2]
         expect = self._expect(req.stage, rows, tokens, req.last)
-        protocol = stage_protocol(self.config.swarm, self.serve_id, req.stage, "infer")
-        try:
-            async with asyncio.timeout(self.config.hop_timeout):
-                raw = await request(self.p2p, peer, protocol, infer_to_wire(req, self.config.wire_dtype),
-                                    max_infer_bytes(expect))
-        except TimeoutError:
-            raise HopFailed(peer, f"no reply within {self.config.hop_timeout:g} s") from None
-        except Exception as e:  # hang-ups, p2pd "peer unreachable", oversized replies
-            raise HopFailed(peer, f"{type(e).__name__}: {e}") from None
+        raw = await self._send(peer, req.stage, infer_to_wire(req, self.config.wire_dtype), max_infer_bytes(expect))
         try:
             reply = infer_from_wire(raw, InferReply, expect, session=req.session)
         except ValueError as e:

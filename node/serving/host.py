@@ -37,11 +37,23 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
+from node.jobs.pipeline.direct_server import DirectServer
+from node.jobs.pipeline.stage_config import StageConfig
 from node.ml.stages import Stage
 from node.runtime.device import autocast, check_precision
 from protocol.clock import SYSTEM_CLOCK, Clock
 from protocol.pipeline.activations import ExpectedTensor
-from protocol.pipeline.control import MemberRecord, member_record_to_wire, stage_key, stage_protocol
+from protocol.pipeline.control import (
+    CONTROL_BOUND,
+    ControlError,
+    DirectOpen,
+    MemberRecord,
+    control_from_wire,
+    control_to_wire,
+    member_record_to_wire,
+    stage_key,
+    stage_protocol,
+)
 from protocol.pipeline.inference import (
     InferError,
     InferReply,
@@ -70,6 +82,8 @@ class HostConfig:
     throughput: float = 1.0  # the routing weight it announces
     precision: str = "fp32"
     wire_dtype: str | None = None  # float tensors in replies as float16/bfloat16
+    direct: bool = True  # also serve requests over a direct TCP path (node/jobs/pipeline/direct_server.py)
+    direct_host: str | None = None  # its listen address; default: the IP of the libp2p listen address
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_tokens, self.max_sessions, self.max_cached_tokens) < 1:
@@ -104,13 +118,24 @@ class InferenceHost:
             ExpectedTensor.hidden(b, t, stage.hidden_size)
         self._mask = None if self.causal else padding_mask(b, t)
         self.me = p2p.peer_id.to_base58()
+        # the direct path carries inference frames as its "forward" requests (a served stage takes no backward)
+        self._direct = DirectServer(StageConfig(swarm=config.swarm, io_timeout=config.io_timeout,
+                                                direct_host=config.direct_host),
+                                    lambda kind, peer, data: self._answer(data), self._frame_bound,
+                                    f"served stage {index}", clock)
 
     @property
     def protocol(self) -> str:
         return stage_protocol(self.config.swarm, self.serve_id, self.index, "infer")
 
+    def _names(self) -> dict:
+        return {self.protocol: self._on_infer,
+                stage_protocol(self.config.swarm, self.serve_id, self.index, "control"): self._on_control}
+
     async def start(self) -> None:
-        await serve_on(self.p2p, {self.protocol: self._on_infer}, logger, f"served stage {self.index}")
+        await serve_on(self.p2p, self._names(), logger, f"served stage {self.index}")
+        if self.config.direct:
+            await self._direct.start(self.p2p)
         if self.dht is not None:
             await self._announce(self.dht)
             self._heartbeat = asyncio.create_task(self._beat(self.dht), name=f"serve-s{self.index}-heartbeat")
@@ -123,7 +148,8 @@ class InferenceHost:
                 await asyncio.wait_for(self._announce(self.dht, "gone"), 2.0)
             except Exception as e:
                 logger.debug("could not withdraw the served stage's record: %s", e)
-        await stop_serving(self.p2p, [self.protocol], logger)
+        self._direct.stop()
+        await stop_serving(self.p2p, list(self._names()), logger)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.sessions.clear()
 
@@ -142,17 +168,37 @@ class InferenceHost:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
+    def _frame_bound(self, kind: str) -> int:
+        return max_infer_bytes(self._in, self._mask) if kind == "forward" else 0
+
     async def _on_infer(self, stream: Stream) -> None:
+        try:
+            data = await stream.receive(self._frame_bound("forward"), self.config.io_timeout)
+        except WireError as e:  # an oversize length prefix
+            await stream.send(infer_to_wire(InferError(0, f"refused: {e}")))
+            return
+        await stream.send(await self._answer(data))
+
+    async def _answer(self, data: bytes) -> bytes:
+        """The reply frame to one request frame (libp2p stream or direct path)."""
         reply: InferReply | InferError
         try:
-            data = await stream.receive(max_infer_bytes(self._in, self._mask), self.config.io_timeout)
             req = infer_from_wire(data, InferRequest, self._in, mask=self._mask)
             if not isinstance(req, InferRequest):  # infer_from_wire gives the type asked for
                 raise WireError(f"a {type(req).__name__} is not a request")
             reply = await self._exec(self.serve, req)
         except (ValueError, RuntimeError) as e:  # WireError, a refusal below, a torch error from odd input
             reply = InferError(0, f"refused: {e}")
-        await stream.send(infer_to_wire(reply, self.config.wire_dtype))
+        return infer_to_wire(reply, self.config.wire_dtype)
+
+    async def _on_control(self, stream: Stream) -> None:
+        """DirectOpen -> DirectOffer: a session on the direct path for the peer libp2p authenticated."""
+        try:
+            control_from_wire(await stream.receive(CONTROL_BOUND, self.config.io_timeout), DirectOpen)
+            reply = self._direct.offer(stream.peer) if self.config.direct else ControlError("no direct path here")
+        except (ValueError, RuntimeError) as e:  # WireError, Refused (no listener)
+            reply = ControlError(str(e)[:200])
+        await stream.send(control_to_wire(reply))
 
     async def _exec(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

@@ -182,6 +182,7 @@ class ServeJobs:
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
+            client.close()
             self.urls.pop(job_id, None)
             (folder / SERVING_FILE).unlink(missing_ok=True)
             await runner.cleanup()
