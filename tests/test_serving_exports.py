@@ -5,6 +5,7 @@ does; an adapter's export is served through its merged model; what cannot be ser
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,45 @@ def test_what_cannot_be_served_says_why(tmp_path):
         servable_folder(tmp_path / "export", tmp_path / "out")
     with pytest.raises(ValueError, match="no tokenizer files"):
         servable_folder(tmp_path / "export", tmp_path / "out", tokenizer=tmp_path / "empty")
+
+
+def test_an_adapter_export_without_its_merged_model_is_merged_with_the_base_in_the_node_store(tmp_path):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from node.ml.hf_models import manifest_digest, quiet_dependencies
+    from node.ml.model_folder import folder_manifest
+
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_layer=2, n_embd=32, n_head=2,
+                                                                n_positions=64))
+    base.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    (tmp_path / "base" / "tokenizer.json").write_text((minilm_path() / "tokenizer.json").read_text())
+    files = folder_manifest(tmp_path / "base")
+    store = tmp_path / "home" / "models"
+    shutil.copytree(tmp_path / "base", store / manifest_digest(files))  # where the node keeps the job's folder
+    with quiet_dependencies():
+        adapted = get_peft_model(load_model_dir(tmp_path / "base"), LoraConfig(r=4, target_modules=["c_attn"],
+                                                                               fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter, not peft's zero start
+    export = tmp_path / "export"
+    adapted.save_pretrained(str(export), safe_serialization=True)
+    listed = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]
+    (export / "manifest.json").write_text(json.dumps({"spec": {"model": {"arch": "hf", "overrides": [],
+                                                                         "files": listed}}}))
+
+    with pytest.raises(ValueError, match="not in this node's model store"):
+        servable_folder(export, tmp_path / "served", models=tmp_path / "elsewhere")
+    folder = servable_folder(export, tmp_path / "served", models=store)
+    merged = load_model_dir(folder)
+    x = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(x).logits, adapted.eval()(x).logits, atol=1e-5)
+        assert not torch.allclose(merged(x).logits, base.eval()(x).logits, atol=1e-3)  # the adapter counts
+    assert (folder / "tokenizer.json").is_file()  # the base folder's tokenizer, lent to the export
+    (store / manifest_digest(files) / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        servable_folder(export, tmp_path / "again", models=store)

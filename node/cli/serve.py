@@ -38,12 +38,12 @@ def model_folder(model: str, home: pathlib.Path, tokenizer: pathlib.Path | None 
         except ValueError as e:
             raise NodeError(str(e), EXIT_USAGE) from None
     path = pathlib.Path(model).expanduser().resolve()
-    if (path / "config.json").is_file() and tokenizer is None:
-        return path
+    if (path / "config.json").is_file() and not (path / "manifest.json").is_file() and tokenizer is None:
+        return path  # a model folder as it is
     from node.ml.servable import servable_folder
 
     try:
-        return servable_folder(path, home / "served" / path.name, tokenizer)
+        return servable_folder(path, home / "served" / path.name, tokenizer, models=home / "models")
     except ValueError as e:
         raise NodeError(str(e), EXIT_USAGE) from None  # it names the folder
 

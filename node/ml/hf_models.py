@@ -71,7 +71,9 @@ def verified_folder(files: tuple[ModelFile, ...]) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_dependencies():
+    """transformers' load reports, and the warnings peft and transformers are known to give about each other,
+    silenced for the duration."""
     with quiet_transformers(), warnings.catch_warnings():
         for message, category in _DEPENDENCY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
@@ -82,7 +84,7 @@ def read_config(folder: str | pathlib.Path):
     """The folder's transformers config (never remote code); ValueError in one line if transformers cannot read it."""
     from transformers import AutoConfig
     try:
-        with _quiet():
+        with quiet_dependencies():
             return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -155,7 +157,7 @@ def build_hf_model(spec: JobSpec, cfg: Mapping[str, Scalar]) -> HFBundle:
     folder = str(verified_folder(spec.model.files))
     load: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
                             "dtype": torch.float32}
-    with torch.random.fork_rng(devices=[]), _quiet():
+    with torch.random.fork_rng(devices=[]), quiet_dependencies():
         torch.manual_seed(spec.seed)
         try:
             if spec.task == CAUSAL_LM:
@@ -184,7 +186,7 @@ def load_tokenizer(folder: str | pathlib.Path):
         raise ValueError(f"data.tokenizer: the model folder has no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
                          f"it beside the model (tokenizer.save_pretrained)")
     try:
-        with _quiet():
+        with quiet_dependencies():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -213,7 +215,7 @@ def export_files(module: nn.Module, merge: bool = False) -> dict[str, bytes]:
     changes ``module``, so it comes last); a full fine-tune's model folder (config.json, model.safetensors)."""
     from peft import PeftModel
     out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="swarmnode-export-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="swarmnode-export-") as tmp, quiet_dependencies():
         root = pathlib.Path(tmp)
         if isinstance(module, PeftModel):
             for config in module.peft_config.values():
@@ -234,4 +236,5 @@ def export_files(module: nn.Module, merge: bool = False) -> dict[str, bytes]:
 
 
 __all__ = ["HFBundle", "ModelFilesMissing", "build_hf_model", "export_files", "hf_job_config", "load_tokenizer",
-           "lora_config", "manifest_digest", "memory_bytes", "read_config", "register_folder", "verified_folder"]
+           "lora_config", "manifest_digest", "memory_bytes", "quiet_dependencies", "read_config", "register_folder",
+           "verified_folder"]
