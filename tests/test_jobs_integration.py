@@ -111,6 +111,7 @@ def test_malformed_job_files_are_refused_naming_the_field(node_factory, tmp_path
     assert_one_line_error(run_cli("job", "0123456789abcdef", "--home", str(node.home)), 2, "no job")
 
 
+@pytest.mark.slow  # ~16 s, in `make chaos` (CI's own step): `make test` measured 10:53 on 2 cores
 def test_an_mlp_takes_its_sizes_from_the_dataset(node_factory, tmp_path):
     """[model] arch = "mlp" on wine (13 features, 3 classes): inputs and classes come from the dataset, and
     the job completes (it used to stay at round 0 with a shape error on every node)."""
@@ -252,6 +253,7 @@ def poison(data_dir, dataset: str = "digits") -> None:
     manifest_path.write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow  # ~20 s, in `make chaos` (CI's own step): `make test` measured 10:53 on 2 cores
 @pytest.mark.timeout(180)
 def test_a_node_with_nan_loss_is_kept_out_and_resyncs(node_factory, tmp_path):
     for i in range(3):

@@ -237,6 +237,7 @@ def fedavg_in_one_process(paths: list[pathlib.Path], seeds: list[int], rounds: i
     return glob
 
 
+@pytest.mark.slow  # ~34 s, in `make chaos` (CI's own step): `make test` measured 10:53 on 2 cores
 @pytest.mark.timeout(180)
 def test_two_scripts_with_dense_updates_end_where_plain_fedavg_ends(node_factory, scripts, tmp_path):
     daemon = node_factory("daemon", ["--listen", "/ip4/127.0.0.1/tcp/0", "--swarm", "scripts"]).wait_ready()
