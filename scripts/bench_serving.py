@@ -8,7 +8,8 @@ The model: the byte-level GPT-2 of the pipeline benchmark (n_embd 256, 4 heads, 
 its own LM head (tie_word_embeddings False), seeded; split into 2 and 3 stages of equal layers by
 node/ml/splitter.py split_model (signed shards). For each stage count, one `python -m node.devtools.serve_peer`
 process per stage (node/serving/host.py InferenceHost, eval mode, torch's default threads) and the client
-(node/serving/client.py InferenceClient) in this process with its own p2pd and DHT node. A run generates
+(node/serving/client.py InferenceClient) in this process with its own p2pd and DHT node; hops over the hosts' direct
+TCP paths (sealed; sessions asked for over libp2p), and, as "libp2p only", over libp2p streams. A run generates
 --new-tokens tokens greedily after a --prompt-tokens prompt and records each token's time as the client sees it
 (the first one: the prefill of the prompt through every stage); the medians over --repeats runs are printed:
 
@@ -98,12 +99,16 @@ async def distributed(shards: pathlib.Path, stages: int, prompt: list[int], new:
         ready = [p.wait_event(60, "ready", event="ready") for p in procs]
         p2p = await daemon.start(identity_path=None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=[ready[0]["addr"]])
         dht = await DHTNode.create(p2p=p2p, initial_peers=[ready[0]["addr"]], ensure_bootstrap_success=True)
-        client = InferenceClient(p2p, dht, f"bench{stages}", ServedModel(stages, WIDTH, VOCAB, "causal-lm", POSITIONS),
-                                 ClientConfig(swarm=SWARM))
+        model = ServedModel(stages, WIDTH, VOCAB, "causal-lm", POSITIONS)
+        clients = {direct: InferenceClient(p2p, dht, f"bench{stages}", model, ClientConfig(swarm=SWARM, direct=direct))
+                   for direct in (True, False)}
         out = {}
-        await client.generate(prompt, 2)  # warm-up: streams opened, first-call costs paid
-        for name, cache in (("cache", True), ("no_cache", False)):
+        for client in clients.values():
+            await client.generate(prompt, 2)  # warm-up: streams and direct sessions opened, first-call costs paid
+        for name, cache, direct in (("cache", True, True), ("cache, libp2p only", True, False),
+                                    ("no_cache", False, True)):
             walls, steps, prefills, tokens = [], [], [], []
+            client = clients[direct]
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 tokens, _ = await client.generate(prompt, new, use_cache=cache)
@@ -142,13 +147,13 @@ def main() -> None:
     base = results["one process"]["generate"]["tokens_per_s"]
     print(f"GPT-2 {LAYERS} layers x {WIDTH}, {sum(p.numel() for p in model.parameters()):,} params; prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new, greedy; medians of {args.repeats} runs")
-    print(f"{'configuration':<28}{'tokens/s':>10}{'ms/token':>10}{'prefill ms':>12}{'vs generate':>13}  same tokens")
+    print(f"{'configuration':<36}{'tokens/s':>10}{'ms/token':>10}{'prefill ms':>12}{'vs generate':>13}  same tokens")
     for where, runs in results.items():
         for name, r in runs.items():
             same = r["tokens"] == expected
             step = "-" if r["ms_per_token"] is None else f"{r['ms_per_token']:.1f}"
             prefill = "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"
-            print(f"{where + ', ' + name:<28}{r['tokens_per_s']:>10.1f}{step:>10}{prefill:>12}"
+            print(f"{where + ', ' + name:<36}{r['tokens_per_s']:>10.1f}{step:>10}{prefill:>12}"
                   f"{r['tokens_per_s'] / base:>12.2f}x  {same}")
             if not same:
                 raise SystemExit(f"{where}, {name}: the tokens differ from generate's")
