@@ -115,6 +115,7 @@ class ServeJobs:
         self.pipeline, self.http, self.clock = pipeline, http, clock
         self.device = torch.device("cpu") if device is None else device
         self.hosts: dict[str, InferenceHost] = {}
+        self.local: dict[str, tuple[int, str]] = {}  # job id -> (0, sha256 of the shard this node serves)
         self.urls: dict[str, str] = {}  # job id -> the endpoint's URL (models this node submitted)
 
     async def start(self) -> None:
@@ -136,8 +137,8 @@ class ServeJobs:
         return self.pipeline.why_not(view)
 
     def local_state(self, job_id: str) -> tuple[int, str] | None:
-        host = self.hosts.get(job_id)
-        return None if host is None else (0, f"stage {host.index}")
+        """(0, the sha256 of the stage's shard) while this node serves a stage of the model (it trains nothing)."""
+        return self.local.get(job_id) if job_id in self.hosts else None
 
     async def export(self, view: JobView, out: pathlib.Path, merge: bool = False) -> list[pathlib.Path]:
         raise NodeError(f"job {view.job_id} is a served model: it trains nothing to export", EXIT_USAGE)
@@ -228,6 +229,7 @@ class ServeJobs:
                              self.clock, self.device)
         await host.start()
         self.hosts[view.record.job_id] = host
+        self.local[view.record.job_id] = (0, manifest.shards[index].sha256)
         logger.info("served model %s: hosting stage %d (layers %s)", view.record.job_id, index,
                     view.record.assignment.spans[index] if view.record.assignment else "?")
         return host
