@@ -35,6 +35,7 @@ import torch
 from node.jobs.board import POLL_S, JobView
 from node.jobs.pipeline.pipeline_jobs import RETRY_S, PipelineJobs, layers_of, pipeline_model_config
 from node.ml.hf_models import read_config, verified_folder
+from node.ml.servable import TOKENIZER_FILES
 from node.runtime.errors import EXIT_USAGE, NodeError
 from node.runtime.files import atomic_write
 from node.serving.backend import SwarmBackend
@@ -52,8 +53,13 @@ logger = logging.getLogger(__name__)
 CAUSAL_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM")
 ENCODER_CLASSES = ("BertModel",)
 SERVING_FILE = "serving.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
 MAX_CONTEXT = 4096  # tokens a host keeps per session, at most (the model's own context below it)
+
+
+def context_of(config: dict) -> int:
+    """The tokens a session may hold: the model's context (n_positions / max_position_embeddings), at most
+    MAX_CONTEXT."""
+    return min(int(config.get("n_positions") or config.get("max_position_embeddings") or MAX_CONTEXT), MAX_CONTEXT)
 
 
 def served_class(spec: JobSpec) -> tuple[str, dict]:
@@ -99,11 +105,10 @@ def text_codec(spec: JobSpec, config: dict) -> TextCodec:
 
 def served_model(spec: JobSpec, config: dict, cls: str) -> ServedModel:
     hidden = int(config.get("n_embd") or config["hidden_size"])
-    context = int(config.get("n_positions") or config.get("max_position_embeddings") or MAX_CONTEXT)
     causal = cls in CAUSAL_CLASSES
     assert spec.pipeline is not None  # check_serve_spec
     return ServedModel(spec.pipeline.stages, hidden, int(config["vocab_size"]) if causal else hidden,
-                       "causal-lm" if causal else "encoder", min(context, MAX_CONTEXT))
+                       "causal-lm" if causal else "encoder", context_of(config))
 
 
 class ServeJobs:
@@ -221,11 +226,10 @@ class ServeJobs:
     async def _start_host(self, view: JobView, index: int) -> InferenceHost:
         spec = view.record.spec
         manifest, stage = await self.pipeline.fetch_stage(view, index)
-        config = json.loads(manifest.config_json)
-        context = int(config.get("n_positions") or config.get("max_position_embeddings") or MAX_CONTEXT)
+        context = context_of(manifest.config)
         host = InferenceHost(self.pipeline.p2p, self.pipeline.board.dht, view.record.job_id, index, stage,
-                             HostConfig(swarm=self.pipeline.board.swarm, max_tokens=min(context, MAX_CONTEXT),
-                                        max_cached_tokens=64 * min(context, MAX_CONTEXT), precision=spec.precision),
+                             HostConfig(swarm=self.pipeline.board.swarm, max_tokens=context,
+                                        max_cached_tokens=64 * context, precision=spec.precision),
                              self.clock, self.device)
         await host.start()
         self.hosts[view.record.job_id] = host
