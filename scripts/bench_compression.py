@@ -23,8 +23,9 @@ every configuration sees exactly the same tokens:
                  exchange is what a job with density 1.0 sends (fp16 values, dense)
   topk-fp16      the same with top-k (--density) + error feedback, fp16 values (a job's default)
   topk-int8/int4/int2   ... with the job field values = int8 / int4 / int2
-  gtopk-int4/int2  top-k int4 / int2 parts and the owners' results cut to their top --density of the span's
-                 average (global top-k, RoundConfig.result_density; the rest stays in the owner's error feedback)
+  gtopk-int4/int2  top-k int4 / int2 parts and the owners' results cut to their top --result-density (default:
+                 --density) of the span's average (global top-k, RoundConfig.result_density; the rest stays in the
+                 owner's error feedback)
   ctopk-int2     chunked top-k: the top --density of every block of 4,096 consecutive entries instead of the whole
                  vector's (SparseLoCo's chunk-wise selection), so every tensor sends in proportion to its size
   stopk-int2     top-k int2, plus every entry of the small tensors (<= 1,024 entries: norm gains, biases) each
@@ -222,11 +223,27 @@ def small_positions(module: torch.nn.Module) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def model_overrides(args) -> dict:
+    """--model KEY=VALUE pairs as the model config's overrides (ints, floats, true/false, else strings)."""
+    out: dict = {}
+    for pair in args.model:
+        key, _, raw = pair.partition("=")
+        value: object = {"true": True, "false": False}.get(raw.lower(), raw)
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
 def run_config(config: str, args) -> dict:
     torch.set_num_threads(1)
     data = Data(args)
-    bundles = [build_model(args.arch, {"n_positions" if args.arch == "gpt2" else "max_position_embeddings":
-                                       args.block}, seed=args.seed) for _ in range(PEERS)]
+    overrides = {"n_positions" if args.arch == "gpt2" else "max_position_embeddings": args.block} | model_overrides(args)
+    bundles = [build_model(args.arch, overrides, seed=args.seed) for _ in range(PEERS)]
     size = param_count(bundles[0].module)
     theta = flatten_params(bundles[0].module)  # (N,) the global model
     streams = data.streams(args.seed)
@@ -251,7 +268,7 @@ def run_config(config: str, args) -> dict:
         density = 1.0 if config == "diloco-dense" else args.density
         values = "fp16" if config == "diloco-dense" else config.split("-")[1]
         exchange = CompressedExchange(size, density, values, config.startswith("randk"), args.seed,
-                                      args.density if config.startswith("gtopk") else None,
+                                      (args.result_density or args.density) if config.startswith("gtopk") else None,
                                       chunked=config.startswith("ctopk"), always=small_positions(bundles[0].module)
                                       if config.startswith("stopk") else None, ef_decay=args.ef_decay)
         outer = OuterOptimizer("diloco", size, lr=args.outer_lr, momentum=args.outer_momentum,
@@ -305,6 +322,8 @@ def main() -> None:
     ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer lr (Douillard et al.: 0.7)")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="Nesterov momentum (DiLoCo: 0.9)")
     ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--result-density", type=float, default=None,
+                    help="gtopk configurations: the fraction of each span's average its owner sends (default: --density)")
     ap.add_argument("--warmup-rounds", type=int, default=0,
                     help="density warm-up: from --warmup-density down to --density over this many rounds")
     ap.add_argument("--warmup-density", type=float, default=0.1)
@@ -313,6 +332,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=512)
     ap.add_argument("--eval-every", type=int, default=4, help="rounds between evaluations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                    help="a model config override, e.g. tie_word_embeddings=true (repeatable)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the output files")
     args = ap.parse_args()
@@ -323,7 +344,8 @@ def main() -> None:
     stem = ROOT / "docs" / f"bench_compression_{args.arch}{'_' + args.tag if args.tag else ''}"
     print(f"{args.arch}, {PEERS} members, {args.rounds} rounds x {args.local_steps} steps x batch {args.batch} x "
           f"{args.block} bytes, inner AdamW lr {args.inner_lr}, outer lr {args.outer_lr} momentum "
-          f"{args.outer_momentum}, density {args.density}", flush=True)
+          f"{args.outer_momentum}, density {args.density}{', model ' + ' '.join(args.model) if args.model else ''}",
+          flush=True)
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
         results = pool.starmap(run_config, [(c, args) for c in configs])
     anchor = {r["config"]: r["final_eval_loss"] for r in results}

@@ -365,3 +365,47 @@ def test_select_rejects_bad_gradients_and_keeps_state(grad: object) -> None:
     with pytest.raises(ValueError):
         sp.select(grad)  # type: ignore[arg-type]
     np.testing.assert_array_equal(sp.residual, before)
+
+
+# ---- approximate select() = accumulate, then topk_approx ---------------------------------------------
+
+
+def reference_select(v: np.ndarray, u: np.ndarray | None, momentum: float, grad: np.ndarray, k: int,
+                     rng: np.random.Generator, sample_size: int) -> np.ndarray:
+    """Approx select()'s definition: accumulate (with DGC momentum), then topk_approx of the accumulator."""
+    if u is not None:
+        u *= np.float32(momentum)
+        u += grad
+        v += u
+    else:
+        v += grad
+    return topk_approx(v, k, rng, sample_size)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize(("size", "density", "sample_size"), [
+    (100_003, 0.01, 4096),   # several chunks, a short last one; the first threshold usually fits
+    (70_001, 0.05, 64),      # a tiny sample: the refinement and the fallback paths run too
+    (1 << 15, 0.2, 1024),    # exactly one chunk
+])
+def test_approx_select_equals_accumulate_then_topk_approx(momentum: float, size: int, density: float,
+                                                                sample_size: int) -> None:
+    rng = np.random.default_rng(7)
+    sp = ErrorFeedbackSparsifier(size, density, "approx", momentum=momentum, seed=5, sample_size=sample_size)
+    v = np.zeros(size, np.float32)
+    u = np.zeros(size, np.float32) if momentum else None
+    ref_rng = np.random.default_rng(5)
+    for r in range(12):
+        grad = rng.standard_normal(size).astype(np.float32)
+        if r % 3 == 1:  # heavy tails and exact ties: the thresholds land on repeated values
+            grad[:: 5] = np.round(grad[:: 5] * 40)
+        if r % 4 == 3:
+            grad[rng.integers(0, size, 50)] *= 1e4
+        got = sp.select(grad)
+        want = reference_select(v, u, momentum, grad, sp.k, ref_rng, sample_size)
+        np.testing.assert_array_equal(got.indices, want)
+        np.testing.assert_array_equal(got.values, v[want])
+        v[want] = 0.0
+        if u is not None:
+            u[want] = 0.0
+        np.testing.assert_array_equal(sp.residual, v)
