@@ -242,7 +242,8 @@ def model_overrides(args) -> dict:
 def run_config(config: str, args) -> dict:
     torch.set_num_threads(1)
     data = Data(args)
-    overrides = {"n_positions" if args.arch == "gpt2" else "max_position_embeddings": args.block} | model_overrides(args)
+    context = "n_positions" if args.arch == "gpt2" else "max_position_embeddings"
+    overrides = {context: args.block} | model_overrides(args)
     bundles = [build_model(args.arch, overrides, seed=args.seed) for _ in range(PEERS)]
     size = param_count(bundles[0].module)
     theta = flatten_params(bundles[0].module)  # (N,) the global model
@@ -323,7 +324,8 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="Nesterov momentum (DiLoCo: 0.9)")
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--result-density", type=float, default=None,
-                    help="gtopk configurations: the fraction of each span's average its owner sends (default: --density)")
+                    help="gtopk configurations: the fraction of each span's average its owner sends "
+                    "(default: --density)")
     ap.add_argument("--warmup-rounds", type=int, default=0,
                     help="density warm-up: from --warmup-density down to --density over this many rounds")
     ap.add_argument("--warmup-density", type=float, default=0.1)
