@@ -95,6 +95,9 @@ def test_diloco_defaults_and_overrides():
     assert spec.outer == OuterOpt("diloco", **DILOCO_DEFAULTS) == OuterOpt("diloco", 0.7, 0.9, True)
     spec = job_spec_from_toml(job(**{"outer.kind": "diloco", "outer.lr": 0.5, "outer.nesterov": False}))
     assert spec.outer == OuterOpt("diloco", lr=0.5, momentum=0.9, nesterov=False)
+    # no momentum: Nesterov has nothing to look ahead with, so its default follows (a short job's setting, README)
+    spec = job_spec_from_toml(job(**{"outer.kind": "diloco", "outer.lr": 0.8, "outer.momentum": 0.0}))
+    assert spec.outer == OuterOpt("diloco", lr=0.8, momentum=0.0, nesterov=False)
 
 
 def test_causal_lm_with_transformer_overrides(tmp_path):
@@ -199,7 +202,7 @@ BAD = [
     ({"outer.kind": "fedavg", "outer.lr": 0.5}, "outer.lr: fedavg averages the models (lr 1.0)"),
     ({"outer.momentum": 0.9}, "outer.momentum: fedavg has no momentum"),
     ({"outer.kind": "diloco", "outer.nesterov": 1}, "outer.nesterov: must be true or false, got 1"),
-    ({"outer.kind": "diloco", "outer.momentum": 0.0}, "outer.nesterov: needs momentum > 0"),
+    ({"outer.kind": "diloco", "outer.momentum": 0.0, "outer.nesterov": True}, "outer.nesterov: needs momentum > 0"),
     ({"outer.kind": "diloco", "outer.lr": 100}, "outer.lr: must be <= 10, got 100"),
 ]
 

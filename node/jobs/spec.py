@@ -46,7 +46,8 @@
 
     [outer]                       # optional: the step after each round's average
     kind = "fedavg"               # default "fedavg" (lr 1, no momentum); "diloco" defaults to lr 0.7,
-                                  # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105)
+                                  # momentum 0.9, nesterov = true (DiLoCo, arXiv:2311.08105); with
+                                  # momentum = 0, nesterov defaults to false
 
 A pipeline job (one model too large for a node, cut into stages hosted by different nodes;
 node/jobs/pipeline/pipeline_jobs.py):
@@ -211,8 +212,8 @@ def _build(data: dict[str, Any], check_model: Callable[[ModelSpec], None] | None
     if "lr" not in inner:
         raise ValueError("inner.lr: missing, required")
     _known(outer, "outer.", _names(OuterOpt))
-    if outer.get("kind") == "diloco":
-        outer = DILOCO_DEFAULTS | outer
+    if outer.get("kind") == "diloco":  # DiLoCo's defaults; Nesterov only where there is momentum to look ahead with
+        outer = DILOCO_DEFAULTS | ({"nesterov": False} if outer.get("momentum") == 0 else {}) | outer
     model_spec = _model(model, model_folder)
     if check_model is not None:
         check_model(model_spec)
